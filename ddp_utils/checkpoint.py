@@ -1,0 +1,215 @@
+"""Checkpoints that are atomic, self-describing and never run code when loaded.
+
+Layout of `<output-dir>/checkpoints/checkpoint-<step>/`:
+- `model.safetensors`, `ema.safetensors` (if any), `optimizer.safetensors`: tensors only;
+- `state.json`: step, config, model config, optimizer hyper-parameters, grad-scaler state,
+  the list of files with their sizes. Written last; its presence marks a complete save.
+
+A checkpoint is written to a temporary folder and renamed into place only when complete, so
+a crash mid-save leaves the previous one loadable and `latest` never names a partial one;
+pruning (`--checkpoints-total-limit`) happens after the rename. Nothing is unpickled:
+Accelerate's `save_state` would write pickles (`optimizer.bin`, `custom_checkpoint_*.pkl`,
+the latter loaded with `weights_only=False`), which is why it is not used here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+STATE_FILE = "state.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and the problem."""
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    step: int
+    state: dict[str, Any]
+    tensors: dict[str, dict[str, torch.Tensor]]  # file stem -> tensors
+
+
+# --------------------------------------------------------------------------- optimizer state
+
+
+def optimizer_to_safetensors(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split `optimizer.state_dict()` into tensors (safetensors) and JSON-able rest."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for param_id, param_state in state_dict["state"].items():
+        for key, value in param_state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{param_id}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(param_id), {})[key] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_safetensors(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        param_id, key = name.split(".", 1)
+        state.setdefault(int(param_id), {})[key] = value
+    for param_id, values in meta.get("scalars", {}).items():
+        state.setdefault(int(param_id), {}).update(values)
+    groups = [
+        {k: tuple(v) if k == "betas" else v for k, v in group.items()}
+        for group in meta["param_groups"]
+    ]
+    return {"state": state, "param_groups": groups}
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_checkpoint(
+    checkpoints_dir: Path,
+    step: int,
+    tensors: dict[str, dict[str, torch.Tensor]],
+    state: dict[str, Any],
+    total_limit: int | None = None,
+    protected: tuple[Path, ...] = (),
+) -> Path:
+    """Write `checkpoint-<step>` atomically, then prune. Call on the main process only."""
+    checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    final = checkpoints_dir / f"checkpoint-{step}"
+    tmp = checkpoints_dir / f".checkpoint-{step}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    files = {}
+    for stem, named in tensors.items():
+        path = tmp / f"{stem}.safetensors"
+        save_file({k: v.detach().cpu().contiguous() for k, v in named.items()}, path)
+        files[path.name] = path.stat().st_size
+    state = {**state, "step": step, "files": files}
+    with open(tmp / STATE_FILE, "w") as f:
+        json.dump(state, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    for name in files:
+        with open(tmp / name, "rb") as f:
+            os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    if final.exists():  # the same step saved again (e.g. preempted right after a save)
+        old = checkpoints_dir / f".checkpoint-{step}.old-{os.getpid()}"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+    _fsync_dir(checkpoints_dir)
+    if total_limit is not None:
+        prune(checkpoints_dir, total_limit, keep=(final, *protected))
+    return final
+
+
+def prune(checkpoints_dir: Path, total_limit: int, keep: tuple[Path, ...] = ()) -> list[Path]:
+    """Delete the oldest complete checkpoints beyond `total_limit` (never those in `keep`)."""
+    candidates = [p for p in list_checkpoints(checkpoints_dir) if p not in keep]
+    excess = len(candidates) + len([k for k in keep if k.parent == checkpoints_dir]) - total_limit
+    removed = []
+    for path in candidates[: max(0, excess)]:
+        shutil.rmtree(path)
+        removed.append(path)
+    return removed
+
+
+def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
+    """Complete-looking checkpoint folders, oldest first (temporary folders are ignored)."""
+    if not checkpoints_dir.is_dir():
+        return []
+    found = [
+        (int(m.group(1)), p)
+        for p in checkpoints_dir.iterdir()
+        if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))
+    ]
+    return [p for _, p in sorted(found)]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    """Load and verify every file of a checkpoint; `CheckpointError` names what is wrong."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist or is not a folder")
+    state_file = path / STATE_FILE
+    if not state_file.is_file():
+        raise CheckpointError(f"{state_file} is missing: the checkpoint is incomplete")
+    try:
+        state = json.loads(state_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{state_file} does not parse as JSON: {err}") from None
+    if not isinstance(state, dict) or "files" not in state or "step" not in state:
+        raise CheckpointError(f"{state_file} lacks 'step' or 'files': not a checkpoint state")
+    tensors = {}
+    for name, size in state["files"].items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing")
+        if file.stat().st_size != size:
+            raise CheckpointError(
+                f"{file} has {file.stat().st_size} bytes, {size} were written: truncated?"
+            )
+        try:
+            tensors[name.removesuffix(".safetensors")] = load_file(file)
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{file} is not a valid safetensors file: {err}") from None
+    return Checkpoint(path=path, step=int(state["step"]), state=state, tensors=tensors)
+
+
+def find_resume_checkpoint(checkpoints_dir: Path, resume: str) -> Checkpoint | None:
+    """`none` -> None; a path -> that checkpoint or an error; `latest` -> the newest intact one.
+
+    With `latest`, a damaged checkpoint is skipped with a warning naming the problem, and
+    the next older one is tried.
+    """
+    if resume == "none":
+        return None
+    if resume != "latest":
+        return read_checkpoint(Path(resume))
+    for path in reversed(list_checkpoints(checkpoints_dir)):
+        try:
+            return read_checkpoint(path)
+        except CheckpointError as err:
+            logger.warning("skipping damaged checkpoint: %s", err)
+    return None
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Human-readable differences between two model configs (ignoring private keys)."""
+    keys = sorted(k for k in set(saved) | set(current) if not k.startswith("_"))
+    out = []
+    for key in keys:
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+            a, b = list(a), list(b)
+        if a != b:
+            out.append(f"{key}: checkpoint has {a!r}, this run has {b!r}")
+    return out

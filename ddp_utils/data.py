@@ -1,0 +1,419 @@
+"""Images in, uint8 batches out: every data source behind one `--dataset` flag.
+
+Sources (`--dataset`):
+- `digits`: scikit-learn's bundled 8x8 handwritten digits (1,797 images, no download);
+- a local folder of images (HF `imagefolder`; nested folders allowed);
+- a folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`;
+- a hub dataset id (`--dataset-config`, `--split`), with the aliases `mnist`,
+  `fashion_mnist` and `cifar10`.
+
+Every source becomes an HF `datasets.Dataset` with an image column; each file is opened once,
+and files that are empty, truncated, not images or decompression bombs are skipped, counted
+and named in the log (never a crash mid-epoch). Kept images are converted to the
+`--channels`, resized so the shorter side is `--resolution`, center-cropped, and stored as
+one uint8 tensor (N, C, H, W), cached on disk under the dataset's fingerprint so the decode
+happens once per node.
+
+Batches come from `batch_indices`, a pure function of (seed, micro-step, rank): the data
+order never depends on a restart or on a sampler's hidden state, so resume is exact and
+costs nothing (no `skip_first_batches` replay). The global batch at a step is the same set of
+images for any number of processes with the same global batch size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+HUB_ALIASES = {
+    "mnist": "ylecun/mnist",
+    "fashion_mnist": "zalando-datasets/fashion_mnist",
+    "cifar10": "uoft-cs/cifar10",
+}
+NATIVE_RESOLUTION = {"digits": 16, "mnist": 28, "fashion_mnist": 28, "cifar10": 32}
+GRAYSCALE_SOURCES = {"digits", "mnist", "fashion_mnist"}
+CACHE_VERSION = 1
+
+
+def default_resolution(dataset: str) -> int:
+    return NATIVE_RESOLUTION.get(dataset, 32)
+
+
+def default_channels(dataset: str) -> int:
+    return 1 if dataset in GRAYSCALE_SOURCES else 3
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("DDP_DIFFUSION_CACHE", Path.home() / ".cache" / "ddp-diffusion"))
+
+
+@dataclass
+class ImageData:
+    """A decoded dataset: uint8 images (N, C, H, W) plus where they came from."""
+
+    images: torch.Tensor
+    fingerprint: str
+    source: str
+    num_skipped: int = 0
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def num_images(self) -> int:
+        return int(self.images.shape[0])
+
+
+# --------------------------------------------------------------------------- loading sources
+
+
+def _load_digits():
+    from datasets import Dataset
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    # Values are 0..16: scale to 0..255 as 8-bit grayscale.
+    pixels = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    dataset = Dataset.from_dict(
+        {"image": [Image.fromarray(p, mode="L") for p in pixels], "label": digits.target}
+    )
+    return dataset, "sklearn-digits-v1"
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or os.sep in name and not _is_hub_id(name)
+
+
+def _is_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
+
+
+def _load_source(dataset: str, dataset_config: str | None, split: str):
+    """Return (hf Dataset, fingerprint, human-readable source) for `--dataset`."""
+    import datasets
+
+    if dataset == "digits":
+        ds, fingerprint = _load_digits()
+        return ds, fingerprint, "scikit-learn digits (built in)"
+
+    path = Path(dataset).expanduser()
+    if path.is_dir():
+        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise ValueError(
+                        f"--split {split!r} is not in the saved dataset {path}; "
+                        f"it has: {', '.join(ds)}"
+                    )
+                ds = ds[split]
+            return ds, ds._fingerprint, f"save_to_disk folder {path}"
+        ds = datasets.load_dataset("imagefolder", data_dir=str(path), split=split)
+        return ds, _folder_fingerprint(path), f"image folder {path}"
+    if path.exists():
+        raise ValueError(f"--dataset {dataset}: is a file; give a folder of images or a hub id")
+    if _looks_like_path(dataset):
+        raise ValueError(f"--dataset {dataset}: no such folder")
+
+    hub_id = HUB_ALIASES.get(dataset, dataset)
+    try:
+        ds = datasets.load_dataset(hub_id, dataset_config, split=split)
+    except Exception as err:  # noqa: BLE001 - re-raised with the fix in the message
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+        hint = (
+            "HF_HUB_OFFLINE is set and it is not in the local cache: download it once "
+            "with network access, or pass a local folder / save_to_disk path"
+            if offline
+            else "check the id, --dataset-config and --split, and your network"
+        )
+        raise ValueError(
+            f"--dataset {dataset}: could not load hub dataset {hub_id!r} "
+            f"({type(err).__name__}: {err}). {hint}"
+        ) from None
+    return ds, ds._fingerprint, f"hub dataset {hub_id} ({split})"
+
+
+def _folder_fingerprint(path: Path) -> str:
+    """Content identity of an image folder: relative paths, sizes and mtimes."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        stat = file.stat()
+        digest.update(f"{file.relative_to(path)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:32]
+
+
+def detect_image_column(ds, image_column: str | None) -> str:
+    from datasets import Image as ImageFeature
+
+    columns = list(ds.features)
+    if image_column is not None:
+        if image_column not in columns:
+            raise ValueError(
+                f"--image-column {image_column!r} is not a column; columns: {', '.join(columns)}"
+            )
+        return image_column
+    image_columns = [c for c, f in ds.features.items() if isinstance(f, ImageFeature)]
+    if len(image_columns) == 1:
+        return image_columns[0]
+    if not image_columns:
+        raise ValueError(
+            f"no image column found (columns: {', '.join(columns)}); pass --image-column"
+        )
+    raise ValueError(
+        f"several image columns ({', '.join(image_columns)}); choose one with --image-column"
+    )
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def open_image(value) -> Image.Image:
+    """Open and fully decode one `Image(decode=False)` value (dict with bytes/path)."""
+    if isinstance(value, Image.Image):
+        value.load()
+        return value
+    data, path = value.get("bytes"), value.get("path")
+    image = Image.open(io.BytesIO(data)) if data else Image.open(path)
+    image.load()  # truncated files fail here, not mid-epoch
+    return image
+
+
+def to_mode(image: Image.Image, channels: int) -> Image.Image:
+    """Convert any PIL mode to L or RGB; transparency is composited over white."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit: PIL's convert("L") clips at 255; rescale the full range instead.
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if array.max() > 255 else 255.0
+        image = Image.fromarray(np.round(array * 255.0 / peak).astype(np.uint8), mode="L")
+    if image.mode == "P" and "transparency" in image.info or image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, rgba)
+    return image.convert("L" if channels == 1 else "RGB")
+
+
+def preprocess(image: Image.Image, resolution: int, channels: int, center_crop: bool) -> np.ndarray:
+    """PIL image -> uint8 (C, H, W): shorter side to `resolution`, then crop or squash."""
+    image = to_mode(image, channels)
+    if center_crop:
+        width, height = image.size
+        scale = resolution / min(width, height)
+        new_size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+        image = image.resize(new_size, Image.Resampling.BICUBIC)
+        left = (new_size[0] - resolution) // 2
+        top = (new_size[1] - resolution) // 2
+        image = image.crop((left, top, left + resolution, top + resolution))
+    else:
+        image = image.resize((resolution, resolution), Image.Resampling.BICUBIC)
+    array = np.asarray(image, dtype=np.uint8)
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+def _row_name(value, index: int) -> str:
+    if isinstance(value, dict) and value.get("path"):
+        return str(value["path"])
+    return f"row {index}"
+
+
+def decode_all(
+    ds, image_column: str, resolution: int, channels: int, center_crop: bool
+) -> tuple[np.ndarray, list[str]]:
+    """Decode every row; return (uint8 N,C,H,W array, names of skipped rows)."""
+    from datasets import Image as ImageFeature
+
+    ds = ds.cast_column(image_column, ImageFeature(decode=False))
+    out = np.empty((len(ds), channels, resolution, resolution), dtype=np.uint8)
+    skipped: list[str] = []
+    kept = 0
+    for index, value in enumerate(ds[image_column]):
+        try:
+            image = open_image(value)
+            out[kept] = preprocess(image, resolution, channels, center_crop)
+            kept += 1
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+            skipped.append(f"{_row_name(value, index)} ({type(err).__name__}: {err})")
+    return out[:kept], skipped
+
+
+def load_image_data(
+    dataset: str,
+    resolution: int,
+    channels: int,
+    dataset_config: str | None = None,
+    split: str = "train",
+    image_column: str | None = None,
+    center_crop: bool = True,
+    max_images: int | None = None,
+    cache_dir: Path | None = None,
+    accelerator=None,
+) -> ImageData:
+    """Load, validate and decode a dataset once per node (cached under its fingerprint).
+
+    Collective-safe: the local main process of each node decodes and writes the cache while
+    the other processes wait, then everyone reads it.
+    """
+    if channels not in (1, 3):
+        raise ValueError(f"--channels must be 1 or 3, got {channels}")
+    if resolution < 4:
+        raise ValueError(f"--resolution must be at least 4, got {resolution}")
+    ds, base_fingerprint, source = _load_source(dataset, dataset_config, split)
+    if len(ds) == 0:
+        raise ValueError(f"--dataset {dataset}: the dataset is empty ({source})")
+    column = detect_image_column(ds, image_column)
+    if max_images is not None:
+        ds = ds.select(range(min(max_images, len(ds))))
+    key = {
+        "version": CACHE_VERSION,
+        "fingerprint": base_fingerprint,
+        "column": column,
+        "resolution": resolution,
+        "channels": channels,
+        "center_crop": center_crop,
+        "num_rows": len(ds),
+    }
+    fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    cache_dir = default_cache_dir() if cache_dir is None else cache_dir
+    cache_file = cache_dir / f"images-{fingerprint}.npz"
+
+    def build() -> None:
+        if _read_cache(cache_file, fingerprint) is not None:
+            return
+        images, skipped = decode_all(ds, column, resolution, channels, center_crop)
+        _write_cache(cache_file, fingerprint, images, skipped)
+
+    if accelerator is None:
+        build()
+    else:
+        with accelerator.local_main_process_first():
+            if accelerator.is_local_main_process:
+                build()
+    cached = _read_cache(cache_file, fingerprint)
+    if cached is None:
+        raise RuntimeError(f"image cache {cache_file} could not be read after it was written")
+    images, skipped = cached
+    if skipped:
+        shown = "\n  ".join(skipped[:20])
+        more = f"\n  ... and {len(skipped) - 20} more" if len(skipped) > 20 else ""
+        logger.warning("skipped %d unreadable image(s):\n  %s%s", len(skipped), shown, more)
+    if len(images) == 0:
+        raise ValueError(
+            f"--dataset {dataset}: none of the {len(ds)} images could be read ({source})"
+        )
+    return ImageData(
+        images=torch.from_numpy(images),
+        fingerprint=fingerprint,
+        source=source,
+        num_skipped=len(skipped),
+        skipped=skipped,
+    )
+
+
+def _read_cache(path: Path, fingerprint: str) -> tuple[np.ndarray, list[str]] | None:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if str(data["fingerprint"]) != fingerprint:
+                return None
+            return data["images"], [str(s) for s in data["skipped"]]
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def _write_cache(path: Path, fingerprint: str, images: np.ndarray, skipped: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, images=images, skipped=np.array(skipped, dtype=str), fingerprint=fingerprint)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- batching
+
+
+@lru_cache(maxsize=4)
+def _epoch_permutation(seed: int, epoch: int, num_images: int) -> torch.Tensor:
+    from ddp_utils.distributed import derive_seed
+
+    generator = torch.Generator().manual_seed(derive_seed("epoch", seed, epoch))
+    return torch.randperm(num_images, generator=generator)
+
+
+def batch_indices(
+    micro_step: int,
+    num_images: int,
+    per_device_batch_size: int,
+    world_size: int,
+    rank: int,
+    seed: int,
+) -> torch.Tensor:
+    """Indices of the images that `rank` trains on at `micro_step`.
+
+    The data stream is the concatenation of per-epoch permutations (each seeded from
+    (seed, epoch)); micro-step u takes the global slice [u*G, (u+1)*G) with G the global
+    micro-batch, and rank r the r-th per-device part of it. A batch may straddle two epochs.
+    """
+    global_batch = per_device_batch_size * world_size
+    start = micro_step * global_batch + rank * per_device_batch_size
+    positions = torch.arange(start, start + per_device_batch_size)
+    epochs = positions // num_images
+    offsets = positions % num_images
+    out = torch.empty_like(positions)
+    for epoch in epochs.unique().tolist():
+        mask = epochs == epoch
+        out[mask] = _epoch_permutation(seed, epoch, num_images)[offsets[mask]]
+    return out
+
+
+class Batches:
+    """Endless uint8 batches for one rank, starting at any micro-step.
+
+    The whole decoded dataset is moved to the training device once (CIFAR-10 at 32x32 is
+    150 MB), so a step costs one gather on the device: no PIL, no workers, no host copy.
+    """
+
+    def __init__(self, data: ImageData, per_device_batch_size: int, accelerator, seed: int):
+        if data.num_images < per_device_batch_size * accelerator.num_processes:
+            logger.warning(
+                "the dataset (%d images) is smaller than one global batch (%d): "
+                "images repeat within a batch",
+                data.num_images,
+                per_device_batch_size * accelerator.num_processes,
+            )
+        self.images = data.images.to(accelerator.device)
+        self.per_device_batch_size = per_device_batch_size
+        self.world_size = accelerator.num_processes
+        self.rank = accelerator.process_index
+        self.seed = seed
+
+    def get(self, micro_step: int) -> torch.Tensor:
+        index = batch_indices(
+            micro_step,
+            self.images.shape[0],
+            self.per_device_batch_size,
+            self.world_size,
+            self.rank,
+            self.seed,
+        )
+        return self.images[index.to(self.images.device, non_blocking=True)]
+
+
+def to_float(
+    batch: torch.Tensor, value_range: tuple[float, float], flip_generator: torch.Generator | None
+) -> torch.Tensor:
+    """uint8 (B,C,H,W) -> float in `value_range`, random horizontal flip on the device."""
+    low, high = value_range
+    x = batch.float() * ((high - low) / 255.0) + low
+    if flip_generator is not None:
+        flip = torch.rand(x.shape[0], generator=flip_generator, device=x.device) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    return x

@@ -1,0 +1,202 @@
+"""Where numbers and pictures go: wandb (through Accelerate), `metrics.jsonl`, PNG files.
+
+Every rank may call these methods; only the main process writes or talks to wandb. A wandb
+problem (not logged in, no network, a broken install) falls back to offline mode, then to no
+wandb at all, each time with a warning: tracking never stops training. The run directory
+always gets `metrics.jsonl`, `loss.png` and the sample grids, for users without wandb.
+
+On resume the same wandb run is continued (its id is kept in `<output-dir>/wandb_run_id`) and
+`metrics.jsonl` is cut back to the resumed step, so no step appears twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+def _wandb_has_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        import wandb
+
+        return bool(wandb.api.api_key)
+    except Exception:  # noqa: BLE001 - any failure means "no usable credentials"
+        return False
+
+
+class Tracker:
+    def __init__(
+        self,
+        accelerator,
+        output_dir: Path,
+        report_to: str,
+        project: str,
+        run_name: str | None,
+        config: dict[str, Any],
+        resume_step: int | None,
+    ):
+        self.accelerator = accelerator
+        self.output_dir = Path(output_dir)
+        self.is_main = accelerator.is_main_process
+        self.metrics_file = self.output_dir / "metrics.jsonl"
+        self.images_dir = self.output_dir / "samples"
+        self.use_wandb = report_to == "wandb"
+        if self.is_main:
+            self.images_dir.mkdir(parents=True, exist_ok=True)
+            self._truncate_metrics(resume_step)
+        if self.use_wandb:
+            self.use_wandb = self._init_wandb(project, run_name, config, resume_step)
+
+    # ------------------------------------------------------------------ setup
+
+    def _truncate_metrics(self, resume_step: int | None) -> None:
+        """Keep only lines up to the resumed step (all lines are dropped on a fresh start)."""
+        if not self.metrics_file.exists():
+            return
+        kept = []
+        if resume_step is not None:
+            for line in self.metrics_file.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", math.inf) <= resume_step:
+                        kept.append(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a kill
+        tmp = self.metrics_file.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.metrics_file)
+
+    def _run_id(self, resume_step: int | None) -> str:
+        id_file = self.output_dir / "wandb_run_id"
+        if resume_step is not None and id_file.exists():
+            return id_file.read_text().strip()
+        run_id = uuid.uuid4().hex[:12]
+        if self.is_main:
+            id_file.write_text(run_id + "\n")
+        return run_id
+
+    def _init_wandb(self, project: str, run_name: str | None, config, resume_step) -> bool:
+        """Start (or resume) the wandb run on the main process. Returns False if disabled."""
+        ok = True
+        if self.is_main:
+            if not os.environ.get("WANDB_MODE") and not _wandb_has_credentials():
+                warnings.warn(
+                    "wandb: no API key found (run `wandb login`); logging offline to "
+                    f"{self.output_dir / 'wandb'} — sync later with `wandb sync`",
+                    stacklevel=2,
+                )
+                os.environ["WANDB_MODE"] = "offline"
+            os.environ.setdefault("WANDB_DIR", str(self.output_dir))
+            init_kwargs = {
+                "wandb": {
+                    "id": self._run_id(resume_step),
+                    "resume": "allow",
+                    "name": run_name,
+                    "dir": str(self.output_dir),
+                }
+            }
+            ok = self._try_init(project, config, init_kwargs)
+            if not ok and os.environ.get("WANDB_MODE") != "offline":
+                warnings.warn("wandb: online init failed; retrying offline", stacklevel=2)
+                os.environ["WANDB_MODE"] = "offline"
+                ok = self._try_init(project, config, init_kwargs)
+            if not ok:
+                warnings.warn(
+                    "wandb: could not start even offline; continuing without wandb "
+                    "(metrics.jsonl and PNGs are still written)",
+                    stacklevel=2,
+                )
+        else:
+            # Other ranks get Accelerate's no-op tracker stubs.
+            self.accelerator.init_trackers(project, config=None)
+        return ok
+
+    def _try_init(self, project: str, config, init_kwargs) -> bool:
+        try:
+            self.accelerator.init_trackers(project, config=config, init_kwargs=init_kwargs)
+            return True
+        except Exception as err:  # noqa: BLE001 - tracking must never stop training
+            logger.warning("wandb init failed: %s: %s", type(err).__name__, err)
+            self.accelerator.trackers = []
+            return False
+
+    # ------------------------------------------------------------------ logging
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        """Log scalars (already averaged across ranks) to metrics.jsonl and wandb."""
+        if not self.is_main:
+            return
+        record = {"step": step, **{k: float(v) for k, v in values.items()}}
+        with open(self.metrics_file, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.use_wandb:
+            self._safe_log(values, step)
+
+    def log_image(self, name: str, image: np.ndarray, step: int) -> Path | None:
+        """Save an HWC uint8 picture as `samples/<name>-<step>.png` and send it to wandb."""
+        if not self.is_main:
+            return None
+        from PIL import Image
+
+        path = self.images_dir / f"{name}-{step:07d}.png"
+        Image.fromarray(image).save(path)
+        if self.use_wandb:
+            import wandb
+
+            self._safe_log({name: wandb.Image(image)}, step)
+        return path
+
+    def _safe_log(self, values: dict[str, Any], step: int) -> None:
+        try:
+            self.accelerator.log(values, step=step)
+        except Exception as err:  # noqa: BLE001 - tracking must never stop training
+            logger.warning("wandb log failed (%s); disabling wandb for this run", err)
+            self.use_wandb = False
+
+    def finish(self) -> None:
+        """Draw the loss curve and close wandb (call on every rank)."""
+        if self.is_main:
+            plot_loss_curve(self.metrics_file, self.output_dir / "loss.png")
+        self.accelerator.end_training()
+
+
+def read_metrics(path: Path) -> list[dict[str, float]]:
+    if not Path(path).exists():
+        return []
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_loss_curve(metrics_file: Path, out: Path) -> None:
+    """loss.png: the logged loss, linear and log scale (as the seed plots it)."""
+    rows = [r for r in read_metrics(metrics_file) if "loss" in r]
+    if not rows:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    losses = [r["loss"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    axes[0].plot(steps, losses)
+    axes[0].set_title("loss")
+    axes[1].plot(steps, losses)
+    axes[1].set_yscale("log")
+    axes[1].set_title("loss (log scale)")
+    for ax in axes:
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(out, dpi=80)
+    plt.close(fig)

@@ -1,0 +1,130 @@
+"""Exponential moving average of model weights, the weights diffusion models are sampled with.
+
+Raw weights of a diffusion model are noisy from step to step; sampling from their EMA gives
+visibly cleaner images (Ho et al. 2020 use decay 0.9999; so does EDM's power EMA in spirit).
+
+Under DDP, pass the *unwrapped* module (e.g. `accelerator.unwrap_model(model)`) everywhere:
+parameter names then carry no `module.` prefix, and the EMA state dict loads into a bare model.
+Every rank holds identical raw weights after the optimizer step, so every rank can update its
+own EMA without communicating, and any rank's copy is the EMA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+
+def _named_tensors(
+    model: nn.Module,
+) -> tuple[list[str], list[torch.Tensor], list[str], list[torch.Tensor]]:
+    """Parameter and buffer names/tensors in a fixed order (state_dict order)."""
+    params = list(model.named_parameters())
+    buffers = list(model.named_buffers())
+    return (
+        [name for name, _ in params],
+        [p.detach() for _, p in params],
+        [name for name, _ in buffers],
+        [b.detach() for _, b in buffers],
+    )
+
+
+class EMA:
+    """float32 shadow weights: shadow <- d * shadow + (1 - d) * weights after each step.
+
+    The decay warms up as d(step) = min(max_decay, (1 + step) / (10 + step)), so early shadows
+    track the fast-changing weights instead of remembering the random initialization for
+    ~1/(1 - max_decay) steps. Buffers (e.g. BatchNorm statistics) are copied, not averaged.
+    """
+
+    def __init__(self, model: nn.Module, max_decay: float = 0.9999) -> None:
+        if not 0.0 <= max_decay < 1.0:
+            raise ValueError(f"--ema-max-decay must be in [0, 1); got {max_decay}")
+        self.max_decay = max_decay
+        self.param_names, params, self.buffer_names, buffers = _named_tensors(model)
+        self.shadow_params = [p.float().clone() for p in params]
+        self.shadow_buffers = [b.clone() for b in buffers]
+
+    def decay(self, step: int) -> float:
+        """EMA decay used at optimizer step `step` (0-based), after warmup capped at max_decay."""
+        return min(self.max_decay, (1 + step) / (10 + step))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        """Fold the model's current weights into the shadow; call after each optimizer step.
+
+        One fused `_foreach_lerp_` over all parameters (shadow + (1 - d)(w - shadow)), with the
+        decay a Python float: no per-parameter kernel loop and no host-device sync.
+        """
+        _, params, _, buffers = _named_tensors(model)
+        self._check_same_structure(len(params), len(buffers))
+        weight = 1.0 - self.decay(step)
+        params = [p if p.dtype == torch.float32 else p.float() for p in params]
+        torch._foreach_lerp_(self.shadow_params, params, weight)
+        if buffers:
+            torch._foreach_copy_(self.shadow_buffers, buffers)
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        """Overwrite the model's weights with the EMA weights (cast to the model's dtypes)."""
+        _, params, _, buffers = _named_tensors(model)
+        self._check_same_structure(len(params), len(buffers))
+        torch._foreach_copy_(params, self.shadow_params)
+        if buffers:
+            torch._foreach_copy_(buffers, self.shadow_buffers)
+
+    @contextlib.contextmanager
+    def swapped_into(self, model: nn.Module) -> Iterator[nn.Module]:
+        """Temporarily load EMA weights into `model` (e.g. to sample or save), then restore.
+
+        The raw weights are restored even if the body raises, so training continues unharmed.
+        """
+        _, params, _, buffers = _named_tensors(model)
+        raw_params = [p.clone() for p in params]
+        raw_buffers = [b.clone() for b in buffers]
+        self.copy_to(model)
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(params, raw_params)
+                if buffers:
+                    torch._foreach_copy_(buffers, raw_buffers)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Shadow weights keyed like the model's state_dict: loadable into the bare model, and
+        savable with safetensors (contiguous, no shared storage)."""
+        names = self.param_names + self.buffer_names
+        tensors = self.shadow_params + self.shadow_buffers
+        return {name: t.detach().contiguous() for name, t in zip(names, tensors)}
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Restore shadow weights saved by `state_dict`, checking they belong to this model."""
+        names = self.param_names + self.buffer_names
+        missing = sorted(set(names) - set(state_dict))
+        extra = sorted(set(state_dict) - set(names))
+        if missing or extra:
+            raise ValueError(
+                f"EMA state dict does not match the model: missing keys {missing}, "
+                f"unexpected keys {extra}"
+            )
+        for name, shadow in zip(names, self.shadow_params + self.shadow_buffers):
+            if state_dict[name].shape != shadow.shape:
+                raise ValueError(
+                    f"EMA state dict entry {name!r} has shape {tuple(state_dict[name].shape)}; "
+                    f"the model expects {tuple(shadow.shape)}"
+                )
+        for name, shadow in zip(names, self.shadow_params + self.shadow_buffers):
+            shadow.copy_(state_dict[name])
+
+    def _check_same_structure(self, num_params: int, num_buffers: int) -> None:
+        if (num_params, num_buffers) != (len(self.shadow_params), len(self.shadow_buffers)):
+            raise ValueError(
+                f"model has {num_params} parameters and {num_buffers} buffers but the EMA was "
+                f"built for {len(self.shadow_params)} and {len(self.shadow_buffers)}: pass the "
+                "same unwrapped model the EMA was created from"
+            )

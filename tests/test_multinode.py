@@ -1,0 +1,410 @@
+"""Launch configs and multi-node recipes: they parse, generate the right per-node commands,
+and two "machines" on loopback train exactly like one machine with two processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.commands.config.config_args import load_config_from_file
+from accelerate.utils import DistributedType
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "accelerate_configs"
+SLURM_RECIPE = REPO / "recipes" / "slurm_multinode.sbatch"
+TORCHRUN_RECIPE = REPO / "recipes" / "torchrun_multinode.sh"
+
+# --------------------------------------------------------------------------- configs
+
+EXPECTED = {
+    "cpu_2proc.yaml": {
+        "distributed_type": DistributedType.MULTI_GPU,  # MULTI_CPU would start one process
+        "num_processes": 2,
+        "num_machines": 1,
+        "use_cpu": True,
+        "main_process_port": 0,
+    },
+    "single_gpu.yaml": {"distributed_type": DistributedType.NO, "num_processes": 1},
+    "1node_8gpu_bf16.yaml": {
+        "distributed_type": DistributedType.MULTI_GPU,
+        "num_processes": 8,
+        "num_machines": 1,
+        "mixed_precision": "bf16",
+        "use_cpu": False,
+    },
+    "2node_8gpu_bf16.yaml": {
+        "distributed_type": DistributedType.MULTI_GPU,
+        "num_processes": 16,  # total over the machines
+        "num_machines": 2,
+        "machine_rank": 0,
+        "rdzv_backend": "static",
+        "same_network": True,
+        "mixed_precision": "bf16",
+    },
+    "fsdp_8gpu.yaml": {
+        "distributed_type": DistributedType.FSDP,
+        "num_processes": 8,
+        "mixed_precision": "bf16",
+    },
+}
+MUST_EDIT = {
+    "2node_8gpu_bf16.yaml": ("machine_rank", "main_process_ip", "main_process_port"),
+    "fsdp_8gpu.yaml": ("num_processes", "fsdp_min_num_params"),
+}
+
+
+def test_every_config_is_covered() -> None:
+    assert sorted(p.name for p in CONFIGS.glob("*.yaml")) == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_config_parses_with_accelerate_and_has_promised_fields(name: str) -> None:
+    path = CONFIGS / name
+    config = load_config_from_file(str(path))
+    for field, value in EXPECTED[name].items():
+        assert getattr(config, field) == value, f"{name}: {field}"
+    # The header says when to use it and gives the exact launch command.
+    header = path.read_text().split("\ncompute_environment")[0]
+    assert f"accelerate launch --config_file accelerate_configs/{name}" in header
+    for field in MUST_EDIT.get(name, ()):
+        line = next(ln for ln in path.read_text().splitlines() if ln.strip().startswith(field))
+        assert "# EDIT:" in line, f"{name}: {field} should be marked # EDIT:"
+
+
+def test_fsdp_config_shards_by_size() -> None:
+    fsdp = load_config_from_file(str(CONFIGS / "fsdp_8gpu.yaml")).fsdp_config
+    assert fsdp["fsdp_sharding_strategy"] == "FULL_SHARD"
+    assert fsdp["fsdp_auto_wrap_policy"] == "SIZE_BASED_WRAP"
+    assert fsdp["fsdp_use_orig_params"] is True
+    assert fsdp["fsdp_state_dict_type"] in ("FULL_STATE_DICT", "SHARDED_STATE_DICT")
+
+
+# --------------------------------------------------------------------------- recipes
+
+
+def fake_slurm_bin(folder: Path) -> Path:
+    """`scontrol` that expands the node list and records other calls; `scancel` records."""
+    folder.mkdir()
+    calls = folder / "calls.log"
+    (folder / "scontrol").write_text(
+        "#!/bin/bash\n"
+        'if [[ "$1 $2" == "show hostnames" ]]; then printf "node01\\nnode02\\n"; '
+        f'else echo "scontrol $*" >> {calls}; fi\n'
+    )
+    (folder / "scancel").write_text(
+        f'#!/bin/bash\necho "scancel $*" >> {calls}\nkill -TERM "$(cat {folder}/srun.pid)"\n'
+    )
+    # srun: record its arguments, then become the task of node 1 (exec keeps the pid).
+    (folder / "srun").write_text(
+        f'#!/bin/bash\necho $$ > {folder}/srun.pid\nprintf "%s\\n" "$@" > {folder}/srun.args\n'
+        'SLURM_NODEID=1 exec bash -c "${@: -1}"\n'
+    )
+    # accelerate: record the arguments of the per-node launch, then wait to be signalled.
+    (folder / "accelerate").write_text(
+        f'#!/bin/bash\nprintf "%s\\n" "$@" > {folder}/launch.args\nexec sleep 60\n'
+    )
+    for tool in ("scontrol", "scancel", "srun", "accelerate"):
+        (folder / tool).chmod(0o755)
+    return folder
+
+
+def slurm_env(bin_dir: Path, **extra: str) -> dict[str, str]:
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "SLURM_NNODES": "2",
+        "SLURM_NODEID": "1",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NODELIST": "node[01-02]",
+    }
+    env.update(extra)
+    return env
+
+
+def node_commands(stdout: str) -> dict[int, list[str]]:
+    commands = {}
+    for line in stdout.splitlines():
+        if line.startswith("node "):
+            rank, command = line.removeprefix("node ").split(": ", 1)
+            commands[int(rank)] = shlex.split(command)
+    return commands
+
+
+def flag(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+def test_slurm_recipe_dry_run_prints_one_launch_per_node(tmp_path: Path) -> None:
+    env = slurm_env(fake_slurm_bin(tmp_path / "bin"), DRY_RUN="1")
+    out = subprocess.run(
+        ["bash", str(SLURM_RECIPE), "--output-dir", "/shared/runs/a b", "--max-steps", "10"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    commands = node_commands(out)
+    assert sorted(commands) == [0, 1]
+    port = str(20000 + 4242 % 20000)
+    for rank, argv in commands.items():
+        assert argv[:3] == ["accelerate", "launch", "--multi_gpu"]
+        assert flag(argv, "--machine_rank") == str(rank)
+        assert flag(argv, "--num_machines") == "2"
+        assert flag(argv, "--num_processes") == "16"  # total: 2 nodes x 8 GPUs
+        assert flag(argv, "--main_process_ip") == "node01"  # the first node of the list
+        assert flag(argv, "--main_process_port") == port
+        # The training script (default train_ddpm.py) and its arguments, quoting intact.
+        script = argv.index("train_ddpm.py")
+        assert argv[script + 1 :] == ["--output-dir", "/shared/runs/a b", "--max-steps", "10"]
+
+
+def test_slurm_recipe_honours_overrides(tmp_path: Path) -> None:
+    env = slurm_env(
+        fake_slurm_bin(tmp_path / "bin"),
+        DRY_RUN="1",
+        TRAIN_SCRIPT="train_basic.py",
+        GPUS_PER_NODE="4",
+        MAIN_PORT="29555",
+    )
+    out = subprocess.run(
+        ["bash", str(SLURM_RECIPE)], env=env, capture_output=True, text=True, check=True
+    ).stdout
+    argv = node_commands(out)[1]
+    assert flag(argv, "--num_processes") == "8"
+    assert flag(argv, "--main_process_port") == "29555"
+    assert argv[-1] == "train_basic.py"
+
+
+def test_slurm_recipe_runs_node_rank_per_task_and_requeues_on_usr1(tmp_path: Path) -> None:
+    """Real (non-dry) path with fake srun/scancel/scontrol: each srun task substitutes its own
+    SLURM_NODEID, and SIGUSR1 to the batch shell forwards USR1 to the step, then requeues."""
+    bin_dir = fake_slurm_bin(tmp_path / "bin")
+    env = slurm_env(bin_dir, GRACE_S="10")
+    batch = subprocess.Popen(
+        ["bash", str(SLURM_RECIPE), "--output-dir", "/shared/runs/x"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not (bin_dir / "launch.args").exists():
+            assert time.monotonic() < deadline, "the per-node launch never started"
+            assert batch.poll() is None, batch.stdout.read()
+            time.sleep(0.05)
+        launch = (bin_dir / "launch.args").read_text().splitlines()
+        assert flag(launch, "--machine_rank") == "1"  # this task's SLURM_NODEID
+        assert launch[-3:] == ["train_ddpm.py", "--output-dir", "/shared/runs/x"]
+        srun_args = (bin_dir / "srun.args").read_text()
+        assert "--ntasks-per-node=1" in srun_args
+
+        batch.send_signal(signal.SIGUSR1)
+        output, _ = batch.communicate(timeout=20)
+    finally:
+        if batch.poll() is None:
+            batch.kill()
+    assert batch.returncode == 0, output
+    calls = (bin_dir / "calls.log").read_text().splitlines()
+    assert calls == ["scancel --signal=USR1 4242", "scontrol requeue 4242"]
+
+
+def test_torchrun_recipe_dry_run_uses_slurm_defaults(tmp_path: Path) -> None:
+    env = slurm_env(fake_slurm_bin(tmp_path / "bin"), DRY_RUN="1", MASTER_PORT="29601")
+    out = subprocess.run(
+        ["bash", str(TORCHRUN_RECIPE), "--output-dir", "/shared/runs/a b"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    argv = shlex.split(out)
+    assert argv[0] == "torchrun"
+    assert flag(argv, "--nnodes") == "2"
+    assert flag(argv, "--node_rank") == "1"
+    assert flag(argv, "--master_addr") == "node01"
+    assert flag(argv, "--master_port") == "29601"
+    assert flag(argv, "--nproc_per_node") == "8"
+    assert argv[-3:] == ["train_ddpm.py", "--output-dir", "/shared/runs/a b"]
+
+
+def test_torchrun_recipe_explicit_variables_win(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "DRY_RUN": "1",
+        "NNODES": "3",
+        "NODE_RANK": "2",
+        "MASTER_ADDR": "10.1.2.3",
+        "NPROC_PER_NODE": "4",
+        "TRAIN_SCRIPT": "train_basic.py",
+    }
+    for name in ("SLURM_NNODES", "SLURM_NODEID", "SLURM_JOB_NODELIST"):
+        env.pop(name, None)
+    argv = shlex.split(
+        subprocess.run(
+            ["bash", str(TORCHRUN_RECIPE)], env=env, capture_output=True, text=True, check=True
+        ).stdout
+    )
+    assert [flag(argv, f) for f in ("--nnodes", "--node_rank", "--master_addr")] == [
+        "3",
+        "2",
+        "10.1.2.3",
+    ]
+    assert flag(argv, "--nproc_per_node") == "4"
+    assert argv[-1] == "train_basic.py"
+
+
+# --------------------------------------------------------------------------- loopback
+
+
+def accelerate_bin() -> str:
+    local = Path(sys.executable).with_name("accelerate")
+    return str(local) if local.exists() else shutil.which("accelerate") or "accelerate"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_args(output_dir: Path) -> list[str]:
+    return [
+        "train_basic.py",
+        "--output-dir",
+        str(output_dir),
+        "--max-steps",
+        "6",
+        "--batch-size",
+        "8",
+        "--log-every",
+        "3",
+        "--checkpoint-every",
+        "3",
+        "--sample-every",
+        "0",
+        "--num-sample-images",
+        "8",
+        "--sample-steps",
+        "2",
+        "--report-to",
+        "none",
+    ]
+
+
+def launch_env(tmp_path: Path, cache: Path) -> dict[str, str]:
+    env = {
+        **os.environ,
+        "ACCELERATE_USE_CPU": "true",
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf_home"),  # no user default accelerate config
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "WANDB_DIR": str(tmp_path),
+        "OMP_NUM_THREADS": "1",
+        "DDP_DIFFUSION_CACHE": str(cache),
+    }
+    return env
+
+
+@pytest.mark.slow
+def test_two_machines_on_loopback_train_like_one_machine(tmp_path: Path) -> None:
+    """Two launchers (--num_machines 2, one process each) vs one launcher with two processes:
+    same world size, same weights, and only the global main process writes the run dir."""
+    acc = accelerate_bin()
+    two_nodes, one_node = tmp_path / "two_nodes", tmp_path / "one_node"
+    port = str(free_port())
+    node_cache = tmp_path / "node_cache"  # shared by both "nodes": both local mains build it
+    procs = {
+        f"node{rank}": subprocess.Popen(
+            [
+                acc,
+                "launch",
+                "--multi_gpu",
+                "--num_machines",
+                "2",
+                "--machine_rank",
+                str(rank),
+                "--num_processes",
+                "2",
+                "--main_process_ip",
+                "127.0.0.1",
+                "--main_process_port",
+                port,
+                "--mixed_precision",
+                "no",
+                "--dynamo_backend",
+                "no",
+                *train_args(two_nodes),
+            ],
+            cwd=REPO,
+            env=launch_env(tmp_path, node_cache),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    }
+    procs["single"] = subprocess.Popen(
+        [
+            acc,
+            "launch",
+            "--config_file",
+            str(CONFIGS / "cpu_2proc.yaml"),
+            *train_args(one_node),
+        ],
+        cwd=REPO,
+        env=launch_env(tmp_path, tmp_path / "single_cache"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    logs = {}
+    try:
+        for name, proc in procs.items():
+            logs[name], _ = proc.communicate(timeout=240)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+    for name, proc in procs.items():
+        assert proc.returncode == 0, f"{name}:\n{logs[name][-3000:]}"
+
+    # World size 2 really happened, in both setups.
+    for name in ("node0", "single"):
+        assert "batch: per device 8 x 2 processes" in logs[name], logs[name][-3000:]
+    # Node 1 holds a non-main rank: it logs no INFO lines and writes nothing.
+    assert "batch: per device" not in logs["node1"]
+    assert "saved" not in logs["node1"]
+
+    # One set of run files, written once.
+    checkpoints = two_nodes / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-3", "checkpoint-6"]
+    state = json.loads((checkpoints / "checkpoint-6" / "state.json").read_text())
+    assert state["num_processes"] == 2
+    steps = [json.loads(line)["step"] for line in (two_nodes / "metrics.jsonl").open()]
+    assert steps == [3, 6]
+    assert (two_nodes / "config.yaml").is_file() and (two_nodes / "model").is_dir()
+
+    # Both local mains wrote the shared data cache (pid-unique temp + os.replace): one intact
+    # file, no leftover temporaries.
+    assert [p.name.startswith("images-") for p in node_cache.iterdir()] == [True]
+
+    # Same seed, same world size: the weights and optimizer state are bit-identical.
+    for stem in ("model", "optimizer"):
+        a = load_file(checkpoints / "checkpoint-6" / f"{stem}.safetensors")
+        b = load_file(one_node / "checkpoints" / "checkpoint-6" / f"{stem}.safetensors")
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{stem}.{key}"

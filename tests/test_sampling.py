@@ -1,0 +1,182 @@
+"""Sampling: reproducible per-sample seeding, the three samplers, and image conversion."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from diffusion.corruption import sample_basic
+from diffusion.ddpm import make_train_scheduler
+from diffusion.images import make_grid, save_png, to_uint8
+from diffusion.models import BasicUNet, build_ddpm_unet
+from diffusion.sampling import make_inference_scheduler, sample_ddpm, sample_seed
+
+
+@pytest.fixture(autouse=True)
+def one_cpu_thread():
+    """One intra-op thread: two OpenMP threads stall at every barrier on a busy 2-core machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def unet() -> nn.Module:
+    """Untrained digits-small UNet: sampling math does not need a trained model."""
+    torch.manual_seed(0)
+    return build_ddpm_unet("digits-small", resolution=16, channels=1).eval()
+
+
+@pytest.fixture(scope="module")
+def zero_unet() -> nn.Module:
+    """A UNet whose output is exactly 0 (zeroed last conv), so every sampler step is pure
+    elementwise arithmetic on x_t and the per-sample noise: batch-size-dependent matmul
+    kernels cannot blur what the seeding itself guarantees."""
+    torch.manual_seed(0)
+    model = build_ddpm_unet("digits-small", resolution=16, channels=1).eval()
+    with torch.no_grad():
+        model.conv_out.weight.zero_()
+        model.conv_out.bias.zero_()
+    return model
+
+
+def scheduler(name: str, prediction_type: str = "epsilon"):
+    return make_inference_scheduler(
+        name, make_train_scheduler(prediction_type=prediction_type).config
+    )
+
+
+def test_sample_seed_is_a_stable_63_bit_hash() -> None:
+    seeds = {sample_seed(0, k) for k in range(1000)} | {sample_seed(1, k) for k in range(1000)}
+    assert len(seeds) == 2000  # no collisions between samples or between nearby runs
+    assert all(0 <= s < 2**63 for s in seeds)
+    assert sample_seed(0, 1) != sample_seed(1, 0)
+    assert sample_seed(42, 7) == sample_seed(42, 7)
+    with pytest.raises(ValueError, match="index"):
+        sample_seed(0, -1)
+
+
+def test_ddim_with_eta_zero_is_deterministic_for_a_seed(unet: nn.Module) -> None:
+    ddim = scheduler("ddim")
+    first, _ = sample_ddpm(unet, ddim, range(3), seed=5, num_inference_steps=4)
+    second, _ = sample_ddpm(unet, ddim, range(3), seed=5, num_inference_steps=4)
+    other, _ = sample_ddpm(unet, ddim, range(3), seed=6, num_inference_steps=4)
+    assert torch.equal(first, second)
+    assert (first - other).abs().mean() > 0.1
+
+
+@pytest.mark.parametrize(("name", "eta"), [("ddpm", 0.0), ("ddim", 1.0)])
+def test_stochastic_samples_do_not_depend_on_the_batch_they_are_drawn_in(
+    zero_unet: nn.Module, name: str, eta: float
+) -> None:
+    sampler = scheduler(name)
+    together, _ = sample_ddpm(zero_unet, sampler, range(6), seed=3, num_inference_steps=5, eta=eta)
+    first, _ = sample_ddpm(zero_unet, sampler, [0, 1, 2], seed=3, num_inference_steps=5, eta=eta)
+    rest, _ = sample_ddpm(zero_unet, sampler, [3, 4, 5], seed=3, num_inference_steps=5, eta=eta)
+    # Bit-identical: the initial noise and every step's noise come from each sample's own stream.
+    assert torch.equal(together, torch.cat([first, rest]))
+    # ...and that stream is what makes the samples differ.
+    assert (together[0] - together[1]).abs().mean() > 0.1
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim"])
+def test_real_network_samples_agree_across_batchings_to_float_rounding(
+    unet: nn.Module, name: str
+) -> None:
+    sampler = scheduler(name)
+    eta = 1.0 if name == "ddim" else 0.0
+    together, _ = sample_ddpm(unet, sampler, range(6), seed=3, num_inference_steps=5, eta=eta)
+    first, _ = sample_ddpm(unet, sampler, [0, 1, 2], seed=3, num_inference_steps=5, eta=eta)
+    rest, _ = sample_ddpm(unet, sampler, [3, 4, 5], seed=3, num_inference_steps=5, eta=eta)
+    # Not bit-identical: CPU matmuls (e.g. the time-embedding Linear) block differently for
+    # batch 3 and batch 6, giving ~1e-6 differences; nothing larger may creep in.
+    torch.testing.assert_close(together, torch.cat([first, rest]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "dpm-solver"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_every_sampler_produces_images_and_progression(
+    unet: nn.Module, name: str, prediction_type: str
+) -> None:
+    images, progression = sample_ddpm(
+        unet,
+        scheduler(name, prediction_type),
+        range(2),
+        seed=0,
+        num_inference_steps=4,
+        progression_every=2,
+    )
+    assert images.shape == (2, 1, 16, 16) and images.dtype == torch.float32
+    assert images.device.type == "cpu"
+    assert torch.isfinite(images).all() and images.min() >= -1 and images.max() <= 1
+    assert len(progression) == 2 and progression[0].shape == (2, 1, 16, 16)
+
+
+def test_inference_scheduler_inherits_the_training_schedule() -> None:
+    train = make_train_scheduler(prediction_type="v_prediction")
+    for name in ("ddpm", "ddim", "dpm-solver"):
+        sampler = make_inference_scheduler(name, train.config)
+        assert sampler.config.prediction_type == "v_prediction"
+        torch.testing.assert_close(sampler.alphas_cumprod, train.alphas_cumprod)
+
+
+def test_sampler_misuse_names_the_flag(unet: nn.Module) -> None:
+    with pytest.raises(ValueError, match="--scheduler"):
+        scheduler("euler")
+    with pytest.raises(ValueError, match="--eta"):
+        sample_ddpm(unet, scheduler("ddpm"), [0], seed=0, num_inference_steps=2, eta=0.5)
+
+
+def test_basic_sampler_ends_on_the_models_prediction() -> None:
+    """The seed's last step has mix factor 1, so the output is the model's final x0 estimate."""
+
+    class Oracle(nn.Module):
+        def forward(self, x: torch.Tensor, timestep: object = None) -> torch.Tensor:
+            return torch.full_like(x, 0.25)
+
+    images = sample_basic(Oracle(), 5, (1, 8, 8), [0, 1], seed=0, device="cpu")
+    assert torch.equal(images, torch.full((2, 1, 8, 8), 0.25))
+
+
+def test_basic_sampler_is_seeded_per_sample() -> None:
+    torch.manual_seed(0)
+    model = BasicUNet(1, 1).eval()
+    together = sample_basic(model, 3, (1, 16, 16), range(4), seed=9, device="cpu")
+    split = [sample_basic(model, 3, (1, 16, 16), [k], seed=9, device="cpu") for k in range(4)]
+    assert together.shape == (4, 1, 16, 16) and together.min() >= 0 and together.max() <= 1
+    torch.testing.assert_close(together, torch.cat(split), atol=1e-5, rtol=0)
+    other_seed = sample_basic(model, 3, (1, 16, 16), range(4), seed=10, device="cpu")
+    assert not torch.equal(together, other_seed)
+
+
+def test_to_uint8_maps_the_value_range_to_0_255() -> None:
+    x = torch.tensor([-1.0, -2.0, 0.0, 1.0, 3.0]).view(1, 1, 1, 5).repeat(2, 3, 1, 1)
+    out = to_uint8(x, (-1.0, 1.0))
+    assert out.shape == (2, 1, 5, 3) and out.dtype == np.uint8  # NCHW -> NHWC
+    assert out[0, 0, :, 0].tolist() == [0, 0, 128, 255, 255]  # 127.5 rounds up, ends clip
+    assert to_uint8(torch.full((1, 1, 2, 2), 0.5), (0.0, 1.0)).max() == 128
+
+
+def test_make_grid_tiles_images_with_padding_and_rgb() -> None:
+    images = np.stack([np.full((4, 4, 1), 10 * (k + 1), dtype=np.uint8) for k in range(5)])
+    grid = make_grid(images, nrow=3, padding=2)
+    assert grid.shape == (2 * (4 + 2) + 2, 3 * (4 + 2) + 2, 3)  # 2 rows of 3, RGB
+    assert (grid[2:6, 2:6] == 10).all()  # image 0 at top-left, inside the padding
+    assert (grid[8:12, 2:6] == 40).all()  # image 3 starts the second row
+    assert (grid[8:12, 14:18] == 0).all()  # empty slot after the last image
+    assert (grid[0:2] == 0).all()
+    assert make_grid(images).shape[:2] == (14, 20)  # default: ceil(sqrt(5)) = 3 per row
+
+
+def test_save_png_writes_a_readable_image(tmp_path: Path) -> None:
+    grid = make_grid(np.full((4, 8, 8, 3), 200, dtype=np.uint8), nrow=2)
+    path = save_png(grid, tmp_path / "samples" / "grid.png")
+    with Image.open(path) as image:
+        assert image.mode == "RGB" and image.size == (grid.shape[1], grid.shape[0])
+        assert np.array_equal(np.asarray(image), grid)
