@@ -27,6 +27,7 @@ import torch
 from ddp_utils.config import _check, option, parse_config, save_config
 from ddp_utils.distributed import generate_sharded
 from ddp_utils.model_io import LoadedModel, load_for_sampling
+from ddp_utils.run import cli_main
 from diffusion.corruption import sample_basic
 from diffusion.images import make_grid, save_png, to_uint8
 from diffusion.sampling import make_inference_scheduler, sample_ddpm
@@ -147,4 +148,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli_main(main)

@@ -31,7 +31,7 @@ from ddp_utils.data import Batches, to_float
 from ddp_utils.distributed import generate_sharded, mean_across_ranks, step_generator
 from ddp_utils.optim import lr_at, make_optimizer, set_lr
 from ddp_utils.progress import Progress
-from ddp_utils.run import Run, logger, start_run
+from ddp_utils.run import Run, cli_main, logger, start_run
 from diffusion.corruption import corrupt, sample_basic
 from diffusion.images import make_grid, to_uint8
 from diffusion.models import build_basic_model, count_parameters, predict
@@ -198,4 +198,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli_main(main)

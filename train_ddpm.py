@@ -30,7 +30,7 @@ from ddp_utils.distributed import generate_sharded, mean_across_ranks, step_gene
 from ddp_utils.model_io import write_task_file
 from ddp_utils.optim import lr_at, make_optimizer, set_lr
 from ddp_utils.progress import Progress
-from ddp_utils.run import Run, logger, start_run
+from ddp_utils.run import Run, cli_main, logger, start_run
 from diffusion.ddpm import (
     BETA_SCHEDULES,
     PREDICTION_TYPES,
@@ -275,4 +275,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli_main(main)

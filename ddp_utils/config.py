@@ -246,7 +246,11 @@ class TrainConfig:
     lr_warmup_steps: int = option(0, "linear warmup, in optimizer steps")
     weight_decay: float = option(0.0, "AdamW/Adam weight decay")
     max_grad_norm: float | None = option(1.0, "clip the gradient norm to this (none: no clipping)")
-    mixed_precision: str = option("no", "autocast dtype", choices=("no", "fp16", "bf16"))
+    mixed_precision: str | None = option(
+        None,
+        "autocast dtype (default: the accelerate config's, else no)",
+        choices=("no", "fp16", "bf16"),
+    )
     seed: int = option(0, "seed for data order, noise and initial weights")
     # Checkpoints and logging.
     resume: str = option("latest", "latest | none | PATH to a checkpoint-N folder")

@@ -18,7 +18,7 @@ from accelerate.utils import set_seed
 
 
 def make_accelerator(
-    mixed_precision: str,
+    mixed_precision: str | None,
     gradient_accumulation_steps: int,
     report_to: str,
     output_dir: str,
@@ -40,7 +40,8 @@ def make_accelerator(
         # scheduler whose step count could depend on the number of processes.
         step_scheduler_with_optimizer=False,
     )
-    if mixed_precision == "fp16" and accelerator.device.type == "cpu":
+    # None defers to the launcher (`accelerate launch --mixed_precision` or its config file).
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         # Accelerate silently ignores fp16 on CPU (no autocast, no GradScaler): say so.
         accelerator.print("warning: --mixed-precision fp16 has no effect on CPU; use bf16")
     # Different seeds per rank for anything drawn from the global RNG (e.g. dropout);

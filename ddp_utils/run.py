@@ -8,14 +8,17 @@ out of pickle-free checkpoints. The scripts keep the loop itself.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType, str_to_bool
 
 from ddp_utils.checkpoint import (
     Checkpoint,
@@ -198,6 +201,15 @@ def start_run(cfg: TrainConfig) -> Run:
         cfg.seed,
     )
     setup_logging(accelerator)
+    # On CPU, Accelerate quietly turns an FSDP launch into DDP/single process: check the request.
+    if accelerator.distributed_type == DistributedType.FSDP or str_to_bool(
+        os.environ.get("ACCELERATE_USE_FSDP", "false")
+    ):
+        raise ValueError(
+            "FSDP is not supported: checkpoints gather full state dicts on the main process, "
+            "which deadlocks with sharded parameters. Launch with DDP (accelerate_configs/"
+            "1node_8gpu_bf16.yaml); every preset here fits one GPU with room to spare."
+        )
     output_dir = Path(cfg.output_dir)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -228,3 +240,17 @@ def start_run(cfg: TrainConfig) -> Run:
         accelerator=accelerator,
     )
     return Run(cfg, accelerator, output_dir, tracker, data, checkpoint, time.time())
+
+
+def cli_main(fn: Callable[[], Any]) -> None:
+    """Run a script's entry point; a bad input (ValueError, missing file) exits 2 with its message.
+
+    Set DDP_DIFFUSION_DEBUG=1 to see the traceback as well.
+    """
+    try:
+        fn()
+    except (ValueError, FileNotFoundError) as err:
+        if os.environ.get("DDP_DIFFUSION_DEBUG"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

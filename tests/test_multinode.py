@@ -52,15 +52,9 @@ EXPECTED = {
         "same_network": True,
         "mixed_precision": "bf16",
     },
-    "fsdp_8gpu.yaml": {
-        "distributed_type": DistributedType.FSDP,
-        "num_processes": 8,
-        "mixed_precision": "bf16",
-    },
 }
 MUST_EDIT = {
     "2node_8gpu_bf16.yaml": ("machine_rank", "main_process_ip", "main_process_port"),
-    "fsdp_8gpu.yaml": ("num_processes", "fsdp_min_num_params"),
 }
 
 
@@ -82,12 +76,28 @@ def test_config_parses_with_accelerate_and_has_promised_fields(name: str) -> Non
         assert "# EDIT:" in line, f"{name}: {field} should be marked # EDIT:"
 
 
-def test_fsdp_config_shards_by_size() -> None:
-    fsdp = load_config_from_file(str(CONFIGS / "fsdp_8gpu.yaml")).fsdp_config
-    assert fsdp["fsdp_sharding_strategy"] == "FULL_SHARD"
-    assert fsdp["fsdp_auto_wrap_policy"] == "SIZE_BASED_WRAP"
-    assert fsdp["fsdp_use_orig_params"] is True
-    assert fsdp["fsdp_state_dict_type"] in ("FULL_STATE_DICT", "SHARDED_STATE_DICT")
+def test_fsdp_launch_is_refused_before_training(tmp_path: Path) -> None:
+    """Checkpointing gathers full state dicts on the main process: not FSDP-safe, so refused."""
+    env = {**os.environ, "ACCELERATE_USE_FSDP": "true"}
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "train_basic.py"),
+            "--output-dir",
+            str(tmp_path / "run"),
+            "--max-steps",
+            "1",
+            "--report-to",
+            "none",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "FSDP" in result.stderr and "DDP" in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 # --------------------------------------------------------------------------- recipes
