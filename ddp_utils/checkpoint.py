@@ -19,6 +19,8 @@ import logging
 import os
 import re
 import shutil
+import socket
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,6 +80,11 @@ def optimizer_from_safetensors(tensors: dict[str, torch.Tensor], meta: dict) -> 
 # --------------------------------------------------------------------------- saving
 
 
+def unique_suffix() -> str:
+    """`<host>-<pid>-<random>`: temp names that two nodes on a shared filesystem never share."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -94,35 +101,45 @@ def write_checkpoint(
     total_limit: int | None = None,
     protected: tuple[Path, ...] = (),
 ) -> Path:
-    """Write `checkpoint-<step>` atomically, then prune. Call on the main process only."""
+    """Write `checkpoint-<step>` atomically, then prune. Call on the main process only.
+
+    Everything goes into a hidden temporary folder (unique per host and process), which is
+    renamed to `checkpoint-<step>` only once every file is on disk; a save that fails removes
+    its temporary folder and leaves the existing checkpoints untouched.
+    """
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
     final = checkpoints_dir / f"checkpoint-{step}"
-    tmp = checkpoints_dir / f".checkpoint-{step}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    files = {}
-    for stem, named in tensors.items():
-        path = tmp / f"{stem}.safetensors"
-        save_file({k: v.detach().cpu().contiguous() for k, v in named.items()}, path)
-        files[path.name] = path.stat().st_size
-    state = {**state, "step": step, "files": files}
-    with open(tmp / STATE_FILE, "w") as f:
-        json.dump(state, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    for name in files:
-        with open(tmp / name, "rb") as f:
+    tmp = checkpoints_dir / f".checkpoint-{step}.tmp-{unique_suffix()}"
+    try:
+        tmp.mkdir()
+        files = {}
+        for stem, named in tensors.items():
+            path = tmp / f"{stem}.safetensors"
+            save_file({k: v.detach().cpu().contiguous() for k, v in named.items()}, path)
+            files[path.name] = path.stat().st_size
+        state = {**state, "step": step, "files": files}
+        with open(tmp / STATE_FILE, "w") as f:
+            json.dump(state, f, indent=2)
+            f.flush()
             os.fsync(f.fileno())
-    _fsync_dir(tmp)
-    if final.exists():  # the same step saved again (e.g. preempted right after a save)
-        old = checkpoints_dir / f".checkpoint-{step}.old-{os.getpid()}"
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(final)
-    _fsync_dir(checkpoints_dir)
+        for name in files:
+            with open(tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if final.exists():  # the same step saved again (e.g. preempted right after a save)
+            old = checkpoints_dir / f".checkpoint-{step}.old-{unique_suffix()}"
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(final)
+        _fsync_dir(checkpoints_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    # One writer per run directory: hidden folders left now are from a save that was killed.
+    for leftover in checkpoints_dir.glob(".checkpoint-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
     if total_limit is not None:
         prune(checkpoints_dir, total_limit, keep=(final, *protected))
     return final
@@ -166,7 +183,11 @@ def read_checkpoint(path: Path) -> Checkpoint:
         state = json.loads(state_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{state_file} does not parse as JSON: {err}") from None
-    if not isinstance(state, dict) or "files" not in state or "step" not in state:
+    if (
+        not isinstance(state, dict)
+        or not isinstance(state.get("files"), dict)
+        or "step" not in state
+    ):
         raise CheckpointError(f"{state_file} lacks 'step' or 'files': not a checkpoint state")
     tensors = {}
     for name, size in state["files"].items():

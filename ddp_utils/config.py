@@ -201,7 +201,9 @@ def to_yaml(cfg: Any) -> str:
 def save_config(cfg: Any, path: Path) -> None:
     """Write the resolved config (YAML), atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    from ddp_utils.checkpoint import unique_suffix
+
+    tmp = path.with_name(f"{path.name}.{unique_suffix()}.tmp")
     tmp.write_text(to_yaml(cfg))
     tmp.replace(path)
 

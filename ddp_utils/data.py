@@ -8,11 +8,14 @@ Sources (`--dataset`):
   `fashion_mnist` and `cifar10`.
 
 Every source becomes an HF `datasets.Dataset` with an image column; each file is opened once,
-and files that are empty, truncated, not images or decompression bombs are skipped, counted
-and named in the log (never a crash mid-epoch). Kept images are converted to the
-`--channels`, resized so the shorter side is `--resolution`, center-cropped, and stored as
-one uint8 tensor (N, C, H, W), cached on disk under the dataset's fingerprint so the decode
-happens once per node.
+and files that are empty, truncated or not images are skipped, counted and named in the log
+(never a crash mid-epoch). So are images declaring more than PIL's `MAX_IMAGE_PIXELS`
+(~89 million) pixels: a decompression bomb is refused from its header, before any pixel is
+decoded. Kept images are converted to the `--channels` (16-bit images rescaled to 8 bits,
+palette and transparent images composited over white), resized so the shorter side is
+`--resolution` (images smaller than that are upscaled, and the log says how many), center-
+cropped, and stored as one uint8 tensor (N, C, H, W), cached on disk under the dataset's
+fingerprint so the decode happens once per node.
 
 Batches come from `batch_indices`, a pure function of (seed, micro-step, rank): the data
 order never depends on a restart or on a sampler's hidden state, so resume is exact and
@@ -27,13 +30,17 @@ import io
 import json
 import logging
 import os
+import warnings
+import zipfile
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
+
+from ddp_utils.checkpoint import unique_suffix
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +51,7 @@ HUB_ALIASES = {
 }
 NATIVE_RESOLUTION = {"digits": 16, "mnist": 28, "fashion_mnist": 28, "cifar10": 32}
 GRAYSCALE_SOURCES = {"digits", "mnist", "fashion_mnist"}
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def default_resolution(dataset: str) -> int:
@@ -68,6 +75,7 @@ class ImageData:
     source: str
     num_skipped: int = 0
     skipped: list[str] = field(default_factory=list)
+    num_upscaled: int = 0  # images smaller than --resolution, upscaled to it
 
     @property
     def num_images(self) -> int:
@@ -178,25 +186,51 @@ def detect_image_column(ds, image_column: str | None) -> str:
 # --------------------------------------------------------------------------- decoding
 
 
+class ImageTooLargeError(ValueError):
+    """An image whose header declares more pixels than PIL's decompression-bomb limit."""
+
+
 def open_image(value) -> Image.Image:
-    """Open and fully decode one `Image(decode=False)` value (dict with bytes/path)."""
+    """Open and fully decode one `Image(decode=False)` value (dict with bytes/path).
+
+    The size check happens on the header, before decoding: PIL raises
+    `DecompressionBombError` above 2x `Image.MAX_IMAGE_PIXELS` and only warns between 1x and
+    2x; both are refused here, so no image above the limit is ever decoded.
+    """
     if isinstance(value, Image.Image):
+        _check_size(value.size)
         value.load()
         return value
     data, path = value.get("bytes"), value.get("path")
-    image = Image.open(io.BytesIO(data)) if data else Image.open(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data)) if data else Image.open(path)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+            raise ImageTooLargeError(f"decompression bomb refused: {err}") from None
+    _check_size(image.size)
     image.load()  # truncated files fail here, not mid-epoch
     return image
 
 
+def _check_size(size: tuple[int, int]) -> None:
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and size[0] * size[1] > limit:
+        raise ImageTooLargeError(
+            f"decompression bomb refused: {size[0]}x{size[1]} pixels exceeds {limit}"
+        )
+
+
 def to_mode(image: Image.Image, channels: int) -> Image.Image:
-    """Convert any PIL mode to L or RGB; transparency is composited over white."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16-bit: PIL's convert("L") clips at 255; rescale the full range instead.
-        array = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if array.max() > 255 else 255.0
-        image = Image.fromarray(np.round(array * 255.0 / peak).astype(np.uint8), mode="L")
-    if image.mode == "P" and "transparency" in image.info or image.mode in ("RGBA", "LA", "PA"):
+    """Convert any PIL mode to L or RGB; transparency is composited over white.
+
+    16-bit grayscale (`I;16*`, and `I`, which older Pillow gives for 16-bit PNGs) is mapped
+    0..65535 -> 0..255: PIL's own `convert("L")` clips everything above 255 to white.
+    """
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        array = np.clip(np.asarray(image, dtype=np.float64), 0, 65535)
+        image = Image.fromarray(np.round(array * (255.0 / 65535.0)).astype(np.uint8), mode="L")
+    if "transparency" in image.info or image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(white, rgba)
@@ -204,7 +238,11 @@ def to_mode(image: Image.Image, channels: int) -> Image.Image:
 
 
 def preprocess(image: Image.Image, resolution: int, channels: int, center_crop: bool) -> np.ndarray:
-    """PIL image -> uint8 (C, H, W): shorter side to `resolution`, then crop or squash."""
+    """PIL image -> uint8 (C, H, W): shorter side to `resolution`, then crop or squash.
+
+    Images smaller than `resolution` are upscaled (bicubic) like any other.
+    """
+    image = ImageOps.exif_transpose(image)  # camera photos: apply the EXIF rotation
     image = to_mode(image, channels)
     if center_crop:
         width, height = image.size
@@ -228,22 +266,27 @@ def _row_name(value, index: int) -> str:
 
 def decode_all(
     ds, image_column: str, resolution: int, channels: int, center_crop: bool
-) -> tuple[np.ndarray, list[str]]:
-    """Decode every row; return (uint8 N,C,H,W array, names of skipped rows)."""
+) -> tuple[np.ndarray, list[str], int]:
+    """Decode every row; return (uint8 N,C,H,W array, names of skipped rows, # upscaled)."""
     from datasets import Image as ImageFeature
 
-    ds = ds.cast_column(image_column, ImageFeature(decode=False))
+    ds = ds.select_columns([image_column]).cast_column(image_column, ImageFeature(decode=False))
     out = np.empty((len(ds), channels, resolution, resolution), dtype=np.uint8)
     skipped: list[str] = []
-    kept = 0
-    for index, value in enumerate(ds[image_column]):
-        try:
-            image = open_image(value)
-            out[kept] = preprocess(image, resolution, channels, center_crop)
+    kept = num_upscaled = 0
+    chunk = 1024  # rows read at a time: raw bytes of the whole dataset never sit in memory
+    for start in range(0, len(ds), chunk):
+        values = ds[start : start + chunk][image_column]
+        for index, value in enumerate(values, start):
+            try:
+                image = open_image(value)
+                out[kept] = preprocess(image, resolution, channels, center_crop)
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+                skipped.append(f"{_row_name(value, index)} ({type(err).__name__}: {err})")
+                continue
+            num_upscaled += min(image.size) < resolution
             kept += 1
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-            skipped.append(f"{_row_name(value, index)} ({type(err).__name__}: {err})")
-    return out[:kept], skipped
+    return out[:kept], skipped, num_upscaled
 
 
 def load_image_data(
@@ -289,8 +332,8 @@ def load_image_data(
     def build() -> None:
         if _read_cache(cache_file, fingerprint) is not None:
             return
-        images, skipped = decode_all(ds, column, resolution, channels, center_crop)
-        _write_cache(cache_file, fingerprint, images, skipped)
+        images, skipped, num_upscaled = decode_all(ds, column, resolution, channels, center_crop)
+        _write_cache(cache_file, fingerprint, images, skipped, num_upscaled)
 
     if accelerator is None:
         build()
@@ -301,11 +344,17 @@ def load_image_data(
     cached = _read_cache(cache_file, fingerprint)
     if cached is None:
         raise RuntimeError(f"image cache {cache_file} could not be read after it was written")
-    images, skipped = cached
+    images, skipped, num_upscaled = cached
     if skipped:
         shown = "\n  ".join(skipped[:20])
         more = f"\n  ... and {len(skipped) - 20} more" if len(skipped) > 20 else ""
         logger.warning("skipped %d unreadable image(s):\n  %s%s", len(skipped), shown, more)
+    if num_upscaled:
+        logger.info(
+            "%d image(s) smaller than --resolution %d were upscaled to it",
+            num_upscaled,
+            resolution,
+        )
     if len(images) == 0:
         raise ValueError(
             f"--dataset {dataset}: none of the {len(ds)} images could be read ({source})"
@@ -316,25 +365,47 @@ def load_image_data(
         source=source,
         num_skipped=len(skipped),
         skipped=skipped,
+        num_upscaled=num_upscaled,
     )
 
 
-def _read_cache(path: Path, fingerprint: str) -> tuple[np.ndarray, list[str]] | None:
+def _read_cache(path: Path, fingerprint: str) -> tuple[np.ndarray, list[str], int] | None:
+    """The cached decode, or None when missing, stale or damaged (then it is rebuilt)."""
+    if not path.is_file():
+        return None
     try:
         with np.load(path, allow_pickle=False) as data:
             if str(data["fingerprint"]) != fingerprint:
                 return None
-            return data["images"], [str(s) for s in data["skipped"]]
-    except (OSError, KeyError, ValueError):
+            return (
+                data["images"],
+                [str(s) for s in data["skipped"]],
+                int(data["num_upscaled"]),
+            )
+    except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as err:
+        logger.warning("image cache %s is damaged (%s); rebuilding it", path, err)
         return None
 
 
-def _write_cache(path: Path, fingerprint: str, images: np.ndarray, skipped: list[str]) -> None:
+def _write_cache(
+    path: Path, fingerprint: str, images: np.ndarray, skipped: list[str], num_upscaled: int
+) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, images=images, skipped=np.array(skipped, dtype=str), fingerprint=fingerprint)
-    os.replace(tmp, path)
+    tmp = path.with_name(f"{path.name}.{unique_suffix()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(
+                f,
+                images=images,
+                skipped=np.array(skipped, dtype=str),
+                fingerprint=fingerprint,
+                num_upscaled=num_upscaled,
+            )
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- batching
