@@ -1,0 +1,90 @@
+"""Shared bits of the benchmark scripts: FLOP counting, peak estimates, table printing."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import time
+from collections.abc import Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+# Dense bf16 tensor-core peaks from the vendors' spec sheets (TFLOP/s, no sparsity).
+GPU_PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.1, "4090": 165.2}
+
+
+def machine() -> str:
+    """One line naming the machine the figures came from."""
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
+    try:
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in open("/proc/cpuinfo")
+            if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        cpu = platform.processor() or "cpu"
+    cores = len(__import__("os").sched_getaffinity(0))
+    return f"{cpu}, {cores} cores (torch {torch.__version__})"
+
+
+def git_revision() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def train_flops_per_image(
+    model: torch.nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], shape: tuple[int, ...]
+) -> float:
+    """FLOPs of one forward + backward for one image, counted by torch.utils.flop_counter."""
+    x = torch.randn(1, *shape, device=next(model.parameters()).device)
+    with FlopCounterMode(display=False) as counter:
+        forward(x).float().square().mean().backward()
+    model.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+def peak_tflops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+    """The peak to divide by for MFU, and where it came from.
+
+    GPUs: the spec sheet's dense bf16 figure. CPUs have no such published figure here, so
+    we measure a large fp32 matmul: MFU on CPU reads "fraction of what this CPU's BLAS reaches".
+    """
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name()
+        for key, value in GPU_PEAK_TFLOPS.items():
+            if key in name:
+                return value, f"{key} dense bf16 spec"
+        return float("nan"), f"unknown GPU {name}"
+    n = 1024
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    start, reps = time.perf_counter(), 20
+    for _ in range(reps):
+        a @ b
+    seconds = (time.perf_counter() - start) / reps
+    return 2 * n**3 / seconds / 1e12, "measured fp32 1024^3 matmul"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def print_table(header: list[str], rows: list[list[object]]) -> None:
+    """A Markdown table, so the output pastes straight into BENCHMARKS.md."""
+
+    def fmt(value: object) -> str:
+        if isinstance(value, float):
+            return f"{value:,.3g}" if abs(value) < 100 else f"{value:,.0f}"
+        return str(value)
+
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---" for _ in header) + "|")
+    for row in rows:
+        print("| " + " | ".join(fmt(v) for v in row) + " |")
