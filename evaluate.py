@@ -96,17 +96,12 @@ def default_output(samples: str) -> Path:
     return path.with_name(f"{path.stem}_metrics.json")
 
 
-def default_cache_dir() -> Path:
-    root = os.environ.get("DDP_DIFFUSION_CACHE", Path.home() / ".cache" / "ddp-diffusion")
-    return Path(root) / "fid-stats"
-
-
 def dataset_reference_stats(
     cfg: EvalConfig, samples: torch.Tensor, accelerator: Accelerator | None
 ) -> tuple[FeatureStats, str]:
     """Cached statistics of `cfg.dataset` at the samples' (or the given) resolution/channels."""
     from ddp_utils.data import load_image_data  # imported here: only this path needs datasets
-    from evaluation import reference_stats
+    from evaluation import dataset_reference_stats as cached_stats
 
     resolution = cfg.resolution or int(samples.shape[2])
     channels = cfg.channels or int(samples.shape[1])
@@ -119,29 +114,20 @@ def dataset_reference_stats(
         max_images=cfg.max_reference,
         accelerator=accelerator,
     )
-    key = {
-        "dataset": cfg.dataset,
-        "fingerprint": data.fingerprint,
-        "resolution": resolution,
-        "channels": channels,
-        "num_images": len(data.images),
-    }
-    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-    stats = reference_stats(
-        data.images, cache_dir, key, accelerator=accelerator, batch_size=cfg.batch_size
+    stats = cached_stats(
+        data.images,
+        cfg.dataset,
+        data.fingerprint,
+        cache_dir=cfg.cache_dir or None,
+        accelerator=accelerator,
+        batch_size=cfg.batch_size,
     )
     return stats, f"dataset {cfg.dataset} ({resolution}x{resolution}, {channels} ch)"
 
 
 def evaluate(cfg: EvalConfig, accelerator: Accelerator | None = None) -> dict[str, Any]:
     """FID and KID of `cfg.samples` against the reference; the same dict on every rank."""
-    from evaluation import (
-        compute_feature_stats,
-        frechet_distance,
-        kernel_inception_distance,
-        load_fid_inception,
-        load_images,
-    )
+    from evaluation import compute_feature_stats, fid_kid, load_fid_inception, load_images
 
     is_main = accelerator is None or accelerator.is_main_process
     device = accelerator.device if accelerator is not None else torch.device("cpu")
@@ -166,19 +152,8 @@ def evaluate(cfg: EvalConfig, accelerator: Accelerator | None = None) -> dict[st
         ref_stats, ref_name = dataset_reference_stats(cfg, samples, accelerator)
 
     # Metrics: no collectives, computed on every rank so that every rank returns them.
-    fid = frechet_distance(sample_stats, ref_stats)
-    kid_mean, kid_std = kernel_inception_distance(
-        sample_stats, ref_stats, cfg.kid_subsets, cfg.kid_subset_size, cfg.seed, device=device
-    )
     metrics = {
-        "fid": fid,
-        "kid_mean": kid_mean,
-        "kid_std": kid_std,
-        "num_samples": sample_stats.num_images,
-        "num_reference": ref_stats.num_images,
-        "kid_subset_size": min(
-            cfg.kid_subset_size, len(sample_stats.features), len(ref_stats.features)
-        ),
+        **fid_kid(sample_stats, ref_stats, cfg.kid_subsets, cfg.kid_subset_size, cfg.seed, device),
         "samples": str(cfg.samples),
         "reference": ref_name,
         "config": dataclasses.asdict(cfg),
@@ -190,7 +165,7 @@ def evaluate(cfg: EvalConfig, accelerator: Accelerator | None = None) -> dict[st
         tmp.write_text(json.dumps(metrics, indent=2) + "\n")
         os.replace(tmp, output)
         print(
-            f"FID {fid:.4f} | KID {kid_mean:.6f} ± {kid_std:.6f} | {sample_stats.num_images} "
+            f"FID {metrics['fid']:.4f} | KID {metrics['kid_mean']:.6f} ± {metrics['kid_std']:.6f} | {sample_stats.num_images} "
             f"samples vs {ref_stats.num_images} reference images ({ref_name}) -> {output}"
         )
     return metrics

@@ -6,11 +6,15 @@
     python sample.py runs/ddpm/pipeline --scheduler ddim --num-inference-steps 50 \
         --num-samples 1000 --output-dir out/ddim50
     # any number of processes: the work is split, and a seed gives the same images
-    accelerate launch --config_file accelerate_configs/single_gpu.yaml sample.py runs/ddpm ...
+    accelerate launch --config_file accelerate_configs/1node_8gpu_bf16.yaml sample.py \
+        runs/ddpm/pipeline --num-samples 10000 --batch-size 250 --output-dir out/ddim50
+    # ... and score them: FID/KID against the training data, printed and in fid.json
+    python sample.py runs/ddpm/pipeline --num-samples 1000 --fid --dataset digits
 
 Writes `<output-dir>/samples.npz` (uint8 (N, H, W, C) as `arr_0`, the format evaluation tools
 read) and `<output-dir>/grid.png`; `--save-images` adds one PNG per sample and
-`--save-progression` a strip of the denoising trajectory. Sample k always comes from the
+`--save-progression` a strip of the denoising trajectory, `--fid --dataset D` FID/KID against
+dataset D in `fid.json` (sharded like the sampling). Sample k always comes from the
 seed (`--seed`, k), so the images do not depend on the batch size or number of processes.
 """
 
@@ -20,6 +24,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,6 +65,15 @@ class SampleConfig:
     save_images: bool = option(False, "also write one PNG per sample")
     save_progression: bool = option(False, "also write the denoising strip (progression.png)")
     grid_size: int = option(64, "images in grid.png")
+    fid: bool = option(False, "score the samples with FID/KID against --dataset (fid.json)")
+    dataset: str | None = option(
+        None, "reference for --fid, as training's --dataset; at the model's size and channels"
+    )
+    dataset_config: str | None = option(None, "hub dataset config name (with --fid)")
+    split: str = option("train", "reference split (with --fid)")
+    max_reference: int | None = option(
+        None, "use at most N dataset images as the --fid reference (none: all)"
+    )
 
     def __post_init__(self) -> None:
         _check(bool(self.model_path), "MODEL_PATH is required (an export, checkpoint or run dir)")
@@ -72,6 +86,14 @@ class SampleConfig:
         )
         _check(self.eta >= 0, f"--eta must be >= 0, got {self.eta}")
         _check(self.grid_size >= 1, "--grid-size must be >= 1")
+        _check(not self.fid or bool(self.dataset), "--fid needs --dataset (the reference images)")
+        _check(
+            not self.fid or self.num_samples >= 2, "--fid needs --num-samples >= 2 (a covariance)"
+        )
+        _check(
+            self.max_reference is None or self.max_reference >= 2,
+            f"--max-reference must be >= 2, got {self.max_reference}",
+        )
 
 
 DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -104,11 +126,62 @@ def make_chunk_fn(cfg: SampleConfig, loaded: LoadedModel, device: torch.device, 
     return chunk, progression
 
 
+def score(
+    cfg: SampleConfig, loaded: LoadedModel, images: np.ndarray, accelerator
+) -> dict[str, Any]:
+    """FID/KID of the samples against `--dataset` at the model's resolution and channels.
+
+    Collective: feature extraction is sharded (chunk k of `--batch-size` images on rank
+    k % world), reference statistics are cached and shared with evaluate.py and training.
+    """
+    from ddp_utils.data import load_image_data
+    from evaluation import (
+        compute_feature_stats,
+        dataset_reference_stats,
+        fid_kid,
+        load_fid_inception,
+    )
+
+    extractor = load_fid_inception(accelerator.device)
+    samples = torch.from_numpy(images).permute(0, 3, 1, 2)  # NHWC -> NCHW uint8
+    sample_stats = compute_feature_stats(samples, extractor, accelerator, cfg.batch_size)
+    assert cfg.dataset is not None  # checked in SampleConfig
+    data = load_image_data(
+        cfg.dataset,
+        loaded.resolution,
+        loaded.channels,
+        dataset_config=cfg.dataset_config,
+        split=cfg.split,
+        max_images=cfg.max_reference,
+        accelerator=accelerator,
+    )
+    reference = dataset_reference_stats(
+        data.images,
+        cfg.dataset,
+        data.fingerprint,
+        extractor=extractor,
+        accelerator=accelerator,
+        batch_size=cfg.batch_size,
+    )
+    return {
+        **fid_kid(sample_stats, reference, seed=cfg.seed, device=accelerator.device),
+        "reference": f"{cfg.dataset} ({cfg.split}, {loaded.resolution}x{loaded.resolution}, "
+        f"{loaded.channels} ch)",
+    }
+
+
 def sample(cfg: SampleConfig) -> np.ndarray:
     from accelerate import Accelerator
 
     accelerator = Accelerator()
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING)
+    if cfg.fid:  # fail before sampling, not after
+        from evaluation import load_fid_inception
+
+        try:
+            load_fid_inception(accelerator.device)
+        except ImportError as err:
+            raise ValueError(f"--fid: {err}") from None
     loaded = load_for_sampling(Path(cfg.model_path), cfg.weights)
     if loaded.task == "basic" and (cfg.scheduler != "ddim" or cfg.eta or cfg.weights != "ema"):
         logger.info("--scheduler/--eta/--weights apply to DDPM models only; ignored")
@@ -138,6 +211,16 @@ def sample(cfg: SampleConfig) -> np.ndarray:
             )
         )
         logger.info("wrote %d samples to %s", len(images), out / "samples.npz")
+    if cfg.fid:
+        metrics = score(cfg, loaded, images, accelerator)
+        if accelerator.is_main_process:
+            (out / "fid.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            print(
+                f"FID {metrics['fid']:.4f} | KID {metrics['kid_mean']:.6f} "
+                f"± {metrics['kid_std']:.6f} | {metrics['num_samples']} samples vs "
+                f"{metrics['num_reference']} images of {metrics['reference']} -> "
+                f"{out / 'fid.json'}"
+            )
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return images
