@@ -118,7 +118,13 @@ def _load_source(dataset: str, dataset_config: str | None, split: str):
     path = Path(dataset).expanduser()
     if path.is_dir():
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
-            ds = datasets.load_from_disk(str(path))
+            try:
+                ds = datasets.load_from_disk(str(path))
+            except Exception as err:  # noqa: BLE001 - datasets fails on empty folders with IndexError
+                raise ValueError(
+                    f"--dataset {dataset}: the save_to_disk folder could not be loaded "
+                    f"({type(err).__name__}: {err}); is the dataset empty or damaged?"
+                ) from None
             if isinstance(ds, datasets.DatasetDict):
                 if split not in ds:
                     raise ValueError(
