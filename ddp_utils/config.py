@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import sys
 import types
@@ -156,17 +157,35 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
-def config_from_dict(cls: type[C], values: dict[str, Any]) -> C:
+def check_choices(cfg: Any) -> None:
+    """Values set from a file or in code get the same choice check as argparse gives flags."""
+    for field in dataclasses.fields(cfg):
+        choices = field.metadata.get("choices")
+        value = getattr(cfg, field.name)
+        if choices is not None and value is not None and value not in choices:
+            raise ValueError(
+                f"{flag_name(field.name)} must be one of {', '.join(map(str, choices))}, "
+                f"got {value!r}"
+            )
+
+
+def config_from_dict(cls: type[C], values: dict[str, Any], source: str = "config") -> C:
     """Build a config from a mapping (a config file, a checkpoint's config.json)."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(values) - names)
     if unknown:
+        hints_text = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, names, n=1)
+            hints_text.append(f"{key} (did you mean {close[0]}?)" if close else key)
         raise ValueError(
-            f"unknown config field(s) {', '.join(unknown)}; "
+            f"{source}: unknown field(s) {', '.join(hints_text)}; "
             f"known fields: {', '.join(sorted(names))}"
         )
-    return cls(**{k: _coerce(k, hints[k], v) for k, v in values.items()})
+    cfg = cls(**{k: _coerce(k, hints[k], v) for k, v in values.items()})
+    check_choices(cfg)
+    return cfg
 
 
 def parse_config(cls: type[C], argv: list[str] | None = None, description: str | None = None) -> C:
@@ -181,7 +200,7 @@ def parse_config(cls: type[C], argv: list[str] | None = None, description: str |
     try:
         values = read_config_file(config_file) if config_file else {}
         values.update(args)
-        cfg = config_from_dict(cls, values)
+        cfg = config_from_dict(cls, values, f"--config {config_file}" if config_file else "config")
     except ValueError as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     if dry_run:
@@ -264,10 +283,20 @@ class TrainConfig:
     report_to: str = option("wandb", "experiment tracker", choices=("wandb", "none"))
     wandb_project: str = option("ddp-diffusion", "wandb project name")
     run_name: str | None = option(None, "wandb run name")
+    # Fault tolerance (ddp_utils/guard.py).
+    max_train_time: str | None = option(
+        None,
+        "wall time for this invocation (e.g. 5400, 2h30m, 1:30:00); when it is used up the run "
+        "saves a checkpoint and exits 75, like on SIGTERM/SIGUSR1; rerun to continue",
+    )
+    max_nonfinite_steps: int = option(
+        10, "stop with an error after N optimizer steps in a row with a non-finite loss"
+    )
 
     def __post_init__(self) -> None:
         from ddp_utils.data import default_channels, default_resolution
 
+        check_choices(self)
         if self.resolution is None:
             self.resolution = default_resolution(self.dataset)
         if self.channels is None:
@@ -298,6 +327,14 @@ class TrainConfig:
             _check(getattr(self, name) >= 1, f"{flag_name(name)} must be >= 1")
         _check(self.sample_every >= 0, "--sample-every must be >= 0")
         _check(self.num_sample_images >= 1, "--num-sample-images must be >= 1")
+        if self.max_train_time is not None:
+            from ddp_utils.guard import parse_duration
+
+            parse_duration(self.max_train_time)
+        _check(
+            self.max_nonfinite_steps >= 1,
+            f"--max-nonfinite-steps must be >= 1, got {self.max_nonfinite_steps}",
+        )
         _check(
             self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1,
             "--checkpoints-total-limit must be >= 1 or none",

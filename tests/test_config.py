@@ -1,0 +1,134 @@
+"""The command line and config files, as a user meets them: errors, precedence, --dry-run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import train_basic
+from ddp_utils.config import parse_config, save_config, to_dict
+from train_basic import BasicConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse(argv: list[str]) -> BasicConfig:
+    return parse_config(BasicConfig, argv)
+
+
+def parse_error(argv: list[str], capsys) -> str:
+    """Parse `argv`, which must fail with exit code 2; return what was printed on stderr."""
+    with pytest.raises(SystemExit) as exit_info:
+        parse(argv)
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    return captured.err
+
+
+def test_cli_bad_value_exits_2_naming_the_flag():
+    result = subprocess.run(
+        [sys.executable, "train_basic.py", "--batch-size", "0", "--output-dir", "unused"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "--batch-size must be >= 1, got 0" in result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    assert not (REPO / "unused").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--mixed-precision", "fp8"], ["--mixed-precision", "fp8", "'no', 'fp16', 'bf16'"]),
+        (["--model", "big"], ["--model", "'basic', 'unet'"]),
+        (["--max-steps", "ten"], ["--max-steps", "invalid int value: 'ten'"]),
+        (["--max-steps", "0"], ["--max-steps must be >= 1, got 0"]),
+        (["--channels", "2"], ["--channels must be 1 or 3, got 2"]),
+        (["--learning-rate", "3"], ["--learning-rate must be in (0, 1), got 3.0"]),
+        (["--resolution", "18"], ["--resolution must be divisible by 4", "got 18"]),
+        (["--resume", "/no/such/checkpoint"], ["--resume must be latest, none or an existing"]),
+        (["--checkpoints-total-limit", "0"], ["--checkpoints-total-limit must be >= 1 or none"]),
+        (["--center-crop", "maybe"], ["unrecognized arguments: maybe"]),
+    ],
+)
+def test_bad_values_name_the_flag_and_what_is_allowed(argv, expected, capsys):
+    err = parse_error(argv, capsys)
+    for text in expected:
+        assert text in err
+
+
+def test_yaml_and_json_config_files_set_fields_and_flags_win(tmp_path):
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text(
+        "# a comment\nbatch-size: 8\nlearning_rate: 0.01\nmodel: unet\nmax_grad_norm: null\n"
+        "center_crop: false\n"
+    )
+    cfg = parse(["--config", str(yaml_file)])
+    assert (cfg.batch_size, cfg.learning_rate, cfg.model) == (8, 0.01, "unet")
+    assert cfg.max_grad_norm is None and cfg.center_crop is False
+    assert cfg.max_steps == BasicConfig().max_steps  # untouched fields keep their defaults
+
+    json_file = tmp_path / "run.json"
+    json_file.write_text(json.dumps({"batch_size": 8, "max_steps": 7, "weight_decay": 1}))
+    cfg = parse(["--config", str(json_file), "--batch-size", "3", "--no-center-crop"])
+    assert cfg.batch_size == 3  # the flag overrides the file
+    assert cfg.max_steps == 7 and cfg.center_crop is False
+    assert cfg.weight_decay == 1.0 and isinstance(cfg.weight_decay, float)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("batch_sise: 8\n", ["run.yaml", "unknown field(s) batch_sise", "did you mean batch_size"]),
+        ("model: big\n", ["--model must be one of basic, unet", "'big'"]),
+        ("report_to: tensorboardx\n", ["--report-to must be one of wandb, none"]),
+        ("batch_size: many\n", ["--batch-size: expected int, got 'many'"]),
+        ("center_crop: maybe\n", ["--center-crop: expected true or false"]),
+        ("resolution: 18\n", ["--resolution must be divisible by 4"]),
+        ("- a list\n", ["must hold a mapping"]),
+        ("batch_size: [1\n", ["does not parse"]),
+    ],
+)
+def test_config_file_errors_name_the_field(tmp_path, capsys, text, expected):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(text)
+    err = parse_error(["--config", str(config_file)], capsys)
+    for part in expected:
+        assert part in err
+
+
+def test_missing_config_file(tmp_path, capsys):
+    err = parse_error(["--config", str(tmp_path / "nope.yaml")], capsys)
+    assert "nope.yaml does not exist" in err
+
+
+def test_dry_run_prints_resolved_yaml_and_creates_nothing(tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    config_file = tmp_path / "c.json"
+    config_file.write_text('{"max_steps": 11}')
+    with pytest.raises(SystemExit) as exit_info:
+        train_basic.main(
+            ["--config", str(config_file), "--dry-run", "--output-dir", str(out_dir), "--seed", "5"]
+        )
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    expected = to_dict(BasicConfig(max_steps=11, output_dir=str(out_dir), seed=5))
+    assert printed == expected
+    assert printed["resolution"] == 16 and printed["channels"] == 1  # defaults resolved
+    assert not out_dir.exists()
+
+
+def test_saved_config_reproduces_the_run(tmp_path):
+    cfg = parse(["--batch-size", "5", "--model", "unet", "--max-grad-norm", "none"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]  # no temp file left
+    assert parse(["--config", str(tmp_path / "config.yaml")]) == cfg
