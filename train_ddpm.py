@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
+import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -41,9 +43,18 @@ from diffusion.ema import EMA
 from diffusion.images import make_grid, to_uint8
 from diffusion.models import build_ddpm_unet, count_parameters
 from diffusion.sampling import make_inference_scheduler, sample_ddpm
+from evaluation import (
+    FeatureStats,
+    compute_feature_stats,
+    dataset_reference_stats,
+    fid_kid,
+    load_fid_inception,
+    local_chunks,
+)
 
 VALUE_RANGE = (-1.0, 1.0)  # the seed normalises with Normalize([0.5], [0.5])
 NUM_QUARTILES = 4
+BEST_DIR, BEST_FILE = "best", "fid.json"  # the lowest-FID pipeline, never pruned
 
 
 @dataclass
@@ -68,6 +79,13 @@ class DDPMConfig(TrainConfig):
     ema_max_decay: float = option(0.9999, "EMA decay after warmup: min(this, (1+s)/(10+s))")
     sample_steps: int = option(50, "DDIM steps for the logged grids")
     sample_every: int = option(1000, "log a sample grid every N steps (0: only at the end)")
+    eval_every: int = option(
+        0, "FID/KID of EMA samples vs the training data every N steps (0: off; eval extra)"
+    )
+    eval_num_samples: int = option(1000, "EMA samples per evaluation (DDIM, fixed seeds)")
+    eval_num_reference: int | None = option(
+        None, "reference: the first N training images (none: all; statistics are cached)"
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -78,6 +96,12 @@ class DDPMConfig(TrainConfig):
         )
         _check(0 < self.ema_max_decay < 1, "--ema-max-decay must be in (0, 1)")
         _check(self.sample_steps >= 1, "--sample-steps must be >= 1")
+        _check(self.eval_every >= 0, f"--eval-every must be >= 0, got {self.eval_every}")
+        _check(self.eval_num_samples >= 2, "--eval-num-samples must be >= 2 (a covariance)")
+        _check(
+            self.eval_num_reference is None or self.eval_num_reference >= 2,
+            f"--eval-num-reference must be >= 2 or none, got {self.eval_num_reference}",
+        )
 
 
 def task_info(scheduler) -> dict:
@@ -127,13 +151,24 @@ def sample_pictures(run: Run, model, ema: EMA | None, scheduler) -> tuple[np.nda
     return grid, make_grid(to_uint8(torch.cat(rows), VALUE_RANGE), nrow=min(8, len(rows[0])))
 
 
-def export_pipeline(run: Run, model, ema: EMA | None, scheduler) -> Path:
-    """A diffusers pipeline folder (EMA unet) + the raw weights as `unet_raw/` (collective)."""
+def export_pipeline(
+    run: Run,
+    model,
+    ema: EMA | None,
+    scheduler,
+    folder: Path | None = None,
+    json_files: dict[str, dict] | None = None,
+) -> Path:
+    """A diffusers pipeline folder (EMA unet) + the raw weights as `unet_raw/` (collective).
+
+    Default folder `<output-dir>/pipeline`. Written beside it and swapped in by renames, so a
+    reader (or a crash) never meets half a folder; `json_files` are written into it too.
+    """
     from diffusers import DDPMPipeline
 
-    folder = run.output_dir / "pipeline"
+    folder = folder or run.output_dir / "pipeline"
     if run.accelerator.is_main_process:
-        tmp = folder.with_name("pipeline.tmp")
+        tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
         shutil.rmtree(tmp, ignore_errors=True)
         raw = run.accelerator.unwrap_model(model)
         unet = copy.deepcopy(raw)
@@ -142,15 +177,77 @@ def export_pipeline(run: Run, model, ema: EMA | None, scheduler) -> Path:
         DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp, safe_serialization=True)
         raw.save_pretrained(tmp / "unet_raw", safe_serialization=True)
         write_task_file(tmp, resolution=run.cfg.resolution, **task_info(scheduler))
-        shutil.rmtree(folder, ignore_errors=True)
+        for name, content in (json_files or {}).items():
+            (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
+        shutil.rmtree(old, ignore_errors=True)
+        if folder.exists():
+            folder.rename(old)
         tmp.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
     run.accelerator.wait_for_everyone()
     return folder
+
+
+def eval_reference(run: Run, extractor) -> FeatureStats:
+    """Statistics of the training images (first --eval-num-reference), cached (collective)."""
+    cfg, data = run.cfg, run.data
+    return dataset_reference_stats(
+        data.images[: cfg.eval_num_reference],
+        cfg.dataset,
+        data.fingerprint,
+        extractor=extractor,
+        accelerator=run.accelerator,
+        batch_size=cfg.batch_size,
+    )
+
+
+def evaluate_fid(
+    run: Run, model, ema: EMA | None, scheduler, extractor, reference: FeatureStats
+) -> dict[str, float]:
+    """FID/KID of --eval-num-samples EMA samples, DDIM in --sample-steps, same seeds every time.
+
+    Collective: rank r samples and featurizes chunks r, r + world, ... of --batch-size images
+    (evaluation's sharding rule), so the numbers do not depend on the number of processes.
+    """
+    cfg, acc = run.cfg, run.accelerator
+    net = acc.unwrap_model(model)
+    ddim = make_inference_scheduler("ddim", scheduler.config)
+
+    def local_samples():
+        for chunk in local_chunks(cfg.eval_num_samples, cfg.batch_size, acc):
+            indices = range(chunk.start, chunk.stop)
+            x, _ = sample_ddpm(net, ddim, indices, cfg.seed, cfg.sample_steps, 0.0, acc.device)
+            yield torch.from_numpy(to_uint8(x, VALUE_RANGE)).permute(0, 3, 1, 2)
+
+    net.eval()
+    with ema.swapped_into(net) if ema is not None else contextlib.nullcontext():
+        stats = compute_feature_stats(local_samples(), extractor, acc)
+    net.train()
+    metrics = fid_kid(stats, reference, seed=cfg.seed, device=acc.device)
+    return {name: float(metrics[name]) for name in ("fid", "kid_mean", "kid_std")}
+
+
+def previous_best_fid(run: Run) -> float:
+    """FID of `<output-dir>/best` when resuming (a fresh start replaces it at its first eval)."""
+    best_file = run.output_dir / BEST_DIR / BEST_FILE
+    if run.checkpoint is None or not best_file.is_file():
+        return math.inf
+    return float(json.loads(best_file.read_text())["fid"])
 
 
 def train(cfg: DDPMConfig) -> Run:
     run = start_run(cfg)
     acc = run.accelerator
+
+    # Evaluation: FID network and training-data statistics first (a missing extra fails now).
+    extractor = reference = None
+    if cfg.eval_every:
+        try:
+            extractor = load_fid_inception(acc.device)
+        except ImportError as err:
+            raise ValueError(f"--eval-every: {err}") from None
+        reference = eval_reference(run, extractor)
+    best_fid = previous_best_fid(run)
 
     # Build model, noise schedule, optimizer and EMA.
     model = build_ddpm_unet(cfg.preset, cfg.resolution, cfg.channels)
@@ -257,6 +354,17 @@ def train(cfg: DDPMConfig) -> Run:
             grid, strip = sample_pictures(run, model, ema, scheduler)
             run.tracker.log_image("samples", grid, step)
             run.tracker.log_image("denoising", strip, step)
+
+        # Evaluate (sharded over every rank); the lowest-FID EMA model is kept in best/.
+        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+            metrics = evaluate_fid(run, model, ema, scheduler, extractor, reference)
+            run.tracker.log(metrics, step)
+            logger.info("step %d: FID %.3f, KID %.5f", step, metrics["fid"], metrics["kid_mean"])
+            if metrics["fid"] < best_fid:
+                best_fid = metrics["fid"]
+                record = {"step": step, **metrics, "num_samples": cfg.eval_num_samples}
+                best = run.output_dir / BEST_DIR
+                export_pipeline(run, model, ema, scheduler, best, {BEST_FILE: record})
 
         # Checkpoint.
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
