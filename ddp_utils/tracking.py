@@ -90,20 +90,21 @@ class Tracker:
         """Start (or resume) the wandb run on the main process. Returns False if disabled."""
         ok = True
         if self.is_main:
+            # wandb files go to $WANDB_DIR/wandb when the user set it, else <output-dir>/wandb.
+            wandb_dir = os.environ.get("WANDB_DIR") or str(self.output_dir)
             if not os.environ.get("WANDB_MODE") and not _wandb_has_credentials():
                 warnings.warn(
                     "wandb: no API key found (run `wandb login`); logging offline to "
-                    f"{self.output_dir / 'wandb'} — sync later with `wandb sync`",
+                    f"{Path(wandb_dir) / 'wandb'} — sync later with `wandb sync`",
                     stacklevel=2,
                 )
                 os.environ["WANDB_MODE"] = "offline"
-            os.environ.setdefault("WANDB_DIR", str(self.output_dir))
             init_kwargs = {
                 "wandb": {
                     "id": self._run_id(resume_step),
                     "resume": "allow",
                     "name": run_name,
-                    "dir": str(self.output_dir),
+                    "dir": wandb_dir,
                 }
             }
             ok = self._try_init(project, config, init_kwargs)
