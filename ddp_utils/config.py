@@ -87,6 +87,8 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
         return [_coerce(name, item_type, v) for v in value]
     if base is bool and not isinstance(value, bool):
         raise ValueError(f"{flag_name(name)}: expected true or false, got {value!r}")
+    if base in (int, float) and isinstance(value, bool):  # YAML's `yes` is not a number
+        raise ValueError(f"{flag_name(name)}: expected {base.__name__}, got {value!r}")
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if base in (int, float, str) and not isinstance(value, base):

@@ -160,8 +160,9 @@ def _load_source(dataset: str, dataset_config: str | None, split: str):
             if offline
             else "check the id, --dataset-config and --split, and your network"
         )
+        local = "" if dataset in HUB_ALIASES else f" (and there is no local folder {path})"
         raise ValueError(
-            f"--dataset {dataset}: could not load hub dataset {hub_id!r} "
+            f"--dataset {dataset}: could not load hub dataset {hub_id!r}{local} "
             f"({type(err).__name__}: {err}). {hint}"
         ) from None
     return ds, ds._fingerprint, f"hub dataset {hub_id} ({split})"
@@ -216,7 +217,9 @@ def open_image(value) -> Image.Image:
         _check_size(value.size)
         value.load()
         return value
-    data, path = value.get("bytes"), value.get("path")
+    data, path = (value.get("bytes"), value.get("path")) if value else (None, None)
+    if not data and not path:
+        raise ValueError("the row has no image")
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
@@ -296,7 +299,9 @@ def decode_all(
             try:
                 image = open_image(value)
                 out[kept] = preprocess(image, resolution, channels, center_crop)
-            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+            except Exception as err:  # noqa: BLE001 - malformed files raise all sorts of types
+                # (OSError, SyntaxError, struct.error, IndexError from broken EXIF, ...): one
+                # bad file is skipped and named, never a crash.
                 skipped.append(f"{_row_name(value, index)} ({type(err).__name__}: {err})")
                 continue
             num_upscaled += min(image.size) < resolution

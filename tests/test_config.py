@@ -70,11 +70,12 @@ def test_yaml_and_json_config_files_set_fields_and_flags_win(tmp_path):
     yaml_file = tmp_path / "run.yaml"
     yaml_file.write_text(
         "# a comment\nbatch-size: 8\nlearning_rate: 0.01\nmodel: unet\nmax_grad_norm: null\n"
-        "center_crop: false\n"
+        "center_crop: false\nweight_decay: 1e-4\n"  # YAML reads 1e-4 as a string
     )
     cfg = parse(["--config", str(yaml_file)])
     assert (cfg.batch_size, cfg.learning_rate, cfg.model) == (8, 0.01, "unet")
     assert cfg.max_grad_norm is None and cfg.center_crop is False
+    assert cfg.weight_decay == 1e-4
     assert cfg.max_steps == BasicConfig().max_steps  # untouched fields keep their defaults
 
     json_file = tmp_path / "run.json"
@@ -92,6 +93,7 @@ def test_yaml_and_json_config_files_set_fields_and_flags_win(tmp_path):
         ("model: big\n", ["--model must be one of basic, unet", "'big'"]),
         ("report_to: tensorboardx\n", ["--report-to must be one of wandb, none"]),
         ("batch_size: many\n", ["--batch-size: expected int, got 'many'"]),
+        ("max_steps: yes\n", ["--max-steps: expected int, got True"]),
         ("center_crop: maybe\n", ["--center-crop: expected true or false"]),
         ("resolution: 18\n", ["--resolution must be divisible by 4"]),
         ("- a list\n", ["must hold a mapping"]),

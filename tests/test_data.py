@@ -201,12 +201,13 @@ def test_save_to_disk_dataset_and_split(tmp_path):
     from datasets import Image as ImageFeature
 
     images = [Image.new("L", (12, 12), v) for v in (0, 80, 160, 240)]
-    ds = Dataset.from_dict({"picture": images, "label": [0, 1, 2, 3]}).cast_column(
+    ds = Dataset.from_dict({"picture": [*images, None], "label": [0, 1, 2, 3, 4]}).cast_column(
         "picture", ImageFeature()
     )
     ds.save_to_disk(str(tmp_path / "single"))
     data = load(tmp_path / "single", tmp_path, resolution=8, channels=1)
     assert data.images.shape == (4, 1, 8, 8)
+    assert data.skipped == ["row 4 (ValueError: the row has no image)"]  # a null row
     assert sorted(int(img[0, 4, 4]) for img in data.images) == [0, 80, 160, 240]
     assert "save_to_disk" in data.source
 
@@ -222,6 +223,7 @@ def test_hub_id_offline_is_a_clear_error(tmp_path, monkeypatch):
         load("someone/not-cached-anywhere", tmp_path)
     message = str(err.value)
     assert "someone/not-cached-anywhere" in message and "offline" in message
+    assert "no local folder someone/not-cached-anywhere" in message  # maybe a mistyped path
     with pytest.raises(ValueError, match="ylecun/mnist.*offline"):
         load("mnist", tmp_path)  # aliases name the hub id they stand for
 
