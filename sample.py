@@ -200,16 +200,21 @@ def sample(cfg: SampleConfig) -> np.ndarray:
             for k, image in enumerate(images):
                 save_png(image, out / "images" / f"{k:06d}.png")
         if progression:
-            strip = torch.cat(progression[0])  # rows: steps, columns: samples
+            # Rows: steps, columns: the first (up to 8) samples.
+            strip = torch.cat(progression[0])
+            num_columns = len(progression[0][0])
             save_png(
-                make_grid(to_uint8(strip, loaded.value_range), nrow=8), out / "progression.png"
+                make_grid(to_uint8(strip, loaded.value_range), nrow=num_columns),
+                out / "progression.png",
             )
         save_config(cfg, out / "sample_config.yaml")
-        (out / "sample_info.json").write_text(
-            json.dumps(
-                {"task": loaded.task, "source": str(loaded.source), "num_steps": steps}, indent=2
-            )
-        )
+        info = {
+            "task": loaded.task,
+            "source": str(loaded.source),
+            "num_steps": steps,
+            "num_processes": accelerator.num_processes,
+        }
+        (out / "sample_info.json").write_text(json.dumps(info, indent=2))
         logger.info("wrote %d samples to %s", len(images), out / "samples.npz")
     if cfg.fid:
         metrics = score(cfg, loaded, images, accelerator)

@@ -1,0 +1,134 @@
+"""sample.py: basic and DDPM models, exports and checkpoints, samplers, 1 vs 2 processes, --fid."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from tiny_runs import (
+    NUM_IMAGES,
+    RESOLUTION,
+    fresh_accelerate_state,
+    launch_two_processes,
+    trained_basic,
+    trained_ddpm,
+)
+
+import sample
+from ddp_utils.config import parse_config
+
+
+@pytest.fixture(scope="session")
+def ddpm_run(tmp_path_factory) -> Path:
+    return trained_ddpm(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def basic_run(tmp_path_factory) -> Path:
+    return trained_basic(tmp_path_factory)
+
+
+def run_sample(model_path: Path, out: Path, *flags: str) -> np.ndarray:
+    """sample.py in this process; returns the array it wrote to samples.npz (checked equal)."""
+    fresh_accelerate_state()
+    images = sample.sample(
+        parse_config(sample.SampleConfig, [str(model_path), f"--output-dir={out}", *flags])
+    )
+    with np.load(out / "samples.npz") as npz:
+        assert np.array_equal(npz["arr_0"], images)
+    return images
+
+
+def test_basic_export_gives_npz_and_grid(basic_run: Path, tmp_path: Path) -> None:
+    images = run_sample(basic_run / "model", tmp_path / "a", "--num-samples=5", "--batch-size=2")
+    assert images.dtype == np.uint8 and images.shape == (5, RESOLUTION, RESOLUTION, 1)
+    assert images.std() > 0
+    with Image.open(tmp_path / "a" / "grid.png") as grid:
+        assert grid.size[0] > RESOLUTION
+    info = json.loads((tmp_path / "a" / "sample_info.json").read_text())
+    assert info["task"] == "basic" and info["num_steps"] == 40
+    # The run directory resolves to the same export; the batch size changes nothing.
+    again = run_sample(basic_run, tmp_path / "b", "--num-samples=5", "--batch-size=5")
+    assert np.array_equal(images, again)
+
+
+def test_ddpm_pipeline_and_checkpoint_give_the_same_images_per_weights(
+    ddpm_run: Path, tmp_path: Path
+) -> None:
+    common = ("--num-samples=4", "--num-steps=3")
+    checkpoint = ddpm_run / "checkpoints" / "checkpoint-6"
+    results = {
+        (source, weights): run_sample(
+            path, tmp_path / f"{source}-{weights}", *common, f"--weights={weights}"
+        )
+        for source, path in (("pipeline", ddpm_run / "pipeline"), ("checkpoint", checkpoint))
+        for weights in ("ema", "raw")
+    }
+    assert results["pipeline", "ema"].shape == (4, RESOLUTION, RESOLUTION, 1)
+    for weights in ("ema", "raw"):
+        assert np.array_equal(results["pipeline", weights], results["checkpoint", weights])
+    assert not np.array_equal(results["pipeline", "ema"], results["pipeline", "raw"])
+
+
+def test_every_scheduler_samples_and_saves_its_progression(ddpm_run: Path, tmp_path: Path) -> None:
+    pipeline = ddpm_run / "pipeline"
+    common = ("--num-samples=3", "--num-steps=4", "--save-progression")
+    out = {}
+    for name, flags in {
+        "ddpm": ("--scheduler=ddpm",),
+        "ddim": ("--scheduler=ddim",),
+        "ddim-again": ("--scheduler=ddim", "--eta=0"),
+        "ddim-eta1": ("--scheduler=ddim", "--eta=1"),
+        "dpm-solver": ("--scheduler=dpm-solver",),
+    }.items():
+        out[name] = run_sample(pipeline, tmp_path / name, *common, *flags)
+        with Image.open(tmp_path / name / "progression.png") as strip:
+            # 4 snapshots (one per step) of up to 8 samples: 4 rows of 3 tiles.
+            assert strip.size == (3 * (RESOLUTION + 2) + 2, 4 * (RESOLUTION + 2) + 2)
+    assert np.array_equal(out["ddim"], out["ddim-again"])  # eta = 0: deterministic for a seed
+    for a, b in (("ddpm", "ddim"), ("ddim", "dpm-solver"), ("ddim", "ddim-eta1")):
+        assert not np.array_equal(out[a], out[b]), (a, b)
+
+
+def test_two_processes_give_the_one_process_images_and_fid(ddpm_run: Path, tmp_path: Path) -> None:
+    """10 samples in chunks of 4 (rank 0: chunks 0 and 2, rank 1: chunk 1), stochastic DDPM
+    steps: each sample's noise comes from its own seed, so the split changes nothing."""
+    flags = [
+        "--scheduler=ddpm",
+        "--num-steps=5",
+        "--num-samples=10",
+        "--batch-size=4",
+        "--seed=3",
+        "--fid",
+        "--dataset=digits",
+        f"--max-reference={NUM_IMAGES}",
+    ]
+    one = run_sample(ddpm_run / "pipeline", tmp_path / "one", *flags)
+    log = launch_two_processes(
+        ["sample.py", str(ddpm_run / "pipeline"), f"--output-dir={tmp_path / 'two'}", *flags],
+        tmp_path,
+    )
+    info = json.loads((tmp_path / "two" / "sample_info.json").read_text())
+    assert info["num_processes"] == 2
+    with np.load(tmp_path / "two" / "samples.npz") as npz:
+        assert np.array_equal(npz["arr_0"], one)
+
+    metrics = {n: json.loads((tmp_path / n / "fid.json").read_text()) for n in ("one", "two")}
+    assert metrics["one"]["num_samples"] == 10 and metrics["one"]["num_reference"] == NUM_IMAGES
+    assert metrics["one"]["fid"] > 0
+    for key in ("fid", "kid_mean"):
+        assert metrics["two"][key] == pytest.approx(metrics["one"][key], rel=1e-6), key
+    assert f"FID {metrics['two']['fid']:.4f}" in log  # printed as well
+
+
+def test_bad_flags_are_named(ddpm_run: Path) -> None:
+    path = str(ddpm_run / "pipeline")
+    with pytest.raises(ValueError, match="--fid needs --dataset"):
+        sample.SampleConfig(model_path=path, fid=True)
+    with pytest.raises(ValueError, match="--max-reference must be >= 2"):
+        sample.SampleConfig(model_path=path, fid=True, dataset="digits", max_reference=1)
+    with pytest.raises(ValueError, match="does not exist"):
+        sample.SampleConfig(model_path=str(ddpm_run / "nope"))
