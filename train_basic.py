@@ -119,7 +119,7 @@ def train(cfg: BasicConfig) -> Run:
     run.describe(count_parameters(model))
 
     # Resume.
-    step = run.restore(model, optimizer, model_config)
+    step = run.restore(model, optimizer, model_config, extra=TASK_INFO)
     batches = Batches(run.data, cfg.batch_size, acc, cfg.seed)
     progress = Progress(acc, start=step, total=cfg.max_steps)
     loss_sum = torch.zeros((), device=acc.device)
@@ -127,6 +127,7 @@ def train(cfg: BasicConfig) -> Run:
 
     while step < cfg.max_steps:
         # Accumulate gradients over micro-batches; noise is seeded from (seed, micro-step, rank).
+        micro_losses = []
         for micro in range(cfg.gradient_accumulation_steps):
             micro_step = step * cfg.gradient_accumulation_steps + micro
             generator = step_generator(cfg.seed, micro_step, acc.process_index, acc.device)
@@ -139,8 +140,7 @@ def train(cfg: BasicConfig) -> Run:
                 pred = predict(model, corrupt(x, amount, noise), 0)
                 loss = F.mse_loss(pred.float(), x)
                 acc.backward(loss)
-            loss_sum += loss.detach()
-            num_losses += 1
+            micro_losses.append(loss.detach())
         assert acc.sync_gradients, "accumulation must end on a synchronising micro-step"
 
         # Update weights (LR from the optimizer step alone: same for any number of processes).
@@ -153,11 +153,17 @@ def train(cfg: BasicConfig) -> Run:
             if cfg.max_grad_norm is not None
             else torch.zeros(())
         )
-        optimizer.step()
+        # All ranks agree: skip a non-finite update? stop after this step? (one host sync)
+        step_losses = torch.stack(micro_losses)
+        verdict = run.check_step(step, step_losses, grad_norm, optimizer)
+        if not verdict.skip:
+            optimizer.step()
+            loss_sum += step_losses.sum()
+            num_losses += len(micro_losses)
         optimizer.zero_grad(set_to_none=True)
         step += 1
 
-        # Log (the only host sync of the loop, every --log-every steps).
+        # Log (averaged across ranks every --log-every steps).
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             stats = mean_across_ranks(
                 acc, torch.stack([loss_sum / num_losses, grad_norm.float().to(acc.device)])
@@ -169,6 +175,7 @@ def train(cfg: BasicConfig) -> Run:
                 "grad_norm": stats[1],
                 "lr": optimizer.param_groups[0]["lr"],
                 "images_per_s": images_per_s,
+                "nonfinite_steps": run.guard.num_nonfinite_steps,
             }
             run.tracker.log(values, step)
             progress.update(step, loss=stats[0], images_per_s=images_per_s)
@@ -181,15 +188,18 @@ def train(cfg: BasicConfig) -> Run:
             run.tracker.log_image("samples", grid, step)
             run.tracker.log_image("corruption_panel", corruption_panel(run, model), step)
 
-        # Checkpoint.
-        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+        # Checkpoint; after a stop verdict (SIGTERM, SIGUSR1, time budget) save here and exit.
+        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or verdict.stop:
             run.save(step, model, optimizer, model_config, extra=TASK_INFO)
+        if verdict.stop and step < cfg.max_steps:
+            progress.close()
+            run.stop(step, verdict.reason)  # raises TrainingStopped: exit code 75
 
     # Export: a save_pretrained folder that sample.py and load_model rebuild alone.
     progress.close()
     export = run.export(model, run.output_dir / "model", TASK_INFO)
     logger.info("exported %s; samples and panels in %s", export, run.tracker.images_dir)
-    run.tracker.finish()
+    run.finish()
     return run
 
 

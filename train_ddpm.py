@@ -268,7 +268,7 @@ def train(cfg: DDPMConfig) -> Run:
     run.describe(count_parameters(model))
 
     # Resume.
-    step = run.restore(model, optimizer, model_config, ema)
+    step = run.restore(model, optimizer, model_config, ema, extra=task_info(scheduler))
     if step == 0:
         run.tracker.log_image("forward_noising", forward_noising_strip(run, scheduler), 0)
     batches = Batches(run.data, cfg.batch_size, acc, cfg.seed)
@@ -281,6 +281,8 @@ def train(cfg: DDPMConfig) -> Run:
 
     while step < cfg.max_steps:
         # Accumulate gradients. Algorithm 1: t ~ U{0..T-1}, eps ~ N(0, I), regress the target.
+        micro_losses = []
+        step_quartiles = torch.zeros(2, NUM_QUARTILES, device=acc.device)  # loss sums, counts
         for micro in range(cfg.gradient_accumulation_steps):
             micro_step = step * cfg.gradient_accumulation_steps + micro
             generator = step_generator(cfg.seed, micro_step, acc.process_index, acc.device)
@@ -294,11 +296,10 @@ def train(cfg: DDPMConfig) -> Run:
             with acc.accumulate(model), acc.autocast():
                 loss, per_sample = diffusion_loss(model, scheduler, x0, t, noise, cfg.min_snr_gamma)
                 acc.backward(loss)
-            loss_sum += loss.detach()
+            micro_losses.append(loss.detach())
             bins = t * NUM_QUARTILES // cfg.num_train_timesteps
-            quartile_sum.index_add_(0, bins, per_sample.float())
-            quartile_count.index_add_(0, bins, torch.ones_like(per_sample, dtype=torch.float32))
-            num_losses += 1
+            step_quartiles[0].index_add_(0, bins, per_sample.float())
+            step_quartiles[1].index_add_(0, bins, torch.ones_like(per_sample, dtype=torch.float32))
         assert acc.sync_gradients, "accumulation must end on a synchronising micro-step"
 
         # Update weights (LR from the optimizer step: identical for 1 or N processes) and EMA.
@@ -311,10 +312,18 @@ def train(cfg: DDPMConfig) -> Run:
             if cfg.max_grad_norm is not None
             else torch.zeros((), device=acc.device)
         )
-        optimizer.step()
+        # All ranks agree: skip a non-finite update? stop after this step? (one host sync)
+        step_losses = torch.stack(micro_losses)
+        verdict = run.check_step(step, step_losses, grad_norm, optimizer)
+        if not verdict.skip:
+            optimizer.step()
+            loss_sum += step_losses.sum()
+            quartile_sum += step_quartiles[0]
+            quartile_count += step_quartiles[1]
+            num_losses += len(micro_losses)
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        if ema is not None:
+        if ema is not None and not verdict.skip:
             ema.update(acc.unwrap_model(model), step)
 
         # Log.
@@ -337,6 +346,7 @@ def train(cfg: DDPMConfig) -> Run:
                 "grad_norm": stats[1],
                 "lr": optimizer.param_groups[0]["lr"],
                 "images_per_s": images_per_s,
+                "nonfinite_steps": run.guard.num_nonfinite_steps,
             }
             sums, counts = stats[2 : 2 + NUM_QUARTILES], stats[2 + NUM_QUARTILES :]
             for q in range(NUM_QUARTILES):
@@ -366,15 +376,18 @@ def train(cfg: DDPMConfig) -> Run:
                 best = run.output_dir / BEST_DIR
                 export_pipeline(run, model, ema, scheduler, best, {BEST_FILE: record})
 
-        # Checkpoint.
-        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+        # Checkpoint; after a stop verdict (SIGTERM, SIGUSR1, time budget) save here and exit.
+        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or verdict.stop:
             run.save(step, model, optimizer, model_config, ema, extra=task_info(scheduler))
+        if verdict.stop and step < cfg.max_steps:
+            progress.close()
+            run.stop(step, verdict.reason)  # raises TrainingStopped: exit code 75
 
     # Export a diffusers pipeline (EMA weights) that DDPMPipeline/DDIMPipeline load as is.
     progress.close()
     folder = export_pipeline(run, model, ema, scheduler)
     logger.info("exported %s; samples in %s", folder, run.tracker.images_dir)
-    run.tracker.finish()
+    run.finish()
     return run
 
 

@@ -1,8 +1,18 @@
-"""What every training script does around its loop: set up, resume, save, finish.
+"""What every training script does around its loop: set up, resume, save, stop, finish.
 
-`start_run` builds the Accelerator, finds the checkpoint to resume from, opens the tracker
-and loads the data; `Run.save` and `Run.restore` move model, EMA and optimizer state in and
-out of pickle-free checkpoints. The scripts keep the loop itself.
+`start_run` builds the Accelerator, finds the checkpoint to resume from (the same one on every
+rank), opens the tracker and loads the data; `Run.save` and `Run.restore` move model, EMA and
+optimizer state in and out of pickle-free checkpoints; `Run.check_step` is the per-step
+agreement of all ranks on skipping a non-finite update or stopping (SIGTERM, SIGUSR1,
+`--max-train-time`), and `Run.stop` saves nothing itself but closes the run and raises
+`TrainingStopped`, which `cli_main` turns into exit code 75. The scripts keep the loop itself.
+
+Resume is exact (bit-identical weights, EMA and optimizer state after a kill at any point,
+with 1 or N processes) without saving any sampler or RNG state: data order is a pure function
+of (seed, micro-step, rank) (`ddp_utils.data.batch_indices`), noise and timesteps come from a
+generator seeded from (seed, micro-step, rank), and the LR from the step alone. Accelerate's
+seedable sampler + `skip_first_batches` would also be exact, but replays the skipped batches
+through the loader and needs `save_state`, whose custom objects are pickles.
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ from ddp_utils.checkpoint import (
     CheckpointError,
     config_differences,
     find_resume_checkpoint,
+    list_checkpoints,
     optimizer_from_safetensors,
     optimizer_to_safetensors,
     write_checkpoint,
@@ -32,6 +43,15 @@ from ddp_utils.checkpoint import (
 from ddp_utils.config import TrainConfig, save_config, to_dict
 from ddp_utils.data import ImageData, load_image_data
 from ddp_utils.distributed import make_accelerator, world_info
+from ddp_utils.guard import (
+    STOP_EXIT_CODE,
+    NonFiniteLossError,
+    StepGuard,
+    TrainingStopped,
+    Verdict,
+    discard_gradients,
+    parse_duration,
+)
 from ddp_utils.tracking import Tracker
 
 logger = logging.getLogger("ddp_diffusion")
@@ -60,6 +80,7 @@ class Run:
     data: ImageData
     checkpoint: Checkpoint | None  # the one resumed from, if any
     started_at: float
+    guard: StepGuard
 
     @property
     def checkpoints_dir(self) -> Path:
@@ -82,19 +103,35 @@ class Run:
         optimizer: torch.optim.Optimizer,
         model_config: dict[str, Any],
         ema=None,
+        extra: dict[str, Any] | None = None,
     ) -> int:
-        """Load the resumed checkpoint into the (prepared) model/optimizer; return its step."""
+        """Load the resumed checkpoint into the (prepared) model/optimizer; return its step.
+
+        Refuses a checkpoint of another model class, model config or task (`extra["task"]`,
+        as passed to `save`), listing every difference.
+        """
         ckpt = self.checkpoint
         if ckpt is None:
             return 0
-        differences = config_differences(ckpt.state.get("model_config", {}), model_config)
+        unwrapped = self.accelerator.unwrap_model(model)
+        saved = {
+            "model class": ckpt.state.get("model_class"),
+            "task": ckpt.state.get("task"),
+            **ckpt.state.get("model_config", {}),
+        }
+        current = {
+            "model class": type(unwrapped).__name__,
+            "task": (extra or {}).get("task"),
+            **model_config,
+        }
+        differences = config_differences(saved, current)
         if differences:
             raise CheckpointError(
                 f"{ckpt.path} was made for a different model:\n  "
                 + "\n  ".join(differences)
                 + "\nuse another --output-dir, or --resume none to start over"
             )
-        unwrapped = self.accelerator.unwrap_model(model)
+        self._warn_if_world_changed(ckpt)
         unwrapped.load_state_dict(ckpt.tensors["model"])
         optimizer.load_state_dict(
             optimizer_from_safetensors(ckpt.tensors["optimizer"], ckpt.state["optimizer"])
@@ -106,8 +143,30 @@ class Run:
         scaler = self.accelerator.scaler
         if scaler is not None and ckpt.state.get("grad_scaler"):
             scaler.load_state_dict(ckpt.state["grad_scaler"])
+        self.guard.num_nonfinite_steps = int(ckpt.state.get("num_nonfinite_steps", 0))
         logger.info("resumed from %s (step %d)", ckpt.path, ckpt.step)
         return ckpt.step
+
+    def _warn_if_world_changed(self, ckpt: Checkpoint) -> None:
+        saved_cfg = ckpt.state.get("config", {})
+        saved_global = (
+            saved_cfg.get("batch_size", 0)
+            * ckpt.state.get("num_processes", 1)
+            * saved_cfg.get("gradient_accumulation_steps", 1)
+        )
+        if (ckpt.state.get("num_processes"), saved_global) != (
+            self.accelerator.num_processes,
+            self.global_batch_size,
+        ):
+            logger.warning(
+                "%s was made by %s process(es) with global batch %d; this run has %d with "
+                "global batch %d: training continues, but not as the original run would have",
+                ckpt.path.name,
+                ckpt.state.get("num_processes"),
+                saved_global,
+                self.accelerator.num_processes,
+                self.global_batch_size,
+            )
 
     def save(
         self,
@@ -118,8 +177,19 @@ class Run:
         ema=None,
         extra: dict[str, Any] | None = None,
     ) -> Path | None:
-        """Write checkpoint-<step> (collective: call on every rank; only rank 0 writes)."""
+        """Write checkpoint-<step> (collective: call on every rank; only rank 0 writes).
+
+        Nothing is written while non-finite steps are being skipped (all ranks agree on that),
+        so the newest checkpoint is always one from before the trouble.
+        """
         accelerator = self.accelerator
+        if self.guard.num_skipped_in_a_row:
+            logger.warning(
+                "not saving checkpoint-%d: the last %d step(s) had a non-finite loss",
+                step,
+                self.guard.num_skipped_in_a_row,
+            )
+            return None
         path = None
         if accelerator.is_main_process:
             unwrapped = accelerator.unwrap_model(model)
@@ -135,6 +205,7 @@ class Run:
                 "optimizer": opt_meta,
                 "grad_scaler": scaler.state_dict() if scaler is not None else None,
                 "num_processes": accelerator.num_processes,
+                "num_nonfinite_steps": self.guard.num_nonfinite_steps,
                 **(extra or {}),
             }
             path = write_checkpoint(
@@ -159,6 +230,64 @@ class Run:
             tmp.rename(folder)
         self.accelerator.wait_for_everyone()
         return folder
+
+    # ------------------------------------------------------------------ guarding the loop
+
+    def check_step(
+        self,
+        step: int,
+        loss: torch.Tensor,
+        grad_norm: torch.Tensor | None,
+        optimizer: torch.optim.Optimizer,
+    ) -> Verdict:
+        """All ranks agree on skipping this update and on stopping after it (collective).
+
+        Call after the backward passes (and clipping) of optimizer step `step` (0-based),
+        before `optimizer.step()`. On a skip the gradients are already dropped: do not step.
+        Raises `NonFiniteLossError` (tracker closed, nothing saved) after
+        `--max-nonfinite-steps` skips in a row.
+        """
+        verdict = self.guard.check(loss, grad_norm)
+        if not verdict.skip:
+            return verdict
+        discard_gradients(optimizer, self.accelerator.scaler)
+        in_a_row = self.guard.num_skipped_in_a_row
+        logger.warning(
+            "step %d: %s; update skipped (%d in a row, %d in total)",
+            step + 1,
+            verdict.reason,
+            in_a_row,
+            self.guard.num_nonfinite_steps,
+        )
+        if in_a_row >= self.cfg.max_nonfinite_steps:
+            self.tracker.log({"nonfinite_steps": self.guard.num_nonfinite_steps}, step + 1)
+            self.finish()
+            latest = [p.name for p in list_checkpoints(self.checkpoints_dir)]
+            raise NonFiniteLossError(
+                f"steps {step + 2 - in_a_row}..{step + 1}: {in_a_row} optimizer steps in a row "
+                f"had a non-finite loss (--max-nonfinite-steps {self.cfg.max_nonfinite_steps}); "
+                "stopped without saving. "
+                + (f"Newest checkpoint: {latest[-1]}. " if latest else "No checkpoint yet. ")
+                + "Lower --learning-rate, keep --max-grad-norm on, or prefer bf16 to fp16, "
+                "then run the command again (it resumes from that checkpoint)."
+            )
+        return verdict
+
+    def stop(self, step: int, reason: str) -> None:
+        """End the run after a stop verdict: close tracker and signal handlers, then raise
+        `TrainingStopped` (exit code 75). Save the checkpoint at `step` before calling this."""
+        self.finish()
+        saved = self.checkpoints_dir / f"checkpoint-{step}"
+        raise TrainingStopped(
+            f"stopped after step {step}/{self.cfg.max_steps}: {reason}. "
+            + (f"Saved {saved}. " if saved.is_dir() else "No checkpoint at this step. ")
+            + "Run the same command again to resume."
+        )
+
+    def finish(self) -> None:
+        """Close the tracker (collective) and put back the previous signal handlers."""
+        self.tracker.finish()
+        self.guard.restore_signal_handlers()
 
     # ------------------------------------------------------------------ reporting
 
@@ -189,10 +318,18 @@ class Run:
             info["distributed_type"],
         )
         logger.info("run directory: %s", self.output_dir.resolve())
+        logger.info(
+            "on SIGTERM/SIGUSR1%s: save after the current step, exit %d; rerun to resume",
+            f" or when --max-train-time {cfg.max_train_time} is used up"
+            if cfg.max_train_time
+            else "",
+            STOP_EXIT_CODE,
+        )
 
 
 def start_run(cfg: TrainConfig) -> Run:
     """Accelerator, resume point, tracker and data, in the order they depend on each other."""
+    started_at = time.time()
     accelerator = make_accelerator(
         cfg.mixed_precision,
         cfg.gradient_accumulation_steps,
@@ -201,6 +338,10 @@ def start_run(cfg: TrainConfig) -> Run:
         cfg.seed,
     )
     setup_logging(accelerator)
+    # The time budget counts from here; signal handlers come with the first step.
+    guard = StepGuard(
+        accelerator, parse_duration(cfg.max_train_time) if cfg.max_train_time else None
+    )
     # On CPU, Accelerate quietly turns an FSDP launch into DDP/single process: check the request.
     if accelerator.distributed_type == DistributedType.FSDP or str_to_bool(
         os.environ.get("ACCELERATE_USE_FSDP", "false")
@@ -217,6 +358,7 @@ def start_run(cfg: TrainConfig) -> Run:
     accelerator.wait_for_everyone()
     # Every rank reads the checkpoint itself (no broadcast of large tensors needed).
     checkpoint = find_resume_checkpoint(output_dir / "checkpoints", cfg.resume)
+    _check_same_checkpoint_everywhere(accelerator, checkpoint)
     if checkpoint is None and cfg.resume == "latest" and (output_dir / "checkpoints").exists():
         logger.info("no intact checkpoint in %s: starting from scratch", output_dir)
     tracker = Tracker(
@@ -239,16 +381,42 @@ def start_run(cfg: TrainConfig) -> Run:
         max_images=cfg.max_images,
         accelerator=accelerator,
     )
-    return Run(cfg, accelerator, output_dir, tracker, data, checkpoint, time.time())
+    return Run(cfg, accelerator, output_dir, tracker, data, checkpoint, started_at, guard)
+
+
+def _check_same_checkpoint_everywhere(accelerator: Accelerator, ckpt: Checkpoint | None) -> None:
+    """Every rank reads the checkpoint itself: make sure they all found the same step."""
+    if accelerator.num_processes == 1:
+        return
+    step = -1 if ckpt is None else ckpt.step
+    steps = accelerator.gather(torch.tensor([step], device=accelerator.device)).tolist()
+    if len(set(steps)) > 1:
+        raise CheckpointError(
+            f"the ranks found different checkpoints to resume from (steps by rank: {steps}; "
+            "-1 = none): --output-dir must be one folder that every node sees"
+        )
 
 
 def cli_main(fn: Callable[[], Any]) -> None:
-    """Run a script's entry point; a bad input (ValueError, missing file) exits 2 with its message.
+    """Run a script's entry point and turn the known endings into exit codes:
+
+    - 2: a bad input (ValueError, missing file), with its message;
+    - 75 (`STOP_EXIT_CODE`): stopped by SIGTERM/SIGUSR1 or --max-train-time after saving;
+      run the same command again to continue;
+    - 1: too many non-finite losses in a row (`NonFiniteLossError`), nothing saved.
 
     Set DDP_DIFFUSION_DEBUG=1 to see the traceback as well.
     """
     try:
         fn()
+    except TrainingStopped as stopped:
+        print(f"stopped: {stopped}", file=sys.stderr)
+        sys.exit(STOP_EXIT_CODE)
+    except NonFiniteLossError as err:
+        if os.environ.get("DDP_DIFFUSION_DEBUG"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
     except (ValueError, FileNotFoundError) as err:
         if os.environ.get("DDP_DIFFUSION_DEBUG"):
             raise

@@ -1,0 +1,101 @@
+"""Run a training script with faults injected at exact points (tests only).
+
+    FAULTS="kill@11:1,term@15" python tests/scripts/faults.py train_basic.py --output-dir ...
+    FAULTS=... accelerate launch ... tests/scripts/faults.py train_ddpm.py ...
+
+`FAULTS` is a comma-separated list of `kind@N[:rank]` (rank defaults to 0); N is the micro-step
+(the argument of `Batches.get`, i.e. when that micro-batch is fetched) except for `kill-in-save`:
+
+- kill: SIGKILL every process of the run (the launcher and all workers; torchrun puts each
+  worker in its own session, so killing one process group is not enough). Workers record
+  their pids in `$FAULT_PID_DIR`.
+- term / usr1: send SIGTERM / SIGUSR1 to this worker only.
+- term-launcher / usr1-launcher: send it to the launcher (the worker's parent).
+- nan: this micro-batch's images become NaN on this rank (so its loss is non-finite).
+- nan-from: every micro-batch from N on is NaN on this rank.
+- kill-in-save: SIGKILL everything while checkpoint-N is half written (after its first file).
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import signal
+import sys
+from pathlib import Path
+
+import ddp_utils.checkpoint as checkpoint
+import ddp_utils.data as data
+
+RANK = int(os.environ.get("RANK", "0"))
+PID_DIR = Path(os.environ.get("FAULT_PID_DIR", "."))
+FAULTS: list[tuple[str, int]] = []
+for item in filter(None, os.environ.get("FAULTS", "").split(",")):
+    kind, _, where = item.partition("@")
+    at, _, rank = where.partition(":")
+    if int(rank or 0) == RANK:
+        FAULTS.append((kind, int(at)))
+
+
+def kill_everything() -> None:
+    pids = {int(p.read_text()) for p in PID_DIR.glob("worker-*.pid")}
+    if "LOCAL_RANK" in os.environ:  # launched by torchrun: the parent is the launcher
+        pids.add(os.getppid())
+    for pid in sorted(pids - {os.getpid()}):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+nan_now = False
+original_get = data.Batches.get
+original_to_float = data.to_float
+original_save_file = checkpoint.save_file
+
+
+def get(self, micro_step: int):
+    global nan_now
+    for kind, at in FAULTS:
+        if kind == "nan-from" and micro_step >= at or kind == "nan" and micro_step == at:
+            nan_now = True
+        if micro_step != at:
+            continue
+        if kind == "kill":
+            kill_everything()
+        elif kind in ("term", "usr1"):
+            os.kill(os.getpid(), signal.SIGTERM if kind == "term" else signal.SIGUSR1)
+        elif kind in ("term-launcher", "usr1-launcher"):
+            os.kill(os.getppid(), signal.SIGTERM if kind == "term-launcher" else signal.SIGUSR1)
+    return original_get(self, micro_step)
+
+
+def to_float(*args, **kwargs):
+    global nan_now
+    x = original_to_float(*args, **kwargs)
+    if nan_now:
+        nan_now = False
+        x = x * float("nan")
+    return x
+
+
+def save_file(tensors, path, *args, **kwargs):
+    folder = Path(path).parent
+    for kind, at in FAULTS:
+        if kind == "kill-in-save" and folder.name.startswith(f".checkpoint-{at}."):
+            if any(folder.iterdir()):
+                kill_everything()
+    return original_save_file(tensors, path, *args, **kwargs)
+
+
+data.Batches.get = get
+data.to_float = to_float
+checkpoint.save_file = save_file
+
+if __name__ == "__main__":
+    PID_DIR.mkdir(parents=True, exist_ok=True)
+    (PID_DIR / f"worker-{RANK}.pid").write_text(str(os.getpid()))
+    sys.argv = sys.argv[1:]
+    sys.path.insert(0, str(Path(sys.argv[0]).resolve().parent))
+    runpy.run_path(sys.argv[0], run_name="__main__")

@@ -1,0 +1,340 @@
+"""Killed, preempted and diverging runs, and checkpoints from elsewhere.
+
+The subprocess runs are shared by module fixtures (each chain of runs is started once):
+- a chain is an uninterrupted reference run and the same command interrupted by a SIGKILL at
+  an exact micro-step (mid gradient accumulation, mid epoch) or during a save, then stopped by
+  a signal or the time budget (exit 75), then rerun to the end; the final checkpoints must be
+  bit-identical, for train_basic.py and train_ddpm.py, with 1 and 2 processes;
+- faults are injected by tests/scripts/faults.py at exact micro-steps, so nothing races.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ddp_utils.checkpoint import (
+    find_resume_checkpoint,
+    list_checkpoints,
+    read_checkpoint,
+)
+from ddp_utils.guard import STOP_EXIT_CODE
+
+REPO = Path(__file__).resolve().parents[1]
+FAULTS = REPO / "tests" / "scripts" / "faults.py"
+TWO_PROCS = REPO / "accelerate_configs" / "cpu_2proc.yaml"
+MAX_STEPS = 12
+
+BASIC_ARGS = [
+    "--resolution", "8", "--batch-size", "8", "--gradient-accumulation-steps", "2",
+    "--max-steps", str(MAX_STEPS), "--checkpoint-every", "2", "--log-every", "1",
+    "--sample-every", "0", "--num-sample-images", "8", "--sample-steps", "2",
+    "--checkpoints-total-limit", "none",
+]  # fmt: skip
+TINY_UNET = {
+    "block_out_channels": [16, 16],
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+}
+DDPM_ARGS = [
+    "--resolution", "8", "--batch-size", "8", "--max-steps", str(MAX_STEPS),
+    "--checkpoint-every", "2", "--log-every", "1", "--lr-warmup-steps", "3",
+    "--ema-max-decay", "0.9", "--sample-every", "0", "--num-sample-images", "8",
+    "--sample-steps", "2", "--report-to", "none",
+]  # fmt: skip
+
+
+# --------------------------------------------------------------------------- running scripts
+
+
+@dataclass
+class Result:
+    returncode: int
+    output: str
+
+
+class Launch:
+    """One training command in its own session; `wait` kills whatever it left behind."""
+
+    def __init__(self, tmp: Path, script: str, args: list[str], processes: int, faults: str = ""):
+        self.pid_dir = tmp / f"pids-{time.monotonic_ns()}"
+        env = {
+            **os.environ,
+            "FAULTS": faults,
+            "FAULT_PID_DIR": str(self.pid_dir),
+            "ACCELERATE_USE_CPU": "true",
+            "HF_HOME": str(tmp / "hf_home"),  # no user accelerate config
+            "OMP_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+        command = [str(FAULTS), script, *args]
+        if processes == 2:
+            accelerate = Path(sys.executable).with_name("accelerate")
+            command = [str(accelerate), "launch", "--config_file", str(TWO_PROCS), *command]
+        else:
+            command = [sys.executable, *command]
+        self.proc = subprocess.Popen(
+            command,
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+
+    def wait(self, timeout: float = 300) -> Result:
+        try:
+            output, _ = self.proc.communicate(timeout=timeout)
+        finally:
+            # Stragglers: the session (wandb-core, a launcher) and torchrun's workers, which
+            # run in sessions of their own.
+            pids = [int(p.read_text()) for p in self.pid_dir.glob("worker-*.pid")]
+            for kill in [lambda: os.killpg(self.proc.pid, signal.SIGKILL)] + [
+                (lambda pid=pid: os.kill(pid, signal.SIGKILL)) for pid in pids
+            ]:
+                try:
+                    kill()
+                except (ProcessLookupError, PermissionError):
+                    pass
+        return Result(self.proc.returncode, output)
+
+
+def run(tmp: Path, script: str, args: list[str], processes: int = 1, faults: str = "") -> Result:
+    return Launch(tmp, script, args, processes, faults).wait()
+
+
+def checkpoint_files(folder: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    tensors = {f.name: load_file(f) for f in sorted(folder.glob("*.safetensors"))}
+    return tensors, json.loads((folder / "state.json").read_text())
+
+
+def assert_bit_identical(a: Path, b: Path) -> None:
+    tensors_a, state_a = checkpoint_files(a)
+    tensors_b, state_b = checkpoint_files(b)
+    assert sorted(tensors_a) == sorted(tensors_b)
+    for name in tensors_a:
+        assert sorted(tensors_a[name]) == sorted(tensors_b[name]), name
+        for key, value in tensors_a[name].items():
+            assert torch.equal(value, tensors_b[name][key]), f"{name}: {key} differs"
+    assert state_a["optimizer"] == state_b["optimizer"]  # hyper-parameters, Adam step counts
+    assert state_a["step"] == state_b["step"] == MAX_STEPS
+
+
+def logged_steps(out: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def chain(tmp: Path, script: str, args: list[str], processes: int, faults: list[str]) -> dict:
+    """Reference run (alongside the first interrupted run), then one run per fault, then the
+    final rerun: every run is the same command on the same output dir."""
+    ref, out = tmp / "reference", tmp / "interrupted"
+    reference = Launch(tmp, script, [*args, "--output-dir", str(ref)], processes)
+    results = [run(tmp, script, [*args, "--output-dir", str(out)], processes, faults[0])]
+    reference_result = reference.wait()
+    assert reference_result.returncode == 0, reference_result.output[-3000:]
+    for fault in faults[1:]:
+        results.append(run(tmp, script, [*args, "--output-dir", str(out)], processes, fault))
+    results.append(run(tmp, script, [*args, "--output-dir", str(out)], processes))
+    assert results[-1].returncode == 0, results[-1].output[-3000:]
+    return {"reference": ref, "out": out, "results": results}
+
+
+# --------------------------------------------------------------------------- exact resume
+
+
+@pytest.fixture(scope="module")
+def basic_one_process(tmp_path_factory) -> dict:
+    # micro-step 11 = second half of step 6 (checkpoint-4 is the newest); after resuming, a
+    # SIGTERM as step 7 begins: every micro-step is one of 8 images, 1797 per epoch.
+    tmp = tmp_path_factory.mktemp("basic1")
+    return chain(tmp, "train_basic.py", BASIC_ARGS, 1, ["kill@11", "term@12"])
+
+
+@pytest.fixture(scope="module")
+def basic_two_processes(tmp_path_factory) -> dict:
+    # SIGKILL of every process from rank 1 mid-accumulation, then SIGUSR1 to rank 1 alone.
+    tmp = tmp_path_factory.mktemp("basic2")
+    args = [*BASIC_ARGS, "--report-to", "none"]
+    return chain(tmp, "train_basic.py", args, 2, ["kill@11:1", "usr1@14:1"])
+
+
+@pytest.fixture(scope="module")
+def tiny_unet(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("preset") / "tiny_unet.json"
+    path.write_text(json.dumps(TINY_UNET))
+    return path
+
+
+@pytest.fixture(scope="module")
+def ddpm_one_process(tmp_path_factory, tiny_unet) -> dict:
+    # Killed while checkpoint-6 is half written; then a time budget that ends at once.
+    tmp = tmp_path_factory.mktemp("ddpm1")
+    args = [*DDPM_ARGS, "--preset", str(tiny_unet)]
+    ref, out = tmp / "reference", tmp / "interrupted"
+    reference = Launch(tmp, "train_ddpm.py", [*args, "--output-dir", str(ref)], 1)
+    killed = run(tmp, "train_ddpm.py", [*args, "--output-dir", str(out)], 1, "kill-in-save@6")
+    left_behind = sorted(p.name for p in (out / "checkpoints").iterdir())
+    latest = find_resume_checkpoint(out / "checkpoints", "latest")
+    timed = run(tmp, "train_ddpm.py", [*args, "--output-dir", str(out), "--max-train-time", "0.01"])
+    final = run(tmp, "train_ddpm.py", [*args, "--output-dir", str(out)])
+    reference_result = reference.wait()
+    assert reference_result.returncode == 0, reference_result.output[-3000:]
+    assert final.returncode == 0, final.output[-3000:]
+    return {
+        "reference": ref,
+        "out": out,
+        "results": [killed, timed, final],
+        "left_behind": left_behind,
+        "latest_after_kill": latest.step if latest else None,
+    }
+
+
+@pytest.fixture(scope="module")
+def ddpm_two_processes(tmp_path_factory, tiny_unet) -> dict:
+    # Rank 0 kills everything; SIGUSR1 to the launcher, which forwards it to both workers
+    # only when told to (PET_SIGNALS_TO_HANDLE, as recipes/slurm_multinode.sbatch sets).
+    tmp = tmp_path_factory.mktemp("ddpm2")
+    args = [*DDPM_ARGS, "--preset", str(tiny_unet)]
+    os.environ["PET_SIGNALS_TO_HANDLE"] = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+    try:
+        return chain(tmp, "train_ddpm.py", args, 2, ["kill@7:0", "usr1-launcher@9:1"])
+    finally:
+        del os.environ["PET_SIGNALS_TO_HANDLE"]
+
+
+def test_basic_one_process_resumes_bit_exactly(basic_one_process) -> None:
+    killed, stopped, final = basic_one_process["results"]
+    out = basic_one_process["out"]
+    assert killed.returncode == -signal.SIGKILL
+    assert stopped.returncode == STOP_EXIT_CODE, stopped.output[-3000:]
+    assert "resumed from" in stopped.output and "checkpoint-4 (step 4)" in stopped.output
+    assert "stopped after step 7/12: SIGTERM" in stopped.output
+    assert "checkpoint-7 (step 7)" in final.output
+    assert_bit_identical(
+        basic_one_process["reference"] / "checkpoints" / "checkpoint-12",
+        out / "checkpoints" / "checkpoint-12",
+    )
+    # The logs continue: every step once, and the same wandb run resumed each time.
+    assert logged_steps(out) == list(range(1, MAX_STEPS + 1))
+    run_id = (out / "wandb_run_id").read_text().strip()
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 3 and all(r.name.endswith(f"-{run_id}") for r in runs), runs
+
+
+def test_ddpm_one_process_resumes_bit_exactly_after_a_kill_mid_save(ddpm_one_process) -> None:
+    killed, timed, final = ddpm_one_process["results"]
+    out = ddpm_one_process["out"]
+    assert killed.returncode == -signal.SIGKILL
+    # The half-written checkpoint-6 is a hidden temporary folder; "latest" is checkpoint-4.
+    left = ddpm_one_process["left_behind"]
+    assert "checkpoint-6" not in left and any(n.startswith(".checkpoint-6.tmp") for n in left)
+    assert ddpm_one_process["latest_after_kill"] == 4
+    # The time budget was used up during setup: one step, a checkpoint, exit 75.
+    assert timed.returncode == STOP_EXIT_CODE, timed.output[-3000:]
+    assert "stopped after step 5/12: --max-train-time" in timed.output
+    assert "checkpoint-5 (step 5)" in final.output
+    assert not list((out / "checkpoints").glob(".checkpoint-*"))  # cleaned by the next save
+    ref = ddpm_one_process["reference"] / "checkpoints" / "checkpoint-12"
+    assert_bit_identical(ref, out / "checkpoints" / "checkpoint-12")
+    assert "ema.safetensors" in {p.name for p in ref.iterdir()}
+    assert logged_steps(out) == list(range(1, MAX_STEPS + 1))
+
+
+@pytest.mark.slow
+def test_basic_two_processes_resume_bit_exactly(basic_two_processes) -> None:
+    killed, stopped, final = basic_two_processes["results"]
+    assert killed.returncode != 0
+    assert "batch: per device 8 x 2 processes" in final.output
+    # Only rank 1 was signalled; both ranks stopped after the same step and saved there.
+    assert "stopped after step 8/12: SIGUSR1 (1 of 2 rank(s) signalled)" in stopped.output
+    assert "checkpoint-8 (step 8)" in final.output
+    out = basic_two_processes["out"]
+    assert_bit_identical(
+        basic_two_processes["reference"] / "checkpoints" / "checkpoint-12",
+        out / "checkpoints" / "checkpoint-12",
+    )
+    assert logged_steps(out) == list(range(1, MAX_STEPS + 1))
+
+
+@pytest.mark.slow
+def test_ddpm_two_processes_resume_bit_exactly(ddpm_two_processes) -> None:
+    killed, stopped, final = ddpm_two_processes["results"]
+    assert killed.returncode != 0
+    # The launcher forwards the signal: the step it reaches the workers at is not fixed.
+    assert stopped.returncode != 0 and ": SIGUSR1 (" in stopped.output, stopped.output[-3000:]
+    assert "resumed from" in final.output
+    out = ddpm_two_processes["out"]
+    assert_bit_identical(
+        ddpm_two_processes["reference"] / "checkpoints" / "checkpoint-12",
+        out / "checkpoints" / "checkpoint-12",
+    )
+    assert logged_steps(out) == list(range(1, MAX_STEPS + 1))
+
+
+# --------------------------------------------------------------------------- other worlds, NaNs
+
+
+def copy_checkpoint(source: Path, out: Path) -> None:
+    shutil.copytree(source, out / "checkpoints" / source.name)
+
+
+@pytest.mark.slow
+def test_one_process_checkpoint_resumes_on_two_and_a_nan_on_one_rank_skips_both(
+    basic_one_process, tmp_path
+) -> None:
+    """Same global batch on 2 processes (4 x 2 x 2); rank 1 alone gets a NaN batch in step 6:
+    both ranks skip that update, count it, and the run ends with finite weights."""
+    out = tmp_path / "run"
+    copy_checkpoint(basic_one_process["reference"] / "checkpoints" / "checkpoint-4", out)
+    args = [*BASIC_ARGS, "--batch-size", "4", "--report-to", "none", "--output-dir", str(out)]
+    result = run(tmp_path, "train_basic.py", args, processes=2, faults="nan@10:1")
+    assert result.returncode == 0, result.output[-3000:]
+    assert "made by 1 process(es) with global batch 16; this run has 2" in result.output
+    assert "step 6: non-finite loss on 1 of 2 rank(s); update skipped" in result.output
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(5, MAX_STEPS + 1))
+    assert [m["nonfinite_steps"] for m in metrics] == [0] + [1] * (MAX_STEPS - 5)
+    final, _ = checkpoint_files(out / "checkpoints" / f"checkpoint-{MAX_STEPS}")
+    assert all(torch.isfinite(t).all() for f in final.values() for t in f.values())
+
+
+@pytest.mark.slow
+def test_two_process_checkpoint_resumes_on_one_and_nans_in_a_row_stop_the_run(
+    basic_two_processes, tmp_path
+) -> None:
+    """From step 7 on every batch is NaN: 3 skipped steps in a row (--max-nonfinite-steps 3)
+    end the run with exit 1, and no checkpoint is written after the trouble started."""
+    out = tmp_path / "run"
+    copy_checkpoint(basic_two_processes["reference"] / "checkpoints" / "checkpoint-4", out)
+    args = [*BASIC_ARGS, "--batch-size", "16", "--report-to", "none", "--output-dir", str(out)]
+    args += ["--max-nonfinite-steps", "3"]
+    result = run(tmp_path, "train_basic.py", args, faults="nan-from@12")
+    assert result.returncode == 1, result.output[-3000:]
+    assert "made by 2 process(es)" in result.output
+    assert "error: steps 7..9: 3 optimizer steps in a row had a non-finite loss" in result.output
+    assert "Newest checkpoint: checkpoint-6" in result.output
+    assert "not saving checkpoint-8" in result.output
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == [
+        "checkpoint-4",
+        "checkpoint-6",
+    ]
+    good = read_checkpoint(out / "checkpoints" / "checkpoint-6")
+    assert all(torch.isfinite(t).all() for f in good.tensors.values() for t in f.values())
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1]) == {
+        "step": 9,
+        "nonfinite_steps": 3.0,
+    }
