@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -19,17 +20,19 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from ddp_utils.checkpoint import (
+    CheckpointError,
     find_resume_checkpoint,
     list_checkpoints,
     read_checkpoint,
 )
-from ddp_utils.guard import STOP_EXIT_CODE
+from ddp_utils.guard import STOP_EXIT_CODE, StepGuard, discard_gradients, parse_duration
 
 REPO = Path(__file__).resolve().parents[1]
 FAULTS = REPO / "tests" / "scripts" / "faults.py"
@@ -80,6 +83,7 @@ class Launch:
             "OMP_NUM_THREADS": "1",
             "PYTHONUNBUFFERED": "1",
         }
+        env.pop("WANDB_DIR", None)  # wandb files in <output-dir>/wandb
         command = [str(FAULTS), script, *args]
         if processes == 2:
             accelerate = Path(sys.executable).with_name("accelerate")
@@ -338,3 +342,181 @@ def test_two_process_checkpoint_resumes_on_one_and_nans_in_a_row_stop_the_run(
         "step": 9,
         "nonfinite_steps": 3.0,
     }
+
+
+# --------------------------------------------------------------------------- refused checkpoints
+
+
+class Payload:
+    """Unpickling this runs a shell command that creates `marker`."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def payload_bytes(kind: str, marker: Path, size: int, tmp: Path) -> bytes:
+    if kind == "pickle":
+        data = pickle.dumps(Payload(marker))
+    else:  # what torch.save writes where Accelerate keeps optimizer.bin
+        torch.save({"state": Payload(marker)}, tmp / "payload.pt")
+        data = (tmp / "payload.pt").read_bytes()
+    return data + b"\0" * max(0, size - len(data))  # same size: the size check passes
+
+
+@pytest.mark.parametrize("kind", ["pickle", "torch.save"])
+@pytest.mark.parametrize(
+    "name", ["model.safetensors", "ema.safetensors", "optimizer.safetensors", "state.json"]
+)
+def test_a_pickle_payload_in_any_checkpoint_file_never_runs(
+    ddpm_one_process, tmp_path, caplog, name: str, kind: str
+) -> None:
+    source = ddpm_one_process["out"] / "checkpoints"
+    checkpoints = tmp_path / "checkpoints"
+    for step in (10, 12):
+        shutil.copytree(source / f"checkpoint-{step}", checkpoints / f"checkpoint-{step}")
+    marker = tmp_path / "PWNED"
+    target = checkpoints / "checkpoint-12" / name
+    target.write_bytes(payload_bytes(kind, marker, target.stat().st_size, tmp_path))
+
+    with pytest.raises(CheckpointError, match=str(target).replace(".", r"\.")):
+        find_resume_checkpoint(checkpoints, str(checkpoints / "checkpoint-12"))
+    # `--resume latest` warns, naming the file, and takes the newest intact checkpoint.
+    assert find_resume_checkpoint(checkpoints, "latest").step == 10
+    assert str(target) in caplog.text
+    assert not marker.exists()
+
+
+def reset_accelerate() -> None:
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def test_a_checkpoint_of_another_model_is_refused_naming_the_differences(
+    basic_one_process, ddpm_one_process, tiny_unet, tmp_path
+) -> None:
+    import train_ddpm
+
+    def resume_ddpm(source: Path, preset: str, name: str) -> str:
+        out = tmp_path / name
+        copy_checkpoint(source, out)
+        args = [*DDPM_ARGS, "--preset", preset, "--output-dir", str(out)]
+        try:
+            with pytest.raises(CheckpointError) as err:
+                train_ddpm.main(args)
+        finally:
+            reset_accelerate()
+        return str(err.value)
+
+    basic = basic_one_process["out"] / "checkpoints" / "checkpoint-12"
+    message = resume_ddpm(basic, str(tiny_unet), "basic")
+    assert "was made for a different model" in message
+    assert "model class: checkpoint has 'BasicUNet', this run has 'UNet2DModel'" in message
+    assert "task: checkpoint has 'basic', this run has 'ddpm'" in message
+
+    ddpm = ddpm_one_process["out"] / "checkpoints" / "checkpoint-12"
+    message = resume_ddpm(ddpm, "digits-small", "ddpm")
+    assert "block_out_channels: checkpoint has [16, 16], this run has [32, 32, 64]" in message
+    assert "model class" not in message
+
+
+def test_an_incomplete_checkpoint_folder_is_never_latest(ddpm_one_process, tmp_path, caplog):
+    """A copy cut short (no state.json) and a save killed mid-way (hidden temp folder)."""
+    source = ddpm_one_process["out"] / "checkpoints" / "checkpoint-12"
+    checkpoints = tmp_path / "checkpoints"
+    shutil.copytree(source, checkpoints / "checkpoint-12")
+    (checkpoints / "checkpoint-14").mkdir()
+    shutil.copy(source / "model.safetensors", checkpoints / "checkpoint-14")
+    shutil.copytree(source, checkpoints / ".checkpoint-16.tmp-host-1-abc")
+    assert find_resume_checkpoint(checkpoints, "latest").step == 12
+    assert "checkpoint-14/state.json is missing" in caplog.text
+
+
+# --------------------------------------------------------------------------- small pieces
+
+
+def test_max_train_time_accepts_seconds_units_and_clock_time() -> None:
+    assert parse_duration("5400") == 5400
+    assert parse_duration("2h30m") == 9000
+    assert parse_duration("1.5h") == 5400
+    assert parse_duration("90s") == 90
+    assert parse_duration("1:30:00") == 5400
+    assert parse_duration("45:00") == 2700
+    for bad in ("soon", "0", "-5", "2x", "1:2:3:4", ""):
+        with pytest.raises(ValueError, match="--max-train-time"):
+            parse_duration(bad)
+    from ddp_utils.config import TrainConfig
+
+    with pytest.raises(ValueError, match="--max-train-time must be a positive duration"):
+        TrainConfig(max_train_time="2 hours")
+    with pytest.raises(ValueError, match="--max-nonfinite-steps must be >= 1"):
+        TrainConfig(max_nonfinite_steps=0)
+
+
+def test_a_skipped_step_leaves_the_fp16_grad_scaler_working() -> None:
+    """CPU stand-in for the fp16 path (Accelerate has no GradScaler on CPU): after a skip the
+    scaler takes the next step normally, and overflowing gradients alone are left to it."""
+    model = torch.nn.Linear(4, 1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    accelerator = SimpleNamespace(scaler=scaler, device=torch.device("cpu"), num_processes=1)
+    guard = StepGuard(accelerator, max_train_time_s=None)
+    x = torch.ones(2, 4)
+    try:
+        loss = model(x).mean() * float("nan")
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)  # what accelerator.clip_grad_norm_ does under fp16
+        verdict = guard.check(loss, torch.tensor(float("nan")))
+        assert verdict.skip and "non-finite loss on 1 of 1" in verdict.reason
+        discard_gradients(optimizer, scaler)
+        assert scaler.get_scale() == 1024.0 and model.weight.grad is None
+
+        before = model.weight.detach().clone()
+        loss = model(x).mean()
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)  # raised "already been called" before the fix
+        assert not guard.check(loss, torch.tensor(float("inf"))).skip  # the scaler's business
+        scaler.step(optimizer)
+        scaler.update()
+        assert not torch.equal(before, model.weight)
+        assert guard.num_nonfinite_steps == 1 and guard.num_skipped_in_a_row == 0
+    finally:
+        guard.restore_signal_handlers()
+
+
+def test_nothing_unpickles_checkpoints_or_loads_unsafe_weights() -> None:
+    """Source check: torch.load only with weights_only=True, no Accelerate custom-object
+    checkpoints (unpickled with weights_only=False), diffusers loads only safetensors."""
+    problems = []
+    skip = {".venv", "tests", "runs", "build"}
+    for path in sorted(p for p in REPO.rglob("*.py") if not skip & set(p.relative_to(REPO).parts)):
+        text = path.read_text()
+        for call, needed in (
+            ("torch.load(", "weights_only=True"),
+            ("from_pretrained(", "use_safetensors=True"),
+        ):
+            start = text.find(call)
+            while start != -1:
+                depth, end = 0, start + len(call) - 1
+                while end < len(text):  # to the matching closing parenthesis
+                    depth += {"(": 1, ")": -1}.get(text[end], 0)
+                    if depth == 0:
+                        break
+                    end += 1
+                if needed not in text[start:end]:
+                    problems.append(f"{path.name}: {text[start : end + 1]}")
+                start = text.find(call, end)
+        for banned in (
+            "register_for_checkpointing",
+            "load_state(",
+            "pickle.load",
+            "allow_pickle=True",
+        ):
+            if banned in text:
+                problems.append(f"{path.name}: {banned}")
+    assert not problems, problems
