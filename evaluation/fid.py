@@ -116,23 +116,42 @@ class FeatureStats:
 
 
 def frechet_distance(
-    a: FeatureStats, b: FeatureStats, method: Literal["eigh", "sqrtm"] = "eigh", eps: float = 1e-6
+    a: FeatureStats,
+    b: FeatureStats,
+    method: Literal["auto", "eigh", "sqrtm", "gram"] = "auto",
+    eps: float = 1e-6,
 ) -> float:
     """FID between two feature distributions, each summarized by (mu, sigma).
 
     The only hard term is tr((S_a S_b)^(1/2)) = sum_i sqrt(lambda_i) over the eigenvalues of
     S_a S_b, which are those of the symmetric PSD matrix S_a^(1/2) S_b S_a^(1/2).
-    - "eigh" (default) gets them with two symmetric eigendecompositions: ~2-3 s at D=2048 on
-      one CPU core, real by construction, tiny negative round-off clipped to 0.
+    - "eigh" gets them with two symmetric eigendecompositions: ~2-3 s at D=2048 on one CPU
+      core, real by construction, tiny negative round-off clipped to 0.
+    - "gram" needs every feature row of both sets (FeatureStats keep them up to
+      MAX_KID_FEATURES images): with centered rows X_a, X_b, S_a S_b has the nonzero
+      eigenvalues of M M^T / c, M = X_a X_b^T, c = (n_a - 1)(n_b - 1), so the trace is the sum
+      of M's singular values / sqrt(c): an n_a x n_b SVD instead of two D x D eigh, e.g.
+      ~0.05 s for 100 samples vs 1797 reference images.
+    - "auto" (default): "gram" where it is available and cheaper, else "eigh".
     - "sqrtm" is pytorch-fid's `calculate_frechet_distance` verbatim (scipy.linalg.sqrtm,
       eps*I offset when the result is not finite, ValueError on an imaginary diagonal above
-      1e-3): ~15 s at D=2048 here. Both agree to ~1e-9 relative on full-rank covariances.
+      1e-3): ~15 s at D=2048 here. All agree to ~1e-9 relative on full-rank covariances.
     """
     mu_a, mu_b, sigma_a, sigma_b = a.mu, b.mu, a.sigma, b.sigma
     if mu_a.shape != mu_b.shape:
         raise ValueError(f"feature dimensions differ: {mu_a.shape} vs {mu_b.shape}")
     diff = mu_a - mu_b
-    if method == "eigh":
+    if method == "auto":
+        method = "gram" if _gram_is_cheaper(a, b) else "eigh"
+    if method == "gram":
+        if not (_has_all_features(a) and _has_all_features(b)):
+            raise ValueError("method='gram' needs every feature row of both sets")
+        x_a = a.features.astype(np.float64) - mu_a
+        x_b = b.features.astype(np.float64) - mu_b
+        with _single_threaded_blas():
+            singular_values = np.linalg.svd(x_a @ x_b.T, compute_uv=False)
+        tr_covmean = singular_values.sum() / np.sqrt((len(x_a) - 1) * (len(x_b) - 1))
+    elif method == "eigh":
         with _single_threaded_blas():
             evals, evecs = np.linalg.eigh(sigma_a)
             sqrt_a = (evecs * np.sqrt(np.clip(evals, 0, None))) @ evecs.T
@@ -152,8 +171,20 @@ def frechet_distance(
             covmean = covmean.real
         tr_covmean = np.trace(covmean)
     else:
-        raise ValueError(f"method must be 'eigh' or 'sqrtm', got {method!r}")
+        raise ValueError(f"method must be 'auto', 'eigh', 'gram' or 'sqrtm', got {method!r}")
     return float(diff.dot(diff) + np.trace(sigma_a) + np.trace(sigma_b) - 2 * tr_covmean)
+
+
+def _has_all_features(stats: FeatureStats) -> bool:
+    return len(stats.features) == stats.num_images
+
+
+def _gram_is_cheaper(a: FeatureStats, b: FeatureStats) -> bool:
+    """SVD of an n x m matrix ~ min(n, m)^2 max(n, m) flops, versus ~D^3 for eigh."""
+    if not (_has_all_features(a) and _has_all_features(b)):
+        return False
+    small, large = sorted((a.num_images, b.num_images))
+    return small * small * large < a.mu.shape[0] ** 3
 
 
 def _single_threaded_blas() -> contextlib.AbstractContextManager:

@@ -165,6 +165,32 @@ def test_fid_eigh_matches_pytorch_fid_sqrtm() -> None:
     assert eigh == pytest.approx(64 * (0.3**2 + 0.2**2), rel=0.1)  # N(0, I) vs N(0.2, 1.69 I)
 
 
+def test_fid_from_the_gram_matrix_matches_eigh() -> None:
+    rng = np.random.default_rng(1)
+
+    def features(n: int, dim: int, scale: float = 1.0) -> FeatureStats:
+        return stats_from_features((rng.standard_normal((n, dim)) * scale).astype(np.float32))
+
+    # Full-rank covariances: the two exact methods agree to round-off.
+    a, b = features(30, 16), features(50, 16, 1.2)
+    assert frechet_distance(a, b, method="gram") == pytest.approx(
+        frechet_distance(a, b, method="eigh"), rel=1e-9
+    )
+    # Fewer images than dimensions (training-time evaluation): eigh takes square roots of
+    # ~1e-14 round-off eigenvalues of the rank-deficient product (~1e-8 relative here); the
+    # gram SVD has no such terms, and "auto" picks it.
+    a, b = features(30, 256), features(50, 256, 1.2)
+    gram = frechet_distance(a, b, method="gram")
+    assert gram == pytest.approx(frechet_distance(a, b, method="eigh"), rel=1e-6)
+    assert frechet_distance(a, b) == gram
+    assert frechet_distance(a, a, method="gram") == pytest.approx(0, abs=1e-9)
+    # Without every feature row (a KID subset), only eigh applies.
+    subset = stats_from_features(rng.standard_normal((40, 256)), max_kid_features=20)
+    with pytest.raises(ValueError, match="every feature row"):
+        frechet_distance(a, subset, method="gram")
+    assert frechet_distance(a, subset) == frechet_distance(a, subset, method="eigh")
+
+
 def test_kid_matches_the_unbiased_mmd_formula() -> None:
     rng = np.random.default_rng(0)
     x, y = rng.random((6, 3)), rng.random((6, 3)) + 0.5

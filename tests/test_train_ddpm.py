@@ -10,6 +10,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -209,3 +210,12 @@ def test_eval_without_the_extra_fails_before_training(
     with pytest.raises(ValueError, match=r"--eval-every: .*pip install"):
         train_ddpm.main([*argv, "--eval-every=3", "--report-to=none"])
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_resume_keeps_the_best_fid_and_a_fresh_start_replaces_it(tmp_path: Path) -> None:
+    (tmp_path / "best").mkdir()
+    (tmp_path / "best" / "fid.json").write_text(json.dumps({"step": 3, "fid": 12.5}))
+    resumed = SimpleNamespace(output_dir=tmp_path, checkpoint=SimpleNamespace(step=6))
+    fresh = SimpleNamespace(output_dir=tmp_path, checkpoint=None)
+    assert train_ddpm.previous_best_fid(resumed) == 12.5
+    assert train_ddpm.previous_best_fid(fresh) == math.inf
