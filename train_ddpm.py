@@ -188,10 +188,15 @@ def export_pipeline(
     return folder
 
 
-def eval_reference(run: Run, extractor) -> FeatureStats:
-    """Statistics of the training images (first --eval-num-reference), cached (collective)."""
+def setup_eval(run: Run) -> tuple[torch.nn.Module, FeatureStats]:
+    """The FID network, and the statistics of the training images (the first
+    --eval-num-reference), cached on disk (collective)."""
     cfg, data = run.cfg, run.data
-    return dataset_reference_stats(
+    try:
+        extractor = load_fid_inception(run.accelerator.device)
+    except ImportError as err:
+        raise ValueError(f"--eval-every: {err}") from None
+    reference = dataset_reference_stats(
         data.images[: cfg.eval_num_reference],
         cfg.dataset,
         data.fingerprint,
@@ -199,6 +204,7 @@ def eval_reference(run: Run, extractor) -> FeatureStats:
         accelerator=run.accelerator,
         batch_size=cfg.batch_size,
     )
+    return extractor, reference
 
 
 def evaluate_fid(
@@ -224,6 +230,12 @@ def evaluate_fid(
         stats = compute_feature_stats(local_samples(), extractor, acc)
     net.train()
     metrics = fid_kid(stats, reference, seed=cfg.seed, device=acc.device)
+    logger.info(
+        "FID %.3f, KID %.5f (%d EMA samples)",
+        metrics["fid"],
+        metrics["kid_mean"],
+        len(stats.features),
+    )
     return {name: float(metrics[name]) for name in ("fid", "kid_mean", "kid_std")}
 
 
@@ -240,13 +252,7 @@ def train(cfg: DDPMConfig) -> Run:
     acc = run.accelerator
 
     # Evaluation: FID network and training-data statistics first (a missing extra fails now).
-    extractor = reference = None
-    if cfg.eval_every:
-        try:
-            extractor = load_fid_inception(acc.device)
-        except ImportError as err:
-            raise ValueError(f"--eval-every: {err}") from None
-        reference = eval_reference(run, extractor)
+    extractor, reference = setup_eval(run) if cfg.eval_every else (None, None)
     best_fid = previous_best_fid(run)
 
     # Build model, noise schedule, optimizer and EMA.
@@ -365,16 +371,17 @@ def train(cfg: DDPMConfig) -> Run:
             run.tracker.log_image("samples", grid, step)
             run.tracker.log_image("denoising", strip, step)
 
-        # Evaluate (sharded over every rank); the lowest-FID EMA model is kept in best/.
-        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+        # Evaluate (sharded; not when stopping: the save comes first). Lowest FID -> best/.
+        eval_now = cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps)
+        if eval_now and not verdict.stop:
             metrics = evaluate_fid(run, model, ema, scheduler, extractor, reference)
             run.tracker.log(metrics, step)
-            logger.info("step %d: FID %.3f, KID %.5f", step, metrics["fid"], metrics["kid_mean"])
             if metrics["fid"] < best_fid:
                 best_fid = metrics["fid"]
                 record = {"step": step, **metrics, "num_samples": cfg.eval_num_samples}
-                best = run.output_dir / BEST_DIR
-                export_pipeline(run, model, ema, scheduler, best, {BEST_FILE: record})
+                export_pipeline(
+                    run, model, ema, scheduler, run.output_dir / BEST_DIR, {BEST_FILE: record}
+                )
 
         # Checkpoint; after a stop verdict (SIGTERM, SIGUSR1, time budget) save here and exit.
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or verdict.stop:
