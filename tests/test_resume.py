@@ -56,7 +56,7 @@ DDPM_ARGS = [
     "--resolution", "8", "--batch-size", "8", "--max-steps", str(MAX_STEPS),
     "--checkpoint-every", "2", "--log-every", "1", "--lr-warmup-steps", "3",
     "--ema-max-decay", "0.9", "--sample-every", "0", "--num-sample-images", "8",
-    "--sample-steps", "2", "--report-to", "none",
+    "--sample-steps", "2", "--report-to", "none", "--checkpoints-total-limit", "5",
 ]  # fmt: skip
 
 
@@ -142,19 +142,37 @@ def logged_steps(out: Path) -> list[int]:
     return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def chain(tmp: Path, script: str, args: list[str], processes: int, faults: list[str]) -> dict:
+def chain(
+    tmp: Path,
+    script: str,
+    args: list[str],
+    processes: int,
+    faults: list[str],
+    every_run: str = "",
+    start_from: Path | None = None,
+) -> dict:
     """Reference run (alongside the first interrupted run), then one run per fault, then the
-    final rerun: every run is the same command on the same output dir."""
+    final rerun: every run is the same command on the same output dir. `every_run` faults
+    (NaN batches) happen in the reference too; `start_from` seeds both output dirs with a
+    checkpoint."""
     ref, out = tmp / "reference", tmp / "interrupted"
-    reference = Launch(tmp, script, [*args, "--output-dir", str(ref)], processes)
-    results = [run(tmp, script, [*args, "--output-dir", str(out)], processes, faults[0])]
+    if start_from is not None:
+        for folder in (ref, out):
+            copy_checkpoint(start_from, folder)
+    join = lambda fault: ",".join(filter(None, [fault, every_run]))  # noqa: E731
+    reference = Launch(tmp, script, [*args, "--output-dir", str(ref)], processes, every_run)
+    results = [run(tmp, script, [*args, "--output-dir", str(out)], processes, join(faults[0]))]
     reference_result = reference.wait()
     assert reference_result.returncode == 0, reference_result.output[-3000:]
     for fault in faults[1:]:
-        results.append(run(tmp, script, [*args, "--output-dir", str(out)], processes, fault))
-    results.append(run(tmp, script, [*args, "--output-dir", str(out)], processes))
+        results.append(run(tmp, script, [*args, "--output-dir", str(out)], processes, join(fault)))
+    results.append(run(tmp, script, [*args, "--output-dir", str(out)], processes, every_run))
     assert results[-1].returncode == 0, results[-1].output[-3000:]
-    return {"reference": ref, "out": out, "results": results}
+    return {"reference": ref, "out": out, "results": results, "reference_result": reference_result}
+
+
+def copy_checkpoint(source: Path, out: Path) -> None:
+    shutil.copytree(source, out / "checkpoints" / source.name)
 
 
 # --------------------------------------------------------------------------- exact resume
@@ -170,10 +188,11 @@ def basic_one_process(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def basic_two_processes(tmp_path_factory) -> dict:
-    # SIGKILL of every process from rank 1 mid-accumulation, then SIGUSR1 to rank 1 alone.
+    # SIGKILL of every process from rank 1 mid-accumulation, then SIGUSR1 to rank 1 alone;
+    # in every run (the reference too) rank 1 alone gets a NaN batch in step 10.
     tmp = tmp_path_factory.mktemp("basic2")
     args = [*BASIC_ARGS, "--report-to", "none"]
-    return chain(tmp, "train_basic.py", args, 2, ["kill@11:1", "usr1@14:1"])
+    return chain(tmp, "train_basic.py", args, 2, ["kill@11:1", "usr1@14:1"], "nan@18:1")
 
 
 @pytest.fixture(scope="module")
@@ -208,14 +227,17 @@ def ddpm_one_process(tmp_path_factory, tiny_unet) -> dict:
 
 
 @pytest.fixture(scope="module")
-def ddpm_two_processes(tmp_path_factory, tiny_unet) -> dict:
+def ddpm_two_processes(tmp_path_factory, tiny_unet, ddpm_one_process) -> dict:
+    # Both runs start from the one-process run's checkpoint-4 (same global batch, 4 x 2).
     # Rank 0 kills everything; SIGUSR1 to the launcher, which forwards it to both workers
     # only when told to (PET_SIGNALS_TO_HANDLE, as recipes/slurm_multinode.sbatch sets).
     tmp = tmp_path_factory.mktemp("ddpm2")
-    args = [*DDPM_ARGS, "--preset", str(tiny_unet)]
+    args = [*DDPM_ARGS, "--preset", str(tiny_unet), "--batch-size", "4"]
+    start = ddpm_one_process["reference"] / "checkpoints" / "checkpoint-4"
     os.environ["PET_SIGNALS_TO_HANDLE"] = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
     try:
-        return chain(tmp, "train_ddpm.py", args, 2, ["kill@7:0", "usr1-launcher@9:1"])
+        faults = ["kill@7:0", "usr1-launcher@9:1"]
+        return chain(tmp, "train_ddpm.py", args, 2, faults, start_from=start)
     finally:
         del os.environ["PET_SIGNALS_TO_HANDLE"]
 
@@ -266,12 +288,19 @@ def test_basic_two_processes_resume_bit_exactly(basic_two_processes) -> None:
     # Only rank 1 was signalled; both ranks stopped after the same step and saved there.
     assert "stopped after step 8/12: SIGUSR1 (1 of 2 rank(s) signalled)" in stopped.output
     assert "checkpoint-8 (step 8)" in final.output
+    # The NaN on rank 1 alone: both ranks skipped that update (and saved no checkpoint-10).
+    skipped = "step 10: non-finite loss on 1 of 2 rank(s); update skipped (1 in a row, 1 in total)"
+    assert skipped in final.output and skipped in basic_two_processes["reference_result"].output
+    assert "not saving checkpoint-10" in final.output
     out = basic_two_processes["out"]
     assert_bit_identical(
         basic_two_processes["reference"] / "checkpoints" / "checkpoint-12",
         out / "checkpoints" / "checkpoint-12",
     )
-    assert logged_steps(out) == list(range(1, MAX_STEPS + 1))
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, MAX_STEPS + 1))
+    assert [m["nonfinite_steps"] for m in metrics] == [0] * 9 + [1] * 3
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics if m["step"] != 10)
 
 
 @pytest.mark.slow
@@ -281,39 +310,17 @@ def test_ddpm_two_processes_resume_bit_exactly(ddpm_two_processes) -> None:
     # The launcher forwards the signal: the step it reaches the workers at is not fixed.
     assert stopped.returncode != 0 and ": SIGUSR1 (" in stopped.output, stopped.output[-3000:]
     assert "resumed from" in final.output
+    # A checkpoint made by one process resumed on two (same global batch).
+    assert "made by 1 process(es) with global batch 8; this run has 2" in killed.output
     out = ddpm_two_processes["out"]
     assert_bit_identical(
         ddpm_two_processes["reference"] / "checkpoints" / "checkpoint-12",
         out / "checkpoints" / "checkpoint-12",
     )
-    assert logged_steps(out) == list(range(1, MAX_STEPS + 1))
+    assert logged_steps(out) == list(range(5, MAX_STEPS + 1))
 
 
 # --------------------------------------------------------------------------- other worlds, NaNs
-
-
-def copy_checkpoint(source: Path, out: Path) -> None:
-    shutil.copytree(source, out / "checkpoints" / source.name)
-
-
-@pytest.mark.slow
-def test_one_process_checkpoint_resumes_on_two_and_a_nan_on_one_rank_skips_both(
-    basic_one_process, tmp_path
-) -> None:
-    """Same global batch on 2 processes (4 x 2 x 2); rank 1 alone gets a NaN batch in step 6:
-    both ranks skip that update, count it, and the run ends with finite weights."""
-    out = tmp_path / "run"
-    copy_checkpoint(basic_one_process["reference"] / "checkpoints" / "checkpoint-4", out)
-    args = [*BASIC_ARGS, "--batch-size", "4", "--report-to", "none", "--output-dir", str(out)]
-    result = run(tmp_path, "train_basic.py", args, processes=2, faults="nan@10:1")
-    assert result.returncode == 0, result.output[-3000:]
-    assert "made by 1 process(es) with global batch 16; this run has 2" in result.output
-    assert "step 6: non-finite loss on 1 of 2 rank(s); update skipped" in result.output
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics] == list(range(5, MAX_STEPS + 1))
-    assert [m["nonfinite_steps"] for m in metrics] == [0] + [1] * (MAX_STEPS - 5)
-    final, _ = checkpoint_files(out / "checkpoints" / f"checkpoint-{MAX_STEPS}")
-    assert all(torch.isfinite(t).all() for f in final.values() for t in f.values())
 
 
 @pytest.mark.slow
