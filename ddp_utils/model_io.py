@@ -4,7 +4,8 @@ Accepted paths, told apart by the files they hold:
 - a DDPM pipeline folder (`model_index.json`, `unet/`, `scheduler/`): what train_ddpm.py exports;
 - a model folder (`config.json` + safetensors, and `task.json`): what train_basic.py exports;
 - a checkpoint folder (`state.json`): rebuilt from the config stored in the checkpoint;
-- a run directory: its export if present, else its latest intact checkpoint.
+- a run directory: its export if present, else its latest intact checkpoint;
+- a `checkpoints/` folder: its latest intact checkpoint.
 Weights are only ever read from safetensors.
 """
 
@@ -119,7 +120,10 @@ def load_for_sampling(path: Path, weights: str = "ema") -> LoadedModel:
         return _from_pipeline(path / "pipeline", weights)
     if (path / "model" / TASK_FILE).is_file():
         return _from_export(path / "model")
-    ckpt = find_resume_checkpoint(path / "checkpoints", "latest")
+    # A run directory without an export, or its checkpoints/ folder: the latest intact one.
+    ckpt = find_resume_checkpoint(path / "checkpoints", "latest") or find_resume_checkpoint(
+        path, "latest"
+    )
     if ckpt is not None:
         return _from_checkpoint(ckpt.path, weights)
     raise ValueError(

@@ -59,7 +59,7 @@ def test_ddpm_pipeline_and_checkpoint_give_the_same_images_per_weights(
     ddpm_run: Path, tmp_path: Path
 ) -> None:
     common = ("--num-samples=4", "--num-steps=3")
-    checkpoint = ddpm_run / "checkpoints" / "checkpoint-6"
+    checkpoint = ddpm_run / "checkpoints"  # resolves to its latest intact checkpoint
     results = {
         (source, weights): run_sample(
             path, tmp_path / f"{source}-{weights}", *common, f"--weights={weights}"
@@ -71,6 +71,8 @@ def test_ddpm_pipeline_and_checkpoint_give_the_same_images_per_weights(
     for weights in ("ema", "raw"):
         assert np.array_equal(results["pipeline", weights], results["checkpoint", weights])
     assert not np.array_equal(results["pipeline", "ema"], results["pipeline", "raw"])
+    info = json.loads((tmp_path / "checkpoint-ema" / "sample_info.json").read_text())
+    assert Path(info["source"]).name == "checkpoint-6"
 
 
 def test_every_scheduler_samples_and_saves_its_progression(ddpm_run: Path, tmp_path: Path) -> None:
