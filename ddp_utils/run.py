@@ -154,10 +154,10 @@ class Run:
             * ckpt.state.get("num_processes", 1)
             * saved_cfg.get("gradient_accumulation_steps", 1)
         )
-        if (ckpt.state.get("num_processes"), saved_global) != (
-            self.accelerator.num_processes,
-            self.global_batch_size,
-        ):
+        if self.accelerator.is_main_process and (
+            ckpt.state.get("num_processes"),
+            saved_global,
+        ) != (self.accelerator.num_processes, self.global_batch_size):
             logger.warning(
                 "%s was made by %s process(es) with global batch %d; this run has %d with "
                 "global batch %d: training continues, but not as the original run would have",
@@ -184,11 +184,12 @@ class Run:
         """
         accelerator = self.accelerator
         if self.guard.num_skipped_in_a_row:
-            logger.warning(
-                "not saving checkpoint-%d: the last %d step(s) had a non-finite loss",
-                step,
-                self.guard.num_skipped_in_a_row,
-            )
+            if accelerator.is_main_process:
+                logger.warning(
+                    "not saving checkpoint-%d: the last %d step(s) had a non-finite loss",
+                    step,
+                    self.guard.num_skipped_in_a_row,
+                )
             return None
         path = None
         if accelerator.is_main_process:
@@ -252,13 +253,14 @@ class Run:
             return verdict
         discard_gradients(optimizer, self.accelerator.scaler)
         in_a_row = self.guard.num_skipped_in_a_row
-        logger.warning(
-            "step %d: %s; update skipped (%d in a row, %d in total)",
-            step + 1,
-            verdict.reason,
-            in_a_row,
-            self.guard.num_nonfinite_steps,
-        )
+        if self.accelerator.is_main_process:
+            logger.warning(
+                "step %d: %s; update skipped (%d in a row, %d in total)",
+                step + 1,
+                verdict.reason,
+                in_a_row,
+                self.guard.num_nonfinite_steps,
+            )
         if in_a_row >= self.cfg.max_nonfinite_steps:
             self.tracker.log({"nonfinite_steps": self.guard.num_nonfinite_steps}, step + 1)
             self.finish()
