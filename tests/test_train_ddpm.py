@@ -96,14 +96,14 @@ def test_two_processes_really_ran_and_wrote_every_file(two_proc_run) -> None:
     assert all(torch.equal(unet_raw[k], raw[k]) for k in raw)
     assert any(not torch.equal(ema[k], raw[k]) for k in raw)
 
-    pictures = sorted(p.name for p in (run / "samples").iterdir())
-    assert pictures == [
-        "denoising-0000003.png",
-        "denoising-0000006.png",
+    pictures = {p.name for p in (run / "samples").iterdir()}
+    assert pictures >= {
         "forward_noising-0000000.png",
         "samples-0000003.png",
         "samples-0000006.png",
-    ]
+        "denoising-0000003.png",
+        "denoising-0000006.png",
+    }
     # Loss by timestep quartile on every loss line (8 samples per step spread over 4 bins).
     losses = [r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in losses] == list(range(1, MAX_STEPS + 1))
