@@ -14,11 +14,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+import netrc
 import os
 import uuid
 import warnings
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import numpy as np
 
@@ -26,14 +28,27 @@ logger = logging.getLogger(__name__)
 
 
 def _wandb_has_credentials() -> bool:
+    """An API key in the environment or in the netrc file `wandb login` writes to.
+
+    Read directly: asking wandb (`wandb.api.api_key`) creates its settings singleton with the
+    online mode baked in, after which even an offline `wandb.init` demands a key.
+    """
     if os.environ.get("WANDB_API_KEY"):
         return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host or "") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def _reset_wandb() -> None:
     try:
         import wandb
 
-        return bool(wandb.api.api_key)
-    except Exception:  # noqa: BLE001 - any failure means "no usable credentials"
-        return False
+        wandb.teardown()
+    except Exception as err:  # noqa: BLE001 - best effort before the offline retry
+        logger.warning("wandb teardown failed: %s", err)
 
 
 class Tracker:
@@ -92,26 +107,31 @@ class Tracker:
         if self.is_main:
             # wandb files go to $WANDB_DIR/wandb when the user set it, else <output-dir>/wandb.
             wandb_dir = os.environ.get("WANDB_DIR") or str(self.output_dir)
-            if not os.environ.get("WANDB_MODE") and not _wandb_has_credentials():
+            # The mode goes to wandb.init explicitly: wandb reads WANDB_MODE only once.
+            mode = os.environ.get("WANDB_MODE") or None  # the user's choice wins
+            if mode is None and not _wandb_has_credentials():
                 warnings.warn(
                     "wandb: no API key found (run `wandb login`); logging offline to "
                     f"{Path(wandb_dir) / 'wandb'} — sync later with `wandb sync`",
                     stacklevel=2,
                 )
-                os.environ["WANDB_MODE"] = "offline"
-            init_kwargs = {
-                "wandb": {
-                    "id": self._run_id(resume_step),
-                    "resume": "allow",
-                    "name": run_name,
-                    "dir": wandb_dir,
-                }
+                mode = "offline"
+            wandb_kwargs = {
+                "id": self._run_id(resume_step),
+                "resume": "allow",
+                "name": run_name,
+                "dir": wandb_dir,
             }
-            ok = self._try_init(project, config, init_kwargs)
-            if not ok and os.environ.get("WANDB_MODE") != "offline":
+            if mode is not None:
+                wandb_kwargs["mode"] = mode
+            ok = self._try_init(project, config, {"wandb": wandb_kwargs})
+            if not ok and mode not in ("offline", "disabled"):
                 warnings.warn("wandb: online init failed; retrying offline", stacklevel=2)
-                os.environ["WANDB_MODE"] = "offline"
-                ok = self._try_init(project, config, init_kwargs)
+                _reset_wandb()  # else the half-started online run keeps its id "in use"
+                wandb_kwargs["mode"] = "offline"
+                # Offline waits on no server, only on wandb-core starting (slow on a busy node).
+                wandb_kwargs["settings"] = {"init_timeout": 300}
+                ok = self._try_init(project, config, {"wandb": wandb_kwargs})
             if not ok:
                 warnings.warn(
                     "wandb: could not start even offline; continuing without wandb "

@@ -11,6 +11,8 @@ import os
 import shutil
 import struct
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +61,7 @@ def wandb_records(path: Path):
             offset += block - offset % block
             continue
         _crc, length, kind = struct.unpack("<IHB", data[offset : offset + 7])
-        if kind == 0:
+        if kind == 0 or offset + 7 + length > len(data):  # end, or a chunk still being written
             break
         chunk = data[offset + 7 : offset + 7 + length]
         offset += 7 + length
@@ -73,8 +75,16 @@ def wandb_records(path: Path):
 def wandb_history(wandb_dir: Path) -> tuple[list[dict], str]:
     """(history rows as {key: value}, run id) of the one offline run under `wandb_dir`."""
     (run_file,) = wandb_dir.glob("wandb/offline-run-*/run-*.wandb")
+    # wandb-core (a separate process) may still be flushing after `finish()` returned, on a
+    # loaded machine: wait for the run's final "exit" record.
+    deadline = time.monotonic() + 20
+    records = list(wandb_records(run_file))
+    while not any(r.WhichOneof("record_type") == "exit" for r in records):
+        assert time.monotonic() < deadline, f"{run_file} has no exit record"
+        time.sleep(0.2)
+        records = list(wandb_records(run_file))
     rows = []
-    for record in wandb_records(run_file):
+    for record in records:
         if record.WhichOneof("record_type") == "history":
             rows.append(
                 {
@@ -236,3 +246,66 @@ def test_two_processes_through_accelerate_launch(tmp_path, wandb_dir):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "per device 16 x 2 processes" in result.stdout
     check_run_dir(run, num_processes=2, wandb_dir=wandb_dir)
+
+
+TWO_STEPS = [
+    "--max-steps", "2",
+    "--batch-size", "4",
+    "--sample-steps", "1",
+    "--num-sample-images", "2",
+    "--report-to", "wandb",
+]  # fmt: skip
+
+
+def test_broken_wandb_never_stops_training(tmp_path, wandb_dir, monkeypatch):
+    import wandb
+
+    def no_network(*args, **kwargs):
+        raise RuntimeError("wandb.init: network unreachable")
+
+    monkeypatch.setattr(wandb, "init", no_network)
+    run = tmp_path / "run"
+    with pytest.warns(UserWarning, match="continuing without wandb"):
+        train_basic.main([*TWO_STEPS, "--output-dir", str(run)])
+    assert [m["step"] for m in read_metrics(run / "metrics.jsonl")] == [2]
+    assert (run / "samples" / "samples-0000002.png").is_file()
+    assert (run / "checkpoints" / "checkpoint-2").is_dir()
+
+
+def test_no_wandb_login_falls_back_to_offline(tmp_path, wandb_dir, monkeypatch):
+    for name in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no_netrc"))  # where wandb keeps its key
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
+    run = tmp_path / "run"
+    with pytest.warns(UserWarning, match="no API key found.*logging offline"):
+        train_basic.main([*TWO_STEPS, "--output-dir", str(run)])
+    rows, _ = wandb_history(wandb_dir)
+    assert [row["_step"] for row in rows if "loss" in row] == [2]
+
+
+def test_no_network_falls_back_to_offline_with_the_same_run_id(tmp_path, wandb_dir):
+    # A key is configured but the server is unreachable (a cluster node without internet).
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}
+    env.update(
+        WANDB_API_KEY="a" * 40,
+        WANDB_BASE_URL="http://127.0.0.1:9",  # nothing listens there
+        WANDB_INIT_TIMEOUT="4",  # the online attempt waits this long
+        WANDB_CONFIG_DIR=str(tmp_path / "wandb_config"),
+        OMP_NUM_THREADS="1",
+    )
+    run = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "train_basic.py", *TWO_STEPS, "--output-dir", str(run)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "retrying offline" in result.stderr
+    (run_file,) = wandb_dir.glob("wandb/offline-run-*/run-*.wandb")
+    assert run_file.stem == "run-" + (run / "wandb_run_id").read_text().strip()
+    rows, _ = wandb_history(wandb_dir)
+    assert [row["_step"] for row in rows if "loss" in row] == [2]
