@@ -209,12 +209,19 @@ def find_resume_checkpoint(checkpoints_dir: Path, resume: str) -> Checkpoint | N
     """`none` -> None; a path -> that checkpoint or an error; `latest` -> the newest intact one.
 
     With `latest`, a damaged checkpoint is skipped with a warning naming the problem, and
-    the next older one is tried.
+    the next older one is tried. A path to a `checkpoints/` folder (not to one checkpoint)
+    means its newest intact checkpoint, and is an error when it has none.
     """
     if resume == "none":
         return None
     if resume != "latest":
-        return read_checkpoint(Path(resume))
+        path = Path(resume)
+        if (path / STATE_FILE).exists() or not list_checkpoints(path):
+            return read_checkpoint(path)
+        found = find_resume_checkpoint(path, "latest")
+        if found is None:
+            raise CheckpointError(f"no intact checkpoint in {path}")
+        return found
     for path in reversed(list_checkpoints(checkpoints_dir)):
         try:
             return read_checkpoint(path)

@@ -252,7 +252,9 @@ class TrainConfig:
     image_column: str | None = option(None, "image column; auto-detected when unambiguous")
     max_images: int | None = option(None, "use only the first N images of the dataset")
     resolution: int | None = option(
-        None, "training resolution (square); default: the dataset's native size, 32 otherwise"
+        None,
+        "training resolution (square; smaller images are upscaled); "
+        "default: the dataset's native size, 32 otherwise",
     )
     channels: int | None = option(
         None, "1 (grayscale) or 3 (RGB); default: 1 for digits/mnist/fashion_mnist, else 3"
@@ -276,7 +278,9 @@ class TrainConfig:
     )
     seed: int = option(0, "seed for data order, noise and initial weights")
     # Checkpoints and logging.
-    resume: str = option("latest", "latest | none | PATH to a checkpoint-N folder")
+    resume: str = option(
+        "latest", "latest | none | PATH to a checkpoint-N folder (or to a checkpoints/ folder)"
+    )
     checkpoint_every: int = option(500, "save a checkpoint every N optimizer steps")
     checkpoints_total_limit: int | None = option(3, "keep at most N checkpoints (none: all)")
     log_every: int = option(25, "log averaged losses every N steps (one host sync per log)")

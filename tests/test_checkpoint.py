@@ -158,12 +158,21 @@ def test_damaged_checkpoint_error_names_the_file(tmp_path, kind, caplog):
     assert "skipping damaged checkpoint" in caplog.text and name in caplog.text
 
 
-def test_resume_none_and_empty(tmp_path):
+def test_resume_none_path_and_checkpoints_folder(tmp_path):
     assert find_resume_checkpoint(tmp_path / "nothing", "latest") is None
     _save(tmp_path, 1)
+    _save(tmp_path, 2)
     assert find_resume_checkpoint(tmp_path, "none") is None
+    assert find_resume_checkpoint(tmp_path, str(tmp_path / "checkpoint-1")).step == 1
     with pytest.raises(CheckpointError, match="does not exist"):
         find_resume_checkpoint(tmp_path, str(tmp_path / "checkpoint-7"))
+    # --resume runs/x/checkpoints (the folder, not one checkpoint): its newest intact one.
+    assert find_resume_checkpoint(tmp_path / "other", str(tmp_path)).step == 2
+    (tmp_path / "checkpoint-2" / "state.json").unlink()
+    assert find_resume_checkpoint(tmp_path / "other", str(tmp_path)).step == 1
+    (tmp_path / "checkpoint-1" / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no intact checkpoint in"):
+        find_resume_checkpoint(tmp_path / "other", str(tmp_path))
 
 
 # --------------------------------------------------------------------------- optimizer state
