@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from accelerate import Accelerator
@@ -275,7 +275,7 @@ class Run:
             )
         return verdict
 
-    def stop(self, step: int, reason: str) -> None:
+    def stop(self, step: int, reason: str) -> NoReturn:
         """End the run after a stop verdict: close tracker and signal handlers, then raise
         `TrainingStopped` (exit code 75). Save the checkpoint at `step` before calling this."""
         self.finish()
