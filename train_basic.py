@@ -193,7 +193,7 @@ def train(cfg: BasicConfig) -> Run:
             run.save(step, model, optimizer, model_config, extra=TASK_INFO)
         if verdict.stop and step < cfg.max_steps:
             progress.close()
-            run.stop(step, verdict.reason)  # raises TrainingStopped: exit code 75
+            run.stop(step, verdict.stop_reason)  # raises TrainingStopped: exit code 75
 
     # Export: a save_pretrained folder that sample.py and load_model rebuild alone.
     progress.close()

@@ -388,7 +388,7 @@ def train(cfg: DDPMConfig) -> Run:
             run.save(step, model, optimizer, model_config, ema, extra=task_info(scheduler))
         if verdict.stop and step < cfg.max_steps:
             progress.close()
-            run.stop(step, verdict.reason)  # raises TrainingStopped: exit code 75
+            run.stop(step, verdict.stop_reason)  # raises TrainingStopped: exit code 75
 
     # Export a diffusers pipeline (EMA weights) that DDPMPipeline/DDIMPipeline load as is.
     progress.close()

@@ -77,7 +77,8 @@ def parse_duration(text: str, flag: str = "--max-train-time") -> float:
 class Verdict:
     skip: bool  # do not update: a rank saw a non-finite loss
     stop: bool  # save at this step and exit: a rank was signalled or ran out of time
-    reason: str = ""
+    skip_reason: str = ""
+    stop_reason: str = ""
 
 
 class StepGuard:
@@ -155,17 +156,17 @@ class StepGuard:
             self.num_skipped_in_a_row += 1
         else:
             self.num_skipped_in_a_row = 0
-        reason = ""
+        stop_reason = skip_reason = ""
         if num_signalled:
             here = self.signal_name or "another rank's signal"
-            reason = f"{here} ({num_signalled} of {acc.num_processes} rank(s) signalled)"
+            stop_reason = f"{here} ({num_signalled} of {acc.num_processes} rank(s) signalled)"
         elif num_out_of_time:
-            reason = f"--max-train-time {self.max_train_time_s:g} s used up"
-        elif bad_loss:
-            reason = f"non-finite loss on {bad_loss} of {acc.num_processes} rank(s)"
+            stop_reason = f"--max-train-time {self.max_train_time_s:g} s used up"
+        if bad_loss:
+            skip_reason = f"non-finite loss on {bad_loss} of {acc.num_processes} rank(s)"
         elif skip:
-            reason = "non-finite gradient norm"
-        return Verdict(skip=skip, stop=bool(num_signalled or num_out_of_time), reason=reason)
+            skip_reason = "non-finite gradient norm"
+        return Verdict(skip, bool(stop_reason), skip_reason, stop_reason)
 
 
 def discard_gradients(optimizer: torch.optim.Optimizer, scaler) -> None:

@@ -257,7 +257,7 @@ class Run:
             logger.warning(
                 "step %d: %s; update skipped (%d in a row, %d in total)",
                 step + 1,
-                verdict.reason,
+                verdict.skip_reason,
                 in_a_row,
                 self.guard.num_nonfinite_steps,
             )

@@ -479,7 +479,7 @@ def test_a_skipped_step_leaves_the_fp16_grad_scaler_working() -> None:
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)  # what accelerator.clip_grad_norm_ does under fp16
         verdict = guard.check(loss, torch.tensor(float("nan")))
-        assert verdict.skip and "non-finite loss on 1 of 1" in verdict.reason
+        assert verdict.skip and "non-finite loss on 1 of 1" in verdict.skip_reason
         discard_gradients(optimizer, scaler)
         assert scaler.get_scale() == 1024.0 and model.weight.grad is None
 
