@@ -305,7 +305,9 @@ def test_no_network_falls_back_to_offline_with_the_same_run_id(tmp_path, wandb_d
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "retrying offline" in result.stderr
-    (run_file,) = wandb_dir.glob("wandb/offline-run-*/run-*.wandb")
+    run_files = list(wandb_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(run_files) == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    run_file = run_files[0]
     assert run_file.stem == "run-" + (run / "wandb_run_id").read_text().strip()
     rows, _ = wandb_history(wandb_dir)
     assert [row["_step"] for row in rows if "loss" in row] == [2]
