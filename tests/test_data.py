@@ -76,6 +76,32 @@ def test_damaged_cache_is_rebuilt(tmp_path, caplog):
     assert not list((tmp_path / "cache").glob("*.tmp")), "temporary cache files left behind"
 
 
+def test_concurrent_cache_writers_do_not_collide(tmp_path, monkeypatch):
+    """Nodes sharing a filesystem each write the cache: temp names must never collide."""
+    import socket
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ddp_utils import data as data_module
+
+    path = tmp_path / "images-x.npz"
+    images = np.random.default_rng(0).integers(0, 255, (64, 1, 8, 8), dtype=np.uint8)
+    seen = []
+    real_open = open
+
+    def spy_open(file, *args, **kwargs):
+        seen.append(Path(file).name)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(data_module, "open", spy_open, raising=False)
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda _: data_module._write_cache(path, "x", images, [], 0), range(8)))
+    monkeypatch.undo()
+    assert len(set(seen)) == 8 and all(socket.gethostname() in name for name in seen)
+    cached = data_module._read_cache(path, "x")
+    assert cached is not None and np.array_equal(cached[0], images)
+    assert [p.name for p in tmp_path.iterdir()] == ["images-x.npz"]
+
+
 # --------------------------------------------------------------------------- image folders
 
 
