@@ -96,9 +96,12 @@ class Tracker:
         id_file = self.output_dir / "wandb_run_id"
         if resume_step is not None and id_file.exists():
             return id_file.read_text().strip()
+        return self._new_run_id()
+
+    def _new_run_id(self) -> str:
         run_id = uuid.uuid4().hex[:12]
         if self.is_main:
-            id_file.write_text(run_id + "\n")
+            (self.output_dir / "wandb_run_id").write_text(run_id + "\n")
         return run_id
 
     def _init_wandb(self, project: str, run_name: str | None, config, resume_step) -> bool:
@@ -132,6 +135,12 @@ class Tracker:
                 # Offline waits on no server, only on wandb-core starting (slow on a busy node).
                 wandb_kwargs["settings"] = {"init_timeout": 300}
                 ok = self._try_init(project, config, {"wandb": wandb_kwargs})
+                if not ok:
+                    # wandb-core may still hold the abandoned online run ("run ID is in
+                    # use"): a new id, recorded so that a resume continues this one.
+                    _reset_wandb()
+                    wandb_kwargs["id"] = self._new_run_id()
+                    ok = self._try_init(project, config, {"wandb": wandb_kwargs})
             if not ok:
                 warnings.warn(
                     "wandb: could not start even offline; continuing without wandb "

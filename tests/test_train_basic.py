@@ -72,9 +72,9 @@ def wandb_records(path: Path):
             yield record
 
 
-def wandb_history(wandb_dir: Path) -> tuple[list[dict], str]:
+def wandb_history(wandb_dir: Path, run_id: str = "*") -> tuple[list[dict], str]:
     """(history rows as {key: value}, run id) of the one offline run under `wandb_dir`."""
-    (run_file,) = wandb_dir.glob("wandb/offline-run-*/run-*.wandb")
+    (run_file,) = wandb_dir.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb")
     # wandb-core (a separate process) may still be flushing after `finish()` returned, on a
     # loaded machine: wait for the run's final "exit" record.
     deadline = time.monotonic() + 20
@@ -305,9 +305,9 @@ def test_no_network_falls_back_to_offline_with_the_same_run_id(tmp_path, wandb_d
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "retrying offline" in result.stderr
-    run_files = list(wandb_dir.glob("wandb/offline-run-*/run-*.wandb"))
-    assert len(run_files) == 1, result.stdout[-3000:] + result.stderr[-3000:]
-    run_file = run_files[0]
-    assert run_file.stem == "run-" + (run / "wandb_run_id").read_text().strip()
-    rows, _ = wandb_history(wandb_dir)
+    # The offline run is the one a resume continues (normally the same id as the online try).
+    run_id = (run / "wandb_run_id").read_text().strip()
+    output = result.stdout[-3000:] + result.stderr[-3000:]
+    assert list(wandb_dir.glob(f"wandb/offline-run-*-{run_id}")), output
+    rows, _ = wandb_history(wandb_dir, run_id)
     assert [row["_step"] for row in rows if "loss" in row] == [2]
