@@ -27,14 +27,14 @@ import torch
 import torch.nn.functional as F
 
 from ddp_utils.config import TrainConfig, _check, option, parse_config
-from ddp_utils.data import Batches, to_float
+from ddp_utils.data import to_float
 from ddp_utils.distributed import generate_sharded, mean_across_ranks, step_generator
 from ddp_utils.optim import lr_at, make_optimizer, set_lr
 from ddp_utils.progress import Progress
 from ddp_utils.run import Run, cli_main, logger, start_run
 from diffusion.corruption import corrupt, sample_basic
 from diffusion.images import make_grid, to_uint8
-from diffusion.models import build_basic_model, count_parameters, predict
+from diffusion.models import build_basic_model, count_parameters, predict, speed_up
 
 
 @dataclass
@@ -106,6 +106,7 @@ def train(cfg: BasicConfig) -> Run:
 
     # Build model and optimizer.
     model = build_basic_model(cfg.model, cfg.resolution, cfg.channels)
+    speed_up(model, cfg.channels_last, cfg.compile, cfg.compile_backend)
     model_config = dict(model.config)
     optimizer = make_optimizer(
         cfg.optimizer,
@@ -120,7 +121,7 @@ def train(cfg: BasicConfig) -> Run:
 
     # Resume.
     step = run.restore(model, optimizer, model_config, extra=TASK_INFO)
-    batches = Batches(run.data, cfg.batch_size, acc, cfg.seed)
+    batches = run.batches(start_micro_step=step * cfg.gradient_accumulation_steps)
     progress = Progress(acc, start=step, total=cfg.max_steps)
     loss_sum = torch.zeros((), device=acc.device)
     num_losses, window_start = 0, time.perf_counter()

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ddp_utils.config import TrainConfig, _check, option, parse_config
-from ddp_utils.data import Batches, to_float
+from ddp_utils.data import to_float
 from ddp_utils.distributed import generate_sharded, mean_across_ranks, step_generator
 from ddp_utils.model_io import write_task_file
 from ddp_utils.optim import lr_at, make_optimizer, set_lr
@@ -41,7 +41,7 @@ from diffusion.ddpm import (
 )
 from diffusion.ema import EMA
 from diffusion.images import make_grid, to_uint8
-from diffusion.models import build_ddpm_unet, count_parameters
+from diffusion.models import build_ddpm_unet, count_parameters, speed_up
 from diffusion.sampling import make_inference_scheduler, sample_ddpm
 from evaluation import (
     FeatureStats,
@@ -257,6 +257,7 @@ def train(cfg: DDPMConfig) -> Run:
 
     # Build model, noise schedule, optimizer and EMA.
     model = build_ddpm_unet(cfg.preset, cfg.resolution, cfg.channels)
+    speed_up(model, cfg.channels_last, cfg.compile, cfg.compile_backend)
     model_config = dict(model.config)
     scheduler = make_train_scheduler(
         cfg.beta_schedule, cfg.num_train_timesteps, cfg.prediction_type
@@ -277,7 +278,7 @@ def train(cfg: DDPMConfig) -> Run:
     step = run.restore(model, optimizer, model_config, ema, extra=task_info(scheduler))
     if step == 0:
         run.tracker.log_image("forward_noising", forward_noising_strip(run, scheduler), 0)
-    batches = Batches(run.data, cfg.batch_size, acc, cfg.seed)
+    batches = run.batches(start_micro_step=step * cfg.gradient_accumulation_steps)
     progress = Progress(acc, start=step, total=cfg.max_steps)
     # Running sums on the device: read once per --log-every (no per-step host sync).
     loss_sum = torch.zeros((), device=acc.device)

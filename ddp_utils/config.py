@@ -261,6 +261,19 @@ class TrainConfig:
     )
     center_crop: bool = option(True, "resize the shorter side then center-crop (else squash)")
     random_flip: bool = option(False, "random horizontal flip (on the device)")
+    data_loading: str = option(
+        "auto",
+        "memory: decode once into a uint8 tensor on the device; stream: decode per batch in "
+        "DataLoader workers; auto: memory when the decoded set is at most 4 GiB",
+        choices=("auto", "memory", "stream"),
+    )
+    num_workers: int | None = option(
+        None, "DataLoader workers per process for --data-loading stream (default: cores/procs)"
+    )
+    # Speed (bench/train_step.py measures them).
+    channels_last: bool = option(False, "channels-last memory format for the network (GPUs)")
+    compile: bool = option(False, "torch.compile the network (first steps compile: minutes)")
+    compile_backend: str = option("inductor", "torch.compile backend (aot_eager: no codegen)")
     # Run.
     output_dir: str = option("runs/train", "run directory: checkpoints, export, samples, logs")
     max_steps: int = option(2000, "number of optimizer steps")
@@ -332,6 +345,15 @@ class TrainConfig:
         for name in ("checkpoint_every", "log_every"):
             _check(getattr(self, name) >= 1, f"{flag_name(name)} must be >= 1")
         _check(self.sample_every >= 0, "--sample-every must be >= 0")
+        _check(
+            self.num_workers is None or self.num_workers >= 0,
+            f"--num-workers must be >= 0 or none, got {self.num_workers}",
+        )
+        _check(
+            self.compile_backend in ("inductor", "aot_eager", "eager", "cudagraphs"),
+            "--compile-backend must be inductor, aot_eager, eager or cudagraphs, "
+            f"got {self.compile_backend!r}",
+        )
         _check(self.num_sample_images >= 1, "--num-sample-images must be >= 1")
         if self.max_train_time is not None:
             from ddp_utils.guard import parse_duration

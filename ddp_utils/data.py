@@ -35,6 +35,7 @@ import zipfile
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -76,10 +77,29 @@ class ImageData:
     num_skipped: int = 0
     skipped: list[str] = field(default_factory=list)
     num_upscaled: int = 0  # images smaller than --resolution, upscaled to it
+    # --data-loading stream: the rows to decode per batch (ddp_utils.streaming); `images` then
+    # holds only the first rows, decoded, for previews and evaluation references.
+    stream: StreamSource | None = None
 
     @property
     def num_images(self) -> int:
+        if self.stream is not None:
+            return len(self.stream.dataset)
         return int(self.images.shape[0])
+
+
+@dataclass
+class StreamSource:
+    """An HF dataset and how to decode its rows, for the streaming path."""
+
+    dataset: Any
+    image_column: str
+    resolution: int
+    channels: int
+    center_crop: bool
+
+
+STREAM_PREVIEW_ROWS = 1024  # rows decoded up front in stream mode (previews, FID reference)
 
 
 # --------------------------------------------------------------------------- loading sources
@@ -320,6 +340,7 @@ def load_image_data(
     max_images: int | None = None,
     cache_dir: Path | None = None,
     accelerator=None,
+    data_loading: str = "memory",
 ) -> ImageData:
     """Load, validate and decode a dataset once per node (cached under its fingerprint).
 
@@ -346,6 +367,27 @@ def load_image_data(
         "num_rows": len(ds),
     }
     fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    from ddp_utils.streaming import choose_data_loading
+
+    if choose_data_loading(data_loading, len(ds), resolution, channels) == "stream":
+        preview = ds.select(range(min(len(ds), STREAM_PREVIEW_ROWS)))
+        images, skipped, num_upscaled = decode_all(
+            preview, column, resolution, channels, center_crop
+        )
+        if len(images) == 0:
+            raise ValueError(
+                f"--dataset {dataset}: none of the first {len(preview)} images could be read "
+                f"({source})"
+            )
+        return ImageData(
+            images=torch.from_numpy(images),
+            fingerprint=fingerprint,
+            source=f"{source}, streamed",
+            num_skipped=len(skipped),
+            skipped=skipped,
+            num_upscaled=num_upscaled,
+            stream=StreamSource(ds, column, resolution, channels, center_crop),
+        )
     cache_dir = default_cache_dir() if cache_dir is None else cache_dir
     cache_file = cache_dir / f"images-{fingerprint}.npz"
 
@@ -432,6 +474,7 @@ def _write_cache(
 
 
 @lru_cache(maxsize=4)
+@lru_cache(maxsize=4)  # a batch straddles at most two epochs; randperm(1.3M) costs ~10 ms
 def _epoch_permutation(seed: int, epoch: int, num_images: int) -> torch.Tensor:
     from ddp_utils.distributed import derive_seed
 

@@ -41,7 +41,7 @@ from ddp_utils.checkpoint import (
     write_checkpoint,
 )
 from ddp_utils.config import TrainConfig, save_config, to_dict
-from ddp_utils.data import ImageData, load_image_data
+from ddp_utils.data import Batches, ImageData, load_image_data
 from ddp_utils.distributed import make_accelerator, world_info
 from ddp_utils.guard import (
     STOP_EXIT_CODE,
@@ -52,6 +52,7 @@ from ddp_utils.guard import (
     discard_gradients,
     parse_duration,
 )
+from ddp_utils.streaming import StreamingBatches, make_batches
 from ddp_utils.tracking import Tracker
 
 logger = logging.getLogger("ddp_diffusion")
@@ -81,6 +82,13 @@ class Run:
     checkpoint: Checkpoint | None  # the one resumed from, if any
     started_at: float
     guard: StepGuard
+
+    def batches(self, start_micro_step: int) -> Batches | StreamingBatches:
+        """This rank's batches from `start_micro_step` on (in memory or streamed)."""
+        cfg = self.cfg
+        return make_batches(
+            self.data, cfg.batch_size, self.accelerator, cfg.seed, start_micro_step, cfg.num_workers
+        )
 
     @property
     def checkpoints_dir(self) -> Path:
@@ -382,6 +390,7 @@ def start_run(cfg: TrainConfig) -> Run:
         center_crop=cfg.center_crop,
         max_images=cfg.max_images,
         accelerator=accelerator,
+        data_loading=cfg.data_loading,
     )
     return Run(cfg, accelerator, output_dir, tracker, data, checkpoint, started_at, guard)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ddp_utils.data import batch_indices, open_image, preprocess
+from ddp_utils.data import Batches, ImageData, batch_indices, open_image, preprocess
 
 logger = logging.getLogger("ddp_diffusion")
 
@@ -103,7 +103,10 @@ class _BatchDataset(torch.utils.data.Dataset):
             image, bad = self.decoder.decode(index)
             images.append(image)
             skipped.extend(bad)
-        return {"images": torch.from_numpy(np.stack(images)), "skipped": skipped}
+        # Contiguous NCHW like the in-memory path (preprocess returns a transposed view, and a
+        # channels-last batch would pick other conv kernels: not bit-identical).
+        batch = np.ascontiguousarray(np.stack(images))
+        return {"images": torch.from_numpy(batch), "skipped": skipped}
 
 
 class _Sequential(torch.utils.data.Sampler):
@@ -187,3 +190,29 @@ class StreamingBatches:
                 "\n  ".join(new),
             )
         return item["images"].to(self.device, non_blocking=True)
+
+
+def make_batches(
+    data: ImageData,
+    per_device_batch_size: int,
+    accelerator,
+    seed: int,
+    start_micro_step: int,
+    num_workers: int | None = None,
+) -> Batches | StreamingBatches:
+    """The batch source a training loop reads from: in memory, or streamed when `data` says so."""
+    if data.stream is None:
+        return Batches(data, per_device_batch_size, accelerator, seed)
+    source = data.stream
+    return StreamingBatches(
+        source.dataset,
+        source.image_column,
+        source.resolution,
+        source.channels,
+        source.center_crop,
+        per_device_batch_size,
+        accelerator,
+        seed,
+        start_micro_step,
+        num_workers,
+    )
