@@ -167,7 +167,7 @@ def export_pipeline(
     from diffusers import DDPMPipeline
 
     folder = folder or run.output_dir / "pipeline"
-    if run.accelerator.is_main_process:
+    if run.is_writer:
         tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
         shutil.rmtree(tmp, ignore_errors=True)
         raw = run.accelerator.unwrap_model(model)

@@ -291,6 +291,11 @@ class TrainConfig:
     )
     seed: int = option(0, "seed for data order, noise and initial weights")
     # Checkpoints and logging.
+    save_on_each_node: bool = option(
+        False,
+        "the run directory is node-local (not shared): the main process of every node writes "
+        "checkpoints, exports and logs there, so every node can resume (wandb: global main only)",
+    )
     resume: str = option(
         "latest", "latest | none | PATH to a checkpoint-N folder (or to a checkpoints/ folder)"
     )

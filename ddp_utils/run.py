@@ -91,6 +91,11 @@ class Run:
         )
 
     @property
+    def is_writer(self) -> bool:
+        """Writes checkpoints, exports and files: the global main process, or each node's."""
+        return is_writer(self.accelerator, self.cfg)
+
+    @property
     def checkpoints_dir(self) -> Path:
         return self.output_dir / "checkpoints"
 
@@ -200,7 +205,7 @@ class Run:
                 )
             return None
         path = None
-        if accelerator.is_main_process:
+        if self.is_writer:
             unwrapped = accelerator.unwrap_model(model)
             opt_tensors, opt_meta = optimizer_to_safetensors(optimizer.state_dict())
             tensors = {"model": unwrapped.state_dict(), "optimizer": opt_tensors}
@@ -226,7 +231,7 @@ class Run:
 
     def export(self, model: torch.nn.Module, folder: Path, task_info: dict[str, Any]) -> Path:
         """`save_pretrained` + task.json into a temp folder, then rename (collective)."""
-        if self.accelerator.is_main_process:
+        if self.is_writer:
             import shutil
 
             from ddp_utils.model_io import write_task_file
@@ -362,7 +367,7 @@ def start_run(cfg: TrainConfig) -> Run:
             "1node_8gpu_bf16.yaml); every preset here fits one GPU with room to spare."
         )
     output_dir = Path(cfg.output_dir)
-    if accelerator.is_main_process:
+    if is_writer(accelerator, cfg):
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, output_dir / "config.yaml")
     accelerator.wait_for_everyone()
@@ -379,6 +384,7 @@ def start_run(cfg: TrainConfig) -> Run:
         cfg.run_name,
         to_dict(cfg),
         resume_step=None if checkpoint is None else checkpoint.step,
+        is_writer=is_writer(accelerator, cfg),
     )
     data = load_image_data(
         cfg.dataset,
@@ -393,6 +399,13 @@ def start_run(cfg: TrainConfig) -> Run:
         data_loading=cfg.data_loading,
     )
     return Run(cfg, accelerator, output_dir, tracker, data, checkpoint, started_at, guard)
+
+
+def is_writer(accelerator: Accelerator, cfg: TrainConfig) -> bool:
+    """The one process per shared run directory that writes into it."""
+    if cfg.save_on_each_node:
+        return accelerator.is_local_main_process
+    return accelerator.is_main_process
 
 
 def _check_same_checkpoint_everywhere(accelerator: Accelerator, ckpt: Checkpoint | None) -> None:

@@ -61,14 +61,18 @@ class Tracker:
         run_name: str | None,
         config: dict[str, Any],
         resume_step: int | None,
+        is_writer: bool | None = None,
     ):
         self.accelerator = accelerator
         self.output_dir = Path(output_dir)
-        self.is_main = accelerator.is_main_process
+        self.is_main = accelerator.is_main_process  # talks to wandb
+        # Writes metrics.jsonl, samples/ and loss.png: the main process, or with a node-local
+        # run directory (--save-on-each-node) the main process of every node.
+        self.is_writer = self.is_main if is_writer is None else is_writer
         self.metrics_file = self.output_dir / "metrics.jsonl"
         self.images_dir = self.output_dir / "samples"
         self.use_wandb = report_to == "wandb"
-        if self.is_main:
+        if self.is_writer:
             self.images_dir.mkdir(parents=True, exist_ok=True)
             self._truncate_metrics(resume_step)
         if self.use_wandb:
@@ -165,23 +169,23 @@ class Tracker:
 
     def log(self, values: dict[str, float], step: int) -> None:
         """Log scalars (already averaged across ranks) to metrics.jsonl and wandb."""
-        if not self.is_main:
+        if not self.is_writer:
             return
         record = {"step": step, **{k: float(v) for k, v in values.items()}}
         with open(self.metrics_file, "a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.use_wandb:
+        if self.use_wandb and self.is_main:
             self._safe_log(values, step)
 
     def log_image(self, name: str, image: np.ndarray, step: int) -> Path | None:
         """Save an HWC uint8 picture as `samples/<name>-<step>.png` and send it to wandb."""
-        if not self.is_main:
+        if not self.is_writer:
             return None
         from PIL import Image
 
         path = self.images_dir / f"{name}-{step:07d}.png"
         Image.fromarray(image).save(path)
-        if self.use_wandb:
+        if self.use_wandb and self.is_main:
             import wandb
 
             self._safe_log({name: wandb.Image(image)}, step)
@@ -196,7 +200,7 @@ class Tracker:
 
     def finish(self) -> None:
         """Draw the loss curve and close wandb (call on every rank)."""
-        if self.is_main:
+        if self.is_writer:
             plot_loss_curve(self.metrics_file, self.output_dir / "loss.png")
         self.accelerator.end_training()
 

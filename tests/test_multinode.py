@@ -418,3 +418,57 @@ def test_two_machines_on_loopback_train_like_one_machine(tmp_path: Path) -> None
         assert a.keys() == b.keys()
         for key in a:
             assert torch.equal(a[key], b[key]), f"{stem}.{key}"
+
+
+@pytest.mark.slow
+def test_node_local_run_directories_with_save_on_each_node(tmp_path: Path) -> None:
+    """--save-on-each-node: each "machine" has its own run directory, and each is complete."""
+    acc, port = accelerate_bin(), str(free_port())
+    dirs = [tmp_path / f"node{rank}_local" for rank in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [
+                acc,
+                "launch",
+                "--multi_gpu",
+                "--num_machines",
+                "2",
+                "--machine_rank",
+                str(rank),
+                "--num_processes",
+                "2",
+                "--main_process_ip",
+                "127.0.0.1",
+                "--main_process_port",
+                port,
+                "--mixed_precision",
+                "no",
+                "--dynamo_backend",
+                "no",
+                *train_args(dirs[rank]),
+                "--save-on-each-node",
+            ],  # fmt: skip
+            cwd=REPO,
+            env=launch_env(tmp_path, tmp_path / f"cache{rank}"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    logs = []
+    try:
+        logs = [proc.communicate(timeout=240)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    for proc, log in zip(procs, logs):
+        assert proc.returncode == 0, log[-3000:]
+    for folder in dirs:
+        checkpoints = folder / "checkpoints"
+        assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-3", "checkpoint-6"]
+        assert [json.loads(line)["step"] for line in (folder / "metrics.jsonl").open()] == [3, 6]
+        assert (folder / "model" / "config.json").is_file() and (folder / "config.yaml").is_file()
+    a, b = (load_file(d / "checkpoints" / "checkpoint-6" / "model.safetensors") for d in dirs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
