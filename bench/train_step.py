@@ -177,6 +177,11 @@ def main() -> None:
                 toolkit.append(toolkit_images_per_s(name, args, batch, workdir / f"{name}-{r}"))
                 plain.append(plain_images_per_s(name, args, batch, images, device))
             tk, pl = statistics.median(toolkit), statistics.median(plain)
+            print(
+                f"{name} batch {batch}: toolkit img/s per round "
+                f"{[round(v, 1) for v in toolkit]}, plain {[round(v, 1) for v in plain]}",
+                flush=True,
+            )
             achieved = tk * flops / 1e12
             memory = (
                 f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
