@@ -313,6 +313,15 @@ def train_args(output_dir: Path) -> list[str]:
     ]
 
 
+def machine_command(acc: str, machine_rank: int, port: str, args: list[str]) -> list[str]:
+    """One of two loopback "machines", one process each, rendezvous on 127.0.0.1:port."""
+    return [
+        acc, "launch", "--multi_gpu", "--num_machines", "2", "--machine_rank", str(machine_rank),
+        "--num_processes", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", port,
+        "--mixed_precision", "no", "--dynamo_backend", "no", *args,
+    ]  # fmt: skip
+
+
 def launch_env(tmp_path: Path, cache: Path) -> dict[str, str]:
     env = {
         **os.environ,
@@ -338,26 +347,7 @@ def test_two_machines_on_loopback_train_like_one_machine(tmp_path: Path) -> None
     node_cache = tmp_path / "node_cache"  # shared by both "nodes": both local mains build it
     procs = {
         f"node{rank}": subprocess.Popen(
-            [
-                acc,
-                "launch",
-                "--multi_gpu",
-                "--num_machines",
-                "2",
-                "--machine_rank",
-                str(rank),
-                "--num_processes",
-                "2",
-                "--main_process_ip",
-                "127.0.0.1",
-                "--main_process_port",
-                port,
-                "--mixed_precision",
-                "no",
-                "--dynamo_backend",
-                "no",
-                *train_args(two_nodes),
-            ],
+            machine_command(acc, rank, port, train_args(two_nodes)),
             cwd=REPO,
             env=launch_env(tmp_path, node_cache),
             stdout=subprocess.PIPE,
@@ -427,27 +417,7 @@ def test_node_local_run_directories_with_save_on_each_node(tmp_path: Path) -> No
     dirs = [tmp_path / f"node{rank}_local" for rank in (0, 1)]
     procs = [
         subprocess.Popen(
-            [
-                acc,
-                "launch",
-                "--multi_gpu",
-                "--num_machines",
-                "2",
-                "--machine_rank",
-                str(rank),
-                "--num_processes",
-                "2",
-                "--main_process_ip",
-                "127.0.0.1",
-                "--main_process_port",
-                port,
-                "--mixed_precision",
-                "no",
-                "--dynamo_backend",
-                "no",
-                *train_args(dirs[rank]),
-                "--save-on-each-node",
-            ],  # fmt: skip
+            machine_command(acc, rank, port, [*train_args(dirs[rank]), "--save-on-each-node"]),
             cwd=REPO,
             env=launch_env(tmp_path, tmp_path / f"cache{rank}"),
             stdout=subprocess.PIPE,
