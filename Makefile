@@ -17,7 +17,7 @@ setup: $(BIN)/python
 
 demo: setup
 	$(BIN)/python train_ddpm.py --output-dir runs/ddpm
-	$(BIN)/python sample.py runs/ddpm/pipeline --num-samples 64 --scheduler ddim --num-inference-steps 50 --output-dir runs/ddpm/samples-ddim50
+	$(BIN)/python sample.py runs/ddpm/pipeline --num-samples 64 --scheduler ddim --num-inference-steps 50 --eta 1 --output-dir runs/ddpm/samples-ddim50
 	@echo "pictures: runs/ddpm/samples/ (training grids) and runs/ddpm/samples-ddim50/grid.png"
 
 demo-basic: setup

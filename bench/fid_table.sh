@@ -16,17 +16,18 @@ np.savez(f"{sys.argv[1]}/real_heldout.npz", arr_0=images[1297:])
 PY
 $PY evaluate.py --samples "$OUT/real_heldout.npz" --dataset digits --max-reference 1297 \
     --output "$OUT/real_heldout.json"
-for spec in ddpm:1000 ddim:50 ddim:20 dpm-solver:20; do
-    name=${spec%%:*}; steps=${spec##*:}
-    $PY sample.py "$PIPE" --scheduler "$name" --num-inference-steps "$steps" --num-samples "$N" \
-        --batch-size 250 --seed 1 --fid --dataset digits --max-reference 1297 \
-        --output-dir "$OUT/$name-$steps"
+for spec in ddpm:1000:0 ddim:50:0 ddim:20:0 dpm-solver:20:0 ddim:50:1; do
+    IFS=: read -r name steps eta <<< "$spec"
+    dir="$OUT/$name-$steps"; [[ $eta == 0 ]] || dir="$dir-eta$eta"
+    $PY sample.py "$PIPE" --scheduler "$name" --num-inference-steps "$steps" --eta "$eta" \
+        --num-samples "$N" --batch-size 250 --seed 1 --fid --dataset digits \
+        --max-reference 1297 --output-dir "$dir"
 done
 $PY - "$OUT" <<'PY'
 import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])
 rows = [("real held-out digits (floor)", json.loads((out / "real_heldout.json").read_text()))]
-for d in ("ddpm-1000", "ddim-50", "ddim-20", "dpm-solver-20"):
+for d in ("ddpm-1000", "ddim-50", "ddim-20", "dpm-solver-20", "ddim-50-eta1"):
     rows.append((d, json.loads((out / d / "fid.json").read_text())))
 print("| samples | N | FID | KID x 1e3 |\n|---|---|---|---|")
 for name, r in rows:
