@@ -100,24 +100,17 @@ def dataset_reference_stats(
     cfg: EvalConfig, samples: torch.Tensor, accelerator: Accelerator | None
 ) -> tuple[FeatureStats, str]:
     """Cached statistics of `cfg.dataset` at the samples' (or the given) resolution/channels."""
-    from ddp_utils.data import load_image_data  # imported here: only this path needs datasets
-    from evaluation import dataset_reference_stats as cached_stats
+    from evaluation import dataset_stats
 
     resolution = cfg.resolution or int(samples.shape[2])
     channels = cfg.channels or int(samples.shape[1])
-    data = load_image_data(
+    stats = dataset_stats(
         cfg.dataset,
-        resolution=resolution,
-        channels=channels,
+        resolution,
+        channels,
         dataset_config=cfg.dataset_config,
         split=cfg.split,
         max_images=cfg.max_reference,
-        accelerator=accelerator,
-    )
-    stats = cached_stats(
-        data.images,
-        cfg.dataset,
-        data.fingerprint,
         cache_dir=cfg.cache_dir or None,
         accelerator=accelerator,
         batch_size=cfg.batch_size,

@@ -134,31 +134,19 @@ def score(
     Collective: feature extraction is sharded (chunk k of `--batch-size` images on rank
     k % world), reference statistics are cached and shared with evaluate.py and training.
     """
-    from ddp_utils.data import load_image_data
-    from evaluation import (
-        compute_feature_stats,
-        dataset_reference_stats,
-        fid_kid,
-        load_fid_inception,
-    )
+    from evaluation import compute_feature_stats, dataset_stats, fid_kid, load_fid_inception
 
     extractor = load_fid_inception(accelerator.device)
     samples = torch.from_numpy(images).permute(0, 3, 1, 2)  # NHWC -> NCHW uint8
     sample_stats = compute_feature_stats(samples, extractor, accelerator, cfg.batch_size)
     assert cfg.dataset is not None  # checked in SampleConfig
-    data = load_image_data(
+    reference = dataset_stats(
         cfg.dataset,
         loaded.resolution,
         loaded.channels,
         dataset_config=cfg.dataset_config,
         split=cfg.split,
         max_images=cfg.max_reference,
-        accelerator=accelerator,
-    )
-    reference = dataset_reference_stats(
-        data.images,
-        cfg.dataset,
-        data.fingerprint,
         extractor=extractor,
         accelerator=accelerator,
         batch_size=cfg.batch_size,

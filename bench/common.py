@@ -48,7 +48,7 @@ def train_flops_per_image(
     return float(counter.get_total_flops())
 
 
-def peak_tflops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+def peak_tflops(device: torch.device) -> tuple[float, str]:
     """The peak to divide by for MFU, and where it came from.
 
     GPUs: the spec sheet's dense bf16 figure. CPUs have no such published figure here, so

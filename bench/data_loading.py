@@ -72,8 +72,7 @@ def stream_rate(
 
     data = load_image_data(str(folder), resolution, 3, data_loading="stream")
     acc = SimpleNamespace(
-        device=torch.device("cpu"), num_processes=1, process_index=0,
-        state=SimpleNamespace(num_machines=1),
+        device=torch.device("cpu"), num_processes=1, process_index=0
     )  # fmt: skip
     batches = make_batches(data, batch, acc, 0, 0, num_workers)
     batches.get(0)  # start the workers outside the timed window

@@ -151,7 +151,7 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    peak, peak_source = peak_tflops(device, DTYPES[args.mixed_precision])
+    peak, peak_source = peak_tflops(device)
     images = load_image_data("digits", args.resolution, args.channels).images
     workdir = Path(tempfile.mkdtemp(prefix="bench-train-"))
     rows = []

@@ -12,15 +12,22 @@ paths agree exactly on datasets without bad files.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ddp_utils.data import Batches, ImageData, batch_indices, open_image, preprocess
+from ddp_utils.data import (
+    Batches,
+    ImageData,
+    StreamSource,
+    batch_indices,
+    open_image,
+    preprocess,
+)
 
 logger = logging.getLogger("ddp_diffusion")
 
@@ -44,63 +51,52 @@ def choose_data_loading(mode: str, num_rows: int, resolution: int, channels: int
     return "memory" if size <= MEMORY_LIMIT_BYTES else "stream"
 
 
-def default_num_workers(local_world_size: int) -> int:
-    """Cores per local process, at most 8, at least 1 (workers decode PNG/JPEG with PIL)."""
+def default_num_workers(num_local_processes: int) -> int:
+    """Cores per local process minus one for the training process, between 1 and 8."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(8, (cores or 1) // max(1, local_world_size) - 1))
+    return max(1, min(8, (cores or 1) // max(1, num_local_processes) - 1))
 
 
-@dataclass
-class _Decoder:
-    """Picklable per-worker decoding of rows of an HF dataset (image column, decode=False)."""
-
-    dataset: object
-    column: str
-    resolution: int
-    channels: int
-    center_crop: bool
-
-    def decode(self, index: int) -> tuple[np.ndarray, list[str]]:
-        """The image of row `index`, or of the next readable row; names of the rows skipped."""
-        skipped: list[str] = []
-        num_rows = len(self.dataset)
-        for attempt in range(MAX_REPLACEMENTS):
-            row = (index + attempt) % num_rows
-            value = self.dataset[row][self.column]
-            try:
-                image = open_image(value)
-                return preprocess(image, self.resolution, self.channels, self.center_crop), skipped
-            except Exception as err:  # noqa: BLE001 - malformed files raise all sorts of types
-                name = value.get("path") if isinstance(value, dict) else None
-                skipped.append(f"{name or f'row {row}'} ({type(err).__name__}: {err})")
-        raise ValueError(
-            f"{MAX_REPLACEMENTS} consecutive rows from row {index} could not be decoded: "
-            f"{skipped[0]} ...; check the dataset"
-        )
+def decode_row(source: StreamSource, index: int) -> tuple[np.ndarray, list[str]]:
+    """The image of row `index`, or of the next readable row; names of the rows skipped."""
+    skipped: list[str] = []
+    num_rows = len(source.dataset)
+    for attempt in range(MAX_REPLACEMENTS):
+        row = (index + attempt) % num_rows
+        value = source.dataset[row][source.image_column]
+        try:
+            image = open_image(value)
+            array = preprocess(image, source.resolution, source.channels, source.center_crop)
+            return array, skipped
+        except Exception as err:  # noqa: BLE001 - malformed files raise all sorts of types
+            name = value.get("path") if isinstance(value, dict) else None
+            skipped.append(f"{name or f'row {row}'} ({type(err).__name__}: {err})")
+    raise ValueError(
+        f"{MAX_REPLACEMENTS} consecutive rows from row {index} could not be decoded: "
+        f"{skipped[0]} ...; check the dataset"
+    )
 
 
 class _BatchDataset(torch.utils.data.Dataset):
     """Item k is the whole batch of micro-step `start + k` for one rank."""
 
-    def __init__(self, decoder: _Decoder, start: int, batch: int, world: int, rank: int, seed: int):
-        self.decoder, self.start = decoder, start
+    def __init__(
+        self, source: StreamSource, start: int, batch: int, world: int, rank: int, seed: int
+    ):
+        self.source, self.start = source, start
         self.batch, self.world, self.rank, self.seed = batch, world, rank, seed
 
     def __len__(self) -> int:
         return 2**62  # endless: indexed by micro-step, never iterated to the end
 
     def __getitem__(self, k: int) -> dict:
+        num_rows = len(self.source.dataset)
         indices = batch_indices(
-            self.start + k,
-            len(self.decoder.dataset),
-            self.batch,
-            self.world,
-            self.rank,
-            self.seed,
+            self.start + k, num_rows, self.batch, self.world, self.rank, self.seed
         )
         images, skipped = [], []
         for index in indices.tolist():
-            image, bad = self.decoder.decode(index)
+            image, bad = decode_row(self.source, index)
             images.append(image)
             skipped.extend(bad)
         # Contiguous NCHW like the in-memory path (preprocess returns a transposed view, and a
@@ -125,11 +121,7 @@ class StreamingBatches:
 
     def __init__(
         self,
-        dataset,
-        image_column: str,
-        resolution: int,
-        channels: int,
-        center_crop: bool,
+        source: StreamSource,
         per_device_batch_size: int,
         accelerator,
         seed: int,
@@ -138,21 +130,21 @@ class StreamingBatches:
     ) -> None:
         from datasets import Image as ImageFeature
 
-        dataset = dataset.select_columns([image_column]).cast_column(
-            image_column, ImageFeature(decode=False)
+        # Raw bytes/paths: workers decode with the in-memory path's own open_image/preprocess.
+        dataset = source.dataset.select_columns([source.image_column]).cast_column(
+            source.image_column, ImageFeature(decode=False)
         )
-        decoder = _Decoder(dataset, image_column, resolution, channels, center_crop)
+        source = dataclasses.replace(source, dataset=dataset)
         if num_workers is None:
-            num_workers = default_num_workers(
-                accelerator.num_processes
-                // max(1, getattr(accelerator.state, "num_machines", 1) or 1)
-            )
+            # torchrun/accelerate export LOCAL_WORLD_SIZE: the processes sharing this node's cores.
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+            num_workers = default_num_workers(local)
         self.device = accelerator.device
         self.next_micro_step = start_micro_step
         self.seen_skipped: set[str] = set()
         loader = torch.utils.data.DataLoader(
             _BatchDataset(
-                decoder,
+                source,
                 start_micro_step,
                 per_device_batch_size,
                 accelerator.num_processes,
@@ -203,16 +195,6 @@ def make_batches(
     """The batch source a training loop reads from: in memory, or streamed when `data` says so."""
     if data.stream is None:
         return Batches(data, per_device_batch_size, accelerator, seed)
-    source = data.stream
     return StreamingBatches(
-        source.dataset,
-        source.image_column,
-        source.resolution,
-        source.channels,
-        source.center_crop,
-        per_device_batch_size,
-        accelerator,
-        seed,
-        start_micro_step,
-        num_workers,
+        data.stream, per_device_batch_size, accelerator, seed, start_micro_step, num_workers
     )

@@ -14,13 +14,14 @@ from evaluation.fid import (
 )
 from evaluation.images import load_images
 from evaluation.inception import MISSING_EXTRA_MESSAGE, load_fid_inception
-from evaluation.scores import dataset_reference_stats, default_cache_dir, fid_kid
+from evaluation.scores import dataset_reference_stats, dataset_stats, default_cache_dir, fid_kid
 
 __all__ = [
     "MISSING_EXTRA_MESSAGE",
     "FeatureStats",
     "compute_feature_stats",
     "dataset_reference_stats",
+    "dataset_stats",
     "default_cache_dir",
     "extract_features",
     "fid_kid",

@@ -62,6 +62,35 @@ def dataset_reference_stats(
     )
 
 
+def dataset_stats(
+    dataset: str,
+    resolution: int,
+    channels: int,
+    dataset_config: str | None = None,
+    split: str = "train",
+    max_images: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    extractor: nn.Module | None = None,
+    accelerator: Accelerator | None = None,
+    batch_size: int = 250,
+) -> FeatureStats:
+    """`--dataset` decoded by the training data pipeline, then its cached statistics (collective)."""
+    from ddp_utils.data import load_image_data  # imported here: only this path needs datasets
+
+    data = load_image_data(
+        dataset,
+        resolution,
+        channels,
+        dataset_config=dataset_config,
+        split=split,
+        max_images=max_images,
+        accelerator=accelerator,
+    )
+    return dataset_reference_stats(
+        data.images, dataset, data.fingerprint, cache_dir, extractor, accelerator, batch_size
+    )
+
+
 def fid_kid(
     samples: FeatureStats,
     reference: FeatureStats,

@@ -134,3 +134,22 @@ def test_saved_config_reproduces_the_run(tmp_path):
     save_config(cfg, tmp_path / "config.yaml")
     assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]  # no temp file left
     assert parse(["--config", str(tmp_path / "config.yaml")]) == cfg
+
+
+@pytest.mark.parametrize(
+    ("flag", "launcher", "expected"), [(None, "bf16", "bf16"), ("no", "bf16", "no")]
+)
+def test_mixed_precision_defers_to_the_launcher_unless_given(
+    tmp_path, monkeypatch, flag, launcher, expected
+) -> None:
+    """No --mixed-precision: `accelerate launch --mixed_precision bf16` (or its config) wins."""
+    from ddp_utils.distributed import make_accelerator
+    from tests.tiny_runs import fresh_accelerate_state
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launcher)  # what accelerate launch exports
+    fresh_accelerate_state()
+    try:
+        accelerator = make_accelerator(flag, 1, "none", str(tmp_path), 0)
+        assert accelerator.mixed_precision == expected
+    finally:
+        fresh_accelerate_state()

@@ -33,6 +33,7 @@ from ddp_utils.checkpoint import (
     read_checkpoint,
 )
 from ddp_utils.guard import STOP_EXIT_CODE, StepGuard, discard_gradients, parse_duration
+from tests import tiny_runs
 
 REPO = Path(__file__).resolve().parents[1]
 FAULTS = REPO / "tests" / "scripts" / "faults.py"
@@ -45,13 +46,7 @@ BASIC_ARGS = [
     "--sample-every", "0", "--num-sample-images", "8", "--sample-steps", "2",
     "--checkpoints-total-limit", "none",
 ]  # fmt: skip
-TINY_UNET = {
-    "block_out_channels": [16, 16],
-    "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
-    "layers_per_block": 1,
-    "norm_num_groups": 8,
-}
+TINY_UNET = {**tiny_runs.TINY_UNET, "block_out_channels": [16, 16]}  # narrower still
 DDPM_ARGS = [
     "--resolution", "8", "--batch-size", "8", "--max-steps", str(MAX_STEPS),
     "--checkpoint-every", "2", "--log-every", "1", "--lr-warmup-steps", "3",

@@ -11,7 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from ddp_utils.data import Batches, _load_source, detect_image_column, load_image_data
+from ddp_utils.data import (
+    Batches,
+    StreamSource,
+    _load_source,
+    detect_image_column,
+    load_image_data,
+)
 from ddp_utils.streaming import StreamingBatches, choose_data_loading
 
 
@@ -20,7 +26,6 @@ def fake_accelerator(rank: int = 0, world: int = 1) -> SimpleNamespace:
         device=torch.device("cpu"),
         num_processes=world,
         process_index=rank,
-        state=SimpleNamespace(num_machines=1),
     )
 
 
@@ -46,7 +51,7 @@ def test_stream_equals_memory_batches_from_any_start(tmp_path: Path, num_workers
         acc = fake_accelerator(rank, 2)
         expected = Batches(memory, 5, acc, seed=3)
         # Start mid-epoch (23 images, global batch 10): a resume at micro-step 4.
-        stream = StreamingBatches(ds, column, 8, 3, True, 5, acc, 3, 4, num_workers)
+        stream = StreamingBatches(StreamSource(ds, column, 8, 3, True), 5, acc, 3, 4, num_workers)
         for micro_step in range(4, 10):
             assert torch.equal(stream.get(micro_step), expected.get(micro_step)), micro_step
         with pytest.raises(RuntimeError, match="consecutive"):
@@ -56,7 +61,8 @@ def test_stream_equals_memory_batches_from_any_start(tmp_path: Path, num_workers
 def test_unreadable_rows_are_replaced_and_named(tmp_path: Path, caplog) -> None:
     write_folder(tmp_path / "images", 6, bad=(2,))
     ds, _, _ = _load_source(str(tmp_path / "images"), None, "train")
-    stream = StreamingBatches(ds, "image", 8, 3, True, 6, fake_accelerator(), 0, 0, 0)
+    source = StreamSource(ds, "image", 8, 3, True)
+    stream = StreamingBatches(source, 6, fake_accelerator(), 0, 0, 0)
     with caplog.at_level(logging.WARNING, logger="ddp_diffusion"):
         batch = stream.get(0)
     assert batch.shape == (6, 3, 8, 8) and batch.dtype == torch.uint8
