@@ -15,62 +15,76 @@ by `ddp_utils.data.load_image_data` at the samples' resolution and channels unle
 
 Prints FID and KID and writes them to `--output` (default: `<samples>_metrics.json` next to the
 samples). FID from fewer than a few thousand images is biased upwards: compare numbers
-computed from the same number of samples.
+computed from the same number of samples. Exit code 2 on a bad input (a flag, a file).
 """
 
 from __future__ import annotations
 
-import argparse
-import ast
-import dataclasses
-import inspect
-import json
-import os
-import sys
-import textwrap
-import types
+import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, get_type_hints
+from typing import Any
 
 import torch
+from accelerate import Accelerator
 
-if TYPE_CHECKING:
-    from accelerate import Accelerator
+from ddp_utils.cli import cli_main, setup_logging
+from ddp_utils.config import option, parse_config, to_dict
+from ddp_utils.files import write_json
+from evaluation import (
+    FeatureStats,
+    compute_feature_stats,
+    dataset_stats,
+    fid_kid,
+    load_fid_inception,
+    load_images,
+)
 
-    from evaluation import FeatureStats
+logger = logging.getLogger("ddp_diffusion.evaluate")
 
 
 @dataclass
 class EvalConfig:
-    samples: str
-    """Samples to score: an .npz (uint8 N,H,W,C in `arr_0` or `images`) or a folder of PNG/JPEG."""
-    reference: str | None = None
-    """Reference set as an .npz or image folder (give this or --dataset)."""
-    dataset: str | None = None
-    """Reference dataset name or path, as accepted by training's --dataset (give this or --reference)."""
-    dataset_config: str | None = None
-    """Hub dataset configuration name (with --dataset)."""
-    split: str = "train"
-    """Dataset split used as the reference (with --dataset)."""
-    resolution: int | None = None
-    """Reference resolution (with --dataset); default: the samples' height."""
-    channels: int | None = None
-    """Reference channels, 1 or 3 (with --dataset); default: the samples' channels."""
-    max_reference: int | None = None
-    """Use at most this many dataset images as the reference (with --dataset); default: all."""
-    cache_dir: str | None = None
-    """Where dataset reference statistics are cached; default: $DDP_DIFFUSION_CACHE/fid-stats or ~/.cache/ddp-diffusion/fid-stats."""
-    output: str | None = None
-    """JSON file for the metrics; default: <samples>_metrics.json next to the samples."""
-    batch_size: int = 250
-    """Images per feature-extraction chunk; chunk k runs on process k % num_processes."""
-    kid_subsets: int = 100
-    """Number of random subsets KID is averaged over."""
-    kid_subset_size: int = 1000
-    """Images per KID subset (clipped to the smaller set)."""
-    seed: int = 0
-    """Seed of the KID subset draws."""
+    """What to score against what; one flag per field (`--config FILE` sets them too)."""
+
+    samples: str = option(
+        "",
+        "samples to score: an .npz (uint8 N,H,W,C in `arr_0` or `images`) or a folder of "
+        "PNG/JPEG images (required)",
+    )
+    reference: str | None = option(
+        None, "reference set as an .npz or image folder (give this or --dataset)"
+    )
+    dataset: str | None = option(
+        None,
+        "reference dataset name or path, as accepted by training's --dataset "
+        "(give this or --reference)",
+    )
+    dataset_config: str | None = option(None, "hub dataset configuration name (with --dataset)")
+    split: str = option("train", "dataset split used as the reference (with --dataset)")
+    resolution: int | None = option(
+        None, "reference resolution (with --dataset); default: the samples' height"
+    )
+    channels: int | None = option(
+        None, "reference channels, 1 or 3 (with --dataset); default: the samples' channels"
+    )
+    max_reference: int | None = option(
+        None, "use at most this many dataset images as the reference (with --dataset)"
+    )
+    cache_dir: str | None = option(
+        None,
+        "where dataset reference statistics are cached; default: $DDP_DIFFUSION_CACHE/fid-stats "
+        "or ~/.cache/ddp-diffusion/fid-stats",
+    )
+    output: str | None = option(
+        None, "JSON file for the metrics; default: <samples>_metrics.json next to the samples"
+    )
+    batch_size: int = option(
+        250, "images per feature-extraction chunk; chunk k runs on process k mod num_processes"
+    )
+    kid_subsets: int = option(100, "number of random subsets KID is averaged over")
+    kid_subset_size: int = option(1000, "images per KID subset (clipped to the smaller set)")
+    seed: int = option(0, "seed of the KID subset draws")
 
     def __post_init__(self) -> None:
         if not self.samples:
@@ -92,16 +106,24 @@ class EvalConfig:
 
 
 def default_output(samples: str) -> Path:
-    path = Path(samples).resolve()  # resolved: "." or "dir/" have no usable name
+    """`<samples>_metrics.json` beside the samples (resolved: "." or "dir/" have no name)."""
+    path = Path(samples).resolve()
     return path.with_name(f"{path.stem}_metrics.json")
 
 
-def dataset_reference_stats(
+def load_image_set(path: str, flag: str) -> torch.Tensor:
+    """`load_images`, its errors naming the flag the path came from."""
+    try:
+        return load_images(path)
+    except (ValueError, FileNotFoundError) as err:
+        raise ValueError(f"{flag}: {err}") from None
+
+
+def reference_dataset_stats(
     cfg: EvalConfig, samples: torch.Tensor, accelerator: Accelerator | None
 ) -> tuple[FeatureStats, str]:
     """Cached statistics of `cfg.dataset` at the samples' (or the given) resolution/channels."""
-    from evaluation import dataset_stats
-
+    assert cfg.dataset is not None  # EvalConfig: --reference or --dataset
     resolution = cfg.resolution or int(samples.shape[2])
     channels = cfg.channels or int(samples.shape[1])
     stats = dataset_stats(
@@ -119,108 +141,65 @@ def dataset_reference_stats(
 
 
 def evaluate(cfg: EvalConfig, accelerator: Accelerator | None = None) -> dict[str, Any]:
-    """FID and KID of `cfg.samples` against the reference; the same dict on every rank."""
-    from evaluation import compute_feature_stats, fid_kid, load_fid_inception, load_images
+    """FID and KID of `cfg.samples` against the reference; the same dict on every rank.
 
+    Collective: every rank loads the image sets and extracts its own chunks of them.
+    """
     is_main = accelerator is None or accelerator.is_main_process
     device = accelerator.device if accelerator is not None else torch.device("cpu")
+
+    # Load the image sets: a bad file stops the run before the extractor is loaded.
+    samples = load_image_set(cfg.samples, "--samples")
+    reference = load_image_set(cfg.reference, "--reference") if cfg.reference else None
+    if is_main:
+        logger.info(
+            "samples: %d images of (C, H, W) = %s from %s",
+            len(samples),
+            tuple(samples.shape[1:]),
+            cfg.samples,
+        )
+    if is_main and reference is not None and reference.shape[1:] != samples.shape[1:]:
+        logger.warning(
+            "samples are %s (C, H, W) but the reference is %s; both are resized to 299x299 "
+            "RGB, but FID then also measures the difference in resolution",
+            tuple(samples.shape[1:]),
+            tuple(reference.shape[1:]),
+        )
+
+    # Feature statistics, sharded over the processes.
     extractor = load_fid_inception(device)
-
-    # Sample statistics (every rank loads the set, each extracts its own chunks).
-    samples = load_images(cfg.samples)
     sample_stats = compute_feature_stats(samples, extractor, accelerator, cfg.batch_size)
-
-    # Reference statistics.
-    if cfg.reference is not None:
-        reference = load_images(cfg.reference)
+    if reference is not None:
         ref_stats = compute_feature_stats(reference, extractor, accelerator, cfg.batch_size)
-        ref_name = cfg.reference
-        if is_main and reference.shape[1:] != samples.shape[1:]:
-            print(
-                f"warning: samples are {tuple(samples.shape[1:])} (C, H, W) but the reference is "
-                f"{tuple(reference.shape[1:])}; both are resized to 299x299 RGB, but FID then "
-                "also measures the difference in resolution"
-            )
+        ref_name = str(cfg.reference)
     else:
-        ref_stats, ref_name = dataset_reference_stats(cfg, samples, accelerator)
+        ref_stats, ref_name = reference_dataset_stats(cfg, samples, accelerator)
 
     # Metrics: no collectives, computed on every rank so that every rank returns them.
     metrics = {
         **fid_kid(sample_stats, ref_stats, cfg.kid_subsets, cfg.kid_subset_size, cfg.seed, device),
         "samples": str(cfg.samples),
         "reference": ref_name,
-        "config": dataclasses.asdict(cfg),
+        "config": to_dict(cfg),
     }
     if is_main:
         output = Path(cfg.output) if cfg.output else default_output(cfg.samples)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        tmp = output.with_name(f".{output.name}.tmp")
-        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-        os.replace(tmp, output)
+        write_json(output, metrics)
         print(
-            f"FID {metrics['fid']:.4f} | KID {metrics['kid_mean']:.6f} ± {metrics['kid_std']:.6f} | {sample_stats.num_images} "
-            f"samples vs {ref_stats.num_images} reference images ({ref_name}) -> {output}"
+            f"FID {metrics['fid']:.4f} | KID {metrics['kid_mean']:.6f} ± {metrics['kid_std']:.6f}"
+            f" | {sample_stats.num_images} samples vs {ref_stats.num_images} reference images "
+            f"({ref_name}) -> {output}"
         )
     return metrics
 
 
-# ---------------------------------------------------------------------------------------------
-# Command line: one flag per EvalConfig field, help from the field's docstring.
-
-
-def _field_docs(cls: type) -> dict[str, str]:
-    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body  # type: ignore[attr-defined]
-    docs = {}
-    for node, following in zip(body, body[1:]):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(following, ast.Expr)
-            and isinstance(following.value, ast.Constant)
-            and isinstance(following.value.value, str)
-        ):
-            docs[node.target.id] = following.value.value
-    return docs
-
-
-def parse_args(argv: list[str] | None = None) -> tuple[EvalConfig, bool]:
-    """(config, dry_run) from the command line."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    docs = _field_docs(EvalConfig)
-    hints = get_type_hints(EvalConfig)
-    for f in dataclasses.fields(EvalConfig):
-        kind = hints[f.name]
-        if isinstance(kind, types.UnionType):  # `X | None`
-            kind = next(t for t in kind.__args__ if t is not type(None))
-        required = f.default is dataclasses.MISSING
-        parser.add_argument(
-            f"--{f.name.replace('_', '-')}",
-            type=kind,
-            required=required,
-            default=None if required else f.default,
-            help=docs.get(f.name, "").replace("%", "%%"),  # argparse %-formats help
-        )
-    parser.add_argument("--dry-run", action="store_true", help="Print the config and exit.")
-    args = vars(parser.parse_args(argv))
-    dry_run = args.pop("dry_run")
-    try:
-        return EvalConfig(**args), dry_run
-    except ValueError as err:
-        parser.error(str(err))
-
-
-def main(argv: list[str] | None = None) -> dict[str, Any] | None:
-    cfg, dry_run = parse_args(argv)
-    if dry_run:
-        print(json.dumps(dataclasses.asdict(cfg), indent=2))
-        return None
-    from accelerate import Accelerator
-
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(EvalConfig, argv, description=__doc__)
     accelerator = Accelerator()
-    metrics = evaluate(cfg, accelerator)
+    setup_logging(accelerator.is_main_process)
+    evaluate(cfg, accelerator)
     accelerator.end_training()
-    return metrics
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli_main(main)

@@ -1,20 +1,23 @@
-"""Offline FID and KID, sharded across processes (see `evaluate.py` for the command line)."""
+"""Offline FID and KID, sharded across processes (see `evaluate.py` for the command line).
 
-from evaluation.fid import (
-    FeatureStats,
-    compute_feature_stats,
-    extract_features,
-    frechet_distance,
-    gather_features,
-    kernel_inception_distance,
-    local_chunks,
-    reference_cache_path,
-    reference_stats,
-    stats_from_features,
-)
+One image set's path through the package: `images` loads it (uint8 N, C, H, W),
+`features` extracts Inception features chunk by chunk on every process and gathers them,
+`stats` summarizes them (`FeatureStats`), `reference` caches a dataset's statistics on disk,
+and `metrics` turns two statistics into FID and KID.
+"""
+
+from evaluation.features import compute_feature_stats, extract_features, generated_feature_stats
 from evaluation.images import load_images
 from evaluation.inception import MISSING_EXTRA_MESSAGE, load_fid_inception
-from evaluation.scores import dataset_reference_stats, dataset_stats, default_cache_dir, fid_kid
+from evaluation.metrics import fid_kid, frechet_distance, kernel_inception_distance
+from evaluation.reference import (
+    dataset_reference_stats,
+    dataset_stats,
+    default_cache_dir,
+    reference_cache_path,
+    reference_stats,
+)
+from evaluation.stats import FeatureStats, stats_from_features
 
 __all__ = [
     "MISSING_EXTRA_MESSAGE",
@@ -26,11 +29,10 @@ __all__ = [
     "extract_features",
     "fid_kid",
     "frechet_distance",
-    "gather_features",
+    "generated_feature_stats",
     "kernel_inception_distance",
     "load_fid_inception",
     "load_images",
-    "local_chunks",
     "reference_cache_path",
     "reference_stats",
     "stats_from_features",

@@ -7,24 +7,27 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import scipy.linalg
 import torch
 from PIL import Image
+from sklearn.datasets import load_digits
 from torch import nn
 
 import evaluate
+from ddp_utils.cli import cli_main
+from ddp_utils.distributed import local_chunks
 from evaluation import (
     MISSING_EXTRA_MESSAGE,
     FeatureStats,
     compute_feature_stats,
     frechet_distance,
+    generated_feature_stats,
     kernel_inception_distance,
     load_fid_inception,
     load_images,
-    local_chunks,
     reference_stats,
     stats_from_features,
 )
@@ -37,8 +40,6 @@ NUM_IMAGES = 64  # per set; Inception costs ~0.1 s per image on 2 CPU cores
 
 def digit_images(start: int, count: int) -> torch.Tensor:
     """Real handwritten digits, 0..16 -> uint8 0..255, upsampled 8x8 -> 32x32: (n, 1, 32, 32)."""
-    from sklearn.datasets import load_digits
-
     pixels = load_digits().images[start : start + count]
     pixels = np.round(pixels * 255 / 16).astype(np.uint8).repeat(4, axis=1).repeat(4, axis=2)
     return torch.from_numpy(pixels[:, None])
@@ -128,7 +129,62 @@ def test_missing_extra_names_the_install_command(monkeypatch: pytest.MonkeyPatch
 
 
 # ---------------------------------------------------------------------------------------------
+# Feature statistics.
+
+
+def test_generated_feature_stats_equal_those_of_the_whole_set(
+    extractor: nn.Module, stats: dict[str, FeatureStats]
+) -> None:
+    images = digit_images(0, NUM_IMAGES)  # the fixture's "real" set
+    requested: list[range] = []
+
+    def generate(items: range) -> torch.Tensor:
+        requested.append(items)
+        return images[items.start : items.stop]
+
+    generated = generated_feature_stats(generate, NUM_IMAGES, extractor, batch_size=24)
+    assert requested == [range(0, 24), range(24, 48), range(48, 64)]  # each image made once
+    assert generated.num_images == NUM_IMAGES
+    np.testing.assert_allclose(generated.features, stats["real"].features, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(generated.mu, stats["real"].mu, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(generated.sigma, stats["real"].sigma, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="returned 1 images"):
+        generated_feature_stats(lambda items: images[:1], NUM_IMAGES, extractor, batch_size=24)
+
+
+def test_local_chunks_assign_chunk_k_to_rank_k_mod_world() -> None:
+    # The sharding rule feature extraction relies on for equal results on 1 or N processes.
+    assert local_chunks(10, 3, world_size=2, rank=1) == [range(3, 6), range(9, 10)]
+    assert local_chunks(10, 3, world_size=1, rank=0) == [
+        range(0, 3),
+        range(3, 6),
+        range(6, 9),
+        range(9, 10),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
 # FID and KID.
+
+
+def pytorch_fid_distance(a: FeatureStats, b: FeatureStats, eps: float = 1e-6) -> float:
+    """pytorch-fid's `calculate_frechet_distance` verbatim, the reference FID implementation.
+
+    scipy.linalg.sqrtm (~15 s at D=2048), an eps*I offset when the result is not finite,
+    ValueError on an imaginary diagonal above 1e-3. pytorch-fid passes disp=False, deprecated
+    in SciPy 1.17; the default returns the same matrix.
+    """
+    mu1, mu2, sigma1, sigma2 = a.mu, b.mu, a.sigma, b.sigma
+    diff = mu1 - mu2
+    covmean = scipy.linalg.sqrtm(sigma1.dot(sigma2))
+    if not np.isfinite(covmean).all():
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = scipy.linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"Imaginary component {np.max(np.abs(covmean.imag))}")
+        covmean = covmean.real
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
 def test_fid_of_a_set_with_itself_is_zero(stats: dict[str, FeatureStats]) -> None:
@@ -160,8 +216,7 @@ def test_fid_eigh_matches_pytorch_fid_sqrtm() -> None:
     a = stats_from_features(rng.standard_normal((20_000, 64)))
     b = stats_from_features(rng.standard_normal((20_000, 64)) * 1.3 + 0.2)
     eigh = frechet_distance(a, b, method="eigh")
-    sqrtm = frechet_distance(a, b, method="sqrtm")
-    assert eigh == pytest.approx(sqrtm, rel=1e-9)
+    assert eigh == pytest.approx(pytorch_fid_distance(a, b), rel=1e-9)
     assert eigh == pytest.approx(64 * (0.3**2 + 0.2**2), rel=0.1)  # N(0, I) vs N(0.2, 1.69 I)
 
 
@@ -189,6 +244,8 @@ def test_fid_from_the_gram_matrix_matches_eigh() -> None:
     with pytest.raises(ValueError, match="every feature row"):
         frechet_distance(a, subset, method="gram")
     assert frechet_distance(a, subset) == frechet_distance(a, subset, method="eigh")
+    with pytest.raises(ValueError, match="method must be"):
+        frechet_distance(a, b, method="sqrtm")  # type: ignore[arg-type]
 
 
 def test_kid_matches_the_unbiased_mmd_formula() -> None:
@@ -232,12 +289,6 @@ def test_feature_stats_round_trip(tmp_path: Path) -> None:
         FeatureStats.load(tmp_path / "bad.npz")
 
 
-def test_local_chunks_assign_chunk_k_to_rank_k_mod_world() -> None:
-    rank1_of_2 = SimpleNamespace(num_processes=2, process_index=1)
-    assert local_chunks(10, 3, rank1_of_2) == [slice(3, 6), slice(9, 10)]
-    assert local_chunks(10, 3, None) == [slice(0, 3), slice(3, 6), slice(6, 9), slice(9, 10)]
-
-
 # ---------------------------------------------------------------------------------------------
 # Reference statistics cache.
 
@@ -257,6 +308,10 @@ def test_reference_cache_hit_and_key_invalidation(tmp_path: Path, extractor: nn.
     assert path.stat().st_mtime_ns == mtime
     np.testing.assert_array_equal(second.mu, first.mu)
     assert second.key["fingerprint"] == "digits-abc"
+    # The default extractor (not loaded on a hit) has the same name: the same file serves it.
+    reference_stats(images, tmp_path, key, batch_size=4)
+    assert [p.name for p in tmp_path.glob("*.npz")] == [path.name]
+    assert path.stat().st_mtime_ns == mtime
 
     reference_stats(images, tmp_path, {**key, "fingerprint": "digits-xyz"}, counter, batch_size=4)
     assert counter.num_images == 16  # a different key is a different file
@@ -333,10 +388,19 @@ def test_evaluate_cli_folder_against_same_images_npz(tmp_path: Path) -> None:
     assert metrics["kid_mean"] <= 0 and metrics["kid_std"] == pytest.approx(0, abs=1e-12)
 
 
-def test_eval_config_and_image_loading_errors(tmp_path: Path) -> None:
+def test_eval_config_and_image_loading_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as info:
-        evaluate.parse_args(["--help"])
+        evaluate.main(["--help"])
     assert info.value.code == 0
+    assert "images per KID subset" in capsys.readouterr().out  # help from the config field
+    with pytest.raises(SystemExit) as info:
+        evaluate.main(["--samples", "s.npz", "--dataset", "digits", "--seed", "3", "--dry-run"])
+    assert info.value.code == 0
+    assert "seed: 3" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--samples is required"):
+        evaluate.EvalConfig(dataset="digits")
     with pytest.raises(ValueError, match="exactly one of --reference"):
         evaluate.EvalConfig(samples="s.npz")
     with pytest.raises(ValueError, match="exactly one of --reference"):
@@ -354,6 +418,32 @@ def test_eval_config_and_image_loading_errors(tmp_path: Path) -> None:
     Image.new("RGB", (9, 8)).save(tmp_path / "mixed" / "b.png")
     with pytest.raises(ValueError, match="all images must have one size"):
         load_images(tmp_path / "mixed")
+
+
+def test_evaluate_exits_2_with_a_message_on_bad_input(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A bad flag value: refused before anything is loaded.
+    argv = ["--samples", "s.npz", "--reference", "r.npz", "--batch-size", "0"]
+    with pytest.raises(SystemExit) as info:
+        cli_main(lambda: evaluate.main(argv))
+    assert info.value.code == 2
+    assert "--batch-size must be >= 1, got 0" in capsys.readouterr().err
+    # A bad file, found at run time, from the command line: a message, not a traceback.
+    np.savez(tmp_path / "float.npz", np.zeros((2, 8, 8, 3), np.float32))
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "evaluate.py"), "--samples", str(tmp_path / "float.npz")]
+        + ["--reference", str(tmp_path / "float.npz")],
+        env={k: v for k, v in os.environ.items() if k != "DDP_DIFFUSION_DEBUG"},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "error: --samples: " in result.stderr and "expected uint8" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "float_metrics.json").exists()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,8 +491,15 @@ def test_two_processes_give_the_one_process_statistics(tmp_path: Path) -> None:
     assert int(two_proc["num_processes"]) == 2
     np.testing.assert_allclose(two_proc["features"], one_proc["features"], rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(
-        two_proc["features_iter"], one_proc["features"], rtol=1e-6, atol=1e-6
+        two_proc["features_generated"], one_proc["features"], rtol=1e-6, atol=1e-6
     )
+    # Images made on the fly: each rank made only its own chunks (k % 2), each image once.
+    items = {
+        name: json.loads((tmp_path / name / "generated_items.json").read_text())
+        for name in ("one", "two")
+    }
+    assert items["one"] == {"0": [[0, 4], [4, 8], [8, 12], [12, 16], [16, 18]]}
+    assert items["two"] == {"0": [[0, 4], [8, 12], [16, 18]], "1": [[4, 8], [12, 16]]}
     np.testing.assert_allclose(two_proc["mu"], one_proc["mu"], rtol=1e-6, atol=1e-9)
     assert float(two_proc["fid_ab"]) == pytest.approx(float(one_proc["fid_ab"]), rel=1e-6)
     assert abs(float(two_proc["fid_self"])) < 1e-2

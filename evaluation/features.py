@@ -1,0 +1,89 @@
+"""Inception features of an image set, extracted in chunks sharded across processes.
+
+Sharding is the project's one rule (`ddp_utils.distributed.map_sharded`): the images are cut
+into chunks of `batch_size`, chunk k is extracted on rank k % world_size, and the features
+are gathered back in image order. A chunk holds the same images whatever the number of
+processes, so the statistics are the same on 1 or N processes (up to float round-off).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from ddp_utils.distributed import map_sharded
+from evaluation.inception import load_fid_inception
+from evaluation.stats import MAX_KID_FEATURES, FeatureStats, stats_from_features
+
+
+def extract_features(images: torch.Tensor | np.ndarray, extractor: nn.Module) -> torch.Tensor:
+    """One batch of uint8 (N, C, H, W) images -> float32 (N, D) features on the CPU."""
+    images = torch.as_tensor(images)
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(
+            "expected uint8 images (N, C, H, W) with C in {1, 3}, "
+            f"got {images.dtype} {tuple(images.shape)}"
+        )
+    with torch.inference_mode():
+        return extractor(images).to("cpu", torch.float32)
+
+
+def generated_feature_stats(
+    generate: Callable[[range], torch.Tensor],
+    num_items: int,
+    extractor: nn.Module | None = None,
+    accelerator: Accelerator | None = None,
+    batch_size: int = 250,
+    max_kid_features: int = MAX_KID_FEATURES,
+) -> FeatureStats:
+    """Feature statistics of `num_items` images made on the fly, e.g. sampled by a model.
+
+    `generate(items)` returns the uint8 (len(items), C, H, W) images of the item indices
+    `items`; it is called only for this rank's chunks of `batch_size` items, so each image is
+    made once, on one process, and only its features cross processes. With per-item seeds
+    the statistics do not depend on the number of processes. Collective: call on every rank;
+    every rank returns the same statistics. `extractor` defaults to the FID Inception-v3 on
+    `accelerator.device` (or the CPU).
+    """
+    if num_items < 2:
+        raise ValueError(f"feature statistics need at least 2 images, got {num_items}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if extractor is None:
+        extractor = load_fid_inception(accelerator.device if accelerator is not None else "cpu")
+
+    def chunk_features(items: range) -> torch.Tensor:
+        images = generate(items)
+        if len(images) != len(items):
+            raise ValueError(f"generate({items}) returned {len(images)} images")
+        return extract_features(images, extractor)
+
+    features = map_sharded(accelerator, num_items, batch_size, chunk_features)
+    return stats_from_features(features, max_kid_features)
+
+
+def compute_feature_stats(
+    images: torch.Tensor | np.ndarray,
+    extractor: nn.Module | None = None,
+    accelerator: Accelerator | None = None,
+    batch_size: int = 250,
+    max_kid_features: int = MAX_KID_FEATURES,
+) -> FeatureStats:
+    """Feature statistics of a whole uint8 (N, C, H, W) image set held by every rank.
+
+    Rank r extracts chunks k = r, r + world, ... of `batch_size` images; features are
+    gathered so that every rank returns the same statistics. Collective.
+    """
+    images = torch.as_tensor(images)
+    return generated_feature_stats(
+        lambda items: images[items.start : items.stop],
+        len(images),
+        extractor,
+        accelerator,
+        batch_size,
+        max_kid_features,
+    )
