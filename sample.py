@@ -1,6 +1,6 @@
 """Images from any model this toolkit trains: an export, a checkpoint, or a run directory.
 
-    # corruption denoiser (train_basic.py): the seed's sampler
+    # the basic model (train_basic.py): its stepping sampler
     python sample.py runs/basic/model --num-samples 64 --num-steps 40 --output-dir out/basic
     # DDPM (train_ddpm.py): DDPM-1000, DDIM-50 or DPM-Solver-20, EMA or raw weights
     python sample.py runs/ddpm/pipeline --scheduler ddim --num-inference-steps 50 \
@@ -20,22 +20,25 @@ seed (`--seed`, k), so the images do not depend on the batch size or number of p
 
 from __future__ import annotations
 
-import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 
-from ddp_utils.config import _check, option, parse_config, save_config
-from ddp_utils.distributed import generate_sharded
-from ddp_utils.model_io import LoadedModel, load_for_sampling
-from ddp_utils.run import cli_main
-from diffusion.corruption import sample_basic
-from diffusion.images import make_grid, save_png, to_uint8
-from diffusion.sampling import make_inference_scheduler, sample_ddpm
+from ddp_utils.cli import cli_main, setup_logging
+from ddp_utils.config import MixedPrecision, option, parse_config, require, save_config
+from ddp_utils.distributed import map_sharded
+from ddp_utils.files import atomic_file, write_json
+from ddp_utils.images import make_grid, save_png, to_uint8
+from diffusion.basic import sample_basic
+from diffusion.loading import LoadedModel, Weights, load_for_sampling
+from diffusion.sampling import SamplerName, make_inference_scheduler, sample_ddpm
+from evaluation import compute_feature_stats, dataset_stats, fid_kid, load_fid_inception
 
 logger = logging.getLogger("ddp_diffusion.sample")
 
@@ -58,10 +61,10 @@ class SampleConfig:
         "sampler steps (default: basic 40, ddpm 1000, ddim 50, dpm-solver 20)",
         aliases=("--num-inference-steps",),
     )
-    scheduler: str = option("ddim", "DDPM models only", ("ddpm", "ddim", "dpm-solver"))
+    scheduler: SamplerName = option("ddim", "DDPM models only")
     eta: float = option(0.0, "DDIM noise scale (0: deterministic)")
-    weights: str = option("ema", "DDPM models: EMA or raw weights", ("ema", "raw"))
-    mixed_precision: str = option("no", "autocast dtype of the network", ("no", "fp16", "bf16"))
+    weights: Weights = option("ema", "EMA or raw weights (exports without raw weights: EMA)")
+    mixed_precision: MixedPrecision = option("no", "autocast dtype of the network")
     save_images: bool = option(False, "also write one PNG per sample")
     save_progression: bool = option(False, "also write the denoising strip (progression.png)")
     grid_size: int = option(64, "images in grid.png")
@@ -76,21 +79,21 @@ class SampleConfig:
     )
 
     def __post_init__(self) -> None:
-        _check(bool(self.model_path), "MODEL_PATH is required (an export, checkpoint or run dir)")
-        _check(Path(self.model_path).exists(), f"MODEL_PATH {self.model_path} does not exist")
-        _check(self.num_samples >= 1, f"--num-samples must be >= 1, got {self.num_samples}")
-        _check(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
-        _check(
+        require(bool(self.model_path), "MODEL_PATH is required (an export, checkpoint or run dir)")
+        require(Path(self.model_path).exists(), f"MODEL_PATH {self.model_path} does not exist")
+        require(self.num_samples >= 1, f"--num-samples must be >= 1, got {self.num_samples}")
+        require(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        require(
             self.num_steps is None or self.num_steps >= 1,
             f"--num-steps must be >= 1, got {self.num_steps}",
         )
-        _check(self.eta >= 0, f"--eta must be >= 0, got {self.eta}")
-        _check(self.grid_size >= 1, "--grid-size must be >= 1")
-        _check(not self.fid or bool(self.dataset), "--fid needs --dataset (the reference images)")
-        _check(
+        require(self.eta >= 0, f"--eta must be >= 0, got {self.eta}")
+        require(self.grid_size >= 1, "--grid-size must be >= 1")
+        require(not self.fid or bool(self.dataset), "--fid needs --dataset (the reference images)")
+        require(
             not self.fid or self.num_samples >= 2, "--fid needs --num-samples >= 2 (a covariance)"
         )
-        _check(
+        require(
             self.max_reference is None or self.max_reference >= 2,
             f"--max-reference must be >= 2, got {self.max_reference}",
         )
@@ -99,28 +102,29 @@ class SampleConfig:
 DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def make_chunk_fn(cfg: SampleConfig, loaded: LoadedModel, device: torch.device, steps: int):
-    """indices -> uint8 NHWC tensor for those sample indices (one chunk)."""
+def make_chunk_fn(
+    cfg: SampleConfig, loaded: LoadedModel, device: torch.device, steps: int
+) -> tuple[Callable[[range], torch.Tensor], list[torch.Tensor]]:
+    """(items -> uint8 NHWC samples, the progression list filled by the chunk of item 0)."""
     model, dtype = loaded.model, DTYPES[cfg.mixed_precision]
-    progression: list[list[torch.Tensor]] = []
+    progression: list[torch.Tensor] = []  # x_t of the first 8 samples, every 1/10 of the steps
     if loaded.task == "basic":
         shape = (loaded.channels, loaded.resolution, loaded.resolution)
 
-        def chunk(indices: list[int]) -> torch.Tensor:
+        def chunk(indices: range) -> torch.Tensor:
             x = sample_basic(model, steps, shape, indices, cfg.seed, device, dtype)
             return torch.from_numpy(to_uint8(x, loaded.value_range))
 
         return chunk, progression
 
     scheduler = make_inference_scheduler(cfg.scheduler, loaded.scheduler_config)
-    every = max(1, steps // 10) if cfg.save_progression else None
 
-    def chunk(indices: list[int]) -> torch.Tensor:
+    def chunk(indices: range) -> torch.Tensor:
+        every = max(1, steps // 10) if cfg.save_progression and 0 in indices else None
         x, snapshots = sample_ddpm(
             model, scheduler, indices, cfg.seed, steps, cfg.eta, device, dtype, every
         )
-        if snapshots and not progression:
-            progression.append([s[:8] for s in snapshots])
+        progression.extend(s[:8] for s in snapshots)
         return torch.from_numpy(to_uint8(x, loaded.value_range))
 
     return chunk, progression
@@ -134,12 +138,9 @@ def score(
     Collective: feature extraction is sharded (chunk k of `--batch-size` images on rank
     k % world), reference statistics are cached and shared with evaluate.py and training.
     """
-    from evaluation import compute_feature_stats, dataset_stats, fid_kid, load_fid_inception
-
     extractor = load_fid_inception(accelerator.device)
     samples = torch.from_numpy(images).permute(0, 3, 1, 2)  # NHWC -> NCHW uint8
     sample_stats = compute_feature_stats(samples, extractor, accelerator, cfg.batch_size)
-    assert cfg.dataset is not None  # checked in SampleConfig
     reference = dataset_stats(
         cfg.dataset,
         loaded.resolution,
@@ -159,13 +160,9 @@ def score(
 
 
 def sample(cfg: SampleConfig) -> np.ndarray:
-    from accelerate import Accelerator
-
     accelerator = Accelerator()
-    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING)
+    setup_logging(accelerator.is_main_process)
     if cfg.fid:  # fail before sampling, not after
-        from evaluation import load_fid_inception
-
         try:
             load_fid_inception(accelerator.device)
         except ImportError as err:
@@ -176,12 +173,13 @@ def sample(cfg: SampleConfig) -> np.ndarray:
     steps = cfg.num_steps or DEFAULT_STEPS["basic" if loaded.task == "basic" else cfg.scheduler]
     loaded.model.to(accelerator.device).eval()
     chunk, progression = make_chunk_fn(cfg, loaded, accelerator.device, steps)
-    images = generate_sharded(accelerator, cfg.num_samples, cfg.batch_size, chunk).numpy()
+    images = map_sharded(accelerator, cfg.num_samples, cfg.batch_size, chunk).numpy()
 
     out = Path(cfg.output_dir)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        np.savez(out / "samples.npz", arr_0=images)
+        with atomic_file(out / "samples.npz") as f:
+            np.savez(f, arr_0=images)
         save_png(make_grid(images[: cfg.grid_size]), out / "grid.png")
         if cfg.save_images:
             (out / "images").mkdir(exist_ok=True)
@@ -189,8 +187,8 @@ def sample(cfg: SampleConfig) -> np.ndarray:
                 save_png(image, out / "images" / f"{k:06d}.png")
         if progression:
             # Rows: steps, columns: the first (up to 8) samples.
-            strip = torch.cat(progression[0])
-            num_columns = len(progression[0][0])
+            strip = torch.cat(progression)
+            num_columns = len(progression[0])
             save_png(
                 make_grid(to_uint8(strip, loaded.value_range), nrow=num_columns),
                 out / "progression.png",
@@ -202,12 +200,12 @@ def sample(cfg: SampleConfig) -> np.ndarray:
             "num_steps": steps,
             "num_processes": accelerator.num_processes,
         }
-        (out / "sample_info.json").write_text(json.dumps(info, indent=2))
+        write_json(out / "sample_info.json", info)
         logger.info("wrote %d samples to %s", len(images), out / "samples.npz")
     if cfg.fid:
         metrics = score(cfg, loaded, images, accelerator)
         if accelerator.is_main_process:
-            (out / "fid.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            write_json(out / "fid.json", metrics)
             print(
                 f"FID {metrics['fid']:.4f} | KID {metrics['kid_mean']:.6f} "
                 f"± {metrics['kid_std']:.6f} | {metrics['num_samples']} samples vs "

@@ -24,7 +24,7 @@ PY
 done
 
 echo "== training throughput, ddpm-cifar10 bf16 vs plain fp32 loop, batch 128 and 256"
-$PY bench/train_step.py --models ddpm-cifar10,seed-large,seed-small,basic --batch-sizes 128 \
+$PY bench/train_step.py --models ddpm-cifar10,unet-18.5m,unet-4.7m,basic --batch-sizes 128 \
     --steps 30 --rounds 2 --mixed-precision bf16 --plain-precision no
 $PY bench/train_step.py --models ddpm-cifar10 --batch-sizes 256 --steps 20 --rounds 1 \
     --mixed-precision bf16 --plain-precision bf16 --channels-last

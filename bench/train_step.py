@@ -40,12 +40,12 @@ from bench.common import (  # noqa: E402
     train_flops_per_image,
 )
 from ddp_utils.data import load_image_data  # noqa: E402
-from diffusion.corruption import corrupt  # noqa: E402
+from diffusion.basic import corrupt  # noqa: E402
 from diffusion.ddpm import make_train_scheduler  # noqa: E402
 from diffusion.models import build_basic_model, build_ddpm_unet, predict  # noqa: E402
 
 DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-CPU_BATCH = {"basic": 128, "digits-small": 64, "seed-small": 16, "seed-large": 8, "ddpm-cifar10": 4}
+CPU_BATCH = {"basic": 128, "digits-small": 64, "unet-4.7m": 16, "unet-18.5m": 8, "ddpm-cifar10": 4}
 
 
 def build(name: str, resolution: int, channels: int) -> torch.nn.Module:
@@ -133,7 +133,7 @@ def plain_images_per_s(name: str, args, batch: int, images: torch.Tensor, device
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", default="basic,seed-small,seed-large,ddpm-cifar10")
+    parser.add_argument("--models", default="basic,unet-4.7m,unet-18.5m,ddpm-cifar10")
     parser.add_argument("--batch-sizes", default=None, help="comma list; default per model")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per window")
     parser.add_argument("--rounds", type=int, default=3)

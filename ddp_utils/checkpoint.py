@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
-import socket
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,14 +26,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ddp_utils.errors import CheckpointError
+from ddp_utils.files import atomic_dir
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "state.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message names the file and the problem."""
 
 
 @dataclass
@@ -80,68 +76,32 @@ def optimizer_from_safetensors(tensors: dict[str, torch.Tensor], meta: dict) -> 
 # --------------------------------------------------------------------------- saving
 
 
-def unique_suffix() -> str:
-    """`<host>-<pid>-<random>`: temp names that two nodes on a shared filesystem never share."""
-    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_checkpoint(
     checkpoints_dir: Path,
     step: int,
     tensors: dict[str, dict[str, torch.Tensor]],
     state: dict[str, Any],
     total_limit: int | None = None,
-    protected: tuple[Path, ...] = (),
 ) -> Path:
-    """Write `checkpoint-<step>` atomically, then prune. Call on the main process only.
+    """Write `checkpoint-<step>` atomically, then prune. Call on the writing process only.
 
-    Everything goes into a hidden temporary folder (unique per host and process), which is
-    renamed to `checkpoint-<step>` only once every file is on disk; a save that fails removes
-    its temporary folder and leaves the existing checkpoints untouched.
+    Everything goes into a hidden temporary folder, which replaces `checkpoint-<step>` only
+    once every file is on disk (`ddp_utils.files.atomic_dir`); a save that fails removes its
+    temporary folder and leaves the existing checkpoints untouched.
     """
-    checkpoints_dir.mkdir(parents=True, exist_ok=True)
     final = checkpoints_dir / f"checkpoint-{step}"
-    tmp = checkpoints_dir / f".checkpoint-{step}.tmp-{unique_suffix()}"
-    try:
-        tmp.mkdir()
+    with atomic_dir(final) as tmp:
         files = {}
         for stem, named in tensors.items():
             path = tmp / f"{stem}.safetensors"
             save_file({k: v.detach().cpu().contiguous() for k, v in named.items()}, path)
             files[path.name] = path.stat().st_size
-        state = {**state, "step": step, "files": files}
-        with open(tmp / STATE_FILE, "w") as f:
-            json.dump(state, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        for name in files:
-            with open(tmp / name, "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        if final.exists():  # the same step saved again (e.g. preempted right after a save)
-            old = checkpoints_dir / f".checkpoint-{step}.old-{unique_suffix()}"
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(final)
-        _fsync_dir(checkpoints_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step, "files": files}, indent=2))
     # One writer per run directory: hidden folders left now are from a save that was killed.
     for leftover in checkpoints_dir.glob(".checkpoint-*"):
         shutil.rmtree(leftover, ignore_errors=True)
     if total_limit is not None:
-        prune(checkpoints_dir, total_limit, keep=(final, *protected))
+        prune(checkpoints_dir, total_limit, keep=(final,))
     return final
 
 

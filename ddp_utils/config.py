@@ -15,14 +15,20 @@ import argparse
 import dataclasses
 import difflib
 import json
+import re
 import sys
 import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
+
+from ddp_utils.data.load import DataLoading
+from ddp_utils.data.source import default_channels, default_resolution
+from ddp_utils.errors import flag_name
+from ddp_utils.files import write_text
 
 C = TypeVar("C")
 
@@ -30,21 +36,21 @@ C = TypeVar("C")
 def option(
     default: Any,
     help: str,
-    choices: typing.Sequence[Any] | None = None,
     aliases: typing.Sequence[str] = (),
     positional: bool = False,
 ) -> Any:
-    """A dataclass field carrying its CLI help (and optional choices, alias flags)."""
+    """A dataclass field carrying its CLI help (and alias flags). Choices come from the
+    field's `Literal[...]` type."""
     metadata: dict[str, Any] = {"help": help, "aliases": tuple(aliases), "positional": positional}
-    if choices is not None:
-        metadata["choices"] = tuple(choices)
     if isinstance(default, list | dict):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
 
 
-def flag_name(field_name: str) -> str:
-    return "--" + field_name.replace("_", "-")
+def require(condition: bool, message: str) -> None:
+    """Validation in a config's `__post_init__`: a ValueError naming the flag."""
+    if not condition:
+        raise ValueError(message)
 
 
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
@@ -56,10 +62,18 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+def _choices(tp: Any) -> tuple[Any, ...] | None:
+    """The allowed values of a `Literal[...]` (optionally `| None`) type, else None."""
+    base, _ = _unwrap_optional(tp)
+    return typing.get_args(base) if typing.get_origin(base) is Literal else None
+
+
 def _parse_scalar(tp: Any, optional: bool):
     def parse(text: str) -> Any:
         if optional and text.lower() in ("none", "null", ""):
             return None
+        if typing.get_origin(tp) is Literal:
+            return text  # argparse checks the choices
         if tp is bool:
             lowered = text.lower()
             if lowered in ("1", "true", "yes", "on"):
@@ -85,12 +99,23 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
         if not isinstance(value, list | tuple):
             raise ValueError(f"{flag_name(name)}: expected a list, got {value!r}")
         return [_coerce(name, item_type, v) for v in value]
+    choices = _choices(base)
+    if choices is not None:
+        if value not in choices:
+            raise ValueError(
+                f"{flag_name(name)} must be one of {', '.join(map(str, choices))}, got {value!r}"
+            )
+        return value
     if base is bool and not isinstance(value, bool):
         raise ValueError(f"{flag_name(name)}: expected true or false, got {value!r}")
     if base in (int, float) and isinstance(value, bool):  # YAML's `yes` is not a number
         raise ValueError(f"{flag_name(name)}: expected {base.__name__}, got {value!r}")
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if base is int and isinstance(value, float):
+        if not value.is_integer():  # 3.7 -> 3 would be a silent change of the user's value
+            raise ValueError(f"{flag_name(name)}: expected a whole number, got {value!r}")
+        return int(value)
     if base in (int, float, str) and not isinstance(value, base):
         try:
             return base(value)
@@ -118,8 +143,9 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
             "default": argparse.SUPPRESS,
             "help": field.metadata.get("help", ""),
         }
-        if "choices" in field.metadata:
-            kwargs["choices"] = field.metadata["choices"]
+        choices = _choices(hints[field.name])
+        if choices is not None:
+            kwargs["choices"] = choices
         default = (
             field.default if field.default is not dataclasses.MISSING else field.default_factory()  # type: ignore[misc]
         )
@@ -161,8 +187,9 @@ def read_config_file(path: Path) -> dict[str, Any]:
 
 def check_choices(cfg: Any) -> None:
     """Values set from a file or in code get the same choice check as argparse gives flags."""
+    hints = typing.get_type_hints(type(cfg))
     for field in dataclasses.fields(cfg):
-        choices = field.metadata.get("choices")
+        choices = _choices(hints[field.name])
         value = getattr(cfg, field.name)
         if choices is not None and value is not None and value not in choices:
             raise ValueError(
@@ -196,7 +223,8 @@ def parse_config(cls: type[C], argv: list[str] | None = None, description: str |
     Precedence: dataclass defaults < `--config` file < command-line flags.
     """
     parser = build_parser(cls, description)
-    args = vars(parser.parse_args(argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = vars(parser.parse_args(_hyphenate_flags(argv, parser)))
     config_file = args.pop("config")
     dry_run = args.pop("dry_run")
     try:
@@ -211,6 +239,20 @@ def parse_config(cls: type[C], argv: list[str] | None = None, description: str |
     return cfg
 
 
+def _hyphenate_flags(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """Accept `--batch_size` (the spelling of diffusers' examples) for `--batch-size`."""
+    known = set(parser._option_string_actions)
+    out = []
+    for arg in argv:
+        name, sep, value = arg.partition("=")
+        if name.startswith("--") and name not in known:
+            hyphenated = "--" + name[2:].replace("_", "-")
+            if hyphenated in known:
+                arg = hyphenated + sep + value
+        out.append(arg)
+    return out
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
 
@@ -221,20 +263,37 @@ def to_yaml(cfg: Any) -> str:
 
 def save_config(cfg: Any, path: Path) -> None:
     """Write the resolved config (YAML), atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    from ddp_utils.checkpoint import unique_suffix
+    write_text(path, to_yaml(cfg))
 
-    tmp = path.with_name(f"{path.name}.{unique_suffix()}.tmp")
-    tmp.write_text(to_yaml(cfg))
-    tmp.replace(path)
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?)([hms])")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from `5400`, `90s`, `45m`, `2h30m`, `1.5h` or SLURM's `[H:]MM:SS` / `H:MM:SS`."""
+    value = text.strip().lower()
+    seconds: float | None = None
+    try:
+        seconds = float(value)
+    except ValueError:
+        if ":" in value and all(p.isdigit() for p in value.split(":")) and value.count(":") <= 2:
+            seconds = 0.0
+            for part in value.split(":"):
+                seconds = seconds * 60 + int(part)
+        elif value and _DURATION_PART.sub("", value) == "":
+            units = {"h": 3600.0, "m": 60.0, "s": 1.0}
+            seconds = sum(float(n) * units[u] for n, u in _DURATION_PART.findall(value))
+    if seconds is None or not seconds > 0 or seconds == float("inf"):
+        raise ValueError(
+            f"must be a positive duration: seconds (5400), 2h30m, 45m, 90s or H:MM:SS; got {text!r}"
+        )
+    return seconds
 
 
 # --------------------------------------------------------------------------- shared training config
 
 
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
+MixedPrecision = Literal["no", "fp16", "bf16"]
 
 
 @dataclass
@@ -261,11 +320,10 @@ class TrainConfig:
     )
     center_crop: bool = option(True, "resize the shorter side then center-crop (else squash)")
     random_flip: bool = option(False, "random horizontal flip (on the device)")
-    data_loading: str = option(
+    data_loading: DataLoading = option(
         "auto",
         "memory: decode once into a uint8 tensor on the device; stream: decode per batch in "
         "DataLoader workers; auto: memory when the decoded set is at most 4 GiB",
-        choices=("auto", "memory", "stream"),
     )
     num_workers: int | None = option(
         None, "DataLoader workers per process for --data-loading stream (default: cores/procs)"
@@ -273,24 +331,27 @@ class TrainConfig:
     # Speed (bench/train_step.py measures them).
     channels_last: bool = option(False, "channels-last memory format for the network (GPUs)")
     compile: bool = option(False, "torch.compile the network (first steps compile: minutes)")
-    compile_backend: str = option("inductor", "torch.compile backend (aot_eager: no codegen)")
-    # Run.
+    compile_backend: Literal["inductor", "aot_eager", "eager", "cudagraphs"] = option(
+        "inductor", "torch.compile backend (aot_eager: no codegen)"
+    )
+    # Optimization.
     output_dir: str = option("runs/train", "run directory: checkpoints, export, samples, logs")
     max_steps: int = option(2000, "number of optimizer steps")
     batch_size: int = option(64, "per-device batch size (global = this x processes x accumulation)")
     gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
+    optimizer: Literal["adam", "adamw"] = option("adamw", "optimizer")
     learning_rate: float = option(1e-3, "peak learning rate")
-    lr_schedule: str = option("constant", "after warmup", choices=("constant", "cosine"))
+    lr_schedule: Literal["constant", "cosine"] = option("constant", "after warmup")
     lr_warmup_steps: int = option(0, "linear warmup, in optimizer steps")
     weight_decay: float = option(0.0, "AdamW/Adam weight decay")
     max_grad_norm: float | None = option(1.0, "clip the gradient norm to this (none: no clipping)")
-    mixed_precision: str | None = option(
-        None,
-        "autocast dtype (default: the accelerate config's, else no)",
-        choices=("no", "fp16", "bf16"),
+    mixed_precision: MixedPrecision | None = option(
+        None, "autocast dtype (default: the accelerate config's, else no)"
     )
     seed: int = option(0, "seed for data order, noise and initial weights")
-    # Checkpoints and logging.
+    use_ema: bool = option(True, "keep an EMA of the weights (used for samples and the export)")
+    ema_max_decay: float = option(0.9999, "EMA decay after warmup: min(this, (1+s)/(10+s))")
+    # Checkpoints, logging, pictures, evaluation.
     save_on_each_node: bool = option(
         False,
         "the run directory is node-local (not shared): the main process of every node writes "
@@ -304,7 +365,15 @@ class TrainConfig:
     log_every: int = option(25, "log averaged losses every N steps (one host sync per log)")
     sample_every: int = option(500, "log a sample grid every N steps (0: only at the end)")
     num_sample_images: int = option(64, "images in each logged sample grid")
-    report_to: str = option("wandb", "experiment tracker", choices=("wandb", "none"))
+    sample_steps: int = option(50, "sampler steps for the logged grids and evaluation")
+    eval_every: int = option(
+        0, "FID/KID of samples vs the training data every N steps (0: off; eval extra)"
+    )
+    eval_num_samples: int = option(1000, "samples per evaluation (fixed seeds)")
+    eval_num_reference: int | None = option(
+        None, "reference: the first N training images (none: all; statistics are cached)"
+    )
+    report_to: Literal["wandb", "none"] = option("wandb", "experiment tracker")
     wandb_project: str = option("ddp-diffusion", "wandb project name")
     run_name: str | None = option(None, "wandb run name")
     # Fault tolerance (ddp_utils/guard.py).
@@ -318,61 +387,57 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
-        from ddp_utils.data import default_channels, default_resolution
-
         check_choices(self)
         if self.resolution is None:
             self.resolution = default_resolution(self.dataset)
         if self.channels is None:
             self.channels = default_channels(self.dataset)
-        _check(self.resolution >= 4, f"--resolution must be >= 4, got {self.resolution}")
-        _check(self.channels in (1, 3), f"--channels must be 1 or 3, got {self.channels}")
-        _check(self.max_steps >= 1, f"--max-steps must be >= 1, got {self.max_steps}")
-        _check(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
-        _check(
-            self.gradient_accumulation_steps >= 1,
-            f"--gradient-accumulation-steps must be >= 1, got {self.gradient_accumulation_steps}",
-        )
-        _check(
+        require(self.resolution >= 4, f"--resolution must be >= 4, got {self.resolution}")
+        require(self.channels in (1, 3), f"--channels must be 1 or 3, got {self.channels}")
+        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "log_every"):
+            value = getattr(self, name)
+            require(value >= 1, f"{flag_name(name)} must be >= 1, got {value}")
+        for name in ("checkpoint_every", "num_sample_images", "sample_steps"):
+            value = getattr(self, name)
+            require(value >= 1, f"{flag_name(name)} must be >= 1, got {value}")
+        for name in ("lr_warmup_steps", "sample_every", "eval_every"):
+            value = getattr(self, name)
+            require(value >= 0, f"{flag_name(name)} must be >= 0, got {value}")
+        require(
             0 < self.learning_rate < 1,
             f"--learning-rate must be in (0, 1), got {self.learning_rate}",
         )
-        _check(self.lr_warmup_steps >= 0, "--lr-warmup-steps must be >= 0")
-        _check(self.weight_decay >= 0, "--weight-decay must be >= 0")
-        _check(
+        require(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
+        require(
             self.max_grad_norm is None or self.max_grad_norm > 0,
             f"--max-grad-norm must be > 0 or none, got {self.max_grad_norm}",
         )
-        _check(
-            self.max_images is None or self.max_images >= 1,
-            f"--max-images must be >= 1, got {self.max_images}",
+        require(0 < self.ema_max_decay < 1, "--ema-max-decay must be in (0, 1)")
+        for name in ("max_images", "num_workers", "checkpoints_total_limit"):
+            value = getattr(self, name)
+            low = 0 if name == "num_workers" else 1
+            require(
+                value is None or value >= low,
+                f"{flag_name(name)} must be >= {low} or none, got {value}",
+            )
+        require(
+            self.eval_num_samples >= 2,
+            f"--eval-num-samples must be >= 2 (a covariance), got {self.eval_num_samples}",
         )
-        for name in ("checkpoint_every", "log_every"):
-            _check(getattr(self, name) >= 1, f"{flag_name(name)} must be >= 1")
-        _check(self.sample_every >= 0, "--sample-every must be >= 0")
-        _check(
-            self.num_workers is None or self.num_workers >= 0,
-            f"--num-workers must be >= 0 or none, got {self.num_workers}",
+        require(
+            self.eval_num_reference is None or self.eval_num_reference >= 2,
+            f"--eval-num-reference must be >= 2 or none, got {self.eval_num_reference}",
         )
-        _check(
-            self.compile_backend in ("inductor", "aot_eager", "eager", "cudagraphs"),
-            "--compile-backend must be inductor, aot_eager, eager or cudagraphs, "
-            f"got {self.compile_backend!r}",
-        )
-        _check(self.num_sample_images >= 1, "--num-sample-images must be >= 1")
         if self.max_train_time is not None:
-            from ddp_utils.guard import parse_duration
-
-            parse_duration(self.max_train_time)
-        _check(
+            try:
+                parse_duration(self.max_train_time)
+            except ValueError as err:
+                raise ValueError(f"--max-train-time {err}") from None
+        require(
             self.max_nonfinite_steps >= 1,
             f"--max-nonfinite-steps must be >= 1, got {self.max_nonfinite_steps}",
         )
-        _check(
-            self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1,
-            "--checkpoints-total-limit must be >= 1 or none",
-        )
-        _check(
+        require(
             self.resume in ("latest", "none") or Path(self.resume).is_dir(),
             f"--resume must be latest, none or an existing checkpoint folder, got {self.resume!r}",
         )

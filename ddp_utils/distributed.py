@@ -1,16 +1,13 @@
 """Accelerate setup and the few collective helpers the scripts need.
 
 This module knows nothing about models or diffusion. Everything that may communicate
-(`mean_across_ranks`, `all_true`) must be called on every rank.
+(`mean_across_ranks`, `gather_chunks`, `map_sharded`) must be called on every rank.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
-import os
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -79,67 +76,87 @@ def mean_across_ranks(accelerator: Accelerator, values: torch.Tensor) -> torch.T
     return accelerator.reduce(values.detach().float().contiguous(), reduction="mean")
 
 
-def all_true(accelerator: Accelerator, flag: bool) -> bool:
-    """True only when `flag` is true on every rank (collective: call on every rank)."""
-    if accelerator.num_processes == 1:
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
-    return bool(accelerator.reduce(value, reduction="sum").item() == accelerator.num_processes)
+# --------------------------------------------------------------------------- sharded work
+#
+# One rule for every job split over processes (training grids, FID features, sample.py,
+# evaluate.py): items are cut into chunks of `chunk_size`, and chunk k is done by rank
+# k % world_size. A chunk holds the same items whatever the number of processes, so with
+# per-item seeding the results are identical on 1 or N processes.
 
 
-def any_true(accelerator: Accelerator, flag: bool) -> bool:
-    """True when `flag` is true on at least one rank (collective: call on every rank)."""
-    return not all_true(accelerator, not flag)
+def local_chunks(num_items: int, chunk_size: int, world_size: int, rank: int) -> list[range]:
+    """The item ranges this rank works on: chunks rank, rank + world_size, ..."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk size must be >= 1, got {chunk_size}")
+    num_chunks = -(-num_items // chunk_size)
+    return [
+        range(k * chunk_size, min((k + 1) * chunk_size, num_items))
+        for k in range(rank, num_chunks, world_size)
+    ]
 
 
-def world_info(accelerator: Accelerator) -> dict[str, Any]:
-    """What a user wants to see at start: who runs where."""
-    return {
-        "num_processes": accelerator.num_processes,
-        "num_machines": int(
-            os.environ.get("ACCELERATE_NUM_MACHINES", os.environ.get("GROUP_WORLD_SIZE", 1))
-        ),
-        "device": str(accelerator.device),
-        "mixed_precision": accelerator.mixed_precision,
-        "distributed_type": str(accelerator.distributed_type),
-    }
+_DTYPES = (torch.uint8, torch.float32, torch.float64, torch.float16, torch.int64, torch.int32)
+_MAX_DIMS = 6
 
 
-def generate_sharded(
-    accelerator: Accelerator,
-    num_items: int,
-    batch_size: int,
-    make_chunk: Callable[[list[int]], torch.Tensor],
+def gather_chunks(
+    accelerator: Accelerator | None, local: list[torch.Tensor], num_items: int, chunk_size: int
 ) -> torch.Tensor:
-    """Run `make_chunk(indices)` over `range(num_items)` on all ranks; return all outputs.
+    """Every rank's chunk results, in item order, on the CPU of every rank (collective).
 
-    Chunk k (items [k*B, (k+1)*B)) is made by rank k % world_size, so each chunk has the
-    same composition whatever the number of processes: with per-item seeding the result is
-    identical for 1 or N processes. Every rank receives the full result in item order
-    (collective: call on every rank). `make_chunk` returns a tensor whose first dim is
-    len(indices).
+    `local[i]` is the result for this rank's i-th chunk of `local_chunks(...)`, first dim the
+    chunk's length; all results share one trailing shape and dtype. A rank without chunks
+    passes an empty list and learns the shape from the others (no work done to find it).
     """
-    world, rank = accelerator.num_processes, accelerator.process_index
-    num_chunks = math.ceil(num_items / batch_size)
-    outputs: list[torch.Tensor] = []
-    for first in range(0, num_chunks, world):
-        chunk = first + rank
-        indices = list(range(chunk * batch_size, min((chunk + 1) * batch_size, num_items)))
-        local = make_chunk(indices) if indices else None
-        if world == 1:
-            outputs.append(local)
-            continue
-        # Pad to a full chunk so every rank contributes the same shape to the gather.
-        if local is None:
-            local = make_chunk([0])[:0]
-        padded = torch.zeros((batch_size, *local.shape[1:]), dtype=local.dtype, device=local.device)
-        padded[: len(local)] = local
-        gathered = accelerator.gather(padded.to(accelerator.device)).reshape(
-            world, batch_size, *local.shape[1:]
+    world = 1 if accelerator is None else accelerator.num_processes
+    if world == 1:
+        if not local:
+            raise ValueError("nothing to gather: no chunks")
+        return torch.cat([t.cpu() for t in local])
+    assert accelerator is not None
+    device = accelerator.device
+    # Trailing shape and dtype: from any rank that has a chunk (a header of a few ints).
+    header = torch.full((2 + _MAX_DIMS,), -1, dtype=torch.int64)
+    if local:
+        sample = local[0]
+        if sample.dtype not in _DTYPES or sample.ndim - 1 > _MAX_DIMS:
+            raise ValueError(f"cannot gather {sample.dtype} tensors of {sample.ndim} dims")
+        header[0], header[1] = _DTYPES.index(sample.dtype), sample.ndim - 1
+        header[2 : 2 + sample.ndim - 1] = torch.tensor(sample.shape[1:])
+    headers = accelerator.gather(header.to(device)).view(world, -1).cpu()
+    known = headers[headers[:, 0] >= 0]
+    if len(known) == 0:
+        raise ValueError("nothing to gather: no rank has a chunk")
+    dtype, ndim = _DTYPES[int(known[0, 0])], int(known[0, 1])
+    trailing = tuple(int(d) for d in known[0, 2 : 2 + ndim])
+    # Pad every rank to the same number of full chunks, gather once, reorder by chunk.
+    num_chunks = -(-num_items // chunk_size)
+    num_slots = -(-num_chunks // world)
+    buffer = torch.zeros((num_slots, chunk_size, *trailing), dtype=dtype, device=device)
+    for slot, result in enumerate(local):
+        buffer[slot, : len(result)] = result.to(device)
+    gathered = accelerator.gather(buffer).view(world, num_slots, chunk_size, *trailing).cpu()
+    parts = []
+    for k in range(num_chunks):
+        size = min(chunk_size, num_items - k * chunk_size)
+        parts.append(gathered[k % world, k // world, :size])
+    return torch.cat(parts)
+
+
+def map_sharded(
+    accelerator: Accelerator | None,
+    num_items: int,
+    chunk_size: int,
+    fn: Callable[[range], torch.Tensor],
+) -> torch.Tensor:
+    """`fn(items)` over this rank's chunks, all results gathered in item order (collective)."""
+    world, rank = (
+        (1, 0)
+        if accelerator is None
+        else (
+            accelerator.num_processes,
+            accelerator.process_index,
         )
-        for offset in range(world):
-            c = first + offset
-            size = max(0, min(batch_size, num_items - c * batch_size))
-            if size:
-                outputs.append(gathered[offset, :size].cpu())
-    return torch.cat([o.cpu() for o in outputs])
+    )
+    chunks = local_chunks(num_items, chunk_size, world, rank)
+    return gather_chunks(accelerator, [fn(items) for items in chunks], num_items, chunk_size)

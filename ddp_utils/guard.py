@@ -25,7 +25,6 @@ counts here, and a skip resets the scaler's per-step state so that its next step
 from __future__ import annotations
 
 import logging
-import re
 import signal
 import threading
 import time
@@ -37,40 +36,7 @@ from accelerate import Accelerator
 
 logger = logging.getLogger("ddp_diffusion")
 
-STOP_EXIT_CODE = 75
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?)([hms])")
-
-
-class TrainingStopped(Exception):
-    """Preempted or out of time: a checkpoint was saved and the tracker closed (exit 75)."""
-
-
-class NonFiniteLossError(RuntimeError):
-    """Too many optimizer steps in a row had a non-finite loss; nothing was saved."""
-
-
-def parse_duration(text: str, flag: str = "--max-train-time") -> float:
-    """Seconds from `5400`, `90s`, `45m`, `2h30m`, `1.5h` or SLURM's `[H:]MM:SS` / `H:MM:SS`."""
-    value = text.strip().lower()
-    seconds: float | None = None
-    try:
-        seconds = float(value)
-    except ValueError:
-        if ":" in value and all(p.isdigit() for p in value.split(":")) and value.count(":") <= 2:
-            seconds = 0.0
-            for part in value.split(":"):
-                seconds = seconds * 60 + int(part)
-        elif value and _DURATION_PART.sub("", value) == "":
-            units = {"h": 3600.0, "m": 60.0, "s": 1.0}
-            seconds = sum(float(n) * units[u] for n, u in _DURATION_PART.findall(value))
-    if seconds is None or not seconds > 0 or seconds == float("inf"):
-        raise ValueError(
-            f"{flag} must be a positive duration: seconds (5400), 2h30m, 45m, 90s or "
-            f"H:MM:SS; got {text!r}"
-        )
-    return seconds
 
 
 @dataclass(frozen=True)

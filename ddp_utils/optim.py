@@ -8,20 +8,26 @@ global batch and needs nothing saved to resume.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from typing import Literal
 
 import torch
 
 
-def lr_at(step: int, base_lr: float, warmup_steps: int, max_steps: int, schedule: str) -> float:
+def lr_at(
+    step: int,
+    base_lr: float,
+    warmup_steps: int,
+    max_steps: int,
+    schedule: Literal["constant", "cosine"],
+) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warmup, then the schedule."""
     if warmup_steps > 0 and step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
     if schedule == "constant":
         return base_lr
-    if schedule == "cosine":
-        progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
-        return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    raise ValueError(f"--lr-schedule must be constant or cosine, got {schedule!r}")
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -30,19 +36,16 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 def make_optimizer(
-    name: str,
-    params,
+    name: Literal["adam", "adamw"],
+    params: Iterable[torch.nn.Parameter],
     lr: float,
-    betas: tuple[float, float],
     weight_decay: float,
     device: torch.device,
+    betas: tuple[float, float] = (0.9, 0.999),
 ) -> torch.optim.Optimizer:
-    """Adam (the seed's section 1) or AdamW (section 2); fused kernels on CUDA."""
+    """Adam or AdamW; fused kernels on CUDA."""
     kwargs = {"lr": lr, "betas": betas, "weight_decay": weight_decay}
     if device.type == "cuda":
         kwargs["fused"] = True
-    if name == "adam":
-        return torch.optim.Adam(params, **kwargs)
-    if name == "adamw":
-        return torch.optim.AdamW(params, **kwargs)
-    raise ValueError(f"--optimizer must be adam or adamw, got {name!r}")
+    optimizer_class = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+    return optimizer_class(params, **kwargs)

@@ -1,15 +1,15 @@
-"""What every training script does around its loop: set up, resume, save, stop, finish.
+"""A training run around its loop: set up, resume, save, stop, finish.
 
 `start_run` builds the Accelerator, finds the checkpoint to resume from (the same one on every
 rank), opens the tracker and loads the data; `Run.save` and `Run.restore` move model, EMA and
 optimizer state in and out of pickle-free checkpoints; `Run.check_step` is the per-step
 agreement of all ranks on skipping a non-finite update or stopping (SIGTERM, SIGUSR1,
-`--max-train-time`), and `Run.stop` saves nothing itself but closes the run and raises
-`TrainingStopped`, which `cli_main` turns into exit code 75. The scripts keep the loop itself.
+`--max-train-time`), and `Run.stop` closes the run and raises `TrainingStopped` (exit 75).
+The loop itself is `ddp_utils.loop.train`.
 
 Resume is exact (bit-identical weights, EMA and optimizer state after a kill at any point,
 with 1 or N processes) without saving any sampler or RNG state: data order is a pure function
-of (seed, micro-step, rank) (`ddp_utils.data.batch_indices`), noise and timesteps come from a
+of (seed, micro-step, rank) (`ddp_utils.data.batches`), noise and timesteps come from a
 generator seeded from (seed, micro-step, rank), and the LR from the step alone. Accelerate's
 seedable sampler + `skip_first_batches` would also be exact, but replays the skipped batches
 through the loader and needs `save_state`, whose custom objects are pickles.
@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -32,7 +29,6 @@ from accelerate.utils import DistributedType, str_to_bool
 
 from ddp_utils.checkpoint import (
     Checkpoint,
-    CheckpointError,
     config_differences,
     find_resume_checkpoint,
     list_checkpoints,
@@ -40,36 +36,21 @@ from ddp_utils.checkpoint import (
     optimizer_to_safetensors,
     write_checkpoint,
 )
-from ddp_utils.config import TrainConfig, save_config, to_dict
-from ddp_utils.data import Batches, ImageData, load_image_data
-from ddp_utils.distributed import make_accelerator, world_info
-from ddp_utils.guard import (
+from ddp_utils.cli import setup_logging
+from ddp_utils.config import TrainConfig, parse_duration, save_config, to_dict
+from ddp_utils.data import BatchSource, ImageData, load_image_data, make_batches
+from ddp_utils.distributed import make_accelerator
+from ddp_utils.ema import EMA
+from ddp_utils.errors import (
     STOP_EXIT_CODE,
+    CheckpointError,
     NonFiniteLossError,
-    StepGuard,
     TrainingStopped,
-    Verdict,
-    discard_gradients,
-    parse_duration,
 )
-from ddp_utils.streaming import StreamingBatches, make_batches
+from ddp_utils.guard import StepGuard, Verdict, discard_gradients
 from ddp_utils.tracking import Tracker
 
 logger = logging.getLogger("ddp_diffusion")
-
-
-def setup_logging(accelerator: Accelerator) -> None:
-    """INFO on the main process, warnings only elsewhere (one copy of every message)."""
-    level = logging.INFO if accelerator.is_main_process else logging.WARNING
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stdout,
-        force=True,
-    )
-    for noisy in ("datasets", "urllib3", "filelock", "PIL"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 @dataclass
@@ -80,14 +61,20 @@ class Run:
     tracker: Tracker
     data: ImageData
     checkpoint: Checkpoint | None  # the one resumed from, if any
-    started_at: float
     guard: StepGuard
 
-    def batches(self, start_micro_step: int) -> Batches | StreamingBatches:
+    def batches(self, start_micro_step: int, value_range: tuple[float, float]) -> BatchSource:
         """This rank's batches from `start_micro_step` on (in memory or streamed)."""
         cfg = self.cfg
         return make_batches(
-            self.data, cfg.batch_size, self.accelerator, cfg.seed, start_micro_step, cfg.num_workers
+            self.data,
+            cfg.batch_size,
+            self.accelerator,
+            cfg.seed,
+            value_range,
+            cfg.random_flip,
+            start_micro_step,
+            cfg.num_workers,
         )
 
     @property
@@ -104,23 +91,18 @@ class Run:
         cfg = self.cfg
         return cfg.batch_size * self.accelerator.num_processes * cfg.gradient_accumulation_steps
 
-    @property
-    def start_step(self) -> int:
-        return 0 if self.checkpoint is None else self.checkpoint.step
-
     # ------------------------------------------------------------------ checkpoints
 
     def restore(
         self,
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
-        model_config: dict[str, Any],
-        ema=None,
-        extra: dict[str, Any] | None = None,
+        ema: EMA | None,
+        task_info: dict[str, Any],
     ) -> int:
         """Load the resumed checkpoint into the (prepared) model/optimizer; return its step.
 
-        Refuses a checkpoint of another model class, model config or task (`extra["task"]`,
+        Refuses a checkpoint of another model class, model config or task (`task_info["task"]`,
         as passed to `save`), listing every difference.
         """
         ckpt = self.checkpoint
@@ -134,8 +116,8 @@ class Run:
         }
         current = {
             "model class": type(unwrapped).__name__,
-            "task": (extra or {}).get("task"),
-            **model_config,
+            "task": task_info.get("task"),
+            **dict(unwrapped.config),
         }
         differences = config_differences(saved, current)
         if differences:
@@ -186,9 +168,8 @@ class Run:
         step: int,
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
-        model_config: dict[str, Any],
-        ema=None,
-        extra: dict[str, Any] | None = None,
+        ema: EMA | None,
+        task_info: dict[str, Any],
     ) -> Path | None:
         """Write checkpoint-<step> (collective: call on every rank; only rank 0 writes).
 
@@ -215,12 +196,12 @@ class Run:
             state = {
                 "config": to_dict(self.cfg),
                 "model_class": type(unwrapped).__name__,
-                "model_config": model_config,
+                "model_config": dict(unwrapped.config),
                 "optimizer": opt_meta,
                 "grad_scaler": scaler.state_dict() if scaler is not None else None,
                 "num_processes": accelerator.num_processes,
                 "num_nonfinite_steps": self.guard.num_nonfinite_steps,
-                **(extra or {}),
+                **task_info,
             }
             path = write_checkpoint(
                 self.checkpoints_dir, step, tensors, state, self.cfg.checkpoints_total_limit
@@ -228,22 +209,6 @@ class Run:
             logger.info("saved %s", path)
         accelerator.wait_for_everyone()
         return path
-
-    def export(self, model: torch.nn.Module, folder: Path, task_info: dict[str, Any]) -> Path:
-        """`save_pretrained` + task.json into a temp folder, then rename (collective)."""
-        if self.is_writer:
-            import shutil
-
-            from ddp_utils.model_io import write_task_file
-
-            tmp = folder.with_name(folder.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            self.accelerator.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
-            write_task_file(tmp, resolution=self.cfg.resolution, **task_info)
-            shutil.rmtree(folder, ignore_errors=True)
-            tmp.rename(folder)
-        self.accelerator.wait_for_everyone()
-        return folder
 
     # ------------------------------------------------------------------ guarding the loop
 
@@ -308,7 +273,6 @@ class Run:
 
     def describe(self, num_parameters: int) -> None:
         cfg, acc = self.cfg, self.accelerator
-        info = world_info(acc)
         logger.info(
             "data: %s, %d images at %dx%d, %d channel(s)%s",
             self.data.source,
@@ -328,9 +292,9 @@ class Run:
         logger.info(
             "model: %s parameters; device %s, mixed precision %s, %s",
             f"{num_parameters:,}",
-            info["device"],
-            info["mixed_precision"],
-            info["distributed_type"],
+            acc.device,
+            acc.mixed_precision,
+            acc.distributed_type,
         )
         logger.info("run directory: %s", self.output_dir.resolve())
         logger.info(
@@ -344,7 +308,6 @@ class Run:
 
 def start_run(cfg: TrainConfig) -> Run:
     """Accelerator, resume point, tracker and data, in the order they depend on each other."""
-    started_at = time.time()
     accelerator = make_accelerator(
         cfg.mixed_precision,
         cfg.gradient_accumulation_steps,
@@ -352,7 +315,7 @@ def start_run(cfg: TrainConfig) -> Run:
         cfg.output_dir,
         cfg.seed,
     )
-    setup_logging(accelerator)
+    setup_logging(accelerator.is_main_process)
     # The time budget counts from here; signal handlers come with the first step.
     guard = StepGuard(
         accelerator, parse_duration(cfg.max_train_time) if cfg.max_train_time else None
@@ -398,7 +361,7 @@ def start_run(cfg: TrainConfig) -> Run:
         accelerator=accelerator,
         data_loading=cfg.data_loading,
     )
-    return Run(cfg, accelerator, output_dir, tracker, data, checkpoint, started_at, guard)
+    return Run(cfg, accelerator, output_dir, tracker, data, checkpoint, guard)
 
 
 def is_writer(accelerator: Accelerator, cfg: TrainConfig) -> bool:
@@ -419,30 +382,3 @@ def _check_same_checkpoint_everywhere(accelerator: Accelerator, ckpt: Checkpoint
             f"the ranks found different checkpoints to resume from (steps by rank: {steps}; "
             "-1 = none): --output-dir must be one folder that every node sees"
         )
-
-
-def cli_main(fn: Callable[[], Any]) -> None:
-    """Run a script's entry point and turn the known endings into exit codes:
-
-    - 2: a bad input (ValueError, missing file), with its message;
-    - 75 (`STOP_EXIT_CODE`): stopped by SIGTERM/SIGUSR1 or --max-train-time after saving;
-      run the same command again to continue;
-    - 1: too many non-finite losses in a row (`NonFiniteLossError`), nothing saved.
-
-    Set DDP_DIFFUSION_DEBUG=1 to see the traceback as well.
-    """
-    try:
-        fn()
-    except TrainingStopped as stopped:
-        print(f"stopped: {stopped}", file=sys.stderr)
-        sys.exit(STOP_EXIT_CODE)
-    except NonFiniteLossError as err:
-        if os.environ.get("DDP_DIFFUSION_DEBUG"):
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
-    except (ValueError, FileNotFoundError) as err:
-        if os.environ.get("DDP_DIFFUSION_DEBUG"):
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)

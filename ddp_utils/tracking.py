@@ -24,6 +24,8 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from ddp_utils.files import write_text
+
 logger = logging.getLogger(__name__)
 
 
@@ -92,9 +94,7 @@ class Tracker:
                         kept.append(line)
                 except json.JSONDecodeError:
                     continue  # a line cut by a kill
-        tmp = self.metrics_file.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(self.metrics_file)
+        write_text(self.metrics_file, "".join(line + "\n" for line in kept))
 
     def _run_id(self, resume_step: int | None) -> str:
         id_file = self.output_dir / "wandb_run_id"
@@ -105,7 +105,7 @@ class Tracker:
     def _new_run_id(self) -> str:
         run_id = uuid.uuid4().hex[:12]
         if self.is_main:
-            (self.output_dir / "wandb_run_id").write_text(run_id + "\n")
+            write_text(self.output_dir / "wandb_run_id", run_id + "\n")
         return run_id
 
     def _init_wandb(self, project: str, run_name: str | None, config, resume_step) -> bool:

@@ -1,4 +1,4 @@
-"""DDPM training math (seed section 2): noise schedule, regression target, min-SNR-weighted loss.
+"""DDPM training math: noise schedule, regression target, min-SNR-weighted loss.
 
 Notation follows Ho et al. 2020: alpha_bar_t = prod_{s<=t} (1 - beta_s), and the forward
 process (DDPM eq. 4) x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps, eps ~ N(0, I).
@@ -6,7 +6,9 @@ process (DDPM eq. 4) x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps, eps
 
 from __future__ import annotations
 
+import typing
 import weakref
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -14,28 +16,24 @@ from diffusers import DDPMScheduler
 
 from diffusion.models import predict
 
-BETA_SCHEDULES = ("squaredcos_cap_v2", "linear")
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+VALUE_RANGE = (-1.0, 1.0)  # images are normalised to [-1, 1], the range of the Gaussian noise
+BetaSchedule = Literal["squaredcos_cap_v2", "linear"]
+PredictionType = Literal["epsilon", "v_prediction", "sample"]
+PREDICTION_TYPES = typing.get_args(PredictionType)
 
 
 def make_train_scheduler(
-    beta_schedule: str = "squaredcos_cap_v2",
+    beta_schedule: BetaSchedule = "squaredcos_cap_v2",
     num_train_timesteps: int = 1000,
-    prediction_type: str = "epsilon",
+    prediction_type: PredictionType = "epsilon",
 ) -> DDPMScheduler:
     """The noise schedule used in training; samplers are later built from its config.
 
-    Default is the seed's 2.1.6 choice: the cosine schedule of Nichol & Dhariwal 2021, which
-    destroys information more evenly than DDPM's linear betas at small resolutions.
+    The default is the cosine schedule of Nichol & Dhariwal 2021, which destroys information
+    more evenly than DDPM's linear betas at small resolutions.
     """
-    if beta_schedule not in BETA_SCHEDULES:
-        raise ValueError(f"--beta-schedule must be one of {BETA_SCHEDULES}; got {beta_schedule!r}")
-    if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(
-            f"--prediction-type must be one of {PREDICTION_TYPES}; got {prediction_type!r}"
-        )
     if num_train_timesteps < 2:
-        raise ValueError(f"--num-train-timesteps must be >= 2; got {num_train_timesteps}")
+        raise ValueError(f"the number of timesteps must be >= 2; got {num_train_timesteps}")
     return DDPMScheduler(
         num_train_timesteps=num_train_timesteps,
         beta_schedule=beta_schedule,
@@ -104,7 +102,7 @@ def min_snr_weights(
       sample: min(SNR, gamma); epsilon: min(SNR, gamma) / SNR; v: min(SNR, gamma) / (SNR + 1).
     """
     if gamma <= 0:
-        raise ValueError(f"--min-snr-gamma must be > 0; got {gamma}")
+        raise ValueError(f"min-SNR gamma must be > 0; got {gamma}")
     ratio = snr(scheduler, timesteps)
     clamped = ratio.clamp(max=gamma)
     prediction_type = scheduler.config.prediction_type

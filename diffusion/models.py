@@ -1,4 +1,4 @@
-"""Denoising networks: the seed's hand-written BasicUNet and diffusers' UNet2DModel presets.
+"""Denoising networks: a small hand-written UNet for the basic model, and UNet2DModel presets.
 
 Both kinds are diffusers `ModelMixin`s, so every model in this project is exported the same way
 (`save_pretrained` -> `config.json` + `diffusion_pytorch_model.safetensors`) and `load_model`
@@ -10,27 +10,29 @@ from __future__ import annotations
 import inspect
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from diffusers import ModelMixin, UNet2DModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from torch import nn
 
+from ddp_utils.errors import InputError
+
 # ---------------------------------------------------------------------------------------------
-# The seed's BasicUNet (notes section 1.3.1)
+# BasicUNet: the basic model's network
 # ---------------------------------------------------------------------------------------------
 
 
 class BasicUNet(ModelMixin, ConfigMixin):
-    """The seed's minimal UNet: three 5x5 conv levels with additive skips, no time input.
+    """A minimal UNet: three 5x5 conv levels with additive skips, no time input.
 
-    It predicts the clean image x0 from a corrupted one (seed section 1.3), so it needs no
-    timestep. Made a diffusers `ModelMixin` so it exports/loads exactly like `UNet2DModel`.
+    It predicts the clean image x0 from a corrupted one, so it needs no timestep. Made a
+    diffusers `ModelMixin` so it exports/loads exactly like `UNet2DModel`.
 
-    The seed also builds a `BatchNorm2d(64)` that `forward` never calls; it only changes the
-    parameter count (309,185 instead of 309,057). `with_unused_batchnorm=True` recreates it for
-    a faithful count; by default it is left out so DDP does not see parameters without gradients.
+    The tutorial network this reproduces also builds a `BatchNorm2d(64)` that `forward` never
+    calls; it only changes the parameter count (309,185 instead of 309,057). `with_unused_batchnorm=True` recreates it for a faithful count; by
+    default it is left out so DDP does not see parameters without gradients.
     """
 
     @register_to_config
@@ -71,7 +73,7 @@ class BasicUNet(ModelMixin, ConfigMixin):
             if i > 0:
                 x = self.upscale(x)
                 x = x + skips.pop()  # out-of-place: `+=` would overwrite a tensor autograd saved
-            # The seed applies SiLU after the last layer too (output >= -0.28); kept as reference.
+            # SiLU after the last layer too (output >= -0.28), as in the original network.
             x = self.act(layer(x))
         return x
 
@@ -80,10 +82,8 @@ class BasicUNet(ModelMixin, ConfigMixin):
 # Model construction
 # ---------------------------------------------------------------------------------------------
 
-BASIC_MODEL_NAMES = ("basic", "unet")
-
-# The seed's section 1.5 UNet2DModel for the corruption task (1,707,009 params at 1 channel).
-_SEED_BASIC_UNET: dict[str, Any] = {
+# The UNet2DModel variant of the basic model (1,707,009 params at 1 channel).
+_BASIC_UNET2D: dict[str, Any] = {
     "layers_per_block": 2,
     "block_out_channels": (32, 64, 64),
     "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
@@ -92,15 +92,25 @@ _SEED_BASIC_UNET: dict[str, Any] = {
 
 # UNet2DModel kwargs without sample_size / in_channels / out_channels (those come from the data).
 DDPM_PRESETS: dict[str, dict[str, Any]] = {
-    # Seed section 2.1.4: 4,654,723 params at 3 channels.
-    "seed-small": {
+    # Small default for 16x16 / 32x32 grayscale digits on a 2-core CPU: 810,817 params at
+    # 1 channel; forward+backward of a batch of 64 at 16x16 takes ~0.12 s on 2 threads.
+    # Attention only at the lowest resolution (and in the mid block), where it is cheap;
+    # (32, 64, 64) was ~40% slower per step for 37% more parameters.
+    "digits-small": {
+        "block_out_channels": (32, 32, 64),
+        "down_block_types": ("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+        "up_block_types": ("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        "layers_per_block": 1,
+    },
+    # 4,654,723 params at 3 channels: three levels, attention at the lowest (16x16 -> 8x8).
+    "unet-4.7m": {
         "block_out_channels": (64, 64, 128),
         "down_block_types": ("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
         "up_block_types": ("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
         "layers_per_block": 2,
     },
-    # Seed section 2.1.8 (the one-file script): 18,536,323 params at 3 channels.
-    "seed-large": {
+    # 18,536,323 params at 3 channels: four levels, attention at the two lowest.
+    "unet-18.5m": {
         "block_out_channels": (64, 128, 128, 256),
         "down_block_types": ("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
         "up_block_types": ("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
@@ -122,17 +132,9 @@ DDPM_PRESETS: dict[str, dict[str, Any]] = {
         "flip_sin_to_cos": False,
         "freq_shift": 1,
     },
-    # Small default for 16x16 / 32x32 grayscale digits on a 2-core CPU: 810,817 params at
-    # 1 channel; forward+backward of a batch of 64 at 16x16 takes ~0.12 s on 2 threads.
-    # Attention only at the lowest resolution (and in the mid block), where it is cheap;
-    # (32, 64, 64) was ~40% slower per step for 37% more parameters.
-    "digits-small": {
-        "block_out_channels": (32, 32, 64),
-        "down_block_types": ("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
-        "up_block_types": ("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-        "layers_per_block": 1,
-    },
 }
+
+RENAMED_PRESETS = {"seed-small": "unet-4.7m", "seed-large": "unet-18.5m"}
 
 # Arguments UNet2DModel accepts; a JSON preset may use only these (plus diffusers' "_" keys).
 _UNET_SIGNATURE = inspect.signature(UNet2DModel.__init__).parameters
@@ -144,9 +146,10 @@ def _check_resolution(resolution: int, num_downsamples: int) -> None:
     """Each downsampling halves the image; an odd size would break the skip-connection shapes."""
     factor = 2**num_downsamples
     if resolution <= 0 or resolution % factor != 0:
-        raise ValueError(
-            f"--resolution must be a positive multiple of {factor} for this model "
-            f"({num_downsamples} downsamplings); got {resolution}"
+        raise InputError(
+            f"must be a positive multiple of {factor} for this model "
+            f"({num_downsamples} downsamplings); got {resolution}",
+            "resolution",
         )
 
 
@@ -155,16 +158,14 @@ def _check_channels(channels: int) -> None:
         raise ValueError(f"channels must be >= 1; got {channels}")
 
 
-def build_basic_model(name: str, resolution: int, channels: int) -> nn.Module:
-    """Build the corruption-task denoiser: `"basic"` (seed 1.3.1) or `"unet"` (seed 1.5.1)."""
-    if name not in BASIC_MODEL_NAMES:
-        raise ValueError(f"model name must be one of {BASIC_MODEL_NAMES}; got {name!r}")
+def build_basic_model(name: Literal["basic", "unet"], resolution: int, channels: int) -> nn.Module:
+    """The basic model's network: `"basic"` (BasicUNet) or `"unet"` (a UNet2DModel)."""
     _check_channels(channels)
     _check_resolution(resolution, num_downsamples=2)
     if name == "basic":
         return BasicUNet(in_channels=channels, out_channels=channels)
     return UNet2DModel(
-        sample_size=resolution, in_channels=channels, out_channels=channels, **_SEED_BASIC_UNET
+        sample_size=resolution, in_channels=channels, out_channels=channels, **_BASIC_UNET2D
     )
 
 
@@ -172,27 +173,29 @@ def _read_preset(preset: str) -> dict[str, Any]:
     """A preset name, or a JSON file holding UNet2DModel kwargs (e.g. an exported config.json)."""
     if preset in DDPM_PRESETS:
         return dict(DDPM_PRESETS[preset])
+    if preset in RENAMED_PRESETS:
+        raise InputError(f"{preset!r} is now called {RENAMED_PRESETS[preset]!r}", "preset")
     path = Path(preset)
     if not path.is_file():
-        raise ValueError(
-            f"UNet preset must be one of {sorted(DDPM_PRESETS)} or a path to a JSON file "
-            f"with UNet2DModel arguments; got {preset!r} (no such file)"
+        raise InputError(
+            f"must be one of {', '.join(DDPM_PRESETS)} or a path to a JSON file "
+            f"with UNet2DModel arguments; got {preset!r} (no such file)",
+            "preset",
         )
     try:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"UNet preset file {path} is not valid JSON: {err}") from err
+        raise InputError(f"{path} is not valid JSON: {err}", "preset") from None
     if not isinstance(config, dict):
-        raise ValueError(
-            f"UNet preset file {path} must hold a JSON object of UNet2DModel arguments"
-        )
+        raise InputError(f"{path} must hold a JSON object of UNet2DModel arguments", "preset")
     # Keys starting with "_" are diffusers metadata (_class_name, _diffusers_version).
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     unknown = sorted(set(config) - _UNET_ARGS)
     if unknown:
-        raise ValueError(
-            f"UNet preset file {path} has keys UNet2DModel does not accept: {unknown}; "
-            f"allowed: {sorted(_UNET_ARGS)}"
+        raise InputError(
+            f"{path} has keys UNet2DModel does not accept: {unknown}; "
+            f"allowed: {sorted(_UNET_ARGS)}",
+            "preset",
         )
     # JSON has no tuples; diffusers stores them as tuples, so keep configs comparable.
     return {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
@@ -214,7 +217,7 @@ def build_ddpm_unet(preset: str, resolution: int, channels: int) -> UNet2DModel:
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Number of parameters (shared tensors counted once), as the seed prints it."""
+    """Number of parameters (shared tensors counted once)."""
     return sum(p.numel() for p in model.parameters())
 
 
@@ -241,46 +244,11 @@ def predict(
 
     `model` may be wrapped (DDP, torch.compile): it is called as given so gradient sync still
     happens, and only unwrapped to decide how to read the output. A UNet2DModel always needs a
-    timestep; for the corruption task the seed (section 1.5.2) passes 0, so None means 0.
+    timestep; the basic model has none, and passes 0 (None also means 0).
     """
     if isinstance(unwrap_model(model), UNet2DModel):
         return model(x, 0 if timesteps is None else timesteps, return_dict=False)[0]
     return model(x, timesteps)
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading an exported model
-# ---------------------------------------------------------------------------------------------
-
-_LOADABLE: dict[str, type[ModelMixin]] = {"BasicUNet": BasicUNet, "UNet2DModel": UNet2DModel}
-_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-
-
-def load_model(path: str | Path) -> nn.Module:
-    """Load a folder written by `save_pretrained` (config.json + safetensors weights).
-
-    The class comes from the config's `_class_name`, so a sampler needs nothing but the folder.
-    """
-    folder = Path(path)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"model folder {folder} does not exist or is not a directory")
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(
-            f"{folder} is not an exported model: config.json is missing "
-            "(expected a folder written by save_pretrained)"
-        )
-    if not (folder / _WEIGHTS_NAME).is_file():
-        raise FileNotFoundError(f"{folder} is not an exported model: {_WEIGHTS_NAME} is missing")
-    try:
-        class_name = json.loads(config_path.read_text()).get("_class_name")
-    except (json.JSONDecodeError, AttributeError) as err:
-        raise ValueError(f"{config_path} is not a JSON object: {err}") from err
-    if class_name not in _LOADABLE:
-        raise ValueError(
-            f"{config_path} has _class_name {class_name!r}; expected one of {sorted(_LOADABLE)}"
-        )
-    return _LOADABLE[class_name].from_pretrained(folder, use_safetensors=True)
 
 
 def speed_up(

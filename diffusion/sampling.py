@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping, Sequence
+from typing import Literal
 
 import torch
 from diffusers import (
@@ -21,20 +22,7 @@ from diffusers import (
     UNet2DModel,
 )
 
-from diffusion.images import make_grid, save_png, to_uint8
 from diffusion.models import predict, unwrap_model
-
-__all__ = [
-    "INFERENCE_SCHEDULERS",
-    "make_grid",
-    "make_inference_scheduler",
-    "make_sample_generators",
-    "model_autocast",
-    "sample_ddpm",
-    "sample_seed",
-    "save_png",
-    "to_uint8",
-]
 
 _MASK64 = (1 << 64) - 1
 
@@ -83,6 +71,7 @@ def model_autocast(
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
+SamplerName = Literal["ddpm", "ddim", "dpm-solver"]
 INFERENCE_SCHEDULERS: dict[str, type[SchedulerMixin]] = {
     "ddpm": DDPMScheduler,
     "ddim": DDIMScheduler,
@@ -91,15 +80,13 @@ INFERENCE_SCHEDULERS: dict[str, type[SchedulerMixin]] = {
 
 
 def make_inference_scheduler(
-    name: str, train_scheduler_config: Mapping[str, object]
+    name: SamplerName, train_scheduler_config: Mapping[str, object]
 ) -> SchedulerMixin:
     """Build the sampler `name` from the training scheduler's config.
 
     `from_config` carries over the betas and prediction_type the model was trained with; a
     sampler built with its own defaults would silently denoise with the wrong schedule.
     """
-    if name not in INFERENCE_SCHEDULERS:
-        raise ValueError(f"--scheduler must be one of {sorted(INFERENCE_SCHEDULERS)}; got {name!r}")
     return INFERENCE_SCHEDULERS[name].from_config(train_scheduler_config)
 
 
@@ -123,11 +110,11 @@ def sample_ddpm(
     1: DDPM-like) and must stay 0 for the other samplers, which have no such knob.
     """
     if num_inference_steps < 1:
-        raise ValueError(f"--num-inference-steps must be >= 1; got {num_inference_steps}")
+        raise ValueError(f"the number of sampling steps must be >= 1; got {num_inference_steps}")
     if eta < 0:
-        raise ValueError(f"--eta must be >= 0; got {eta}")
+        raise ValueError(f"eta must be >= 0; got {eta}")
     if eta != 0 and not isinstance(scheduler, DDIMScheduler):
-        raise ValueError(f"--eta applies only to --scheduler ddim; got eta={eta} for {scheduler}")
+        raise ValueError(f"eta applies only to DDIM; got eta={eta} for {type(scheduler).__name__}")
     if progression_every is not None and progression_every < 1:
         raise ValueError(f"progression_every must be >= 1 or None; got {progression_every}")
     model = unwrap_model(unet)

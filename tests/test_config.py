@@ -96,6 +96,7 @@ def test_yaml_and_json_config_files_set_fields_and_flags_win(tmp_path):
         ("max_steps: yes\n", ["--max-steps: expected int, got True"]),
         ("center_crop: maybe\n", ["--center-crop: expected true or false"]),
         ("resolution: 18\n", ["--resolution must be divisible by 4"]),
+        ("max_steps: 3.7\n", ["--max-steps: expected a whole number, got 3.7"]),
         ("- a list\n", ["must hold a mapping"]),
         ("batch_size: [1\n", ["does not parse"]),
     ],
@@ -106,6 +107,37 @@ def test_config_file_errors_name_the_field(tmp_path, capsys, text, expected):
     err = parse_error(["--config", str(config_file)], capsys)
     for part in expected:
         assert part in err
+
+
+def test_whole_floats_in_a_config_file_are_ints(tmp_path):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("max_steps: 3.0\n")
+    cfg = parse(["--config", str(config_file)])
+    assert cfg.max_steps == 3 and isinstance(cfg.max_steps, int)
+
+
+def test_underscore_flags_are_accepted_like_diffusers_examples():
+    cfg = parse(["--batch_size", "5", "--max_grad_norm=none", "--no-center_crop"])
+    assert (cfg.batch_size, cfg.max_grad_norm, cfg.center_crop) == (5, None, False)
+
+
+@pytest.mark.parametrize(
+    ("script", "argv", "expected"),
+    [
+        ("train_ddpm", ["--beta-schedule", "cosine"], "'squaredcos_cap_v2', 'linear'"),
+        ("train_ddpm", ["--prediction-type", "x0"], "'epsilon', 'v_prediction', 'sample'"),
+        ("train_ddpm", ["--data-loading", "disk"], "'auto', 'memory', 'stream'"),
+        ("sample", ["runs", "--scheduler", "euler"], "'ddpm', 'ddim', 'dpm-solver'"),
+    ],
+)
+def test_choices_of_every_script_are_checked_at_the_command_line(script, argv, expected, capsys):
+    module = __import__(script)
+    config_class = {"train_ddpm": "DDPMConfig", "sample": "SampleConfig"}[script]
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(getattr(module, config_class), argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {argv[-2]}: invalid choice" in err and expected in err
 
 
 def test_missing_config_file(tmp_path, capsys):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ddp_utils.data import Batches, ImageData, batch_indices, load_image_data
+from ddp_utils.data import ImageData, MemoryBatches, batch_indices, load_image_data
 
 # --------------------------------------------------------------------------- helpers
 
@@ -68,7 +68,7 @@ def test_damaged_cache_is_rebuilt(tmp_path, caplog):
     (cache_file,) = (tmp_path / "cache").glob("images-*.npz")
     for damage in (b"", b"PK\x03\x04 not really a zip", cache_file.read_bytes()[:500]):
         cache_file.write_bytes(damage)
-        with caplog.at_level(logging.WARNING, logger="ddp_utils.data"):
+        with caplog.at_level(logging.WARNING, logger="ddp_diffusion"):
             again = load("digits", tmp_path, resolution=8, channels=1)
         assert torch.equal(again.images, first.images)
         assert "damaged" in caplog.text
@@ -81,7 +81,8 @@ def test_concurrent_cache_writers_do_not_collide(tmp_path, monkeypatch):
     import socket
     from concurrent.futures import ThreadPoolExecutor
 
-    from ddp_utils import data as data_module
+    from ddp_utils import files
+    from ddp_utils.data import decode
 
     path = tmp_path / "images-x.npz"
     images = np.random.default_rng(0).integers(0, 255, (64, 1, 8, 8), dtype=np.uint8)
@@ -92,12 +93,12 @@ def test_concurrent_cache_writers_do_not_collide(tmp_path, monkeypatch):
         seen.append(Path(file).name)
         return real_open(file, *args, **kwargs)
 
-    monkeypatch.setattr(data_module, "open", spy_open, raising=False)
+    monkeypatch.setattr(files, "open", spy_open, raising=False)
     with ThreadPoolExecutor(4) as pool:
-        list(pool.map(lambda _: data_module._write_cache(path, "x", images, [], 0), range(8)))
+        list(pool.map(lambda _: decode.write_cache(path, "x", images, [], 0), range(8)))
     monkeypatch.undo()
     assert len(set(seen)) == 8 and all(socket.gethostname() in name for name in seen)
-    cached = data_module._read_cache(path, "x")
+    cached = decode.read_cache(path, "x")
     assert cached is not None and np.array_equal(cached[0], images)
     assert [p.name for p in tmp_path.iterdir()] == ["images-x.npz"]
 
@@ -136,7 +137,7 @@ def _mixed_folder(root: Path) -> dict[str, Path]:
 def test_image_folder_skips_and_names_bad_files(tmp_path, caplog):
     root = tmp_path / "images"
     files = _mixed_folder(root)
-    with caplog.at_level(logging.INFO, logger="ddp_utils.data"):
+    with caplog.at_level(logging.INFO, logger="ddp_diffusion"):
         data = load(root, tmp_path, resolution=16, channels=3)
     assert data.num_images == len(files["good"])
     assert data.images.shape == (len(files["good"]), 3, 16, 16)
@@ -174,11 +175,11 @@ def test_small_images_are_upscaled_and_counted(tmp_path, caplog):
     save(Image.fromarray(checker), root / "small.png")
     save(Image.new("L", (8, 40), 50), root / "narrow.png")  # shorter side below 16
     save(Image.new("L", (32, 32), 50), root / "big.png")
-    with caplog.at_level(logging.INFO, logger="ddp_utils.data"):
+    with caplog.at_level(logging.INFO, logger="ddp_diffusion"):
         data = load(root, tmp_path, resolution=16, channels=1)
     assert data.num_images == 3 and data.num_skipped == 0
     assert data.num_upscaled == 2
-    assert "2 image(s) smaller than --resolution 16 were upscaled" in caplog.text
+    assert "2 image(s) smaller than the resolution 16 were upscaled" in caplog.text
     small = data.images[[i for i in range(3) if data.images[i].float().std() > 10][0], 0]
     assert small[2, 2] < 60 and small[2, 13] > 200  # the checker pattern survives, enlarged
 
@@ -234,7 +235,7 @@ def test_save_to_disk_dataset_and_split(tmp_path):
 
     DatasetDict({"train": ds, "test": ds.select([0])}).save_to_disk(str(tmp_path / "dict"))
     assert load(tmp_path / "dict", tmp_path, resolution=8, split="test").num_images == 1
-    with pytest.raises(ValueError, match=r"--split 'validation'.*train, test"):
+    with pytest.raises(ValueError, match=r"--split: 'validation' is not a split.*train, test"):
         load(tmp_path / "dict", tmp_path, resolution=8, split="validation")
 
 
@@ -254,7 +255,9 @@ def test_empty_datasets_are_errors(tmp_path):
     from datasets import Image as ImageFeature
 
     (tmp_path / "empty_folder").mkdir()
-    with pytest.raises(ValueError, match="empty_folder: the folder holds no image files"):
+    with pytest.raises(
+        ValueError, match="--dataset: the folder .*empty_folder holds no image files"
+    ):
         load(tmp_path / "empty_folder", tmp_path)
     Dataset.from_dict({"image": []}, features=None).cast_column(
         "image", ImageFeature()
@@ -278,9 +281,11 @@ def test_image_column_detection(tmp_path):
     two = Dataset.from_dict({"photo": pictures, "mask": pictures, "label": [0, 1]})
     two = two.cast_column("photo", ImageFeature()).cast_column("mask", ImageFeature())
     two.save_to_disk(str(tmp_path / "two"))
-    with pytest.raises(ValueError, match=r"several image columns \(photo, mask\).*--image-column"):
+    with pytest.raises(ValueError, match=r"--image-column: several image columns \(photo, mask\)"):
         load(tmp_path / "two", tmp_path, resolution=8)
-    with pytest.raises(ValueError, match=r"--image-column 'nope'.*photo, mask, label"):
+    with pytest.raises(
+        ValueError, match=r"--image-column: 'nope' is not a column.*photo, mask, label"
+    ):
         load(tmp_path / "two", tmp_path, resolution=8, image_column="nope")
     assert load(tmp_path / "two", tmp_path, resolution=8, image_column="mask").num_images == 2
 
@@ -320,8 +325,9 @@ def test_resume_at_step_k_gives_the_same_batches():
     images = torch.arange(30, dtype=torch.uint8).view(30, 1, 1, 1).expand(30, 1, 2, 2).clone()
     data = ImageData(images=images, fingerprint="x", source="test")
     accelerator = SimpleNamespace(num_processes=2, process_index=1, device=torch.device("cpu"))
-    uninterrupted = Batches(data, 4, accelerator, seed=3)
-    stream = [uninterrupted.get(step) for step in range(20)]  # crosses several epochs
-    resumed = Batches(data, 4, accelerator, seed=3)  # a new process after a restart at step 11
+    uninterrupted = MemoryBatches(data, 4, accelerator, 3, (0.0, 1.0), False)
+    stream = [uninterrupted.uint8_images(step) for step in range(20)]  # crosses several epochs
+    # A new process after a restart at step 11.
+    resumed = MemoryBatches(data, 4, accelerator, 3, (0.0, 1.0), False)
     for step in range(11, 20):
-        assert torch.equal(resumed.get(step), stream[step])
+        assert torch.equal(resumed.uint8_images(step), stream[step])

@@ -10,13 +10,13 @@ import torch
 from diffusers import UNet2DModel
 from torch import nn
 
+from diffusion.loading import load_model
 from diffusion.models import (
     DDPM_PRESETS,
     BasicUNet,
     build_basic_model,
     build_ddpm_unet,
     count_parameters,
-    load_model,
     predict,
 )
 
@@ -114,8 +114,8 @@ def test_seed_section_1_5_unet_parameter_count() -> None:
 @pytest.mark.parametrize(
     ("preset", "expected"),
     [
-        ("seed-small", 4_654_723),
-        ("seed-large", 18_536_323),
+        ("unet-4.7m", 4_654_723),
+        ("unet-18.5m", 18_536_323),
         ("ddpm-cifar10", 35_746_307),
         ("digits-small", 811_971),
     ],
@@ -210,11 +210,11 @@ def test_json_preset_with_unknown_keys_is_rejected_by_name(tmp_path: Path) -> No
         build_ddpm_unet(str(path), resolution=16, channels=1)
 
 
-def test_unknown_names_are_rejected_with_the_choices() -> None:
-    with pytest.raises(ValueError, match="digits-small"):
+def test_unknown_and_renamed_presets_are_rejected_with_the_choices() -> None:
+    with pytest.raises(ValueError, match="--preset: must be one of digits-small, unet-4.7m"):
         build_ddpm_unet("digits-large", resolution=16, channels=1)
-    with pytest.raises(ValueError, match="basic"):
-        build_basic_model("resnet", resolution=16, channels=1)
+    with pytest.raises(ValueError, match="--preset: 'seed-small' is now called 'unet-4.7m'"):
+        build_ddpm_unet("seed-small", resolution=16, channels=1)
 
 
 @pytest.mark.parametrize(
@@ -222,7 +222,7 @@ def test_unknown_names_are_rejected_with_the_choices() -> None:
     [
         lambda: build_basic_model("basic", resolution=30, channels=1),
         lambda: build_basic_model("unet", resolution=14, channels=1),
-        lambda: build_ddpm_unet("seed-large", resolution=20, channels=3),  # needs a multiple of 8
+        lambda: build_ddpm_unet("unet-18.5m", resolution=20, channels=3),  # needs a multiple of 8
     ],
 )
 def test_resolution_the_network_cannot_halve_is_a_clear_error(build) -> None:

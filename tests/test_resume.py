@@ -32,7 +32,9 @@ from ddp_utils.checkpoint import (
     list_checkpoints,
     read_checkpoint,
 )
-from ddp_utils.guard import STOP_EXIT_CODE, StepGuard, discard_gradients, parse_duration
+from ddp_utils.config import parse_duration
+from ddp_utils.errors import STOP_EXIT_CODE
+from ddp_utils.guard import StepGuard, discard_gradients
 from tests import tiny_runs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -450,7 +452,7 @@ def test_max_train_time_accepts_seconds_units_and_clock_time() -> None:
     assert parse_duration("1:30:00") == 5400
     assert parse_duration("45:00") == 2700
     for bad in ("soon", "0", "-5", "2x", "1:2:3:4", ""):
-        with pytest.raises(ValueError, match="--max-train-time"):
+        with pytest.raises(ValueError, match="must be a positive duration"):
             parse_duration(bad)
     from ddp_utils.config import TrainConfig
 

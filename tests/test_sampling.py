@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from diffusion.corruption import sample_basic
+from ddp_utils.images import make_grid, save_png, to_uint8
+from diffusion.basic import sample_basic
 from diffusion.ddpm import make_train_scheduler
-from diffusion.images import make_grid, save_png, to_uint8
 from diffusion.models import BasicUNet, build_ddpm_unet
 from diffusion.sampling import make_inference_scheduler, sample_ddpm, sample_seed
 
@@ -126,15 +126,13 @@ def test_inference_scheduler_inherits_the_training_schedule() -> None:
         torch.testing.assert_close(sampler.alphas_cumprod, train.alphas_cumprod)
 
 
-def test_sampler_misuse_names_the_flag(unet: nn.Module) -> None:
-    with pytest.raises(ValueError, match="--scheduler"):
-        scheduler("euler")
-    with pytest.raises(ValueError, match="--eta"):
+def test_eta_is_refused_for_samplers_without_it(unet: nn.Module) -> None:
+    with pytest.raises(ValueError, match="eta applies only to DDIM"):
         sample_ddpm(unet, scheduler("ddpm"), [0], seed=0, num_inference_steps=2, eta=0.5)
 
 
 def test_basic_sampler_ends_on_the_models_prediction() -> None:
-    """The seed's last step has mix factor 1, so the output is the model's final x0 estimate."""
+    """The last step has mix factor 1, so the output is the model's final x0 estimate."""
 
     class Oracle(nn.Module):
         def forward(self, x: torch.Tensor, timestep: object = None) -> torch.Tensor:

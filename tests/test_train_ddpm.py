@@ -10,7 +10,6 @@ import json
 import math
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -28,6 +27,7 @@ from tiny_runs import (
 )
 
 import train_ddpm
+from ddp_utils.evaluator import previous_best_fid
 from diffusion.sampling import make_inference_scheduler, sample_ddpm, sample_seed
 from evaluation import inception as inception_module
 
@@ -215,7 +215,5 @@ def test_eval_without_the_extra_fails_before_training(
 def test_resume_keeps_the_best_fid_and_a_fresh_start_replaces_it(tmp_path: Path) -> None:
     (tmp_path / "best").mkdir()
     (tmp_path / "best" / "fid.json").write_text(json.dumps({"step": 3, "fid": 12.5}))
-    resumed = SimpleNamespace(output_dir=tmp_path, checkpoint=SimpleNamespace(step=6))
-    fresh = SimpleNamespace(output_dir=tmp_path, checkpoint=None)
-    assert train_ddpm.previous_best_fid(resumed) == 12.5
-    assert train_ddpm.previous_best_fid(fresh) == math.inf
+    assert previous_best_fid(tmp_path, resuming=True) == 12.5
+    assert previous_best_fid(tmp_path, resuming=False) == math.inf

@@ -4,7 +4,7 @@
     FAULTS=... accelerate launch ... tests/scripts/faults.py train_ddpm.py ...
 
 `FAULTS` is a comma-separated list of `kind@N[:rank]` (rank defaults to 0); N is the micro-step
-(the argument of `Batches.get`, i.e. when that micro-batch is fetched) except for `kill-in-save`:
+(the argument of `BatchSource.get`, i.e. when that micro-batch is fetched) except for `kill-in-save`:
 
 - kill: SIGKILL every process of the run (the launcher and all workers; torchrun puts each
   worker in its own session, so killing one process group is not enough). Workers record
@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 import ddp_utils.checkpoint as checkpoint
-import ddp_utils.data as data
+from ddp_utils.data import BatchSource
 
 RANK = int(os.environ.get("RANK", "0"))
 PID_DIR = Path(os.environ.get("FAULT_PID_DIR", "."))
@@ -49,17 +49,15 @@ def kill_everything() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-nan_now = False
-original_get = data.Batches.get
-original_to_float = data.to_float
+original_get = BatchSource.get
 original_save_file = checkpoint.save_file
 
 
-def get(self, micro_step: int):
-    global nan_now
+def get(self, micro_step: int, generator):
+    nan = False
     for kind, at in FAULTS:
         if kind == "nan-from" and micro_step >= at or kind == "nan" and micro_step == at:
-            nan_now = True
+            nan = True
         if micro_step != at:
             continue
         if kind == "kill":
@@ -68,16 +66,10 @@ def get(self, micro_step: int):
             os.kill(os.getpid(), signal.SIGTERM if kind == "term" else signal.SIGUSR1)
         elif kind in ("term-launcher", "usr1-launcher"):
             os.kill(os.getppid(), signal.SIGTERM if kind == "term-launcher" else signal.SIGUSR1)
-    return original_get(self, micro_step)
-
-
-def to_float(*args, **kwargs):
-    global nan_now
-    x = original_to_float(*args, **kwargs)
-    if nan_now:
-        nan_now = False
-        x = x * float("nan")
-    return x
+    batch = original_get(self, micro_step, generator)
+    if nan:
+        batch.images = batch.images * float("nan")
+    return batch
 
 
 def save_file(tensors, path, *args, **kwargs):
@@ -89,8 +81,7 @@ def save_file(tensors, path, *args, **kwargs):
     return original_save_file(tensors, path, *args, **kwargs)
 
 
-data.Batches.get = get
-data.to_float = to_float
+BatchSource.get = get
 checkpoint.save_file = save_file
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Find and load a trained model from whatever path a user has at hand.
+"""Find and load a trained model for sampling, from whatever path a user has at hand.
 
 Accepted paths, told apart by the files they hold:
 - a DDPM pipeline folder (`model_index.json`, `unet/`, `scheduler/`): what train_ddpm.py exports;
@@ -14,13 +14,18 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from diffusers import ModelMixin, UNet2DModel
 
 from ddp_utils.checkpoint import find_resume_checkpoint, read_checkpoint
+from ddp_utils.export import TASK_FILE, read_task_file
+from diffusion.models import BasicUNet
 
-TASK_FILE = "task.json"
+Weights = Literal["ema", "raw"]
+_LOADABLE: dict[str, type[ModelMixin]] = {"BasicUNet": BasicUNet, "UNet2DModel": UNet2DModel}
+_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
 
 @dataclass
@@ -34,15 +39,33 @@ class LoadedModel:
     source: Path
 
 
-def _model_class(name: str):
-    from diffusers import UNet2DModel
+def _model_class(name: str) -> type[ModelMixin]:
+    if name not in _LOADABLE:
+        raise ValueError(f"unknown model class {name!r}; expected one of {sorted(_LOADABLE)}")
+    return _LOADABLE[name]
 
-    from diffusion.models import BasicUNet
 
-    classes = {"BasicUNet": BasicUNet, "UNet2DModel": UNet2DModel}
-    if name not in classes:
-        raise ValueError(f"unknown model class {name!r}; expected one of {sorted(classes)}")
-    return classes[name]
+def load_model(path: str | Path) -> torch.nn.Module:
+    """Load a folder written by `save_pretrained` (config.json + safetensors weights).
+
+    The class comes from the config's `_class_name`, so a sampler needs nothing but the folder.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model folder {folder} does not exist or is not a directory")
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(
+            f"{folder} is not an exported model: config.json is missing "
+            "(expected a folder written by save_pretrained)"
+        )
+    if not (folder / _WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(f"{folder} is not an exported model: {_WEIGHTS_NAME} is missing")
+    try:
+        class_name = json.loads(config_path.read_text()).get("_class_name")
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise ValueError(f"{config_path} is not a JSON object: {err}") from err
+    return _model_class(class_name).from_pretrained(folder, use_safetensors=True)
 
 
 def _describe(model: torch.nn.Module) -> tuple[int, int]:
@@ -51,12 +74,10 @@ def _describe(model: torch.nn.Module) -> tuple[int, int]:
     return int(config.in_channels), int(size if isinstance(size, int) else 0)
 
 
-def _from_pipeline(folder: Path, weights: str) -> LoadedModel:
-    from diffusers import UNet2DModel
-
+def _from_pipeline(folder: Path, weights: Weights) -> LoadedModel:
     sub = "unet" if weights == "ema" else "unet_raw"
     if not (folder / sub).is_dir():
-        raise FileNotFoundError(f"{folder / sub} is missing (asked for --weights {weights})")
+        raise FileNotFoundError(f"{folder / sub} is missing (asked for the {weights} weights)")
     unet = UNet2DModel.from_pretrained(folder / sub, use_safetensors=True)
     scheduler_file = folder / "scheduler" / "scheduler_config.json"
     if not scheduler_file.is_file():
@@ -67,15 +88,12 @@ def _from_pipeline(folder: Path, weights: str) -> LoadedModel:
 
 
 def _from_export(folder: Path) -> LoadedModel:
-    from diffusion.models import load_model
-
-    task_file = folder / TASK_FILE
-    if not task_file.is_file():
+    task = read_task_file(folder)
+    if task is None:
         raise ValueError(
             f"{folder} has a config.json but no {TASK_FILE}: not an export of this toolkit "
             "(a DDPM export is a pipeline folder with model_index.json)"
         )
-    task = json.loads(task_file.read_text())
     model = load_model(folder)
     channels = int(model.config.in_channels)
     return LoadedModel(
@@ -89,7 +107,7 @@ def _from_export(folder: Path) -> LoadedModel:
     )
 
 
-def _from_checkpoint(folder: Path, weights: str) -> LoadedModel:
+def _from_checkpoint(folder: Path, weights: Weights) -> LoadedModel:
     ckpt = read_checkpoint(folder)
     state = ckpt.state
     cls = _model_class(state["model_class"])
@@ -108,7 +126,7 @@ def _from_checkpoint(folder: Path, weights: str) -> LoadedModel:
     )
 
 
-def load_for_sampling(path: Path, weights: str = "ema") -> LoadedModel:
+def load_for_sampling(path: Path, weights: Weights = "ema") -> LoadedModel:
     path = Path(path)
     if (path / "model_index.json").is_file():
         return _from_pipeline(path, weights)
@@ -129,13 +147,4 @@ def load_for_sampling(path: Path, weights: str = "ema") -> LoadedModel:
     raise ValueError(
         f"{path} is not a model: expected a pipeline folder (model_index.json), an export "
         "(config.json + task.json), a checkpoint (state.json) or a run directory holding one"
-    )
-
-
-def write_task_file(folder: Path, task: str, value_range, resolution: int, **extra: Any) -> None:
-    (folder / TASK_FILE).write_text(
-        json.dumps(
-            {"task": task, "value_range": list(value_range), "resolution": resolution, **extra},
-            indent=2,
-        )
     )

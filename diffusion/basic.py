@@ -1,8 +1,8 @@
-"""The seed's first diffusion model (notes section 1): blend images with uniform noise, learn to undo it.
+"""The basic diffusion model: blend images with uniform noise, learn to undo the blend.
 
 Unlike DDPM there is no noise schedule and no timestep: the network sees x_noisy and predicts
 x0 directly, and sampling walks from pure noise towards the prediction in shrinking steps.
-Pixels live in [0, 1] (ToTensor output), the same range as the uniform noise.
+Pixels live in [0, 1] (`VALUE_RANGE`), the same range as the uniform noise.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import torch
 from diffusion.models import predict
 from diffusion.sampling import make_sample_generators, model_autocast
 
+VALUE_RANGE = (0.0, 1.0)
+
 
 def corrupt(
     x: torch.Tensor,
@@ -21,7 +23,7 @@ def corrupt(
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Seed 1.2: x_noisy = (1 - amount) * x + amount * noise, with noise ~ U[0, 1) like x.
+    """x_noisy = (1 - amount) * x + amount * noise, with noise ~ U[0, 1) like x.
 
     `amount` holds one blend factor per image, shape (B,): 0 keeps the image, 1 is pure noise.
     Pass `noise` to control it exactly, or a `generator` (on x's device) to draw it reproducibly.
@@ -48,7 +50,7 @@ def sample_basic(
     device: torch.device | str,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Seed 1.4 sampler: start from U[0, 1) noise and move 1/(n - i) of the way to the prediction.
+    """Start from U[0, 1) noise and move 1/(n - i) of the way to the prediction.
 
     The mix factor grows to 1 at the last step, so the final image is the model's last x0
     prediction. `shape` is (C, H, W) of one image. Sample k's starting noise comes from its own
@@ -56,7 +58,7 @@ def sample_basic(
     Returns float32 NCHW on the CPU, clipped to [0, 1].
     """
     if num_steps < 1:
-        raise ValueError(f"--num-steps must be >= 1; got {num_steps}")
+        raise ValueError(f"the number of sampling steps must be >= 1; got {num_steps}")
     if len(shape) != 3:
         raise ValueError(f"shape must be (channels, height, width); got {shape}")
     generators = make_sample_generators(seed, sample_indices)

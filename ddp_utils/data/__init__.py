@@ -1,0 +1,35 @@
+"""Data: from a `dataset` name to float batches on each rank's device.
+
+source.py   which dataset a name means, its identity (fingerprint) and image column
+decode.py   files -> uint8 pixels at the training size; the decoded-image cache
+load.py     `load_image_data`: a dataset decoded once per node (or set up for streaming)
+batches.py  the stateless batch order, and batches on the device (in memory or streamed)
+"""
+
+from ddp_utils.data.batches import (
+    Batch,
+    BatchSource,
+    MemoryBatches,
+    StreamingBatches,
+    batch_indices,
+    make_batches,
+    to_float,
+)
+from ddp_utils.data.load import DataLoading, ImageData, StreamSource, load_image_data
+from ddp_utils.data.source import default_channels, default_resolution
+
+__all__ = [
+    "Batch",
+    "BatchSource",
+    "DataLoading",
+    "ImageData",
+    "MemoryBatches",
+    "StreamSource",
+    "StreamingBatches",
+    "batch_indices",
+    "default_channels",
+    "default_resolution",
+    "load_image_data",
+    "make_batches",
+    "to_float",
+]

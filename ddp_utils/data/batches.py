@@ -1,0 +1,268 @@
+"""Which images each rank trains on at each micro-step, delivered on the device as floats.
+
+The order is a pure function of (seed, micro-step, rank) (`batch_indices`): the data stream is
+the concatenation of per-epoch permutations, micro-step u takes the global slice [u*G, (u+1)*G)
+with G the global micro-batch, and rank r the r-th per-device part of it. Nothing depends on a
+restart or on a sampler's hidden state, so resume is exact and costs nothing (no
+`skip_first_batches` replay), and the global batch at a step is the same set of images for any
+number of processes with the same global batch size.
+
+Two sources serve these batches, bit for bit the same on datasets without bad files:
+- `MemoryBatches`: the decoded dataset sits on the device; a batch is one gather.
+- `StreamingBatches`: DataLoader workers decode each batch's rows a few batches ahead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+
+from ddp_utils.data.decode import decode_row, raw_images
+from ddp_utils.data.load import ImageData, StreamSource
+from ddp_utils.distributed import derive_seed
+
+logger = logging.getLogger("ddp_diffusion")
+
+
+@lru_cache(maxsize=4)  # a batch straddles at most two epochs; randperm(1.3M) costs ~10 ms
+def epoch_permutation(seed: int, epoch: int, num_images: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(derive_seed("epoch", seed, epoch))
+    return torch.randperm(num_images, generator=generator)
+
+
+def batch_indices(
+    micro_step: int,
+    num_images: int,
+    per_device_batch_size: int,
+    world_size: int,
+    rank: int,
+    seed: int,
+) -> torch.Tensor:
+    """Indices of the images that `rank` trains on at `micro_step` (may straddle two epochs)."""
+    global_batch = per_device_batch_size * world_size
+    start = micro_step * global_batch + rank * per_device_batch_size
+    positions = torch.arange(start, start + per_device_batch_size)
+    epochs = positions // num_images
+    offsets = positions % num_images
+    out = torch.empty_like(positions)
+    for epoch in epochs.unique().tolist():
+        mask = epochs == epoch
+        out[mask] = epoch_permutation(seed, epoch, num_images)[offsets[mask]]
+    return out
+
+
+def to_float(
+    batch: torch.Tensor, value_range: tuple[float, float], flip_generator: torch.Generator | None
+) -> torch.Tensor:
+    """uint8 (B,C,H,W) -> float in `value_range`, random horizontal flip on the device."""
+    low, high = value_range
+    if flip_generator is not None:
+        # Flip the uint8 batch (4x less memory traffic than flipping floats).
+        flip = torch.rand(batch.shape[0], generator=flip_generator, device=batch.device) < 0.5
+        batch = torch.where(flip[:, None, None, None], batch.flip(3), batch)
+    # One float copy, scaled in place: no temporaries (this runs every micro-step).
+    return batch.to(torch.float32, copy=True).mul_((high - low) / 255.0).add_(low)
+
+
+@dataclass
+class Batch:
+    """One rank's micro-batch, on its device."""
+
+    images: torch.Tensor  # float (B, C, H, W) in the method's value range
+
+
+class BatchSource:
+    """Endless batches for one rank: `get(micro_step, generator)` for consecutive micro-steps.
+
+    The flip (if any) is drawn first from `generator`, the generator of that micro-step on this
+    rank; the method then draws its noise from the same generator.
+    """
+
+    def __init__(
+        self,
+        per_device_batch_size: int,
+        accelerator: Accelerator,
+        seed: int,
+        value_range: tuple[float, float],
+        random_flip: bool,
+    ) -> None:
+        self.per_device_batch_size = per_device_batch_size
+        self.world_size = accelerator.num_processes
+        self.rank = accelerator.process_index
+        self.device = accelerator.device
+        self.seed = seed
+        self.value_range = value_range
+        self.random_flip = random_flip
+
+    def indices(self, micro_step: int, num_images: int) -> torch.Tensor:
+        return batch_indices(
+            micro_step,
+            num_images,
+            self.per_device_batch_size,
+            self.world_size,
+            self.rank,
+            self.seed,
+        )
+
+    def uint8_images(self, micro_step: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def get(self, micro_step: int, generator: torch.Generator) -> Batch:
+        images = self.uint8_images(micro_step)
+        flip_generator = generator if self.random_flip else None
+        return Batch(to_float(images, self.value_range, flip_generator))
+
+
+class MemoryBatches(BatchSource):
+    """The whole decoded dataset on the training device (CIFAR-10 at 32x32 is 150 MB), so a
+    batch costs one gather on the device: no PIL, no workers, no host copy."""
+
+    def __init__(self, data: ImageData, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if data.num_images < self.per_device_batch_size * self.world_size:
+            logger.warning(
+                "the dataset (%d images) is smaller than one global batch (%d): "
+                "images repeat within a batch",
+                data.num_images,
+                self.per_device_batch_size * self.world_size,
+            )
+        self.images = data.images.to(self.device)
+
+    def uint8_images(self, micro_step: int) -> torch.Tensor:
+        index = self.indices(micro_step, self.images.shape[0])
+        return self.images[index.to(self.device, non_blocking=True)]
+
+
+class _BatchDataset(torch.utils.data.Dataset):
+    """Item k is the whole uint8 batch of micro-step `start + k` for one rank."""
+
+    def __init__(self, source: StreamSource, start: int, batches: BatchSource) -> None:
+        self.source, self.start, self.batches = source, start, batches
+
+    def __len__(self) -> int:
+        return 2**62  # endless: indexed by micro-step, never iterated to the end
+
+    def __getitem__(self, k: int) -> dict:
+        source = self.source
+        indices = self.batches.indices(self.start + k, len(source.dataset))
+        images, skipped = [], []
+        for index in indices.tolist():
+            image, bad = decode_row(
+                source.dataset,
+                source.image_column,
+                index,
+                source.resolution,
+                source.channels,
+                source.center_crop,
+            )
+            images.append(image)
+            skipped.extend(bad)
+        # Contiguous NCHW like the in-memory path (preprocess returns a transposed view, and a
+        # channels-last batch would pick other conv kernels: not bit-identical).
+        batch = np.ascontiguousarray(np.stack(images))
+        return {"images": torch.from_numpy(batch), "skipped": skipped}
+
+
+class _Sequential(torch.utils.data.Sampler):
+    def __iter__(self) -> Iterator[int]:
+        k = 0
+        while True:
+            yield k
+            k += 1
+
+
+def default_num_workers(num_local_processes: int) -> int:
+    """Cores per local process minus one for the training process, between 1 and 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(8, (cores or 1) // max(1, num_local_processes) - 1))
+
+
+class StreamingBatches(BatchSource):
+    """Batches decoded by DataLoader workers from micro-step `start_micro_step` on.
+
+    A row that cannot be decoded is replaced by the next readable row (deterministically, so
+    resume stays exact) and named once in the log; the in-memory path drops such rows instead.
+    """
+
+    def __init__(
+        self,
+        source: StreamSource,
+        *args,
+        start_micro_step: int = 0,
+        num_workers: int | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        # Raw bytes/paths: workers decode with the in-memory path's own functions.
+        source = StreamSource(
+            raw_images(source.dataset, source.image_column),
+            source.image_column,
+            source.resolution,
+            source.channels,
+            source.center_crop,
+        )
+        if num_workers is None:
+            # torchrun/accelerate export LOCAL_WORLD_SIZE: the processes sharing this node's cores.
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
+            num_workers = default_num_workers(local)
+        self.next_micro_step = start_micro_step
+        self.seen_skipped: set[str] = set()
+        loader = torch.utils.data.DataLoader(
+            _BatchDataset(source, start_micro_step, self),
+            batch_size=None,  # items are whole batches already
+            sampler=_Sequential(),
+            num_workers=num_workers,
+            pin_memory=self.device.type == "cuda",
+            prefetch_factor=4 if num_workers > 0 else None,
+            persistent_workers=num_workers > 0,
+        )
+        self.iterator = iter(loader)
+        logger.info(
+            "streaming data: %d rows decoded on the fly by %d worker(s) per process",
+            len(source.dataset),
+            num_workers,
+        )
+
+    def uint8_images(self, micro_step: int) -> torch.Tensor:
+        if micro_step != self.next_micro_step:
+            raise RuntimeError(
+                f"StreamingBatches serves consecutive micro-steps: expected "
+                f"{self.next_micro_step}, asked for {micro_step}"
+            )
+        self.next_micro_step += 1
+        item = next(self.iterator)
+        new = [name for name in item["skipped"] if name not in self.seen_skipped]
+        if new:
+            self.seen_skipped.update(new)
+            logger.warning(
+                "replaced %d unreadable image(s) by the next readable row:\n  %s",
+                len(new),
+                "\n  ".join(new),
+            )
+        return item["images"].to(self.device, non_blocking=True)
+
+
+def make_batches(
+    data: ImageData,
+    per_device_batch_size: int,
+    accelerator: Accelerator,
+    seed: int,
+    value_range: tuple[float, float],
+    random_flip: bool,
+    start_micro_step: int = 0,
+    num_workers: int | None = None,
+) -> BatchSource:
+    """The batch source a training loop reads from: in memory, or streamed when `data` says so."""
+    common = (per_device_batch_size, accelerator, seed, value_range, random_flip)
+    if data.stream is None:
+        return MemoryBatches(data, *common)
+    return StreamingBatches(
+        data.stream, *common, start_micro_step=start_micro_step, num_workers=num_workers
+    )

@@ -1,0 +1,190 @@
+"""A dataset, decoded once: `load_image_data` turns a `dataset` name into uint8 images.
+
+In memory (the default for anything up to 4 GiB decoded): the local main process of each node
+decodes every image once and writes a cache keyed by the source's fingerprint and the decode
+settings; the other processes wait, then everyone reads it, and training gathers batches from
+one uint8 tensor on the device. Streamed (larger sets): only the first rows are decoded here
+(for previews and evaluation references); `ddp_utils.data.batches` decodes the rest per batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from accelerate import Accelerator
+
+from ddp_utils.data.decode import (
+    CACHE_VERSION,
+    decode_all,
+    default_cache_dir,
+    read_cache,
+    write_cache,
+)
+from ddp_utils.data.source import Source, detect_image_column, load_source
+from ddp_utils.errors import InputError
+
+logger = logging.getLogger("ddp_diffusion")
+
+DataLoading = Literal["auto", "memory", "stream"]
+
+# Decoded uint8 size above which `auto` streams instead of decoding to memory
+# (CIFAR-10 at 32x32 is 150 MB; ImageNet at 64x64 is 15.7 GB).
+MEMORY_LIMIT_BYTES = 4 * 2**30
+STREAM_PREVIEW_ROWS = 1024  # rows decoded up front in stream mode (previews, FID reference)
+
+
+@dataclass
+class StreamSource:
+    """An HF dataset and how to decode its rows, for the streaming path."""
+
+    dataset: Any
+    image_column: str
+    resolution: int
+    channels: int
+    center_crop: bool
+
+
+@dataclass
+class ImageData:
+    """A decoded dataset: uint8 images (N, C, H, W) plus where they came from."""
+
+    images: torch.Tensor
+    fingerprint: str
+    source: str
+    num_skipped: int = 0
+    skipped: list[str] = field(default_factory=list)
+    num_upscaled: int = 0  # images smaller than the resolution, upscaled to it
+    # Streaming: the rows to decode per batch; `images` then holds only the first rows.
+    stream: StreamSource | None = None
+
+    @property
+    def num_images(self) -> int:
+        if self.stream is not None:
+            return len(self.stream.dataset)
+        return int(self.images.shape[0])
+
+
+def decoded_bytes(num_rows: int, resolution: int, channels: int) -> int:
+    return num_rows * channels * resolution * resolution
+
+
+def choose_data_loading(mode: DataLoading, num_rows: int, resolution: int, channels: int) -> str:
+    """`memory` or `stream` for `auto|memory|stream`."""
+    if mode != "auto":
+        return mode
+    size = decoded_bytes(num_rows, resolution, channels)
+    return "memory" if size <= MEMORY_LIMIT_BYTES else "stream"
+
+
+def load_image_data(
+    dataset: str,
+    resolution: int,
+    channels: int,
+    dataset_config: str | None = None,
+    split: str = "train",
+    image_column: str | None = None,
+    center_crop: bool = True,
+    max_images: int | None = None,
+    cache_dir: Path | None = None,
+    accelerator: Accelerator | None = None,
+    data_loading: DataLoading = "memory",
+) -> ImageData:
+    """Load, validate and decode a dataset once per node (collective-safe: see the module doc)."""
+    if channels not in (1, 3):
+        raise InputError(f"must be 1 or 3, got {channels}", "channels")
+    if resolution < 4:
+        raise InputError(f"must be at least 4, got {resolution}", "resolution")
+    source = load_source(dataset, dataset_config, split)
+    ds = source.dataset
+    if len(ds) == 0:
+        raise InputError(f"the dataset is empty ({source.description})", "dataset")
+    column = detect_image_column(ds, image_column)
+    if max_images is not None:
+        ds = ds.select(range(min(max_images, len(ds))))
+    key = {
+        "version": CACHE_VERSION,
+        "fingerprint": source.fingerprint,
+        "column": column,
+        "resolution": resolution,
+        "channels": channels,
+        "center_crop": center_crop,
+        "num_rows": len(ds),
+    }
+    fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    stream = StreamSource(ds, column, resolution, channels, center_crop)
+    if choose_data_loading(data_loading, len(ds), resolution, channels) == "stream":
+        return _stream_preview(stream, fingerprint, source)
+    cache_file = (default_cache_dir() if cache_dir is None else cache_dir) / (
+        f"images-{fingerprint}.npz"
+    )
+
+    def build() -> None:
+        if read_cache(cache_file, fingerprint) is not None:
+            return
+        images, skipped, num_upscaled = decode_all(ds, column, resolution, channels, center_crop)
+        write_cache(cache_file, fingerprint, images, skipped, num_upscaled)
+
+    if accelerator is None:
+        build()
+    else:
+        with accelerator.local_main_process_first():
+            if accelerator.is_local_main_process:
+                build()
+    cached = read_cache(cache_file, fingerprint)
+    if cached is None:
+        raise RuntimeError(f"image cache {cache_file} could not be read after it was written")
+    images, skipped, num_upscaled = cached
+    _report(skipped, num_upscaled, resolution)
+    if len(images) == 0:
+        raise InputError(
+            f"none of the {len(ds)} images could be read ({source.description})", "dataset"
+        )
+    return ImageData(
+        images=torch.from_numpy(images),
+        fingerprint=fingerprint,
+        source=source.description,
+        num_skipped=len(skipped),
+        skipped=skipped,
+        num_upscaled=num_upscaled,
+    )
+
+
+def _stream_preview(stream: StreamSource, fingerprint: str, source: Source) -> ImageData:
+    """Streaming: decode only the first rows now (previews, evaluation references)."""
+    preview = stream.dataset.select(range(min(len(stream.dataset), STREAM_PREVIEW_ROWS)))
+    images, skipped, num_upscaled = decode_all(
+        preview, stream.image_column, stream.resolution, stream.channels, stream.center_crop
+    )
+    if len(images) == 0:
+        raise InputError(
+            f"none of the first {len(preview)} images could be read ({source.description})",
+            "dataset",
+        )
+    return ImageData(
+        images=torch.from_numpy(images),
+        fingerprint=fingerprint,
+        source=f"{source.description}, streamed",
+        num_skipped=len(skipped),
+        skipped=skipped,
+        num_upscaled=num_upscaled,
+        stream=stream,
+    )
+
+
+def _report(skipped: list[str], num_upscaled: int, resolution: int) -> None:
+    if skipped:
+        shown = "\n  ".join(skipped[:20])
+        more = f"\n  ... and {len(skipped) - 20} more" if len(skipped) > 20 else ""
+        logger.warning("skipped %d unreadable image(s):\n  %s%s", len(skipped), shown, more)
+    if num_upscaled:
+        logger.info(
+            "%d image(s) smaller than the resolution %d were upscaled to it",
+            num_upscaled,
+            resolution,
+        )

@@ -1,0 +1,175 @@
+"""Where images come from: one `dataset` name or path -> an HF `datasets.Dataset` and its identity.
+
+Sources:
+- `digits`: scikit-learn's bundled 8x8 handwritten digits (1,797 images, no download);
+- a local folder of images (HF `imagefolder`; nested folders allowed);
+- a folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`;
+- a hub dataset id (with a config name and a split), with the aliases `mnist`,
+  `fashion_mnist` and `cifar10`.
+
+Each source comes with a fingerprint (the content's identity) that keys the decoded-image
+cache and the FID reference statistics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ddp_utils.errors import InputError
+
+HUB_ALIASES = {
+    "mnist": "ylecun/mnist",
+    "fashion_mnist": "zalando-datasets/fashion_mnist",
+    "cifar10": "uoft-cs/cifar10",
+}
+NATIVE_RESOLUTION = {"digits": 16, "mnist": 28, "fashion_mnist": 28, "cifar10": 32}
+GRAYSCALE_SOURCES = {"digits", "mnist", "fashion_mnist"}
+
+
+def default_resolution(dataset: str) -> int:
+    return NATIVE_RESOLUTION.get(dataset, 32)
+
+
+def default_channels(dataset: str) -> int:
+    return 1 if dataset in GRAYSCALE_SOURCES else 3
+
+
+@dataclass
+class Source:
+    """A loaded dataset with its identity; rows are not decoded yet."""
+
+    dataset: Any  # datasets.Dataset
+    fingerprint: str  # content identity: keys caches
+    description: str  # for people: "image folder data/x", "hub dataset ylecun/mnist (train)"
+
+
+def load_source(dataset: str, dataset_config: str | None = None, split: str = "train") -> Source:
+    """The HF dataset behind a `dataset` name or path (not decoded)."""
+    import datasets
+
+    if dataset == "digits":
+        return Source(_digits(), "sklearn-digits-v1", "scikit-learn digits (built in)")
+    path = Path(dataset).expanduser()
+    if path.is_dir():
+        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+            return _saved_to_disk(path, split)
+        try:
+            ds = datasets.load_dataset("imagefolder", data_dir=str(path), split=split)
+        except datasets.data_files.EmptyDatasetError:
+            raise InputError(
+                f"the folder {dataset} holds no image files "
+                "(looked for .png, .jpg, .jpeg, .webp, ... in it and its subfolders)",
+                "dataset",
+            ) from None
+        return Source(ds, folder_fingerprint(path), f"image folder {path}")
+    if path.exists():
+        raise InputError(f"{dataset} is a file; give a folder of images or a hub id", "dataset")
+    if _looks_like_path(dataset):
+        raise InputError(f"no such folder {dataset}", "dataset")
+    return _from_hub(dataset, dataset_config, split)
+
+
+def _digits():
+    from datasets import Dataset
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    # Values are 0..16: scale to 0..255 as 8-bit grayscale.
+    pixels = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    return Dataset.from_dict(
+        {"image": [Image.fromarray(p, mode="L") for p in pixels], "label": digits.target}
+    )
+
+
+def _saved_to_disk(path: Path, split: str) -> Source:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as err:  # noqa: BLE001 - datasets fails on empty folders with IndexError
+        raise InputError(
+            f"the save_to_disk folder {path} could not be loaded "
+            f"({type(err).__name__}: {err}); is the dataset empty or damaged?",
+            "dataset",
+        ) from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise InputError(
+                f"{split!r} is not a split of the saved dataset {path}; it has: {', '.join(ds)}",
+                "split",
+            )
+        ds = ds[split]
+    return Source(ds, ds._fingerprint, f"save_to_disk folder {path}")
+
+
+def _from_hub(dataset: str, dataset_config: str | None, split: str) -> Source:
+    import datasets
+
+    hub_id = HUB_ALIASES.get(dataset, dataset)
+    try:
+        ds = datasets.load_dataset(hub_id, dataset_config, split=split)
+    except Exception as err:  # noqa: BLE001 - re-raised with the fix in the message
+        offline = any(
+            os.environ.get(name, "0").lower() not in ("0", "", "false", "no", "off")
+            for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+        )
+        hint = (
+            "offline mode is on (HF_HUB_OFFLINE) and it is not in the local cache: download it once "
+            "with network access, or pass a local folder / save_to_disk path"
+            if offline
+            else "check the id, the dataset config and split, and your network"
+        )
+        local = "" if dataset in HUB_ALIASES else f" (and there is no local folder {dataset})"
+        raise InputError(
+            f"could not load hub dataset {hub_id!r}{local} ({type(err).__name__}: {err}). {hint}",
+            "dataset",
+        ) from None
+    return Source(ds, ds._fingerprint, f"hub dataset {hub_id} ({split})")
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or os.sep in name and not _is_hub_id(name)
+
+
+def _is_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
+
+
+def folder_fingerprint(path: Path) -> str:
+    """Content identity of an image folder: relative paths, sizes and mtimes."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        stat = file.stat()
+        digest.update(f"{file.relative_to(path)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:32]
+
+
+def detect_image_column(ds: Any, image_column: str | None) -> str:
+    """The column holding the images: the one given, else the only `Image` feature."""
+    from datasets import Image as ImageFeature
+
+    columns = list(ds.features)
+    if image_column is not None:
+        if image_column not in columns:
+            raise InputError(
+                f"{image_column!r} is not a column; columns: {', '.join(columns)}", "image_column"
+            )
+        return image_column
+    image_columns = [c for c, f in ds.features.items() if isinstance(f, ImageFeature)]
+    if len(image_columns) == 1:
+        return image_columns[0]
+    if not image_columns:
+        raise InputError(
+            f"no image column found (columns: {', '.join(columns)}); name one", "image_column"
+        )
+    raise InputError(
+        f"several image columns ({', '.join(image_columns)}); choose one", "image_column"
+    )

@@ -1,0 +1,40 @@
+"""The exceptions the toolkit raises on purpose; `ddp_utils.cli` turns them into exit codes.
+
+Library code raises errors about values (`InputError(message, field="image_column")`); the
+script that owns the flag names it: the message reads `--image-column: <message>`.
+"""
+
+from __future__ import annotations
+
+
+def flag_name(field_name: str) -> str:
+    """The command-line flag of a config field: `batch_size` -> `--batch-size`."""
+    return "--" + field_name.replace("_", "-")
+
+
+class InputError(ValueError):
+    """A bad input value. `field` is the config field it came from (the message names its flag)."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+    def __str__(self) -> str:
+        message = super().__str__()
+        return f"{flag_name(self.field)}: {message}" if self.field else message
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and the problem."""
+
+
+class TrainingStopped(Exception):
+    """Preempted or out of time: a checkpoint was saved and the tracker closed (exit 75)."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss."""
+
+
+STOP_EXIT_CODE = 75  # EX_TEMPFAIL in sysexits.h: "try again later" (see ddp_utils/guard.py)
+BAD_INPUT_EXIT_CODE = 2

@@ -1,0 +1,141 @@
+"""Publishing files and folders atomically: a reader (or a crash) never meets half of one.
+
+Everything a run writes for others to read (checkpoints, exports, the resolved config, the
+image cache, FID statistics, samples) is first written under a hidden temporary name beside
+its destination, flushed to disk, then renamed over it. Temporary names carry the host, the
+process id and a random part, so two writers (two nodes on a shared filesystem) never share
+one, and a writer only ever removes temporaries of its own.
+
+    with atomic_file(path) as f:        # a file: write to f, then it replaces `path`
+        f.write(data)
+    with atomic_dir(folder) as tmp:     # a folder: fill tmp, then it replaces `folder`
+        model.save_pretrained(tmp)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import json
+import os
+import shutil
+import socket
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+
+def unique_suffix() -> str:
+    """`<host>-<pid>-<random>`: part of every temporary name this process makes."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def temp_path(path: Path, kind: str = "tmp") -> Path:
+    """A hidden sibling of `path` that no other writer uses: `.<name>.<kind>-<host>-<pid>-<rand>`."""
+    return path.with_name(f".{path.name}.{kind}-{unique_suffix()}")
+
+
+def is_temp_of(candidate: Path, path: Path) -> bool:
+    """Whether `candidate` is a temporary name (any writer's) made for `path`."""
+    return candidate.name.startswith(f".{path.name}.")
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable (directory entries are data too)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and folder under `root`, and `root` itself."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            with open(Path(folder) / name, "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(Path(folder))
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
+    """Write `path` through a temporary file that replaces it only when the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_file(path, "w") as f:
+        f.write(text)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+# Linux renameat2(RENAME_EXCHANGE) swaps two paths in one step; elsewhere (or on filesystems
+# without it) the old folder is renamed aside first, a window of microseconds without either.
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name, use_errno=True)
+        libc.renameat2  # noqa: B018 - glibc >= 2.28
+    except (OSError, AttributeError, TypeError):
+        return None
+    return libc
+
+
+_LIBC = _libc()
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two existing paths; False where the system cannot."""
+    if _LIBC is None:
+        return False
+    result = _LIBC.renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    return result == 0
+
+
+def publish_dir(tmp: Path, path: Path) -> None:
+    """Put the complete folder `tmp` in place of `path` (which may exist), durably."""
+    fsync_tree(tmp)
+    if not path.exists():
+        tmp.rename(path)
+    elif exchange(tmp, path):
+        shutil.rmtree(tmp)  # now holds the old folder
+    else:
+        old = temp_path(path, "old")
+        path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old)
+    fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Fill a temporary folder; it replaces `path` only when the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    tmp.mkdir()
+    try:
+        yield tmp
+        publish_dir(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,245 @@
+"""The one training loop every method shares.
+
+A method (the corruption denoiser, DDPM, ...) supplies what is its own through the `Method`
+protocol: its loss on a batch, how to sample images from fixed seeds, extra pictures, and its
+export folder. The loop owns everything else, in this order per optimizer step:
+
+    accumulate gradients -> clip -> all ranks agree (skip a non-finite step? stop?) -> update
+    -> EMA -> log -> pictures -> evaluate -> checkpoint -> stop
+
+and at the end the export. Every block that communicates runs on every rank; only file writes
+are the writer's. Cadences are `--*-every N` steps, always also at the last step (`due`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from ddp_utils.data import Batch, BatchSource
+from ddp_utils.distributed import map_sharded, step_generator
+from ddp_utils.ema import EMA
+from ddp_utils.evaluator import BEST_DIR, BEST_FILE, Evaluator
+from ddp_utils.export import write_task_file
+from ddp_utils.files import atomic_dir, write_json
+from ddp_utils.guard import Verdict
+from ddp_utils.images import make_grid, to_uint8
+from ddp_utils.metrics import MetricWindow
+from ddp_utils.optim import lr_at, set_lr
+from ddp_utils.progress import Progress
+from ddp_utils.run import Run
+
+logger = logging.getLogger("ddp_diffusion")
+
+GRID_CHUNK = 64  # images per sampling chunk for the logged grids
+
+
+class Method(Protocol):
+    """What a training method plugs into the loop."""
+
+    value_range: tuple[float, float]  # pixel range the network sees: (0, 1) or (-1, 1)
+    export_name: str  # the export folder in the run directory: "model", "pipeline"
+
+    def task_info(self) -> dict[str, Any]:
+        """JSON-able facts saved with checkpoints and exports (`task`, `value_range`, ...)."""
+        ...
+
+    def loss(
+        self, model: nn.Module, batch: Batch, generator: torch.Generator, stats: MetricWindow
+    ) -> torch.Tensor:
+        """The scalar loss of one micro-batch (inside autocast); noise from `generator`.
+
+        May `stats.report` per-sample values (same names on every rank, every step)."""
+        ...
+
+    def sample(self, net: nn.Module, indices: range) -> torch.Tensor:
+        """Images `indices` of the run's fixed seeds, float NCHW on the CPU in `value_range`."""
+        ...
+
+    def pictures(self, net: nn.Module, step: int) -> dict[str, np.ndarray]:
+        """Extra HWC uint8 pictures to log with each grid (writer only; no collectives)."""
+        ...
+
+    def data_pictures(self) -> dict[str, np.ndarray]:
+        """Pictures of the data logged once at the start of a fresh run (writer only)."""
+        ...
+
+    def export(self, folder: Path, net: nn.Module, raw: nn.Module) -> None:
+        """Write the model folder: `net` holds the weights to ship (the EMA), `raw` the raw."""
+        ...
+
+
+def due(step: int, every: int, last_step: int) -> bool:
+    """Is a `--*-every` cadence due after `step`? Every `every` steps (0: never) and at the end."""
+    return (every > 0 and step % every == 0) or step == last_step
+
+
+@contextlib.contextmanager
+def sampling_weights(net: nn.Module, ema: EMA | None) -> Iterator[nn.Module]:
+    """The network in eval mode with the EMA weights (if any) for the duration of the block."""
+    net.eval()
+    try:
+        with ema.swapped_into(net) if ema is not None else contextlib.nullcontext():
+            yield net
+    finally:
+        net.train()
+
+
+def train(run: Run, method: Method, model: nn.Module, optimizer: torch.optim.Optimizer) -> Path:
+    """Train from the resume point (or scratch) to `--max-steps`; return the export folder."""
+    cfg, acc = run.cfg, run.accelerator
+    net = acc.unwrap_model(model)
+    ema = EMA(net, cfg.ema_max_decay) if cfg.use_ema else None
+    # FID network and training-data statistics before any step (a missing extra fails now).
+    evaluator = Evaluator(run) if cfg.eval_every else None
+
+    # Resume.
+    step = run.restore(model, optimizer, ema, method.task_info())
+    if step == 0 and run.is_writer:
+        for name, picture in method.data_pictures().items():
+            run.tracker.log_image(name, picture, 0)
+    batches = run.batches(step * cfg.gradient_accumulation_steps, method.value_range)
+    progress = Progress(acc, start=step, total=cfg.max_steps)
+    stats = MetricWindow(acc.device)
+    window_start, window_first_step = time.perf_counter(), step
+
+    while step < cfg.max_steps:
+        verdict = optimizer_step(run, method, model, optimizer, batches, stats, step)
+        step += 1
+        if ema is not None and not verdict.skip:
+            ema.update(net, step)
+
+        # Log: one all-reduce and one host read per window.
+        if due(step, cfg.log_every, cfg.max_steps):
+            elapsed = time.perf_counter() - window_start
+            num_images = (step - window_first_step) * run.global_batch_size
+            values = {
+                **stats.reduce(acc),
+                "lr": optimizer.param_groups[0]["lr"],
+                "images_per_s": num_images / elapsed,
+                "nonfinite_steps": run.guard.num_nonfinite_steps,
+            }
+            run.tracker.log(values, step)
+            progress.update(step, **{k: values[k] for k in ("loss", "images_per_s") if k in values})
+            window_start, window_first_step = time.perf_counter(), step
+
+        # Pictures: a grid from fixed seeds (sharded over all ranks) and the method's own.
+        if due(step, cfg.sample_every, cfg.max_steps):
+            with sampling_weights(net, ema):
+                log_pictures(run, method, net, step)
+
+        # Evaluate (not when stopping: the save comes first). Lowest FID -> best/.
+        if evaluator is not None and due(step, cfg.eval_every, cfg.max_steps) and not verdict.stop:
+            with sampling_weights(net, ema):
+                metrics = evaluator.evaluate(lambda items: sample_uint8(method, net, items))
+            run.tracker.log(metrics, step)
+            if evaluator.is_best(metrics["fid"]):
+                record = {"step": step, **metrics, "num_samples": cfg.eval_num_samples}
+                export(run, method, net, ema, run.output_dir / BEST_DIR, {BEST_FILE: record})
+
+        # Checkpoint; after a stop verdict (SIGTERM, SIGUSR1, time budget) save here and exit.
+        if due(step, cfg.checkpoint_every, cfg.max_steps) or verdict.stop:
+            run.save(step, model, optimizer, ema, method.task_info())
+        if verdict.stop and step < cfg.max_steps:
+            progress.close()
+            run.stop(step, verdict.stop_reason)  # raises TrainingStopped: exit code 75
+
+    # Export: a folder sample.py (and diffusers) load alone.
+    progress.close()
+    folder = export(run, method, net, ema, run.output_dir / method.export_name)
+    logger.info("exported %s; pictures in %s", folder, run.tracker.images_dir)
+    run.finish()
+    return folder
+
+
+def optimizer_step(
+    run: Run,
+    method: Method,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: BatchSource,
+    stats: MetricWindow,
+    step: int,
+) -> Verdict:
+    """One optimizer step (`step` is 0-based): accumulate, clip, agree, update."""
+    cfg, acc = run.cfg, run.accelerator
+    # Accumulate gradients over micro-batches; noise is seeded from (seed, micro-step, rank).
+    losses = []
+    for micro in range(cfg.gradient_accumulation_steps):
+        micro_step = step * cfg.gradient_accumulation_steps + micro
+        generator = step_generator(cfg.seed, micro_step, acc.process_index, acc.device)
+        batch = batches.get(micro_step, generator)
+        with acc.accumulate(model), acc.autocast():
+            loss = method.loss(model, batch, generator, stats)
+            acc.backward(loss)
+        losses.append(loss.detach())
+    assert acc.sync_gradients, "accumulation must end on a synchronising micro-step"
+
+    # Update weights (LR from the optimizer step alone: the same for any number of processes).
+    lr = lr_at(step, cfg.learning_rate, cfg.lr_warmup_steps, cfg.max_steps, cfg.lr_schedule)
+    set_lr(optimizer, lr)
+    grad_norm = None
+    if cfg.max_grad_norm is not None:
+        grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+    # All ranks agree: skip a non-finite update? stop after this step?
+    step_losses = torch.stack(losses)
+    verdict = run.check_step(step, step_losses, grad_norm, optimizer)
+    if not verdict.skip:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    stats.report("loss", step_losses)
+    if grad_norm is not None:
+        stats.report("grad_norm", grad_norm)
+    stats.commit(keep=not verdict.skip)
+    return verdict
+
+
+def sample_uint8(method: Method, net: nn.Module, items: range) -> torch.Tensor:
+    """The method's samples as uint8 NCHW, what FID features are computed from."""
+    return torch.from_numpy(to_uint8(method.sample(net, items), method.value_range)).permute(
+        0, 3, 1, 2
+    )
+
+
+def log_pictures(run: Run, method: Method, net: nn.Module, step: int) -> None:
+    """The sample grid (every rank samples its chunks) and the method's pictures (collective)."""
+    cfg = run.cfg
+    images = map_sharded(
+        run.accelerator, cfg.num_sample_images, GRID_CHUNK, lambda items: method.sample(net, items)
+    )
+    run.tracker.log_image("samples", make_grid(to_uint8(images, method.value_range), nrow=8), step)
+    if run.is_writer:
+        for name, picture in method.pictures(net, step).items():
+            run.tracker.log_image(name, picture, step)
+
+
+def export(
+    run: Run,
+    method: Method,
+    net: nn.Module,
+    ema: EMA | None,
+    folder: Path,
+    json_files: dict[str, dict] | None = None,
+) -> Path:
+    """Write the method's export into `folder`, atomically, with task.json (collective)."""
+    if run.is_writer:
+        shipped = net
+        if ema is not None:
+            shipped = copy.deepcopy(net)
+            ema.copy_to(shipped)
+        with atomic_dir(folder) as tmp:
+            method.export(tmp, shipped, net)
+            write_task_file(tmp, run.cfg.resolution, method.task_info())
+            for name, content in (json_files or {}).items():
+                write_json(tmp / name, content)
+    run.accelerator.wait_for_everyone()
+    return folder
