@@ -31,10 +31,11 @@ import torch
 from accelerate import Accelerator
 
 from ddp_utils.cli import cli_main, setup_logging
-from ddp_utils.config import MixedPrecision, option, parse_config, require, save_config
+from ddp_utils.config import option, parse_config, require, save_config
 from ddp_utils.distributed import map_sharded
 from ddp_utils.files import atomic_file, write_json
 from ddp_utils.images import make_grid, save_png, to_uint8
+from ddp_utils.train_config import MixedPrecision
 from diffusion.basic import sample_basic
 from diffusion.loading import LoadedModel, Weights, load_for_sampling
 from diffusion.sampling import SamplerName, make_inference_scheduler, sample_ddpm
@@ -131,7 +132,7 @@ def make_chunk_fn(
 
 
 def score(
-    cfg: SampleConfig, loaded: LoadedModel, images: np.ndarray, accelerator
+    cfg: SampleConfig, loaded: LoadedModel, images: np.ndarray, accelerator: Accelerator
 ) -> dict[str, Any]:
     """FID/KID of the samples against `--dataset` at the model's resolution and channels.
 

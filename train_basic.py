@@ -30,14 +30,14 @@ from torch import nn
 
 from ddp_utils import loop
 from ddp_utils.cli import cli_main
-from ddp_utils.config import TrainConfig, option, parse_config, require
+from ddp_utils.config import option, parse_config, require
 from ddp_utils.data import Batch, to_float
 from ddp_utils.images import make_grid, to_uint8
 from ddp_utils.metrics import MetricWindow
-from ddp_utils.optim import make_optimizer
 from ddp_utils.run import Run, start_run
+from ddp_utils.train_config import TrainConfig
 from diffusion.basic import VALUE_RANGE, corrupt, sample_basic
-from diffusion.models import build_basic_model, count_parameters, predict, speed_up
+from diffusion.models import build_basic_model, predict
 
 
 @dataclass
@@ -110,15 +110,8 @@ class BasicMethod:
 
 def train(cfg: BasicConfig) -> Run:
     run = start_run(cfg)
-    acc = run.accelerator
     model = build_basic_model(cfg.model, cfg.resolution, cfg.channels)
-    speed_up(model, cfg.channels_last, cfg.compile, cfg.compile_backend)
-    optimizer = make_optimizer(
-        cfg.optimizer, model.parameters(), cfg.learning_rate, cfg.weight_decay, acc.device
-    )
-    model, optimizer = acc.prepare(model, optimizer)
-    run.describe(count_parameters(model))
-    loop.train(run, BasicMethod(run), model, optimizer)
+    loop.train(run, BasicMethod(run), model)
     return run
 
 

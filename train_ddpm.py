@@ -25,12 +25,12 @@ from torch import nn
 
 from ddp_utils import loop
 from ddp_utils.cli import cli_main
-from ddp_utils.config import TrainConfig, option, parse_config, require
+from ddp_utils.config import option, parse_config, require
 from ddp_utils.data import Batch, to_float
 from ddp_utils.images import make_grid, to_uint8
 from ddp_utils.metrics import MetricWindow
-from ddp_utils.optim import make_optimizer
 from ddp_utils.run import Run, start_run
+from ddp_utils.train_config import TrainConfig
 from diffusion.ddpm import (
     VALUE_RANGE,
     BetaSchedule,
@@ -38,7 +38,7 @@ from diffusion.ddpm import (
     diffusion_loss,
     make_train_scheduler,
 )
-from diffusion.models import build_ddpm_unet, count_parameters, speed_up
+from diffusion.models import build_ddpm_unet
 from diffusion.sampling import make_inference_scheduler, sample_ddpm
 
 NUM_TIMESTEP_BINS = 4  # the loss is also logged per quarter of the timesteps: loss_t_q0..3
@@ -156,18 +156,11 @@ class DDPMMethod:
 
 def train(cfg: DDPMConfig) -> Run:
     run = start_run(cfg)
-    acc = run.accelerator
     model = build_ddpm_unet(cfg.preset, cfg.resolution, cfg.channels)
-    speed_up(model, cfg.channels_last, cfg.compile, cfg.compile_backend)
     scheduler = make_train_scheduler(
         cfg.beta_schedule, cfg.num_train_timesteps, cfg.prediction_type
     )
-    optimizer = make_optimizer(
-        cfg.optimizer, model.parameters(), cfg.learning_rate, cfg.weight_decay, acc.device
-    )
-    model, optimizer = acc.prepare(model, optimizer)
-    run.describe(count_parameters(model))
-    loop.train(run, DDPMMethod(run, scheduler), model, optimizer)
+    loop.train(run, DDPMMethod(run, scheduler), model)
     return run
 
 

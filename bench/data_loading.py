@@ -2,7 +2,7 @@
 
     python bench/data_loading.py                 # digits written as 32x32 PNGs, batch 128
 
-The per-image path is what the diffusers example and the seed do: an HF `imagefolder` dataset
+The per-image path is what the diffusers example and most tutorials do: an HF `imagefolder` dataset
 whose transform opens each PNG with PIL and runs torchvision transforms, through a DataLoader
 with workers. The tensor path is the toolkit's: the dataset decoded once into a uint8 tensor
 (`ddp_utils.data.load_image_data`), batches gathered on the device, flip done on the device.
@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from PIL import Image
@@ -24,7 +25,13 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import git_revision, machine, print_table  # noqa: E402
-from ddp_utils.data import ImageData, batch_indices, load_image_data, to_float  # noqa: E402
+from ddp_utils.data import (  # noqa: E402
+    ImageData,
+    batch_indices,
+    load_image_data,
+    make_batches,
+    to_float,
+)
 
 
 def write_folder(folder: Path, resolution: int) -> int:
@@ -66,19 +73,14 @@ def stream_rate(
     folder: Path, resolution: int, batch: int, num_workers: int, num_batches: int
 ) -> float:
     """The toolkit's own per-image path: --data-loading stream (workers decode each batch)."""
-    from types import SimpleNamespace
-
-    from ddp_utils.streaming import make_batches
-
     data = load_image_data(str(folder), resolution, 3, data_loading="stream")
-    acc = SimpleNamespace(
-        device=torch.device("cpu"), num_processes=1, process_index=0
-    )  # fmt: skip
-    batches = make_batches(data, batch, acc, 0, 0, num_workers)
-    batches.get(0)  # start the workers outside the timed window
+    acc = SimpleNamespace(device=torch.device("cpu"), num_processes=1, process_index=0)
+    batches = make_batches(data, batch, acc, 0, (-1.0, 1.0), True, num_workers=num_workers)
+    generator = torch.Generator().manual_seed(0)
+    batches.get(0, generator)  # start the workers outside the timed window
     start = time.perf_counter()
     for step in range(1, num_batches + 1):
-        x = batches.get(step)
+        x = batches.get(step, generator).images
     assert x.shape[0] == batch
     return num_batches * batch / (time.perf_counter() - start)
 

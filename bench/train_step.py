@@ -6,7 +6,7 @@
 For each model the toolkit side runs the real `train_ddpm.train` / `train_basic.train` (report
 to none, no samples or checkpoints inside the timed window) and reads images/s from the run's
 own `metrics.jsonl`, skipping the first window (start-up, first-step allocations, compilation).
-The plain side is the seed's loop with the same model, batch, optimizer and precision and the
+The plain side is a textbook loop with the same model, batch, optimizer and precision and the
 data already on the device, no Accelerate. Rounds alternate (toolkit, plain, toolkit, ...) so a
 noisy machine slows both sides alike; the table reports the median over rounds.
 FLOPs per image come from torch.utils.flop_counter (forward + backward at batch 1).
@@ -84,7 +84,7 @@ def toolkit_images_per_s(name: str, args, batch: int, out: Path) -> float:
 
 
 def plain_images_per_s(name: str, args, batch: int, images: torch.Tensor, device) -> float:
-    """The seed's loop: same model, batch, optimizer and precision; no Accelerate."""
+    """A textbook loop: same model, batch, optimizer and precision; no Accelerate."""
     torch.manual_seed(0)
     model = build(name, args.resolution, args.channels).to(device).train()
     basic = name in ("basic", "unet")

@@ -1,6 +1,6 @@
 """The `task.json` every export and checkpoint carries: what the weights are for.
 
-A model folder alone does not say whether it denoises a corruption blend or predicts DDPM
+A model folder alone does not say whether it undoes a blend with uniform noise or predicts DDPM
 noise, in which value range its pixels live, or at which resolution it was trained; `task.json`
 does, so `sample.py` can rebuild the sampler from the folder alone.
 """

@@ -135,7 +135,9 @@ class StepGuard:
         return Verdict(skip, bool(stop_reason), skip_reason, stop_reason)
 
 
-def discard_gradients(optimizer: torch.optim.Optimizer, scaler) -> None:
+def discard_gradients(
+    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None
+) -> None:
     """Drop this step's gradients without updating (every rank, after a skip verdict).
 
     Under an fp16 GradScaler, `clip_grad_norm_` has already unscaled this step's gradients;

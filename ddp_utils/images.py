@@ -16,7 +16,7 @@ from PIL import Image
 def to_uint8(x: torch.Tensor, value_range: tuple[float, float]) -> np.ndarray:
     """Map an NCHW float batch whose pixels live in `value_range` to NHWC uint8 in [0, 255].
 
-    The corruption model works in [0, 1] and DDPM in [-1, 1]; naming the range at the call site
+    The basic model works in [0, 1] and DDPM in [-1, 1]; naming the range at the call site
     keeps the two from being mixed up. Values outside the range are clipped, then rounded.
     """
     if x.ndim != 4:

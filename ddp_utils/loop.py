@@ -1,6 +1,6 @@
 """The one training loop every method shares.
 
-A method (the corruption denoiser, DDPM, ...) supplies what is its own through the `Method`
+A method (the basic model, DDPM, ...) supplies what is its own through the `Method`
 protocol: its loss on a batch, how to sample images from fixed seeds, extra pictures, and its
 export folder. The loop owns everything else, in this order per optimizer step:
 
@@ -94,9 +94,10 @@ def sampling_weights(net: nn.Module, ema: EMA | None) -> Iterator[nn.Module]:
         net.train()
 
 
-def train(run: Run, method: Method, model: nn.Module, optimizer: torch.optim.Optimizer) -> Path:
-    """Train from the resume point (or scratch) to `--max-steps`; return the export folder."""
+def train(run: Run, method: Method, model: nn.Module) -> Path:
+    """Train `model` from the resume point (or scratch) to `--max-steps`; return the export."""
     cfg, acc = run.cfg, run.accelerator
+    model, optimizer = run.prepare(model)
     net = acc.unwrap_model(model)
     ema = EMA(net, cfg.ema_max_decay) if cfg.use_ema else None
     # FID network and training-data statistics before any step (a missing extra fails now).

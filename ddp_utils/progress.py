@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 
 class Progress:
-    def __init__(self, accelerator, start: int, total: int):
+    def __init__(self, accelerator: Accelerator, start: int, total: int) -> None:
         self.bar = (
             tqdm(total=total, initial=start, desc="train", dynamic_ncols=True, mininterval=1.0)
             if accelerator.is_main_process

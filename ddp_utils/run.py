@@ -37,7 +37,7 @@ from ddp_utils.checkpoint import (
     write_checkpoint,
 )
 from ddp_utils.cli import setup_logging
-from ddp_utils.config import TrainConfig, parse_duration, save_config, to_dict
+from ddp_utils.config import save_config, to_dict
 from ddp_utils.data import BatchSource, ImageData, load_image_data, make_batches
 from ddp_utils.distributed import make_accelerator
 from ddp_utils.ema import EMA
@@ -48,7 +48,9 @@ from ddp_utils.errors import (
     TrainingStopped,
 )
 from ddp_utils.guard import StepGuard, Verdict, discard_gradients
+from ddp_utils.optim import make_optimizer
 from ddp_utils.tracking import Tracker
+from ddp_utils.train_config import TrainConfig, parse_duration
 
 logger = logging.getLogger("ddp_diffusion")
 
@@ -90,6 +92,22 @@ class Run:
     def global_batch_size(self) -> int:
         cfg = self.cfg
         return cfg.batch_size * self.accelerator.num_processes * cfg.gradient_accumulation_steps
+
+    def prepare(self, model: torch.nn.Module) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        """Speed options, the optimizer, and Accelerate's wrapping (DDP, autocast) of both."""
+        cfg, acc = self.cfg, self.accelerator
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        if cfg.compile:
+            # Compiles the module's call without wrapping it: state-dict keys, checkpoints and
+            # exports are the same as without it.
+            model.compile(backend=cfg.compile_backend, dynamic=False)
+        optimizer = make_optimizer(
+            cfg.optimizer, model.parameters(), cfg.learning_rate, cfg.weight_decay, acc.device
+        )
+        model, optimizer = acc.prepare(model, optimizer)
+        self.describe(sum(p.numel() for p in model.parameters()))
+        return model, optimizer
 
     # ------------------------------------------------------------------ checkpoints
 

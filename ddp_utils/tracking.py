@@ -23,6 +23,10 @@ from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
+from accelerate import Accelerator
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image
 
 from ddp_utils.files import write_text
 
@@ -56,7 +60,7 @@ def _reset_wandb() -> None:
 class Tracker:
     def __init__(
         self,
-        accelerator,
+        accelerator: Accelerator,
         output_dir: Path,
         report_to: str,
         project: str,
@@ -64,7 +68,7 @@ class Tracker:
         config: dict[str, Any],
         resume_step: int | None,
         is_writer: bool | None = None,
-    ):
+    ) -> None:
         self.accelerator = accelerator
         self.output_dir = Path(output_dir)
         self.is_main = accelerator.is_main_process  # talks to wandb
@@ -108,7 +112,13 @@ class Tracker:
             write_text(self.output_dir / "wandb_run_id", run_id + "\n")
         return run_id
 
-    def _init_wandb(self, project: str, run_name: str | None, config, resume_step) -> bool:
+    def _init_wandb(
+        self,
+        project: str,
+        run_name: str | None,
+        config: dict[str, Any],
+        resume_step: int | None,
+    ) -> bool:
         """Start (or resume) the wandb run on the main process. Returns False if disabled."""
         ok = True
         if self.is_main:
@@ -156,7 +166,9 @@ class Tracker:
             self.accelerator.init_trackers(project, config=None)
         return ok
 
-    def _try_init(self, project: str, config, init_kwargs) -> bool:
+    def _try_init(
+        self, project: str, config: dict[str, Any] | None, init_kwargs: dict[str, Any]
+    ) -> bool:
         try:
             self.accelerator.init_trackers(project, config=config, init_kwargs=init_kwargs)
             return True
@@ -181,8 +193,6 @@ class Tracker:
         """Save an HWC uint8 picture as `samples/<name>-<step>.png` and send it to wandb."""
         if not self.is_writer:
             return None
-        from PIL import Image
-
         path = self.images_dir / f"{name}-{step:07d}.png"
         Image.fromarray(image).save(path)
         if self.use_wandb and self.is_main:
@@ -212,18 +222,16 @@ def read_metrics(path: Path) -> list[dict[str, float]]:
 
 
 def plot_loss_curve(metrics_file: Path, out: Path) -> None:
-    """loss.png: the logged loss, linear and log scale (as the seed plots it)."""
+    """loss.png: the logged loss, linear and log scale."""
     rows = [r for r in read_metrics(metrics_file) if "loss" in r]
     if not rows:
         return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     steps = [r["step"] for r in rows]
     losses = [r["loss"] for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    # The object API with its own canvas: no pyplot state, no global backend change.
+    fig = Figure(figsize=(10, 3.5))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
     axes[0].plot(steps, losses)
     axes[0].set_title("loss")
     axes[1].plot(steps, losses)
@@ -233,4 +241,3 @@ def plot_loss_curve(metrics_file: Path, out: Path) -> None:
         ax.set_xlabel("step")
     fig.tight_layout()
     fig.savefig(out, dpi=80)
-    plt.close(fig)

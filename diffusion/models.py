@@ -249,18 +249,3 @@ def predict(
     if isinstance(unwrap_model(model), UNet2DModel):
         return model(x, 0 if timesteps is None else timesteps, return_dict=False)[0]
     return model(x, timesteps)
-
-
-def speed_up(
-    model: nn.Module, channels_last: bool, compile: bool, backend: str = "inductor"
-) -> nn.Module:
-    """Apply --channels-last and --compile in place (before `accelerator.prepare`).
-
-    `nn.Module.compile` compiles the module's call without wrapping it, so state-dict keys,
-    checkpoints and exports are the same as without it.
-    """
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    if compile:
-        model.compile(backend=backend, dynamic=False)
-    return model

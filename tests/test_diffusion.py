@@ -50,7 +50,7 @@ def test_corrupt_draws_uniform_noise_reproducibly() -> None:
     first = corrupt(x, ones, generator=torch.Generator().manual_seed(1))
     again = corrupt(x, ones, generator=torch.Generator().manual_seed(1))
     assert torch.equal(first, again)
-    assert first.min() >= 0 and first.max() < 1  # U[0, 1), the seed's torch.rand_like
+    assert first.min() >= 0 and first.max() < 1  # U[0, 1), like torch.rand_like
     assert abs(first.mean().item() - 0.5) < 0.05
 
 

@@ -33,7 +33,7 @@ def one_cpu_thread():
 
 
 class SeedBasicUNet(nn.Module):
-    """The seed notes' BasicUNet verbatim (section 1.3.1), as the numerical reference."""
+    """The tutorial's BasicUNet verbatim, as the numerical reference."""
 
     def __init__(self, in_channels: int = 1, out_channels: int = 1) -> None:
         super().__init__()
@@ -83,7 +83,7 @@ def architecture(config) -> dict:
 
 def test_basic_unet_parameter_counts_match_the_seed() -> None:
     assert count_parameters(BasicUNet(1, 1)) == 309_057
-    # The seed's unused BatchNorm2d(64) adds 128 parameters: its printed count is 309,185.
+    # The tutorial's unused BatchNorm2d(64) adds 128 parameters: its printed count is 309,185.
     assert count_parameters(BasicUNet(1, 1, with_unused_batchnorm=True)) == 309_185
 
 

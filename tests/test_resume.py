@@ -32,9 +32,9 @@ from ddp_utils.checkpoint import (
     list_checkpoints,
     read_checkpoint,
 )
-from ddp_utils.config import parse_duration
 from ddp_utils.errors import STOP_EXIT_CODE
 from ddp_utils.guard import StepGuard, discard_gradients
+from ddp_utils.train_config import parse_duration
 from tests import tiny_runs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -454,7 +454,7 @@ def test_max_train_time_accepts_seconds_units_and_clock_time() -> None:
     for bad in ("soon", "0", "-5", "2x", "1:2:3:4", ""):
         with pytest.raises(ValueError, match="must be a positive duration"):
             parse_duration(bad)
-    from ddp_utils.config import TrainConfig
+    from ddp_utils.train_config import TrainConfig
 
     with pytest.raises(ValueError, match="--max-train-time must be a positive duration"):
         TrainConfig(max_train_time="2 hours")

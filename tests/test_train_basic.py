@@ -121,7 +121,7 @@ def check_run_dir(run: Path, num_processes: int, wandb_dir: Path | None) -> None
     for name, value in model.state_dict().items():
         assert torch.equal(value, weights[name]), name
 
-    # Sample grid (4 images in one row) and the seed's 3-row corruption panel (8 columns).
+    # Sample grid (4 images in one row) and the 3-row corruption panel (8 columns).
     grid = np.asarray(Image.open(run / "samples" / "samples-0000006.png"))
     assert grid.shape == (RES + 4, 4 * (RES + 2) + 2, 3) and grid.std() > 0
     panel = np.asarray(Image.open(run / "samples" / "corruption_panel-0000006.png"))

@@ -18,6 +18,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
 from PIL import Image, ImageOps
 
@@ -112,9 +113,7 @@ def row_name(value: Any, index: int) -> str:
 
 def raw_images(ds: Any, image_column: str) -> Any:
     """The dataset's image column as undecoded bytes/paths (decoding happens here, not in HF)."""
-    from datasets import Image as ImageFeature
-
-    return ds.select_columns([image_column]).cast_column(image_column, ImageFeature(decode=False))
+    return ds.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
 
 
 def decode_all(

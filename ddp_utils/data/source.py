@@ -19,8 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
 from PIL import Image
+from sklearn.datasets import load_digits
 
 from ddp_utils.errors import InputError
 
@@ -52,7 +54,6 @@ class Source:
 
 def load_source(dataset: str, dataset_config: str | None = None, split: str = "train") -> Source:
     """The HF dataset behind a `dataset` name or path (not decoded)."""
-    import datasets
 
     if dataset == "digits":
         return Source(_digits(), "sklearn-digits-v1", "scikit-learn digits (built in)")
@@ -76,20 +77,16 @@ def load_source(dataset: str, dataset_config: str | None = None, split: str = "t
     return _from_hub(dataset, dataset_config, split)
 
 
-def _digits():
-    from datasets import Dataset
-    from sklearn.datasets import load_digits
-
+def _digits() -> datasets.Dataset:
     digits = load_digits()
     # Values are 0..16: scale to 0..255 as 8-bit grayscale.
     pixels = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
-    return Dataset.from_dict(
+    return datasets.Dataset.from_dict(
         {"image": [Image.fromarray(p, mode="L") for p in pixels], "label": digits.target}
     )
 
 
 def _saved_to_disk(path: Path, split: str) -> Source:
-    import datasets
 
     try:
         ds = datasets.load_from_disk(str(path))
@@ -110,7 +107,6 @@ def _saved_to_disk(path: Path, split: str) -> Source:
 
 
 def _from_hub(dataset: str, dataset_config: str | None, split: str) -> Source:
-    import datasets
 
     hub_id = HUB_ALIASES.get(dataset, dataset)
     try:
@@ -154,8 +150,6 @@ def folder_fingerprint(path: Path) -> str:
 
 def detect_image_column(ds: Any, image_column: str | None) -> str:
     """The column holding the images: the one given, else the only `Image` feature."""
-    from datasets import Image as ImageFeature
-
     columns = list(ds.features)
     if image_column is not None:
         if image_column not in columns:
@@ -163,7 +157,7 @@ def detect_image_column(ds: Any, image_column: str | None) -> str:
                 f"{image_column!r} is not a column; columns: {', '.join(columns)}", "image_column"
             )
         return image_column
-    image_columns = [c for c, f in ds.features.items() if isinstance(f, ImageFeature)]
+    image_columns = [c for c, f in ds.features.items() if isinstance(f, datasets.Image)]
     if len(image_columns) == 1:
         return image_columns[0]
     if not image_columns:
