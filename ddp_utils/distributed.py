@@ -40,7 +40,7 @@ def make_accelerator(
     # None defers to the launcher (`accelerate launch --mixed_precision` or its config file).
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         # Accelerate silently ignores fp16 on CPU (no autocast, no GradScaler): say so.
-        accelerator.print("warning: --mixed-precision fp16 has no effect on CPU; use bf16")
+        accelerator.print("warning: fp16 mixed precision has no effect on CPU; use bf16")
     # Different seeds per rank for anything drawn from the global RNG (e.g. dropout);
     # noise and timesteps come from `step_generator` instead.
     set_seed(seed + accelerator.process_index)

@@ -42,7 +42,7 @@ class EMA:
 
     def __init__(self, model: nn.Module, max_decay: float = 0.9999) -> None:
         if not 0.0 <= max_decay < 1.0:
-            raise ValueError(f"--ema-max-decay must be in [0, 1); got {max_decay}")
+            raise ValueError(f"the EMA decay must be in [0, 1); got {max_decay}")
         self.max_decay = max_decay
         self.param_names, params, self.buffer_names, buffers = _named_tensors(model)
         self.shadow_params = [p.float().clone() for p in params]

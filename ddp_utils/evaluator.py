@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ddp_utils.errors import InputError
 from ddp_utils.run import Run
 from evaluation import (
     dataset_reference_stats,
@@ -46,7 +47,7 @@ class Evaluator:
         try:
             self.extractor = load_fid_inception(acc.device)
         except ImportError as err:
-            raise ValueError(f"--eval-every: {err}") from None
+            raise InputError(str(err), "eval_every") from None
         self.reference = dataset_reference_stats(
             data.images[: cfg.eval_num_reference],
             cfg.dataset,
