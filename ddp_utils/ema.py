@@ -53,18 +53,26 @@ class EMA:
         return min(self.max_decay, (1 + step) / (10 + step))
 
     @torch.no_grad()
-    def update(self, model: nn.Module, step: int) -> None:
+    def update(self, model: nn.Module, step: int, keep: torch.Tensor | None = None) -> None:
         """Fold the model's current weights into the shadow; call after each optimizer step.
 
-        One fused `_foreach_lerp_` over all parameters (shadow + (1 - d)(w - shadow)), with the
-        decay a Python float: no per-parameter kernel loop and no host-device sync.
+        shadow += w (weights - shadow) with w = 1 - decay, over all parameters at once
+        (`_foreach_*`: no per-parameter kernel loop). `keep`, a 0-dim bool on the device,
+        multiplies w: a skipped step leaves the shadow exactly as it was, and nothing is read
+        on the host (a tensor weight given to `_foreach_lerp_` would be read).
         """
         _, params, _, buffers = _named_tensors(model)
         self._check_same_structure(len(params), len(buffers))
-        weight = 1.0 - self.decay(step)
         params = [p if p.dtype == torch.float32 else p.float() for p in params]
-        torch._foreach_lerp_(self.shadow_params, params, weight)
+        weight: float | torch.Tensor = 1.0 - self.decay(step)
+        if keep is not None:
+            weight = keep.to(torch.float32) * weight
+        deltas = torch._foreach_sub(params, self.shadow_params)
+        torch._foreach_mul_(deltas, weight)
+        torch._foreach_add_(self.shadow_params, deltas)
         if buffers:
+            if keep is not None:
+                buffers = [torch.where(keep, b, s) for b, s in zip(buffers, self.shadow_buffers)]
             torch._foreach_copy_(self.shadow_buffers, buffers)
 
     @torch.no_grad()

@@ -1,16 +1,23 @@
-"""Once per optimizer step, all ranks agree: skip a non-finite update? stop here?
+"""Skip non-finite updates on the device every step; agree on stopping at window boundaries.
 
-`StepGuard.check` runs on every rank before the optimizer step: one all-reduce of three
-numbers and one host sync per step. It answers
+Every optimizer step, `StepGuard.step_ok` decides on the device whether the update may happen:
+some rank saw a non-finite loss (or, without an fp16 GradScaler, a non-finite gradient norm)
+means no rank updates. The flags are summed over ranks by one tiny all-reduce, which a GPU
+runs asynchronously: nothing is read on the host, so the step never waits for the device.
+`guarded_step` hands the verdict to the fused Adam/AdamW kernel as its `found_inf` (the same
+mechanism a GradScaler uses), the EMA update is weighted by it, and the step's metrics are
+dropped with it: a skipped step changes no weight, no EMA and no optimizer state on any rank.
+The step still counts, so the next one trains on new data.
 
-- skip: some rank saw a non-finite loss (or, without an fp16 GradScaler, a non-finite
-  gradient norm). No rank updates the weights or the EMA; the gradients are dropped; the step
-  still counts, so the next one trains on new data. `--max-nonfinite-steps` skips in a row end
-  the run with `NonFiniteLossError` and no checkpoint of that state: no checkpoint is written
-  while a streak lasts, so the newest one is the last good one.
-- stop: some rank got SIGTERM or SIGUSR1, or `--max-train-time` is used up. The step
-  finishes, every rank saves a checkpoint at that same step, the tracker is closed, and the
-  process exits with `STOP_EXIT_CODE`. Running the same command again resumes from there.
+At boundaries (every `--log-every` steps, checkpoint steps, the last step), `StepGuard.check`
+reads what happened since the previous boundary, once, on every rank alike:
+
+- skipped steps are reported; `--max-nonfinite-steps` skips in a row end the run with
+  `NonFiniteLossError`; no checkpoint is written while a streak lasts, so the newest one is
+  the last good one;
+- stop: some rank got SIGTERM, SIGUSR1 or SIGINT, or `--max-train-time` is used up. Every rank
+  saves a checkpoint at that same step, the tracker is closed, and the process exits with
+  `STOP_EXIT_CODE`. A signal is honoured at the next boundary (at most `--log-every` steps).
 
 STOP_EXIT_CODE is 75 (EX_TEMPFAIL in sysexits.h: "try again later"). Not 143: a shell reports
 143 for a process that SIGTERM killed before it could save, and a job script must be able to
@@ -19,7 +26,8 @@ exit 75 and the launcher reports them as failed with "exitcode: 75" (its own exi
 
 With an fp16 GradScaler, an overflowing *gradient* is the scaler's business (it skips the step
 and lowers the scale, which happens routinely early in training); only a non-finite *loss*
-counts here, and a skip resets the scaler's per-step state so that its next step works.
+counts here. Such a skip is added to the scaler's own `found_inf`, so the scaler also lowers
+its scale once.
 """
 
 from __future__ import annotations
@@ -33,18 +41,23 @@ from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
+from accelerate.optimizer import AcceleratedOptimizer
+from torch.amp.grad_scaler import OptState
 
 logger = logging.getLogger("ddp_diffusion")
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 @dataclass(frozen=True)
 class Verdict:
-    skip: bool  # do not update: a rank saw a non-finite loss
-    stop: bool  # save at this step and exit: a rank was signalled or ran out of time
-    skip_reason: str = ""
+    """What all ranks agreed on at a boundary."""
+
+    stop: bool = False  # save at this step and exit: a rank was signalled or ran out of time
     stop_reason: str = ""
+    num_skipped: int = 0  # non-finite steps since the previous boundary
+    skip_report: str = ""  # one line about them, for the log
+    streak_too_long: str = ""  # why the run must end (--max-nonfinite-steps), if it must
 
 
 class StepGuard:
@@ -54,39 +67,53 @@ class StepGuard:
         self,
         accelerator: Accelerator,
         max_train_time_s: float | None,
+        max_nonfinite_steps: int,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.accelerator = accelerator
         self.max_train_time_s = max_train_time_s
+        self.max_nonfinite_steps = max_nonfinite_steps
         self.clock = clock
         self.started = clock()
-        self.signal_name: str | None = None  # set by the handler, read at the next check
-        self.num_nonfinite_steps = 0  # over the whole run (restored on resume)
-        self.num_skipped_in_a_row = 0
+        self.signal_name: str | None = None  # set by the handler, read at the next boundary
+        self.num_interrupts = 0  # SIGINTs: the second one quits at once
+        self.num_nonfinite_steps = 0  # over the whole run (restored on resume), as of a boundary
+        self.num_skipped_in_a_row = 0  # as of the last boundary
         self._previous_handlers: dict[int, object] | None = None  # None: not installed yet
+        # Device state, updated every step and read only at boundaries.
+        device = accelerator.device
+        self._in_a_row = torch.zeros((), dtype=torch.int64, device=device)
+        # Since the last boundary: skipped steps, the step (1-based) a streak first reached
+        # --max-nonfinite-steps (0: none), the last skipped step and how many ranks saw it.
+        self._window = torch.zeros(4, dtype=torch.int64, device=device)
 
     # ------------------------------------------------------------------ signals
 
     def install_signal_handlers(self) -> None:
-        """SIGTERM/SIGUSR1 only set a flag: the loop stops at the next step boundary.
+        """SIGTERM/SIGUSR1/SIGINT only set a flag: the loop stops at the next boundary.
 
-        Installed by the first `check` (setup has nothing to save: a signal there still ends
+        Installed by the first step (setup has nothing to save: a signal there still ends
         the process at once) and removed by `restore_signal_handlers` when the run ends.
+        A second SIGINT (Ctrl-C twice) raises KeyboardInterrupt at once.
         """
         self._previous_handlers = {}
         if threading.current_thread() is not threading.main_thread():
-            logger.warning("not on the main thread: SIGTERM/SIGUSR1 will not stop training cleanly")
+            logger.warning("not on the main thread: signals will not stop training cleanly")
             return
         for sig in STOP_SIGNALS:
             self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
 
     def restore_signal_handlers(self) -> None:
         for sig, handler in (self._previous_handlers or {}).items():
-            signal.signal(sig, handler)
+            signal.signal(sig, handler)  # type: ignore[arg-type]
         self._previous_handlers = None
 
     def _on_signal(self, signum: int, frame: object) -> None:
         # No I/O here: the handler may interrupt a write to the same stream.
+        if signum == signal.SIGINT:
+            self.num_interrupts += 1
+            if self.num_interrupts > 1:
+                raise KeyboardInterrupt
         self.signal_name = signal.Signals(signum).name
 
     def out_of_time(self) -> bool:
@@ -95,56 +122,111 @@ class StepGuard:
             and self.clock() - self.started >= self.max_train_time_s
         )
 
-    # ------------------------------------------------------------------ the per-step check
+    # ------------------------------------------------------------------ every step
 
-    def check(self, loss: torch.Tensor, grad_norm: torch.Tensor | None = None) -> Verdict:
-        """Agree with every other rank on this step (collective: call on every rank).
+    def step_ok(
+        self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """A 0-dim bool on the device: may optimizer step `step` (0-based) update? (collective)
 
         `loss` is this rank's loss for the step (any shape); `grad_norm` the total gradient
-        norm, ignored under an fp16 GradScaler (overflowing gradients are its business).
+        norm, ignored under an fp16 GradScaler. Nothing is read on the host.
         """
         acc = self.accelerator
         if self._previous_handlers is None:
             self.install_signal_handlers()
-        flags = torch.tensor(
-            [0.0, 0.0, self.signal_name is not None, self.out_of_time()], device=acc.device
-        )
-        flags[0] = ~torch.isfinite(loss.detach()).all()
+        flags = torch.zeros(2, device=acc.device)
+        flags[0] = (~torch.isfinite(loss.detach()).all()).float()
         if grad_norm is not None and acc.scaler is None:
-            flags[1] = ~torch.isfinite(grad_norm.detach()).all()
+            flags[1] = (~torch.isfinite(grad_norm.detach()).all()).float()
         if acc.num_processes > 1:
             flags = acc.reduce(flags, reduction="sum")
-        bad_loss, bad_grad, num_signalled, num_out_of_time = (int(v) for v in flags.tolist())
+        bad = flags.sum() > 0
+        self._in_a_row = torch.where(bad, self._in_a_row + 1, 0)
+        reached = (self._in_a_row == self.max_nonfinite_steps) & (self._window[1] == 0)
+        step_number = torch.full((), step + 1, dtype=torch.int64, device=acc.device)
+        self._window = torch.stack(
+            [
+                self._window[0] + bad.long(),
+                torch.where(reached, step_number, self._window[1]),
+                torch.where(bad, step_number, self._window[2]),
+                torch.where(bad, flags[0].long(), self._window[3]),
+            ]
+        )
+        return ~bad
 
-        skip = bad_loss > 0 or bad_grad > 0
-        if skip:
-            self.num_nonfinite_steps += 1
-            self.num_skipped_in_a_row += 1
-        else:
-            self.num_skipped_in_a_row = 0
-        stop_reason = skip_reason = ""
+    # ------------------------------------------------------------------ at boundaries
+
+    def check(self, step: int) -> Verdict:
+        """What happened since the last boundary, agreed by all ranks (collective, one read)."""
+        acc = self.accelerator
+        signals = torch.tensor(
+            [self.signal_name is not None, self.out_of_time()], device=acc.device
+        ).long()
+        if acc.num_processes > 1:
+            signals = acc.reduce(signals, reduction="sum")
+        num_signalled, num_out_of_time, in_a_row, *window = torch.cat(
+            [signals, self._in_a_row[None], self._window]
+        ).tolist()
+        self._window.zero_()
+        num_skipped, reached_at, last_bad, bad_ranks = window
+        self.num_nonfinite_steps += num_skipped
+        self.num_skipped_in_a_row = in_a_row
+        stop_reason = ""
         if num_signalled:
             here = self.signal_name or "another rank's signal"
             stop_reason = f"{here} ({num_signalled} of {acc.num_processes} rank(s) signalled)"
         elif num_out_of_time:
             stop_reason = f"--max-train-time {self.max_train_time_s:g} s used up"
-        if bad_loss:
-            skip_reason = f"non-finite loss on {bad_loss} of {acc.num_processes} rank(s)"
-        elif skip:
-            skip_reason = "non-finite gradient norm"
-        return Verdict(skip, bool(stop_reason), skip_reason, stop_reason)
+        report = ""
+        if num_skipped:
+            where = (
+                f"step {last_bad}: non-finite loss on {bad_ranks} of {acc.num_processes} rank(s)"
+                if bad_ranks
+                else f"step {last_bad}: non-finite gradient norm"
+            )
+            more = f" and {num_skipped - 1} earlier step(s) since step {step - 1}" * (
+                num_skipped > 1
+            )
+            report = (
+                f"{where}{more}; update skipped ({in_a_row} in a row, "
+                f"{self.num_nonfinite_steps} in total)"
+            )
+        too_long = ""
+        if reached_at:
+            first = reached_at - self.max_nonfinite_steps + 1
+            too_long = (
+                f"steps {first}..{reached_at}: {self.max_nonfinite_steps} optimizer steps in a "
+                f"row had a non-finite loss (--max-nonfinite-steps {self.max_nonfinite_steps})"
+            )
+        return Verdict(bool(stop_reason), stop_reason, num_skipped, report, too_long)
 
 
-def discard_gradients(
-    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None
+def guarded_step(
+    optimizer: torch.optim.Optimizer,
+    ok: torch.Tensor,
+    scaler: torch.amp.GradScaler | None,
 ) -> None:
-    """Drop this step's gradients without updating (every rank, after a skip verdict).
+    """`optimizer.step()` that updates nothing (weights, moments, step counts) unless `ok`.
 
-    Under an fp16 GradScaler, `clip_grad_norm_` has already unscaled this step's gradients;
-    the scaler refuses a second `unscale_` until `update()`. Updating with the current scale
-    clears that per-step state and leaves the scale alone: a non-finite loss comes from the
-    forward pass, which loss scaling does not affect.
+    The optimizer must be a fused Adam/AdamW (`ddp_utils.optim.make_optimizer` makes one): its
+    kernel takes a `found_inf` tensor and skips on the device. Under a GradScaler, `ok` is
+    folded into the scaler's own `found_inf`, which it passes to the fused kernel itself.
     """
-    optimizer.zero_grad(set_to_none=True)
+    inner = optimizer
+    while isinstance(inner, AcceleratedOptimizer):  # accelerate's wrapper around the real one
+        inner = inner.optimizer
+    not_ok = (~ok).float()
     if scaler is not None and scaler.is_enabled():
-        scaler.update(new_scale=scaler.get_scale())
+        state = scaler._per_optimizer_states[id(inner)]
+        if state["stage"] is not OptState.UNSCALED:
+            scaler.unscale_(inner)  # what clipping does; needed to get its found_inf
+        for found_inf in state["found_inf_per_device"].values():
+            torch.maximum(found_inf, not_ok.to(found_inf.device), out=found_inf)
+        optimizer.step()
+        return
+    inner.found_inf = not_ok
+    try:
+        optimizer.step()
+    finally:
+        del inner.found_inf

@@ -31,7 +31,7 @@ from ddp_utils.ema import EMA
 from ddp_utils.evaluator import BEST_DIR, BEST_FILE, Evaluator
 from ddp_utils.export import write_task_file
 from ddp_utils.files import atomic_dir, write_json
-from ddp_utils.guard import Verdict
+from ddp_utils.guard import Verdict, guarded_step
 from ddp_utils.images import make_grid, to_uint8
 from ddp_utils.metrics import MetricWindow
 from ddp_utils.optim import lr_at, set_lr
@@ -41,6 +41,7 @@ from ddp_utils.run import Run
 logger = logging.getLogger("ddp_diffusion")
 
 GRID_CHUNK = 64  # images per sampling chunk for the logged grids
+NO_VERDICT = Verdict()  # between boundaries nothing is read, nothing decided on the host
 
 
 class Method(Protocol):
@@ -114,10 +115,17 @@ def train(run: Run, method: Method, model: nn.Module) -> Path:
     window_start, window_first_step = time.perf_counter(), step
 
     while step < cfg.max_steps:
-        verdict = optimizer_step(run, method, model, optimizer, batches, stats, step)
+        ok = optimizer_step(run, method, model, optimizer, batches, stats, step)
         step += 1
-        if ema is not None and not verdict.skip:
-            ema.update(net, step)
+        if ema is not None:
+            ema.update(net, step, keep=ok)  # a skipped step leaves the EMA as it was
+
+        # Boundaries: all ranks agree on what the device saw and on stopping (one host read).
+        verdict = NO_VERDICT
+        if due(step, cfg.log_every, cfg.max_steps) or due(
+            step, cfg.checkpoint_every, cfg.max_steps
+        ):
+            verdict = run.check(step)
 
         # Log: one all-reduce and one host read per window.
         if due(step, cfg.log_every, cfg.max_steps):
@@ -170,8 +178,12 @@ def optimizer_step(
     batches: BatchSource,
     stats: MetricWindow,
     step: int,
-) -> Verdict:
-    """One optimizer step (`step` is 0-based): accumulate, clip, agree, update."""
+) -> torch.Tensor:
+    """One optimizer step (`step` is 0-based): accumulate, clip, update unless non-finite.
+
+    Returns whether the update happened, as a 0-dim bool on the device: nothing here reads a
+    value on the host, so a GPU never waits for the CPU between log windows.
+    """
     cfg, acc = run.cfg, run.accelerator
     # Accumulate gradients over micro-batches; noise is seeded from (seed, micro-step, rank).
     losses = []
@@ -185,23 +197,22 @@ def optimizer_step(
         losses.append(loss.detach())
     assert acc.sync_gradients, "accumulation must end on a synchronising micro-step"
 
-    # Update weights (LR from the optimizer step alone: the same for any number of processes).
+    # Update weights (LR from the optimizer step alone: the same for any number of processes),
+    # unless a rank saw a non-finite loss: all ranks then skip on the device (ddp_utils.guard).
     lr = lr_at(step, cfg.learning_rate, cfg.lr_warmup_steps, cfg.max_steps, cfg.lr_schedule)
     set_lr(optimizer, lr)
     grad_norm = None
     if cfg.max_grad_norm is not None:
         grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-    # All ranks agree: skip a non-finite update? stop after this step?
     step_losses = torch.stack(losses)
-    verdict = run.check_step(step, step_losses, grad_norm, optimizer)
-    if not verdict.skip:
-        optimizer.step()
+    ok = run.guard.step_ok(step, step_losses, grad_norm)
+    guarded_step(optimizer, ok, acc.scaler)
     optimizer.zero_grad(set_to_none=True)
     stats.report("loss", step_losses)
     if grad_norm is not None:
         stats.report("grad_norm", grad_norm)
-    stats.commit(keep=not verdict.skip)
-    return verdict
+    stats.commit(keep=ok)
+    return ok
 
 
 def sample_uint8(method: Method, net: nn.Module, items: range) -> torch.Tensor:

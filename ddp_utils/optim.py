@@ -40,12 +40,10 @@ def make_optimizer(
     params: Iterable[torch.nn.Parameter],
     lr: float,
     weight_decay: float,
-    device: torch.device,
     betas: tuple[float, float] = (0.9, 0.999),
 ) -> torch.optim.Optimizer:
-    """Adam or AdamW; fused kernels on CUDA."""
-    kwargs = {"lr": lr, "betas": betas, "weight_decay": weight_decay}
-    if device.type == "cuda":
-        kwargs["fused"] = True
+    """Adam or AdamW with the fused kernel (CPU and CUDA): one kernel for all parameters, and
+    a `found_inf` input that lets `ddp_utils.guard.guarded_step` skip a step on the device."""
+    kwargs = {"lr": lr, "betas": betas, "weight_decay": weight_decay, "fused": True}
     optimizer_class = torch.optim.Adam if name == "adam" else torch.optim.AdamW
     return optimizer_class(params, **kwargs)

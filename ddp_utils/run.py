@@ -2,9 +2,10 @@
 
 `start_run` builds the Accelerator, finds the checkpoint to resume from (the same one on every
 rank), opens the tracker and loads the data; `Run.save` and `Run.restore` move model, EMA and
-optimizer state in and out of pickle-free checkpoints; `Run.check_step` is the per-step
-agreement of all ranks on skipping a non-finite update or stopping (SIGTERM, SIGUSR1,
-`--max-train-time`), and `Run.stop` closes the run and raises `TrainingStopped` (exit 75).
+optimizer state in and out of pickle-free checkpoints; `Run.check` is the agreement of all
+ranks, at log and checkpoint boundaries, on what the device-side guard saw (skipped non-finite
+steps) and on stopping (SIGTERM, SIGUSR1, SIGINT, `--max-train-time`), and `Run.stop` closes
+the run and raises `TrainingStopped` (exit 75).
 The loop itself is `ddp_utils.loop.train`.
 
 Resume is exact (bit-identical weights, EMA and optimizer state after a kill at any point,
@@ -47,7 +48,7 @@ from ddp_utils.errors import (
     NonFiniteLossError,
     TrainingStopped,
 )
-from ddp_utils.guard import StepGuard, Verdict, discard_gradients
+from ddp_utils.guard import StepGuard, Verdict
 from ddp_utils.optim import make_optimizer
 from ddp_utils.tracking import Tracker
 from ddp_utils.train_config import TrainConfig, parse_duration
@@ -103,7 +104,7 @@ class Run:
             # exports are the same as without it.
             model.compile(backend=cfg.compile_backend, dynamic=False)
         optimizer = make_optimizer(
-            cfg.optimizer, model.parameters(), cfg.learning_rate, cfg.weight_decay, acc.device
+            cfg.optimizer, model.parameters(), cfg.learning_rate, cfg.weight_decay
         )
         model, optimizer = acc.prepare(model, optimizer)
         self.describe(sum(p.numel() for p in model.parameters()))
@@ -230,41 +231,21 @@ class Run:
 
     # ------------------------------------------------------------------ guarding the loop
 
-    def check_step(
-        self,
-        step: int,
-        loss: torch.Tensor,
-        grad_norm: torch.Tensor | None,
-        optimizer: torch.optim.Optimizer,
-    ) -> Verdict:
-        """All ranks agree on skipping this update and on stopping after it (collective).
+    def check(self, step: int) -> Verdict:
+        """At a boundary after `step` steps: what all ranks agree happened since the last one.
 
-        Call after the backward passes (and clipping) of optimizer step `step` (0-based),
-        before `optimizer.step()`. On a skip the gradients are already dropped: do not step.
-        Raises `NonFiniteLossError` (tracker closed, nothing saved) after
-        `--max-nonfinite-steps` skips in a row.
+        Logs the skipped steps; raises `NonFiniteLossError` (tracker closed, nothing saved)
+        when a streak reached `--max-nonfinite-steps`. Collective: one all-reduce, one read.
         """
-        verdict = self.guard.check(loss, grad_norm)
-        if not verdict.skip:
-            return verdict
-        discard_gradients(optimizer, self.accelerator.scaler)
-        in_a_row = self.guard.num_skipped_in_a_row
-        if self.accelerator.is_main_process:
-            logger.warning(
-                "step %d: %s; update skipped (%d in a row, %d in total)",
-                step + 1,
-                verdict.skip_reason,
-                in_a_row,
-                self.guard.num_nonfinite_steps,
-            )
-        if in_a_row >= self.cfg.max_nonfinite_steps:
-            self.tracker.log({"nonfinite_steps": self.guard.num_nonfinite_steps}, step + 1)
+        verdict = self.guard.check(step)
+        if verdict.skip_report and self.accelerator.is_main_process:
+            logger.warning("%s", verdict.skip_report)
+        if verdict.streak_too_long:
+            self.tracker.log({"nonfinite_steps": self.guard.num_nonfinite_steps}, step)
             self.finish()
             latest = [p.name for p in list_checkpoints(self.checkpoints_dir)]
             raise NonFiniteLossError(
-                f"steps {step + 2 - in_a_row}..{step + 1}: {in_a_row} optimizer steps in a row "
-                f"had a non-finite loss (--max-nonfinite-steps {self.cfg.max_nonfinite_steps}); "
-                "stopped without saving. "
+                f"{verdict.streak_too_long}; stopped without saving. "
                 + (f"Newest checkpoint: {latest[-1]}. " if latest else "No checkpoint yet. ")
                 + "Lower --learning-rate, keep --max-grad-norm on, or prefer bf16 to fp16, "
                 "then run the command again (it resumes from that checkpoint)."
@@ -336,7 +317,9 @@ def start_run(cfg: TrainConfig) -> Run:
     setup_logging(accelerator.is_main_process)
     # The time budget counts from here; signal handlers come with the first step.
     guard = StepGuard(
-        accelerator, parse_duration(cfg.max_train_time) if cfg.max_train_time else None
+        accelerator,
+        parse_duration(cfg.max_train_time) if cfg.max_train_time else None,
+        cfg.max_nonfinite_steps,
     )
     # On CPU, Accelerate quietly turns an FSDP launch into DDP/single process: check the request.
     if accelerator.distributed_type == DistributedType.FSDP or str_to_bool(

@@ -48,13 +48,16 @@ def batch_indices(
     """Indices of the images that `rank` trains on at `micro_step` (may straddle two epochs)."""
     global_batch = per_device_batch_size * world_size
     start = micro_step * global_batch + rank * per_device_batch_size
-    positions = torch.arange(start, start + per_device_batch_size)
-    epochs = positions // num_images
-    offsets = positions % num_images
-    out = torch.empty_like(positions)
-    for epoch in epochs.unique().tolist():
-        mask = epochs == epoch
-        out[mask] = epoch_permutation(seed, epoch, num_images)[offsets[mask]]
+    stop = start + per_device_batch_size
+    out = torch.empty(per_device_batch_size, dtype=torch.int64)
+    # Positions [start, stop) of the stream, epoch by epoch: integer arithmetic and slices
+    # only, so building a batch never reads a tensor value on the host.
+    for epoch in range(start // num_images, (stop - 1) // num_images + 1):
+        low, high = max(start, epoch * num_images), min(stop, (epoch + 1) * num_images)
+        offset = epoch * num_images
+        out[low - start : high - start] = epoch_permutation(seed, epoch, num_images)[
+            low - offset : high - offset
+        ]
     return out
 
 
