@@ -39,6 +39,7 @@ from evaluation import (
     load_fid_inception,
     load_images,
 )
+from evaluation.inception import FEATURE_DIM
 
 logger = logging.getLogger("ddp_diffusion.evaluate")
 
@@ -182,6 +183,15 @@ def evaluate(cfg: EvalConfig, accelerator: Accelerator | None = None) -> dict[st
         "reference": ref_name,
         "config": to_dict(cfg),
     }
+    smallest = min(sample_stats.num_images, ref_stats.num_images)
+    if is_main and smallest < FEATURE_DIM:
+        logger.warning(
+            "FID from %d images: below %d (the feature dimension) the covariance is "
+            "rank-deficient and FID is strongly biased upwards; compare only numbers made "
+            "from the same counts (papers use 10k-50k samples)",
+            smallest,
+            FEATURE_DIM,
+        )
     if is_main:
         output = Path(cfg.output) if cfg.output else default_output(cfg.samples)
         write_json(output, metrics)

@@ -32,7 +32,8 @@ from accelerate import Accelerator
 
 from ddp_utils.cli import cli_main, setup_logging
 from ddp_utils.config import option, parse_config, require, save_config
-from ddp_utils.distributed import map_sharded
+from ddp_utils.distributed import all_finite, map_sharded, raise_together
+from ddp_utils.errors import InputError, NonFiniteError
 from ddp_utils.files import atomic_file, write_json
 from ddp_utils.images import make_grid, save_png, to_uint8
 from ddp_utils.train_config import MixedPrecision
@@ -86,8 +87,9 @@ class SampleConfig:
         require(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         require(
             self.num_steps is None or self.num_steps >= 1,
-            f"--num-steps must be >= 1, got {self.num_steps}",
+            f"--num-steps (--num-inference-steps) must be >= 1, got {self.num_steps}",
         )
+        require(self.seed >= 0, f"--seed must be >= 0, got {self.seed}")
         require(self.eta >= 0, f"--eta must be >= 0, got {self.eta}")
         require(self.grid_size >= 1, "--grid-size must be >= 1")
         require(not self.fid or bool(self.dataset), "--fid needs --dataset (the reference images)")
@@ -105,30 +107,61 @@ DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def make_chunk_fn(
     cfg: SampleConfig, loaded: LoadedModel, device: torch.device, steps: int
-) -> tuple[Callable[[range], torch.Tensor], list[torch.Tensor]]:
-    """(items -> uint8 NHWC samples, the progression list filled by the chunk of item 0)."""
+) -> tuple[Callable[[range], torch.Tensor], list[torch.Tensor], list[int]]:
+    """(items -> uint8 NHWC samples, the progression filled by the chunk of item 0, the
+    indices of samples that came out non-finite)."""
     model, dtype = loaded.model, DTYPES[cfg.mixed_precision]
     progression: list[torch.Tensor] = []  # x_t of the first 8 samples, every 1/10 of the steps
-    if loaded.task == "basic":
-        shape = (loaded.channels, loaded.resolution, loaded.resolution)
-
-        def chunk(indices: range) -> torch.Tensor:
-            x = sample_basic(model, steps, shape, indices, cfg.seed, device, dtype)
-            return torch.from_numpy(to_uint8(x, loaded.value_range))
-
-        return chunk, progression
-
-    scheduler = make_inference_scheduler(cfg.scheduler, loaded.scheduler_config)
+    nonfinite: list[int] = []
+    scheduler = None
+    if loaded.task != "basic":
+        scheduler = make_inference_scheduler(cfg.scheduler, loaded.scheduler_config)
 
     def chunk(indices: range) -> torch.Tensor:
-        every = max(1, steps // 10) if cfg.save_progression and 0 in indices else None
-        x, snapshots = sample_ddpm(
-            model, scheduler, indices, cfg.seed, steps, cfg.eta, device, dtype, every
-        )
-        progression.extend(s[:8] for s in snapshots)
+        if scheduler is None:
+            shape = (loaded.channels, loaded.resolution, loaded.resolution)
+            x = sample_basic(model, steps, shape, indices, cfg.seed, device, dtype)
+        else:
+            every = max(1, steps // 10) if cfg.save_progression and 0 in indices else None
+            x, snapshots = sample_ddpm(
+                model, scheduler, indices, cfg.seed, steps, cfg.eta, device, dtype, every
+            )
+            progression.extend(s[:8] for s in snapshots)
+        finite = torch.isfinite(x).flatten(1).all(dim=1)
+        nonfinite.extend(k for k, ok in zip(indices, finite.tolist()) if not ok)
         return torch.from_numpy(to_uint8(x, loaded.value_range))
 
-    return chunk, progression
+    return chunk, progression, nonfinite
+
+
+def check_finite_samples(accelerator: Accelerator, nonfinite: list[int], total: int) -> None:
+    """Refuse to write images made of NaN/inf (to_uint8 would turn them black), on every rank."""
+    count = torch.tensor([len(nonfinite)], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        count = accelerator.reduce(count, reduction="sum")
+    if count.item():
+        raise NonFiniteError(
+            f"{int(count.item())} of {total} samples came out non-finite (NaN/inf), e.g. "
+            f"sample(s) {nonfinite[:5] or '(on another process)'}: the model is broken "
+            "(diverged weights?) or --mixed-precision fp16 overflows; no images were written"
+        )
+
+
+def prepare_output(accelerator: Accelerator, cfg: SampleConfig) -> Path:
+    """Check the destination before any sampling: a folder we can write into (collective)."""
+    out, error = Path(cfg.output_dir), None
+    if accelerator.is_main_process:
+        try:
+            if out.exists() and not out.is_dir():
+                raise InputError(f"{out} is a file, not a folder", "output_dir")
+            out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, out / "sample_config.yaml")  # proves the folder is writable
+        except OSError as err:
+            error = InputError(f"cannot write into {out}: {err.strerror or err}", "output_dir")
+        except InputError as err:
+            error = err
+    raise_together(accelerator, error, InputError("see the main process's message", "output_dir"))
+    return out
 
 
 def score(
@@ -168,17 +201,22 @@ def sample(cfg: SampleConfig) -> np.ndarray:
             load_fid_inception(accelerator.device)
         except ImportError as err:
             raise ValueError(f"--fid: {err}") from None
+    out = prepare_output(accelerator, cfg)
     loaded = load_for_sampling(Path(cfg.model_path), cfg.weights)
+    if not all_finite(loaded.model.parameters()):
+        raise NonFiniteError(
+            f"the weights in {loaded.source} hold non-finite values (NaN/inf): that model "
+            "diverged; sample an earlier checkpoint"
+        )
     if loaded.task == "basic" and (cfg.scheduler != "ddim" or cfg.eta or cfg.weights != "ema"):
         logger.info("--scheduler/--eta/--weights apply to DDPM models only; ignored")
     steps = cfg.num_steps or DEFAULT_STEPS["basic" if loaded.task == "basic" else cfg.scheduler]
     loaded.model.to(accelerator.device).eval()
-    chunk, progression = make_chunk_fn(cfg, loaded, accelerator.device, steps)
+    chunk, progression, nonfinite = make_chunk_fn(cfg, loaded, accelerator.device, steps)
     images = map_sharded(accelerator, cfg.num_samples, cfg.batch_size, chunk).numpy()
+    check_finite_samples(accelerator, nonfinite, cfg.num_samples)
 
-    out = Path(cfg.output_dir)
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
         with atomic_file(out / "samples.npz") as f:
             np.savez(f, arr_0=images)
         save_png(make_grid(images[: cfg.grid_size]), out / "grid.png")
@@ -194,7 +232,6 @@ def sample(cfg: SampleConfig) -> np.ndarray:
                 make_grid(to_uint8(strip, loaded.value_range), nrow=num_columns),
                 out / "progression.png",
             )
-        save_config(cfg, out / "sample_config.yaml")
         info = {
             "task": loaded.task,
             "source": str(loaded.source),

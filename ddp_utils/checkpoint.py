@@ -3,7 +3,7 @@
 Layout of `<output-dir>/checkpoints/checkpoint-<step>/`:
 - `model.safetensors`, `ema.safetensors` (if any), `optimizer.safetensors`: tensors only;
 - `state.json`: step, config, model config, optimizer hyper-parameters, grad-scaler state,
-  the list of files with their sizes. Written last; its presence marks a complete save.
+  the list of files with their sizes and xxh3-128 checksums (verified on load).
 
 A checkpoint is written to a temporary folder and renamed into place only when complete, so
 a crash mid-save leaves the previous one loadable and `latest` never names a partial one;
@@ -23,8 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import xxhash
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 
 from ddp_utils.errors import CheckpointError
 from ddp_utils.files import atomic_dir
@@ -33,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "state.json"
+CHECKSUM = "xxh3_128"  # the checksum recorded for every file in state.json
 
 
 @dataclass
@@ -87,7 +90,8 @@ def write_checkpoint(
 
     Everything goes into a hidden temporary folder, which replaces `checkpoint-<step>` only
     once every file is on disk (`ddp_utils.files.atomic_dir`); a save that fails removes its
-    temporary folder and leaves the existing checkpoints untouched.
+    temporary folder and leaves the existing checkpoints untouched. `state.json` records each
+    file's size and checksum, so damage that keeps a file's size is found on load.
     """
     final = checkpoints_dir / f"checkpoint-{step}"
     with atomic_dir(final) as tmp:
@@ -95,14 +99,16 @@ def write_checkpoint(
         for stem, named in tensors.items():
             path = tmp / f"{stem}.safetensors"
             save_file({k: v.detach().cpu().contiguous() for k, v in named.items()}, path)
-            files[path.name] = path.stat().st_size
+            data = path.read_bytes()  # from the page cache: ~10 GB/s of hashing
+            files[path.name] = {"bytes": len(data), CHECKSUM: checksum(data)}
         (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step, "files": files}, indent=2))
-    # One writer per run directory: hidden folders left now are from a save that was killed.
-    for leftover in checkpoints_dir.glob(".checkpoint-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
     if total_limit is not None:
         prune(checkpoints_dir, total_limit, keep=(final,))
     return final
+
+
+def checksum(data: bytes) -> str:
+    return xxhash.xxh3_128_hexdigest(data)
 
 
 def prune(checkpoints_dir: Path, total_limit: int, keep: tuple[Path, ...] = ()) -> list[Path]:
@@ -143,39 +149,73 @@ def read_checkpoint(path: Path) -> Checkpoint:
         state = json.loads(state_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{state_file} does not parse as JSON: {err}") from None
-    if (
-        not isinstance(state, dict)
-        or not isinstance(state.get("files"), dict)
-        or "step" not in state
-    ):
-        raise CheckpointError(f"{state_file} lacks 'step' or 'files': not a checkpoint state")
+    _check_state(state, state_file)
     tensors = {}
-    for name, size in state["files"].items():
+    for name, record in state["files"].items():
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"{file} is missing")
-        if file.stat().st_size != size:
+        # Checkpoints written before checksums were recorded hold the size alone.
+        size, digest = (
+            (record, None) if isinstance(record, int) else (record["bytes"], record[CHECKSUM])
+        )
+        data = file.read_bytes()
+        if len(data) != size:
+            raise CheckpointError(f"{file} has {len(data)} bytes, {size} were written: truncated?")
+        if digest is not None and checksum(data) != digest:
             raise CheckpointError(
-                f"{file} has {file.stat().st_size} bytes, {size} were written: truncated?"
+                f"{file} does not match the checksum recorded when it was written: its content "
+                "changed on disk (a bad copy, failing storage)"
             )
         try:
-            tensors[name.removesuffix(".safetensors")] = load_file(file)
+            tensors[name.removesuffix(".safetensors")] = load_safetensors(data)
         except (SafetensorError, OSError) as err:
             raise CheckpointError(f"{file} is not a valid safetensors file: {err}") from None
-    return Checkpoint(path=path, step=int(state["step"]), state=state, tensors=tensors)
+    return Checkpoint(path=path, step=state["step"], state=state, tensors=tensors)
+
+
+def _check_state(state: Any, state_file: Path) -> None:
+    """A state.json with values of the wrong kind is damage too, named like any other."""
+
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{state_file} is damaged: {what}")
+
+    if not isinstance(state, dict):
+        raise bad("not a JSON object")
+    step, files = state.get("step"), state.get("files")
+    if type(step) is not int or step < 0:
+        raise bad(f"'step' must be a whole number >= 0, got {step!r}")
+    match = CHECKPOINT_RE.match(state_file.parent.name)
+    if match and int(match.group(1)) != step:
+        raise bad(f"'step' is {step} in a folder named {state_file.parent.name}")
+    if not isinstance(files, dict) or not files:
+        raise bad(f"'files' must list the checkpoint's files, got {files!r}")
+    for name, record in files.items():
+        ok = (type(record) is int and record >= 0) or (
+            isinstance(record, dict)
+            and type(record.get("bytes")) is int
+            and isinstance(record.get(CHECKSUM), str)
+        )
+        if not ok or "/" in name or not name.endswith(".safetensors"):
+            raise bad(f"the entry for {name!r} is not a file record: {record!r}")
+    for key in ("config", "model_config", "optimizer"):
+        if key in state and not isinstance(state[key], dict):
+            raise bad(f"'{key}' must be a JSON object")
 
 
 def find_resume_checkpoint(checkpoints_dir: Path, resume: str) -> Checkpoint | None:
     """`none` -> None; a path -> that checkpoint or an error; `latest` -> the newest intact one.
 
     With `latest`, a damaged checkpoint is skipped with a warning naming the problem, and
-    the next older one is tried. A path to a `checkpoints/` folder (not to one checkpoint)
+    the next older one is tried. A path to a `checkpoints/` folder, or to a run directory,
     means its newest intact checkpoint, and is an error when it has none.
     """
     if resume == "none":
         return None
     if resume != "latest":
         path = Path(resume)
+        if (path / "checkpoints").is_dir() and not (path / STATE_FILE).exists():
+            path = path / "checkpoints"  # a run directory: its checkpoints
         if (path / STATE_FILE).exists() or not list_checkpoints(path):
             return read_checkpoint(path)
         found = find_resume_checkpoint(path, "latest")

@@ -10,8 +10,11 @@ from typing import Any
 
 from ddp_utils.errors import (
     BAD_INPUT_EXIT_CODE,
+    INTERRUPTED_EXIT_CODE,
+    OUTPUT_EXIT_CODE,
     STOP_EXIT_CODE,
-    NonFiniteLossError,
+    NonFiniteError,
+    OutputError,
     TrainingStopped,
 )
 
@@ -32,27 +35,33 @@ def setup_logging(is_main_process: bool) -> None:
 
 
 def cli_main(fn: Callable[[], Any]) -> None:
-    """Run a script's entry point and turn the known endings into exit codes:
+    """Run a script's entry point and turn the known endings into exit codes, each with a
+    one-line message instead of a traceback:
 
-    - 2: a bad input (ValueError, missing file), with its message;
-    - 75 (`STOP_EXIT_CODE`): stopped by a signal or --max-train-time after saving;
-      run the same command again to continue;
-    - 1: too many non-finite losses in a row (`NonFiniteLossError`).
+    - 2: a bad input (ValueError, missing file);
+    - 75 (`STOP_EXIT_CODE`): stopped by a signal or --max-train-time after saving; run the
+      same command again to continue;
+    - 74: an output could not be written (disk full, read-only); earlier files are intact;
+    - 1: the run diverged (non-finite losses or weights);
+    - 130: interrupted twice (Ctrl-C Ctrl-C): quit without saving.
 
     Set DDP_DIFFUSION_DEBUG=1 to see the traceback as well.
     """
+    endings: list[tuple[type[BaseException], int, str]] = [
+        (TrainingStopped, STOP_EXIT_CODE, "stopped"),
+        (OutputError, OUTPUT_EXIT_CODE, "error"),
+        (NonFiniteError, 1, "error"),
+        ((ValueError, FileNotFoundError), BAD_INPUT_EXIT_CODE, "error"),  # type: ignore[list-item]
+        (KeyboardInterrupt, INTERRUPTED_EXIT_CODE, "interrupted"),
+    ]
     try:
         fn()
-    except TrainingStopped as stopped:
-        print(f"stopped: {stopped}", file=sys.stderr)
-        sys.exit(STOP_EXIT_CODE)
-    except NonFiniteLossError as err:
-        if os.environ.get("DDP_DIFFUSION_DEBUG"):
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
-    except (ValueError, FileNotFoundError) as err:
-        if os.environ.get("DDP_DIFFUSION_DEBUG"):
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(BAD_INPUT_EXIT_CODE)
+    except BaseException as err:
+        for kind, code, label in endings:
+            if isinstance(err, kind):
+                if os.environ.get("DDP_DIFFUSION_DEBUG") and code != STOP_EXIT_CODE:
+                    raise
+                message = str(err) or "quit at once, without saving (a second Ctrl-C)"
+                print(f"{label}: {message}", file=sys.stderr)
+                sys.exit(code)
+        raise

@@ -7,7 +7,7 @@ This module knows nothing about models or diffusion. Everything that may communi
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from accelerate import Accelerator
@@ -74,6 +74,29 @@ def mean_across_ranks(accelerator: Accelerator, values: torch.Tensor) -> torch.T
     if accelerator.num_processes == 1:
         return values
     return accelerator.reduce(values.detach().float().contiguous(), reduction="mean")
+
+
+def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
+    """Whether every value of every tensor is finite (one host read for all of them)."""
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for t in tensors:
+        if t.is_floating_point():
+            by_device.setdefault(t.device, []).append(torch.isfinite(t).all())
+    return all(bool(torch.stack(flags).all()) for flags in by_device.values())
+
+
+def raise_together(
+    accelerator: Accelerator, error: BaseException | None, others: BaseException
+) -> None:
+    """Raise on every rank if any rank failed (collective), instead of leaving the others to
+    wait forever at the next collective. A rank without an error of its own raises `others`
+    (which says where to look); a single process just raises its error."""
+    if accelerator.num_processes > 1:
+        failed = torch.tensor([error is not None], device=accelerator.device).long()
+        if accelerator.reduce(failed, reduction="sum").item() and error is None:
+            raise others
+    if error is not None:
+        raise error
 
 
 # --------------------------------------------------------------------------- sharded work

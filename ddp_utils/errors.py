@@ -32,9 +32,15 @@ class TrainingStopped(Exception):
     """Preempted or out of time: a checkpoint was saved and the tracker closed (exit 75)."""
 
 
-class NonFiniteLossError(RuntimeError):
-    """Too many optimizer steps in a row had a non-finite loss."""
+class NonFiniteError(RuntimeError):
+    """Training or sampling produced NaN/inf: a run that diverged, a model that is broken."""
+
+
+class OutputError(RuntimeError):
+    """Writing into the run directory failed (disk full, read-only); earlier files are intact."""
 
 
 STOP_EXIT_CODE = 75  # EX_TEMPFAIL in sysexits.h: "try again later" (see ddp_utils/guard.py)
+OUTPUT_EXIT_CODE = 74  # EX_IOERR: an output could not be written
 BAD_INPUT_EXIT_CODE = 2
+INTERRUPTED_EXIT_CODE = 130  # what a shell reports for Ctrl-C

@@ -13,7 +13,7 @@ At boundaries (every `--log-every` steps, checkpoint steps, the last step), `Ste
 reads what happened since the previous boundary, once, on every rank alike:
 
 - skipped steps are reported; `--max-nonfinite-steps` skips in a row end the run with
-  `NonFiniteLossError`; no checkpoint is written while a streak lasts, so the newest one is
+  `NonFiniteError`; no checkpoint is written while a streak lasts, so the newest one is
   the last good one;
 - stop: some rank got SIGTERM, SIGUSR1 or SIGINT, or `--max-train-time` is used up. Every rank
   saves a checkpoint at that same step, the tracker is closed, and the process exits with

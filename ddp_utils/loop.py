@@ -26,8 +26,9 @@ import torch
 from torch import nn
 
 from ddp_utils.data import Batch, BatchSource
-from ddp_utils.distributed import map_sharded, step_generator
+from ddp_utils.distributed import map_sharded, raise_together, step_generator
 from ddp_utils.ema import EMA
+from ddp_utils.errors import OutputError
 from ddp_utils.evaluator import BEST_DIR, BEST_FILE, Evaluator
 from ddp_utils.export import write_task_file
 from ddp_utils.files import atomic_dir, write_json
@@ -104,8 +105,9 @@ def train(run: Run, method: Method, model: nn.Module) -> Path:
     # FID network and training-data statistics before any step (a missing extra fails now).
     evaluator = Evaluator(run) if cfg.eval_every else None
 
-    # Resume.
+    # Resume; then, with nothing left to refuse the run, take the run directory.
     step = run.restore(model, optimizer, ema, method.task_info())
+    run.begin()
     if step == 0 and run.is_writer:
         for name, picture in method.data_pictures().items():
             run.tracker.log_image(name, picture, 0)
@@ -162,8 +164,13 @@ def train(run: Run, method: Method, model: nn.Module) -> Path:
             progress.close()
             run.stop(step, verdict.stop_reason)  # raises TrainingStopped: exit code 75
 
-    # Export: a folder sample.py (and diffusers) load alone.
+    # Export: a folder sample.py (and diffusers) load alone; never of a run that ended diverged.
     progress.close()
+    if run.guard.num_skipped_in_a_row:
+        run.fail_nonfinite(
+            f"the run ended in {run.guard.num_skipped_in_a_row} step(s) in a row with a "
+            f"non-finite loss; checkpoint-{step} and the export were not written"
+        )
     folder = export(run, method, net, ema, run.output_dir / method.export_name)
     logger.info("exported %s; pictures in %s", folder, run.tracker.images_dir)
     run.finish()
@@ -243,15 +250,20 @@ def export(
     json_files: dict[str, dict] | None = None,
 ) -> Path:
     """Write the method's export into `folder`, atomically, with task.json (collective)."""
+    error = None
     if run.is_writer:
         shipped = net
         if ema is not None:
             shipped = copy.deepcopy(net)
             ema.copy_to(shipped)
-        with atomic_dir(folder) as tmp:
-            method.export(tmp, shipped, net)
-            write_task_file(tmp, run.cfg.resolution, method.task_info())
-            for name, content in (json_files or {}).items():
-                write_json(tmp / name, content)
+        try:
+            with atomic_dir(folder) as tmp:
+                method.export(tmp, shipped, net)
+                write_task_file(tmp, run.cfg.resolution, method.task_info())
+                for name, content in (json_files or {}).items():
+                    write_json(tmp / name, content)
+        except OSError as err:
+            error = run.output_error(f"the export {folder.name}/", folder.parent, err)
+    raise_together(run.accelerator, error, OutputError("the main process could not export"))
     run.accelerator.wait_for_everyone()
     return folder

@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, str_to_bool
+from safetensors import SafetensorError
 
 from ddp_utils.checkpoint import (
     Checkpoint,
@@ -35,20 +37,24 @@ from ddp_utils.checkpoint import (
     list_checkpoints,
     optimizer_from_safetensors,
     optimizer_to_safetensors,
+    prune,
     write_checkpoint,
 )
 from ddp_utils.cli import setup_logging
 from ddp_utils.config import save_config, to_dict
 from ddp_utils.data import BatchSource, ImageData, load_image_data, make_batches
-from ddp_utils.distributed import make_accelerator
+from ddp_utils.distributed import all_finite, make_accelerator, raise_together
 from ddp_utils.ema import EMA
 from ddp_utils.errors import (
     STOP_EXIT_CODE,
     CheckpointError,
-    NonFiniteLossError,
+    InputError,
+    NonFiniteError,
+    OutputError,
     TrainingStopped,
 )
 from ddp_utils.guard import StepGuard, Verdict
+from ddp_utils.lock import RunLock
 from ddp_utils.optim import make_optimizer
 from ddp_utils.tracking import Tracker
 from ddp_utils.train_config import TrainConfig, parse_duration
@@ -61,10 +67,12 @@ class Run:
     cfg: TrainConfig
     accelerator: Accelerator
     output_dir: Path
-    tracker: Tracker
     data: ImageData
     checkpoint: Checkpoint | None  # the one resumed from, if any
     guard: StepGuard
+    tracker: Tracker = field(init=False)  # opened by `begin`
+    step: int = field(init=False, default=0)  # as of the last boundary
+    lock: RunLock | None = field(init=False, default=None)  # the writer's, taken by `begin`
 
     def batches(self, start_micro_step: int, value_range: tuple[float, float]) -> BatchSource:
         """This rank's batches from `start_micro_step` on (in memory or streamed)."""
@@ -93,6 +101,41 @@ class Run:
     def global_batch_size(self) -> int:
         cfg = self.cfg
         return cfg.batch_size * self.accelerator.num_processes * cfg.gradient_accumulation_steps
+
+    def begin(self) -> None:
+        """Take the run directory and start writing: lock, config.yaml, tracker (collective).
+
+        Called once everything that can refuse the run has passed. The lock comes first: a
+        second run into the same directory stops here, having written nothing.
+        """
+        cfg, acc = self.cfg, self.accelerator
+        error = None
+        if self.is_writer:
+            try:
+                self.lock = RunLock.acquire(self.output_dir)
+                # Temporary folders left now are from saves that were killed: ours to remove.
+                for leftover in self.checkpoints_dir.glob(".checkpoint-*"):
+                    shutil.rmtree(leftover, ignore_errors=True)
+                if cfg.checkpoints_total_limit is not None:  # a kill between save and prune
+                    prune(self.checkpoints_dir, cfg.checkpoints_total_limit)
+                save_config(cfg, self.output_dir / "config.yaml")
+            except InputError as err:
+                error = err
+            except OSError as err:
+                reason = err.strerror or str(err)
+                error = InputError(f"cannot write into {self.output_dir}: {reason}", "output_dir")
+        others = InputError("cannot be used (the main process says why)", "output_dir")
+        raise_together(acc, error, others)
+        self.tracker = Tracker(
+            acc,
+            self.output_dir,
+            cfg.report_to,
+            cfg.wandb_project,
+            cfg.run_name,
+            to_dict(cfg),
+            resume_step=None if self.checkpoint is None else self.checkpoint.step,
+            is_writer=self.is_writer,
+        )
 
     def prepare(self, model: torch.nn.Module) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         """Speed options, the optimizer, and Accelerate's wrapping (DDP, autocast) of both."""
@@ -190,10 +233,12 @@ class Run:
         ema: EMA | None,
         task_info: dict[str, Any],
     ) -> Path | None:
-        """Write checkpoint-<step> (collective: call on every rank; only rank 0 writes).
+        """Write checkpoint-<step> (collective: call on every rank; the writer writes).
 
         Nothing is written while non-finite steps are being skipped (all ranks agree on that),
-        so the newest checkpoint is always one from before the trouble.
+        so the newest checkpoint is always one from before the trouble; weights or optimizer
+        state that are not finite are never written (the run ends with `NonFiniteError`);
+        a write that fails (disk full, read-only) ends it with `OutputError`, on every rank.
         """
         accelerator = self.accelerator
         if self.guard.num_skipped_in_a_row:
@@ -204,13 +249,20 @@ class Run:
                     self.guard.num_skipped_in_a_row,
                 )
             return None
-        path = None
+        unwrapped = accelerator.unwrap_model(model)
+        opt_tensors, opt_meta = optimizer_to_safetensors(optimizer.state_dict())
+        tensors = {"model": unwrapped.state_dict(), "optimizer": opt_tensors}
+        if ema is not None:
+            tensors["ema"] = ema.state_dict()
+        not_finite = [name for name, named in tensors.items() if not all_finite(named.values())]
+        if not_finite:  # every rank holds the same weights: every rank raises here
+            self.fail_nonfinite(
+                f"after step {step} the {' and '.join(not_finite)} tensors hold non-finite "
+                "values (an update diverged although its loss was finite); "
+                f"checkpoint-{step} was not written"
+            )
+        path, error = None, None
         if self.is_writer:
-            unwrapped = accelerator.unwrap_model(model)
-            opt_tensors, opt_meta = optimizer_to_safetensors(optimizer.state_dict())
-            tensors = {"model": unwrapped.state_dict(), "optimizer": opt_tensors}
-            if ema is not None:
-                tensors["ema"] = ema.state_dict()
             scaler = accelerator.scaler
             state = {
                 "config": to_dict(self.cfg),
@@ -222,34 +274,56 @@ class Run:
                 "num_nonfinite_steps": self.guard.num_nonfinite_steps,
                 **task_info,
             }
-            path = write_checkpoint(
-                self.checkpoints_dir, step, tensors, state, self.cfg.checkpoints_total_limit
-            )
-            logger.info("saved %s", path)
+            try:
+                path = write_checkpoint(
+                    self.checkpoints_dir, step, tensors, state, self.cfg.checkpoints_total_limit
+                )
+                logger.info("saved %s", path)
+            except (OSError, SafetensorError) as err:
+                error = self.output_error(f"checkpoint-{step}", self.checkpoints_dir, err)
+        raise_together(accelerator, error, OutputError("the main process could not save"))
         accelerator.wait_for_everyone()
         return path
+
+    def output_error(self, what: str, where: Path, err: BaseException) -> OutputError:
+        """The message for a failed write: what, where, why, what is intact, what to do."""
+        newest = list_checkpoints(self.checkpoints_dir)
+        intact = (
+            f"The earlier checkpoints are intact (newest: {newest[-1].name}); after fixing it, "
+            "run the same command again: it resumes from there."
+            if newest
+            else "No checkpoint was written yet."
+        )
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        return OutputError(f"could not write {what} in {where}: {reason}. {intact}")
+
+    def fail_nonfinite(self, what: str) -> NoReturn:
+        """End a diverged run: close it and raise `NonFiniteError` naming the last good
+        checkpoint (collective: every rank must have come to the same conclusion)."""
+        self.tracker.log({"nonfinite_steps": self.guard.num_nonfinite_steps}, self.step)
+        self.finish()
+        latest = [p.name for p in list_checkpoints(self.checkpoints_dir)]
+        raise NonFiniteError(
+            f"{what}. "
+            + (f"Last good checkpoint: {latest[-1]}. " if latest else "No checkpoint yet. ")
+            + "Lower --learning-rate, keep --max-grad-norm on, or prefer bf16 to fp16, "
+            "then run the command again (it resumes from that checkpoint)."
+        )
 
     # ------------------------------------------------------------------ guarding the loop
 
     def check(self, step: int) -> Verdict:
         """At a boundary after `step` steps: what all ranks agree happened since the last one.
 
-        Logs the skipped steps; raises `NonFiniteLossError` (tracker closed, nothing saved)
-        when a streak reached `--max-nonfinite-steps`. Collective: one all-reduce, one read.
+        Logs the skipped steps; ends the run (`NonFiniteError`, nothing saved) when a streak
+        reached `--max-nonfinite-steps`. Collective: one all-reduce, one read.
         """
+        self.step = step
         verdict = self.guard.check(step)
         if verdict.skip_report and self.accelerator.is_main_process:
             logger.warning("%s", verdict.skip_report)
         if verdict.streak_too_long:
-            self.tracker.log({"nonfinite_steps": self.guard.num_nonfinite_steps}, step)
-            self.finish()
-            latest = [p.name for p in list_checkpoints(self.checkpoints_dir)]
-            raise NonFiniteLossError(
-                f"{verdict.streak_too_long}; stopped without saving. "
-                + (f"Newest checkpoint: {latest[-1]}. " if latest else "No checkpoint yet. ")
-                + "Lower --learning-rate, keep --max-grad-norm on, or prefer bf16 to fp16, "
-                "then run the command again (it resumes from that checkpoint)."
-            )
+            self.fail_nonfinite(f"{verdict.streak_too_long}; stopped without saving")
         return verdict
 
     def stop(self, step: int, reason: str) -> NoReturn:
@@ -264,9 +338,11 @@ class Run:
         )
 
     def finish(self) -> None:
-        """Close the tracker (collective) and put back the previous signal handlers."""
+        """Close the tracker (collective), put back the signal handlers, release the lock."""
         self.tracker.finish()
         self.guard.restore_signal_handlers()
+        if self.lock is not None:
+            self.lock.release()
 
     # ------------------------------------------------------------------ reporting
 
@@ -306,7 +382,12 @@ class Run:
 
 
 def start_run(cfg: TrainConfig) -> Run:
-    """Accelerator, resume point, tracker and data, in the order they depend on each other."""
+    """The Accelerator, the data and the checkpoint to resume from; nothing is written yet.
+
+    A run that is going to be refused (a dataset typo, a checkpoint of another model) must
+    fail before it touches the run directory: `Run.begin` takes the directory and writes into
+    it once the model is built and the checkpoint restored.
+    """
     accelerator = make_accelerator(
         cfg.mixed_precision,
         cfg.gradient_accumulation_steps,
@@ -331,25 +412,8 @@ def start_run(cfg: TrainConfig) -> Run:
             "1node_8gpu_bf16.yaml); every preset here fits one GPU with room to spare."
         )
     output_dir = Path(cfg.output_dir)
-    if is_writer(accelerator, cfg):
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, output_dir / "config.yaml")
-    accelerator.wait_for_everyone()
-    # Every rank reads the checkpoint itself (no broadcast of large tensors needed).
-    checkpoint = find_resume_checkpoint(output_dir / "checkpoints", cfg.resume)
-    _check_same_checkpoint_everywhere(accelerator, checkpoint)
-    if checkpoint is None and cfg.resume == "latest" and (output_dir / "checkpoints").exists():
-        logger.info("no intact checkpoint in %s: starting from scratch", output_dir)
-    tracker = Tracker(
-        accelerator,
-        output_dir,
-        cfg.report_to,
-        cfg.wandb_project,
-        cfg.run_name,
-        to_dict(cfg),
-        resume_step=None if checkpoint is None else checkpoint.step,
-        is_writer=is_writer(accelerator, cfg),
-    )
+    if output_dir.exists() and not output_dir.is_dir():
+        raise InputError(f"{output_dir} is a file, not a folder", "output_dir")
     data = load_image_data(
         cfg.dataset,
         cfg.resolution,
@@ -361,8 +425,20 @@ def start_run(cfg: TrainConfig) -> Run:
         max_images=cfg.max_images,
         accelerator=accelerator,
         data_loading=cfg.data_loading,
+        batch_size=cfg.batch_size,
     )
-    return Run(cfg, accelerator, output_dir, tracker, data, checkpoint, guard)
+    # Every rank reads the checkpoint itself (no broadcast of large tensors needed).
+    checkpoint = _find_checkpoint_everywhere(accelerator, output_dir / "checkpoints", cfg.resume)
+    if checkpoint is None and cfg.resume == "latest" and (output_dir / "checkpoints").exists():
+        logger.info("no intact checkpoint in %s: starting from scratch", output_dir)
+    if checkpoint is not None and checkpoint.step > cfg.max_steps:
+        raise InputError(
+            f"{checkpoint.path} is at step {checkpoint.step}, beyond --max-steps "
+            f"{cfg.max_steps}: raise --max-steps to train on, or use --resume none or another "
+            "--output-dir to start over",
+            "max_steps",
+        )
+    return Run(cfg, accelerator, output_dir, data, checkpoint, guard)
 
 
 def is_writer(accelerator: Accelerator, cfg: TrainConfig) -> bool:
@@ -372,14 +448,28 @@ def is_writer(accelerator: Accelerator, cfg: TrainConfig) -> bool:
     return accelerator.is_main_process
 
 
-def _check_same_checkpoint_everywhere(accelerator: Accelerator, ckpt: Checkpoint | None) -> None:
-    """Every rank reads the checkpoint itself: make sure they all found the same step."""
+def _find_checkpoint_everywhere(
+    accelerator: Accelerator, checkpoints_dir: Path, resume: str
+) -> Checkpoint | None:
+    """`find_resume_checkpoint` on every rank, and an error on every rank (not a hang on the
+    others) when one rank cannot read it or the ranks found different steps."""
+    checkpoint, error = None, None
+    try:
+        checkpoint = find_resume_checkpoint(checkpoints_dir, resume)
+    except CheckpointError as err:
+        error = err
     if accelerator.num_processes == 1:
-        return
-    step = -1 if ckpt is None else ckpt.step
+        if error is not None:
+            raise error
+        return checkpoint
+    step = -2 if error is not None else -1 if checkpoint is None else checkpoint.step
     steps = accelerator.gather(torch.tensor([step], device=accelerator.device)).tolist()
+    if error is not None:
+        raise error
     if len(set(steps)) > 1:
         raise CheckpointError(
             f"the ranks found different checkpoints to resume from (steps by rank: {steps}; "
-            "-1 = none): --output-dir must be one folder that every node sees"
+            "-1: none, -2: unreadable): the run directory must be one folder that every node "
+            "sees, or with --save-on-each-node every node needs the same checkpoints"
         )
+    return checkpoint

@@ -183,9 +183,13 @@ class Tracker:
         """Log scalars (already averaged across ranks) to metrics.jsonl and wandb."""
         if not self.is_writer:
             return
-        record = {"step": step, **{k: float(v) for k, v in values.items()}}
-        with open(self.metrics_file, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        # Strict JSON: a non-finite value is written as null (bare NaN is not JSON).
+        record = {"step": step, **{k: _finite_or_none(v) for k, v in values.items()}}
+        try:
+            with open(self.metrics_file, "a") as f:
+                f.write(json.dumps(record, allow_nan=False) + "\n")
+        except OSError as err:  # a full disk: the next checkpoint says so, and stops the run
+            logger.warning("could not append to %s: %s", self.metrics_file, err)
         if self.use_wandb and self.is_main:
             self._safe_log(values, step)
 
@@ -194,7 +198,10 @@ class Tracker:
         if not self.is_writer:
             return None
         path = self.images_dir / f"{name}-{step:07d}.png"
-        Image.fromarray(image).save(path)
+        try:
+            Image.fromarray(image).save(path)
+        except OSError as err:
+            logger.warning("could not write %s: %s", path, err)
         if self.use_wandb and self.is_main:
             import wandb
 
@@ -215,6 +222,11 @@ class Tracker:
         self.accelerator.end_training()
 
 
+def _finite_or_none(value: float) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
 def read_metrics(path: Path) -> list[dict[str, float]]:
     if not Path(path).exists():
         return []
@@ -223,7 +235,7 @@ def read_metrics(path: Path) -> list[dict[str, float]]:
 
 def plot_loss_curve(metrics_file: Path, out: Path) -> None:
     """loss.png: the logged loss, linear and log scale."""
-    rows = [r for r in read_metrics(metrics_file) if "loss" in r]
+    rows = [r for r in read_metrics(metrics_file) if r.get("loss") is not None]
     if not rows:
         return
     steps = [r["step"] for r in rows]

@@ -156,6 +156,7 @@ class TrainConfig:
             f"--learning-rate must be in (0, 1), got {self.learning_rate}",
         )
         require(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
+        require(self.seed >= 0, f"--seed must be >= 0, got {self.seed}")
         require(
             self.max_grad_norm is None or self.max_grad_norm > 0,
             f"--max-grad-norm must be > 0 or none, got {self.max_grad_norm}",

@@ -78,6 +78,12 @@ def _from_pipeline(folder: Path, weights: Weights) -> LoadedModel:
     sub = "unet" if weights == "ema" else "unet_raw"
     if not (folder / sub).is_dir():
         raise FileNotFoundError(f"{folder / sub} is missing (asked for the {weights} weights)")
+    for name in ("config.json", _WEIGHTS_NAME):
+        if not (folder / sub / name).is_file():
+            raise FileNotFoundError(
+                f"{folder / sub / name} is missing: the pipeline folder is incomplete "
+                "(a copy cut short?); export it again or sample a checkpoint"
+            )
     unet = UNet2DModel.from_pretrained(folder / sub, use_safetensors=True)
     scheduler_file = folder / "scheduler" / "scheduler_config.json"
     if not scheduler_file.is_file():

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+
+from ddp_utils.data.decode import open_image, to_mode
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 NPZ_KEYS = ("arr_0", "images")
-_GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "F")
+_GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
 def load_images(path: str | os.PathLike) -> torch.Tensor:
@@ -61,10 +62,17 @@ def load_image_folder(path: str | os.PathLike) -> torch.Tensor:
         raise ValueError(f"{path}: no {'/'.join(IMAGE_EXTENSIONS)} images found")
     arrays = []
     for file in files:
-        with Image.open(file) as image:
-            image.load()
+        # The training data path's reader: bombs refused, truncated files fail here, 16-bit
+        # images rescaled to 8 bits (PIL's convert would clip them to 255), alpha over white.
+        try:
+            image = open_image({"path": str(file), "bytes": None})
             gray = image.mode in _GRAYSCALE_MODES
-            arrays.append(np.asarray(image.convert("L" if gray else "RGB"), dtype=np.uint8))
+            arrays.append(np.asarray(to_mode(image, 1 if gray else 3), dtype=np.uint8))
+        except Exception as err:  # noqa: BLE001 - malformed files raise all sorts of types
+            raise ValueError(
+                f"{file} cannot be read as an image ({type(err).__name__}: {err}); "
+                "remove or replace it: FID over a silently shorter set would mislead"
+            ) from None
         if arrays[-1].shape[:2] != arrays[0].shape[:2]:
             raise ValueError(
                 f"{file} is {arrays[-1].shape[1]}x{arrays[-1].shape[0]} but {files[0]} is "

@@ -71,17 +71,24 @@ def test_failed_save_leaves_previous_checkpoint_and_nothing_half_written(tmp_pat
     assert _visible(folder) == ["checkpoint-30"]
 
 
-def test_killed_save_is_invisible_and_cleaned_up_by_the_next_one(tmp_path):
+def test_a_save_in_progress_is_invisible_and_no_other_save_removes_it(tmp_path):
+    """A hidden temporary folder is another writer's save in progress, or what a SIGKILL left:
+    it is never `latest`, and a save removes only its own (the run that takes the directory's
+    lock clears leftovers: tests/test_resume.py)."""
     folder = tmp_path / "checkpoints"
     _save(folder, 5)
-    # What a SIGKILL mid-save leaves: a hidden temporary folder with some of the files.
     partial = folder / ".checkpoint-10.tmp-othernode-123-abcd"
     partial.mkdir()
     (partial / "model.safetensors").write_bytes(b"\0" * 100)
     assert list_checkpoints(folder) == [folder / "checkpoint-5"]
     assert find_resume_checkpoint(folder, "latest").step == 5
     _save(folder, 10)
-    assert _visible(folder) == ["checkpoint-10", "checkpoint-5"]
+    assert _visible(folder) == [
+        ".checkpoint-10.tmp-othernode-123-abcd",
+        "checkpoint-10",
+        "checkpoint-5",
+    ]
+    assert (partial / "model.safetensors").is_file()
 
 
 def test_temporary_names_are_unique_per_host_and_process(tmp_path, monkeypatch):
@@ -128,12 +135,38 @@ def _bad_json(file: Path) -> None:
     file.write_text('{"step": 3, "files": ')
 
 
+def _flip_a_weight(file: Path) -> None:
+    """Bit rot that keeps the file a valid safetensors file of the same size: one weight's
+    sign bit flips (the last byte holds the sign of the last float32)."""
+    data = bytearray(file.read_bytes())
+    data[-1] ^= 0x80
+    file.write_bytes(bytes(data))
+
+
+def _edit_state(**changes):
+    def edit(file: Path) -> None:
+        state = json.loads(file.read_text())
+        state.update(changes)
+        file.write_text(json.dumps(state))
+
+    return edit
+
+
 DAMAGE = {
     "truncated safetensors": ("model.safetensors", _truncate, "truncated"),
-    "corrupt safetensors": ("optimizer.safetensors", _same_size_garbage, "not a valid safetensors"),
+    "corrupt safetensors": (
+        "optimizer.safetensors",
+        _same_size_garbage,
+        "does not match the checksum",
+    ),
+    "bit rot, still loadable": ("model.safetensors", _flip_a_weight, "does not match the checksum"),
     "missing file": ("model.safetensors", Path.unlink, "is missing"),
     "missing state": ("state.json", Path.unlink, "is missing"),
     "bad json": ("state.json", _bad_json, "does not parse as JSON"),
+    "step not a number": ("state.json", _edit_state(step="abc"), "'step' must be a whole number"),
+    "step of another folder": ("state.json", _edit_state(step=7), "'step' is 7 in a folder"),
+    "files not a list": ("state.json", _edit_state(files=3), "'files' must list"),
+    "config not a mapping": ("state.json", _edit_state(config=[1]), "'config' must be a JSON"),
 }
 
 
@@ -156,6 +189,14 @@ def test_damaged_checkpoint_error_names_the_file(tmp_path, kind, caplog):
         resumed = find_resume_checkpoint(folder, "latest")
     assert resumed is not None and resumed.step == 1
     assert "skipping damaged checkpoint" in caplog.text and name in caplog.text
+
+
+def test_checkpoints_written_before_checksums_still_load(tmp_path):
+    saved = _save(tmp_path, 3)
+    state = json.loads((saved / "state.json").read_text())
+    state["files"] = {name: record["bytes"] for name, record in state["files"].items()}
+    (saved / "state.json").write_text(json.dumps(state))
+    assert torch.equal(read_checkpoint(saved).tensors["model"]["w"], torch.full((8, 8), 3.0))
 
 
 def test_resume_none_path_and_checkpoints_folder(tmp_path):

@@ -420,6 +420,33 @@ def test_eval_config_and_image_loading_errors(
         load_images(tmp_path / "mixed")
 
 
+def test_image_folders_are_read_like_training_data(tmp_path: Path) -> None:
+    """16-bit PNGs keep their range (PIL's convert clips them to 255: a wrong FID, silently),
+    and a truncated file is named."""
+    folder = tmp_path / "sixteen"
+    folder.mkdir()
+    ramp = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000).astype(np.uint16)
+    Image.fromarray(ramp).save(folder / "ramp.png")  # a 16-bit grayscale PNG
+    images = load_images(folder)
+    assert images.shape == (1, 1, 8, 8)
+    expected = np.round(ramp.astype(np.float64) * 255 / 65535).astype(np.uint8)
+    assert np.array_equal(images[0, 0].numpy(), expected) and images.max() < 255
+    png = folder / "ramp.png"
+    (folder / "cut.png").write_bytes(png.read_bytes()[: len(png.read_bytes()) // 2])
+    with pytest.raises(ValueError, match=r"cut\.png cannot be read as an image"):
+        load_images(folder)
+
+
+def test_evaluate_warns_about_tiny_sets(tmp_path: Path, caplog) -> None:
+    images = to_nhwc(digit_images(0, 4))
+    np.savez(tmp_path / "a.npz", images[:2])
+    np.savez(tmp_path / "b.npz", images[2:])
+    cfg = evaluate.EvalConfig(samples=str(tmp_path / "a.npz"), reference=str(tmp_path / "b.npz"))
+    with caplog.at_level("WARNING", logger="ddp_diffusion.evaluate"):
+        evaluate.evaluate(cfg)
+    assert "FID from 2 images: below 2048" in caplog.text
+
+
 def test_evaluate_exits_2_with_a_message_on_bad_input(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

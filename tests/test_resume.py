@@ -15,10 +15,6 @@ import os
 import pickle
 import shutil
 import signal
-import subprocess
-import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -34,10 +30,9 @@ from ddp_utils.checkpoint import (
 from ddp_utils.errors import STOP_EXIT_CODE
 from ddp_utils.train_config import parse_duration
 from tests import tiny_runs
+from tests.faulty_runs import Launch, run
 
 REPO = Path(__file__).resolve().parents[1]
-FAULTS = REPO / "tests" / "scripts" / "faults.py"
-TWO_PROCS = REPO / "accelerate_configs" / "cpu_2proc.yaml"
 MAX_STEPS = 12
 
 BASIC_ARGS = [
@@ -53,67 +48,6 @@ DDPM_ARGS = [
     "--ema-max-decay", "0.9", "--sample-every", "0", "--num-sample-images", "8",
     "--sample-steps", "2", "--report-to", "none", "--checkpoints-total-limit", "5",
 ]  # fmt: skip
-
-
-# --------------------------------------------------------------------------- running scripts
-
-
-@dataclass
-class Result:
-    returncode: int
-    output: str
-
-
-class Launch:
-    """One training command in its own session; `wait` kills whatever it left behind."""
-
-    def __init__(self, tmp: Path, script: str, args: list[str], processes: int, faults: str = ""):
-        self.pid_dir = tmp / f"pids-{time.monotonic_ns()}"
-        env = {
-            **os.environ,
-            "FAULTS": faults,
-            "FAULT_PID_DIR": str(self.pid_dir),
-            "ACCELERATE_USE_CPU": "true",
-            "HF_HOME": str(tmp / "hf_home"),  # no user accelerate config
-            "OMP_NUM_THREADS": "1",
-            "PYTHONUNBUFFERED": "1",
-        }
-        env.pop("WANDB_DIR", None)  # wandb files in <output-dir>/wandb
-        command = [str(FAULTS), script, *args]
-        if processes == 2:
-            accelerate = Path(sys.executable).with_name("accelerate")
-            command = [str(accelerate), "launch", "--config_file", str(TWO_PROCS), *command]
-        else:
-            command = [sys.executable, *command]
-        self.proc = subprocess.Popen(
-            command,
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
-
-    def wait(self, timeout: float = 300) -> Result:
-        try:
-            output, _ = self.proc.communicate(timeout=timeout)
-        finally:
-            # Stragglers: the session (wandb-core, a launcher) and torchrun's workers, which
-            # run in sessions of their own.
-            pids = [int(p.read_text()) for p in self.pid_dir.glob("worker-*.pid")]
-            for kill in [lambda: os.killpg(self.proc.pid, signal.SIGKILL)] + [
-                (lambda pid=pid: os.kill(pid, signal.SIGKILL)) for pid in pids
-            ]:
-                try:
-                    kill()
-                except (ProcessLookupError, PermissionError):
-                    pass
-        return Result(self.proc.returncode, output)
-
-
-def run(tmp: Path, script: str, args: list[str], processes: int = 1, faults: str = "") -> Result:
-    return Launch(tmp, script, args, processes, faults).wait()
 
 
 def checkpoint_files(folder: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
@@ -334,7 +268,7 @@ def test_two_process_checkpoint_resumes_on_one_and_nans_in_a_row_stop_the_run(
     assert result.returncode == 1, result.output[-3000:]
     assert "made by 2 process(es)" in result.output
     assert "error: steps 7..9: 3 optimizer steps in a row had a non-finite loss" in result.output
-    assert "Newest checkpoint: checkpoint-6" in result.output
+    assert "Last good checkpoint: checkpoint-6" in result.output
     assert "not saving checkpoint-8" in result.output
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == [
         "checkpoint-4",

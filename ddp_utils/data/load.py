@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -74,6 +75,43 @@ def decoded_bytes(num_rows: int, resolution: int, channels: int) -> int:
     return num_rows * channels * resolution * resolution
 
 
+def memory_bytes(accelerator: Accelerator | None) -> int:
+    """Memory of the training device: the GPU's, else this machine's RAM."""
+    if accelerator is not None and accelerator.device.type == "cuda":
+        return torch.cuda.get_device_properties(accelerator.device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_fits(
+    num_rows: int,
+    resolution: int,
+    channels: int,
+    batch_size: int,
+    mode: str,
+    memory: int,
+) -> None:
+    """Refuse sizes that cannot fit before allocating anything (an 8x8 digit upscaled to
+    100000x100000 is 10 GB), naming what would fit instead."""
+    gib = 2**30
+    image = decoded_bytes(1, resolution, channels)
+    batch = batch_size * image * 5  # the uint8 batch and its float32 copy
+    if batch > memory // 2:
+        raise InputError(
+            f"one batch of {batch_size} images at {resolution}x{resolution} needs "
+            f"{batch / gib:,.1f} GiB, more than half of the {memory / gib:,.1f} GiB this device "
+            "has: lower the resolution or the batch size",
+            "resolution",
+        )
+    total = decoded_bytes(num_rows, resolution, channels)
+    if mode == "memory" and total > memory // 2:
+        raise InputError(
+            f"{num_rows:,} images decoded at {resolution}x{resolution} take {total / gib:,.1f} "
+            f"GiB, more than half of the {memory / gib:,.1f} GiB here: use --data-loading "
+            "stream (decodes each batch on the fly) or a lower resolution",
+            "data_loading",
+        )
+
+
 def choose_data_loading(mode: DataLoading, num_rows: int, resolution: int, channels: int) -> str:
     """`memory` or `stream` for `auto|memory|stream`."""
     if mode != "auto":
@@ -94,8 +132,12 @@ def load_image_data(
     cache_dir: Path | None = None,
     accelerator: Accelerator | None = None,
     data_loading: DataLoading = "memory",
+    batch_size: int = 1,
 ) -> ImageData:
-    """Load, validate and decode a dataset once per node (collective-safe: see the module doc)."""
+    """Load, validate and decode a dataset once per node (collective-safe: see the module doc).
+
+    `batch_size` (per device) only serves the check that a batch fits in memory.
+    """
     if channels not in (1, 3):
         raise InputError(f"must be 1 or 3, got {channels}", "channels")
     if resolution < 4:
@@ -118,7 +160,9 @@ def load_image_data(
     }
     fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     stream = StreamSource(ds, column, resolution, channels, center_crop)
-    if choose_data_loading(data_loading, len(ds), resolution, channels) == "stream":
+    mode = choose_data_loading(data_loading, len(ds), resolution, channels)
+    check_fits(len(ds), resolution, channels, batch_size, mode, memory_bytes(accelerator))
+    if mode == "stream":
         return _stream_preview(stream, fingerprint, source)
     cache_file = (default_cache_dir() if cache_dir is None else cache_dir) / (
         f"images-{fingerprint}.npz"
@@ -157,7 +201,10 @@ def load_image_data(
 
 def _stream_preview(stream: StreamSource, fingerprint: str, source: Source) -> ImageData:
     """Streaming: decode only the first rows now (previews, evaluation references)."""
-    preview = stream.dataset.select(range(min(len(stream.dataset), STREAM_PREVIEW_ROWS)))
+    # At most STREAM_PREVIEW_ROWS rows and 1 GiB decoded.
+    image_bytes = decoded_bytes(1, stream.resolution, stream.channels)
+    num_rows = max(1, min(len(stream.dataset), STREAM_PREVIEW_ROWS, 2**30 // image_bytes))
+    preview = stream.dataset.select(range(num_rows))
     images, skipped, num_upscaled = decode_all(
         preview, stream.image_column, stream.resolution, stream.channels, stream.center_crop
     )

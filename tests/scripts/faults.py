@@ -9,11 +9,14 @@
 - kill: SIGKILL every process of the run (the launcher and all workers; torchrun puts each
   worker in its own session, so killing one process group is not enough). Workers record
   their pids in `$FAULT_PID_DIR`.
-- term / usr1: send SIGTERM / SIGUSR1 to this worker only.
+- term / usr1 / int: send SIGTERM / SIGUSR1 / SIGINT to this worker only.
+- int-twice: two SIGINTs (Ctrl-C Ctrl-C): quit at once.
 - term-launcher / usr1-launcher: send it to the launcher (the worker's parent).
 - nan: this micro-batch's images become NaN on this rank (so its loss is non-finite).
 - nan-from: every micro-batch from N on is NaN on this rank.
 - kill-in-save: SIGKILL everything while checkpoint-N is half written (after its first file).
+- poison-weights: after optimizer step N (1-based) the weights become NaN, although that
+  step's loss was finite (an update that diverged).
 """
 
 from __future__ import annotations
@@ -24,7 +27,10 @@ import signal
 import sys
 from pathlib import Path
 
+import torch
+
 import ddp_utils.checkpoint as checkpoint
+from ddp_utils import loop
 from ddp_utils.data import BatchSource
 
 RANK = int(os.environ.get("RANK", "0"))
@@ -62,8 +68,12 @@ def get(self, micro_step: int, generator):
             continue
         if kind == "kill":
             kill_everything()
-        elif kind in ("term", "usr1"):
-            os.kill(os.getpid(), signal.SIGTERM if kind == "term" else signal.SIGUSR1)
+        elif kind in ("term", "usr1", "int"):
+            signum = {"term": signal.SIGTERM, "usr1": signal.SIGUSR1, "int": signal.SIGINT}[kind]
+            os.kill(os.getpid(), signum)
+        elif kind == "int-twice":
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
         elif kind in ("term-launcher", "usr1-launcher"):
             os.kill(os.getppid(), signal.SIGTERM if kind == "term-launcher" else signal.SIGUSR1)
     batch = original_get(self, micro_step, generator)
@@ -81,8 +91,24 @@ def save_file(tensors, path, *args, **kwargs):
     return original_save_file(tensors, path, *args, **kwargs)
 
 
+original_guarded_step = loop.guarded_step
+optimizer_steps = 0
+
+
+def guarded_step(optimizer, ok, scaler):
+    global optimizer_steps
+    original_guarded_step(optimizer, ok, scaler)
+    optimizer_steps += 1
+    if ("poison-weights", optimizer_steps) in FAULTS:
+        with torch.no_grad():
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    param.fill_(float("nan"))
+
+
 BatchSource.get = get
 checkpoint.save_file = save_file
+loop.guarded_step = guarded_step
 
 if __name__ == "__main__":
     PID_DIR.mkdir(parents=True, exist_ok=True)

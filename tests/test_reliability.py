@@ -1,0 +1,230 @@
+"""What careless and hostile use must not do: two writers in one run directory, a diverged
+run shipped, silent corruption, lost work on Ctrl-C, a refused run that already wrote, a full
+disk answered by a traceback, sizes that cannot fit."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from ddp_utils.checkpoint import list_checkpoints
+from ddp_utils.errors import OUTPUT_EXIT_CODE, STOP_EXIT_CODE, InputError
+from ddp_utils.lock import LOCK_FILE, RunLock
+from tests.faulty_runs import Launch, run
+from tests.tiny_runs import trained_basic
+
+REPO = Path(__file__).resolve().parents[1]
+BASIC = [
+    "--resolution", "8", "--batch-size", "8", "--max-steps", "6", "--checkpoint-every", "3",
+    "--log-every", "1", "--sample-every", "0", "--num-sample-images", "4",
+    "--sample-steps", "2", "--report-to", "none", "--max-images", "64",
+]  # fmt: skip
+
+
+def python(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+# --------------------------------------------------------------------------- one writer
+
+
+def test_the_run_directory_lock_names_its_holder_and_is_released(tmp_path: Path) -> None:
+    lock = RunLock.acquire(tmp_path)
+    with pytest.raises(InputError, match=rf"in use by another run \(pid {os.getpid()} on host"):
+        RunLock.acquire(tmp_path)  # another open file description: as a second process would
+    lock.release()
+    RunLock.acquire(tmp_path).release()
+    # A lock file left by a process that died (its flock died with it) is simply taken over.
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"host": "gone", "pid": 999999, "since": 0}))
+    RunLock.acquire(tmp_path).release()
+
+
+def test_a_second_run_into_the_same_directory_is_refused_before_writing(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = [*BASIC, "--max-steps", "100000", "--checkpoint-every", "1000", "--output-dir", str(out)]
+    first = Launch(tmp_path, "train_basic.py", args, 1)
+    deadline = time.monotonic() + 120
+    while not (out / "config.yaml").exists():  # the first run holds the lock from here on
+        assert time.monotonic() < deadline and first.proc.poll() is None
+        time.sleep(0.2)
+    config = (out / "config.yaml").read_text()
+    second = run(tmp_path, "train_basic.py", [*args, "--seed", "7"])
+    assert second.returncode == 2, second.output[-2000:]
+    assert f"is in use by another run (pid {first.proc.pid} on host" in second.output
+    assert "Traceback" not in second.output
+    assert (out / "config.yaml").read_text() == config  # the refused run wrote nothing
+    os.kill(first.proc.pid, signal.SIGTERM)
+    result = first.wait()
+    assert result.returncode == STOP_EXIT_CODE, result.output[-2000:]
+    assert "seed: 0" in (out / "config.yaml").read_text()
+
+
+# --------------------------------------------------------------------------- nothing diverged shipped
+
+
+def test_a_run_ending_in_non_finite_steps_exports_nothing_and_fails(tmp_path: Path) -> None:
+    """Steps 5 and 6 have NaN losses (a streak shorter than --max-nonfinite-steps 10)."""
+    out = tmp_path / "run"
+    result = run(
+        tmp_path, "train_basic.py", [*BASIC, "--output-dir", str(out)], faults="nan-from@4"
+    )
+    assert result.returncode == 1, result.output[-2000:]
+    assert "the run ended in 2 step(s) in a row with a non-finite loss" in result.output
+    assert "Last good checkpoint: checkpoint-3" in result.output
+    assert not (out / "model").exists()
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint-3"]
+
+
+def test_weights_that_diverge_with_a_finite_loss_are_never_saved(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = run(
+        tmp_path, "train_basic.py", [*BASIC, "--output-dir", str(out)], faults="poison-weights@3"
+    )
+    assert result.returncode == 1, result.output[-2000:]
+    assert "after step 3 the model tensors hold non-finite values" in result.output
+    assert "checkpoint-3 was not written" in result.output and "No checkpoint yet" in result.output
+    assert not list_checkpoints(out / "checkpoints") and not (out / "model").exists()
+
+
+def test_sample_refuses_non_finite_weights_and_non_finite_samples(tmp_path_factory, tmp_path):
+    export = trained_basic(tmp_path_factory) / "model"
+    weights_file = "diffusion_pytorch_model.safetensors"
+    for name, poison in (("nan", float("nan")), ("huge", 1e30)):
+        broken = tmp_path / name
+        shutil.copytree(export, broken)
+        weights = load_file(broken / weights_file)
+        weights = {k: v * poison if k.endswith("weight") else v for k, v in weights.items()}
+        save_file(weights, broken / weights_file)
+        result = python("sample.py", str(broken), "--num-samples", "3", "--num-steps", "2",
+                        "--output-dir", str(tmp_path / f"out-{name}"))  # fmt: skip
+        assert result.returncode == 1, result.stderr[-2000:]
+        assert "Traceback" not in result.stderr
+        if name == "nan":
+            assert "hold non-finite values (NaN/inf): that model diverged" in result.stderr
+        else:  # finite weights whose activations overflow: every sample is NaN
+            assert "3 of 3 samples came out non-finite" in result.stderr
+        assert not (tmp_path / f"out-{name}" / "samples.npz").exists()
+
+
+# --------------------------------------------------------------------------- stopping
+
+
+@pytest.mark.parametrize(
+    ("fault", "code", "message"),
+    [
+        ("int@5", STOP_EXIT_CODE, "stopped after step 3/6: SIGINT (1 of 1 rank(s) signalled)"),
+        ("int-twice@5", 130, "interrupted: quit at once, without saving (a second Ctrl-C)"),
+    ],
+)
+def test_ctrl_c_saves_and_stops_and_a_second_quits(tmp_path, fault, code, message) -> None:
+    out = tmp_path / "run"
+    args = [*BASIC, "--gradient-accumulation-steps", "2", "--checkpoint-every", "100"]
+    result = run(tmp_path, "train_basic.py", [*args, "--output-dir", str(out)], faults=fault)
+    assert result.returncode == code, result.output[-2000:]
+    assert message in result.output and "Traceback" not in result.output
+    saved = [p.name for p in list_checkpoints(out / "checkpoints")]
+    assert saved == (["checkpoint-3"] if code == STOP_EXIT_CODE else [])
+
+
+# --------------------------------------------------------------------------- refused early
+
+
+def test_a_refused_run_leaves_the_existing_run_untouched(tmp_path_factory, tmp_path) -> None:
+    out = tmp_path / "run"
+    shutil.copytree(trained_basic(tmp_path_factory), out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    for bad in (["--dataset", "digitz"], ["--model", "unet"], ["--max-steps", "1"]):
+        result = python("train_basic.py", "--output-dir", str(out), "--resolution", "8",
+                        "--report-to", "wandb", *bad)  # fmt: skip
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert "Traceback" not in result.stderr
+    assert "beyond --max-steps 1" in result.stderr  # the checkpoint is at step 2
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before and not (out / "wandb").exists()
+
+
+def test_sizes_that_cannot_fit_are_refused_before_allocating(tmp_path: Path) -> None:
+    result = python("train_ddpm.py", "--resolution", "100000", "--output-dir", str(tmp_path / "r"))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "--resolution: one batch of 64 images at 100000x100000 needs" in result.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_sample_checks_its_destination_before_sampling(tmp_path_factory, tmp_path) -> None:
+    export = trained_basic(tmp_path_factory) / "model"
+    target = tmp_path / "a-file"
+    target.write_text("not a folder")
+    result = python("sample.py", str(export), "--output-dir", str(target))
+    assert result.returncode == 2 and "--output-dir: " in result.stderr
+    assert "is a file, not a folder" in result.stderr and "Traceback" not in result.stderr
+
+
+# --------------------------------------------------------------------------- full and read-only disks
+
+
+def mount_tmpfs(folder: Path, options: str) -> bool:
+    folder.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
+                          capture_output=True)  # fmt: skip
+    return done.returncode == 0
+
+
+@pytest.mark.parametrize("kind", ["full", "read-only"])
+def test_a_disk_that_fills_up_or_is_read_only_gives_a_message(tmp_path: Path, kind: str) -> None:
+    disk = tmp_path / "disk"
+    # A full disk: ~13 MB per digits-small checkpoint, so 30 MB fills at the third save.
+    options = "size=30m" if kind == "full" else "ro,size=1m"
+    if not mount_tmpfs(disk, options):
+        pytest.skip("needs root and tmpfs to make a small or read-only disk")
+    try:
+        out = disk / "run"
+        args = ["--max-steps", "6", "--checkpoint-every", "1", "--checkpoints-total-limit", "none",
+                "--log-every", "1", "--sample-every", "0", "--num-sample-images", "2",
+                "--sample-steps", "1", "--report-to", "none", "--output-dir", str(out)]  # fmt: skip
+        result = python("train_ddpm.py", *args, timeout=300)
+        assert "Traceback" not in result.stderr, result.stderr[-3000:]
+        if kind == "full":
+            assert result.returncode == OUTPUT_EXIT_CODE, result.stderr[-3000:]
+            assert "No space left on device" in result.stderr
+            assert "The earlier checkpoints are intact (newest: checkpoint-" in result.stderr
+            assert "run the same command again: it resumes from there" in result.stderr
+            newest = list_checkpoints(out / "checkpoints")[-1]
+            assert torch.isfinite(load_file(newest / "model.safetensors")["conv_in.weight"]).all()
+        else:
+            assert result.returncode == 2 and "--output-dir: " in result.stderr
+            assert "Read-only file system" in result.stderr
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+# --------------------------------------------------------------------------- small ones
+
+
+def test_metrics_are_strict_json_and_no_grad_norm_without_clipping(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = run(tmp_path, "train_basic.py",
+                 [*BASIC, "--max-grad-norm", "none", "--output-dir", str(out)], faults="nan@4")  # fmt: skip
+    assert result.returncode == 0, result.output[-2000:]
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    rows = [
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))
+        for line in lines
+    ]
+    assert not any("grad_norm" in r for r in rows)
+    assert "loss" not in rows[4] and all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
