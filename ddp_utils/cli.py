@@ -8,6 +8,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from accelerate import PartialState
+
 from ddp_utils.errors import (
     BAD_INPUT_EXIT_CODE,
     INTERRUPTED_EXIT_CODE,
@@ -32,6 +34,11 @@ def setup_logging(is_main_process: bool) -> None:
     )
     for noisy in ("datasets", "urllib3", "filelock", "PIL", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _is_main_process() -> bool:
+    state = PartialState._shared_state
+    return not state or PartialState().is_main_process
 
 
 def cli_main(fn: Callable[[], Any]) -> None:
@@ -62,6 +69,8 @@ def cli_main(fn: Callable[[], Any]) -> None:
                 if os.environ.get("DDP_DIFFUSION_DEBUG") and code != STOP_EXIT_CODE:
                     raise
                 message = str(err) or "quit at once, without saving (a second Ctrl-C)"
-                print(f"{label}: {message}", file=sys.stderr)
+                # Every rank stops alike: one copy of the message (errors: every rank's own).
+                if code != STOP_EXIT_CODE or _is_main_process():
+                    print(f"{label}: {message}", file=sys.stderr)
                 sys.exit(code)
         raise

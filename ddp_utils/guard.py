@@ -160,22 +160,22 @@ class StepGuard:
     def check(self, step: int) -> Verdict:
         """What happened since the last boundary, agreed by all ranks (collective, one read)."""
         acc = self.accelerator
-        signals = torch.tensor(
-            [self.signal_name is not None, self.out_of_time()], device=acc.device
-        ).long()
+        # How many ranks got each stop signal, and ran out of time: summed over ranks.
+        names = [sig.name for sig in STOP_SIGNALS]
+        flags = [self.signal_name == name for name in names] + [self.out_of_time()]
+        signals = torch.tensor(flags, device=acc.device).long()
         if acc.num_processes > 1:
             signals = acc.reduce(signals, reduction="sum")
-        num_signalled, num_out_of_time, in_a_row, *window = torch.cat(
-            [signals, self._in_a_row[None], self._window]
-        ).tolist()
+        *by_signal, num_out_of_time, in_a_row, num_skipped, reached_at, last_bad, bad_ranks = (
+            torch.cat([signals, self._in_a_row[None], self._window]).tolist()
+        )
         self._window.zero_()
-        num_skipped, reached_at, last_bad, bad_ranks = window
         self.num_nonfinite_steps += num_skipped
         self.num_skipped_in_a_row = in_a_row
         stop_reason = ""
-        if num_signalled:
-            here = self.signal_name or "another rank's signal"
-            stop_reason = f"{here} ({num_signalled} of {acc.num_processes} rank(s) signalled)"
+        if any(by_signal):
+            received = "+".join(name for name, n in zip(names, by_signal) if n)
+            stop_reason = f"{received} ({sum(by_signal)} of {acc.num_processes} rank(s) signalled)"
         elif num_out_of_time:
             stop_reason = f"--max-train-time {self.max_train_time_s:g} s used up"
         report = ""

@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "accelerate_configs"
 SLURM_RECIPE = REPO / "recipes" / "slurm_multinode.sbatch"
+FAULTS = REPO / "tests" / "scripts" / "faults.py"
 TORCHRUN_RECIPE = REPO / "recipes" / "torchrun_multinode.sh"
 
 # --------------------------------------------------------------------------- configs
@@ -289,28 +290,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def train_args(output_dir: Path) -> list[str]:
+def train_args(output_dir: Path, *extra: str) -> list[str]:
+    """A 6-step basic run through tests/scripts/faults.py (records each rank's pid)."""
     return [
-        "train_basic.py",
-        "--output-dir",
-        str(output_dir),
-        "--max-steps",
-        "6",
-        "--batch-size",
-        "8",
-        "--log-every",
-        "3",
-        "--checkpoint-every",
-        "3",
-        "--sample-every",
-        "0",
-        "--num-sample-images",
-        "8",
-        "--sample-steps",
-        "2",
-        "--report-to",
-        "none",
-    ]
+        str(FAULTS), "train_basic.py", "--output-dir", str(output_dir), "--max-steps", "6",
+        "--batch-size", "8", "--log-every", "3", "--checkpoint-every", "3",
+        "--sample-every", "0", "--num-sample-images", "8", "--sample-steps", "2",
+        "--report-to", "none", *extra,
+    ]  # fmt: skip
 
 
 def machine_command(acc: str, machine_rank: int, port: str, args: list[str]) -> list[str]:
@@ -322,7 +309,7 @@ def machine_command(acc: str, machine_rank: int, port: str, args: list[str]) -> 
     ]  # fmt: skip
 
 
-def launch_env(tmp_path: Path, cache: Path) -> dict[str, str]:
+def launch_env(tmp_path: Path, cache: Path, faults: str = "") -> dict[str, str]:
     env = {
         **os.environ,
         "ACCELERATE_USE_CPU": "true",
@@ -333,62 +320,80 @@ def launch_env(tmp_path: Path, cache: Path) -> dict[str, str]:
         "WANDB_DIR": str(tmp_path),
         "OMP_NUM_THREADS": "1",
         "DDP_DIFFUSION_CACHE": str(cache),
+        "FAULTS": faults,
+        "FAULT_PID_DIR": str(tmp_path / "pids"),
     }
     return env
+
+
+def run_machines(
+    tmp_path: Path, args: list[list[str]], caches: list[Path], faults: str = ""
+) -> list[tuple[int, str]]:
+    """Both "machines" at once: (exit code, log) of each. The rendezvous port is bound by the
+    main node itself: if another process took it in between, the launch is retried."""
+    acc = accelerate_bin()
+    for _ in range(3):
+        port = str(free_port())
+        procs = [
+            subprocess.Popen(
+                machine_command(acc, rank, port, args[rank]),
+                cwd=REPO,
+                env=launch_env(tmp_path, caches[rank], faults),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                start_new_session=True,
+            )
+            for rank in (0, 1)
+        ]
+        try:
+            results = [(proc.wait(timeout=240), proc.stdout.read()) for proc in procs]
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+        if not any("address already in use" in log.lower() for _, log in results):
+            return results
+    raise AssertionError("no free rendezvous port in 3 tries")
+
+
+def worker_pid(tmp_path: Path, rank: int) -> int:
+    return int((tmp_path / "pids" / f"worker-{rank}.pid").read_text())
 
 
 @pytest.mark.slow
 def test_two_machines_on_loopback_train_like_one_machine(tmp_path: Path) -> None:
     """Two launchers (--num_machines 2, one process each) vs one launcher with two processes:
     same world size, same weights, and only the global main process writes the run dir."""
-    acc = accelerate_bin()
     two_nodes, one_node = tmp_path / "two_nodes", tmp_path / "one_node"
-    port = str(free_port())
     node_cache = tmp_path / "node_cache"  # shared by both "nodes": both local mains build it
-    procs = {
-        f"node{rank}": subprocess.Popen(
-            machine_command(acc, rank, port, train_args(two_nodes)),
-            cwd=REPO,
-            env=launch_env(tmp_path, node_cache),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in (0, 1)
-    }
-    procs["single"] = subprocess.Popen(
-        [
-            acc,
-            "launch",
-            "--config_file",
-            str(CONFIGS / "cpu_2proc.yaml"),
-            *train_args(one_node),
-        ],
+    single = subprocess.Popen(
+        [accelerate_bin(), "launch", "--config_file", str(CONFIGS / "cpu_2proc.yaml"),
+         *train_args(one_node)],
         cwd=REPO,
-        env=launch_env(tmp_path, tmp_path / "single_cache"),
+        env=launch_env(tmp_path / "single", tmp_path / "single_cache"),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-    )
-    logs = {}
+    )  # fmt: skip
     try:
-        for name, proc in procs.items():
-            logs[name], _ = proc.communicate(timeout=240)
+        (code0, log0), (code1, log1) = run_machines(
+            tmp_path, [train_args(two_nodes), train_args(two_nodes)], [node_cache, node_cache]
+        )
+        single_log, _ = single.communicate(timeout=240)
     finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-    for name, proc in procs.items():
-        assert proc.returncode == 0, f"{name}:\n{logs[name][-3000:]}"
+        if single.poll() is None:
+            single.kill()
+    assert code0 == 0 and code1 == 0, f"{log0[-3000:]}\n{log1[-3000:]}"
+    assert single.returncode == 0, single_log[-3000:]
 
     # World size 2 really happened, in both setups.
-    for name in ("node0", "single"):
-        assert "batch: per device 8 x 2 processes" in logs[name], logs[name][-3000:]
-    # Node 1 holds a non-main rank: it logs no INFO lines and writes nothing.
-    assert "batch: per device" not in logs["node1"]
-    assert "saved" not in logs["node1"]
-
-    # One set of run files, written once.
+    for log in (log0, single_log):
+        assert "batch: per device 8 x 2 processes" in log, log[-3000:]
+    # One writer: the run directory's lock was taken by rank 0's process (on node 0), and
+    # one set of run files was written, once.
+    holder = json.loads((two_nodes / ".lock").read_text())
+    assert holder["pid"] == worker_pid(tmp_path, 0) != worker_pid(tmp_path, 1)
     checkpoints = two_nodes / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-3", "checkpoint-6"]
     state = json.loads((checkpoints / "checkpoint-6" / "state.json").read_text())
@@ -397,7 +402,7 @@ def test_two_machines_on_loopback_train_like_one_machine(tmp_path: Path) -> None
     assert steps == [3, 6]
     assert (two_nodes / "config.yaml").is_file() and (two_nodes / "model").is_dir()
 
-    # Both local mains wrote the shared data cache (pid-unique temp + os.replace): one intact
+    # Both local mains wrote the shared data cache (unique temp + os.replace): one intact
     # file, no leftover temporaries.
     assert [p.name.startswith("images-") for p in node_cache.iterdir()] == [True]
 
@@ -410,35 +415,54 @@ def test_two_machines_on_loopback_train_like_one_machine(tmp_path: Path) -> None
             assert torch.equal(a[key], b[key]), f"{stem}.{key}"
 
 
-@pytest.mark.slow
-def test_node_local_run_directories_with_save_on_each_node(tmp_path: Path) -> None:
-    """--save-on-each-node: each "machine" has its own run directory, and each is complete."""
-    acc, port = accelerate_bin(), str(free_port())
+@pytest.fixture(scope="module")
+def node_local_runs(tmp_path_factory) -> list[Path]:
+    """--save-on-each-node: each "machine" has its own run directory."""
+    tmp_path = tmp_path_factory.mktemp("node_local")
     dirs = [tmp_path / f"node{rank}_local" for rank in (0, 1)]
-    procs = [
-        subprocess.Popen(
-            machine_command(acc, rank, port, [*train_args(dirs[rank]), "--save-on-each-node"]),
-            cwd=REPO,
-            env=launch_env(tmp_path, tmp_path / f"cache{rank}"),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in (0, 1)
-    ]
-    logs = []
-    try:
-        logs = [proc.communicate(timeout=240)[0] for proc in procs]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    for proc, log in zip(procs, logs):
-        assert proc.returncode == 0, log[-3000:]
-    for folder in dirs:
+    caches = [tmp_path / f"cache{rank}" for rank in (0, 1)]
+    results = run_machines(tmp_path, [train_args(d, "--save-on-each-node") for d in dirs], caches)
+    for code, log in results:
+        assert code == 0, log[-3000:]
+    return dirs
+
+
+@pytest.mark.slow
+def test_node_local_run_directories_with_save_on_each_node(node_local_runs) -> None:
+    for folder in node_local_runs:
         checkpoints = folder / "checkpoints"
         assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-3", "checkpoint-6"]
         assert [json.loads(line)["step"] for line in (folder / "metrics.jsonl").open()] == [3, 6]
         assert (folder / "model" / "config.json").is_file() and (folder / "config.yaml").is_file()
-    a, b = (load_file(d / "checkpoints" / "checkpoint-6" / "model.safetensors") for d in dirs)
+    a, b = (
+        load_file(d / "checkpoints" / "checkpoint-6" / "model.safetensors") for d in node_local_runs
+    )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_node_local_runs_resume_after_a_kill_and_refuse_a_node_without_its_checkpoint(
+    node_local_runs, tmp_path: Path
+) -> None:
+    dirs = [tmp_path / f"node{rank}_local" for rank in (0, 1)]
+    caches = [tmp_path / f"cache{rank}" for rank in (0, 1)]
+    args = [train_args(d, "--save-on-each-node") for d in dirs]
+    # SIGKILL of every process of both "machines" in step 5 (after checkpoint-3).
+    killed = run_machines(tmp_path, args, caches, faults="kill@4")
+    assert all(code != 0 for code, _ in killed)
+    for folder in dirs:
+        assert [p.name for p in (folder / "checkpoints").iterdir()] == ["checkpoint-3"]
+    # Rerun: each node resumes from its own copy and ends like the uninterrupted run.
+    results = run_machines(tmp_path, args, caches)
+    assert all(code == 0 for code, _ in results), results[0][1][-3000:] + results[1][1][-3000:]
+    assert "resumed from" in results[0][1]  # node 0 holds the main process (INFO lines)
+    reference = load_file(node_local_runs[0] / "checkpoints" / "checkpoint-6" / "model.safetensors")
+    for folder in dirs:
+        resumed = load_file(folder / "checkpoints" / "checkpoint-6" / "model.safetensors")
+        assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+    # Node 1 lost its checkpoints: every rank stops with the same clear error, nobody hangs.
+    shutil.rmtree(dirs[1] / "checkpoints")
+    longer = [[*a, "--max-steps", "9"] for a in args]
+    for code, log in run_machines(tmp_path, longer, caches):
+        assert code != 0, log[-3000:]
+        assert "the ranks found different checkpoints to resume from (steps by rank: [6, -1]" in log

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -140,6 +141,22 @@ def test_ctrl_c_saves_and_stops_and_a_second_quits(tmp_path, fault, code, messag
     assert saved == (["checkpoint-3"] if code == STOP_EXIT_CODE else [])
 
 
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_saves_on_every_worker(tmp_path: Path) -> None:
+    """torchrun forwards SIGTERM to the workers, which agree on a step, save and exit 75; the
+    launcher itself exits 1 (after its own SignalException traceback); a rerun resumes."""
+    out = tmp_path / "run"
+    args = [*BASIC, "--max-steps", "40", "--checkpoint-every", "100", "--output-dir", str(out)]
+    stopped = run(tmp_path, "train_basic.py", args, 2, faults="term-launcher@5:1")
+    assert stopped.returncode == 1, stopped.output[-3000:]
+    match = re.search(r"stopped after step (\d+)/40: SIGTERM \((\d) of 2", stopped.output)
+    assert match and stopped.output.count("stopped after step") == 1, stopped.output[-3000:]
+    step = int(match.group(1))
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == [f"checkpoint-{step}"]
+    final = run(tmp_path, "train_basic.py", args, 2)
+    assert final.returncode == 0 and f"checkpoint-{step} (step {step})" in final.output
+
+
 # --------------------------------------------------------------------------- refused early
 
 
@@ -228,3 +245,21 @@ def test_metrics_are_strict_json_and_no_grad_norm_without_clipping(tmp_path: Pat
     ]
     assert not any("grad_norm" in r for r in rows)
     assert "loss" not in rows[4] and all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
+
+
+def test_checkpoints_beyond_the_limit_are_pruned_when_a_run_starts(tmp_path_factory, tmp_path):
+    """A kill between a save's rename and its pruning leaves one checkpoint too many; the
+    next run of the same command prunes it even when it has nothing left to train."""
+    out = tmp_path / "run"
+    shutil.copytree(trained_basic(tmp_path_factory), out)
+    for step in (0, 1):
+        shutil.copytree(
+            out / "checkpoints" / "checkpoint-2", out / "checkpoints" / f"checkpoint-{step}"
+        )
+    config = json.loads((out / "checkpoints" / "checkpoint-2" / "state.json").read_text())["config"]
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in config.items()
+            if k in ("resolution", "max_images", "max_steps", "batch_size", "sample_steps")]  # fmt: skip
+    result = python("train_basic.py", *args, "--report-to", "none", "--sample-every", "0",
+                    "--checkpoints-total-limit", "1", "--output-dir", str(out))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint-2"]

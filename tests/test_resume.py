@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -216,6 +217,9 @@ def test_basic_two_processes_resume_bit_exactly(basic_two_processes) -> None:
     assert "batch: per device 8 x 2 processes" in final.output
     # Only rank 1 was signalled; both ranks stopped after the same step and saved there.
     assert "stopped after step 8/12: SIGUSR1 (1 of 2 rank(s) signalled)" in stopped.output
+    assert stopped.output.count("stopped after step 8/12") == 1  # one copy, from rank 0
+    # The workers exit 75; torchrun reports them failed and exits 1 itself.
+    assert stopped.returncode == 1 and re.search(r"exitcode\s*:\s*75", stopped.output)
     assert "checkpoint-8 (step 8)" in final.output
     # The NaN on rank 1 alone: both ranks skipped that update (and saved no checkpoint-10).
     skipped = "step 10: non-finite loss on 1 of 2 rank(s); update skipped (1 in a row, 1 in total)"
@@ -249,6 +253,37 @@ def test_ddpm_two_processes_resume_bit_exactly(ddpm_two_processes) -> None:
         out / "checkpoints" / "checkpoint-12",
     )
     assert logged_steps(out) == list(range(5, MAX_STEPS + 1))
+
+
+def test_resume_is_exact_across_epochs_with_flips_in_bf16(tmp_path: Path) -> None:
+    """The basic model in bf16 autocast with --random-flip, on 40 images in steps of 16 (an
+    epoch ends mid-batch every 2.5 steps), killed mid-accumulation in step 5."""
+    args = [*BASIC_ARGS, "--max-images", "40", "--random-flip", "--mixed-precision", "bf16",
+            "--report-to", "none"]  # fmt: skip
+    result = chain(tmp_path, "train_basic.py", args, 1, ["kill@9"])
+    killed, final = result["results"]
+    assert killed.returncode == -signal.SIGKILL
+    assert "checkpoint-4 (step 4)" in final.output and "mixed precision bf16" in final.output
+    assert_bit_identical(
+        result["reference"] / "checkpoints" / "checkpoint-12",
+        result["out"] / "checkpoints" / "checkpoint-12",
+    )
+
+
+def test_streamed_ddpm_with_accumulation_resumes_exactly(tmp_path: Path, tiny_unet: Path) -> None:
+    """DDPM, --data-loading stream (DataLoader workers decode), gradient accumulation 2,
+    --random-flip, 40 images in steps of 8: killed in the second micro-batch of step 7."""
+    args = [*DDPM_ARGS, "--preset", str(tiny_unet), "--max-images", "40", "--batch-size", "4",
+            "--gradient-accumulation-steps", "2", "--random-flip", "--data-loading", "stream",
+            "--num-workers", "1"]  # fmt: skip
+    result = chain(tmp_path, "train_ddpm.py", args, 1, ["kill@13"])
+    killed, final = result["results"]
+    assert killed.returncode == -signal.SIGKILL
+    assert "streaming data" in final.output and "checkpoint-6 (step 6)" in final.output
+    assert_bit_identical(
+        result["reference"] / "checkpoints" / "checkpoint-12",
+        result["out"] / "checkpoints" / "checkpoint-12",
+    )
 
 
 # --------------------------------------------------------------------------- other worlds, NaNs
