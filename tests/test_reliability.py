@@ -263,3 +263,34 @@ def test_checkpoints_beyond_the_limit_are_pruned_when_a_run_starts(tmp_path_fact
                     "--checkpoints-total-limit", "1", "--output-dir", str(out))  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint-2"]
+
+
+def test_small_input_errors_name_the_flag_the_user_typed(tmp_path_factory, tmp_path, capsys):
+    import sample
+    import train_basic
+    from ddp_utils.checkpoint import find_resume_checkpoint
+    from ddp_utils.config import parse_config
+
+    for config, argv, message in (
+        (train_basic.BasicConfig, ["--seed", "-1"], "--seed must be >= 0, got -1"),
+        (sample.SampleConfig, ["runs", "--seed", "-1"], "--seed must be >= 0, got -1"),
+        (sample.SampleConfig, [str(tmp_path), "--num-inference-steps", "0"],
+         "--num-steps (--num-inference-steps) must be >= 1, got 0"),
+    ):  # fmt: skip
+        with pytest.raises(SystemExit):
+            parse_config(config, argv)
+        assert message in capsys.readouterr().err
+    # --resume given a run directory means its checkpoints.
+    run_dir = trained_basic(tmp_path_factory)
+    assert find_resume_checkpoint(tmp_path, str(run_dir)).path.parent.name == "checkpoints"
+
+
+def test_a_pipeline_without_its_weights_is_named(tmp_path_factory, tmp_path: Path) -> None:
+    from tests.tiny_runs import trained_ddpm
+
+    pipeline = tmp_path / "pipeline"
+    shutil.copytree(trained_ddpm(tmp_path_factory) / "pipeline", pipeline)
+    (pipeline / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    result = python("sample.py", str(pipeline), "--output-dir", str(tmp_path / "out"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "unet/diffusion_pytorch_model.safetensors is missing" in result.stderr
