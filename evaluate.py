@@ -169,9 +169,13 @@ def evaluate(cfg: EvalConfig, accelerator: Accelerator | None = None) -> dict[st
 
     # Feature statistics, sharded over the processes.
     extractor = load_fid_inception(device)
-    sample_stats = compute_feature_stats(samples, extractor, accelerator, cfg.batch_size)
+    sample_stats = compute_feature_stats(
+        samples, extractor, accelerator, cfg.batch_size, progress="sample features"
+    )
     if reference is not None:
-        ref_stats = compute_feature_stats(reference, extractor, accelerator, cfg.batch_size)
+        ref_stats = compute_feature_stats(
+            reference, extractor, accelerator, cfg.batch_size, progress="reference features"
+        )
         ref_name = str(cfg.reference)
     else:
         ref_stats, ref_name = reference_dataset_stats(cfg, samples, accelerator)

@@ -35,7 +35,8 @@ from ddp_utils.config import option, parse_config, require, save_config
 from ddp_utils.distributed import all_finite, map_sharded, raise_together
 from ddp_utils.errors import InputError, NonFiniteError
 from ddp_utils.files import atomic_file, write_json
-from ddp_utils.images import make_grid, save_png, to_uint8
+from ddp_utils.images import make_grid, save_png, to_uint8, upscale
+from ddp_utils.tracking import MIN_PICTURE_SIDE
 from ddp_utils.train_config import MixedPrecision
 from diffusion.basic import sample_basic
 from diffusion.loading import LoadedModel, Weights, load_for_sampling
@@ -174,7 +175,9 @@ def score(
     """
     extractor = load_fid_inception(accelerator.device)
     samples = torch.from_numpy(images).permute(0, 3, 1, 2)  # NHWC -> NCHW uint8
-    sample_stats = compute_feature_stats(samples, extractor, accelerator, cfg.batch_size)
+    sample_stats = compute_feature_stats(
+        samples, extractor, accelerator, cfg.batch_size, progress="FID features"
+    )
     reference = dataset_stats(
         cfg.dataset,
         loaded.resolution,
@@ -213,13 +216,14 @@ def sample(cfg: SampleConfig) -> np.ndarray:
     steps = cfg.num_steps or DEFAULT_STEPS["basic" if loaded.task == "basic" else cfg.scheduler]
     loaded.model.to(accelerator.device).eval()
     chunk, progression, nonfinite = make_chunk_fn(cfg, loaded, accelerator.device, steps)
-    images = map_sharded(accelerator, cfg.num_samples, cfg.batch_size, chunk).numpy()
+    images = map_sharded(accelerator, cfg.num_samples, cfg.batch_size, chunk, "sampling").numpy()
     check_finite_samples(accelerator, nonfinite, cfg.num_samples)
 
     if accelerator.is_main_process:
         with atomic_file(out / "samples.npz") as f:
             np.savez(f, arr_0=images)
-        save_png(make_grid(images[: cfg.grid_size]), out / "grid.png")
+        # The grid and strip upscaled (nearest) to a viewable size; samples.npz stays native.
+        save_png(upscale(make_grid(images[: cfg.grid_size]), MIN_PICTURE_SIDE), out / "grid.png")
         if cfg.save_images:
             (out / "images").mkdir(exist_ok=True)
             for k, image in enumerate(images):
@@ -228,10 +232,8 @@ def sample(cfg: SampleConfig) -> np.ndarray:
             # Rows: steps, columns: the first (up to 8) samples.
             strip = torch.cat(progression)
             num_columns = len(progression[0])
-            save_png(
-                make_grid(to_uint8(strip, loaded.value_range), nrow=num_columns),
-                out / "progression.png",
-            )
+            strip_grid = make_grid(to_uint8(strip, loaded.value_range), nrow=num_columns)
+            save_png(upscale(strip_grid, MIN_PICTURE_SIDE), out / "progression.png")
         info = {
             "task": loaded.task,
             "source": str(loaded.source),

@@ -57,6 +57,10 @@ section "5. the other presets and the basic model, batch 128 bf16"
 $PY bench/train_step.py --models unet-18.5m,unet-4.7m,digits-small,basic --batch-sizes 128 \
     --steps 30 --rounds 1 --mixed-precision bf16 --plain-precision bf16
 
+section "5b. --gradient-checkpointing: memory and speed, ddpm-cifar10 batch 128 bf16"
+$PY bench/grad_checkpointing.py --preset ddpm-cifar10 --batch-size 128 --steps 20 \
+    --mixed-precision bf16
+
 section "6. sampling, ddpm-cifar10 at batch 1024, bf16"
 $PY bench/sampling.py --preset ddpm-cifar10 --resolution 32 --channels 3 \
     --batch-sizes 1024 --mixed-precision bf16 --samplers ddim:50,dpm-solver:20

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from tqdm.auto import tqdm
 
 
 def make_accelerator(
@@ -31,7 +32,8 @@ def make_accelerator(
     accelerator = Accelerator(
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=gradient_accumulation_steps,
-        log_with="wandb" if report_to == "wandb" else None,
+        # TensorBoard is started by ddp_utils.tracking itself (beside a wandb that may fail).
+        log_with="wandb" if report_to in ("wandb", "all") else None,
         project_dir=output_dir,
         # The LR is set by hand from the optimizer step (ddp_utils.optim.lr_at): no
         # scheduler whose step count could depend on the number of processes.
@@ -171,15 +173,23 @@ def map_sharded(
     num_items: int,
     chunk_size: int,
     fn: Callable[[range], torch.Tensor],
+    progress: str | None = None,
 ) -> torch.Tensor:
-    """`fn(items)` over this rank's chunks, all results gathered in item order (collective)."""
-    world, rank = (
-        (1, 0)
-        if accelerator is None
-        else (
-            accelerator.num_processes,
-            accelerator.process_index,
-        )
-    )
+    """`fn(items)` over this rank's chunks, all results gathered in item order (collective).
+
+    `progress` names a progress bar on the main process (images done across all ranks,
+    counted as the main process's share times the number of processes; images/s)."""
+    world = 1 if accelerator is None else accelerator.num_processes
+    rank = 0 if accelerator is None else accelerator.process_index
     chunks = local_chunks(num_items, chunk_size, world, rank)
-    return gather_chunks(accelerator, [fn(items) for items in chunks], num_items, chunk_size)
+    bar = None
+    if progress and (accelerator is None or accelerator.is_main_process):
+        bar = tqdm(total=num_items, desc=progress, unit="img", dynamic_ncols=True, mininterval=1.0)
+    results = []
+    for items in chunks:
+        results.append(fn(items))
+        if bar is not None:
+            bar.update(min(len(items) * world, num_items - bar.n))
+    if bar is not None:
+        bar.close()
+    return gather_chunks(accelerator, results, num_items, chunk_size)

@@ -77,3 +77,10 @@ def save_png(array: np.ndarray, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path, format="PNG")
     return path
+
+
+def upscale(image: np.ndarray, min_side: int) -> np.ndarray:
+    """Repeat pixels (nearest, no smoothing) by the smallest whole factor that makes the longer
+    side at least `min_side`: a 16x16 digits grid is viewable, and each pixel stays a square."""
+    factor = max(1, -(-min_side // max(image.shape[0], image.shape[1])))
+    return image.repeat(factor, axis=0).repeat(factor, axis=1) if factor > 1 else image

@@ -155,7 +155,8 @@ def train(run: Run, method: Method, model: nn.Module) -> Path:
             run.tracker.log(metrics, step)
             if evaluator.is_best(metrics["fid"]):
                 record = {"step": step, **metrics, "num_samples": cfg.eval_num_samples}
-                export(run, method, net, ema, run.output_dir / BEST_DIR, {BEST_FILE: record})
+                best = export(run, method, net, ema, run.output_dir / BEST_DIR, {BEST_FILE: record})
+                run.tracker.log_folder(best, "best")
 
         # Checkpoint; after a stop verdict (SIGTERM, SIGUSR1, time budget) save here and exit.
         if due(step, cfg.checkpoint_every, cfg.max_steps) or verdict.stop:
@@ -172,6 +173,7 @@ def train(run: Run, method: Method, model: nn.Module) -> Path:
             f"non-finite loss; checkpoint-{step} and the export were not written"
         )
     folder = export(run, method, net, ema, run.output_dir / method.export_name)
+    run.tracker.log_folder(folder, "final")
     logger.info("exported %s; pictures in %s", folder, run.tracker.images_dir)
     run.finish()
     return folder

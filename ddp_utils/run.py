@@ -135,11 +135,20 @@ class Run:
             to_dict(cfg),
             resume_step=None if self.checkpoint is None else self.checkpoint.step,
             is_writer=self.is_writer,
+            log_model=cfg.log_model,
         )
 
     def prepare(self, model: torch.nn.Module) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         """Speed options, the optimizer, and Accelerate's wrapping (DDP, autocast) of both."""
         cfg, acc = self.cfg, self.accelerator
+        if cfg.gradient_checkpointing:
+            if not getattr(model, "_supports_gradient_checkpointing", False):
+                raise InputError(
+                    f"{type(model).__name__} does not support it (diffusers' UNet2DModel "
+                    "does: for the basic model, --model unet)",
+                    "gradient_checkpointing",
+                )
+            model.enable_gradient_checkpointing()
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
         if cfg.compile:

@@ -19,16 +19,18 @@ import os
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlparse
 
 import numpy as np
 from accelerate import Accelerator
+from accelerate.tracking import TensorBoardTracker
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
 from ddp_utils.files import write_text
+from ddp_utils.images import upscale
 
 logger = logging.getLogger(__name__)
 
@@ -57,32 +59,68 @@ def _reset_wandb() -> None:
         logger.warning("wandb teardown failed: %s", err)
 
 
+ReportTo = Literal["wandb", "tensorboard", "all", "none"]
+MIN_PICTURE_SIDE = 512  # pictures are upscaled (nearest) until their longer side reaches this
+SUMMARY_MIN = ("fid", "kid_mean")  # wandb summarises these by their best (lowest) value
+
+
 class Tracker:
+    """metrics.jsonl, PNGs and loss.png always; wandb and/or TensorBoard through Accelerate's
+    tracker classes (`accelerator.log` reaches every tracker started here)."""
+
     def __init__(
         self,
         accelerator: Accelerator,
         output_dir: Path,
-        report_to: str,
+        report_to: ReportTo,
         project: str,
         run_name: str | None,
         config: dict[str, Any],
         resume_step: int | None,
         is_writer: bool | None = None,
+        log_model: bool = False,
     ) -> None:
         self.accelerator = accelerator
         self.output_dir = Path(output_dir)
-        self.is_main = accelerator.is_main_process  # talks to wandb
+        self.is_main = accelerator.is_main_process  # talks to wandb and TensorBoard
         # Writes metrics.jsonl, samples/ and loss.png: the main process, or with a node-local
         # run directory (--save-on-each-node) the main process of every node.
         self.is_writer = self.is_main if is_writer is None else is_writer
         self.metrics_file = self.output_dir / "metrics.jsonl"
         self.images_dir = self.output_dir / "samples"
-        self.use_wandb = report_to == "wandb"
+        self.use_wandb = report_to in ("wandb", "all")
+        self.log_model = log_model
+        self.tensorboard: TensorBoardTracker | None = None
         if self.is_writer:
             self.images_dir.mkdir(parents=True, exist_ok=True)
             self._truncate_metrics(resume_step)
         if self.use_wandb:
             self.use_wandb = self._init_wandb(project, run_name, config, resume_step)
+        if report_to in ("tensorboard", "all") and self.is_main:
+            self.tensorboard = self._init_tensorboard(project, config, resume_step)
+
+    def _init_tensorboard(
+        self, project: str, config: dict[str, Any], resume_step: int | None
+    ) -> TensorBoardTracker | None:
+        """Event files in `<output-dir>/tensorboard/<project>/`; a resume purges the steps
+        after the checkpoint, so no step appears twice."""
+        kwargs = {} if resume_step is None else {"purge_step": resume_step + 1}
+        try:
+            tracker = TensorBoardTracker(project, self.output_dir / "tensorboard", **kwargs)
+            tracker.start()
+            # add_hparams takes bool/str/int/float only.
+            tracker.store_init_configuration(
+                {
+                    k: v if isinstance(v, bool | str | int | float) else str(v)
+                    for k, v in config.items()
+                }
+            )
+        except Exception as err:  # noqa: BLE001 - tracking must never stop training
+            logger.warning("TensorBoard could not start (%s: %s); continuing without it",
+                           type(err).__name__, err)  # fmt: skip
+            return None
+        self.accelerator.trackers.append(tracker)
+        return tracker
 
     # ------------------------------------------------------------------ setup
 
@@ -161,6 +199,10 @@ class Tracker:
                     "(metrics.jsonl and PNGs are still written)",
                     stacklevel=2,
                 )
+            else:
+                run = self.accelerator.get_tracker("wandb", unwrap=True)
+                for name in SUMMARY_MIN:  # the run's summary shows the best FID, not the last
+                    run.define_metric(name, summary="min")
         else:
             # Other ranks get Accelerate's no-op tracker stubs.
             self.accelerator.init_trackers(project, config=None)
@@ -180,7 +222,7 @@ class Tracker:
     # ------------------------------------------------------------------ logging
 
     def log(self, values: dict[str, float], step: int) -> None:
-        """Log scalars (already averaged across ranks) to metrics.jsonl and wandb."""
+        """Log scalars (already averaged across ranks): metrics.jsonl, wandb, TensorBoard."""
         if not self.is_writer:
             return
         # Strict JSON: a non-finite value is written as null (bare NaN is not JSON).
@@ -190,13 +232,15 @@ class Tracker:
                 f.write(json.dumps(record, allow_nan=False) + "\n")
         except OSError as err:  # a full disk: the next checkpoint says so, and stops the run
             logger.warning("could not append to %s: %s", self.metrics_file, err)
-        if self.use_wandb and self.is_main:
+        if self.is_main and (self.use_wandb or self.tensorboard is not None):
             self._safe_log(values, step)
 
     def log_image(self, name: str, image: np.ndarray, step: int) -> Path | None:
-        """Save an HWC uint8 picture as `samples/<name>-<step>.png` and send it to wandb."""
+        """Save an HWC uint8 picture as `samples/<name>-<step>.png`, upscaled (nearest) to a
+        viewable size, and send it to wandb and TensorBoard."""
         if not self.is_writer:
             return None
+        image = upscale(image, MIN_PICTURE_SIDE)
         path = self.images_dir / f"{name}-{step:07d}.png"
         try:
             Image.fromarray(image).save(path)
@@ -205,15 +249,40 @@ class Tracker:
         if self.use_wandb and self.is_main:
             import wandb
 
-            self._safe_log({name: wandb.Image(image)}, step)
+            self._safe_log({name: wandb.Image(image)}, step, only="wandb")
+        if self.tensorboard is not None:
+            try:
+                self.tensorboard.log_images({name: image[None]}, step, dataformats="NHWC")
+            except Exception as err:  # noqa: BLE001 - tracking must never stop training
+                logger.warning("TensorBoard image failed (%s)", err)
         return path
 
-    def _safe_log(self, values: dict[str, Any], step: int) -> None:
+    def log_folder(self, folder: Path, alias: str) -> None:
+        """With --log-model: upload an export to wandb as a model artifact (offline runs keep
+        it for `wandb sync`). The same artifact name across versions, tagged by `alias`."""
+        if not (self.log_model and self.use_wandb and self.is_main):
+            return
         try:
-            self.accelerator.log(values, step=step)
+            import wandb
+
+            run = self.accelerator.get_tracker("wandb", unwrap=True)
+            artifact = wandb.Artifact(f"{run.id}-{folder.name}", type="model")
+            artifact.add_dir(str(folder))
+            run.log_artifact(artifact, aliases=[alias, "latest"])
         except Exception as err:  # noqa: BLE001 - tracking must never stop training
-            logger.warning("wandb log failed (%s); disabling wandb for this run", err)
-            self.use_wandb = False
+            logger.warning("wandb: could not log %s as an artifact (%s)", folder, err)
+
+    def _safe_log(self, values: dict[str, Any], step: int, only: str | None = None) -> None:
+        trackers = [t for t in self.accelerator.trackers if only is None or t.name == only]
+        for tracker in trackers:
+            try:
+                tracker.log(values, step=step)
+            except Exception as err:  # noqa: BLE001 - tracking must never stop training
+                logger.warning("%s log failed (%s); disabling it for this run", tracker.name, err)
+                self.accelerator.trackers.remove(tracker)
+                self.use_wandb = self.use_wandb and tracker.name != "wandb"
+                if tracker is self.tensorboard:
+                    self.tensorboard = None
 
     def finish(self) -> None:
         """Draw the loss curve and close wandb (call on every rank)."""

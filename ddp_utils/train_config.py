@@ -16,6 +16,7 @@ from ddp_utils.config import check_choices, option, require
 from ddp_utils.data.load import DataLoading
 from ddp_utils.data.source import default_channels, default_resolution
 from ddp_utils.errors import flag_name
+from ddp_utils.tracking import ReportTo
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?)([hms])")
 
@@ -82,6 +83,9 @@ class TrainConfig:
     compile_backend: Literal["inductor", "aot_eager", "eager", "cudagraphs"] = option(
         "inductor", "torch.compile backend (aot_eager: no codegen)"
     )
+    gradient_checkpointing: bool = option(
+        False, "recompute the UNet's activations in the backward pass: less memory, more compute"
+    )
     # Optimization.
     output_dir: str = option("runs/train", "run directory: checkpoints, export, samples, logs")
     max_steps: int = option(2000, "number of optimizer steps")
@@ -121,7 +125,13 @@ class TrainConfig:
     eval_num_reference: int | None = option(
         None, "reference: the first N training images (none: all; statistics are cached)"
     )
-    report_to: Literal["wandb", "none"] = option("wandb", "experiment tracker")
+    report_to: ReportTo = option(
+        "wandb", "experiment tracker(s): wandb, tensorboard (<output-dir>/tensorboard), all, none"
+    )
+    log_model: bool = option(
+        False,
+        "upload the final and best exports to wandb as model artifacts (offline: synced later)",
+    )
     wandb_project: str = option("ddp-diffusion", "wandb project name")
     run_name: str | None = option(None, "wandb run name")
     # Fault tolerance (ddp_utils/guard.py).

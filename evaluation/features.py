@@ -39,6 +39,7 @@ def generated_feature_stats(
     accelerator: Accelerator | None = None,
     batch_size: int = 250,
     max_kid_features: int = MAX_KID_FEATURES,
+    progress: str | None = None,
 ) -> FeatureStats:
     """Feature statistics of `num_items` images made on the fly, e.g. sampled by a model.
 
@@ -47,7 +48,7 @@ def generated_feature_stats(
     made once, on one process, and only its features cross processes. With per-item seeds
     the statistics do not depend on the number of processes. Collective: call on every rank;
     every rank returns the same statistics. `extractor` defaults to the FID Inception-v3 on
-    `accelerator.device` (or the CPU).
+    `accelerator.device` (or the CPU). `progress` names a progress bar (main process only).
     """
     if num_items < 2:
         raise ValueError(f"feature statistics need at least 2 images, got {num_items}")
@@ -62,7 +63,7 @@ def generated_feature_stats(
             raise ValueError(f"generate({items}) returned {len(images)} images")
         return extract_features(images, extractor)
 
-    features = map_sharded(accelerator, num_items, batch_size, chunk_features)
+    features = map_sharded(accelerator, num_items, batch_size, chunk_features, progress)
     return stats_from_features(features, max_kid_features)
 
 
@@ -72,6 +73,7 @@ def compute_feature_stats(
     accelerator: Accelerator | None = None,
     batch_size: int = 250,
     max_kid_features: int = MAX_KID_FEATURES,
+    progress: str | None = None,
 ) -> FeatureStats:
     """Feature statistics of a whole uint8 (N, C, H, W) image set held by every rank.
 
@@ -86,4 +88,5 @@ def compute_feature_stats(
         accelerator,
         batch_size,
         max_kid_features,
+        progress,
     )

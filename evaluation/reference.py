@@ -19,6 +19,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from ddp_utils.data import load_image_data
+from ddp_utils.data.decode import default_cache_dir as data_cache_dir
 from evaluation.features import compute_feature_stats
 from evaluation.inception import EXTRACTOR_ID
 from evaluation.stats import (
@@ -30,9 +31,9 @@ from evaluation.stats import (
 
 
 def default_cache_dir() -> Path:
-    """$DDP_DIFFUSION_CACHE/fid-stats, else ~/.cache/ddp-diffusion/fid-stats."""
-    root = os.environ.get("DDP_DIFFUSION_CACHE", Path.home() / ".cache" / "ddp-diffusion")
-    return Path(root) / "fid-stats"
+    """`fid-stats/` in the project's cache (ddp_utils.data.decode.default_cache_dir:
+    $DDP_DIFFUSION_CACHE, else $XDG_CACHE_HOME/ddp-diffusion, else ~/.cache/ddp-diffusion)."""
+    return data_cache_dir() / "fid-stats"
 
 
 def reference_cache_path(cache_dir: str | os.PathLike, key: dict[str, Any]) -> Path:
@@ -111,7 +112,9 @@ def reference_stats(
             )
         return cached
 
-    stats = compute_feature_stats(images, extractor, accelerator, batch_size, max_kid_features)
+    stats = compute_feature_stats(
+        images, extractor, accelerator, batch_size, max_kid_features, "reference features"
+    )
     stats.key = full_key
     if is_main:
         stats.save(path)

@@ -91,7 +91,7 @@ def test_yaml_and_json_config_files_set_fields_and_flags_win(tmp_path):
     [
         ("batch_sise: 8\n", ["run.yaml", "unknown field(s) batch_sise", "did you mean batch_size"]),
         ("model: big\n", ["--model must be one of basic, unet", "'big'"]),
-        ("report_to: tensorboardx\n", ["--report-to must be one of wandb, none"]),
+        ("report_to: tensorboardx\n", ["--report-to must be one of wandb, tensorboard, all, none"]),
         ("batch_size: many\n", ["--batch-size: expected int, got 'many'"]),
         ("max_steps: yes\n", ["--max-steps: expected int, got True"]),
         ("center_crop: maybe\n", ["--center-crop: expected true or false"]),

@@ -331,3 +331,15 @@ def test_resume_at_step_k_gives_the_same_batches():
     resumed = MemoryBatches(data, 4, accelerator, 3, (0.0, 1.0), False)
     for step in range(11, 20):
         assert torch.equal(resumed.uint8_images(step), stream[step])
+
+
+def test_the_cache_honours_xdg_cache_home_and_the_project_variable(tmp_path, monkeypatch):
+    from ddp_utils.data.decode import default_cache_dir
+    from evaluation import default_cache_dir as stats_cache_dir
+
+    monkeypatch.delenv("DDP_DIFFUSION_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "ddp-diffusion"
+    assert stats_cache_dir() == tmp_path / "xdg" / "ddp-diffusion" / "fid-stats"
+    monkeypatch.setenv("DDP_DIFFUSION_CACHE", str(tmp_path / "mine"))
+    assert default_cache_dir() == tmp_path / "mine"

@@ -89,7 +89,8 @@ def test_every_scheduler_samples_and_saves_its_progression(ddpm_run: Path, tmp_p
         out[name] = run_sample(pipeline, tmp_path / name, *common, *flags)
         with Image.open(tmp_path / name / "progression.png") as strip:
             # 4 snapshots (one per step) of up to 8 samples: 4 rows of 3 tiles.
-            assert strip.size == (3 * (RESOLUTION + 2) + 2, 4 * (RESOLUTION + 2) + 2)
+            # 4 rows (steps) x 3 columns (samples), upscaled by 13 (nearest) to a viewable size.
+            assert strip.size == (13 * (3 * (RESOLUTION + 2) + 2), 13 * (4 * (RESOLUTION + 2) + 2))
     assert np.array_equal(out["ddim"], out["ddim-again"])  # eta = 0: deterministic for a seed
     for a, b in (("ddpm", "ddim"), ("ddim", "dpm-solver"), ("ddim", "ddim-eta1")):
         assert not np.array_equal(out[a], out[b]), (a, b)
@@ -134,3 +135,9 @@ def test_bad_flags_are_named(ddpm_run: Path) -> None:
         sample.SampleConfig(model_path=path, fid=True, dataset="digits", max_reference=1)
     with pytest.raises(ValueError, match="does not exist"):
         sample.SampleConfig(model_path=str(ddpm_run / "nope"))
+
+
+def test_long_sampling_shows_progress(basic_run: Path, tmp_path: Path, capsys) -> None:
+    run_sample(basic_run / "model", tmp_path / "p", "--num-samples=6", "--batch-size=2")
+    err = capsys.readouterr().err
+    assert "sampling" in err and "6/6" in err and "img/s" in err

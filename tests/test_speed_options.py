@@ -45,14 +45,31 @@ def test_channels_last_and_compile_follow_the_plain_loss_curve(tmp_path: Path) -
     # aot_eager traces forward and backward like inductor, without its C++ codegen (minutes
     # on this CPU); the graph capture is what could change the numbers.
     compiled = run_ddpm(tmp_path, "compiled", "--compile", "--compile-backend=aot_eager")
+    checkpointed = run_ddpm(tmp_path, "checkpointed", "--gradient-checkpointing")
     assert len(plain) == 6
     np.testing.assert_allclose(channels_last, plain, rtol=RTOL)
     np.testing.assert_allclose(compiled, plain, rtol=RTOL)
+    # Recomputing activations in the backward pass gives the same gradients.
+    np.testing.assert_allclose(checkpointed, plain, rtol=RTOL)
+    a = load_file(tmp_path / "plain" / "checkpoints" / "checkpoint-6" / "model.safetensors")
+    b = load_file(tmp_path / "checkpointed" / "checkpoints" / "checkpoint-6" / "model.safetensors")
+    assert all(np.allclose(a[k], b[k], rtol=RTOL, atol=1e-7) for k in a)
     # The compiled run's export is an ordinary diffusers folder (no _orig_mod. prefixes).
     keys = load_file(
         tmp_path / "compiled" / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors"
     )
     assert not any(k.startswith("_orig_mod") for k in keys)
+
+
+def test_gradient_checkpointing_of_the_basic_unet_is_refused(tmp_path: Path) -> None:
+    import train_basic
+    from ddp_utils.errors import InputError
+
+    fresh_accelerate_state()
+    argv = ["--output-dir", str(tmp_path / "r"), "--gradient-checkpointing", "--report-to=none"]
+    with pytest.raises(InputError, match="--gradient-checkpointing: BasicUNet does not support"):
+        train_basic.main(argv)
+    assert not (tmp_path / "r").exists()
 
 
 def test_streamed_training_equals_in_memory_training(tmp_path: Path) -> None:

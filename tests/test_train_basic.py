@@ -122,10 +122,11 @@ def check_run_dir(run: Path, num_processes: int, wandb_dir: Path | None) -> None
         assert torch.equal(value, weights[name]), name
 
     # Sample grid (4 images in one row) and the 3-row corruption panel (8 columns).
+    # Written upscaled by a whole factor (nearest) until the longer side reaches 512 pixels.
     grid = np.asarray(Image.open(run / "samples" / "samples-0000006.png"))
-    assert grid.shape == (RES + 4, 4 * (RES + 2) + 2, 3) and grid.std() > 0
+    assert grid.shape == (7 * (RES + 4), 7 * (4 * (RES + 2) + 2), 3) and grid.std() > 0
     panel = np.asarray(Image.open(run / "samples" / "corruption_panel-0000006.png"))
-    assert panel.shape == (3 * (RES + 2) + 2, 8 * (RES + 2) + 2, 3)
+    assert panel.shape == (4 * (3 * (RES + 2) + 2), 4 * (8 * (RES + 2) + 2), 3)
 
     # metrics.jsonl every --log-every steps, and the loss curve.
     metrics = read_metrics(run / "metrics.jsonl")
@@ -311,3 +312,44 @@ def test_no_network_falls_back_to_offline_with_the_same_run_id(tmp_path, wandb_d
     assert list(wandb_dir.glob(f"wandb/offline-run-*-{run_id}")), output
     rows, _ = wandb_history(wandb_dir, run_id)
     assert [row["_step"] for row in rows if "loss" in row] == [2]
+
+
+def test_tensorboard_and_wandb_together_with_model_artifacts(tmp_path, wandb_dir):
+    """--report-to all: the same scalars and pictures in TensorBoard's event files (read back
+    with TensorBoard's own reader) and in wandb, FID summarised by its minimum, and with
+    --log-model the export uploaded as a model artifact (kept offline for `wandb sync`)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    argv = [*TWO_STEPS, "--report-to", "all", "--log-model", "--log-every", "1",
+            "--output-dir", str(run)]  # fmt: skip
+    train_basic.main(argv)
+    (events_dir,) = (run / "tensorboard").iterdir()
+    events = EventAccumulator(str(events_dir), size_guidance={"images": 0})
+    events.Reload()
+    metrics = read_metrics(run / "metrics.jsonl")
+    losses = {e.step: e.value for e in events.Scalars("loss")}
+    assert losses == {m["step"]: pytest.approx(m["loss"], rel=1e-6) for m in metrics}
+    (picture,) = events.Images("samples")
+    png = np.asarray(Image.open(run / "samples" / "samples-0000002.png"))
+    assert picture.step == 2 and (picture.height, picture.width) == png.shape[:2]
+
+    records = list(wandb_records(next(wandb_dir.glob("wandb/offline-run-*/run-*.wandb"))))
+    kinds = {r.WhichOneof("record_type") for r in records}
+    assert "artifact" in kinds or "use_artifact" in kinds, kinds
+    artifact = next(r.artifact for r in records if r.WhichOneof("record_type") == "artifact")
+    assert artifact.type == "model" and artifact.name.endswith("-model")
+    assert {"best", "final", "latest"} & set(artifact.aliases)
+    metric_names = {r.metric.name for r in records if r.WhichOneof("record_type") == "metric"}
+    assert {"fid", "kid_mean"} <= metric_names
+
+
+def test_pictures_are_upscaled_without_smoothing(tmp_path):
+    """A 16x16 grid of 2 images is 38 pixels wide: written 14x larger, each pixel a square."""
+    from ddp_utils.images import upscale
+
+    image = np.arange(12, dtype=np.uint8).reshape(3, 4, 1).repeat(3, axis=2)
+    big = upscale(image, 512)
+    assert big.shape == (384, 512, 3)  # factor 128: the longer side reaches 512
+    assert np.array_equal(big[::128, ::128], image) and np.array_equal(big[127, 127], image[0, 0])
+    assert upscale(np.zeros((600, 10, 3), np.uint8), 512).shape == (600, 10, 3)
