@@ -51,11 +51,21 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+# The process's umask, read once at import (reading it means setting it, briefly).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK  # what open() gives a new file: 0o644 under the usual umask
+
+
 def fsync_tree(root: Path) -> None:
-    """fsync every file and folder under `root`, and `root` itself."""
+    """fsync every file and folder under `root`, and `root` itself; files get the mode a
+    plain `open` would have given them (safetensors writes 0600: a group could not read an
+    export or checkpoint it shares)."""
     for folder, _, files in os.walk(root):
         for name in files:
-            with open(Path(folder) / name, "rb") as f:
+            path = Path(folder) / name
+            os.chmod(path, FILE_MODE)
+            with open(path, "rb") as f:
                 os.fsync(f.fileno())
         fsync_dir(Path(folder))
 

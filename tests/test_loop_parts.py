@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import math
+import stat
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -85,6 +86,18 @@ def test_atomic_dir_swaps_a_folder_in_whole(tmp_path: Path, monkeypatch, exchang
         (tmp / "weights").write_text("v2")
     assert (folder / "weights").read_text() == "v2"
     assert [p.name for p in tmp_path.iterdir()] == ["pipeline"]
+
+
+def test_published_files_are_readable_like_any_file_the_user_writes(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "export"
+    with files.atomic_dir(folder) as tmp:
+        save_file({"w": torch.zeros(2)}, tmp / "weights.safetensors")  # created 0600
+        (tmp / "config.json").write_text("{}")
+    for path in folder.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == files.FILE_MODE, path.name
+    assert files.FILE_MODE & stat.S_IRGRP  # group-readable under the usual umask 022
 
 
 def test_exchange_really_swaps_on_this_machine(tmp_path: Path) -> None:
