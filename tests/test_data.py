@@ -95,7 +95,8 @@ def test_concurrent_cache_writers_do_not_collide(tmp_path, monkeypatch):
 
     monkeypatch.setattr(files, "open", spy_open, raising=False)
     with ThreadPoolExecutor(4) as pool:
-        list(pool.map(lambda _: decode.write_cache(path, "x", images, [], 0), range(8)))
+        rows = np.arange(64)
+        list(pool.map(lambda _: decode.write_cache(path, "x", images, [], 0, rows), range(8)))
     monkeypatch.undo()
     assert len(set(seen)) == 8 and all(socket.gethostname() in name for name in seen)
     cached = decode.read_cache(path, "x")
@@ -343,3 +344,84 @@ def test_the_cache_honours_xdg_cache_home_and_the_project_variable(tmp_path, mon
     assert stats_cache_dir() == tmp_path / "xdg" / "ddp-diffusion" / "fid-stats"
     monkeypatch.setenv("DDP_DIFFUSION_CACHE", str(tmp_path / "mine"))
     assert default_cache_dir() == tmp_path / "mine"
+
+
+# --------------------------------------------------------------------------- class labels
+
+
+def test_labels_come_from_every_source(tmp_path):
+    import datasets
+    from sklearn.datasets import load_digits
+
+    digits = load("digits", tmp_path, channels=1, with_labels=True)
+    assert digits.class_names == [str(d) for d in range(10)]
+    assert torch.equal(digits.labels, torch.from_numpy(load_digits().target).long())
+
+    # An image folder: one subfolder per class; an unreadable file drops its label too.
+    root = tmp_path / "folder"
+    for name, shade in (("cat", 10), ("dog", 200)):
+        for k in range(3):
+            save(Image.new("L", (16, 16), shade + k), root / name / f"{k}.png")
+    (root / "dog" / "broken.png").write_bytes(b"not a png")
+    folder = load(root, tmp_path, channels=1, with_labels=True)
+    assert folder.class_names == ["cat", "dog"] and folder.num_skipped == 1
+    brightness = folder.images.float().mean(dim=(1, 2, 3))
+    assert torch.equal(folder.labels, (brightness > 100).long())  # each image kept its class
+
+    # A save_to_disk dataset with a ClassLabel column (what hub datasets carry).
+    ds = datasets.Dataset.from_dict(
+        {
+            "photo": [Image.new("RGB", (8, 8), (k * 40, 0, 0)) for k in range(4)],
+            "kind": [1, 0, 1, 2],
+        },
+        features=datasets.Features(
+            {"photo": datasets.Image(), "kind": datasets.ClassLabel(names=["a", "b", "c"])}
+        ),
+    )
+    ds.save_to_disk(str(tmp_path / "saved"))
+    saved = load(tmp_path / "saved", tmp_path, resolution=8, with_labels=True)
+    assert saved.class_names == ["a", "b", "c"] and saved.labels.tolist() == [1, 0, 1, 2]
+
+
+def test_datasets_without_usable_labels_are_refused(tmp_path):
+    import datasets
+
+    plain = tmp_path / "plain"
+    for k in range(2):
+        save(Image.new("L", (8, 8), k), plain / f"{k}.png")
+    with pytest.raises(ValueError, match="--dataset: the dataset has no class labels"):
+        load(plain, tmp_path, resolution=8, with_labels=True)
+    ds = datasets.Dataset.from_dict(
+        {"image": [Image.new("L", (8, 8))] * 3, "label": [0, -1, 1], "n": [1, 2, 3]},
+        features=datasets.Features(
+            {"image": datasets.Image(), "label": datasets.ClassLabel(names=["x", "y"]),
+             "n": datasets.Value("int64")}
+        ),
+    )  # fmt: skip
+    ds.save_to_disk(str(tmp_path / "unlabeled"))
+    with pytest.raises(ValueError, match=r"--label-column: 1 row\(s\) have no class .* rows \[1\]"):
+        load(tmp_path / "unlabeled", tmp_path, resolution=8, with_labels=True)
+    with pytest.raises(ValueError, match="--label-column: 'n' is a Value column, not class"):
+        load(tmp_path / "unlabeled", tmp_path, resolution=8, with_labels=True, label_column="n")
+
+
+def test_labels_travel_with_their_images_in_memory_and_streamed(tmp_path):
+    from ddp_utils.data import MemoryBatches, StreamingBatches
+
+    root = tmp_path / "folder"
+    for c in range(3):
+        for k in range(5):
+            save(Image.new("L", (8, 8), 60 * c + k), root / f"class{c}" / f"{k}.png")
+    memory = load(root, tmp_path, resolution=8, channels=1, with_labels=True)
+    streamed = load(root, tmp_path, resolution=8, channels=1, with_labels=True,
+                    data_loading="stream")  # fmt: skip
+    accelerator = SimpleNamespace(num_processes=2, process_index=1, device=torch.device("cpu"))
+    common = (4, accelerator, 3, (0.0, 1.0), False)
+    sources = [
+        MemoryBatches(memory, *common),
+        StreamingBatches(streamed.stream, *common, num_workers=0),
+    ]
+    for step in range(6):  # crosses two epochs of 15 images
+        (a_images, a_labels), (b_images, b_labels) = (s.fetch(step) for s in sources)
+        assert torch.equal(a_images, b_images) and torch.equal(a_labels, b_labels)
+        assert torch.equal(a_labels, (a_images.float().mean(dim=(1, 2, 3)) // 60).long())

@@ -79,6 +79,7 @@ class Batch:
     """One rank's micro-batch, on its device."""
 
     images: torch.Tensor  # float (B, C, H, W) in the method's value range
+    labels: torch.Tensor | None = None  # int64 (B,) class ids, when the data has them
 
 
 class BatchSource:
@@ -114,13 +115,17 @@ class BatchSource:
             self.seed,
         )
 
-    def uint8_images(self, micro_step: int) -> torch.Tensor:
+    def fetch(self, micro_step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The uint8 images (and class ids) of `micro_step`, on the device."""
         raise NotImplementedError
 
+    def uint8_images(self, micro_step: int) -> torch.Tensor:
+        return self.fetch(micro_step)[0]
+
     def get(self, micro_step: int, generator: torch.Generator) -> Batch:
-        images = self.uint8_images(micro_step)
+        images, labels = self.fetch(micro_step)
         flip_generator = generator if self.random_flip else None
-        return Batch(to_float(images, self.value_range, flip_generator))
+        return Batch(to_float(images, self.value_range, flip_generator), labels)
 
 
 class MemoryBatches(BatchSource):
@@ -137,10 +142,11 @@ class MemoryBatches(BatchSource):
                 self.per_device_batch_size * self.world_size,
             )
         self.images = data.images.to(self.device)
+        self.labels = None if data.labels is None else data.labels.to(self.device)
 
-    def uint8_images(self, micro_step: int) -> torch.Tensor:
-        index = self.indices(micro_step, self.images.shape[0])
-        return self.images[index.to(self.device, non_blocking=True)]
+    def fetch(self, micro_step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        index = self.indices(micro_step, self.images.shape[0]).to(self.device, non_blocking=True)
+        return self.images[index], None if self.labels is None else self.labels[index]
 
 
 class _BatchDataset(torch.utils.data.Dataset):
@@ -155,9 +161,9 @@ class _BatchDataset(torch.utils.data.Dataset):
     def __getitem__(self, k: int) -> dict:
         source = self.source
         indices = self.batches.indices(self.start + k, len(source.dataset))
-        images, skipped = [], []
+        images, rows, skipped = [], [], []
         for index in indices.tolist():
-            image, bad = decode_row(
+            image, bad, row = decode_row(
                 source.dataset,
                 source.image_column,
                 index,
@@ -166,11 +172,15 @@ class _BatchDataset(torch.utils.data.Dataset):
                 source.center_crop,
             )
             images.append(image)
+            rows.append(row)
             skipped.extend(bad)
         # Contiguous NCHW like the in-memory path (preprocess returns a transposed view, and a
         # channels-last batch would pick other conv kernels: not bit-identical).
         batch = np.ascontiguousarray(np.stack(images))
-        return {"images": torch.from_numpy(batch), "skipped": skipped}
+        item = {"images": torch.from_numpy(batch), "skipped": skipped}
+        if source.labels is not None:
+            item["labels"] = source.labels[torch.tensor(rows)]
+        return item
 
 
 class _Sequential(torch.utils.data.Sampler):
@@ -210,6 +220,7 @@ class StreamingBatches(BatchSource):
             source.resolution,
             source.channels,
             source.center_crop,
+            source.labels,
         )
         if num_workers is None:
             # torchrun/accelerate export LOCAL_WORLD_SIZE: the processes sharing this node's cores.
@@ -233,7 +244,7 @@ class StreamingBatches(BatchSource):
             num_workers,
         )
 
-    def uint8_images(self, micro_step: int) -> torch.Tensor:
+    def fetch(self, micro_step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         if micro_step != self.next_micro_step:
             raise RuntimeError(
                 f"StreamingBatches serves consecutive micro-steps: expected "
@@ -249,7 +260,11 @@ class StreamingBatches(BatchSource):
                 len(new),
                 "\n  ".join(new),
             )
-        return item["images"].to(self.device, non_blocking=True)
+        labels = item.get("labels")
+        return (
+            item["images"].to(self.device, non_blocking=True),
+            None if labels is None else labels.to(self.device, non_blocking=True),
+        )
 
 
 def make_batches(

@@ -26,7 +26,7 @@ from ddp_utils.files import atomic_file
 
 logger = logging.getLogger("ddp_diffusion")
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: the row index of every kept image
 MAX_REPLACEMENTS = 64  # consecutive unreadable rows before giving up on a streamed row
 
 
@@ -118,10 +118,12 @@ def raw_images(ds: Any, image_column: str) -> Any:
 
 def decode_all(
     ds: Any, image_column: str, resolution: int, channels: int, center_crop: bool
-) -> tuple[np.ndarray, list[str], int]:
-    """Decode every row; return (uint8 N,C,H,W array, names of skipped rows, # upscaled)."""
+) -> tuple[np.ndarray, list[str], int, np.ndarray]:
+    """Decode every row; return (uint8 N,C,H,W array, names of skipped rows, # upscaled, the
+    row index of each kept image)."""
     ds = raw_images(ds, image_column)
     out = np.empty((len(ds), channels, resolution, resolution), dtype=np.uint8)
+    rows = np.empty(len(ds), dtype=np.int64)
     skipped: list[str] = []
     kept = num_upscaled = 0
     chunk = 1024  # rows read at a time: raw bytes of the whole dataset never sit in memory
@@ -137,14 +139,16 @@ def decode_all(
                 skipped.append(f"{row_name(value, index)} ({type(err).__name__}: {err})")
                 continue
             num_upscaled += min(image.size) < resolution
+            rows[kept] = index
             kept += 1
-    return out[:kept], skipped, num_upscaled
+    return out[:kept], skipped, num_upscaled, rows[:kept]
 
 
 def decode_row(
     ds: Any, image_column: str, index: int, resolution: int, channels: int, center_crop: bool
-) -> tuple[np.ndarray, list[str]]:
-    """The image of row `index`, or of the next readable row; names of the rows skipped.
+) -> tuple[np.ndarray, list[str], int]:
+    """The image of row `index`, or of the next readable row; names of the rows skipped; the
+    row it came from (its label goes with it).
 
     For the streaming path, which cannot drop a row without shifting the batch order: a bad
     row is replaced by the next readable one, deterministically, so resume stays exact.
@@ -156,7 +160,7 @@ def decode_row(
         value = ds[row][image_column]
         try:
             image = open_image(value)
-            return preprocess(image, resolution, channels, center_crop), skipped
+            return preprocess(image, resolution, channels, center_crop), skipped, row
         except Exception as err:  # noqa: BLE001 - malformed files raise all sorts of types
             skipped.append(f"{row_name(value, row)} ({type(err).__name__}: {err})")
     raise ValueError(
@@ -176,7 +180,9 @@ def default_cache_dir() -> Path:
     return Path(base) / "ddp-diffusion"
 
 
-def read_cache(path: Path, fingerprint: str) -> tuple[np.ndarray, list[str], int] | None:
+def read_cache(
+    path: Path, fingerprint: str
+) -> tuple[np.ndarray, list[str], int, np.ndarray] | None:
     """The cached decode, or None when missing, stale or damaged (then it is rebuilt)."""
     if not path.is_file():
         return None
@@ -188,6 +194,7 @@ def read_cache(path: Path, fingerprint: str) -> tuple[np.ndarray, list[str], int
                 data["images"],
                 [str(s) for s in data["skipped"]],
                 int(data["num_upscaled"]),
+                data["rows"],
             )
     except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as err:
         logger.warning("image cache %s is damaged (%s); rebuilding it", path, err)
@@ -195,7 +202,12 @@ def read_cache(path: Path, fingerprint: str) -> tuple[np.ndarray, list[str], int
 
 
 def write_cache(
-    path: Path, fingerprint: str, images: np.ndarray, skipped: list[str], num_upscaled: int
+    path: Path,
+    fingerprint: str,
+    images: np.ndarray,
+    skipped: list[str],
+    num_upscaled: int,
+    rows: np.ndarray,
 ) -> None:
     with atomic_file(path) as f:
         np.savez(
@@ -204,4 +216,5 @@ def write_cache(
             skipped=np.array(skipped, dtype=str),
             fingerprint=fingerprint,
             num_upscaled=num_upscaled,
+            rows=rows,
         )

@@ -27,7 +27,12 @@ from ddp_utils.data.decode import (
     read_cache,
     write_cache,
 )
-from ddp_utils.data.source import Source, detect_image_column, load_source
+from ddp_utils.data.source import (
+    Source,
+    detect_image_column,
+    detect_label_column,
+    load_source,
+)
 from ddp_utils.errors import InputError
 
 logger = logging.getLogger("ddp_diffusion")
@@ -49,6 +54,7 @@ class StreamSource:
     resolution: int
     channels: int
     center_crop: bool
+    labels: torch.Tensor | None = None  # every row's class id (int64), when training on them
 
 
 @dataclass
@@ -63,6 +69,12 @@ class ImageData:
     num_upscaled: int = 0  # images smaller than the resolution, upscaled to it
     # Streaming: the rows to decode per batch; `images` then holds only the first rows.
     stream: StreamSource | None = None
+    labels: torch.Tensor | None = None  # int64 (N,): the class of each image in `images`
+    class_names: list[str] | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return 0 if self.class_names is None else len(self.class_names)
 
     @property
     def num_images(self) -> int:
@@ -133,10 +145,14 @@ def load_image_data(
     accelerator: Accelerator | None = None,
     data_loading: DataLoading = "memory",
     batch_size: int = 1,
+    with_labels: bool = False,
+    label_column: str | None = None,
 ) -> ImageData:
     """Load, validate and decode a dataset once per node (collective-safe: see the module doc).
 
-    `batch_size` (per device) only serves the check that a batch fits in memory.
+    `batch_size` (per device) only serves the check that a batch fits in memory. With
+    `with_labels`, the class of every image comes along (`label_column`, else the dataset's
+    one ClassLabel column), and a dataset without labels is an error.
     """
     if channels not in (1, 3):
         raise InputError(f"must be 1 or 3, got {channels}", "channels")
@@ -149,6 +165,7 @@ def load_image_data(
     column = detect_image_column(ds, image_column)
     if max_images is not None:
         ds = ds.select(range(min(max_images, len(ds))))
+    row_labels, class_names = _read_labels(ds, label_column) if with_labels else (None, None)
     key = {
         "version": CACHE_VERSION,
         "fingerprint": source.fingerprint,
@@ -159,11 +176,13 @@ def load_image_data(
         "num_rows": len(ds),
     }
     fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    stream = StreamSource(ds, column, resolution, channels, center_crop)
+    stream = StreamSource(ds, column, resolution, channels, center_crop, row_labels)
     mode = choose_data_loading(data_loading, len(ds), resolution, channels)
     check_fits(len(ds), resolution, channels, batch_size, mode, memory_bytes(accelerator))
     if mode == "stream":
-        return _stream_preview(stream, fingerprint, source)
+        data = _stream_preview(stream, fingerprint, source)
+        data.class_names = class_names
+        return data
     cache_file = (default_cache_dir() if cache_dir is None else cache_dir) / (
         f"images-{fingerprint}.npz"
     )
@@ -171,8 +190,8 @@ def load_image_data(
     def build() -> None:
         if read_cache(cache_file, fingerprint) is not None:
             return
-        images, skipped, num_upscaled = decode_all(ds, column, resolution, channels, center_crop)
-        write_cache(cache_file, fingerprint, images, skipped, num_upscaled)
+        decoded = decode_all(ds, column, resolution, channels, center_crop)
+        write_cache(cache_file, fingerprint, *decoded)
 
     if accelerator is None:
         build()
@@ -183,7 +202,7 @@ def load_image_data(
     cached = read_cache(cache_file, fingerprint)
     if cached is None:
         raise RuntimeError(f"image cache {cache_file} could not be read after it was written")
-    images, skipped, num_upscaled = cached
+    images, skipped, num_upscaled, rows = cached
     _report(skipped, num_upscaled, resolution)
     if len(images) == 0:
         raise InputError(
@@ -196,7 +215,25 @@ def load_image_data(
         num_skipped=len(skipped),
         skipped=skipped,
         num_upscaled=num_upscaled,
+        labels=None if row_labels is None else row_labels[torch.from_numpy(rows)],
+        class_names=class_names,
     )
+
+
+def _read_labels(ds: Any, label_column: str | None) -> tuple[torch.Tensor, list[str]]:
+    """Every row's class id and the class names; a row without a valid class is an error."""
+    column = detect_label_column(ds, label_column)
+    names = list(ds.features[column].names)
+    labels = torch.tensor(ds[column], dtype=torch.int64)
+    bad = torch.nonzero((labels < 0) | (labels >= len(names))).flatten().tolist()
+    if bad:
+        raise InputError(
+            f"{len(bad)} row(s) have no class among the {len(names)} of column {column!r} "
+            f"(e.g. rows {bad[:5]}, labels {labels[bad[:5]].tolist()}); an unlabeled split "
+            "cannot train a class-conditional model",
+            "label_column",
+        )
+    return labels, names
 
 
 def _stream_preview(stream: StreamSource, fingerprint: str, source: Source) -> ImageData:
@@ -205,7 +242,7 @@ def _stream_preview(stream: StreamSource, fingerprint: str, source: Source) -> I
     image_bytes = decoded_bytes(1, stream.resolution, stream.channels)
     num_rows = max(1, min(len(stream.dataset), STREAM_PREVIEW_ROWS, 2**30 // image_bytes))
     preview = stream.dataset.select(range(num_rows))
-    images, skipped, num_upscaled = decode_all(
+    images, skipped, num_upscaled, rows = decode_all(
         preview, stream.image_column, stream.resolution, stream.channels, stream.center_crop
     )
     if len(images) == 0:
@@ -221,6 +258,7 @@ def _stream_preview(stream: StreamSource, fingerprint: str, source: Source) -> I
         skipped=skipped,
         num_upscaled=num_upscaled,
         stream=stream,
+        labels=None if stream.labels is None else stream.labels[torch.from_numpy(rows)],
     )
 
 

@@ -81,8 +81,15 @@ def _digits() -> datasets.Dataset:
     digits = load_digits()
     # Values are 0..16: scale to 0..255 as 8-bit grayscale.
     pixels = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "label": datasets.ClassLabel(names=[str(d) for d in range(10)]),
+        }
+    )
     return datasets.Dataset.from_dict(
-        {"image": [Image.fromarray(p, mode="L") for p in pixels], "label": digits.target}
+        {"image": [Image.fromarray(p, mode="L") for p in pixels], "label": digits.target},
+        features=features,
     )
 
 
@@ -166,4 +173,35 @@ def detect_image_column(ds: Any, image_column: str | None) -> str:
         )
     raise InputError(
         f"several image columns ({', '.join(image_columns)}); choose one", "image_column"
+    )
+
+
+def detect_label_column(ds: Any, label_column: str | None) -> str:
+    """The column holding class labels: the one given, else the only `ClassLabel` feature.
+
+    An image folder with one subfolder per class gets one from `datasets` (`label`)."""
+    columns = list(ds.features)
+    if label_column is not None:
+        if label_column not in columns:
+            raise InputError(
+                f"{label_column!r} is not a column; columns: {', '.join(columns)}", "label_column"
+            )
+        if not isinstance(ds.features[label_column], datasets.ClassLabel):
+            raise InputError(
+                f"{label_column!r} is a {type(ds.features[label_column]).__name__} column, not "
+                "class labels (a ClassLabel: class ids with names)",
+                "label_column",
+            )
+        return label_column
+    label_columns = [c for c, f in ds.features.items() if isinstance(f, datasets.ClassLabel)]
+    if len(label_columns) == 1:
+        return label_columns[0]
+    if not label_columns:
+        raise InputError(
+            f"the dataset has no class labels (no ClassLabel column among {', '.join(columns)}); "
+            "an image folder needs one subfolder per class (folder/<class>/image.png)",
+            "dataset",
+        )
+    raise InputError(
+        f"several label columns ({', '.join(label_columns)}); choose one", "label_column"
     )
