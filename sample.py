@@ -2,9 +2,11 @@
 
     # the basic model (train_basic.py): its stepping sampler
     python sample.py runs/basic/model --num-samples 64 --num-steps 40 --output-dir out/basic
-    # DDPM (train_ddpm.py): DDPM-1000, DDIM-50 or DPM-Solver-20, EMA or raw weights
+    # DDPM (train_ddpm.py): DDPM-1000, DDIM-50, DPM-Solver, UniPC, Karras samplers; EMA or raw
     python sample.py runs/ddpm/pipeline --scheduler ddim --num-inference-steps 50 \
         --num-samples 1000 --output-dir out/ddim50
+    # EDM (train_ddpm.py --objective edm): Heun over 18 noise levels (35 network evaluations)
+    python sample.py runs/edm/pipeline --scheduler edm-heun --num-steps 18 --output-dir out/edm
     # any number of processes: the work is split, and a seed gives the same images
     accelerate launch --config_file accelerate_configs/1node_8gpu_bf16.yaml sample.py \
         runs/ddpm/pipeline --num-samples 10000 --batch-size 250 --output-dir out/ddim50
@@ -37,13 +39,21 @@ from ddp_utils.files import atomic_file, write_json
 from ddp_utils.images import make_grid, save_png, to_uint8
 from ddp_utils.train_config import MixedPrecision
 from diffusion.basic import sample_basic
+from diffusion.edm import sample_edm
 from diffusion.loading import LoadedModel, Weights, load_for_sampling
-from diffusion.sampling import SamplerName, make_inference_scheduler, sample_ddpm
+from diffusion.sampling import (
+    DEFAULT_SAMPLER,
+    DEFAULT_STEPS,
+    SAMPLERS_BY_TASK,
+    SamplerName,
+    make_inference_scheduler,
+    sample_ddpm,
+)
 from evaluation import compute_feature_stats, dataset_stats, fid_kid, load_fid_inception
 
 logger = logging.getLogger("ddp_diffusion.sample")
 
-DEFAULT_STEPS = {"basic": 40, "ddpm": 1000, "ddim": 50, "dpm-solver": 20}
+BASIC_STEPS = 40
 
 
 @dataclass
@@ -59,11 +69,19 @@ class SampleConfig:
     seed: int = option(0, "sample k is drawn from (seed, k)")
     num_steps: int | None = option(
         None,
-        "sampler steps (default: basic 40, ddpm 1000, ddim 50, dpm-solver 20)",
+        "sampler steps (default: basic 40, ddpm 1000, ddim 50, edm-heun 18, heun-karras 10, "
+        "edm-euler 35, the others 20)",
         aliases=("--num-inference-steps",),
     )
-    scheduler: SamplerName = option("ddim", "DDPM models only")
+    scheduler: SamplerName | None = option(
+        None,
+        f"sampler (default: {DEFAULT_SAMPLER['ddpm']} for DDPM models, "
+        f"{DEFAULT_SAMPLER['edm']} for EDM models; basic models have their own)",
+    )
     eta: float = option(0.0, "DDIM noise scale (0: deterministic)")
+    churn: float = option(
+        0.0, "EDM samplers: stochasticity S_churn (Karras et al. 2022; 0: deterministic)"
+    )
     weights: Weights = option("ema", "EMA or raw weights (exports without raw weights: EMA)")
     mixed_precision: MixedPrecision = option("no", "autocast dtype of the network")
     save_images: bool = option(False, "also write one PNG per sample")
@@ -89,6 +107,11 @@ class SampleConfig:
             f"--num-steps must be >= 1, got {self.num_steps}",
         )
         require(self.eta >= 0, f"--eta must be >= 0, got {self.eta}")
+        require(
+            self.eta == 0 or self.scheduler in (None, "ddim"),
+            f"--eta applies to --scheduler ddim only, got {self.scheduler}",
+        )
+        require(self.churn >= 0, f"--churn must be >= 0, got {self.churn}")
         require(self.grid_size >= 1, "--grid-size must be >= 1")
         require(not self.fid or bool(self.dataset), "--fid needs --dataset (the reference images)")
         require(
@@ -103,8 +126,34 @@ class SampleConfig:
 DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def choose_sampler(cfg: SampleConfig, loaded: LoadedModel) -> tuple[str | None, int]:
+    """(sampler, steps) for the loaded model: `--scheduler` or the model kind's default.
+
+    Basic models have one sampler (None). A sampler of another model kind is refused, and so
+    are --eta and --churn where the sampler has no such knob.
+    """
+    if loaded.task == "basic":
+        if cfg.scheduler is not None or cfg.eta or cfg.churn or cfg.weights != "ema":
+            logger.info("--scheduler/--eta/--churn/--weights apply to DDPM and EDM models; ignored")
+        return None, cfg.num_steps or BASIC_STEPS
+    if loaded.task not in SAMPLERS_BY_TASK:
+        raise ValueError(f"{loaded.source} holds a model of unknown kind {loaded.task!r}")
+    name = cfg.scheduler or DEFAULT_SAMPLER[loaded.task]
+    allowed = SAMPLERS_BY_TASK[loaded.task]
+    if name not in allowed:
+        raise ValueError(
+            f"--scheduler {name} is not for {loaded.task.upper()} models ({loaded.source}); "
+            f"use one of {', '.join(allowed)}"
+        )
+    if cfg.eta and name != "ddim":
+        raise ValueError(f"--eta applies to --scheduler ddim only; the sampler is {name}")
+    if cfg.churn and loaded.task != "edm":
+        raise ValueError(f"--churn applies to EDM models only; {loaded.source} is {loaded.task}")
+    return name, cfg.num_steps or DEFAULT_STEPS[name]
+
+
 def make_chunk_fn(
-    cfg: SampleConfig, loaded: LoadedModel, device: torch.device, steps: int
+    cfg: SampleConfig, loaded: LoadedModel, device: torch.device, sampler: str | None, steps: int
 ) -> tuple[Callable[[range], torch.Tensor], list[torch.Tensor]]:
     """(items -> uint8 NHWC samples, the progression list filled by the chunk of item 0)."""
     model, dtype = loaded.model, DTYPES[cfg.mixed_precision]
@@ -118,13 +167,33 @@ def make_chunk_fn(
 
         return chunk, progression
 
-    scheduler = make_inference_scheduler(cfg.scheduler, loaded.scheduler_config)
+    if loaded.task == "edm":
+
+        def draw(indices: range, every: int | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+            return sample_edm(
+                model,
+                loaded.scheduler_config,
+                indices,
+                cfg.seed,
+                steps,
+                second_order=sampler == "edm-heun",
+                churn=cfg.churn,
+                device=device,
+                dtype=dtype,
+                progression_every=every,
+            )
+
+    else:
+        scheduler = make_inference_scheduler(sampler, loaded.scheduler_config)
+
+        def draw(indices: range, every: int | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+            return sample_ddpm(
+                model, scheduler, indices, cfg.seed, steps, cfg.eta, device, dtype, every
+            )
 
     def chunk(indices: range) -> torch.Tensor:
         every = max(1, steps // 10) if cfg.save_progression and 0 in indices else None
-        x, snapshots = sample_ddpm(
-            model, scheduler, indices, cfg.seed, steps, cfg.eta, device, dtype, every
-        )
+        x, snapshots = draw(indices, every)
         progression.extend(s[:8] for s in snapshots)
         return torch.from_numpy(to_uint8(x, loaded.value_range))
 
@@ -169,11 +238,9 @@ def sample(cfg: SampleConfig) -> np.ndarray:
         except ImportError as err:
             raise ValueError(f"--fid: {err}") from None
     loaded = load_for_sampling(Path(cfg.model_path), cfg.weights)
-    if loaded.task == "basic" and (cfg.scheduler != "ddim" or cfg.eta or cfg.weights != "ema"):
-        logger.info("--scheduler/--eta/--weights apply to DDPM models only; ignored")
-    steps = cfg.num_steps or DEFAULT_STEPS["basic" if loaded.task == "basic" else cfg.scheduler]
+    sampler, steps = choose_sampler(cfg, loaded)
     loaded.model.to(accelerator.device).eval()
-    chunk, progression = make_chunk_fn(cfg, loaded, accelerator.device, steps)
+    chunk, progression = make_chunk_fn(cfg, loaded, accelerator.device, sampler, steps)
     images = map_sharded(accelerator, cfg.num_samples, cfg.batch_size, chunk).numpy()
 
     out = Path(cfg.output_dir)
@@ -198,7 +265,10 @@ def sample(cfg: SampleConfig) -> np.ndarray:
         info = {
             "task": loaded.task,
             "source": str(loaded.source),
+            "scheduler": sampler,
             "num_steps": steps,
+            "eta": cfg.eta if sampler == "ddim" else None,
+            "churn": cfg.churn if loaded.task == "edm" else None,
             "num_processes": accelerator.num_processes,
         }
         write_json(out / "sample_info.json", info)
