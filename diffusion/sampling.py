@@ -120,6 +120,13 @@ DEFAULT_STEPS: dict[str, int] = {
 }
 
 
+# The highest noise level (VE sigma = sqrt((1 - alpha_bar) / alpha_bar)) a Karras-spaced
+# sampler starts from: EDM's sigma_max. Without it the spacing starts at the schedule's last
+# timestep, where the cosine schedule's capped beta puts sigma at ~20,000 (alpha_bar_999 =
+# 2.4e-9): rho = 7 then spends half of 20 steps at t >= 998.
+KARRAS_SIGMA_MAX = 80.0
+
+
 def make_inference_scheduler(
     name: SamplerName, train_scheduler_config: Mapping[str, object]
 ) -> SchedulerMixin:
@@ -131,7 +138,12 @@ def make_inference_scheduler(
     if name not in DDPM_SAMPLERS:
         raise ValueError(f"{name!r} is not a DDPM sampler; expected one of {list(DDPM_SAMPLERS)}")
     cls, changes = DDPM_SAMPLERS[name]
-    return cls.from_config(train_scheduler_config, **changes)
+    scheduler = cls.from_config(train_scheduler_config, **changes)
+    if changes.get("use_karras_sigmas"):
+        # diffusers' Karras spacing reads `config.sigma_max` when the config has one (Euler and
+        # UniPC take it as an argument; DPM-Solver and Heun only through the config).
+        scheduler.register_to_config(sigma_max=KARRAS_SIGMA_MAX)
+    return scheduler
 
 
 @torch.no_grad()
