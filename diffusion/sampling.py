@@ -127,18 +127,35 @@ DEFAULT_STEPS: dict[str, int] = {
 KARRAS_SIGMA_MAX = 80.0
 
 
+# What a sampler inherits from the training scheduler: the noise schedule and what the network
+# predicts. Its own knobs (timestep spacing, clipping, ...) stay the sampler's: a config read
+# from disk lists every key, one in memory only those set by hand, and inheriting the knobs made
+# the same sampler differ between the training grids and sample.py on the export.
+SCHEDULE_KEYS = (
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "trained_betas",
+    "prediction_type",
+    "rescale_betas_zero_snr",
+)
+
+
 def make_inference_scheduler(
     name: SamplerName, train_scheduler_config: Mapping[str, object]
 ) -> SchedulerMixin:
     """Build the DDPM sampler `name` from the training scheduler's config.
 
-    `from_config` carries over the betas and prediction_type the model was trained with; a
-    sampler built with its own defaults would silently denoise with the wrong schedule.
+    The sampler takes the betas and prediction_type the model was trained with (a sampler with
+    its own defaults would silently denoise with the wrong schedule), and its own defaults and
+    `DDPM_SAMPLERS`' changes for everything else.
     """
     if name not in DDPM_SAMPLERS:
         raise ValueError(f"{name!r} is not a DDPM sampler; expected one of {list(DDPM_SAMPLERS)}")
     cls, changes = DDPM_SAMPLERS[name]
-    scheduler = cls.from_config(train_scheduler_config, **changes)
+    schedule = {k: v for k, v in train_scheduler_config.items() if k in SCHEDULE_KEYS}
+    scheduler = cls.from_config(schedule, **changes)
     if changes.get("use_karras_sigmas"):
         # diffusers' Karras spacing reads `config.sigma_max` when the config has one (Euler and
         # UniPC take it as an argument; DPM-Solver and Heun only through the config).

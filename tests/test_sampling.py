@@ -3,6 +3,7 @@ denoising loop, and image conversion."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -220,6 +221,25 @@ def test_karras_samplers_span_sigma_max_80_to_the_schedules_floor_with_rho_7(
         root.diff(), root.diff().mean().expand(len(root) - 1), rtol=1e-3, atol=0
     )
     assert len(sampler.timesteps.unique()) == len(sigmas)  # no two steps at one timestep
+
+
+@pytest.mark.parametrize("name", list(DDPM_SAMPLERS))
+def test_a_sampler_is_the_same_from_the_training_config_and_from_the_saved_one(
+    name: str, tmp_path: Path
+) -> None:
+    """A saved scheduler_config.json lists every key (clip_sample, timestep_spacing, ...), the
+    in-memory config only those set by hand: neither may change the sampler's own knobs."""
+    train = make_train_scheduler()
+    train.save_config(tmp_path)
+    saved = json.loads((tmp_path / "scheduler_config.json").read_text())
+    assert "timestep_spacing" in saved and "_use_default_values" not in saved
+    from_memory = make_inference_scheduler(name, train.config)
+    from_disk = make_inference_scheduler(name, saved)
+    for key in ("timestep_spacing", "clip_sample", "thresholding", "sigma_max"):
+        assert from_memory.config.get(key) == from_disk.config.get(key), key
+    from_memory.set_timesteps(10)
+    from_disk.set_timesteps(10)
+    assert torch.equal(from_memory.timesteps, from_disk.timesteps)
 
 
 def test_inference_scheduler_inherits_the_training_schedule() -> None:
