@@ -23,6 +23,7 @@ seed (`--seed`, k), so the images do not depend on the batch size or number of p
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ from accelerate import Accelerator
 
 from ddp_utils.cli import cli_main, setup_logging
 from ddp_utils.config import option, parse_config, require, save_config
-from ddp_utils.distributed import map_sharded
+from ddp_utils.distributed import local_chunks, map_sharded
 from ddp_utils.files import atomic_file, write_json
 from ddp_utils.images import make_grid, save_png, to_uint8
 from ddp_utils.train_config import MixedPrecision
@@ -42,6 +43,7 @@ from diffusion.basic import sample_basic
 from diffusion.edm import sample_edm
 from diffusion.loading import LoadedModel, Weights, load_for_sampling
 from diffusion.sampling import (
+    DEFAULT_DDIM_ETA,
     DEFAULT_SAMPLER,
     DEFAULT_STEPS,
     SAMPLERS_BY_TASK,
@@ -78,7 +80,9 @@ class SampleConfig:
         f"sampler (default: {DEFAULT_SAMPLER['ddpm']} for DDPM models, "
         f"{DEFAULT_SAMPLER['edm']} for EDM models; basic models have their own)",
     )
-    eta: float = option(0.0, "DDIM noise scale (0: deterministic)")
+    eta: float | None = option(
+        None, f"DDIM noise scale (default: {DEFAULT_DDIM_ETA}, DDPM-like; 0: deterministic DDIM)"
+    )
     churn: float = option(
         0.0, "EDM samplers: stochasticity S_churn (Karras et al. 2022; 0: deterministic)"
     )
@@ -106,9 +110,9 @@ class SampleConfig:
             self.num_steps is None or self.num_steps >= 1,
             f"--num-steps must be >= 1, got {self.num_steps}",
         )
-        require(self.eta >= 0, f"--eta must be >= 0, got {self.eta}")
+        require(self.eta is None or self.eta >= 0, f"--eta must be >= 0, got {self.eta}")
         require(
-            self.eta == 0 or self.scheduler in (None, "ddim"),
+            not self.eta or self.scheduler in (None, "ddim"),
             f"--eta applies to --scheduler ddim only, got {self.scheduler}",
         )
         require(self.churn >= 0, f"--churn must be >= 0, got {self.churn}")
@@ -126,8 +130,8 @@ class SampleConfig:
 DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def choose_sampler(cfg: SampleConfig, loaded: LoadedModel) -> tuple[str | None, int]:
-    """(sampler, steps) for the loaded model: `--scheduler` or the model kind's default.
+def choose_sampler(cfg: SampleConfig, loaded: LoadedModel) -> tuple[str | None, int, float]:
+    """(sampler, steps, eta) for the loaded model: `--scheduler` or the model kind's default.
 
     Basic models have one sampler (None). A sampler of another model kind is refused, and so
     are --eta and --churn where the sampler has no such knob.
@@ -135,7 +139,7 @@ def choose_sampler(cfg: SampleConfig, loaded: LoadedModel) -> tuple[str | None, 
     if loaded.task == "basic":
         if cfg.scheduler is not None or cfg.eta or cfg.churn or cfg.weights != "ema":
             logger.info("--scheduler/--eta/--churn/--weights apply to DDPM and EDM models; ignored")
-        return None, cfg.num_steps or BASIC_STEPS
+        return None, cfg.num_steps or BASIC_STEPS, 0.0
     if loaded.task not in SAMPLERS_BY_TASK:
         raise ValueError(f"{loaded.source} holds a model of unknown kind {loaded.task!r}")
     name = cfg.scheduler or DEFAULT_SAMPLER[loaded.task]
@@ -149,11 +153,17 @@ def choose_sampler(cfg: SampleConfig, loaded: LoadedModel) -> tuple[str | None, 
         raise ValueError(f"--eta applies to --scheduler ddim only; the sampler is {name}")
     if cfg.churn and loaded.task != "edm":
         raise ValueError(f"--churn applies to EDM models only; {loaded.source} is {loaded.task}")
-    return name, cfg.num_steps or DEFAULT_STEPS[name]
+    eta = cfg.eta if cfg.eta is not None else DEFAULT_DDIM_ETA if name == "ddim" else 0.0
+    return name, cfg.num_steps or DEFAULT_STEPS[name], eta
 
 
 def make_chunk_fn(
-    cfg: SampleConfig, loaded: LoadedModel, device: torch.device, sampler: str | None, steps: int
+    cfg: SampleConfig,
+    loaded: LoadedModel,
+    device: torch.device,
+    sampler: str | None,
+    steps: int,
+    eta: float,
 ) -> tuple[Callable[[range], torch.Tensor], list[torch.Tensor]]:
     """(items -> uint8 NHWC samples, the progression list filled by the chunk of item 0)."""
     model, dtype = loaded.model, DTYPES[cfg.mixed_precision]
@@ -188,16 +198,23 @@ def make_chunk_fn(
 
         def draw(indices: range, every: int | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
             return sample_ddpm(
-                model, scheduler, indices, cfg.seed, steps, cfg.eta, device, dtype, every
+                model, scheduler, indices, cfg.seed, steps, eta, device, dtype, every
             )
 
     def chunk(indices: range) -> torch.Tensor:
-        every = max(1, steps // 10) if cfg.save_progression and 0 in indices else None
+        every = math.ceil(steps / 10) if cfg.save_progression and 0 in indices else None
         x, snapshots = draw(indices, every)
         progression.extend(s[:8] for s in snapshots)
         return torch.from_numpy(to_uint8(x, loaded.value_range))
 
     return chunk, progression
+
+
+def count_calls(model: torch.nn.Module) -> list[int]:
+    """A one-element list counting the model's forward calls (its network evaluations)."""
+    calls = [0]
+    model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
 
 
 def score(
@@ -238,10 +255,13 @@ def sample(cfg: SampleConfig) -> np.ndarray:
         except ImportError as err:
             raise ValueError(f"--fid: {err}") from None
     loaded = load_for_sampling(Path(cfg.model_path), cfg.weights)
-    sampler, steps = choose_sampler(cfg, loaded)
+    sampler, steps, eta = choose_sampler(cfg, loaded)
     loaded.model.to(accelerator.device).eval()
-    chunk, progression = make_chunk_fn(cfg, loaded, accelerator.device, sampler, steps)
+    chunk, progression = make_chunk_fn(cfg, loaded, accelerator.device, sampler, steps, eta)
+    calls = count_calls(loaded.model)
     images = map_sharded(accelerator, cfg.num_samples, cfg.batch_size, chunk).numpy()
+    world, rank = accelerator.num_processes, accelerator.process_index
+    num_chunks = len(local_chunks(cfg.num_samples, cfg.batch_size, world, rank))
 
     out = Path(cfg.output_dir)
     if accelerator.is_main_process:
@@ -267,7 +287,8 @@ def sample(cfg: SampleConfig) -> np.ndarray:
             "source": str(loaded.source),
             "scheduler": sampler,
             "num_steps": steps,
-            "eta": cfg.eta if sampler == "ddim" else None,
+            "num_evaluations": calls[0] // max(1, num_chunks),  # network calls per image
+            "eta": eta if sampler == "ddim" else None,
             "churn": cfg.churn if loaded.task == "edm" else None,
             "num_processes": accelerator.num_processes,
         }

@@ -52,6 +52,7 @@ from diffusion.edm import edm_loss, make_edm_scheduler, sample_edm, sample_noise
 from diffusion.models import build_ddpm_unet
 from diffusion.pipeline_code.edm_pipeline import EDMPipeline
 from diffusion.sampling import (
+    DEFAULT_DDIM_ETA,
     DEFAULT_SAMPLER,
     DEFAULT_STEPS,
     SAMPLERS_BY_TASK,
@@ -106,7 +107,11 @@ class DDPMConfig(TrainConfig):
     sample_steps: int | None = option(
         None, "sampler steps of the grids and --eval-every (default: the sampler's, as sample.py)"
     )
-    sample_eta: float = option(0.0, "DDIM noise scale of the grids and --eval-every")
+    sample_eta: float | None = option(
+        None,
+        f"DDIM noise scale of the grids and --eval-every (default with ddim: {DEFAULT_DDIM_ETA}, "
+        "as sample.py; 0: deterministic)",
+    )
     sample_every: int = option(1000, "log a sample grid every N steps (0: only at the end)")
 
     def __post_init__(self) -> None:
@@ -114,6 +119,8 @@ class DDPMConfig(TrainConfig):
             self.sample_scheduler = DEFAULT_SAMPLER[self.objective]
         if self.sample_steps is None and self.sample_scheduler in DEFAULT_STEPS:
             self.sample_steps = DEFAULT_STEPS[self.sample_scheduler]
+        if self.sample_eta is None:
+            self.sample_eta = DEFAULT_DDIM_ETA if self.sample_scheduler == "ddim" else 0.0
         super().__post_init__()
         require(
             self.num_train_timesteps >= 2,
@@ -224,7 +231,7 @@ class DDPMMethod:
         """The denoising strip: x_t of the grid's first 8 samples, every 1/10 of the steps."""
         indices = range(min(8, self.cfg.num_sample_images))
         self.sampler.set_timesteps(self.cfg.sample_steps)  # Heun: 2N - 1 network evaluations
-        every = max(1, len(self.sampler.timesteps) // 10)
+        every = math.ceil(len(self.sampler.timesteps) / 10)
         return denoising_strip(self._sample(net, indices, every)[1])
 
     @torch.no_grad()
@@ -303,7 +310,8 @@ class EDMMethod:
     def pictures(self, net: nn.Module, step: int) -> dict[str, np.ndarray]:
         """The denoising strip: x_i / sqrt(1 + sigma_i^2) of the grid's first 8 samples."""
         indices = range(min(8, self.cfg.num_sample_images))
-        return denoising_strip(self._sample(net, indices, max(1, self.cfg.sample_steps // 10))[1])
+        every = math.ceil(self.cfg.sample_steps / 10)  # at most 10 rows
+        return denoising_strip(self._sample(net, indices, every)[1])
 
     @torch.no_grad()
     def data_pictures(self) -> dict[str, np.ndarray]:

@@ -111,9 +111,12 @@ def test_an_edm_run_refuses_a_ddpm_checkpoint(tmp_path_factory, tmp_path: Path) 
 
 def test_dry_run_resolves_each_objectives_sampler(capsys: pytest.CaptureFixture) -> None:
     for flags, expected in (
-        ([], ("objective: ddpm", "sample_scheduler: ddim", "sample_steps: 50")),
+        ([], ("objective: ddpm", "sample_scheduler: ddim", "sample_steps: 50", "sample_eta: 1.0")),
         (["--objective=edm"], ("objective: edm", "sample_scheduler: edm-heun", "sample_steps: 18")),
-        (["--sample-scheduler=heun-karras"], ("sample_scheduler: heun-karras", "sample_steps: 10")),
+        (
+            ["--sample-scheduler=heun-karras"],
+            ("sample_scheduler: heun-karras", "sample_steps: 10", "sample_eta: 0.0"),
+        ),
     ):
         with pytest.raises(SystemExit) as exit_info:
             train_ddpm.main([*flags, "--dry-run"])
