@@ -2,9 +2,11 @@
 
     # the basic model (train_basic.py): its stepping sampler
     python sample.py runs/basic/model --num-samples 64 --num-steps 40 --output-dir out/basic
-    # DDPM (train_ddpm.py): DDPM-1000, DDIM-50 or DPM-Solver-20, EMA or raw weights
+    # DDPM (train_ddpm.py): DDPM-1000, DDIM-50, DPM-Solver, UniPC, Karras samplers; EMA or raw
     python sample.py runs/ddpm/pipeline --scheduler ddim --num-inference-steps 50 \
         --num-samples 1000 --output-dir out/ddim50
+    # EDM (train_ddpm.py --objective edm): Heun over 18 noise levels (35 network evaluations)
+    python sample.py runs/edm/pipeline --scheduler edm-heun --num-steps 18 --output-dir out/edm
     # any number of processes: the work is split, and a seed gives the same images
     accelerate launch --config_file accelerate_configs/1node_8gpu_bf16.yaml sample.py \
         runs/ddpm/pipeline --num-samples 10000 --batch-size 250 --output-dir out/ddim50
@@ -21,6 +23,7 @@ seed (`--seed`, k), so the images do not depend on the batch size or number of p
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,20 +35,29 @@ from accelerate import Accelerator
 
 from ddp_utils.cli import cli_main, setup_logging
 from ddp_utils.config import option, parse_config, require, save_config
-from ddp_utils.distributed import all_finite, map_sharded, raise_together
+from ddp_utils.distributed import all_finite, local_chunks, map_sharded, raise_together
 from ddp_utils.errors import InputError, NonFiniteError
 from ddp_utils.files import atomic_file, write_json
 from ddp_utils.images import make_grid, save_png, to_uint8, upscale
 from ddp_utils.tracking import MIN_PICTURE_SIDE
 from ddp_utils.train_config import MixedPrecision
 from diffusion.basic import sample_basic
+from diffusion.edm import sample_edm
 from diffusion.loading import LoadedModel, Weights, load_for_sampling
-from diffusion.sampling import SamplerName, make_inference_scheduler, sample_ddpm
+from diffusion.sampling import (
+    DEFAULT_DDIM_ETA,
+    DEFAULT_SAMPLER,
+    DEFAULT_STEPS,
+    SAMPLERS_BY_TASK,
+    SamplerName,
+    make_inference_scheduler,
+    sample_ddpm,
+)
 from evaluation import compute_feature_stats, dataset_stats, fid_kid, load_fid_inception
 
 logger = logging.getLogger("ddp_diffusion.sample")
 
-DEFAULT_STEPS = {"basic": 40, "ddpm": 1000, "ddim": 50, "dpm-solver": 20}
+BASIC_STEPS = 40
 
 
 @dataclass
@@ -61,11 +73,21 @@ class SampleConfig:
     seed: int = option(0, "sample k is drawn from (seed, k)")
     num_steps: int | None = option(
         None,
-        "sampler steps (default: basic 40, ddpm 1000, ddim 50, dpm-solver 20)",
+        "sampler steps (default: basic 40, ddpm 1000, ddim 50, edm-heun 18, heun-karras 10, "
+        "edm-euler 35, the others 20)",
         aliases=("--num-inference-steps",),
     )
-    scheduler: SamplerName = option("ddim", "DDPM models only")
-    eta: float = option(0.0, "DDIM noise scale (0: deterministic)")
+    scheduler: SamplerName | None = option(
+        None,
+        f"sampler (default: {DEFAULT_SAMPLER['ddpm']} for DDPM models, "
+        f"{DEFAULT_SAMPLER['edm']} for EDM models; basic models have their own)",
+    )
+    eta: float | None = option(
+        None, f"DDIM noise scale (default: {DEFAULT_DDIM_ETA}, DDPM-like; 0: deterministic DDIM)"
+    )
+    churn: float = option(
+        0.0, "EDM samplers: stochasticity S_churn (Karras et al. 2022; 0: deterministic)"
+    )
     weights: Weights = option("ema", "EMA or raw weights (exports without raw weights: EMA)")
     mixed_precision: MixedPrecision = option("no", "autocast dtype of the network")
     save_images: bool = option(False, "also write one PNG per sample")
@@ -91,7 +113,12 @@ class SampleConfig:
             f"--num-steps (--num-inference-steps) must be >= 1, got {self.num_steps}",
         )
         require(self.seed >= 0, f"--seed must be >= 0, got {self.seed}")
-        require(self.eta >= 0, f"--eta must be >= 0, got {self.eta}")
+        require(self.eta is None or self.eta >= 0, f"--eta must be >= 0, got {self.eta}")
+        require(
+            not self.eta or self.scheduler in (None, "ddim"),
+            f"--eta applies to --scheduler ddim only, got {self.scheduler}",
+        )
+        require(self.churn >= 0, f"--churn must be >= 0, got {self.churn}")
         require(self.grid_size >= 1, "--grid-size must be >= 1")
         require(not self.fid or bool(self.dataset), "--fid needs --dataset (the reference images)")
         require(
@@ -106,28 +133,80 @@ class SampleConfig:
 DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def choose_sampler(cfg: SampleConfig, loaded: LoadedModel) -> tuple[str | None, int, float]:
+    """(sampler, steps, eta) for the loaded model: `--scheduler` or the model kind's default.
+
+    Basic models have one sampler (None). A sampler of another model kind is refused, and so
+    are --eta and --churn where the sampler has no such knob.
+    """
+    if loaded.task == "basic":
+        if cfg.scheduler is not None or cfg.eta or cfg.churn or cfg.weights != "ema":
+            logger.info("--scheduler/--eta/--churn/--weights apply to DDPM and EDM models; ignored")
+        return None, cfg.num_steps or BASIC_STEPS, 0.0
+    if loaded.task not in SAMPLERS_BY_TASK:
+        raise ValueError(f"{loaded.source} holds a model of unknown kind {loaded.task!r}")
+    name = cfg.scheduler or DEFAULT_SAMPLER[loaded.task]
+    allowed = SAMPLERS_BY_TASK[loaded.task]
+    if name not in allowed:
+        raise ValueError(
+            f"--scheduler {name} is not for {loaded.task.upper()} models ({loaded.source}); "
+            f"use one of {', '.join(allowed)}"
+        )
+    if cfg.eta and name != "ddim":
+        raise ValueError(f"--eta applies to --scheduler ddim only; the sampler is {name}")
+    if cfg.churn and loaded.task != "edm":
+        raise ValueError(f"--churn applies to EDM models only; {loaded.source} is {loaded.task}")
+    eta = cfg.eta if cfg.eta is not None else DEFAULT_DDIM_ETA if name == "ddim" else 0.0
+    return name, cfg.num_steps or DEFAULT_STEPS[name], eta
+
+
 def make_chunk_fn(
-    cfg: SampleConfig, loaded: LoadedModel, device: torch.device, steps: int
+    cfg: SampleConfig,
+    loaded: LoadedModel,
+    device: torch.device,
+    sampler: str | None,
+    steps: int,
+    eta: float,
 ) -> tuple[Callable[[range], torch.Tensor], list[torch.Tensor], list[int]]:
     """(items -> uint8 NHWC samples, the progression filled by the chunk of item 0, the
     indices of samples that came out non-finite)."""
     model, dtype = loaded.model, DTYPES[cfg.mixed_precision]
     progression: list[torch.Tensor] = []  # x_t of the first 8 samples, every 1/10 of the steps
     nonfinite: list[int] = []
-    scheduler = None
-    if loaded.task != "basic":
-        scheduler = make_inference_scheduler(cfg.scheduler, loaded.scheduler_config)
+    if loaded.task == "basic":
+        shape = (loaded.channels, loaded.resolution, loaded.resolution)
+
+        def draw(indices: range, every: int | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+            return sample_basic(model, steps, shape, indices, cfg.seed, device, dtype), []
+
+    elif loaded.task == "edm":
+
+        def draw(indices: range, every: int | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+            return sample_edm(
+                model,
+                loaded.scheduler_config,
+                indices,
+                cfg.seed,
+                steps,
+                second_order=sampler == "edm-heun",
+                churn=cfg.churn,
+                device=device,
+                dtype=dtype,
+                progression_every=every,
+            )
+
+    else:
+        scheduler = make_inference_scheduler(sampler, loaded.scheduler_config)
+
+        def draw(indices: range, every: int | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+            return sample_ddpm(
+                model, scheduler, indices, cfg.seed, steps, eta, device, dtype, every
+            )
 
     def chunk(indices: range) -> torch.Tensor:
-        if scheduler is None:
-            shape = (loaded.channels, loaded.resolution, loaded.resolution)
-            x = sample_basic(model, steps, shape, indices, cfg.seed, device, dtype)
-        else:
-            every = max(1, steps // 10) if cfg.save_progression and 0 in indices else None
-            x, snapshots = sample_ddpm(
-                model, scheduler, indices, cfg.seed, steps, cfg.eta, device, dtype, every
-            )
-            progression.extend(s[:8] for s in snapshots)
+        every = math.ceil(steps / 10) if cfg.save_progression and 0 in indices else None
+        x, snapshots = draw(indices, every)
+        progression.extend(s[:8] for s in snapshots)
         finite = torch.isfinite(x).flatten(1).all(dim=1)
         nonfinite.extend(k for k, ok in zip(indices, finite.tolist()) if not ok)
         return torch.from_numpy(to_uint8(x, loaded.value_range))
@@ -163,6 +242,13 @@ def prepare_output(accelerator: Accelerator, cfg: SampleConfig) -> Path:
             error = err
     raise_together(accelerator, error, InputError("see the main process's message", "output_dir"))
     return out
+
+
+def count_calls(model: torch.nn.Module) -> list[int]:
+    """A one-element list counting the model's forward calls (its network evaluations)."""
+    calls = [0]
+    model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
 
 
 def score(
@@ -211,13 +297,16 @@ def sample(cfg: SampleConfig) -> np.ndarray:
             f"the weights in {loaded.source} hold non-finite values (NaN/inf): that model "
             "diverged; sample an earlier checkpoint"
         )
-    if loaded.task == "basic" and (cfg.scheduler != "ddim" or cfg.eta or cfg.weights != "ema"):
-        logger.info("--scheduler/--eta/--weights apply to DDPM models only; ignored")
-    steps = cfg.num_steps or DEFAULT_STEPS["basic" if loaded.task == "basic" else cfg.scheduler]
+    sampler, steps, eta = choose_sampler(cfg, loaded)
     loaded.model.to(accelerator.device).eval()
-    chunk, progression, nonfinite = make_chunk_fn(cfg, loaded, accelerator.device, steps)
+    chunk, progression, nonfinite = make_chunk_fn(
+        cfg, loaded, accelerator.device, sampler, steps, eta
+    )
+    calls = count_calls(loaded.model)
     images = map_sharded(accelerator, cfg.num_samples, cfg.batch_size, chunk, "sampling").numpy()
     check_finite_samples(accelerator, nonfinite, cfg.num_samples)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    num_chunks = len(local_chunks(cfg.num_samples, cfg.batch_size, world, rank))
 
     if accelerator.is_main_process:
         with atomic_file(out / "samples.npz") as f:
@@ -237,7 +326,11 @@ def sample(cfg: SampleConfig) -> np.ndarray:
         info = {
             "task": loaded.task,
             "source": str(loaded.source),
+            "scheduler": sampler,
             "num_steps": steps,
+            "num_evaluations": calls[0] // max(1, num_chunks),  # network calls per image
+            "eta": eta if sampler == "ddim" else None,
+            "churn": cfg.churn if loaded.task == "edm" else None,
             "num_processes": accelerator.num_processes,
         }
         write_json(out / "sample_info.json", info)

@@ -1,36 +1,47 @@
-"""Train a DDPM: noise prediction over 1000 timesteps, EMA, DDIM grids, a diffusers pipeline.
+"""Train a diffusion model: DDPM (noise prediction over 1000 timesteps) or EDM (Karras et al.
+2022's preconditioned denoiser), with EMA, sample grids and an export diffusers loads.
 
     # built-in digits on a CPU (the README's main job, ~11 minutes on 2 cores):
     python train_ddpm.py
+    # the same data and budget with the EDM objective (Heun sampler, 18 steps):
+    python train_ddpm.py --objective edm --output-dir runs/edm
     # CIFAR-10 on N GPUs in bf16 (edit the config for your machine):
     accelerate launch --config_file accelerate_configs/1node_8gpu_bf16.yaml train_ddpm.py \
-        --dataset cifar10 --preset unet-18m --random-flip --mixed-precision bf16 \
-        --batch-size 32 --max-steps 200000 --output-dir runs/cifar10-unet-18m
-    # sample from the exported pipeline (diffusers' DDPMPipeline/DDIMPipeline load it too):
+        --dataset cifar10 --preset unet-18.5m --random-flip --mixed-precision bf16 \
+        --batch-size 32 --max-steps 200000 --output-dir runs/cifar10-unet-18.5m
+    # sample from the exported pipeline (diffusers' DDPMPipeline/DDIMPipeline load it too;
+    # an EDM export: DiffusionPipeline.from_pretrained(path, trust_remote_code=True,
+    #     use_safetensors=True)):
     python sample.py runs/ddpm/pipeline --scheduler ddim --num-inference-steps 50
+    python sample.py runs/edm/pipeline
 
 Rerunning the same command resumes from the latest complete checkpoint.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
-from diffusers import DDPMPipeline, DDPMScheduler
+from diffusers import DDPMPipeline, DDPMScheduler, EDMEulerScheduler
 from torch import nn
 
 from ddp_utils import loop
 from ddp_utils.cli import cli_main
 from ddp_utils.config import option, parse_config, require
 from ddp_utils.data import Batch, to_float
+from ddp_utils.files import write_json
 from ddp_utils.images import make_grid, to_uint8
 from ddp_utils.metrics import MetricWindow
 from ddp_utils.run import Run, start_run
 from ddp_utils.train_config import TrainConfig
+from diffusion import pipeline_code
 from diffusion.ddpm import (
     VALUE_RANGE,
     BetaSchedule,
@@ -38,33 +49,79 @@ from diffusion.ddpm import (
     diffusion_loss,
     make_train_scheduler,
 )
+from diffusion.edm import edm_loss, make_edm_scheduler, sample_edm, sample_noise_levels
 from diffusion.models import build_ddpm_unet
-from diffusion.sampling import make_inference_scheduler, sample_ddpm
+from diffusion.pipeline_code.edm_pipeline import EDMPipeline
+from diffusion.sampling import (
+    DEFAULT_DDIM_ETA,
+    DEFAULT_SAMPLER,
+    DEFAULT_STEPS,
+    SAMPLERS_BY_TASK,
+    SamplerName,
+    make_inference_scheduler,
+    sample_ddpm,
+)
 
-NUM_TIMESTEP_BINS = 4  # the loss is also logged per quarter of the timesteps: loss_t_q0..3
+Objective = Literal["ddpm", "edm"]
+NUM_LOSS_BINS = 4  # the loss is also logged per quarter of the noise levels: loss_t_q0..3
 
 
 @dataclass
 class DDPMConfig(TrainConfig):
-    """DDPM training; defaults make readable digits in ~11 minutes on a 2-core CPU."""
+    """DDPM or EDM training; defaults make readable digits in ~11 minutes on a 2-core CPU."""
 
+    objective: Objective = option(
+        "ddpm",
+        "ddpm: predict the noise of T discrete timesteps (Ho et al. 2020); edm: the "
+        "preconditioned denoiser on log-normal noise levels (Karras et al. 2022)",
+    )
     preset: str = option(
         "digits-small",
         "UNet preset (digits-small, unet-4.7m, unet-18m, ddpm-cifar10) or a JSON config file",
     )
-    prediction_type: PredictionType = option("epsilon", "network target")
-    beta_schedule: BetaSchedule = option("squaredcos_cap_v2", "noise schedule")
-    num_train_timesteps: int = option(1000, "diffusion timesteps T")
-    min_snr_gamma: float | None = option(None, "min-SNR-gamma loss weighting (e.g. 5); none: off")
+    # DDPM (--objective ddpm).
+    prediction_type: PredictionType = option("epsilon", "DDPM: network target")
+    beta_schedule: BetaSchedule = option("squaredcos_cap_v2", "DDPM: noise schedule")
+    num_train_timesteps: int = option(1000, "DDPM: diffusion timesteps T")
+    min_snr_gamma: float | None = option(
+        None, "DDPM: min-SNR-gamma loss weighting (e.g. 5); none: off"
+    )
+    # EDM (--objective edm); the paper's CIFAR-10 values.
+    p_mean: float = option(-1.2, "EDM: training noise levels have ln(sigma) ~ N(p_mean, p_std^2)")
+    p_std: float = option(1.2, "EDM: see --p-mean")
+    sigma_data: float = option(0.5, "EDM: standard deviation of the data (pixels in [-1, 1])")
+    sigma_min: float = option(0.002, "EDM: the sampler's lowest noise level")
+    sigma_max: float = option(80.0, "EDM: the sampler's highest noise level (its start)")
+    rho: float = option(7.0, "EDM: spacing of the sampler's noise levels (7: dense near 0)")
+    # Training.
     learning_rate: float = option(4e-4, "peak learning rate")
     lr_warmup_steps: int = option(200, "linear warmup, in optimizer steps")
     batch_size: int = option(64, "per-device batch size")
     max_steps: int = option(4000, "number of optimizer steps")
     output_dir: str = option("runs/ddpm", "run directory: checkpoints, export, samples, logs")
-    sample_steps: int = option(50, "DDIM steps for the logged grids and evaluation")
+    # Pictures and evaluation.
+    sample_scheduler: SamplerName | None = option(
+        None,
+        "sampler of the logged grids and --eval-every (sample.py's --scheduler); "
+        f"default: {DEFAULT_SAMPLER['ddpm']} (ddpm), {DEFAULT_SAMPLER['edm']} (edm)",
+    )
+    sample_steps: int | None = option(
+        None, "sampler steps of the grids and --eval-every (default: the sampler's, as sample.py)"
+    )
+    sample_eta: float | None = option(
+        None,
+        f"DDIM noise scale of the grids and --eval-every (default with ddim: {DEFAULT_DDIM_ETA}, "
+        "as sample.py; 0: deterministic)",
+    )
     sample_every: int = option(1000, "log a sample grid every N steps (0: only at the end)")
 
     def __post_init__(self) -> None:
+        if self.sample_scheduler is None and self.objective in DEFAULT_SAMPLER:
+            self.sample_scheduler = DEFAULT_SAMPLER[self.objective]
+        if self.sample_steps is None and self.sample_scheduler in DEFAULT_STEPS:
+            self.sample_steps = DEFAULT_STEPS[self.sample_scheduler]
+        if self.sample_eta is None:
+            self.sample_eta = DEFAULT_DDIM_ETA if self.sample_scheduler == "ddim" else 0.0
         super().__post_init__()
         require(
             self.num_train_timesteps >= 2,
@@ -74,6 +131,52 @@ class DDPMConfig(TrainConfig):
             self.min_snr_gamma is None or self.min_snr_gamma > 0,
             f"--min-snr-gamma must be > 0 or none, got {self.min_snr_gamma}",
         )
+        samplers = SAMPLERS_BY_TASK[self.objective]
+        require(
+            self.sample_scheduler in samplers,
+            f"--sample-scheduler {self.sample_scheduler} does not sample --objective "
+            f"{self.objective} models; use one of {', '.join(samplers)}",
+        )
+        require(self.sample_eta >= 0, f"--sample-eta must be >= 0, got {self.sample_eta}")
+        require(
+            self.sample_eta == 0 or self.sample_scheduler == "ddim",
+            f"--sample-eta applies to --sample-scheduler ddim only, got {self.sample_scheduler}",
+        )
+        if self.objective == "edm":
+            self._check_edm()
+
+    def _check_edm(self) -> None:
+        defaults = DDPMConfig.__dataclass_fields__
+        for name in ("prediction_type", "beta_schedule", "num_train_timesteps", "min_snr_gamma"):
+            require(
+                getattr(self, name) == defaults[name].default,
+                f"--{name.replace('_', '-')} applies to --objective ddpm only",
+            )
+        require(self.p_std > 0, f"--p-std must be > 0, got {self.p_std}")
+        require(self.sigma_data > 0, f"--sigma-data must be > 0, got {self.sigma_data}")
+        require(
+            0 < self.sigma_min < self.sigma_max,
+            f"--sigma-min and --sigma-max need 0 < min < max, got {self.sigma_min}, "
+            f"{self.sigma_max}",
+        )
+        require(self.rho > 0, f"--rho must be > 0, got {self.rho}")
+
+
+def report_by_bin(
+    stats: MetricWindow, prefix: str, bins: torch.Tensor, per_sample: torch.Tensor
+) -> None:
+    """Report the mean of `per_sample` within each of NUM_LOSS_BINS bins as `<prefix>0..3`."""
+    zeros = torch.zeros(NUM_LOSS_BINS, device=per_sample.device)
+    sums = zeros.index_add(0, bins, per_sample)
+    counts = zeros.index_add(0, bins, torch.ones_like(per_sample))
+    for q in range(NUM_LOSS_BINS):
+        stats.add(f"{prefix}{q}", sums[q], counts[q])
+
+
+def denoising_strip(snapshots: list[torch.Tensor]) -> dict[str, np.ndarray]:
+    """Rows: the sampler's x every 1/10 of the steps; columns: the grid's first samples."""
+    grid = make_grid(to_uint8(torch.cat(snapshots), VALUE_RANGE), nrow=len(snapshots[0]))
+    return {"denoising": grid}
 
 
 class DDPMMethod:
@@ -85,7 +188,7 @@ class DDPMMethod:
     def __init__(self, run: Run, scheduler: DDPMScheduler) -> None:
         self.run, self.cfg, self.scheduler = run, run.cfg, scheduler
         self.device = run.accelerator.device
-        self.sampler = make_inference_scheduler("ddim", scheduler.config)
+        self.sampler = make_inference_scheduler(self.cfg.sample_scheduler, scheduler.config)
 
     def task_info(self) -> dict[str, Any]:
         return {
@@ -104,36 +207,33 @@ class DDPMMethod:
         loss, per_sample = diffusion_loss(
             model, self.scheduler, x0, t, noise, self.cfg.min_snr_gamma
         )
-        bins = t * NUM_TIMESTEP_BINS // num_timesteps
-        sums = torch.zeros(NUM_TIMESTEP_BINS, device=x0.device).index_add_(0, bins, per_sample)
-        counts = torch.zeros(NUM_TIMESTEP_BINS, device=x0.device).index_add_(
-            0, bins, torch.ones_like(per_sample)
-        )
-        for q in range(NUM_TIMESTEP_BINS):
-            stats.add(f"loss_t_q{q}", sums[q], counts[q])
+        report_by_bin(stats, "loss_t_q", t * NUM_LOSS_BINS // num_timesteps, per_sample)
         return loss
 
-    def sample(self, net: nn.Module, indices: range) -> torch.Tensor:
+    def _sample(
+        self, net: nn.Module, indices: range, every: int | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         cfg = self.cfg
-        x, _ = sample_ddpm(net, self.sampler, indices, cfg.seed, cfg.sample_steps, 0.0, self.device)
-        return x
-
-    def pictures(self, net: nn.Module, step: int) -> dict[str, np.ndarray]:
-        """The denoising strip: x_t of the grid's first 8 samples, every 1/10 of the steps."""
-        cfg = self.cfg
-        every = max(1, cfg.sample_steps // 10)
-        _, snapshots = sample_ddpm(
+        return sample_ddpm(
             net,
             self.sampler,
-            range(min(8, cfg.num_sample_images)),
+            indices,
             cfg.seed,
             cfg.sample_steps,
-            0.0,
+            cfg.sample_eta,
             self.device,
             progression_every=every,
         )
-        rows = torch.cat(snapshots)
-        return {"denoising": make_grid(to_uint8(rows, VALUE_RANGE), nrow=len(snapshots[0]))}
+
+    def sample(self, net: nn.Module, indices: range) -> torch.Tensor:
+        return self._sample(net, indices)[0]
+
+    def pictures(self, net: nn.Module, step: int) -> dict[str, np.ndarray]:
+        """The denoising strip: x_t of the grid's first 8 samples, every 1/10 of the steps."""
+        indices = range(min(8, self.cfg.num_sample_images))
+        self.sampler.set_timesteps(self.cfg.sample_steps)  # Heun: 2N - 1 network evaluations
+        every = math.ceil(len(self.sampler.timesteps) / 10)
+        return denoising_strip(self._sample(net, indices, every)[1])
 
     @torch.no_grad()
     def data_pictures(self) -> dict[str, np.ndarray]:
@@ -154,13 +254,107 @@ class DDPMMethod:
         raw.save_pretrained(folder / "unet_raw", safe_serialization=True)
 
 
+PIPELINE_FILE = Path(pipeline_code.__file__).with_name("edm_pipeline.py")
+
+
+class EDMMethod:
+    """Karras et al. 2022: the preconditioned denoiser D(x; sigma) around the same UNet."""
+
+    value_range = VALUE_RANGE
+    export_name = "pipeline"
+
+    def __init__(self, run: Run, scheduler: EDMEulerScheduler) -> None:
+        self.run, self.cfg, self.scheduler = run, run.cfg, scheduler
+        self.device = run.accelerator.device
+
+    def task_info(self) -> dict[str, Any]:
+        cfg = self.cfg
+        return {
+            "task": "edm",
+            "value_range": list(VALUE_RANGE),
+            "scheduler_config": dict(self.scheduler.config),
+            "noise_level_distribution": {"p_mean": cfg.p_mean, "p_std": cfg.p_std},
+        }
+
+    def loss(
+        self, model: nn.Module, batch: Batch, generator: torch.Generator, stats: MetricWindow
+    ) -> torch.Tensor:
+        # Table 1 (training): ln(sigma) ~ N(P_mean, P_std^2), n ~ N(0, I), x = y + sigma n.
+        y, cfg = batch.images, self.cfg
+        noise = torch.randn(y.shape, generator=generator, device=y.device)
+        sigma = sample_noise_levels(len(y), cfg.p_mean, cfg.p_std, generator)
+        loss, per_sample = edm_loss(model, y, sigma, noise, cfg.sigma_data)
+        # Quarters of the training distribution: z = (ln sigma - P_mean) / P_std vs N(0, 1)'s.
+        z = (sigma.log() - cfg.p_mean) / cfg.p_std
+        bins = (z > -0.6745).long() + (z > 0).long() + (z > 0.6745).long()
+        report_by_bin(stats, "loss_sigma_q", bins, per_sample)
+        return loss
+
+    def _sample(
+        self, net: nn.Module, indices: range, every: int | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        cfg = self.cfg
+        return sample_edm(
+            net,
+            self.scheduler.config,
+            indices,
+            cfg.seed,
+            cfg.sample_steps,
+            second_order=cfg.sample_scheduler == "edm-heun",
+            device=self.device,
+            progression_every=every,
+        )
+
+    def sample(self, net: nn.Module, indices: range) -> torch.Tensor:
+        return self._sample(net, indices)[0]
+
+    def pictures(self, net: nn.Module, step: int) -> dict[str, np.ndarray]:
+        """The denoising strip: x_i / sqrt(1 + sigma_i^2) of the grid's first 8 samples."""
+        indices = range(min(8, self.cfg.num_sample_images))
+        every = math.ceil(self.cfg.sample_steps / 10)  # at most 10 rows
+        return denoising_strip(self._sample(net, indices, every)[1])
+
+    @torch.no_grad()
+    def data_pictures(self) -> dict[str, np.ndarray]:
+        """A real batch at 8 noise levels from sigma_min to sigma_max, as y_sigma / sqrt(1 +
+        sigma^2) (the variance-preserving scale of the DDPM strip)."""
+        cfg = self.cfg
+        y = to_float(self.run.data.images[:8].to(self.device), VALUE_RANGE, None)
+        generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        rows = []
+        for sigma in np.geomspace(cfg.sigma_min, cfg.sigma_max, 8):
+            noise = torch.randn(y.shape, generator=generator, device=self.device)
+            rows.append((y + sigma * noise) / math.sqrt(1 + sigma**2))
+        return {"forward_noising": make_grid(to_uint8(torch.cat(rows), VALUE_RANGE), nrow=len(y))}
+
+    def export(self, folder: Path, net: nn.Module, raw: nn.Module) -> None:
+        """A pipeline folder diffusers runs with `trust_remote_code=True`: the EMA UNet, the
+        scheduler holding the EDM constants, `pipeline.py` (the EDMPipeline class), and the
+        raw weights in `unet_raw/`."""
+        EDMPipeline(unet=net, scheduler=self.scheduler).save_pretrained(
+            folder, safe_serialization=True
+        )
+        # diffusers looks `_class_name` up in its own module unless it names a file beside it.
+        index = json.loads((folder / "model_index.json").read_text())
+        write_json(
+            folder / "model_index.json", {**index, "_class_name": ["pipeline", "EDMPipeline"]}
+        )
+        shutil.copyfile(PIPELINE_FILE, folder / "pipeline.py")
+        raw.save_pretrained(folder / "unet_raw", safe_serialization=True)
+
+
 def train(cfg: DDPMConfig) -> Run:
     run = start_run(cfg)
     model = build_ddpm_unet(cfg.preset, cfg.resolution, cfg.channels)
-    scheduler = make_train_scheduler(
-        cfg.beta_schedule, cfg.num_train_timesteps, cfg.prediction_type
-    )
-    loop.train(run, DDPMMethod(run, scheduler), model)
+    if cfg.objective == "edm":
+        scheduler = make_edm_scheduler(cfg.sigma_data, cfg.sigma_min, cfg.sigma_max, cfg.rho)
+        method: DDPMMethod | EDMMethod = EDMMethod(run, scheduler)
+    else:
+        ddpm_scheduler = make_train_scheduler(
+            cfg.beta_schedule, cfg.num_train_timesteps, cfg.prediction_type
+        )
+        method = DDPMMethod(run, ddpm_scheduler)
+    loop.train(run, method, model)
     return run
 
 

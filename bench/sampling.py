@@ -1,11 +1,13 @@
-"""Sampling throughput: DDPM-1000, DDIM-50 and DPM-Solver-20 at several batch sizes.
+"""Sampling throughput of every sampler, at several batch sizes, with network evaluations.
 
     python bench/sampling.py                                  # digits-small at 16x16 on CPU
     python bench/sampling.py --preset ddpm-cifar10 --resolution 32 --channels 3 \
         --batch-sizes 64,256,1024 --mixed-precision bf16     # on a GPU
+    python bench/sampling.py --samplers ddim:50,edm-heun:18   # a subset, steps of your choice
 
-The network is freshly initialised: cost per step does not depend on the weights. Each sampler
-runs `diffusion.sampling.sample_ddpm`, the code `sample.py` and the training grids use.
+The network is freshly initialised: cost per evaluation does not depend on the weights. DDPM
+samplers run `diffusion.sampling.sample_ddpm` and EDM ones `diffusion.edm.sample_edm`, the
+code `sample.py` and the training grids use; "evals" counts the network evaluations.
 """
 
 from __future__ import annotations
@@ -21,11 +23,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import git_revision, machine, print_table, synchronize  # noqa: E402
 from diffusion.ddpm import make_train_scheduler  # noqa: E402
+from diffusion.edm import make_edm_scheduler, sample_edm  # noqa: E402
 from diffusion.models import build_ddpm_unet  # noqa: E402
-from diffusion.sampling import make_inference_scheduler, sample_ddpm  # noqa: E402
+from diffusion.sampling import EDM_SAMPLERS, make_inference_scheduler, sample_ddpm  # noqa: E402
 
 DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-SAMPLERS = (("ddpm", 1000), ("ddim", 50), ("dpm-solver", 20))
+SAMPLERS = (
+    "ddpm:1000,ddim:50,dpm-solver:20,dpm-solver-2m-karras:20,dpm-solver-3m-karras:20,"
+    "unipc:20,euler-karras:20,heun-karras:10,edm-heun:18,edm-euler:35"
+)
+
+
+def run(
+    name: str,
+    steps: int,
+    net: torch.nn.Module,
+    batch: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> None:
+    if name in EDM_SAMPLERS:
+        config = make_edm_scheduler().config
+        sample_edm(net, config, range(batch), 0, steps, name == "edm-heun", 0.0, device, dtype)
+    else:
+        train_config = make_train_scheduler("squaredcos_cap_v2", 1000, "epsilon").config
+        scheduler = make_inference_scheduler(name, train_config)
+        sample_ddpm(net, scheduler, range(batch), 0, steps, 0.0, device, dtype)
 
 
 def main() -> None:
@@ -35,35 +58,31 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=1)
     parser.add_argument("--batch-sizes", default="16,64")
     parser.add_argument("--mixed-precision", default="no", choices=list(DTYPES))
-    parser.add_argument("--samplers", default="ddpm:1000,ddim:50,dpm-solver:20")
+    parser.add_argument("--samplers", default=SAMPLERS, help="name:steps,...")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     unet = build_ddpm_unet(args.preset, args.resolution, args.channels).to(device).eval()
-    train_config = make_train_scheduler("squaredcos_cap_v2", 1000, "epsilon").config
+    dtype, calls = DTYPES[args.mixed_precision], [0]
+    unet.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     rows = []
     for spec in args.samplers.split(","):
         name, steps = spec.split(":")
         for batch in (int(b) for b in args.batch_sizes.split(",")):
-            scheduler = make_inference_scheduler(name, train_config)
-            sample_ddpm(
-                unet, scheduler, range(batch), 0, 2, 0.0, device, DTYPES[args.mixed_precision]
-            )
+            run(name, 2, unet, batch, device, dtype)  # warm-up
             synchronize(device)
+            calls[0] = 0
             start = time.perf_counter()
-            sample_ddpm(
-                unet, scheduler, range(batch), 0, int(steps), 0.0, device,
-                DTYPES[args.mixed_precision],
-            )  # fmt: skip
+            run(name, int(steps), unet, batch, device, dtype)
             synchronize(device)
             seconds = time.perf_counter() - start
-            rows.append([f"{name}-{steps}", batch, f"{batch / seconds:,.2f}",
-                         f"{1000 * seconds / int(steps):,.1f}"])  # fmt: skip
+            rows.append([f"{name}-{steps}", calls[0], batch, f"{batch / seconds:,.2f}",
+                         f"{1000 * seconds / calls[0]:,.1f}"])  # fmt: skip
     print(f"\nmachine: {machine()}; git {git_revision()}; {time.strftime('%Y-%m-%d')}")
     print(
         f"preset {args.preset} at {args.resolution}x{args.resolution}x{args.channels}, "
         f"precision {args.mixed_precision}\n"
     )
-    print_table(["sampler", "batch", "images/s", "ms/step"], rows)
+    print_table(["sampler", "evals", "batch", "images/s", "ms/eval"], rows)
 
 
 if __name__ == "__main__":

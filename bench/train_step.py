@@ -2,6 +2,7 @@
 
     python bench/train_step.py                                   # CPU defaults (small batches)
     python bench/train_step.py --models ddpm-cifar10 --batch-sizes 128 --mixed-precision bf16
+    python bench/train_step.py --models digits-small,digits-small:edm --resolution 16 --channels 1
 
 For each model the toolkit side runs the real `train_ddpm.train` / `train_basic.train` (report
 to none, no samples or checkpoints inside the timed window) and reads images/s from the run's
@@ -49,6 +50,9 @@ CPU_BATCH = {"basic": 128, "digits-small": 64, "unet-4.7m": 16, "unet-18.5m": 8,
 
 
 def build(name: str, resolution: int, channels: int) -> torch.nn.Module:
+    """`name`: basic, unet, or a UNet preset, optionally `:edm` (train_ddpm.py --objective edm;
+    the plain loop stays DDPM's, a yardstick common to both objectives)."""
+    name = name.partition(":")[0]
     if name in ("basic", "unet"):
         return build_basic_model(name, resolution, channels)
     return build_ddpm_unet(name, resolution, channels)
@@ -74,9 +78,9 @@ def toolkit_images_per_s(name: str, args, batch: int, out: Path) -> float:
             train_basic.parse_config(train_basic.BasicConfig, [*common, "--model", name])
         )
     else:
-        train_ddpm.train(
-            train_ddpm.parse_config(train_ddpm.DDPMConfig, [*common, "--preset", name])
-        )
+        preset, _, objective = name.partition(":")
+        flags = [*common, "--preset", preset, "--objective", objective or "ddpm"]
+        train_ddpm.train(train_ddpm.parse_config(train_ddpm.DDPMConfig, flags))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rates = [r["images_per_s"] for r in rows if "images_per_s" in r]
     shutil.rmtree(out, ignore_errors=True)
@@ -87,7 +91,7 @@ def plain_images_per_s(name: str, args, batch: int, images: torch.Tensor, device
     """A textbook loop: same model, batch, optimizer and precision; no Accelerate."""
     torch.manual_seed(0)
     model = build(name, args.resolution, args.channels).to(device).train()
-    basic = name in ("basic", "unet")
+    basic = name in ("basic", "unet")  # a preset (with or without :edm) trains DDPM here
     optimizer = (torch.optim.Adam if basic else torch.optim.AdamW)(
         model.parameters(), lr=1e-3 if basic else 4e-4
     )
@@ -159,7 +163,7 @@ def main() -> None:
         batches = (
             [int(b) for b in args.batch_sizes.split(",")]
             if args.batch_sizes
-            else [CPU_BATCH.get(name, 32) if device.type == "cpu" else 128]
+            else [CPU_BATCH.get(name.partition(":")[0], 32) if device.type == "cpu" else 128]
         )
         model = build(name, args.resolution, args.channels).to(device)
         flops = train_flops_per_image(

@@ -1,7 +1,8 @@
 """Find and load a trained model for sampling, from whatever path a user has at hand.
 
 Accepted paths, told apart by the files they hold:
-- a DDPM pipeline folder (`model_index.json`, `unet/`, `scheduler/`): what train_ddpm.py exports;
+- a pipeline folder (`model_index.json`, `unet/`, `scheduler/`): what train_ddpm.py exports, for
+  DDPM or EDM (its `task.json` says which; a folder without one is taken for DDPM);
 - a model folder (`config.json` + safetensors, and `task.json`): what train_basic.py exports;
 - a checkpoint folder (`state.json`): rebuilt from the config stored in the checkpoint;
 - a run directory: its export if present, else its latest intact checkpoint;
@@ -30,7 +31,7 @@ _WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
 @dataclass
 class LoadedModel:
-    task: str  # "basic" or "ddpm"
+    task: str  # "basic", "ddpm" or "edm"
     model: torch.nn.Module
     scheduler_config: dict[str, Any] | None
     value_range: tuple[float, float]
@@ -90,7 +91,8 @@ def _from_pipeline(folder: Path, weights: Weights) -> LoadedModel:
         raise FileNotFoundError(f"{scheduler_file} is missing: not a complete pipeline folder")
     scheduler_config = json.loads(scheduler_file.read_text())
     channels, resolution = _describe(unet)
-    return LoadedModel("ddpm", unet, scheduler_config, (-1.0, 1.0), channels, resolution, folder)
+    task = (read_task_file(folder) or {}).get("task", "ddpm")  # diffusers' own folders: DDPM
+    return LoadedModel(task, unet, scheduler_config, (-1.0, 1.0), channels, resolution, folder)
 
 
 def _from_export(folder: Path) -> LoadedModel:

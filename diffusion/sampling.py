@@ -10,6 +10,7 @@ same seed gives the same noise on any device.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
@@ -18,8 +19,11 @@ from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
     DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
     SchedulerMixin,
     UNet2DModel,
+    UniPCMultistepScheduler,
 )
 
 from diffusion.models import predict, unwrap_model
@@ -71,23 +75,95 @@ def model_autocast(
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
-SamplerName = Literal["ddpm", "ddim", "dpm-solver"]
-INFERENCE_SCHEDULERS: dict[str, type[SchedulerMixin]] = {
-    "ddpm": DDPMScheduler,
-    "ddim": DDIMScheduler,
-    "dpm-solver": DPMSolverMultistepScheduler,
+SamplerName = Literal[
+    "ddpm",
+    "ddim",
+    "dpm-solver",
+    "dpm-solver-2m-karras",
+    "dpm-solver-3m-karras",
+    "unipc",
+    "euler-karras",
+    "heun-karras",
+    "edm-heun",
+    "edm-euler",
+]
+# DDPM samplers: a diffusers scheduler class and what changes from the training config.
+DDPM_SAMPLERS: dict[str, tuple[type[SchedulerMixin], dict[str, object]]] = {
+    "ddpm": (DDPMScheduler, {}),
+    "ddim": (DDIMScheduler, {}),
+    "dpm-solver": (DPMSolverMultistepScheduler, {}),
+    "dpm-solver-2m-karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
+    "dpm-solver-3m-karras": (
+        DPMSolverMultistepScheduler,
+        {"use_karras_sigmas": True, "solver_order": 3},
+    ),
+    "unipc": (UniPCMultistepScheduler, {}),
+    "euler-karras": (EulerDiscreteScheduler, {"use_karras_sigmas": True}),
+    "heun-karras": (HeunDiscreteScheduler, {"use_karras_sigmas": True}),
 }
+EDM_SAMPLERS = ("edm-heun", "edm-euler")  # diffusion/edm.py; for models trained with EDM
+SAMPLERS_BY_TASK: dict[str, tuple[str, ...]] = {"ddpm": tuple(DDPM_SAMPLERS), "edm": EDM_SAMPLERS}
+# The sampler a model gets when none is named, and DDIM's default noise scale: on the default
+# digits run DDIM-50 with eta 1 (fresh noise each step, like DDPM) matches DDPM-1000's FID where
+# eta 0 does not (README, "Quality per sampling step").
+DEFAULT_SAMPLER: dict[str, SamplerName] = {"ddpm": "ddim", "edm": "edm-heun"}
+DEFAULT_DDIM_ETA = 1.0
+# Steps when none are given; Heun evaluates the network 2N - 1 times for N steps.
+DEFAULT_STEPS: dict[str, int] = {
+    "ddpm": 1000,
+    "ddim": 50,
+    "dpm-solver": 20,
+    "dpm-solver-2m-karras": 20,
+    "dpm-solver-3m-karras": 20,
+    "unipc": 20,
+    "euler-karras": 20,
+    "heun-karras": 10,
+    "edm-heun": 18,
+    "edm-euler": 35,
+}
+
+
+# The highest noise level (VE sigma = sqrt((1 - alpha_bar) / alpha_bar)) a Karras-spaced
+# sampler starts from: EDM's sigma_max. Without it the spacing starts at the schedule's last
+# timestep, where the cosine schedule's capped beta puts sigma at ~20,000 (alpha_bar_999 =
+# 2.4e-9): rho = 7 then spends half of 20 steps at t >= 998.
+KARRAS_SIGMA_MAX = 80.0
+
+
+# What a sampler inherits from the training scheduler: the noise schedule and what the network
+# predicts. Its own knobs (timestep spacing, clipping, ...) stay the sampler's: a config read
+# from disk lists every key, one in memory only those set by hand, and inheriting the knobs made
+# the same sampler differ between the training grids and sample.py on the export.
+SCHEDULE_KEYS = (
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "trained_betas",
+    "prediction_type",
+    "rescale_betas_zero_snr",
+)
 
 
 def make_inference_scheduler(
     name: SamplerName, train_scheduler_config: Mapping[str, object]
 ) -> SchedulerMixin:
-    """Build the sampler `name` from the training scheduler's config.
+    """Build the DDPM sampler `name` from the training scheduler's config.
 
-    `from_config` carries over the betas and prediction_type the model was trained with; a
-    sampler built with its own defaults would silently denoise with the wrong schedule.
+    The sampler takes the betas and prediction_type the model was trained with (a sampler with
+    its own defaults would silently denoise with the wrong schedule), and its own defaults and
+    `DDPM_SAMPLERS`' changes for everything else.
     """
-    return INFERENCE_SCHEDULERS[name].from_config(train_scheduler_config)
+    if name not in DDPM_SAMPLERS:
+        raise ValueError(f"{name!r} is not a DDPM sampler; expected one of {list(DDPM_SAMPLERS)}")
+    cls, changes = DDPM_SAMPLERS[name]
+    schedule = {k: v for k, v in train_scheduler_config.items() if k in SCHEDULE_KEYS}
+    scheduler = cls.from_config(schedule, **changes)
+    if changes.get("use_karras_sigmas"):
+        # diffusers' Karras spacing reads `config.sigma_max` when the config has one (Euler and
+        # UniPC take it as an argument; DPM-Solver and Heun only through the config).
+        scheduler.register_to_config(sigma_max=KARRAS_SIGMA_MAX)
+    return scheduler
 
 
 @torch.no_grad()
@@ -126,7 +202,11 @@ def sample_ddpm(
     height, width = (size, size) if isinstance(size, int) else size
     shape = (1, model.config.in_channels, height, width)
     generators = make_sample_generators(seed, sample_indices)
-    step_kwargs: dict[str, object] = {"eta": eta} if isinstance(scheduler, DDIMScheduler) else {}
+    # Only some samplers take noise (DDPM, DDIM with eta > 0, Euler with churn) or eta.
+    accepted = inspect.signature(scheduler.step).parameters
+    step_kwargs: dict[str, object] = {"eta": eta} if "eta" in accepted else {}
+    if "generator" in accepted:
+        step_kwargs["generator"] = generators
 
     # Timesteps stay on the CPU: the scheduler indexes its CPU tables with them (no device sync)
     # and UNet2DModel copies the scalar to the model's device itself.
@@ -141,9 +221,7 @@ def sample_ddpm(
             model_output = predict(unet, model_input, t)
         # Reverse step x_t -> x_{t-1}; a list of generators makes diffusers' randn_tensor draw
         # each sample's step noise from that sample's own stream.
-        x = scheduler.step(
-            model_output.float(), t, x, generator=generators, **step_kwargs
-        ).prev_sample
+        x = scheduler.step(model_output.float(), t, x, **step_kwargs).prev_sample
         if progression_every is not None and (i + 1) % progression_every == 0:
             progression.append(x.float().cpu())
     return x.float().clamp(-1.0, 1.0).cpu(), progression

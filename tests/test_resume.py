@@ -157,6 +157,14 @@ def ddpm_one_process(tmp_path_factory, tiny_unet) -> dict:
 
 
 @pytest.fixture(scope="module")
+def edm_one_process(tmp_path_factory, tiny_unet) -> dict:
+    # The EDM method on the same loop: SIGKILL mid-run (checkpoint-6 is the newest).
+    tmp = tmp_path_factory.mktemp("edm1")
+    args = [*DDPM_ARGS, "--preset", str(tiny_unet), "--objective", "edm"]
+    return chain(tmp, "train_ddpm.py", args, 1, ["kill@7"])
+
+
+@pytest.fixture(scope="module")
 def ddpm_two_processes(tmp_path_factory, tiny_unet, ddpm_one_process) -> dict:
     # Both runs start from the one-process run's checkpoint-4 (same global batch, 4 x 2).
     # Rank 0 kills everything; SIGUSR1 to the launcher, which forwards it to both workers
@@ -207,6 +215,17 @@ def test_ddpm_one_process_resumes_bit_exactly_after_a_kill_mid_save(ddpm_one_pro
     ref = ddpm_one_process["reference"] / "checkpoints" / "checkpoint-12"
     assert_bit_identical(ref, out / "checkpoints" / "checkpoint-12")
     assert "ema.safetensors" in {p.name for p in ref.iterdir()}
+    assert logged_steps(out) == list(range(1, MAX_STEPS + 1))
+
+
+def test_edm_resumes_bit_exactly_after_a_kill(edm_one_process) -> None:
+    killed, final = edm_one_process["results"]
+    assert killed.returncode == -signal.SIGKILL
+    assert "resumed from" in final.output and "checkpoint-6 (step 6)" in final.output
+    out = edm_one_process["out"]
+    ref = edm_one_process["reference"] / "checkpoints" / "checkpoint-12"
+    assert json.loads((ref / "state.json").read_text())["task"] == "edm"
+    assert_bit_identical(ref, out / "checkpoints" / "checkpoint-12")
     assert logged_steps(out) == list(range(1, MAX_STEPS + 1))
 
 

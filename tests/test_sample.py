@@ -1,4 +1,5 @@
-"""sample.py: basic and DDPM models, exports and checkpoints, samplers, 1 vs 2 processes, --fid."""
+"""sample.py: basic, DDPM and EDM models, exports and checkpoints, samplers, 1 vs 2 processes,
+--fid."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from tiny_runs import (
     launch_two_processes,
     trained_basic,
     trained_ddpm,
+    trained_edm,
 )
 
 import sample
@@ -24,6 +26,11 @@ from ddp_utils.config import parse_config
 @pytest.fixture(scope="session")
 def ddpm_run(tmp_path_factory) -> Path:
     return trained_ddpm(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def edm_run(tmp_path_factory) -> Path:
+    return trained_edm(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
@@ -81,10 +88,14 @@ def test_every_scheduler_samples_and_saves_its_progression(ddpm_run: Path, tmp_p
     out = {}
     for name, flags in {
         "ddpm": ("--scheduler=ddpm",),
-        "ddim": ("--scheduler=ddim",),
+        "ddim": ("--scheduler=ddim", "--eta=0"),
         "ddim-again": ("--scheduler=ddim", "--eta=0"),
         "ddim-eta1": ("--scheduler=ddim", "--eta=1"),
+        "default": (),  # DDIM with eta 1
         "dpm-solver": ("--scheduler=dpm-solver",),
+        "unipc": ("--scheduler=unipc",),
+        "dpm-solver-3m-karras": ("--scheduler=dpm-solver-3m-karras",),
+        "euler-karras": ("--scheduler=euler-karras",),
     }.items():
         out[name] = run_sample(pipeline, tmp_path / name, *common, *flags)
         with Image.open(tmp_path / name / "progression.png") as strip:
@@ -92,8 +103,14 @@ def test_every_scheduler_samples_and_saves_its_progression(ddpm_run: Path, tmp_p
             # 4 rows (steps) x 3 columns (samples), upscaled by 13 (nearest) to a viewable size.
             assert strip.size == (13 * (3 * (RESOLUTION + 2) + 2), 13 * (4 * (RESOLUTION + 2) + 2))
     assert np.array_equal(out["ddim"], out["ddim-again"])  # eta = 0: deterministic for a seed
+    assert np.array_equal(out["default"], out["ddim-eta1"])
+    # (The 6-step model saturates most pixels; the samplers themselves are compared with
+    # diffusers in test_sampling.py.)
     for a, b in (("ddpm", "ddim"), ("ddim", "dpm-solver"), ("ddim", "ddim-eta1")):
         assert not np.array_equal(out[a], out[b]), (a, b)
+    info = json.loads((tmp_path / "unipc" / "sample_info.json").read_text())
+    assert info["scheduler"] == "unipc" and info["num_steps"] == 4
+    assert info["num_evaluations"] == 4
 
 
 def test_two_processes_give_the_one_process_images_and_fid(ddpm_run: Path, tmp_path: Path) -> None:
@@ -125,6 +142,52 @@ def test_two_processes_give_the_one_process_images_and_fid(ddpm_run: Path, tmp_p
     for key in ("fid", "kid_mean"):
         assert metrics["two"][key] == pytest.approx(metrics["one"][key], rel=1e-6), key
     assert f"FID {metrics['two']['fid']:.4f}" in log  # printed as well
+
+
+def test_edm_export_checkpoint_and_run_dir_give_the_same_images(
+    edm_run: Path, tmp_path: Path
+) -> None:
+    common = ("--num-samples=4", "--num-steps=3")
+    pipeline = run_sample(edm_run / "pipeline", tmp_path / "pipeline", *common)
+    assert pipeline.shape == (4, RESOLUTION, RESOLUTION, 1) and pipeline.std() > 0
+    for name, path in (("checkpoint", edm_run / "checkpoints" / "checkpoint-6"), ("run", edm_run)):
+        assert np.array_equal(run_sample(path, tmp_path / name, *common), pipeline), name
+    info = json.loads((tmp_path / "checkpoint" / "sample_info.json").read_text())
+    assert info["task"] == "edm" and info["scheduler"] == "edm-heun" and info["churn"] == 0
+    assert info["num_evaluations"] == 5  # Heun: 2 per step but the last
+    euler = run_sample(edm_run / "pipeline", tmp_path / "euler", *common, "--scheduler=edm-euler")
+    raw = run_sample(edm_run / "pipeline", tmp_path / "raw", *common, "--weights=raw")
+    assert not np.array_equal(euler, pipeline) and not np.array_equal(raw, pipeline)
+
+
+def test_two_processes_give_the_one_process_edm_images(edm_run: Path, tmp_path: Path) -> None:
+    """Stochastic EDM sampling (churn): every image's noise comes from its own seed."""
+    flags = ["--num-steps=3", "--churn=5", "--num-samples=6", "--batch-size=2", "--seed=4"]
+    one = run_sample(edm_run / "pipeline", tmp_path / "one", *flags)
+    launch_two_processes(
+        ["sample.py", str(edm_run / "pipeline"), f"--output-dir={tmp_path / 'two'}", *flags],
+        tmp_path,
+    )
+    assert json.loads((tmp_path / "two" / "sample_info.json").read_text())["num_processes"] == 2
+    with np.load(tmp_path / "two" / "samples.npz") as npz:
+        assert np.array_equal(npz["arr_0"], one)
+
+
+def test_samplers_of_another_kind_and_their_knobs_are_refused(
+    ddpm_run: Path, edm_run: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(ValueError, match="--scheduler ddim is not for EDM models"):
+        run_sample(edm_run / "pipeline", tmp_path / "a", "--scheduler=ddim")
+    with pytest.raises(ValueError, match="--scheduler edm-heun is not for DDPM models"):
+        run_sample(ddpm_run / "pipeline", tmp_path / "b", "--scheduler=edm-heun")
+    with pytest.raises(ValueError, match="--churn applies to EDM models only"):
+        run_sample(ddpm_run / "pipeline", tmp_path / "c", "--churn=1")
+    with pytest.raises(ValueError, match="--eta applies to --scheduler ddim only"):
+        run_sample(edm_run / "pipeline", tmp_path / "d", "--eta=1")
+    with pytest.raises(ValueError, match="--eta applies to --scheduler ddim only"):
+        sample.SampleConfig(model_path=str(ddpm_run), scheduler="unipc", eta=1.0)
+    with pytest.raises(ValueError, match="--churn must be >= 0"):
+        sample.SampleConfig(model_path=str(edm_run), churn=-1.0)
 
 
 def test_bad_flags_are_named(ddpm_run: Path) -> None:

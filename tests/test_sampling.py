@@ -1,12 +1,23 @@
-"""Sampling: reproducible per-sample seeding, the three samplers, and image conversion."""
+"""Sampling: reproducible per-sample seeding, every DDPM sampler against diffusers' own
+denoising loop, and image conversion."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
+from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from torch import nn
 
@@ -14,7 +25,13 @@ from ddp_utils.images import make_grid, save_png, to_uint8
 from diffusion.basic import sample_basic
 from diffusion.ddpm import make_train_scheduler
 from diffusion.models import BasicUNet, build_ddpm_unet
-from diffusion.sampling import make_inference_scheduler, sample_ddpm, sample_seed
+from diffusion.sampling import (
+    DDPM_SAMPLERS,
+    make_inference_scheduler,
+    make_sample_generators,
+    sample_ddpm,
+    sample_seed,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -99,7 +116,7 @@ def test_real_network_samples_agree_across_batchings_to_float_rounding(
     torch.testing.assert_close(together, torch.cat([first, rest]), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["ddpm", "ddim", "dpm-solver"])
+@pytest.mark.parametrize("name", list(DDPM_SAMPLERS))
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_every_sampler_produces_images_and_progression(
     unet: nn.Module, name: str, prediction_type: str
@@ -115,14 +132,121 @@ def test_every_sampler_produces_images_and_progression(
     assert images.shape == (2, 1, 16, 16) and images.dtype == torch.float32
     assert images.device.type == "cpu"
     assert torch.isfinite(images).all() and images.min() >= -1 and images.max() <= 1
-    assert len(progression) == 2 and progression[0].shape == (2, 1, 16, 16)
+    assert len(progression) >= 2 and progression[0].shape == (2, 1, 16, 16)
+
+
+def sigma_max_80(scheduler):
+    """EDM's sigma_max for a Karras spacing (through the config, where diffusers reads it)."""
+    scheduler.register_to_config(sigma_max=80.0)
+    return scheduler
+
+
+# What each sampler name promises, spelled with diffusers' classes and options (written out
+# again here, not read from diffusion.sampling's table).
+DIFFUSERS_SPELLING = {
+    "ddpm": lambda config: DDPMScheduler.from_config(config),
+    "ddim": lambda config: DDIMScheduler.from_config(config),
+    "dpm-solver": lambda config: DPMSolverMultistepScheduler.from_config(config),
+    "dpm-solver-2m-karras": lambda config: sigma_max_80(
+        DPMSolverMultistepScheduler.from_config(
+            config, algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True
+        )
+    ),
+    "dpm-solver-3m-karras": lambda config: sigma_max_80(
+        DPMSolverMultistepScheduler.from_config(
+            config, algorithm_type="dpmsolver++", solver_order=3, use_karras_sigmas=True
+        )
+    ),
+    "unipc": lambda config: UniPCMultistepScheduler.from_config(config),
+    "euler-karras": lambda config: EulerDiscreteScheduler.from_config(
+        config, use_karras_sigmas=True, sigma_max=80.0
+    ),
+    "heun-karras": lambda config: sigma_max_80(
+        HeunDiscreteScheduler.from_config(config, use_karras_sigmas=True)
+    ),
+}
+
+
+@torch.no_grad()
+def diffusers_loop(
+    unet: nn.Module, scheduler, generators: list[torch.Generator], num_steps: int
+) -> tuple[torch.Tensor, int]:
+    """The denoising loop of diffusers' documentation: initial noise scaled by
+    init_noise_sigma, scale_model_input before each evaluation. Returns (images, evaluations)."""
+    scheduler.set_timesteps(num_steps)
+    latents = randn_tensor((len(generators), 1, 16, 16), generator=generators)
+    latents = latents * scheduler.init_noise_sigma
+    evaluations = 0
+    for t in scheduler.timesteps:
+        noise_pred = unet(scheduler.scale_model_input(latents, t), t).sample
+        evaluations += 1
+        step_kwargs = {"generator": generators} if isinstance(scheduler, DDPMScheduler) else {}
+        latents = scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
+    return latents.clamp(-1, 1), evaluations
+
+
+@pytest.mark.parametrize("name", list(DDPM_SAMPLERS))
+def test_every_sampler_is_the_diffusers_scheduler_its_name_says(unet: nn.Module, name: str) -> None:
+    config = make_train_scheduler().config
+    steps = 6
+    ours, _ = sample_ddpm(unet, make_inference_scheduler(name, config), range(3), 2, steps)
+    reference, evaluations = diffusers_loop(
+        unet, DIFFUSERS_SPELLING[name](config), make_sample_generators(2, range(3)), steps
+    )
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=0)
+    assert ours.std() > 0.1
+    # Heun evaluates twice per step but the last; the others once.
+    assert evaluations == (2 * steps - 1 if name == "heun-karras" else steps)
+
+
+@pytest.mark.parametrize(
+    "name", ["dpm-solver-2m-karras", "dpm-solver-3m-karras", "euler-karras", "heun-karras"]
+)
+@pytest.mark.parametrize("num_steps", [4, 10, 20])
+def test_karras_samplers_span_sigma_max_80_to_the_schedules_floor_with_rho_7(
+    name: str, num_steps: int
+) -> None:
+    """Not the cosine schedule's sigma ~20,000 at t = 999, where half the steps would collapse
+    onto t = 998 (and DPM-Solver, casting them to integers, fails at 4 steps)."""
+    train = make_train_scheduler()
+    sampler = make_inference_scheduler(name, train.config)
+    sampler.set_timesteps(num_steps)
+    sigmas = sampler.sigmas.double().unique_consecutive()
+    sigmas = sigmas[sigmas > 0]
+    floor = ((1 - train.alphas_cumprod[0]) / train.alphas_cumprod[0]).sqrt().item()
+    assert sigmas[0].item() == pytest.approx(80.0, rel=1e-6)
+    assert sigmas[-1].item() == pytest.approx(floor, rel=1e-4)
+    root = sigmas ** (1 / 7)  # eq. 5: equal steps in sigma^(1/rho)
+    torch.testing.assert_close(
+        root.diff(), root.diff().mean().expand(len(root) - 1), rtol=1e-3, atol=0
+    )
+    assert len(sampler.timesteps.unique()) == len(sigmas)  # no two steps at one timestep
+
+
+@pytest.mark.parametrize("name", list(DDPM_SAMPLERS))
+def test_a_sampler_is_the_same_from_the_training_config_and_from_the_saved_one(
+    name: str, tmp_path: Path
+) -> None:
+    """A saved scheduler_config.json lists every key (clip_sample, timestep_spacing, ...), the
+    in-memory config only those set by hand: neither may change the sampler's own knobs."""
+    train = make_train_scheduler()
+    train.save_config(tmp_path)
+    saved = json.loads((tmp_path / "scheduler_config.json").read_text())
+    assert "timestep_spacing" in saved and "_use_default_values" not in saved
+    from_memory = make_inference_scheduler(name, train.config)
+    from_disk = make_inference_scheduler(name, saved)
+    for key in ("timestep_spacing", "clip_sample", "thresholding", "sigma_max"):
+        assert from_memory.config.get(key) == from_disk.config.get(key), key
+    from_memory.set_timesteps(10)
+    from_disk.set_timesteps(10)
+    assert torch.equal(from_memory.timesteps, from_disk.timesteps)
 
 
 def test_inference_scheduler_inherits_the_training_schedule() -> None:
     train = make_train_scheduler(prediction_type="v_prediction")
-    for name in ("ddpm", "ddim", "dpm-solver"):
+    for name in DDPM_SAMPLERS:
         sampler = make_inference_scheduler(name, train.config)
-        assert sampler.config.prediction_type == "v_prediction"
+        assert sampler.config.prediction_type == "v_prediction", name
         torch.testing.assert_close(sampler.alphas_cumprod, train.alphas_cumprod)
 
 

@@ -1,4 +1,4 @@
-"""Tiny real runs shared by test_train_ddpm.py and test_sample.py (trained once per session).
+"""Tiny real runs shared by the tests of train_ddpm.py and sample.py (trained once per session).
 
 The UNet is ~180k parameters at 8x8 (the digits' native size), so a 6-step run, its grids and
 its export take a few seconds on one CPU thread. Runs happen in-process where one process is
@@ -80,6 +80,19 @@ def trained_ddpm(tmp_path_factory) -> Path:
         train_ddpm.main([*argv, "--report-to=none"])
         _CACHE["ddpm"] = root / "run"
     return _CACHE["ddpm"]
+
+
+def trained_edm(tmp_path_factory) -> Path:
+    """Run dir of a 6-step EDM run (train_ddpm.py --objective edm), 1 process x batch 8."""
+    if "edm" not in _CACHE:
+        import train_ddpm
+
+        root = tmp_path_factory.mktemp("edm_1proc")
+        fresh_accelerate_state()
+        argv = ddpm_args(root / "run", tiny_preset(root), GLOBAL_BATCH, 1)
+        train_ddpm.main([*argv, "--objective=edm", "--sample-steps=3", "--report-to=none"])
+        _CACHE["edm"] = root / "run"
+    return _CACHE["edm"]
 
 
 def trained_basic(tmp_path_factory) -> Path:
