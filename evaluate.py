@@ -25,11 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 
 from ddp_utils.cli import cli_main, setup_logging
 from ddp_utils.config import option, parse_config, to_dict
+from ddp_utils.data import load_image_data
 from ddp_utils.files import write_json
 from evaluation import (
     FeatureStats,
@@ -38,6 +40,7 @@ from evaluation import (
     fid_kid,
     load_fid_inception,
     load_images,
+    per_class_fid_kid,
 )
 from evaluation.inception import FEATURE_DIM
 
@@ -86,6 +89,11 @@ class EvalConfig:
     kid_subsets: int = option(100, "number of random subsets KID is averaged over")
     kid_subset_size: int = option(1000, "images per KID subset (clipped to the smaller set)")
     seed: int = option(0, "seed of the KID subset draws")
+    per_class: bool = option(
+        False,
+        "also score each class: the samples .npz needs `labels` (sample.py writes them for a "
+        "class-conditional model) and --dataset class labels",
+    )
 
     def __post_init__(self) -> None:
         if not self.samples:
@@ -104,6 +112,8 @@ class EvalConfig:
             raise ValueError(f"--kid-subsets must be >= 1, got {self.kid_subsets}")
         if self.kid_subset_size < 2:
             raise ValueError(f"--kid-subset-size must be >= 2, got {self.kid_subset_size}")
+        if self.per_class and self.dataset is None:
+            raise ValueError("--per-class needs --dataset (its class labels are the reference's)")
 
 
 def default_output(samples: str) -> Path:
@@ -196,6 +206,8 @@ def evaluate(cfg: EvalConfig, accelerator: Accelerator | None = None) -> dict[st
             smallest,
             FEATURE_DIM,
         )
+    if cfg.per_class:
+        metrics["per_class"] = score_classes(cfg, samples, extractor, accelerator)
     if is_main:
         output = Path(cfg.output) if cfg.output else default_output(cfg.samples)
         write_json(output, metrics)
@@ -205,6 +217,36 @@ def evaluate(cfg: EvalConfig, accelerator: Accelerator | None = None) -> dict[st
             f"({ref_name}) -> {output}"
         )
     return metrics
+
+
+def score_classes(
+    cfg: EvalConfig,
+    samples: torch.Tensor,
+    extractor: torch.nn.Module,
+    accelerator: Accelerator | None,
+) -> dict[str, Any]:
+    """FID/KID per class: the samples' `labels` against the dataset's classes (collective)."""
+    with np.load(cfg.samples, allow_pickle=False) as npz:
+        if "labels" not in npz.files:
+            raise ValueError(
+                f"--per-class: {cfg.samples} has no `labels` array (sample.py writes one for "
+                "class-conditional models)"
+            )
+        labels = npz["labels"]
+    data = load_image_data(
+        cfg.dataset,
+        cfg.resolution or int(samples.shape[2]),
+        cfg.channels or int(samples.shape[1]),
+        dataset_config=cfg.dataset_config,
+        split=cfg.split,
+        max_images=cfg.max_reference,
+        accelerator=accelerator,
+        with_labels=True,
+    )
+    return per_class_fid_kid(
+        samples, labels, data.images, data.labels.numpy(), data.class_names or [],
+        extractor, accelerator, cfg.batch_size, cfg.seed,
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:

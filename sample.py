@@ -35,10 +35,11 @@ from accelerate import Accelerator
 
 from ddp_utils.cli import cli_main, setup_logging
 from ddp_utils.config import option, parse_config, require, save_config
+from ddp_utils.data import load_image_data
 from ddp_utils.distributed import all_finite, local_chunks, map_sharded, raise_together
 from ddp_utils.errors import InputError, NonFiniteError
 from ddp_utils.files import atomic_file, write_json
-from ddp_utils.images import make_grid, save_png, to_uint8, upscale
+from ddp_utils.images import make_grid, rows_by_label, save_png, to_uint8, upscale
 from ddp_utils.tracking import MIN_PICTURE_SIDE
 from ddp_utils.train_config import MixedPrecision
 from diffusion.basic import sample_basic
@@ -53,7 +54,13 @@ from diffusion.sampling import (
     make_inference_scheduler,
     sample_ddpm,
 )
-from evaluation import compute_feature_stats, dataset_stats, fid_kid, load_fid_inception
+from evaluation import (
+    compute_feature_stats,
+    dataset_stats,
+    fid_kid,
+    load_fid_inception,
+    per_class_fid_kid,
+)
 
 logger = logging.getLogger("ddp_diffusion.sample")
 
@@ -88,6 +95,19 @@ class SampleConfig:
     churn: float = option(
         0.0, "EDM samplers: stochasticity S_churn (Karras et al. 2022; 0: deterministic)"
     )
+    class_labels: str | None = option(
+        None,
+        "class-conditional models: 'all' (sample k gets class k mod C: every class evenly) or "
+        "a comma list of class ids or names (sample k gets entry k mod n); default: all",
+    )
+    guidance_scale: float | None = option(
+        None,
+        "class-conditional models: classifier-free guidance w (0: unconditional, 1: "
+        "conditional, > 1: more like the class); default: the one the model was exported with",
+    )
+    per_class_fid: bool = option(
+        False, "with --fid on a class-conditional model: FID/KID of each class too"
+    )
     weights: Weights = option("ema", "EMA or raw weights (exports without raw weights: EMA)")
     mixed_precision: MixedPrecision = option("no", "autocast dtype of the network")
     save_images: bool = option(False, "also write one PNG per sample")
@@ -119,6 +139,11 @@ class SampleConfig:
             f"--eta applies to --scheduler ddim only, got {self.scheduler}",
         )
         require(self.churn >= 0, f"--churn must be >= 0, got {self.churn}")
+        require(
+            self.guidance_scale is None or self.guidance_scale >= 0,
+            f"--guidance-scale must be >= 0, got {self.guidance_scale}",
+        )
+        require(not self.per_class_fid or self.fid, "--per-class-fid needs --fid")
         require(self.grid_size >= 1, "--grid-size must be >= 1")
         require(not self.fid or bool(self.dataset), "--fid needs --dataset (the reference images)")
         require(
@@ -160,6 +185,35 @@ def choose_sampler(cfg: SampleConfig, loaded: LoadedModel) -> tuple[str | None, 
     return name, cfg.num_steps or DEFAULT_STEPS[name], eta
 
 
+def choose_classes(cfg: SampleConfig, loaded: LoadedModel) -> tuple[list[int] | None, float]:
+    """(the class cycle sample k takes entry k mod n of, the guidance scale); (None, 1) for
+    an unconditional model."""
+    if not loaded.num_classes:
+        if cfg.class_labels is not None or cfg.guidance_scale is not None or cfg.per_class_fid:
+            raise InputError(
+                f"{loaded.source} is not class-conditional: it takes no classes or guidance",
+                "class_labels",
+            )
+        return None, 1.0
+    names = loaded.class_names or []
+    if cfg.class_labels in (None, "all"):
+        cycle = list(range(len(names)))
+    else:
+        cycle = []
+        for entry in (e.strip() for e in cfg.class_labels.split(",")):
+            if entry in names:
+                cycle.append(names.index(entry))
+            elif entry.isdigit() and int(entry) < len(names):
+                cycle.append(int(entry))
+            else:
+                raise InputError(
+                    f"{entry!r} is not a class of this model; its classes: {', '.join(names)}",
+                    "class_labels",
+                )
+    guidance = loaded.guidance_scale if cfg.guidance_scale is None else cfg.guidance_scale
+    return cycle, guidance
+
+
 def make_chunk_fn(
     cfg: SampleConfig,
     loaded: LoadedModel,
@@ -167,10 +221,17 @@ def make_chunk_fn(
     sampler: str | None,
     steps: int,
     eta: float,
+    cycle: list[int] | None = None,
+    guidance: float = 1.0,
 ) -> tuple[Callable[[range], torch.Tensor], list[torch.Tensor], list[int]]:
     """(items -> uint8 NHWC samples, the progression filled by the chunk of item 0, the
-    indices of samples that came out non-finite)."""
+    indices of samples that came out non-finite). With a class `cycle`, sample k has class
+    cycle[k mod len(cycle)] and is guided with scale `guidance`."""
     model, dtype = loaded.model, DTYPES[cfg.mixed_precision]
+
+    def labels(indices: range) -> torch.Tensor | None:
+        return None if cycle is None else sample_classes(indices, cycle)
+
     progression: list[torch.Tensor] = []  # x_t of the first 8 samples, every 1/10 of the steps
     nonfinite: list[int] = []
     if loaded.task == "basic":
@@ -193,6 +254,8 @@ def make_chunk_fn(
                 device=device,
                 dtype=dtype,
                 progression_every=every,
+                class_labels=labels(indices),
+                guidance_scale=guidance,
             )
 
     else:
@@ -200,8 +263,9 @@ def make_chunk_fn(
 
         def draw(indices: range, every: int | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
             return sample_ddpm(
-                model, scheduler, indices, cfg.seed, steps, eta, device, dtype, every
-            )
+                model, scheduler, indices, cfg.seed, steps, eta, device, dtype, every,
+                class_labels=labels(indices), guidance_scale=guidance,
+            )  # fmt: skip
 
     def chunk(indices: range) -> torch.Tensor:
         every = math.ceil(steps / 10) if cfg.save_progression and 0 in indices else None
@@ -212,6 +276,11 @@ def make_chunk_fn(
         return torch.from_numpy(to_uint8(x, loaded.value_range))
 
     return chunk, progression, nonfinite
+
+
+def sample_classes(indices: range, cycle: list[int]) -> torch.Tensor:
+    """Sample k's class: cycle[k mod len(cycle)] (`all` cycles through every class)."""
+    return torch.tensor([cycle[k % len(cycle)] for k in indices], dtype=torch.long)
 
 
 def check_finite_samples(accelerator: Accelerator, nonfinite: list[int], total: int) -> None:
@@ -252,9 +321,14 @@ def count_calls(model: torch.nn.Module) -> list[int]:
 
 
 def score(
-    cfg: SampleConfig, loaded: LoadedModel, images: np.ndarray, accelerator: Accelerator
+    cfg: SampleConfig,
+    loaded: LoadedModel,
+    images: np.ndarray,
+    labels: np.ndarray | None,
+    accelerator: Accelerator,
 ) -> dict[str, Any]:
-    """FID/KID of the samples against `--dataset` at the model's resolution and channels.
+    """FID/KID of the samples against `--dataset` at the model's resolution and channels (and
+    of each class with --per-class-fid).
 
     Collective: feature extraction is sharded (chunk k of `--batch-size` images on rank
     k % world), reference statistics are cached and shared with evaluate.py and training.
@@ -264,22 +338,37 @@ def score(
     sample_stats = compute_feature_stats(
         samples, extractor, accelerator, cfg.batch_size, progress="FID features"
     )
+    reference_args = dict(
+        dataset_config=cfg.dataset_config, split=cfg.split, accelerator=accelerator
+    )
     reference = dataset_stats(
         cfg.dataset,
         loaded.resolution,
         loaded.channels,
-        dataset_config=cfg.dataset_config,
-        split=cfg.split,
         max_images=cfg.max_reference,
         extractor=extractor,
-        accelerator=accelerator,
         batch_size=cfg.batch_size,
+        **reference_args,
     )
-    return {
+    metrics = {
         **fid_kid(sample_stats, reference, seed=cfg.seed, device=accelerator.device),
         "reference": f"{cfg.dataset} ({cfg.split}, {loaded.resolution}x{loaded.resolution}, "
         f"{loaded.channels} ch)",
     }
+    if cfg.per_class_fid:
+        assert labels is not None and cfg.dataset is not None  # checked by choose_classes
+        data = load_image_data(
+            cfg.dataset, loaded.resolution, loaded.channels, with_labels=True, **reference_args
+        )
+        data.images, data.labels = (
+            data.images[: cfg.max_reference],
+            data.labels[: cfg.max_reference],
+        )
+        metrics["per_class"] = per_class_fid_kid(
+            samples, labels, data.images, data.labels.numpy(), loaded.class_names or [],
+            extractor, accelerator, cfg.batch_size, cfg.seed,
+        )  # fmt: skip
+    return metrics
 
 
 def sample(cfg: SampleConfig) -> np.ndarray:
@@ -298,45 +387,34 @@ def sample(cfg: SampleConfig) -> np.ndarray:
             "diverged; sample an earlier checkpoint"
         )
     sampler, steps, eta = choose_sampler(cfg, loaded)
+    cycle, guidance = choose_classes(cfg, loaded)
     loaded.model.to(accelerator.device).eval()
     chunk, progression, nonfinite = make_chunk_fn(
-        cfg, loaded, accelerator.device, sampler, steps, eta
+        cfg, loaded, accelerator.device, sampler, steps, eta, cycle, guidance
     )
     calls = count_calls(loaded.model)
     images = map_sharded(accelerator, cfg.num_samples, cfg.batch_size, chunk, "sampling").numpy()
     check_finite_samples(accelerator, nonfinite, cfg.num_samples)
+    labels = None if cycle is None else sample_classes(range(cfg.num_samples), cycle).numpy()
     world, rank = accelerator.num_processes, accelerator.process_index
     num_chunks = len(local_chunks(cfg.num_samples, cfg.batch_size, world, rank))
-
     if accelerator.is_main_process:
-        with atomic_file(out / "samples.npz") as f:
-            np.savez(f, arr_0=images)
-        # The grid and strip upscaled (nearest) to a viewable size; samples.npz stays native.
-        save_png(upscale(make_grid(images[: cfg.grid_size]), MIN_PICTURE_SIDE), out / "grid.png")
-        if cfg.save_images:
-            (out / "images").mkdir(exist_ok=True)
-            for k, image in enumerate(images):
-                save_png(image, out / "images" / f"{k:06d}.png")
-        if progression:
-            # Rows: steps, columns: the first (up to 8) samples.
-            strip = torch.cat(progression)
-            num_columns = len(progression[0])
-            strip_grid = make_grid(to_uint8(strip, loaded.value_range), nrow=num_columns)
-            save_png(upscale(strip_grid, MIN_PICTURE_SIDE), out / "progression.png")
         info = {
             "task": loaded.task,
             "source": str(loaded.source),
             "scheduler": sampler,
             "num_steps": steps,
-            "num_evaluations": calls[0] // max(1, num_chunks),  # network calls per image
+            # Network evaluations per image (guidance runs two per call, batched).
+            "num_evaluations": calls[0] // max(1, num_chunks) * (1 + (guidance not in (0, 1))),
             "eta": eta if sampler == "ddim" else None,
             "churn": cfg.churn if loaded.task == "edm" else None,
+            "class_names": loaded.class_names,
+            "guidance_scale": guidance if cycle is not None else None,
             "num_processes": accelerator.num_processes,
         }
-        write_json(out / "sample_info.json", info)
-        logger.info("wrote %d samples to %s", len(images), out / "samples.npz")
+        write_outputs(cfg, out, images, labels, progression, loaded, info)
     if cfg.fid:
-        metrics = score(cfg, loaded, images, accelerator)
+        metrics = score(cfg, loaded, images, labels, accelerator)
         if accelerator.is_main_process:
             write_json(out / "fid.json", metrics)
             print(
@@ -348,6 +426,39 @@ def sample(cfg: SampleConfig) -> np.ndarray:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return images
+
+
+def write_outputs(
+    cfg: SampleConfig,
+    out: Path,
+    images: np.ndarray,
+    labels: np.ndarray | None,
+    progression: list[torch.Tensor],
+    loaded: LoadedModel,
+    info: dict[str, Any],
+) -> None:
+    """samples.npz (images at their native size, and their classes), grid.png (one class per
+    row for a class-conditional model), images/, progression.png, sample_info.json."""
+    with atomic_file(out / "samples.npz") as f:
+        arrays = {"arr_0": images} if labels is None else {"arr_0": images, "labels": labels}
+        np.savez(f, **arrays)
+    shown, per_row = images[: cfg.grid_size], None
+    if labels is not None:
+        shown, per_row = rows_by_label(shown, labels[: cfg.grid_size].tolist(), loaded.num_classes)
+    # The grid and strip upscaled (nearest) to a viewable size; samples.npz stays native.
+    save_png(upscale(make_grid(shown, nrow=per_row), MIN_PICTURE_SIDE), out / "grid.png")
+    if cfg.save_images:
+        (out / "images").mkdir(exist_ok=True)
+        for k, image in enumerate(images):
+            save_png(image, out / "images" / f"{k:06d}.png")
+    if progression:
+        # Rows: steps, columns: the first (up to 8) samples.
+        strip = make_grid(
+            to_uint8(torch.cat(progression), loaded.value_range), nrow=len(progression[0])
+        )
+        save_png(upscale(strip, MIN_PICTURE_SIDE), out / "progression.png")
+    write_json(out / "sample_info.json", info)
+    logger.info("wrote %d samples to %s", len(images), out / "samples.npz")
 
 
 def main(argv: list[str] | None = None) -> None:

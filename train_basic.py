@@ -104,6 +104,9 @@ class BasicMethod:
     def data_pictures(self) -> dict[str, np.ndarray]:
         return {}
 
+    def grid_layout(self, images: np.ndarray) -> tuple[np.ndarray, int]:
+        return images, 8
+
     def export(self, folder: Path, net: nn.Module, raw: nn.Module) -> None:
         net.save_pretrained(folder, safe_serialization=True)
 

@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from diffusers import DDPMPipeline, DDPMScheduler, EDMEulerScheduler
+from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline, EDMEulerScheduler
 from torch import nn
 
 from ddp_utils import loop
@@ -37,11 +37,12 @@ from ddp_utils.cli import cli_main
 from ddp_utils.config import option, parse_config, require
 from ddp_utils.data import Batch, to_float
 from ddp_utils.files import write_json
-from ddp_utils.images import make_grid, to_uint8
+from ddp_utils.images import make_grid, rows_by_label, to_uint8
 from ddp_utils.metrics import MetricWindow
 from ddp_utils.run import Run, start_run
 from ddp_utils.train_config import TrainConfig
 from diffusion import pipeline_code
+from diffusion.conditioning import Conditioning
 from diffusion.ddpm import (
     VALUE_RANGE,
     BetaSchedule,
@@ -51,6 +52,7 @@ from diffusion.ddpm import (
 )
 from diffusion.edm import edm_loss, make_edm_scheduler, sample_edm, sample_noise_levels
 from diffusion.models import build_ddpm_unet
+from diffusion.pipeline_code.ddpm_pipeline import GuidedDDPMPipeline
 from diffusion.pipeline_code.edm_pipeline import EDMPipeline
 from diffusion.sampling import (
     DEFAULT_DDIM_ETA,
@@ -77,7 +79,7 @@ class DDPMConfig(TrainConfig):
     )
     preset: str = option(
         "digits-small",
-        "UNet preset (digits-small, unet-4.7m, unet-18m, ddpm-cifar10) or a JSON config file",
+        "UNet preset (digits-small, unet-4.7m, unet-18.5m, ddpm-cifar10) or a JSON config file",
     )
     # DDPM (--objective ddpm).
     prediction_type: PredictionType = option("epsilon", "DDPM: network target")
@@ -93,6 +95,20 @@ class DDPMConfig(TrainConfig):
     sigma_min: float = option(0.002, "EDM: the sampler's lowest noise level")
     sigma_max: float = option(80.0, "EDM: the sampler's highest noise level (its start)")
     rho: float = option(7.0, "EDM: spacing of the sampler's noise levels (7: dense near 0)")
+    # Class-conditional generation with classifier-free guidance (Ho & Salimans 2022).
+    class_conditional: bool = option(
+        False,
+        "train on the dataset's class labels (digits, MNIST, CIFAR-10, an image folder with one "
+        "subfolder per class) and sample with classifier-free guidance",
+    )
+    label_dropout: float = option(
+        0.1, "class-conditional: share of labels replaced by 'no class' (what guidance needs)"
+    )
+    sample_guidance_scale: float = option(
+        3.0,
+        "class-conditional: guidance w of the grids, --eval-every and the export's default "
+        "(0: unconditional, 1: conditional, > 1: more like the class)",
+    )
     # Training.
     learning_rate: float = option(4e-4, "peak learning rate")
     lr_warmup_steps: int = option(200, "linear warmup, in optimizer steps")
@@ -142,6 +158,14 @@ class DDPMConfig(TrainConfig):
             self.sample_eta == 0 or self.sample_scheduler == "ddim",
             f"--sample-eta applies to --sample-scheduler ddim only, got {self.sample_scheduler}",
         )
+        require(
+            0 <= self.label_dropout < 1,
+            f"--label-dropout must be in [0, 1), got {self.label_dropout}",
+        )
+        require(
+            self.sample_guidance_scale >= 0,
+            f"--sample-guidance-scale must be >= 0, got {self.sample_guidance_scale}",
+        )
         if self.objective == "edm":
             self._check_edm()
 
@@ -173,6 +197,33 @@ def report_by_bin(
         stats.add(f"{prefix}{q}", sums[q], counts[q])
 
 
+def conditioning_of(run: Run) -> Conditioning:
+    """The run's classes (none unless --class-conditional) and how to use them."""
+    cfg = run.cfg
+    if not cfg.class_conditional:
+        return Conditioning()
+    names = tuple(run.data.class_names or ())
+    return Conditioning(names, cfg.label_dropout, cfg.sample_guidance_scale)
+
+
+def class_task_info(conditioning: Conditioning) -> dict[str, Any]:
+    """What sample.py and the export need to know of the classes."""
+    if not conditioning.num_classes:
+        return {}
+    return {
+        "class_names": list(conditioning.class_names),
+        "guidance_scale": conditioning.guidance_scale,
+    }
+
+
+def grid_layout(conditioning: Conditioning, images: np.ndarray) -> tuple[np.ndarray, int]:
+    """Unconditional: 8 per row. Class-conditional: one class per row (sample k: class k mod C)."""
+    if not conditioning.num_classes:
+        return images, 8
+    labels = conditioning.sample_labels(range(len(images)))
+    return rows_by_label(images, labels.tolist(), conditioning.num_classes)
+
+
 def denoising_strip(snapshots: list[torch.Tensor]) -> dict[str, np.ndarray]:
     """Rows: the sampler's x every 1/10 of the steps; columns: the grid's first samples."""
     grid = make_grid(to_uint8(torch.cat(snapshots), VALUE_RANGE), nrow=len(snapshots[0]))
@@ -189,13 +240,18 @@ class DDPMMethod:
         self.run, self.cfg, self.scheduler = run, run.cfg, scheduler
         self.device = run.accelerator.device
         self.sampler = make_inference_scheduler(self.cfg.sample_scheduler, scheduler.config)
+        self.conditioning = conditioning_of(run)
 
     def task_info(self) -> dict[str, Any]:
         return {
             "task": "ddpm",
             "value_range": list(VALUE_RANGE),
             "scheduler_config": dict(self.scheduler.config),
+            **class_task_info(self.conditioning),
         }
+
+    def grid_layout(self, images: np.ndarray) -> tuple[np.ndarray, int]:
+        return grid_layout(self.conditioning, images)
 
     def loss(
         self, model: nn.Module, batch: Batch, generator: torch.Generator, stats: MetricWindow
@@ -204,8 +260,9 @@ class DDPMMethod:
         x0, num_timesteps = batch.images, self.cfg.num_train_timesteps
         noise = torch.randn(x0.shape, generator=generator, device=x0.device)
         t = torch.randint(0, num_timesteps, (x0.shape[0],), generator=generator, device=x0.device)
+        labels = self.conditioning.training_labels(batch.labels, generator)
         loss, per_sample = diffusion_loss(
-            model, self.scheduler, x0, t, noise, self.cfg.min_snr_gamma
+            model, self.scheduler, x0, t, noise, self.cfg.min_snr_gamma, labels
         )
         report_by_bin(stats, "loss_t_q", t * NUM_LOSS_BINS // num_timesteps, per_sample)
         return loss
@@ -223,6 +280,8 @@ class DDPMMethod:
             cfg.sample_eta,
             self.device,
             progression_every=every,
+            class_labels=self.conditioning.sample_labels(indices),
+            guidance_scale=self.conditioning.guidance_scale,
         )
 
     def sample(self, net: nn.Module, indices: range) -> torch.Tensor:
@@ -247,14 +306,33 @@ class DDPMMethod:
         return {"forward_noising": make_grid(to_uint8(torch.cat(rows), VALUE_RANGE), nrow=len(x0))}
 
     def export(self, folder: Path, net: nn.Module, raw: nn.Module) -> None:
-        """A diffusers DDPMPipeline folder (EMA weights) and the raw weights in `unet_raw/`."""
-        DDPMPipeline(unet=net, scheduler=self.scheduler).save_pretrained(
-            folder, safe_serialization=True
-        )
+        """A diffusers DDPMPipeline folder (EMA weights), or for a class-conditional model a
+        GuidedDDPMPipeline with its `pipeline.py`; the raw weights in `unet_raw/`."""
+        conditioning = self.conditioning
+        if conditioning.num_classes:
+            pipeline = GuidedDDPMPipeline(
+                net, self.scheduler, list(conditioning.class_names), conditioning.guidance_scale
+            )
+            ship_pipeline(pipeline, folder, DDPM_PIPELINE_FILE, "GuidedDDPMPipeline")
+        else:
+            DDPMPipeline(unet=net, scheduler=self.scheduler).save_pretrained(
+                folder, safe_serialization=True
+            )
         raw.save_pretrained(folder / "unet_raw", safe_serialization=True)
 
 
 PIPELINE_FILE = Path(pipeline_code.__file__).with_name("edm_pipeline.py")
+DDPM_PIPELINE_FILE = Path(pipeline_code.__file__).with_name("ddpm_pipeline.py")
+
+
+def ship_pipeline(pipeline: DiffusionPipeline, folder: Path, code: Path, class_name: str) -> None:
+    """save_pretrained, plus the pipeline's own code as `pipeline.py`: diffusers looks
+    `_class_name` up in its own module unless it names a file beside it (and then needs
+    `trust_remote_code=True` to run it)."""
+    pipeline.save_pretrained(folder, safe_serialization=True)
+    index = json.loads((folder / "model_index.json").read_text())
+    write_json(folder / "model_index.json", {**index, "_class_name": ["pipeline", class_name]})
+    shutil.copyfile(code, folder / "pipeline.py")
 
 
 class EDMMethod:
@@ -266,6 +344,7 @@ class EDMMethod:
     def __init__(self, run: Run, scheduler: EDMEulerScheduler) -> None:
         self.run, self.cfg, self.scheduler = run, run.cfg, scheduler
         self.device = run.accelerator.device
+        self.conditioning = conditioning_of(run)
 
     def task_info(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -274,7 +353,11 @@ class EDMMethod:
             "value_range": list(VALUE_RANGE),
             "scheduler_config": dict(self.scheduler.config),
             "noise_level_distribution": {"p_mean": cfg.p_mean, "p_std": cfg.p_std},
+            **class_task_info(self.conditioning),
         }
+
+    def grid_layout(self, images: np.ndarray) -> tuple[np.ndarray, int]:
+        return grid_layout(self.conditioning, images)
 
     def loss(
         self, model: nn.Module, batch: Batch, generator: torch.Generator, stats: MetricWindow
@@ -283,7 +366,8 @@ class EDMMethod:
         y, cfg = batch.images, self.cfg
         noise = torch.randn(y.shape, generator=generator, device=y.device)
         sigma = sample_noise_levels(len(y), cfg.p_mean, cfg.p_std, generator)
-        loss, per_sample = edm_loss(model, y, sigma, noise, cfg.sigma_data)
+        labels = self.conditioning.training_labels(batch.labels, generator)
+        loss, per_sample = edm_loss(model, y, sigma, noise, cfg.sigma_data, labels)
         # Quarters of the training distribution: z = (ln sigma - P_mean) / P_std vs N(0, 1)'s.
         z = (sigma.log() - cfg.p_mean) / cfg.p_std
         bins = (z > -0.6745).long() + (z > 0).long() + (z > 0.6745).long()
@@ -303,6 +387,8 @@ class EDMMethod:
             second_order=cfg.sample_scheduler == "edm-heun",
             device=self.device,
             progression_every=every,
+            class_labels=self.conditioning.sample_labels(indices),
+            guidance_scale=self.conditioning.guidance_scale,
         )
 
     def sample(self, net: nn.Module, indices: range) -> torch.Tensor:
@@ -331,21 +417,20 @@ class EDMMethod:
         """A pipeline folder diffusers runs with `trust_remote_code=True`: the EMA UNet, the
         scheduler holding the EDM constants, `pipeline.py` (the EDMPipeline class), and the
         raw weights in `unet_raw/`."""
-        EDMPipeline(unet=net, scheduler=self.scheduler).save_pretrained(
-            folder, safe_serialization=True
+        conditioning = self.conditioning
+        pipeline = EDMPipeline(
+            net,
+            self.scheduler,
+            list(conditioning.class_names) or None,
+            conditioning.guidance_scale if conditioning.num_classes else 1.0,
         )
-        # diffusers looks `_class_name` up in its own module unless it names a file beside it.
-        index = json.loads((folder / "model_index.json").read_text())
-        write_json(
-            folder / "model_index.json", {**index, "_class_name": ["pipeline", "EDMPipeline"]}
-        )
-        shutil.copyfile(PIPELINE_FILE, folder / "pipeline.py")
+        ship_pipeline(pipeline, folder, PIPELINE_FILE, "EDMPipeline")
         raw.save_pretrained(folder / "unet_raw", safe_serialization=True)
 
 
 def train(cfg: DDPMConfig) -> Run:
-    run = start_run(cfg)
-    model = build_ddpm_unet(cfg.preset, cfg.resolution, cfg.channels)
+    run = start_run(cfg, with_labels=cfg.class_conditional)
+    model = build_ddpm_unet(cfg.preset, cfg.resolution, cfg.channels, run.data.num_classes)
     if cfg.objective == "edm":
         scheduler = make_edm_scheduler(cfg.sigma_data, cfg.sigma_min, cfg.sigma_max, cfg.rho)
         method: DDPMMethod | EDMMethod = EDMMethod(run, scheduler)

@@ -6,6 +6,7 @@ Kept numpy/PIL only (no torchvision) so the same grid code serves sampling scrip
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -84,3 +85,17 @@ def upscale(image: np.ndarray, min_side: int) -> np.ndarray:
     side at least `min_side`: a 16x16 digits grid is viewable, and each pixel stays a square."""
     factor = max(1, -(-min_side // max(image.shape[0], image.shape[1])))
     return image.repeat(factor, axis=0).repeat(factor, axis=1) if factor > 1 else image
+
+
+def rows_by_label(
+    images: np.ndarray, labels: Sequence[int], num_labels: int
+) -> tuple[np.ndarray, int]:
+    """(NHWC images ordered one label per row, images per row), for `make_grid(..., nrow=)`:
+    label 0's images in the first row, label 1's in the second, ...; rows as long as the
+    largest group, shorter ones padded with black."""
+    groups = [[i for i, c in enumerate(labels) if c == k] for k in range(num_labels)]
+    groups = [group for group in groups if group]
+    width = max(len(group) for group in groups)
+    blank = np.zeros_like(images[0])
+    ordered = [images[g[j]] if j < len(g) else blank for g in groups for j in range(width)]
+    return np.stack(ordered), width

@@ -75,6 +75,10 @@ class Method(Protocol):
         """Pictures of the data logged once at the start of a fresh run (writer only)."""
         ...
 
+    def grid_layout(self, images: np.ndarray) -> tuple[np.ndarray, int]:
+        """The sample grid's images (NHWC uint8, items 0..n-1) in order, and images per row."""
+        ...
+
     def export(self, folder: Path, net: nn.Module, raw: nn.Module) -> None:
         """Write the model folder: `net` holds the weights to ship (the EMA), `raw` the raw."""
         ...
@@ -237,7 +241,8 @@ def log_pictures(run: Run, method: Method, net: nn.Module, step: int) -> None:
     images = map_sharded(
         run.accelerator, cfg.num_sample_images, GRID_CHUNK, lambda items: method.sample(net, items)
     )
-    run.tracker.log_image("samples", make_grid(to_uint8(images, method.value_range), nrow=8), step)
+    ordered, per_row = method.grid_layout(to_uint8(images, method.value_range))
+    run.tracker.log_image("samples", make_grid(ordered, nrow=per_row), step)
     if run.is_writer:
         for name, picture in method.pictures(net, step).items():
             run.tracker.log_image(name, picture, step)

@@ -366,6 +366,10 @@ class Run:
             cfg.channels,
             f" ({self.data.num_skipped} unreadable skipped)" if self.data.num_skipped else "",
         )
+        if self.data.class_names:
+            names = self.data.class_names
+            shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+            logger.info("classes: %d (%s)", len(names), shown)
         logger.info(
             "batch: per device %d x %d processes x %d accumulation = global %d",
             cfg.batch_size,
@@ -382,7 +386,7 @@ class Run:
         )
         logger.info("run directory: %s", self.output_dir.resolve())
         logger.info(
-            "on SIGTERM/SIGUSR1%s: save after the current step, exit %d; rerun to resume",
+            "on SIGTERM/SIGUSR1/Ctrl-C%s: save within --log-every steps, exit %d; rerun to resume",
             f" or when --max-train-time {cfg.max_train_time} is used up"
             if cfg.max_train_time
             else "",
@@ -390,12 +394,13 @@ class Run:
         )
 
 
-def start_run(cfg: TrainConfig) -> Run:
+def start_run(cfg: TrainConfig, with_labels: bool = False) -> Run:
     """The Accelerator, the data and the checkpoint to resume from; nothing is written yet.
 
     A run that is going to be refused (a dataset typo, a checkpoint of another model) must
     fail before it touches the run directory: `Run.begin` takes the directory and writes into
-    it once the model is built and the checkpoint restored.
+    it once the model is built and the checkpoint restored. `with_labels`: the data must
+    carry class labels (class-conditional training).
     """
     accelerator = make_accelerator(
         cfg.mixed_precision,
@@ -435,6 +440,8 @@ def start_run(cfg: TrainConfig) -> Run:
         accelerator=accelerator,
         data_loading=cfg.data_loading,
         batch_size=cfg.batch_size,
+        with_labels=with_labels,
+        label_column=cfg.label_column,
     )
     # Every rank reads the checkpoint itself (no broadcast of large tensors needed).
     checkpoint = _find_checkpoint_everywhere(accelerator, output_dir / "checkpoints", cfg.resume)

@@ -58,6 +58,9 @@ class TrainConfig:
     dataset_config: str | None = option(None, "hub dataset config name")
     split: str = option("train", "dataset split")
     image_column: str | None = option(None, "image column; auto-detected when unambiguous")
+    label_column: str | None = option(
+        None, "class-label column (--class-conditional); auto-detected: the one ClassLabel"
+    )
     max_images: int | None = option(None, "use only the first N images of the dataset")
     resolution: int | None = option(
         None,

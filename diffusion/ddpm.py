@@ -122,6 +122,7 @@ def diffusion_loss(
     timesteps: torch.Tensor,
     noise: torch.Tensor,
     min_snr_gamma: float | None,
+    class_labels: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """DDPM Algorithm 1's loss: MSE between the network output at x_t and the target.
 
@@ -134,7 +135,7 @@ def diffusion_loss(
     timesteps = timesteps.to(x0.device)  # no-op in the intended use; avoids table ping-pong
     alphas_cumprod_on(scheduler, x0.device)
     noisy = scheduler.add_noise(x0, noise, timesteps)
-    output = predict(model, noisy, timesteps)
+    output = predict(model, noisy, timesteps, class_labels)
     target = training_target(scheduler, x0, noise, timesteps)
     per_sample = F.mse_loss(output.float(), target.float(), reduction="none")
     per_sample = per_sample.mean(dim=tuple(range(1, per_sample.ndim)))

@@ -65,6 +65,7 @@ def edm_loss(
     sigma: torch.Tensor,
     noise: torch.Tensor,
     sigma_data: float,
+    class_labels: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean loss, detached per-sample loss (B,)) of clean images y at noise levels sigma (B,).
 
@@ -75,7 +76,7 @@ def edm_loss(
     column = sigma.float().reshape(-1, *([1] * (y.ndim - 1)))
     c_skip, c_out, c_in, c_noise = preconditioning(column, sigma_data)
     x = y + column * noise
-    output = predict(model, c_in * x, c_noise.flatten())
+    output = predict(model, c_in * x, c_noise.flatten(), class_labels)
     target = (y - c_skip * x) / c_out
     per_sample = (output.float() - target).square().mean(dim=tuple(range(1, y.ndim)))
     return per_sample.mean(), per_sample.detach()
@@ -93,12 +94,15 @@ def sample_edm(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
     progression_every: int | None = None,
+    class_labels: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Samples `sample_indices` of run `seed`: the export's sampler from the seeds of sample.py.
 
     Returns (images, progression) like `sample_ddpm`: float32 NCHW on the CPU in [-1, 1].
     Image k's initial noise and churn noise come from its own generator, as in the pipeline
-    when it is given the same list of generators.
+    when it is given the same list of generators. A class-conditional UNet takes
+    `class_labels` (one per sample) and classifier-free guidance `guidance_scale`.
     """
     if churn < 0:
         raise ValueError(f"churn must be >= 0; got {churn}")
@@ -112,9 +116,11 @@ def sample_edm(
                        for g in generators]).to(device)  # fmt: skip
     sigma_data = float(scheduler_config["sigma_data"])
 
+    labels = None if class_labels is None else class_labels.to(device)
+
     def denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         with model_autocast(device, dtype):
-            return denoise(unet, x, sigma, sigma_data)
+            return denoise(unet, x, sigma, sigma_data, labels, guidance_scale)
 
     sigmas = karras_sigmas(
         num_steps,

@@ -38,6 +38,12 @@ class LoadedModel:
     channels: int
     resolution: int
     source: Path
+    class_names: list[str] | None = None  # a class-conditional model's classes
+    guidance_scale: float = 1.0  # the guidance it was exported with
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names or ())
 
 
 def _model_class(name: str) -> type[ModelMixin]:
@@ -91,8 +97,22 @@ def _from_pipeline(folder: Path, weights: Weights) -> LoadedModel:
         raise FileNotFoundError(f"{scheduler_file} is missing: not a complete pipeline folder")
     scheduler_config = json.loads(scheduler_file.read_text())
     channels, resolution = _describe(unet)
-    task = (read_task_file(folder) or {}).get("task", "ddpm")  # diffusers' own folders: DDPM
-    return LoadedModel(task, unet, scheduler_config, (-1.0, 1.0), channels, resolution, folder)
+    info = read_task_file(folder) or {}
+    task = info.get("task", "ddpm")  # diffusers' own folders: DDPM
+    loaded = LoadedModel(task, unet, scheduler_config, (-1.0, 1.0), channels, resolution, folder)
+    return _with_classes(loaded, info)
+
+
+def _with_classes(loaded: LoadedModel, info: dict[str, Any]) -> LoadedModel:
+    """The classes a model was trained on (task.json or a checkpoint's state); a UNet with
+    class embeddings but no names gets its class ids as names."""
+    names = info.get("class_names")
+    num_embeds = getattr(loaded.model.config, "num_class_embeds", None)
+    if names is None and num_embeds:
+        names = [str(k) for k in range(int(num_embeds) - 1)]
+    loaded.class_names = list(names) if names else None
+    loaded.guidance_scale = float(info.get("guidance_scale", 1.0))
+    return loaded
 
 
 def _from_export(folder: Path) -> LoadedModel:
@@ -104,7 +124,7 @@ def _from_export(folder: Path) -> LoadedModel:
         )
     model = load_model(folder)
     channels = int(model.config.in_channels)
-    return LoadedModel(
+    loaded = LoadedModel(
         task["task"],
         model,
         task.get("scheduler_config"),
@@ -113,6 +133,7 @@ def _from_export(folder: Path) -> LoadedModel:
         int(task["resolution"]),
         folder,
     )
+    return _with_classes(loaded, task)
 
 
 def _from_checkpoint(folder: Path, weights: Weights) -> LoadedModel:
@@ -123,7 +144,7 @@ def _from_checkpoint(folder: Path, weights: Weights) -> LoadedModel:
     key = "ema" if weights == "ema" and "ema" in ckpt.tensors else "model"
     model.load_state_dict(ckpt.tensors[key])
     cfg = state["config"]
-    return LoadedModel(
+    loaded = LoadedModel(
         state["task"],
         model,
         state.get("scheduler_config"),
@@ -132,6 +153,7 @@ def _from_checkpoint(folder: Path, weights: Weights) -> LoadedModel:
         int(cfg["resolution"]),
         folder,
     )
+    return _with_classes(loaded, state)
 
 
 def load_for_sampling(path: Path, weights: Weights = "ema") -> LoadedModel:

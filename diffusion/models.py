@@ -201,11 +201,16 @@ def _read_preset(preset: str) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
 
 
-def build_ddpm_unet(preset: str, resolution: int, channels: int) -> UNet2DModel:
+def build_ddpm_unet(
+    preset: str, resolution: int, channels: int, num_classes: int = 0
+) -> UNet2DModel:
     """Build a timestep-conditioned UNet2DModel from a preset name or a JSON config file.
 
     `resolution` and `channels` come from the data and override whatever the preset says, so a
-    config exported from a 32x32 RGB run can be reused on 16x16 grayscale digits.
+    config exported from a 32x32 RGB run can be reused on 16x16 grayscale digits. With
+    `num_classes` C > 0 the UNet is class-conditional: a learned embedding of C + 1 entries,
+    the last one ("no class", index C) for classifier-free guidance, added to the time
+    embedding.
     """
     _check_channels(channels)
     kwargs = _read_preset(preset)
@@ -213,6 +218,8 @@ def build_ddpm_unet(preset: str, resolution: int, channels: int) -> UNet2DModel:
     num_blocks = len(kwargs.get("down_block_types", _UNET_DEFAULT_DOWN_BLOCKS))
     _check_resolution(resolution, num_downsamples=max(num_blocks - 1, 0))
     kwargs.update(sample_size=resolution, in_channels=channels, out_channels=channels)
+    if num_classes:
+        kwargs["num_class_embeds"] = num_classes + 1
     return UNet2DModel(**kwargs)
 
 
@@ -238,14 +245,19 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 def predict(
-    model: nn.Module, x: torch.Tensor, timesteps: torch.Tensor | int | None
+    model: nn.Module,
+    x: torch.Tensor,
+    timesteps: torch.Tensor | int | None,
+    class_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run either model kind and return a tensor shaped like `x`.
 
     `model` may be wrapped (DDP, torch.compile): it is called as given so gradient sync still
     happens, and only unwrapped to decide how to read the output. A UNet2DModel always needs a
-    timestep; the basic model has none, and passes 0 (None also means 0).
+    timestep; the basic model has none, and passes 0 (None also means 0). `class_labels` go to
+    a class-conditional UNet2DModel (built with `num_class_embeds`).
     """
     if isinstance(unwrap_model(model), UNet2DModel):
-        return model(x, 0 if timesteps is None else timesteps, return_dict=False)[0]
+        kwargs = {} if class_labels is None else {"class_labels": class_labels}
+        return model(x, 0 if timesteps is None else timesteps, return_dict=False, **kwargs)[0]
     return model(x, timesteps)

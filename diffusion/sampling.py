@@ -27,6 +27,7 @@ from diffusers import (
 )
 
 from diffusion.models import predict, unwrap_model
+from diffusion.pipeline_code.ddpm_pipeline import guided_output, null_class
 
 _MASK64 = (1 << 64) - 1
 
@@ -177,13 +178,17 @@ def sample_ddpm(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
     progression_every: int | None = None,
+    class_labels: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Generate the samples `sample_indices` of run `seed` by reverse diffusion from x_T ~ N(0, I).
 
     Returns (images, progression): images are float32 NCHW on the CPU, clipped to [-1, 1];
     progression holds CPU copies of x_t after every `progression_every`-th step (empty if None).
     `device` defaults to the model's device. `eta` is DDIM's noise scale (0: deterministic,
-    1: DDPM-like) and must stay 0 for the other samplers, which have no such knob.
+    1: DDPM-like) and must stay 0 for the other samplers, which have no such knob. A
+    class-conditional UNet takes `class_labels` (one per sample) and classifier-free guidance
+    with scale `guidance_scale` (the shipped pipeline's `guided_output`: the same numbers).
     """
     if num_inference_steps < 1:
         raise ValueError(f"the number of sampling steps must be >= 1; got {num_inference_steps}")
@@ -202,6 +207,8 @@ def sample_ddpm(
     height, width = (size, size) if isinstance(size, int) else size
     shape = (1, model.config.in_channels, height, width)
     generators = make_sample_generators(seed, sample_indices)
+    labels = None if class_labels is None else class_labels.to(device)
+    null = None if labels is None else null_class(model)
     # Only some samplers take noise (DDPM, DDIM with eta > 0, Euler with churn) or eta.
     accepted = inspect.signature(scheduler.step).parameters
     step_kwargs: dict[str, object] = {"eta": eta} if "eta" in accepted else {}
@@ -218,7 +225,10 @@ def sample_ddpm(
     for i, t in enumerate(scheduler.timesteps):
         model_input = scheduler.scale_model_input(x, t)
         with model_autocast(device, dtype):
-            model_output = predict(unet, model_input, t)
+            if labels is None:
+                model_output = predict(unet, model_input, t)
+            else:
+                model_output = guided_output(unet, model_input, t, labels, guidance_scale, null)
         # Reverse step x_t -> x_{t-1}; a list of generators makes diffusers' randn_tensor draw
         # each sample's step noise from that sample's own stream.
         x = scheduler.step(model_output.float(), t, x, **step_kwargs).prev_sample

@@ -6,10 +6,16 @@ One image set's path through the package: `images` loads it (uint8 N, C, H, W),
 and `metrics` turns two statistics into FID and KID.
 """
 
-from evaluation.features import compute_feature_stats, extract_features, generated_feature_stats
+from evaluation.features import (
+    compute_feature_stats,
+    extract_features,
+    generated_feature_stats,
+    image_features,
+)
 from evaluation.images import load_images
 from evaluation.inception import MISSING_EXTRA_MESSAGE, load_fid_inception
 from evaluation.metrics import fid_kid, frechet_distance, kernel_inception_distance
+from evaluation.per_class import per_class_fid_kid
 from evaluation.reference import (
     dataset_reference_stats,
     dataset_stats,
@@ -30,9 +36,11 @@ __all__ = [
     "fid_kid",
     "frechet_distance",
     "generated_feature_stats",
+    "image_features",
     "kernel_inception_distance",
     "load_fid_inception",
     "load_images",
+    "per_class_fid_kid",
     "reference_cache_path",
     "reference_stats",
     "stats_from_features",

@@ -67,6 +67,22 @@ def generated_feature_stats(
     return stats_from_features(features, max_kid_features)
 
 
+def image_features(
+    images: torch.Tensor | np.ndarray,
+    extractor: nn.Module,
+    accelerator: Accelerator | None = None,
+    batch_size: int = 250,
+    progress: str | None = None,
+) -> torch.Tensor:
+    """The features (N, D) of a whole uint8 (N, C, H, W) image set, sharded (collective)."""
+    images = torch.as_tensor(images)
+
+    def chunk_features(items: range) -> torch.Tensor:
+        return extract_features(images[items.start : items.stop], extractor)
+
+    return map_sharded(accelerator, len(images), batch_size, chunk_features, progress)
+
+
 def compute_feature_stats(
     images: torch.Tensor | np.ndarray,
     extractor: nn.Module | None = None,

@@ -273,7 +273,7 @@ def test_small_input_errors_name_the_flag_the_user_typed(tmp_path_factory, tmp_p
 
     for config, argv, message in (
         (train_basic.BasicConfig, ["--seed", "-1"], "--seed must be >= 0, got -1"),
-        (sample.SampleConfig, ["runs", "--seed", "-1"], "--seed must be >= 0, got -1"),
+        (sample.SampleConfig, [str(tmp_path), "--seed", "-1"], "--seed must be >= 0, got -1"),
         (sample.SampleConfig, [str(tmp_path), "--num-inference-steps", "0"],
          "--num-steps (--num-inference-steps) must be >= 1, got 0"),
     ):  # fmt: skip

@@ -290,15 +290,17 @@ def test_resume_is_exact_across_epochs_with_flips_in_bf16(tmp_path: Path) -> Non
 
 
 def test_streamed_ddpm_with_accumulation_resumes_exactly(tmp_path: Path, tiny_unet: Path) -> None:
-    """DDPM, --data-loading stream (DataLoader workers decode), gradient accumulation 2,
-    --random-flip, 40 images in steps of 8: killed in the second micro-batch of step 7."""
+    """Class-conditional DDPM (labels and their dropout ride the same batch order),
+    --data-loading stream (DataLoader workers decode), gradient accumulation 2, --random-flip,
+    40 images in steps of 8: killed in the second micro-batch of step 7."""
     args = [*DDPM_ARGS, "--preset", str(tiny_unet), "--max-images", "40", "--batch-size", "4",
             "--gradient-accumulation-steps", "2", "--random-flip", "--data-loading", "stream",
-            "--num-workers", "1"]  # fmt: skip
+            "--num-workers", "1", "--class-conditional"]  # fmt: skip
     result = chain(tmp_path, "train_ddpm.py", args, 1, ["kill@13"])
     killed, final = result["results"]
     assert killed.returncode == -signal.SIGKILL
     assert "streaming data" in final.output and "checkpoint-6 (step 6)" in final.output
+    assert "classes: 10 (0, 1, 2" in final.output
     assert_bit_identical(
         result["reference"] / "checkpoints" / "checkpoint-12",
         result["out"] / "checkpoints" / "checkpoint-12",

@@ -16,9 +16,11 @@ Sampling integrates the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sig
 sigma_max to 0 over the rho-spaced noise levels of eq. 5 (Algorithm 2: Heun, optional churn).
 
 Conditioning: `denoise` passes `class_labels` to the UNet (a `UNet2DModel` built with
-`num_class_embeds`). Classifier-free guidance belongs in `EDMPipeline.denoiser`, which builds
-the D(x; sigma) the sampler calls: a guided denoiser combines the conditional and the
-"no class" D there, and neither the sampler nor the preconditioning changes.
+`num_class_embeds`, the last embedding meaning "no class"). Classifier-free guidance (Ho &
+Salimans 2022) combines the conditional and the unconditional network outputs,
+F = F(x; null) + w (F(x; c) - F(x; null)), in one batched forward; since D is affine in F at
+a given (x, sigma), this is the same guidance on D, and neither the sampler nor the
+preconditioning changes. w = 1: the conditional model alone.
 """
 
 from __future__ import annotations
@@ -62,14 +64,47 @@ def denoise(
     sigma: torch.Tensor | float,
     sigma_data: float,
     class_labels: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
 ) -> torch.Tensor:
-    """D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) in float32 (the network may autocast)."""
+    """D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) in float32 (the network may autocast);
+    with `class_labels` and a guidance scale w != 1, F is the guided output (module doc)."""
     sigma = as_batch_column(sigma, x)
     c_skip, c_out, c_in, c_noise = preconditioning(sigma, sigma_data)
     x = x.float()
-    kwargs = {} if class_labels is None else {"class_labels": class_labels}
-    output = unet(c_in * x, c_noise.flatten(), return_dict=False, **kwargs)[0]
+    if class_labels is None:
+        output = unet(c_in * x, c_noise.flatten(), return_dict=False)[0]
+    elif guidance_scale == 1.0:
+        output = unet(c_in * x, c_noise.flatten(), class_labels=class_labels, return_dict=False)[0]
+    else:
+        config = getattr(unet, "config", None) or unet.module.config
+        null = torch.full_like(class_labels, int(config.num_class_embeds) - 1)
+        both = unet(
+            torch.cat([c_in * x] * 2),
+            torch.cat([c_noise.flatten()] * 2),
+            class_labels=torch.cat([class_labels, null]),
+            return_dict=False,
+        )[0].float()
+        conditional, unconditional = both.chunk(2)
+        output = unconditional + guidance_scale * (conditional - unconditional)
     return c_skip * x + c_out * output.float()
+
+
+def as_class_labels(
+    class_labels: int | str | list[int | str] | torch.Tensor, class_names: list[str] | None
+) -> torch.Tensor:
+    """Class ids (B,) from ids or class names."""
+    if isinstance(class_labels, int | str):
+        class_labels = [class_labels]
+    if torch.is_tensor(class_labels):
+        return class_labels.long()
+    ids = []
+    for label in class_labels:
+        if isinstance(label, str):
+            if not class_names or label not in class_names:
+                raise ValueError(f"unknown class {label!r}; the classes are {class_names}")
+            label = class_names.index(label)
+        ids.append(int(label))
+    return torch.tensor(ids, dtype=torch.long)
 
 
 def karras_sigmas(
@@ -146,18 +181,30 @@ class EDMPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "unet"
 
-    def __init__(self, unet: UNet2DModel, scheduler: EDMEulerScheduler) -> None:
+    def __init__(
+        self,
+        unet: UNet2DModel,
+        scheduler: EDMEulerScheduler,
+        class_names: list[str] | None = None,
+        guidance_scale: float = 1.0,
+    ) -> None:
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
+        # Saved in model_index.json: a class-conditional model's classes and chosen guidance.
+        self.register_to_config(class_names=class_names, guidance_scale=guidance_scale)
 
     def sigmas(self, num_inference_steps: int) -> torch.Tensor:
         config = self.scheduler.config
         return karras_sigmas(num_inference_steps, config.sigma_min, config.sigma_max, config.rho)
 
-    def denoiser(self, class_labels: torch.Tensor | None = None) -> Denoiser:
-        """The D(x, sigma) the sampler calls (where guidance would combine two calls)."""
+    def denoiser(
+        self, class_labels: torch.Tensor | None = None, guidance_scale: float = 1.0
+    ) -> Denoiser:
+        """The D(x, sigma) the sampler calls, guided when given classes and w != 1."""
         sigma_data = self.scheduler.config.sigma_data
-        return lambda x, sigma: denoise(self.unet, x, sigma, sigma_data, class_labels)
+        return lambda x, sigma: denoise(
+            self.unet, x, sigma, sigma_data, class_labels, guidance_scale
+        )
 
     @torch.no_grad()
     def __call__(
@@ -165,6 +212,8 @@ class EDMPipeline(DiffusionPipeline):
         batch_size: int = 1,
         generator: Generators = None,
         num_inference_steps: int = 18,
+        class_labels: int | str | list[int | str] | torch.Tensor | None = None,
+        guidance_scale: float | None = None,
         second_order: bool = True,
         churn: float = 0.0,
         output_type: str = "pil",
@@ -174,8 +223,16 @@ class EDMPipeline(DiffusionPipeline):
 
         `generator`: a list of one generator per image makes each image independent of the
         batch it is drawn in. `churn` > 0 samples stochastically (the paper's S_churn).
+        A class-conditional model takes `class_labels` (ids or names; one image each, the batch
+        size follows) and `guidance_scale` (default: the one saved with the model).
         output_type: "pil", "np" (NHWC floats in [0, 1]) or "pt" (NCHW floats in [0, 1]).
         """
+        labels = None
+        if class_labels is not None:
+            labels = as_class_labels(class_labels, self.config.class_names)
+            batch_size = len(labels)
+            labels = labels.to(self._execution_device)
+        w = self.config.guidance_scale if guidance_scale is None else guidance_scale
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(f"{len(generator)} generators for a batch of {batch_size}")
         size = self.unet.config.sample_size
@@ -184,7 +241,7 @@ class EDMPipeline(DiffusionPipeline):
         device = self._execution_device
         noise = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         x, _ = edm_sample(
-            self.denoiser(),
+            self.denoiser(labels, w),
             noise,
             self.sigmas(num_inference_steps),
             second_order=second_order,
