@@ -79,14 +79,16 @@ VARIANTS = [
     Variant("ddim-50, raw weights (no EMA)", DDIMScheduler, 50, weights="raw"),
     Variant("ddim-50, checkpoint-3500 (EMA, 500 steps less training)", DDIMScheduler, 50,
             model="checkpoints/checkpoint-3500"),
-    Variant("dpm-solver-20, leading spacing (from t = 940)", DPMSolverMultistepScheduler, 20,
-            {"timestep_spacing": "leading"}),
+    Variant("dpm-solver-20, linspace spacing (diffusers' default: from t = 999)",
+            DPMSolverMultistepScheduler, 20),
     Variant("dpm-solver-20, linspace, lambda_min_clipped -5.1", DPMSolverMultistepScheduler, 20,
             {"lambda_min_clipped": -5.1}),
     Variant("dpm-solver-2m-20, Karras from sigma 20291 (t = 999)", DPMSolverMultistepScheduler,
             20, KARRAS),
     Variant("euler-20, Karras from sigma 20291 (t = 999)", EulerDiscreteScheduler, 20, KARRAS),
     Variant("heun-10, Karras from sigma 20291 (t = 999)", HeunDiscreteScheduler, 10, KARRAS),
+    Variant("unipc-20, linspace spacing (diffusers' default: from t = 999)",
+            UniPCMultistepScheduler, 20),
     Variant("unipc-20, Karras from sigma 80", UniPCMultistepScheduler, 20, KARRAS, 80.0),
 ]  # fmt: skip
 

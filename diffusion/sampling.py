@@ -88,17 +88,21 @@ SamplerName = Literal[
     "edm-heun",
     "edm-euler",
 ]
-# DDPM samplers: a diffusers scheduler class and what changes from the training config.
+# DDPM samplers: a diffusers scheduler class and what changes from its own defaults. None may
+# start at t = 999: the cosine schedule's capped last beta leaves alpha_bar_999 = 2.4e-9 there,
+# so an epsilon model's x0 estimate is its error times 20,000 (DPM-Solver and UniPC with
+# diffusers' default "linspace" spacing scored FID 400 on the default run). "leading" spacing
+# starts where DDIM does (t = 940 for 20 steps); Karras spacing starts at KARRAS_SIGMA_MAX.
 DDPM_SAMPLERS: dict[str, tuple[type[SchedulerMixin], dict[str, object]]] = {
     "ddpm": (DDPMScheduler, {}),
     "ddim": (DDIMScheduler, {}),
-    "dpm-solver": (DPMSolverMultistepScheduler, {}),
+    "dpm-solver": (DPMSolverMultistepScheduler, {"timestep_spacing": "leading"}),
     "dpm-solver-2m-karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
     "dpm-solver-3m-karras": (
         DPMSolverMultistepScheduler,
         {"use_karras_sigmas": True, "solver_order": 3},
     ),
-    "unipc": (UniPCMultistepScheduler, {}),
+    "unipc": (UniPCMultistepScheduler, {"timestep_spacing": "leading"}),
     "euler-karras": (EulerDiscreteScheduler, {"use_karras_sigmas": True}),
     "heun-karras": (HeunDiscreteScheduler, {"use_karras_sigmas": True}),
 }

@@ -207,3 +207,27 @@ def test_churn_draws_each_images_noise_from_its_own_seed() -> None:
     assert (together - deterministic).abs().mean() > 1e-3
     with pytest.raises(ValueError, match="churn must be >= 0"):
         sample_edm(net, config, range(2), seed=5, num_steps=8, churn=-1.0)
+
+
+def test_denoise_passes_class_labels_to_a_class_conditional_unet() -> None:
+    """The seam a class-conditional EDM uses: labels reach the UNet's class embedding (index C
+    of C + 1 embeddings free for "no class", as classifier-free guidance needs)."""
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=4,
+        num_class_embeds=10 + 1,
+    )
+    with torch.no_grad():
+        unet.class_embedding.weight.normal_()
+    x, sigma = torch.randn(2, 1, 8, 8), torch.tensor([0.7, 0.7])
+    digit = denoise(unet, x, sigma, SIGMA_DATA, torch.tensor([3, 3]))
+    no_class = denoise(unet, x, sigma, SIGMA_DATA, torch.tensor([10, 10]))
+    assert (digit - no_class).abs().mean() > 1e-3
+    assert torch.equal(digit, denoise(unet, x, sigma, SIGMA_DATA, torch.tensor([3, 3])))

@@ -146,7 +146,9 @@ def sigma_max_80(scheduler):
 DIFFUSERS_SPELLING = {
     "ddpm": lambda config: DDPMScheduler.from_config(config),
     "ddim": lambda config: DDIMScheduler.from_config(config),
-    "dpm-solver": lambda config: DPMSolverMultistepScheduler.from_config(config),
+    "dpm-solver": lambda config: DPMSolverMultistepScheduler.from_config(
+        config, timestep_spacing="leading"
+    ),
     "dpm-solver-2m-karras": lambda config: sigma_max_80(
         DPMSolverMultistepScheduler.from_config(
             config, algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True
@@ -157,7 +159,7 @@ DIFFUSERS_SPELLING = {
             config, algorithm_type="dpmsolver++", solver_order=3, use_karras_sigmas=True
         )
     ),
-    "unipc": lambda config: UniPCMultistepScheduler.from_config(config),
+    "unipc": lambda config: UniPCMultistepScheduler.from_config(config, timestep_spacing="leading"),
     "euler-karras": lambda config: EulerDiscreteScheduler.from_config(
         config, use_karras_sigmas=True, sigma_max=80.0
     ),
@@ -240,6 +242,21 @@ def test_a_sampler_is_the_same_from_the_training_config_and_from_the_saved_one(
     from_memory.set_timesteps(10)
     from_disk.set_timesteps(10)
     assert torch.equal(from_memory.timesteps, from_disk.timesteps)
+
+
+@pytest.mark.parametrize("name", [n for n in DDPM_SAMPLERS if n != "ddpm"])
+@pytest.mark.parametrize("num_steps", [4, 20, 50])
+def test_no_fast_sampler_starts_where_the_cosine_schedule_has_no_signal(
+    name: str, num_steps: int
+) -> None:
+    """alpha_bar_999 = 2.4e-9 (sigma ~20,000): an epsilon model's x0 estimate there is noise
+    times 20,000. Every fast sampler's first network evaluation is at sigma <= 80."""
+    train = make_train_scheduler()
+    sampler = make_inference_scheduler(name, train.config)
+    sampler.set_timesteps(num_steps)
+    first = int(sampler.timesteps[0])
+    alpha_bar = train.alphas_cumprod[first].double()
+    assert ((1 - alpha_bar) / alpha_bar).sqrt() <= 80.5, (first, alpha_bar)
 
 
 def test_inference_scheduler_inherits_the_training_schedule() -> None:

@@ -69,6 +69,10 @@ def test_edm_run_writes_checkpoints_pictures_losses_by_noise_level_and_a_pipelin
     assert json.loads((pipeline / "task.json").read_text())["task"] == "edm"
     for path in ("unet/diffusion_pytorch_model.safetensors", "unet_raw/config.json"):
         assert (pipeline / path).is_file(), path
+    # --eval-every: FID of EDM samples logged, and the best export is a complete EDM pipeline.
+    assert [r["step"] for r in read_jsonl(edm_run / "metrics.jsonl") if "fid" in r] == [6]
+    assert (edm_run / "best" / "pipeline.py").read_bytes() == PIPELINE_FILE.read_bytes()
+    assert json.loads((edm_run / "best" / "fid.json").read_text())["num_samples"] == 8
 
 
 def test_export_runs_in_diffusers_alone_and_reproduces_sample_py(

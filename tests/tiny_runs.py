@@ -83,14 +83,16 @@ def trained_ddpm(tmp_path_factory) -> Path:
 
 
 def trained_edm(tmp_path_factory) -> Path:
-    """Run dir of a 6-step EDM run (train_ddpm.py --objective edm), 1 process x batch 8."""
+    """Run dir of a 6-step EDM run (train_ddpm.py --objective edm), 1 process x batch 8, with
+    FID at the last step (so `best/` holds an EDM pipeline too)."""
     if "edm" not in _CACHE:
         import train_ddpm
 
         root = tmp_path_factory.mktemp("edm_1proc")
         fresh_accelerate_state()
         argv = ddpm_args(root / "run", tiny_preset(root), GLOBAL_BATCH, 1)
-        train_ddpm.main([*argv, "--objective=edm", "--sample-steps=3", "--report-to=none"])
+        edm = ["--objective=edm", "--sample-steps=3", "--eval-every=6", "--eval-num-samples=8"]
+        train_ddpm.main([*argv, *edm, "--report-to=none"])
         _CACHE["edm"] = root / "run"
     return _CACHE["edm"]
 
