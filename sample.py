@@ -36,7 +36,13 @@ from accelerate import Accelerator
 from ddp_utils.cli import cli_main, setup_logging
 from ddp_utils.config import option, parse_config, require, save_config
 from ddp_utils.data import load_image_data
-from ddp_utils.distributed import all_finite, local_chunks, map_sharded, raise_together
+from ddp_utils.distributed import (
+    all_finite,
+    local_chunks,
+    main_process_first,
+    map_sharded,
+    raise_together,
+)
 from ddp_utils.errors import InputError, NonFiniteError
 from ddp_utils.files import atomic_file, write_json
 from ddp_utils.images import make_grid, rows_by_label, save_png, to_uint8, upscale
@@ -45,6 +51,7 @@ from ddp_utils.train_config import MixedPrecision
 from diffusion.basic import sample_basic
 from diffusion.edm import sample_edm
 from diffusion.loading import LoadedModel, Weights, load_for_sampling
+from diffusion.pretrained import is_hub_id, resolve_model_source
 from diffusion.sampling import (
     DEFAULT_DDIM_ETA,
     DEFAULT_SAMPLER,
@@ -72,7 +79,10 @@ class SampleConfig:
     """Sampling from an export folder, a pipeline folder, a checkpoint or a run directory."""
 
     model_path: str = option(
-        "", "export / pipeline / checkpoint-N / run directory", positional=True
+        "",
+        "export / pipeline / checkpoint-N / run directory, a diffusers DDPMPipeline or "
+        "UNet2DModel folder, or a hub id (google/ddpm-cifar10-32)",
+        positional=True,
     )
     output_dir: str = option("samples", "where samples.npz and grid.png are written")
     num_samples: int = option(64, "number of images")
@@ -125,7 +135,11 @@ class SampleConfig:
 
     def __post_init__(self) -> None:
         require(bool(self.model_path), "MODEL_PATH is required (an export, checkpoint or run dir)")
-        require(Path(self.model_path).exists(), f"MODEL_PATH {self.model_path} does not exist")
+        require(
+            Path(self.model_path).exists() or is_hub_id(self.model_path),
+            f"MODEL_PATH {self.model_path} does not exist (and is not a hub id such as "
+            "google/ddpm-cifar10-32)",
+        )
         require(self.num_samples >= 1, f"--num-samples must be >= 1, got {self.num_samples}")
         require(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         require(
@@ -380,7 +394,9 @@ def sample(cfg: SampleConfig) -> np.ndarray:
         except ImportError as err:
             raise ValueError(f"--fid: {err}") from None
     out = prepare_output(accelerator, cfg)
-    loaded = load_for_sampling(Path(cfg.model_path), cfg.weights)
+    # A hub id is downloaded once (by the main process), then read from the cache by the others.
+    source = main_process_first(accelerator, lambda: resolve_model_source(cfg.model_path, None))
+    loaded = load_for_sampling(source, cfg.weights)
     if not all_finite(loaded.model.parameters()):
         raise NonFiniteError(
             f"the weights in {loaded.source} hold non-finite values (NaN/inf): that model "

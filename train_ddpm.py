@@ -21,21 +21,30 @@ Rerunning the same command resumes from the latest complete checkpoint.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
-from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline, EDMEulerScheduler
+from diffusers import (
+    DDPMPipeline,
+    DDPMScheduler,
+    DiffusionPipeline,
+    EDMEulerScheduler,
+    UNet2DModel,
+)
 from torch import nn
 
 from ddp_utils import loop
 from ddp_utils.cli import cli_main
 from ddp_utils.config import option, parse_config, require
 from ddp_utils.data import Batch, to_float
+from ddp_utils.distributed import main_process_first
+from ddp_utils.errors import InputError
 from ddp_utils.files import write_json
 from ddp_utils.images import make_grid, rows_by_label, to_uint8
 from ddp_utils.metrics import MetricWindow
@@ -51,9 +60,11 @@ from diffusion.ddpm import (
     make_train_scheduler,
 )
 from diffusion.edm import edm_loss, make_edm_scheduler, sample_edm, sample_noise_levels
+from diffusion.loading import load_for_sampling
 from diffusion.models import build_ddpm_unet
 from diffusion.pipeline_code.ddpm_pipeline import GuidedDDPMPipeline
 from diffusion.pipeline_code.edm_pipeline import EDMPipeline
+from diffusion.pretrained import check_init_model, resolve_model_source
 from diffusion.sampling import (
     DEFAULT_DDIM_ETA,
     DEFAULT_SAMPLER,
@@ -64,7 +75,15 @@ from diffusion.sampling import (
     sample_ddpm,
 )
 
+logger = logging.getLogger("ddp_diffusion")
 Objective = Literal["ddpm", "edm"]
+DEFAULT_PRESET = "digits-small"
+# The DDPM noise schedule when neither a flag nor --init-from's model sets it.
+SCHEDULE_DEFAULTS: dict[str, Any] = {
+    "prediction_type": "epsilon",
+    "beta_schedule": "squaredcos_cap_v2",
+    "num_train_timesteps": 1000,
+}
 NUM_LOSS_BINS = 4  # the loss is also logged per quarter of the noise levels: loss_t_q0..3
 
 
@@ -77,14 +96,28 @@ class DDPMConfig(TrainConfig):
         "ddpm: predict the noise of T discrete timesteps (Ho et al. 2020); edm: the "
         "preconditioned denoiser on log-normal noise levels (Karras et al. 2022)",
     )
-    preset: str = option(
-        "digits-small",
-        "UNet preset (digits-small, unet-4.7m, unet-18.5m, ddpm-cifar10) or a JSON config file",
+    preset: str | None = option(
+        None,
+        f"UNet preset (digits-small, unet-4.7m, unet-18.5m, ddpm-cifar10) or a JSON config "
+        f"file; default: {DEFAULT_PRESET} (none with --init-from: the network is its)",
     )
-    # DDPM (--objective ddpm).
-    prediction_type: PredictionType = option("epsilon", "DDPM: network target")
-    beta_schedule: BetaSchedule = option("squaredcos_cap_v2", "DDPM: noise schedule")
-    num_train_timesteps: int = option(1000, "DDPM: diffusion timesteps T")
+    init_from: str | None = option(
+        None,
+        "start from a trained model's weights (fine-tuning): an export of this toolkit, a "
+        "diffusers DDPMPipeline or UNet2DModel folder, a checkpoint, or a hub id such as "
+        "google/ddpm-cifar10-32; its size, channels and classes must match the data, and its "
+        "noise schedule is used unless given here. A run with checkpoints resumes instead",
+    )
+    # DDPM (--objective ddpm); unset: --init-from's, else the defaults shown.
+    prediction_type: PredictionType | None = option(
+        None, f"DDPM: network target (default: {SCHEDULE_DEFAULTS['prediction_type']})"
+    )
+    beta_schedule: BetaSchedule | None = option(
+        None, f"DDPM: noise schedule (default: {SCHEDULE_DEFAULTS['beta_schedule']})"
+    )
+    num_train_timesteps: int | None = option(
+        None, f"DDPM: diffusion timesteps T (default: {SCHEDULE_DEFAULTS['num_train_timesteps']})"
+    )
     min_snr_gamma: float | None = option(
         None, "DDPM: min-SNR-gamma loss weighting (e.g. 5); none: off"
     )
@@ -139,8 +172,22 @@ class DDPMConfig(TrainConfig):
         if self.sample_eta is None:
             self.sample_eta = DEFAULT_DDIM_ETA if self.sample_scheduler == "ddim" else 0.0
         super().__post_init__()
+        if self.objective == "edm":
+            self._check_edm()
+        if self.init_from is None:
+            self.preset = self.preset or DEFAULT_PRESET
+        else:
+            require(
+                self.preset is None,
+                "--preset and --init-from both choose the network: drop --preset (the "
+                "network, its size and its weights come from --init-from)",
+            )
+        if self.init_from is None or self.objective == "edm":
+            for name, value in SCHEDULE_DEFAULTS.items():
+                if getattr(self, name) is None:
+                    setattr(self, name, value)
         require(
-            self.num_train_timesteps >= 2,
+            self.num_train_timesteps is None or self.num_train_timesteps >= 2,
             f"--num-train-timesteps must be >= 2, got {self.num_train_timesteps}",
         )
         require(
@@ -166,14 +213,11 @@ class DDPMConfig(TrainConfig):
             self.sample_guidance_scale >= 0,
             f"--sample-guidance-scale must be >= 0, got {self.sample_guidance_scale}",
         )
-        if self.objective == "edm":
-            self._check_edm()
 
     def _check_edm(self) -> None:
-        defaults = DDPMConfig.__dataclass_fields__
-        for name in ("prediction_type", "beta_schedule", "num_train_timesteps", "min_snr_gamma"):
+        for name, value in {**SCHEDULE_DEFAULTS, "min_snr_gamma": None}.items():
             require(
-                getattr(self, name) == defaults[name].default,
+                getattr(self, name) in (None, value),
                 f"--{name.replace('_', '-')} applies to --objective ddpm only",
             )
         require(self.p_std > 0, f"--p-std must be > 0, got {self.p_std}")
@@ -428,9 +472,84 @@ class EDMMethod:
         raw.save_pretrained(folder / "unet_raw", safe_serialization=True)
 
 
+def initial_model(run: Run) -> UNet2DModel:
+    """A new network of --preset, or --init-from's trained one (checked against the data; its
+    noise schedule fills the schedule flags not given). A run that has checkpoints resumes:
+    the network and schedule are then the checkpoint's and --init-from is not read."""
+    cfg = run.cfg
+    if cfg.init_from is None:
+        return build_ddpm_unet(cfg.preset, cfg.resolution, cfg.channels, run.data.num_classes)
+    if run.checkpoint is not None:
+        state = run.checkpoint.state
+        take_schedule(cfg, state.get("scheduler_config") or {}, str(run.checkpoint.path))
+        logger.info("resuming %s: --init-from %s is not read", run.checkpoint.path, cfg.init_from)
+        return UNet2DModel.from_config(state["model_config"])
+    source = main_process_first(
+        run.accelerator, lambda: resolve_model_source(cfg.init_from, "init_from")
+    )
+    try:
+        loaded = load_for_sampling(source, "ema")
+    except (FileNotFoundError, ValueError) as err:
+        raise InputError(f"{cfg.init_from} cannot be loaded: {err}", "init_from") from err
+    check_init_model(
+        loaded,
+        cfg.init_from,
+        objective=cfg.objective,
+        resolution=cfg.resolution,
+        channels=cfg.channels,
+        num_classes=run.data.num_classes,
+    )
+    if cfg.objective == "edm":
+        sigma_data = (loaded.scheduler_config or {}).get("sigma_data", cfg.sigma_data)
+        if sigma_data != cfg.sigma_data:
+            raise InputError(
+                f"{cfg.init_from} was trained with --sigma-data {sigma_data}: pass it",
+                "init_from",
+            )
+    else:
+        take_schedule(cfg, loaded.scheduler_config or {}, cfg.init_from)
+    logger.info("starting from the weights of %s (%s)", cfg.init_from, source)
+    # The same network as a fresh one would be (no loading metadata in its config), so the
+    # checkpoints of this run describe it as resume rebuilds it.
+    config = {k: v for k, v in loaded.model.config.items() if not k.startswith("_")}
+    model = UNet2DModel.from_config(config)
+    model.load_state_dict(loaded.model.state_dict())
+    return model
+
+
+def take_schedule(cfg: DDPMConfig, scheduler_config: dict[str, Any], source: str) -> None:
+    """Fill the schedule flags not given from a model's DDPM scheduler config, refusing
+    schedules make_train_scheduler cannot rebuild."""
+    for name, default in SCHEDULE_DEFAULTS.items():
+        if getattr(cfg, name) is None:
+            setattr(cfg, name, scheduler_config.get(name, default))
+    problems = []
+    for name, allowed in (
+        ("beta_schedule", get_args(BetaSchedule)),
+        ("prediction_type", get_args(PredictionType)),
+    ):
+        if getattr(cfg, name) not in allowed:
+            problems.append(f"its {name} is {getattr(cfg, name)!r} (supported: {allowed})")
+    defaults = DDPMScheduler().config
+    for name in ("beta_start", "beta_end"):
+        value = scheduler_config.get(name, defaults[name])
+        if cfg.beta_schedule == "linear" and not math.isclose(value, defaults[name]):
+            problems.append(f"its {name} is {value}, this toolkit's linear schedule uses "
+                            f"{defaults[name]}")  # fmt: skip
+    if scheduler_config.get("trained_betas") is not None:
+        problems.append("it was trained with an explicit list of betas (trained_betas)")
+    if problems:
+        raise InputError(
+            f"the noise schedule of {source} cannot be rebuilt: "
+            + "; ".join(problems)
+            + ". Give --beta-schedule and --prediction-type to train with another schedule",
+            "init_from",
+        )
+
+
 def train(cfg: DDPMConfig) -> Run:
     run = start_run(cfg, with_labels=cfg.class_conditional)
-    model = build_ddpm_unet(cfg.preset, cfg.resolution, cfg.channels, run.data.num_classes)
+    model = initial_model(run)
     if cfg.objective == "edm":
         scheduler = make_edm_scheduler(cfg.sigma_data, cfg.sigma_min, cfg.sigma_max, cfg.rho)
         method: DDPMMethod | EDMMethod = EDMMethod(run, scheduler)

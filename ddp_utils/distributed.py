@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
+
+T = TypeVar("T")
 
 
 def make_accelerator(
@@ -99,6 +102,19 @@ def raise_together(
             raise others
     if error is not None:
         raise error
+
+
+def main_process_first(accelerator: Accelerator, work: Callable[[], T]) -> T:
+    """`work()` on the main process, then on the others (a download, then reading its cache);
+    an error on the main process is raised on every rank instead of leaving them waiting."""
+    result, error = None, None
+    if accelerator.is_main_process:
+        try:
+            result = work()
+        except Exception as err:  # re-raised below, on every rank
+            error = err
+    raise_together(accelerator, error, RuntimeError("the main process failed; see its error"))
+    return result if accelerator.is_main_process else work()
 
 
 # --------------------------------------------------------------------------- sharded work

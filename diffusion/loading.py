@@ -2,7 +2,11 @@
 
 Accepted paths, told apart by the files they hold:
 - a pipeline folder (`model_index.json`, `unet/`, `scheduler/`): what train_ddpm.py exports, for
-  DDPM or EDM (its `task.json` says which; a folder without one is taken for DDPM);
+  DDPM or EDM (its `task.json` says which; a folder without one is taken for DDPM), and what
+  diffusers' `DDPMPipeline.save_pretrained` writes; also the flat layout of early hub repos
+  (google/ddpm-cifar10-32: the UNet's and the scheduler's configs side by side);
+- a `UNet2DModel` folder written by diffusers (`config.json` + safetensors, no `task.json`):
+  a DDPM model, with `scheduler_config.json` beside it if there is one;
 - a model folder (`config.json` + safetensors, and `task.json`): what train_basic.py exports;
 - a checkpoint folder (`state.json`): rebuilt from the config stored in the checkpoint;
 - a run directory: its export if present, else its latest intact checkpoint;
@@ -13,17 +17,19 @@ Weights are only ever read from safetensors.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from diffusers import ModelMixin, UNet2DModel
+from diffusers import DDPMScheduler, ModelMixin, UNet2DModel
 
 from ddp_utils.checkpoint import find_resume_checkpoint, read_checkpoint
 from ddp_utils.export import TASK_FILE, read_task_file
 from diffusion.models import BasicUNet
 
+logger = logging.getLogger(__name__)
 Weights = Literal["ema", "raw"]
 _LOADABLE: dict[str, type[ModelMixin]] = {"BasicUNet": BasicUNet, "UNet2DModel": UNet2DModel}
 _WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -75,6 +81,13 @@ def load_model(path: str | Path) -> torch.nn.Module:
     return _model_class(class_name).from_pretrained(folder, use_safetensors=True)
 
 
+def _class_name(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / "config.json").read_text()).get("_class_name")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+
+
 def _describe(model: torch.nn.Module) -> tuple[int, int]:
     config = model.config
     size = getattr(config, "sample_size", None)
@@ -82,9 +95,12 @@ def _describe(model: torch.nn.Module) -> tuple[int, int]:
 
 
 def _from_pipeline(folder: Path, weights: Weights) -> LoadedModel:
+    if not (folder / "unet").is_dir() and (folder / "config.json").is_file():
+        return _from_unet_folder(folder)  # the flat layout
     sub = "unet" if weights == "ema" else "unet_raw"
     if not (folder / sub).is_dir():
         raise FileNotFoundError(f"{folder / sub} is missing (asked for the {weights} weights)")
+    _refuse_pickles(folder / sub)
     for name in ("config.json", _WEIGHTS_NAME):
         if not (folder / sub / name).is_file():
             raise FileNotFoundError(
@@ -103,6 +119,38 @@ def _from_pipeline(folder: Path, weights: Weights) -> LoadedModel:
     return _with_classes(loaded, info)
 
 
+def _refuse_pickles(folder: Path) -> None:
+    """A folder whose weights exist only as a pickle (`.bin`): say how to convert it."""
+    if (
+        not (folder / _WEIGHTS_NAME).is_file()
+        and (folder / "diffusion_pytorch_model.bin").is_file()
+    ):
+        raise FileNotFoundError(
+            f"{folder} holds its weights only as diffusion_pytorch_model.bin (a pickle, which "
+            "can run code when loaded); this toolkit reads safetensors only. Convert it once, "
+            "if you trust it: UNet2DModel.from_pretrained(folder).save_pretrained(folder)"
+        )
+
+
+def _from_unet_folder(folder: Path) -> LoadedModel:
+    """A UNet2DModel folder from diffusers: a DDPM model; its schedule from a
+    `scheduler_config.json` beside it, else diffusers' DDPMScheduler defaults."""
+    _refuse_pickles(folder)
+    unet = load_model(folder)
+    scheduler_file = folder / "scheduler_config.json"
+    if scheduler_file.is_file():
+        scheduler_config = json.loads(scheduler_file.read_text())
+    else:
+        logger.warning(
+            "%s has no noise schedule (scheduler_config.json): assuming diffusers' DDPMScheduler "
+            "defaults (linear betas 1e-4..0.02 over 1000 steps, epsilon prediction)",
+            folder,
+        )
+        scheduler_config = dict(DDPMScheduler().config)
+    channels, resolution = _describe(unet)
+    return LoadedModel("ddpm", unet, scheduler_config, (-1.0, 1.0), channels, resolution, folder)
+
+
 def _with_classes(loaded: LoadedModel, info: dict[str, Any]) -> LoadedModel:
     """The classes a model was trained on (task.json or a checkpoint's state); a UNet with
     class embeddings but no names gets its class ids as names."""
@@ -117,6 +165,8 @@ def _with_classes(loaded: LoadedModel, info: dict[str, Any]) -> LoadedModel:
 
 def _from_export(folder: Path) -> LoadedModel:
     task = read_task_file(folder)
+    if task is None and _class_name(folder) == "UNet2DModel":
+        return _from_unet_folder(folder)
     if task is None:
         raise ValueError(
             f"{folder} has a config.json but no {TASK_FILE}: not an export of this toolkit "

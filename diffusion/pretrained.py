@@ -1,0 +1,133 @@
+"""Models from elsewhere: a hub id or a folder written by diffusers, resolved to a local folder,
+and checked before a run fine-tunes one.
+
+`resolve_model_source` turns `google/ddpm-cifar10-32` into the folder of its cached snapshot
+(downloading the JSON and safetensors files when online) and leaves local paths as they are;
+`diffusion.loading.load_for_sampling` then reads any of them. `check_init_model` compares a
+loaded model with what a run is about to train (data size, channels, classes, objective).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import constants, snapshot_download
+from huggingface_hub.errors import (
+    GatedRepoError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
+from ddp_utils.errors import InputError
+from diffusion.loading import LoadedModel
+
+# owner/name as the hub spells it; a path that exists locally always wins over this reading.
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# What sampling and fine-tuning read: configs and safetensors weights (never pickles).
+HUB_FILES = ["*.json", "*.safetensors"]
+
+
+def is_hub_id(text: str) -> bool:
+    return bool(HUB_ID.match(text)) and not text.startswith((".", "~"))
+
+
+def resolve_model_source(spec: str, field: str | None) -> Path:
+    """A local folder for `spec`: the path itself if it exists, else the hub snapshot of the
+    repository `spec` names (from the cache when offline). `field` is the flag's config field,
+    named by the errors."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path
+    if not is_hub_id(spec):
+        raise InputError(
+            f"{spec} does not exist: give a local folder (an export, a diffusers pipeline or "
+            "UNet2DModel folder, a checkpoint, a run directory) or a hub id such as "
+            "google/ddpm-cifar10-32",
+            field,
+        )
+    try:
+        return Path(snapshot_download(spec, allow_patterns=HUB_FILES))
+    except LocalEntryNotFoundError as err:
+        if constants.HF_HUB_OFFLINE:
+            raise InputError(
+                f"{spec} is a hub id, the hub is offline here (HF_HUB_OFFLINE=1) and it is not "
+                "in the local cache: download it once online (`hf download "
+                f"{spec}`), or unset HF_HUB_OFFLINE, or give a local folder",
+                field,
+            ) from err
+        raise InputError(
+            f"{spec} is neither a local folder nor in the hub cache, and the hub could not be "
+            f"reached ({err.__class__.__name__}): check the network, or give a local folder",
+            field,
+        ) from err
+    except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError) as err:
+        raise InputError(
+            f"{spec} is not a local folder, and the hub has no model repository of that name "
+            "that this account can read (a typo? a private or gated repo needs `hf auth login`)",
+            field,
+        ) from err
+
+
+def check_init_model(
+    loaded: LoadedModel,
+    spec: str,
+    *,
+    objective: str,
+    resolution: int,
+    channels: int,
+    num_classes: int,
+) -> None:
+    """Refuse a model that cannot start this run, naming every mismatch and its fix."""
+    problems = []
+    if loaded.task not in ("ddpm", "edm"):
+        problems.append(
+            f"it is a {loaded.task} model; train_ddpm.py fine-tunes DDPM and EDM UNets "
+            "(train_basic.py trains the basic model)"
+        )
+    elif loaded.task != objective:
+        problems.append(
+            f"it was trained with --objective {loaded.task}, this run uses --objective "
+            f"{objective}: pass --objective {loaded.task}"
+        )
+    config = loaded.model.config
+    if type(loaded.model).__name__ != "UNet2DModel":
+        problems.append(f"its network is a {type(loaded.model).__name__}, not a UNet2DModel")
+    elif int(config.out_channels) != int(config.in_channels):
+        problems.append(
+            f"it predicts {config.out_channels} channels from {config.in_channels} (a learned "
+            "variance?); only networks whose output has the input's channels are supported"
+        )
+    size = loaded.resolution
+    if size and size != resolution:
+        problems.append(
+            f"it is a {size}x{size} model and the data is {resolution}x{resolution}: pass "
+            f"--resolution {size}"
+        )
+    if loaded.channels != channels:
+        problems.append(
+            f"it takes {loaded.channels}-channel images and the data has {channels}: pass "
+            f"--channels {loaded.channels}"
+        )
+    if loaded.num_classes != num_classes:
+        if not num_classes:
+            problems.append(
+                f"it is class-conditional ({loaded.num_classes} classes): pass "
+                "--class-conditional with a dataset of the same classes"
+            )
+        elif not loaded.num_classes:
+            problems.append(
+                "it is unconditional and --class-conditional asks for class embeddings it "
+                "does not have: drop --class-conditional"
+            )
+        else:
+            problems.append(f"it knows {loaded.num_classes} classes and the data has {num_classes}")
+    if problems:
+        raise InputError(f"{spec} cannot start this run:\n  " + "\n  ".join(problems), "init_from")
+
+
+def schedule_of(loaded: LoadedModel) -> dict[str, Any]:
+    """The training noise schedule a DDPM model was made with (empty if it has none)."""
+    return dict(loaded.scheduler_config or {})
