@@ -34,6 +34,7 @@ from ddp_utils.config import option, parse_config, require
 from ddp_utils.data import Batch, to_float
 from ddp_utils.images import make_grid, to_uint8
 from ddp_utils.metrics import MetricWindow
+from ddp_utils.model_card import CardFacts
 from ddp_utils.run import Run, start_run
 from ddp_utils.train_config import TrainConfig
 from diffusion.basic import VALUE_RANGE, corrupt, sample_basic
@@ -109,6 +110,30 @@ class BasicMethod:
 
     def export(self, folder: Path, net: nn.Module, raw: nn.Module) -> None:
         net.save_pretrained(folder, safe_serialization=True)
+
+    def card(self) -> CardFacts:
+        cfg = self.run.cfg
+        network = "BasicUNet (this toolkit's)" if cfg.model == "basic" else "UNet2DModel"
+        return CardFacts(
+            title=f"Basic denoiser on {cfg.dataset}",
+            summary=(
+                f"A {network} that predicts the clean image from a {cfg.resolution}x"
+                f"{cfg.resolution} image blended with uniform noise by an amount in [0, 1]; it "
+                "generates images from pure noise by stepping toward its prediction."
+            ),
+            script="basic",
+            sampler=(
+                f"{cfg.sample_steps} steps toward the prediction made the grid above "
+                "(`python sample.py <folder> --num-steps N`; 5 to 50 work)."
+            ),
+            how_to_load=(
+                "from pathlib import Path\n"
+                "from diffusion.loading import load_for_sampling  # this toolkit\n"
+                'loaded = load_for_sampling(Path("path/to/this/folder"))  # .model, .resolution'
+            ),
+            facts=[("objective", "MSE to the clean image"), ("network", network)],
+            tags=["denoiser"],
+        )
 
 
 def train(cfg: BasicConfig) -> Run:

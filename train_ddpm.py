@@ -48,6 +48,7 @@ from ddp_utils.errors import InputError
 from ddp_utils.files import write_json
 from ddp_utils.images import make_grid, rows_by_label, to_uint8
 from ddp_utils.metrics import MetricWindow
+from ddp_utils.model_card import CardFacts
 from ddp_utils.run import Run, start_run
 from ddp_utils.train_config import TrainConfig
 from diffusion import pipeline_code
@@ -274,6 +275,30 @@ def denoising_strip(snapshots: list[torch.Tensor]) -> dict[str, np.ndarray]:
     return {"denoising": grid}
 
 
+def network_fact(cfg: DDPMConfig) -> tuple[str, str]:
+    return ("network", f"UNet2DModel, fine-tuned from {cfg.init_from}" if cfg.init_from
+            else f"UNet2DModel, preset {cfg.preset}")  # fmt: skip
+
+
+def classes_facts(conditioning: Conditioning) -> list[tuple[str, str]]:
+    if not conditioning.num_classes:
+        return []
+    return [
+        ("classes", ", ".join(conditioning.class_names)),
+        ("guidance", f"classifier-free, label dropout {conditioning.label_dropout}, default "
+                     f"scale {conditioning.guidance_scale}"),
+    ]  # fmt: skip
+
+
+def remote_code_lines(folder_hint: str, call: str) -> str:
+    return (
+        "from diffusers import DiffusionPipeline\n"
+        f'pipeline = DiffusionPipeline.from_pretrained("{folder_hint}", trust_remote_code=True, '
+        "use_safetensors=True)  # runs this folder's pipeline.py\n"
+        f"images = pipeline({call}).images  # PIL images"
+    )
+
+
 class DDPMMethod:
     """Ho et al. 2020: regress the noise (or x0, or v) added at a random timestep."""
 
@@ -348,6 +373,48 @@ class DDPMMethod:
             noise = torch.randn(x0.shape, generator=generator, device=self.device)
             rows.append(self.scheduler.add_noise(x0, noise, t.repeat(len(x0)).to(self.device)))
         return {"forward_noising": make_grid(to_uint8(torch.cat(rows), VALUE_RANGE), nrow=len(x0))}
+
+    def card(self) -> CardFacts:
+        cfg, conditioning = self.cfg, self.conditioning
+        kind = "class-conditional DDPM" if conditioning.num_classes else "DDPM"
+        eta = f", eta {cfg.sample_eta:g}" if cfg.sample_scheduler == "ddim" else ""
+        if conditioning.num_classes:
+            load = remote_code_lines(
+                "path/to/this/folder", "class_labels=[0, 1, 2], guidance_scale=3.0"
+            )
+        else:
+            load = (
+                "from diffusers import DDPMPipeline\n"
+                'pipeline = DDPMPipeline.from_pretrained("path/to/this/folder", '
+                "use_safetensors=True)\n"
+                "images = pipeline(batch_size=16, num_inference_steps=1000).images  # PIL images"
+            )
+        return CardFacts(
+            title=f"{kind} on {cfg.dataset}",
+            summary=(
+                f"A denoising diffusion model (Ho et al. 2020) generating {cfg.resolution}x"
+                f"{cfg.resolution} images like those of {cfg.dataset}: a UNet2DModel trained to "
+                f"predict the {cfg.prediction_type} at one of {cfg.num_train_timesteps} noise "
+                f"levels of the {cfg.beta_schedule} schedule."
+            ),
+            script="ddpm",
+            sampler=(
+                f"`{cfg.sample_scheduler}` with {cfg.sample_steps} steps{eta} made the grid "
+                "below (`python sample.py <folder> --scheduler ...` lists the others); "
+                "diffusers' DDPMScheduler with 1000 steps is the slow reference."
+            ),
+            how_to_load=load,
+            facts=[
+                (
+                    "objective",
+                    f"DDPM, {cfg.prediction_type} prediction, {cfg.beta_schedule} "
+                    f"schedule, T = {cfg.num_train_timesteps}",
+                ),
+                network_fact(cfg),
+                *classes_facts(conditioning),
+            ],  # fmt: skip
+            tags=["ddpm", "class-conditional"] if conditioning.num_classes else ["ddpm"],
+        )
 
     def export(self, folder: Path, net: nn.Module, raw: nn.Module) -> None:
         """A diffusers DDPMPipeline folder (EMA weights), or for a class-conditional model a
@@ -456,6 +523,40 @@ class EDMMethod:
             noise = torch.randn(y.shape, generator=generator, device=self.device)
             rows.append((y + sigma * noise) / math.sqrt(1 + sigma**2))
         return {"forward_noising": make_grid(to_uint8(torch.cat(rows), VALUE_RANGE), nrow=len(y))}
+
+    def card(self) -> CardFacts:
+        cfg, conditioning = self.cfg, self.conditioning
+        kind = "class-conditional EDM" if conditioning.num_classes else "EDM"
+        call = "batch_size=16, num_inference_steps=18"
+        if conditioning.num_classes:
+            call = "class_labels=[0, 1, 2], guidance_scale=3.0, num_inference_steps=18"
+        second = " (Heun: 2 network evaluations per step but the last)"
+        return CardFacts(
+            title=f"{kind} on {cfg.dataset}",
+            summary=(
+                f"A diffusion model generating {cfg.resolution}x{cfg.resolution} images like "
+                f"those of {cfg.dataset}, trained as Karras et al. 2022 (EDM): a UNet2DModel "
+                "inside the preconditioned denoiser D(x; sigma), noise levels ln(sigma) ~ "
+                f"N({cfg.p_mean}, {cfg.p_std}^2), sigma_data {cfg.sigma_data}."
+            ),
+            script="ddpm",
+            sampler=(
+                f"`{cfg.sample_scheduler}` with {cfg.sample_steps} noise levels from sigma "
+                f"{cfg.sigma_max:g} to {cfg.sigma_min:g} (rho {cfg.rho:g})"
+                + (second if cfg.sample_scheduler == "edm-heun" else "")
+                + " made the grid above; `churn=` > 0 makes it stochastic."
+            ),
+            how_to_load=remote_code_lines("path/to/this/folder", call),
+            facts=[
+                (
+                    "objective",
+                    f"EDM, sigma_data {cfg.sigma_data}, P_mean {cfg.p_mean}, P_std {cfg.p_std}",
+                ),
+                network_fact(cfg),
+                *classes_facts(conditioning),
+            ],  # fmt: skip
+            tags=["edm", "class-conditional"] if conditioning.num_classes else ["edm"],
+        )
 
     def export(self, folder: Path, net: nn.Module, raw: nn.Module) -> None:
         """A pipeline folder diffusers runs with `trust_remote_code=True`: the EMA UNet, the

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import logging
 import time
 from collections.abc import Iterator
@@ -33,11 +34,13 @@ from ddp_utils.evaluator import BEST_DIR, BEST_FILE, Evaluator
 from ddp_utils.export import write_task_file
 from ddp_utils.files import atomic_dir, write_json
 from ddp_utils.guard import Verdict, guarded_step
-from ddp_utils.images import make_grid, to_uint8
+from ddp_utils.images import make_grid, to_uint8, upscale
 from ddp_utils.metrics import MetricWindow
+from ddp_utils.model_card import CardFacts, write_model_card
 from ddp_utils.optim import lr_at, set_lr
 from ddp_utils.progress import Progress
 from ddp_utils.run import Run
+from ddp_utils.tracking import MIN_PICTURE_SIDE
 
 logger = logging.getLogger("ddp_diffusion")
 
@@ -83,6 +86,11 @@ class Method(Protocol):
         """Write the model folder: `net` holds the weights to ship (the EMA), `raw` the raw."""
         ...
 
+    def card(self) -> CardFacts:
+        """The export's model card: what the model is, its sampler, how to load it, and the
+        method's own facts (the loop adds the run's: data, steps, batch, precision, FID)."""
+        ...
+
 
 def due(step: int, every: int, last_step: int) -> bool:
     """Is a `--*-every` cadence due after `step`? Every `every` steps (0: never) and at the end."""
@@ -119,6 +127,7 @@ def train(run: Run, method: Method, model: nn.Module) -> Path:
     progress = Progress(acc, start=step, total=cfg.max_steps)
     stats = MetricWindow(acc.device)
     window_start, window_first_step = time.perf_counter(), step
+    last_grid = None  # the newest sample grid, for the export's model card
 
     while step < cfg.max_steps:
         ok = optimizer_step(run, method, model, optimizer, batches, stats, step)
@@ -150,7 +159,7 @@ def train(run: Run, method: Method, model: nn.Module) -> Path:
         # Pictures: a grid from fixed seeds (sharded over all ranks) and the method's own.
         if due(step, cfg.sample_every, cfg.max_steps):
             with sampling_weights(net, ema):
-                log_pictures(run, method, net, step)
+                last_grid = log_pictures(run, method, net, step)
 
         # Evaluate (not when stopping: the save comes first). Lowest FID -> best/.
         if evaluator is not None and due(step, cfg.eval_every, cfg.max_steps) and not verdict.stop:
@@ -159,7 +168,11 @@ def train(run: Run, method: Method, model: nn.Module) -> Path:
             run.tracker.log(metrics, step)
             if evaluator.is_best(metrics["fid"]):
                 record = {"step": step, **metrics, "num_samples": cfg.eval_num_samples}
-                best = export(run, method, net, ema, run.output_dir / BEST_DIR, {BEST_FILE: record})
+                card = model_card(run, method, net, step, record)
+                best = export(
+                    run, method, net, ema, run.output_dir / BEST_DIR, card, last_grid,
+                    {BEST_FILE: record},
+                )  # fmt: skip
                 run.tracker.log_folder(best, "best")
 
         # Checkpoint; after a stop verdict (SIGTERM, SIGUSR1, time budget) save here and exit.
@@ -176,7 +189,9 @@ def train(run: Run, method: Method, model: nn.Module) -> Path:
             f"the run ended in {run.guard.num_skipped_in_a_row} step(s) in a row with a "
             f"non-finite loss; checkpoint-{step} and the export were not written"
         )
-    folder = export(run, method, net, ema, run.output_dir / method.export_name)
+    best_record = read_best_record(run.output_dir) if evaluator is not None else None
+    card = model_card(run, method, net, step, best_record)
+    folder = export(run, method, net, ema, run.output_dir / method.export_name, card, last_grid)
     run.tracker.log_folder(folder, "final")
     logger.info("exported %s; pictures in %s", folder, run.tracker.images_dir)
     run.finish()
@@ -235,17 +250,66 @@ def sample_uint8(method: Method, net: nn.Module, items: range) -> torch.Tensor:
     )
 
 
-def log_pictures(run: Run, method: Method, net: nn.Module, step: int) -> None:
-    """The sample grid (every rank samples its chunks) and the method's pictures (collective)."""
+def log_pictures(run: Run, method: Method, net: nn.Module, step: int) -> np.ndarray:
+    """The sample grid (every rank samples its chunks) and the method's pictures (collective);
+    returns the grid."""
     cfg = run.cfg
     images = map_sharded(
         run.accelerator, cfg.num_sample_images, GRID_CHUNK, lambda items: method.sample(net, items)
     )
     ordered, per_row = method.grid_layout(to_uint8(images, method.value_range))
-    run.tracker.log_image("samples", make_grid(ordered, nrow=per_row), step)
+    grid = make_grid(ordered, nrow=per_row)
+    run.tracker.log_image("samples", grid, step)
     if run.is_writer:
         for name, picture in method.pictures(net, step).items():
             run.tracker.log_image(name, picture, step)
+    return grid
+
+
+def read_best_record(output_dir: Path) -> dict[str, Any] | None:
+    """The record of the best evaluation so far (best/fid.json), if any."""
+    path = output_dir / BEST_DIR / BEST_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def model_card(
+    run: Run, method: Method, net: nn.Module, step: int, fid_record: dict[str, Any] | None
+) -> CardFacts:
+    """The method's card with the run's facts in front and the FID measured, if any."""
+    cfg, data = run.cfg, run.data
+    card = method.card()
+    precision = cfg.mixed_precision or run.accelerator.mixed_precision
+    run_facts = [
+        ("data", f"{cfg.dataset} ({len(data.images):,} images, {cfg.resolution}x"
+                 f"{cfg.resolution}, {cfg.channels} channel(s))"),
+        ("parameters", f"{sum(p.numel() for p in net.parameters()):,}"),
+        ("optimizer steps", f"{step:,}"),
+        ("global batch", f"{run.global_batch_size} ({run.accelerator.num_processes} process(es)"
+                         f" x {cfg.batch_size} x {cfg.gradient_accumulation_steps} accumulation)"),
+        ("learning rate", f"{cfg.learning_rate:g} ({cfg.lr_schedule}, {cfg.lr_warmup_steps} "
+                          "warmup steps)"),
+        ("precision", "fp32" if precision in (None, "no") else precision),
+        ("weights", f"EMA (max decay {cfg.ema_max_decay})" if cfg.use_ema else "raw"),
+    ]  # fmt: skip
+    card.facts = run_facts + card.facts
+    if fid_record is not None:
+        card.fid = float(fid_record["fid"])
+        card.fid_samples = int(fid_record.get("num_samples", cfg.eval_num_samples))
+        card.facts.append(
+            ("FID", f"{card.fid:.2f} at step {fid_record.get('step', '?')} "
+                    f"({card.fid_samples} samples vs the training data)")
+        )  # fmt: skip
+    if is_hub_dataset(cfg.dataset):
+        card.dataset = cfg.dataset
+    return card
+
+
+def is_hub_dataset(name: str) -> bool:
+    """A hub dataset id (cifar10, owner/name), not a local folder or the built-in digits."""
+    return name != "digits" and not Path(name).exists()
 
 
 def export(
@@ -254,9 +318,12 @@ def export(
     net: nn.Module,
     ema: EMA | None,
     folder: Path,
+    card: CardFacts,
+    grid: np.ndarray | None,
     json_files: dict[str, dict] | None = None,
 ) -> Path:
-    """Write the method's export into `folder`, atomically, with task.json (collective)."""
+    """Write the method's export into `folder`, atomically, with task.json and the model card
+    (README.md, and the grid as samples.png) (collective)."""
     error = None
     if run.is_writer:
         shipped = net
@@ -267,6 +334,8 @@ def export(
             with atomic_dir(folder) as tmp:
                 method.export(tmp, shipped, net)
                 write_task_file(tmp, run.cfg.resolution, method.task_info())
+                picture = None if grid is None else upscale(grid, MIN_PICTURE_SIDE)
+                write_model_card(tmp, card, picture)
                 for name, content in (json_files or {}).items():
                     write_json(tmp / name, content)
         except OSError as err:
