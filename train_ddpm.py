@@ -400,7 +400,7 @@ class DDPMMethod:
             script="ddpm",
             sampler=(
                 f"`{cfg.sample_scheduler}` with {cfg.sample_steps} steps{eta} made the grid "
-                "below (`python sample.py <folder> --scheduler ...` lists the others); "
+                "above (`python sample.py <folder> --scheduler ...` lists the others); "
                 "diffusers' DDPMScheduler with 1000 steps is the slow reference."
             ),
             how_to_load=load,
