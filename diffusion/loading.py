@@ -128,7 +128,8 @@ def _refuse_pickles(folder: Path) -> None:
         raise FileNotFoundError(
             f"{folder} holds its weights only as diffusion_pytorch_model.bin (a pickle, which "
             "can run code when loaded); this toolkit reads safetensors only. Convert it once, "
-            "if you trust it: UNet2DModel.from_pretrained(folder).save_pretrained(folder)"
+            "if you trust it: load it with diffusers' UNet2DModel.from_pretrained, then "
+            "save_pretrained it (safetensors is diffusers' default)"
         )
 
 

@@ -143,7 +143,7 @@ def test_an_edm_export_fine_tunes_as_edm(tmp_path_factory, tmp_path):
 def test_sample_reads_diffusers_folders_and_cached_hub_ids_offline(tmp_path):
     pipeline = diffusers_pipeline(tmp_path / "pipeline")
     unet_only = tmp_path / "unet-only"
-    UNet2DModel.from_pretrained(pipeline / "unet").save_pretrained(unet_only)
+    UNet2DModel.from_pretrained(pipeline / "unet", use_safetensors=True).save_pretrained(unet_only)
     flat = tmp_path / "flat"  # early hub repos (google/ddpm-cifar10-32): configs side by side
     shutil.copytree(pipeline / "unet", flat)
     shutil.copy(pipeline / "scheduler" / "scheduler_config.json", flat)
@@ -162,6 +162,13 @@ def test_sample_reads_diffusers_folders_and_cached_hub_ids_offline(tmp_path):
         outputs[name] = (out / "samples.npz").read_bytes()
     assert outputs["folder"] == outputs["hub"]  # the same files, found through the cache
     assert outputs["folder"] == outputs["flat"]  # the same network and schedule
+    pickled = tmp_path / "pickled"  # weights only as diffusion_pytorch_model.bin
+    UNet2DModel.from_pretrained(unet_only, use_safetensors=True).save_pretrained(
+        pickled, safe_serialization=False
+    )
+    refused = python("sample.py", str(pickled), f"--output-dir={tmp_path / 'p'}")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
+    assert "only as diffusion_pytorch_model.bin (a pickle" in refused.stderr
     missing = python("sample.py", "nobody/not-cached", f"--output-dir={tmp_path / 'x'}",
                      HF_HUB_CACHE=str(cache))  # fmt: skip
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
