@@ -26,7 +26,7 @@ import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -54,6 +54,7 @@ from ddp_utils.train_config import TrainConfig
 from diffusion import pipeline_code
 from diffusion.conditioning import Conditioning
 from diffusion.ddpm import (
+    SCHEDULE_DEFAULTS,
     VALUE_RANGE,
     BetaSchedule,
     PredictionType,
@@ -65,7 +66,7 @@ from diffusion.loading import load_for_sampling
 from diffusion.models import build_ddpm_unet
 from diffusion.pipeline_code.ddpm_pipeline import GuidedDDPMPipeline
 from diffusion.pipeline_code.edm_pipeline import EDMPipeline
-from diffusion.pretrained import check_init_model, resolve_model_source
+from diffusion.pretrained import check_init_model, resolve_model_source, training_schedule
 from diffusion.sampling import (
     DEFAULT_DDIM_ETA,
     DEFAULT_SAMPLER,
@@ -79,12 +80,6 @@ from diffusion.sampling import (
 logger = logging.getLogger("ddp_diffusion")
 Objective = Literal["ddpm", "edm"]
 DEFAULT_PRESET = "digits-small"
-# The DDPM noise schedule when neither a flag nor --init-from's model sets it.
-SCHEDULE_DEFAULTS: dict[str, Any] = {
-    "prediction_type": "epsilon",
-    "beta_schedule": "squaredcos_cap_v2",
-    "num_train_timesteps": 1000,
-}
 NUM_LOSS_BINS = 4  # the loss is also logged per quarter of the noise levels: loss_t_q0..3
 
 
@@ -242,33 +237,6 @@ def report_by_bin(
         stats.add(f"{prefix}{q}", sums[q], counts[q])
 
 
-def conditioning_of(run: Run) -> Conditioning:
-    """The run's classes (none unless --class-conditional) and how to use them."""
-    cfg = run.cfg
-    if not cfg.class_conditional:
-        return Conditioning()
-    names = tuple(run.data.class_names or ())
-    return Conditioning(names, cfg.label_dropout, cfg.sample_guidance_scale)
-
-
-def class_task_info(conditioning: Conditioning) -> dict[str, Any]:
-    """What sample.py and the export need to know of the classes."""
-    if not conditioning.num_classes:
-        return {}
-    return {
-        "class_names": list(conditioning.class_names),
-        "guidance_scale": conditioning.guidance_scale,
-    }
-
-
-def grid_layout(conditioning: Conditioning, images: np.ndarray) -> tuple[np.ndarray, int]:
-    """Unconditional: 8 per row. Class-conditional: one class per row (sample k: class k mod C)."""
-    if not conditioning.num_classes:
-        return images, 8
-    labels = conditioning.sample_labels(range(len(images)))
-    return rows_by_label(images, labels.tolist(), conditioning.num_classes)
-
-
 def denoising_strip(snapshots: list[torch.Tensor]) -> dict[str, np.ndarray]:
     """Rows: the sampler's x every 1/10 of the steps; columns: the grid's first samples."""
     grid = make_grid(to_uint8(torch.cat(snapshots), VALUE_RANGE), nrow=len(snapshots[0]))
@@ -299,28 +267,61 @@ def remote_code_lines(folder_hint: str, call: str) -> str:
     )
 
 
-class DDPMMethod:
-    """Ho et al. 2020: regress the noise (or x0, or v) added at a random timestep."""
+class UNetMethod:
+    """What the DDPM and EDM methods share: a UNet in [-1, 1], exported as a pipeline folder,
+    optionally class-conditional (grids one class per row, guided samples)."""
 
     value_range = VALUE_RANGE
     export_name = "pipeline"
 
-    def __init__(self, run: Run, scheduler: DDPMScheduler) -> None:
+    def __init__(self, run: Run, scheduler: DDPMScheduler | EDMEulerScheduler) -> None:
         self.run, self.cfg, self.scheduler = run, run.cfg, scheduler
         self.device = run.accelerator.device
-        self.sampler = make_inference_scheduler(self.cfg.sample_scheduler, scheduler.config)
-        self.conditioning = conditioning_of(run)
+        cfg = run.cfg
+        if cfg.class_conditional:
+            names = tuple(run.data.class_names or ())
+            self.conditioning = Conditioning(names, cfg.label_dropout, cfg.sample_guidance_scale)
+        else:
+            self.conditioning = Conditioning()
 
     def task_info(self) -> dict[str, Any]:
-        return {
-            "task": "ddpm",
+        """The task, value range and scheduler, and what sample.py needs of the classes."""
+        info = {
+            "task": self.cfg.objective,
             "value_range": list(VALUE_RANGE),
             "scheduler_config": dict(self.scheduler.config),
-            **class_task_info(self.conditioning),
         }
+        if self.conditioning.num_classes:
+            info["class_names"] = list(self.conditioning.class_names)
+            info["guidance_scale"] = self.conditioning.guidance_scale
+        return info
 
     def grid_layout(self, images: np.ndarray) -> tuple[np.ndarray, int]:
-        return grid_layout(self.conditioning, images)
+        """Unconditional: 8 per row. Class-conditional: one class per row (sample k: class k
+        mod C)."""
+        conditioning = self.conditioning
+        if not conditioning.num_classes:
+            return images, 8
+        labels = conditioning.sample_labels(range(len(images)))
+        return rows_by_label(images, labels.tolist(), conditioning.num_classes)
+
+    def _sample(
+        self, net: nn.Module, indices: range, every: int | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Samples `indices` of the run's seeds with the grids' sampler (and the x's every
+        `every` steps)."""
+        raise NotImplementedError
+
+    def sample(self, net: nn.Module, indices: range) -> torch.Tensor:
+        return self._sample(net, indices)[0]
+
+
+class DDPMMethod(UNetMethod):
+    """Ho et al. 2020: regress the noise (or x0, or v) added at a random timestep."""
+
+    def __init__(self, run: Run, scheduler: DDPMScheduler) -> None:
+        super().__init__(run, scheduler)
+        self.sampler = make_inference_scheduler(self.cfg.sample_scheduler, scheduler.config)
 
     def loss(
         self, model: nn.Module, batch: Batch, generator: torch.Generator, stats: MetricWindow
@@ -352,9 +353,6 @@ class DDPMMethod:
             class_labels=self.conditioning.sample_labels(indices),
             guidance_scale=self.conditioning.guidance_scale,
         )
-
-    def sample(self, net: nn.Module, indices: range) -> torch.Tensor:
-        return self._sample(net, indices)[0]
 
     def pictures(self, net: nn.Module, step: int) -> dict[str, np.ndarray]:
         """The denoising strip: x_t of the grid's first 8 samples, every 1/10 of the steps."""
@@ -446,29 +444,13 @@ def ship_pipeline(pipeline: DiffusionPipeline, folder: Path, code: Path, class_n
     shutil.copyfile(code, folder / "pipeline.py")
 
 
-class EDMMethod:
+class EDMMethod(UNetMethod):
     """Karras et al. 2022: the preconditioned denoiser D(x; sigma) around the same UNet."""
-
-    value_range = VALUE_RANGE
-    export_name = "pipeline"
-
-    def __init__(self, run: Run, scheduler: EDMEulerScheduler) -> None:
-        self.run, self.cfg, self.scheduler = run, run.cfg, scheduler
-        self.device = run.accelerator.device
-        self.conditioning = conditioning_of(run)
 
     def task_info(self) -> dict[str, Any]:
         cfg = self.cfg
-        return {
-            "task": "edm",
-            "value_range": list(VALUE_RANGE),
-            "scheduler_config": dict(self.scheduler.config),
-            "noise_level_distribution": {"p_mean": cfg.p_mean, "p_std": cfg.p_std},
-            **class_task_info(self.conditioning),
-        }
-
-    def grid_layout(self, images: np.ndarray) -> tuple[np.ndarray, int]:
-        return grid_layout(self.conditioning, images)
+        distribution = {"p_mean": cfg.p_mean, "p_std": cfg.p_std}
+        return {**super().task_info(), "noise_level_distribution": distribution}
 
     def loss(
         self, model: nn.Module, batch: Batch, generator: torch.Generator, stats: MetricWindow
@@ -501,9 +483,6 @@ class EDMMethod:
             class_labels=self.conditioning.sample_labels(indices),
             guidance_scale=self.conditioning.guidance_scale,
         )
-
-    def sample(self, net: nn.Module, indices: range) -> torch.Tensor:
-        return self._sample(net, indices)[0]
 
     def pictures(self, net: nn.Module, step: int) -> dict[str, np.ndarray]:
         """The denoising strip: x_i / sqrt(1 + sigma_i^2) of the grid's first 8 samples."""
@@ -573,6 +552,13 @@ class EDMMethod:
         raw.save_pretrained(folder / "unet_raw", safe_serialization=True)
 
 
+def take_schedule(cfg: DDPMConfig, scheduler_config: dict[str, Any], source: str) -> None:
+    """Fill the schedule flags not given from a model's scheduler config."""
+    given = {name: getattr(cfg, name) for name in SCHEDULE_DEFAULTS}
+    for name, value in training_schedule(given, scheduler_config, source).items():
+        setattr(cfg, name, value)
+
+
 def initial_model(run: Run) -> UNet2DModel:
     """A new network of --preset, or --init-from's trained one (checked against the data; its
     noise schedule fills the schedule flags not given). A run that has checkpoints resumes:
@@ -616,36 +602,6 @@ def initial_model(run: Run) -> UNet2DModel:
     model = UNet2DModel.from_config(config)
     model.load_state_dict(loaded.model.state_dict())
     return model
-
-
-def take_schedule(cfg: DDPMConfig, scheduler_config: dict[str, Any], source: str) -> None:
-    """Fill the schedule flags not given from a model's DDPM scheduler config, refusing
-    schedules make_train_scheduler cannot rebuild."""
-    for name, default in SCHEDULE_DEFAULTS.items():
-        if getattr(cfg, name) is None:
-            setattr(cfg, name, scheduler_config.get(name, default))
-    problems = []
-    for name, allowed in (
-        ("beta_schedule", get_args(BetaSchedule)),
-        ("prediction_type", get_args(PredictionType)),
-    ):
-        if getattr(cfg, name) not in allowed:
-            problems.append(f"its {name} is {getattr(cfg, name)!r} (supported: {allowed})")
-    defaults = DDPMScheduler().config
-    for name in ("beta_start", "beta_end"):
-        value = scheduler_config.get(name, defaults[name])
-        if cfg.beta_schedule == "linear" and not math.isclose(value, defaults[name]):
-            problems.append(f"its {name} is {value}, this toolkit's linear schedule uses "
-                            f"{defaults[name]}")  # fmt: skip
-    if scheduler_config.get("trained_betas") is not None:
-        problems.append("it was trained with an explicit list of betas (trained_betas)")
-    if problems:
-        raise InputError(
-            f"the noise schedule of {source} cannot be rebuilt: "
-            + "; ".join(problems)
-            + ". Give --beta-schedule and --prediction-type to train with another schedule",
-            "init_from",
-        )
 
 
 def train(cfg: DDPMConfig) -> Run:

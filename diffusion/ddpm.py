@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typing
 import weakref
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,14 @@ VALUE_RANGE = (-1.0, 1.0)  # images are normalised to [-1, 1], the range of the 
 BetaSchedule = Literal["squaredcos_cap_v2", "linear"]
 PredictionType = Literal["epsilon", "v_prediction", "sample"]
 PREDICTION_TYPES = typing.get_args(PredictionType)
+
+
+# The noise schedule a new model is trained with (the defaults of make_train_scheduler).
+SCHEDULE_DEFAULTS: dict[str, Any] = {
+    "prediction_type": "epsilon",
+    "beta_schedule": "squaredcos_cap_v2",
+    "num_train_timesteps": 1000,
+}
 
 
 def make_train_scheduler(

@@ -9,10 +9,12 @@ loaded model with what a run is about to train (data size, channels, classes, ob
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
+from diffusers import DDPMScheduler
 from huggingface_hub import constants, snapshot_download
 from huggingface_hub.errors import (
     GatedRepoError,
@@ -22,6 +24,7 @@ from huggingface_hub.errors import (
 )
 
 from ddp_utils.errors import InputError
+from diffusion.ddpm import SCHEDULE_DEFAULTS, BetaSchedule, PredictionType
 from diffusion.loading import LoadedModel
 
 # owner/name as the hub spells it; a path that exists locally always wins over this reading.
@@ -128,6 +131,38 @@ def check_init_model(
         raise InputError(f"{spec} cannot start this run:\n  " + "\n  ".join(problems), "init_from")
 
 
-def schedule_of(loaded: LoadedModel) -> dict[str, Any]:
-    """The training noise schedule a DDPM model was made with (empty if it has none)."""
-    return dict(loaded.scheduler_config or {})
+def training_schedule(
+    given: dict[str, Any], scheduler_config: dict[str, Any], source: str
+) -> dict[str, Any]:
+    """The schedule fields (`SCHEDULE_DEFAULTS`' keys) to train with: those given (not None),
+    the rest from a model's DDPM scheduler config (else the defaults). Refuses a schedule
+    `make_train_scheduler` cannot rebuild, naming why."""
+    values = {
+        name: given.get(name) if given.get(name) is not None
+        else scheduler_config.get(name, default)
+        for name, default in SCHEDULE_DEFAULTS.items()
+    }  # fmt: skip
+    problems = []
+    for name, allowed in (
+        ("beta_schedule", get_args(BetaSchedule)),
+        ("prediction_type", get_args(PredictionType)),
+    ):
+        if values[name] not in allowed:
+            problems.append(f"its {name} is {values[name]!r} (supported: {', '.join(allowed)})")
+    defaults = DDPMScheduler().config
+    for name in ("beta_start", "beta_end"):
+        value = scheduler_config.get(name, defaults[name])
+        if values["beta_schedule"] == "linear" and not math.isclose(value, defaults[name]):
+            problems.append(
+                f"its {name} is {value}, this toolkit's linear schedule uses {defaults[name]}"
+            )
+    if scheduler_config.get("trained_betas") is not None:
+        problems.append("it was trained with an explicit list of betas (trained_betas)")
+    if problems:
+        raise InputError(
+            f"the noise schedule of {source} cannot be rebuilt: "
+            + "; ".join(problems)
+            + ". Give --beta-schedule and --prediction-type to train with another schedule",
+            "init_from",
+        )
+    return values
