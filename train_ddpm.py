@@ -1,4 +1,4 @@
-"""Train a diffusion model: DDPM (noise prediction over 1000 timesteps) or EDM (Karras et al.
+"""Train a diffusion model: DDPM (v- or noise prediction over 1000 timesteps) or EDM (Karras et al.
 2022's preconditioned denoiser), with EMA, sample grids and an export diffusers loads.
 
     # built-in digits on a CPU (the README's main job, ~11 minutes on 2 cores):
@@ -78,6 +78,11 @@ from diffusion.sampling import (
 )
 
 logger = logging.getLogger("ddp_diffusion")
+TARGETS = {  # what a DDPM network is trained to predict, in words
+    "epsilon": "the noise (epsilon)",
+    "v_prediction": "the velocity v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0",
+    "sample": "the clean image",
+}
 Objective = Literal["ddpm", "edm"]
 DEFAULT_PRESET = "digits-small"
 NUM_LOSS_BINS = 4  # the loss is also logged per quarter of the noise levels: loss_t_q0..3
@@ -392,7 +397,7 @@ class DDPMMethod(UNetMethod):
             summary=(
                 f"A denoising diffusion model (Ho et al. 2020) generating {cfg.resolution}x"
                 f"{cfg.resolution} images like those of {cfg.dataset}: a UNet2DModel trained to "
-                f"predict the {cfg.prediction_type} at one of {cfg.num_train_timesteps} noise "
+                f"predict {TARGETS[cfg.prediction_type]} at one of {cfg.num_train_timesteps} noise "
                 f"levels of the {cfg.beta_schedule} schedule."
             ),
             script="ddpm",

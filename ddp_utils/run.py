@@ -191,11 +191,22 @@ class Run:
             **dict(unwrapped.config),
         }
         differences = config_differences(saved, current)
+        # The noise schedule (prediction type, betas, T; EDM's constants): the keys both know.
+        saved_schedule = ckpt.state.get("scheduler_config") or {}
+        schedule = task_info.get("scheduler_config") or {}
+        shared = set(saved_schedule) & set(schedule)
+        differences += [
+            f"noise schedule {line}"
+            for line in config_differences(
+                {k: saved_schedule[k] for k in shared}, {k: schedule[k] for k in shared}
+            )
+        ]
         if differences:
             raise CheckpointError(
                 f"{ckpt.path} was made for a different model:\n  "
                 + "\n  ".join(differences)
-                + "\nuse another --output-dir, or --resume none to start over"
+                + "\ngive the flags it was made with (its run's config.yaml), use another "
+                "--output-dir, or --resume none to start over"
             )
         self._warn_if_world_changed(ckpt)
         unwrapped.load_state_dict(ckpt.tensors["model"])

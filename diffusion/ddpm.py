@@ -24,7 +24,7 @@ PREDICTION_TYPES = typing.get_args(PredictionType)
 
 # The noise schedule a new model is trained with (the defaults of make_train_scheduler).
 SCHEDULE_DEFAULTS: dict[str, Any] = {
-    "prediction_type": "epsilon",
+    "prediction_type": "v_prediction",
     "beta_schedule": "squaredcos_cap_v2",
     "num_train_timesteps": 1000,
 }
@@ -33,12 +33,16 @@ SCHEDULE_DEFAULTS: dict[str, Any] = {
 def make_train_scheduler(
     beta_schedule: BetaSchedule = "squaredcos_cap_v2",
     num_train_timesteps: int = 1000,
-    prediction_type: PredictionType = "epsilon",
+    prediction_type: PredictionType = "v_prediction",
 ) -> DDPMScheduler:
     """The noise schedule used in training; samplers are later built from its config.
 
     The default is the cosine schedule of Nichol & Dhariwal 2021, which destroys information
-    more evenly than DDPM's linear betas at small resolutions.
+    more evenly than DDPM's linear betas at small resolutions, with v-prediction (Salimans &
+    Ho 2022): on the default digits run it matches epsilon-prediction with DDPM-1000 and
+    stochastic DDIM, and halves the FID of the deterministic samplers (README, "Quality per
+    sampling step"): near t = T the cosine schedule's alpha_bar is ~1e-9, where an epsilon
+    network's x0 estimate amplifies its error ~1e4 times and v's does not.
     """
     if num_train_timesteps < 2:
         raise ValueError(f"the number of timesteps must be >= 2; got {num_train_timesteps}")

@@ -124,7 +124,7 @@ def test_min_snr_weights_match_hang_et_al(prediction_type: str, weight) -> None:
 
 
 def test_min_snr_down_weights_only_the_nearly_clean_timesteps() -> None:
-    weights = min_snr_weights(make_train_scheduler(), TIMESTEPS, gamma=5.0)
+    weights = min_snr_weights(make_train_scheduler(prediction_type="epsilon"), TIMESTEPS, gamma=5.0)
     assert weights[0] < 0.01  # t=0: SNR ~ 1e4, weight gamma/SNR
     assert weights[-1] == 1.0  # t=999: SNR < gamma, full weight
 

@@ -31,7 +31,11 @@ def test_a_ddpm_export_card_says_what_how_long_and_how_to_load(tmp_path_factory)
     text = card.text
     assert f"| optimizer steps | {MAX_STEPS} |" in text
     assert f"| global batch | {GLOBAL_BATCH} (1 process(es) x 4 x 2 accumulation) |" in text
-    assert "| precision | fp32 |" in text and "predict the epsilon at one of 1000" in text
+    assert (
+        "| precision | fp32 |" in text
+        and "predict the velocity v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 at one of 1000"
+        in text
+    )
     assert 'DDPMPipeline.from_pretrained("path/to/this/folder"' in text
     assert "FID" not in text and card.data.eval_results is None  # none was measured
     # The grid of the last logged samples, upscaled to a viewable size without smoothing.

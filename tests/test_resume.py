@@ -396,10 +396,10 @@ def test_a_checkpoint_of_another_model_is_refused_naming_the_differences(
 ) -> None:
     import train_ddpm
 
-    def resume_ddpm(source: Path, preset: str, name: str) -> str:
+    def resume_ddpm(source: Path, preset: str, name: str, *flags: str) -> str:
         out = tmp_path / name
         copy_checkpoint(source, out)
-        args = [*DDPM_ARGS, "--preset", preset, "--output-dir", str(out)]
+        args = [*DDPM_ARGS, "--preset", preset, "--output-dir", str(out), *flags]
         try:
             with pytest.raises(CheckpointError) as err:
                 train_ddpm.main(args)
@@ -417,6 +417,11 @@ def test_a_checkpoint_of_another_model_is_refused_naming_the_differences(
     message = resume_ddpm(ddpm, "digits-small", "ddpm")
     assert "block_out_channels: checkpoint has [16, 16], this run has [32, 32, 64]" in message
     assert "model class" not in message
+    # The same network trained for another target: training on would mix two objectives.
+    message = resume_ddpm(ddpm, str(tiny_unet), "target", "--prediction-type", "epsilon")
+    assert message.count("\n  ") == 1, message  # one difference, and it is the target
+    assert "noise schedule prediction_type: checkpoint has 'v_prediction', this run has " in message
+    assert "give the flags it was made with" in message
 
 
 def test_an_incomplete_checkpoint_folder_is_never_latest(ddpm_one_process, tmp_path, caplog):

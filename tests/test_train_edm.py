@@ -135,7 +135,7 @@ def test_dry_run_resolves_each_objectives_sampler(capsys: pytest.CaptureFixture)
     [
         (["--objective=edm", "--sample-scheduler=ddim"], "--sample-scheduler ddim does not sample"),
         (["--sample-scheduler=edm-heun"], "--sample-scheduler edm-heun does not sample"),
-        (["--objective=edm", "--prediction-type=v_prediction"], "--prediction-type applies to"),
+        (["--objective=edm", "--prediction-type=epsilon"], "--prediction-type applies to"),
         (["--objective=edm", "--min-snr-gamma=5"], "--min-snr-gamma applies to"),
         (["--sample-scheduler=unipc", "--sample-eta=1"], "--sample-eta applies to"),
         (["--objective=edm", "--sigma-min=100"], "--sigma-min and --sigma-max"),
