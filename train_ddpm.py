@@ -139,9 +139,10 @@ class DDPMConfig(TrainConfig):
         0.1, "class-conditional: share of labels replaced by 'no class' (what guidance needs)"
     )
     sample_guidance_scale: float = option(
-        3.0,
+        1.5,
         "class-conditional: guidance w of the grids, --eval-every and the export's default "
-        "(0: unconditional, 1: conditional, > 1: more like the class)",
+        "(0: unconditional, 1: conditional, > 1: more like the class; 1.5 measured best on "
+        "digits: FID as w = 1, the asked class 99.8% of the time)",
     )
     # Training.
     learning_rate: float = option(4e-4, "peak learning rate")
@@ -383,7 +384,7 @@ class DDPMMethod(UNetMethod):
         eta = f", eta {cfg.sample_eta:g}" if cfg.sample_scheduler == "ddim" else ""
         if conditioning.num_classes:
             load = remote_code_lines(
-                "path/to/this/folder", "class_labels=[0, 1, 2], guidance_scale=3.0"
+                "path/to/this/folder", "class_labels=[0, 1, 2], guidance_scale=1.5"
             )
         else:
             load = (
@@ -513,7 +514,7 @@ class EDMMethod(UNetMethod):
         kind = "class-conditional EDM" if conditioning.num_classes else "EDM"
         call = "batch_size=16, num_inference_steps=18"
         if conditioning.num_classes:
-            call = "class_labels=[0, 1, 2], guidance_scale=3.0, num_inference_steps=18"
+            call = "class_labels=[0, 1, 2], guidance_scale=1.5, num_inference_steps=18"
         second = " (Heun: 2 network evaluations per step but the last)"
         return CardFacts(
             title=f"{kind} on {cfg.dataset}",

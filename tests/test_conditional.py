@@ -33,7 +33,8 @@ def conditional_run(tmp_path_factory) -> Path:
     fresh_accelerate_state()
     train_ddpm.main(
         [
-            "--class-conditional", "--resolution", "8", "--max-steps", "250",
+            "--class-conditional", "--sample-guidance-scale", "3", "--resolution", "8",
+            "--max-steps", "250",
             "--batch-size", "32", "--learning-rate", "1e-3", "--lr-warmup-steps", "20",
             "--log-every", "50", "--checkpoint-every", "125", "--sample-every", "250",
             "--num-sample-images", "20", "--sample-steps", "4", "--report-to", "none",

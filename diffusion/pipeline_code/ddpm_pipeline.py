@@ -3,7 +3,7 @@
 This one file is shipped as `pipeline.py` in every class-conditional DDPM export, so that
 
     pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True, use_safetensors=True)
-    images = pipe(class_labels=[3, 7], guidance_scale=3.0).images   # or class names: ["3", "7"]
+    images = pipe(class_labels=[3, 7], guidance_scale=1.5).images   # or class names: ["3", "7"]
 
 runs the model with nothing but diffusers installed (an unconditional DDPM export is a plain
 `DDPMPipeline` folder instead). The toolkit imports the same file (`guided_output`) for the
@@ -93,7 +93,7 @@ class GuidedDDPMPipeline(DiffusionPipeline):
         unet: UNet2DModel,
         scheduler: SchedulerMixin,
         class_names: list[str] | None = None,
-        guidance_scale: float = 3.0,
+        guidance_scale: float = 1.5,
     ) -> None:
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
