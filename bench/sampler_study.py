@@ -73,6 +73,8 @@ VARIANTS = [
     Variant("ddim-50, clip_sample off", DDIMScheduler, 50, {"clip_sample": False}),
     Variant("ddim-50, eps from the clipped x0", DDIMScheduler, 50,
             step_kwargs={"use_clipped_model_output": True}),
+    Variant("ddim-50, dynamic thresholding (Imagen, ratio 0.995)", DDIMScheduler, 50,
+            {"thresholding": True, "sample_max_value": 1.0}),
     Variant("ddim-50, trailing spacing", DDIMScheduler, 50, {"timestep_spacing": "trailing"}),
     Variant("ddim-50, linspace spacing", DDIMScheduler, 50, {"timestep_spacing": "linspace"}),
     Variant("ddim-50, set_alpha_to_one off", DDIMScheduler, 50, {"set_alpha_to_one": False}),
