@@ -91,7 +91,7 @@ SamplerName = Literal[
 # DDPM samplers: a diffusers scheduler class and what changes from its own defaults. None may
 # start at t = 999: the cosine schedule's capped last beta leaves alpha_bar_999 = 2.4e-9 there,
 # so an epsilon model's x0 estimate is its error times 20,000 (DPM-Solver and UniPC with
-# diffusers' default "linspace" spacing scored FID 400 on the default run). "leading" spacing
+# diffusers' default "linspace" spacing scored FID 400 on the epsilon digits run). "leading" spacing
 # starts where DDIM does (t = 940 for 20 steps); Karras spacing starts at KARRAS_SIGMA_MAX.
 DDPM_SAMPLERS: dict[str, tuple[type[SchedulerMixin], dict[str, object]]] = {
     "ddpm": (DDPMScheduler, {}),
