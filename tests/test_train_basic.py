@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -186,7 +187,11 @@ def test_one_process_end_to_end_then_rerun_resumes(tmp_path, wandb_dir, capsys):
     metrics = read_metrics(run / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [2, 4, 6]  # steps 4 and 6 not duplicated
     assert (run / "wandb_run_id").read_text() == run_id
-    assert all(p.name.endswith(run_id.strip()) for p in wandb_dir.glob("wandb/offline-run-*"))
+    # Both invocations wrote to the same wandb run (a second folder within the same second of
+    # the first gets wandb's "-1" suffix).
+    pattern = re.compile(rf"offline-run-\d{{8}}_\d{{6}}-{run_id.strip()}(-\d+)?")
+    folders = [p.name for p in wandb_dir.glob("wandb/offline-run-*")]
+    assert len(folders) == 2 and all(pattern.fullmatch(name) for name in folders), folders
     # Noise and data order depend only on (seed, step, rank): the resumed run ends identical.
     resumed = load_file(run / "checkpoints" / "checkpoint-6" / "model.safetensors")
     for name, value in final_weights.items():
