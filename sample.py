@@ -395,7 +395,11 @@ def sample(cfg: SampleConfig) -> np.ndarray:
             raise ValueError(f"--fid: {err}") from None
     out = prepare_output(accelerator, cfg)
     # A hub id is downloaded once (by the main process), then read from the cache by the others.
-    source = main_process_first(accelerator, lambda: resolve_model_source(cfg.model_path, None))
+    source = main_process_first(
+        accelerator,
+        lambda: resolve_model_source(cfg.model_path, None),
+        InputError(f"{cfg.model_path} could not be found (the main process says why)"),
+    )
     loaded = load_for_sampling(source, cfg.weights)
     if not all_finite(loaded.model.parameters()):
         raise NonFiniteError(

@@ -574,11 +574,14 @@ def initial_model(run: Run) -> UNet2DModel:
         return build_ddpm_unet(cfg.preset, cfg.resolution, cfg.channels, run.data.num_classes)
     if run.checkpoint is not None:
         state = run.checkpoint.state
-        take_schedule(cfg, state.get("scheduler_config") or {}, str(run.checkpoint.path))
+        if cfg.objective == "ddpm":
+            take_schedule(cfg, state.get("scheduler_config") or {}, str(run.checkpoint.path))
         logger.info("resuming %s: --init-from %s is not read", run.checkpoint.path, cfg.init_from)
         return UNet2DModel.from_config(state["model_config"])
     source = main_process_first(
-        run.accelerator, lambda: resolve_model_source(cfg.init_from, "init_from")
+        run.accelerator,
+        lambda: resolve_model_source(cfg.init_from, "init_from"),
+        InputError(f"{cfg.init_from} could not be found (the main process says why)", "init_from"),
     )
     try:
         loaded = load_for_sampling(source, "ema")

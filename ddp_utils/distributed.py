@@ -104,16 +104,17 @@ def raise_together(
         raise error
 
 
-def main_process_first(accelerator: Accelerator, work: Callable[[], T]) -> T:
-    """`work()` on the main process, then on the others (a download, then reading its cache);
-    an error on the main process is raised on every rank instead of leaving them waiting."""
+def main_process_first(accelerator: Accelerator, work: Callable[[], T], others: BaseException) -> T:
+    """`work()` on the main process, then on the others (a download, then reading its cache).
+    If it fails on the main process, the others raise `others` (which says where to look)
+    instead of waiting for it."""
     result, error = None, None
     if accelerator.is_main_process:
         try:
             result = work()
         except Exception as err:  # re-raised below, on every rank
             error = err
-    raise_together(accelerator, error, RuntimeError("the main process failed; see its error"))
+    raise_together(accelerator, error, others)
     return result if accelerator.is_main_process else work()
 
 

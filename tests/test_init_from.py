@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from ddp_utils.errors import InputError
 from tests.tiny_runs import (
+    CPU_2PROC,
     NUM_IMAGES,
     RESOLUTION,
     TINY_UNET,
@@ -27,12 +28,14 @@ REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
-def diffusers_pipeline(folder: Path, resolution: int = RESOLUTION, seed: int = 3) -> Path:
+def diffusers_pipeline(
+    folder: Path, resolution: int = RESOLUTION, seed: int = 3, beta_schedule: str = "linear"
+) -> Path:
     """A DDPMPipeline folder written by diffusers' own save_pretrained, as its training example
     leaves it: a linear schedule (not the toolkit's cosine), random weights."""
     torch.manual_seed(seed)
     unet = UNet2DModel(sample_size=resolution, in_channels=1, out_channels=1, **TINY_UNET)
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule=beta_schedule)
     DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(folder)
     return folder
 
@@ -95,6 +98,12 @@ def test_fine_tuning_starts_from_a_folder_diffusers_wrote_and_takes_its_schedule
     assert "beta_schedule: linear" in config and f"init_from: {source}" in config
     exported = DDPMPipeline.from_pretrained(run / "pipeline", use_safetensors=True)
     assert exported.scheduler.config.beta_schedule == "linear"
+    # Rerun without the source and without schedule flags: the checkpoint's schedule (linear),
+    # not the defaults (cosine, which the resume would refuse as another model).
+    shutil.rmtree(source)
+    train(run_args(run, f"--init-from={source}", "--max-steps=2"))
+    assert "beta_schedule: linear" in (run / "config.yaml").read_text()
+    assert (run / "checkpoints" / "checkpoint-2").is_dir()
     # A fresh network (no --init-from) starts elsewhere: the comparison above can fail.
     train(run_args(tmp_path / "fresh"))
     fresh = load_file(tmp_path / "fresh" / "pipeline" / "unet_raw" / WEIGHTS)
@@ -129,10 +138,16 @@ def test_a_model_that_cannot_start_the_run_is_refused_with_the_fix(tmp_path, cap
         train(run_args(tmp_path / "hub", "--init-from=no/such-model"))
     with pytest.raises(InputError, match="--init-from: ./missing does not exist"):
         train(run_args(tmp_path / "typo", "--init-from=./missing"))
+    scaled = diffusers_pipeline(tmp_path / "scaled", beta_schedule="scaled_linear")
+    with pytest.raises(InputError, match="its beta_schedule is 'scaled_linear' .*Give --beta-sch"):
+        train(run_args(tmp_path / "scaled-run", f"--init-from={scaled}"))
 
 
 def test_an_edm_export_fine_tunes_as_edm(tmp_path_factory, tmp_path):
     source = trained_edm(tmp_path_factory) / "pipeline"
+    with pytest.raises(InputError, match="was trained with --sigma-data 0.5: pass it"):
+        train(run_args(tmp_path / "sd", f"--init-from={source}", "--objective=edm",
+                       "--sigma-data=0.7"))  # fmt: skip
     args = [a for a in run_args(tmp_path / "run", f"--init-from={source}", "--objective=edm")]
     train(args)
     start = load_file(source / "unet" / WEIGHTS)
@@ -174,4 +189,24 @@ def test_sample_reads_diffusers_folders_and_cached_hub_ids_offline(tmp_path):
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert "the hub is offline here (HF_HUB_OFFLINE=1) and it is not in the local cache" in (
         missing.stderr
+    )
+
+
+def test_two_processes_stop_together_on_a_hub_id_the_main_process_cannot_get(tmp_path):
+    """The main process resolves the hub id first; when it fails, the other rank stops with a
+    message too (no traceback, no wait for a download that will never come)."""
+    accelerate = Path(sys.executable).with_name("accelerate")
+    result = subprocess.run(
+        [str(accelerate), "launch", "--config_file", str(CPU_2PROC), "sample.py",
+         "nobody/not-cached", f"--output-dir={tmp_path / 'out'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=180,
+        env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1",
+             "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HOME": str(tmp_path / "hf_home")},
+    )  # fmt: skip
+    assert result.returncode != 0
+    # The launcher prints its own ChildFailedError traceback; the workers print none.
+    assert 'sample.py", line' not in result.stderr, result.stderr[-3000:]
+    assert "error: nobody/not-cached is a hub id, the hub is offline here" in result.stderr
+    assert "error: nobody/not-cached could not be found (the main process says why)" in (
+        result.stderr
     )
