@@ -135,12 +135,15 @@ def training_schedule(
     given: dict[str, Any], scheduler_config: dict[str, Any], source: str
 ) -> dict[str, Any]:
     """The schedule fields (`SCHEDULE_DEFAULTS`' keys) to train with: those given (not None),
-    the rest from a model's DDPM scheduler config (else the defaults). Refuses a schedule
+    the rest from a model's DDPM scheduler config (else the toolkit's defaults). Refuses a schedule
     `make_train_scheduler` cannot rebuild, naming why."""
+    # A key the model's config lacks (configs older than the key) means diffusers' default,
+    # which is what the model was trained with; only a model without any schedule gets ours.
+    fallback = dict(DDPMScheduler().config) if scheduler_config else SCHEDULE_DEFAULTS
     values = {
-        name: given.get(name) if given.get(name) is not None
-        else scheduler_config.get(name, default)
-        for name, default in SCHEDULE_DEFAULTS.items()
+        name: given[name] if given.get(name) is not None
+        else scheduler_config.get(name, fallback[name])
+        for name in SCHEDULE_DEFAULTS
     }  # fmt: skip
     problems = []
     for name, allowed in (

@@ -3,6 +3,7 @@ hub cache, offline), our own exports; what train_ddpm.py --init-from and sample.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -86,6 +87,11 @@ def python(*args: str, **env: str) -> subprocess.CompletedProcess:
 
 def test_fine_tuning_starts_from_a_folder_diffusers_wrote_and_takes_its_schedule(tmp_path):
     source = diffusers_pipeline(tmp_path / "from-diffusers")
+    # Configs older than `prediction_type` (google/ddpm-cifar10-32's) mean diffusers' epsilon.
+    scheduler_file = source / "scheduler" / "scheduler_config.json"
+    config = json.loads(scheduler_file.read_text())
+    del config["prediction_type"]
+    scheduler_file.write_text(json.dumps(config))
     start = load_file(source / "unet" / WEIGHTS)
     train(run_args(tmp_path / "run", f"--init-from={source}"))
     run = tmp_path / "run"
@@ -96,6 +102,7 @@ def test_fine_tuning_starts_from_a_folder_diffusers_wrote_and_takes_its_schedule
     # The schedule came with the model (linear betas), and is what the export carries.
     config = (run / "config.yaml").read_text()
     assert "beta_schedule: linear" in config and f"init_from: {source}" in config
+    assert "prediction_type: epsilon" in config
     exported = DDPMPipeline.from_pretrained(run / "pipeline", use_safetensors=True)
     assert exported.scheduler.config.beta_schedule == "linear"
     # Rerun without the source and without schedule flags: the checkpoint's schedule (linear),
