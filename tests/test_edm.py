@@ -40,7 +40,7 @@ def reference_coefficients(sigma: torch.Tensor, sigma_data: float) -> dict[str, 
     }
 
 
-def tiny_unet() -> UNet2DModel:
+def tiny_unet(num_class_embeds: int | None = None) -> UNet2DModel:
     torch.manual_seed(0)
     return UNet2DModel(
         sample_size=8,
@@ -51,6 +51,7 @@ def tiny_unet() -> UNet2DModel:
         up_block_types=("UpBlock2D", "UpBlock2D"),
         layers_per_block=1,
         norm_num_groups=4,
+        num_class_embeds=num_class_embeds,
     )
 
 
@@ -212,18 +213,7 @@ def test_churn_draws_each_images_noise_from_its_own_seed() -> None:
 def test_denoise_passes_class_labels_to_a_class_conditional_unet() -> None:
     """The seam a class-conditional EDM uses: labels reach the UNet's class embedding (index C
     of C + 1 embeddings free for "no class", as classifier-free guidance needs)."""
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        layers_per_block=1,
-        norm_num_groups=4,
-        num_class_embeds=10 + 1,
-    )
+    unet = tiny_unet(num_class_embeds=10 + 1)
     with torch.no_grad():
         unet.class_embedding.weight.normal_()
     x, sigma = torch.randn(2, 1, 8, 8), torch.tensor([0.7, 0.7])
