@@ -57,6 +57,7 @@ from diffusion.ddpm import (
     SCHEDULE_DEFAULTS,
     VALUE_RANGE,
     BetaSchedule,
+    NoiseTables,
     PredictionType,
     diffusion_loss,
     make_train_scheduler,
@@ -328,6 +329,8 @@ class DDPMMethod(UNetMethod):
     def __init__(self, run: Run, scheduler: DDPMScheduler) -> None:
         super().__init__(run, scheduler)
         self.sampler = make_inference_scheduler(self.cfg.sample_scheduler, scheduler.config)
+        # Every per-timestep table on the device now: a step copies nothing from the host.
+        self.tables = NoiseTables.build(scheduler, self.device)
 
     def loss(
         self, model: nn.Module, batch: Batch, generator: torch.Generator, stats: MetricWindow
@@ -338,7 +341,7 @@ class DDPMMethod(UNetMethod):
         t = torch.randint(0, num_timesteps, (x0.shape[0],), generator=generator, device=x0.device)
         labels = self.conditioning.training_labels(batch.labels, generator)
         loss, per_sample = diffusion_loss(
-            model, self.scheduler, x0, t, noise, self.cfg.min_snr_gamma, labels
+            model, self.tables, x0, t, noise, self.cfg.min_snr_gamma, labels
         )
         report_by_bin(stats, "loss_t_q", t * NUM_LOSS_BINS // num_timesteps, per_sample)
         return loss

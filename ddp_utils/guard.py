@@ -202,6 +202,13 @@ class StepGuard:
         return Verdict(bool(stop_reason), stop_reason, num_skipped, report, too_long)
 
 
+def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside Accelerate's wrapper (what a GradScaler keys its state by)."""
+    while isinstance(optimizer, AcceleratedOptimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
 def guarded_step(
     optimizer: torch.optim.Optimizer,
     ok: torch.Tensor,
@@ -213,9 +220,7 @@ def guarded_step(
     kernel takes a `found_inf` tensor and skips on the device. Under a GradScaler, `ok` is
     folded into the scaler's own `found_inf`, which it passes to the fused kernel itself.
     """
-    inner = optimizer
-    while isinstance(inner, AcceleratedOptimizer):  # accelerate's wrapper around the real one
-        inner = inner.optimizer
+    inner = unwrap_optimizer(optimizer)
     not_ok = (~ok).float()
     if scaler is not None and scaler.is_enabled():
         state = scaler._per_optimizer_states[id(inner)]

@@ -33,7 +33,7 @@ from ddp_utils.errors import OutputError
 from ddp_utils.evaluator import BEST_DIR, BEST_FILE, Evaluator
 from ddp_utils.export import write_task_file
 from ddp_utils.files import atomic_dir, write_json
-from ddp_utils.guard import Verdict, guarded_step
+from ddp_utils.guard import Verdict, guarded_step, unwrap_optimizer
 from ddp_utils.images import make_grid, to_uint8, upscale
 from ddp_utils.metrics import MetricWindow
 from ddp_utils.model_card import CardFacts, write_model_card
@@ -129,8 +129,9 @@ def train(run: Run, method: Method, model: nn.Module) -> Path:
     window_start, window_first_step = time.perf_counter(), step
     last_grid = None  # the newest sample grid, for the export's model card
 
+    params = [p for p in model.parameters() if p.requires_grad]  # clipped every step
     while step < cfg.max_steps:
-        ok = optimizer_step(run, method, model, optimizer, batches, stats, step)
+        ok = optimizer_step(run, method, model, optimizer, params, batches, stats, step)
         step += 1
         if ema is not None:
             ema.update(net, step, keep=ok)  # a skipped step leaves the EMA as it was
@@ -203,6 +204,7 @@ def optimizer_step(
     method: Method,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
+    params: list[nn.Parameter],
     batches: BatchSource,
     stats: MetricWindow,
     step: int,
@@ -231,7 +233,7 @@ def optimizer_step(
     set_lr(optimizer, lr)
     grad_norm = None
     if cfg.max_grad_norm is not None:
-        grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        grad_norm = clip_gradients(optimizer, params, cfg.max_grad_norm, acc.scaler)
     step_losses = torch.stack(losses)
     ok = run.guard.step_ok(step, step_losses, grad_norm)
     guarded_step(optimizer, ok, acc.scaler)
@@ -241,6 +243,23 @@ def optimizer_step(
         stats.report("grad_norm", grad_norm)
     stats.commit(keep=ok)
     return ok
+
+
+def clip_gradients(
+    optimizer: torch.optim.Optimizer,
+    params: list[nn.Parameter],
+    max_norm: float,
+    scaler: torch.amp.GradScaler | None,
+) -> torch.Tensor:
+    """Scale the gradients to a total norm of at most `max_norm`; return the norm before.
+
+    Under an fp16 GradScaler the gradients are unscaled first. `Accelerator.clip_grad_norm_`
+    does the same, but walks every prepared model's parameters to find which one they belong
+    to: about a tenth of a small model's host time per step (bench/host_time.py).
+    """
+    if scaler is not None and scaler.is_enabled():
+        scaler.unscale_(unwrap_optimizer(optimizer))
+    return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
 
 
 def sample_uint8(method: Method, net: nn.Module, items: range) -> torch.Tensor:

@@ -7,7 +7,7 @@ process (DDPM eq. 4) x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps, eps
 from __future__ import annotations
 
 import typing
-import weakref
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -53,83 +53,94 @@ def make_train_scheduler(
     )
 
 
-def alphas_cumprod_on(scheduler: DDPMScheduler, device: torch.device) -> torch.Tensor:
-    """alpha_bar_t table on `device`, moved once and cached on the scheduler.
+@dataclass(frozen=True)
+class NoiseTables:
+    """A DDPM schedule's per-timestep tables, on the training device, built once at setup.
 
-    Same caching diffusers' own `add_noise` does (it reassigns `scheduler.alphas_cumprod`), so
-    both share a single device copy and later calls are a no-op `.to()`.
+    Everything the loss looks up by timestep lives here, so a training step moves nothing
+    between host and device (a host-to-device copy inside the step makes a GPU wait).
+    Values are those diffusers' `add_noise`/`get_velocity` compute, op for op: sqrt of the
+    float32 alpha_bar table.
     """
-    scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
-    return scheduler.alphas_cumprod
 
+    prediction_type: str
+    sqrt_alpha_bar: torch.Tensor  # (T,) float32
+    sqrt_one_minus_alpha_bar: torch.Tensor  # (T,) float32
+    snr: torch.Tensor  # (T,) float32: alpha_bar / (1 - alpha_bar), computed in float64
 
-def training_target(
-    scheduler: DDPMScheduler, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
-) -> torch.Tensor:
-    """What the network regresses onto, per the scheduler's prediction_type.
+    @classmethod
+    def build(cls, scheduler: DDPMScheduler, device: torch.device | str) -> NoiseTables:
+        prediction_type = scheduler.config.prediction_type
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"prediction_type must be one of {PREDICTION_TYPES}; got {prediction_type!r}"
+            )
+        alpha_bar = scheduler.alphas_cumprod.float()
+        # SNR in float64 from the betas: in float32, 1 - alpha_bar_t at small t (~4e-5) keeps
+        # only ~3 significant digits. Stored as float32: not every accelerator has float64.
+        alpha_bar64 = torch.cumprod(1 - scheduler.betas.double(), dim=0)
+        return cls(
+            prediction_type,
+            (alpha_bar**0.5).to(device),
+            ((1 - alpha_bar) ** 0.5).to(device),
+            (alpha_bar64 / (1 - alpha_bar64)).float().to(device),
+        )
 
-    epsilon: eps (DDPM eq. 14); sample: x0;
-    v_prediction: v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 (Salimans & Ho 2022, sec. 4).
-    """
-    prediction_type = scheduler.config.prediction_type
-    if prediction_type == "epsilon":
-        return noise
-    if prediction_type == "sample":
-        return x0
-    if prediction_type == "v_prediction":
-        return scheduler.get_velocity(x0, noise, timesteps)
-    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}; got {prediction_type!r}")
+    @property
+    def num_timesteps(self) -> int:
+        return self.snr.shape[0]
 
+    def _column(self, table: torch.Tensor, timesteps: torch.Tensor, like: torch.Tensor):
+        return table[timesteps].to(like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
 
-# scheduler -> {device: SNR table}; weak keys so dropped schedulers free their tables.
-_SNR_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+    def add_noise(
+        self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> torch.Tensor:
+        """DDPM eq. 4: x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps."""
+        return (
+            self._column(self.sqrt_alpha_bar, timesteps, x0) * x0
+            + self._column(self.sqrt_one_minus_alpha_bar, timesteps, x0) * noise
+        )
 
+    def target(
+        self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> torch.Tensor:
+        """What the network regresses onto, per the prediction type.
 
-def _snr_table(scheduler: DDPMScheduler, device: torch.device) -> torch.Tensor:
-    """SNR(t) for every t, built once per scheduler and device.
+        epsilon: eps (DDPM eq. 14); sample: x0;
+        v_prediction: v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 (Salimans & Ho 2022).
+        """
+        if self.prediction_type == "epsilon":
+            return noise
+        if self.prediction_type == "sample":
+            return x0
+        return (
+            self._column(self.sqrt_alpha_bar, timesteps, x0) * noise
+            - self._column(self.sqrt_one_minus_alpha_bar, timesteps, x0) * x0
+        )
 
-    Computed in float64 from the betas: in float32, 1 - alpha_bar_t at small t (~4e-5) keeps
-    only ~3 significant digits. Stored as float32 because not every accelerator has float64.
-    """
-    per_device = _SNR_TABLES.setdefault(scheduler, {})
-    if device not in per_device:
-        alpha_bar = torch.cumprod(1 - scheduler.betas.double(), dim=0)
-        per_device[device] = (alpha_bar / (1 - alpha_bar)).float().to(device)
-    return per_device[device]
+    def min_snr_weights(self, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+        """Min-SNR-gamma loss weights (Hang et al. 2023), shape (B,).
 
-
-def snr(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
-    """Signal-to-noise ratio SNR(t) = alpha_bar_t / (1 - alpha_bar_t), shape (B,), float32."""
-    return _snr_table(scheduler, timesteps.device)[timesteps]
-
-
-def min_snr_weights(
-    scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float
-) -> torch.Tensor:
-    """Min-SNR-gamma loss weights (Hang et al. 2023), shape (B,).
-
-    Clamping SNR at gamma stops the nearly-clean timesteps, whose loss is easy and large in x0
-    terms, from dominating training. The paper's x0-space weight min(SNR, gamma) is converted
-    to the space the network predicts in:
-      sample: min(SNR, gamma); epsilon: min(SNR, gamma) / SNR; v: min(SNR, gamma) / (SNR + 1).
-    """
-    if gamma <= 0:
-        raise ValueError(f"min-SNR gamma must be > 0; got {gamma}")
-    ratio = snr(scheduler, timesteps)
-    clamped = ratio.clamp(max=gamma)
-    prediction_type = scheduler.config.prediction_type
-    if prediction_type == "epsilon":
-        return clamped / ratio
-    if prediction_type == "v_prediction":
-        return clamped / (ratio + 1)
-    if prediction_type == "sample":
+        Clamping SNR at gamma stops the nearly-clean timesteps, whose loss is easy and large in
+        x0 terms, from dominating training. The paper's x0-space weight min(SNR, gamma) is
+        converted to the space the network predicts in:
+          sample: min(SNR, gamma); epsilon: min(SNR, gamma) / SNR; v: min(SNR, gamma) / (SNR + 1).
+        """
+        if gamma <= 0:
+            raise ValueError(f"min-SNR gamma must be > 0; got {gamma}")
+        ratio = self.snr[timesteps]
+        clamped = ratio.clamp(max=gamma)
+        if self.prediction_type == "epsilon":
+            return clamped / ratio
+        if self.prediction_type == "v_prediction":
+            return clamped / (ratio + 1)
         return clamped
-    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}; got {prediction_type!r}")
 
 
 def diffusion_loss(
     model: torch.nn.Module,
-    scheduler: DDPMScheduler,
+    tables: NoiseTables,
     x0: torch.Tensor,
     timesteps: torch.Tensor,
     noise: torch.Tensor,
@@ -140,19 +151,16 @@ def diffusion_loss(
 
     Returns (loss, per_sample): the (optionally min-SNR-weighted) mean to backpropagate, and the
     detached unweighted per-sample MSE, shape (B,), for logging loss by timestep. The MSE is
-    taken in float32 even if the model ran in bf16/fp16. No host syncs: everything stays on
-    x0's device, so the caller decides when to read values.
+    taken in float32 even if the model ran in bf16/fp16. No host syncs and no host-to-device
+    copies: `tables` and every input are on x0's device.
     """
-    # DDPM eq. 4: x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps.
-    timesteps = timesteps.to(x0.device)  # no-op in the intended use; avoids table ping-pong
-    alphas_cumprod_on(scheduler, x0.device)
-    noisy = scheduler.add_noise(x0, noise, timesteps)
+    noisy = tables.add_noise(x0, noise, timesteps)
     output = predict(model, noisy, timesteps, class_labels)
-    target = training_target(scheduler, x0, noise, timesteps)
+    target = tables.target(x0, noise, timesteps)
     per_sample = F.mse_loss(output.float(), target.float(), reduction="none")
     per_sample = per_sample.mean(dim=tuple(range(1, per_sample.ndim)))
     if min_snr_gamma is None:
         loss = per_sample.mean()
     else:
-        loss = (min_snr_weights(scheduler, timesteps, min_snr_gamma) * per_sample).mean()
+        loss = (tables.min_snr_weights(timesteps, min_snr_gamma) * per_sample).mean()
     return loss, per_sample.detach()

@@ -322,6 +322,20 @@ def test_batch_order_is_seeded_and_disjoint_across_ranks():
         assert torch.equal(one, split)
 
 
+def test_in_memory_batches_keep_the_order_on_the_device_one_epoch_at_a_time():
+    """The device-side order is the same stream as the host-side one (checkpoints made before
+    it resume exactly), and at most the current and the previous epoch's orders are kept."""
+    images = torch.arange(30, dtype=torch.uint8).view(30, 1, 1, 1).expand(30, 1, 2, 2).clone()
+    data = ImageData(images=images, fingerprint="x", source="test")
+    accelerator = SimpleNamespace(num_processes=2, process_index=1, device=torch.device("cpu"))
+    batches = MemoryBatches(data, 4, accelerator, 3, (0.0, 1.0), False)
+    for step in range(20):  # 8 images per step: batches straddle epochs at steps 3, 7, ...
+        on_host = batch_indices(step, 30, 4, 2, 1, 3)
+        assert torch.equal(batches.indices(step, 30), on_host)
+        assert torch.equal(batches.uint8_images(step)[:, 0, 0, 0].long(), on_host)
+        assert len(batches._orders) <= 2
+
+
 def test_resume_at_step_k_gives_the_same_batches():
     images = torch.arange(30, dtype=torch.uint8).view(30, 1, 1, 1).expand(30, 1, 2, 2).clone()
     data = ImageData(images=images, fingerprint="x", source="test")

@@ -11,14 +11,12 @@ from torch import nn
 
 from ddp_utils.ema import EMA
 from diffusion.basic import corrupt
-from diffusion.ddpm import (
-    diffusion_loss,
-    make_train_scheduler,
-    min_snr_weights,
-    snr,
-    training_target,
-)
+from diffusion.ddpm import NoiseTables, diffusion_loss, make_train_scheduler
 from diffusion.models import build_ddpm_unet
+
+
+def tables_of(scheduler) -> NoiseTables:
+    return NoiseTables.build(scheduler, "cpu")
 
 
 @pytest.fixture(autouse=True)
@@ -90,16 +88,25 @@ def test_cosine_schedule_keeps_signal_at_t0_and_destroys_it_at_T() -> None:
 def test_training_targets_match_their_closed_forms() -> None:
     x0 = torch.rand(5, 1, 4, 4) * 2 - 1
     eps = torch.randn(5, 1, 4, 4)
-    eps_scheduler = make_train_scheduler(prediction_type="epsilon")
-    assert torch.equal(training_target(eps_scheduler, x0, eps, TIMESTEPS), eps)
-    x0_scheduler = make_train_scheduler(prediction_type="sample")
-    assert torch.equal(training_target(x0_scheduler, x0, eps, TIMESTEPS), x0)
+    eps_tables = tables_of(make_train_scheduler(prediction_type="epsilon"))
+    assert torch.equal(eps_tables.target(x0, eps, TIMESTEPS), eps)
+    x0_tables = tables_of(make_train_scheduler(prediction_type="sample"))
+    assert torch.equal(x0_tables.target(x0, eps, TIMESTEPS), x0)
     v_scheduler = make_train_scheduler(prediction_type="v_prediction")
     abar = reference_alpha_bar(v_scheduler, TIMESTEPS).view(-1, 1, 1, 1)
     v = abar.sqrt() * eps - (1 - abar).sqrt() * x0  # Salimans & Ho 2022
-    torch.testing.assert_close(
-        training_target(v_scheduler, x0, eps, TIMESTEPS).double(), v, atol=1e-5, rtol=0
-    )
+    v_target = tables_of(v_scheduler).target(x0, eps, TIMESTEPS)
+    torch.testing.assert_close(v_target.double(), v, atol=1e-5, rtol=0)
+    # Op for op what diffusers computes: training here equals training with its scheduler.
+    assert torch.equal(v_target, v_scheduler.get_velocity(x0, eps, TIMESTEPS))
+    noisy = tables_of(v_scheduler).add_noise(x0, eps, TIMESTEPS)
+    assert torch.equal(noisy, v_scheduler.add_noise(x0, eps, TIMESTEPS))
+
+
+def test_noise_tables_live_on_the_device_they_are_built_for() -> None:
+    tables = NoiseTables.build(make_train_scheduler(), "meta")
+    assert {t.device.type for t in (tables.sqrt_alpha_bar, tables.snr)} == {"meta"}
+    assert tables.num_timesteps == 1000
 
 
 @pytest.mark.parametrize(
@@ -114,9 +121,10 @@ def test_min_snr_weights_match_hang_et_al(prediction_type: str, weight) -> None:
     scheduler = make_train_scheduler(prediction_type=prediction_type)
     abar = reference_alpha_bar(scheduler, TIMESTEPS)
     expected_snr = abar / (1 - abar)
-    torch.testing.assert_close(snr(scheduler, TIMESTEPS).double(), expected_snr, rtol=1e-4, atol=0)
+    tables = tables_of(scheduler)
+    torch.testing.assert_close(tables.snr[TIMESTEPS].double(), expected_snr, rtol=1e-4, atol=0)
     torch.testing.assert_close(
-        min_snr_weights(scheduler, TIMESTEPS, 5.0).double(),
+        tables.min_snr_weights(TIMESTEPS, 5.0).double(),
         weight(expected_snr, 5.0),
         rtol=1e-4,
         atol=1e-6,
@@ -124,7 +132,9 @@ def test_min_snr_weights_match_hang_et_al(prediction_type: str, weight) -> None:
 
 
 def test_min_snr_down_weights_only_the_nearly_clean_timesteps() -> None:
-    weights = min_snr_weights(make_train_scheduler(prediction_type="epsilon"), TIMESTEPS, gamma=5.0)
+    weights = tables_of(make_train_scheduler(prediction_type="epsilon")).min_snr_weights(
+        TIMESTEPS, gamma=5.0
+    )
     assert weights[0] < 0.01  # t=0: SNR ~ 1e4, weight gamma/SNR
     assert weights[-1] == 1.0  # t=999: SNR < gamma, full weight
 
@@ -132,16 +142,16 @@ def test_min_snr_down_weights_only_the_nearly_clean_timesteps() -> None:
 def test_diffusion_loss_is_the_mean_of_its_per_sample_terms() -> None:
     torch.manual_seed(0)
     model = build_ddpm_unet("digits-small", 16, 1)
-    scheduler = make_train_scheduler()
+    tables = tables_of(make_train_scheduler())
     x0 = torch.rand(4, 1, 16, 16) * 2 - 1
     noise = torch.randn_like(x0)
     t = torch.tensor([1, 200, 600, 999])
-    loss, per_sample = diffusion_loss(model, scheduler, x0, t, noise, min_snr_gamma=None)
+    loss, per_sample = diffusion_loss(model, tables, x0, t, noise, min_snr_gamma=None)
     assert per_sample.shape == (4,) and not per_sample.requires_grad
     torch.testing.assert_close(loss, per_sample.mean())
-    weighted, same = diffusion_loss(model, scheduler, x0, t, noise, min_snr_gamma=5.0)
+    weighted, same = diffusion_loss(model, tables, x0, t, noise, min_snr_gamma=5.0)
     torch.testing.assert_close(same, per_sample)
-    torch.testing.assert_close(weighted, (min_snr_weights(scheduler, t, 5.0) * per_sample).mean())
+    torch.testing.assert_close(weighted, (tables.min_snr_weights(t, 5.0) * per_sample).mean())
     weighted.backward()
     assert all(p.grad is not None for p in model.parameters())
 
@@ -150,7 +160,7 @@ def test_bad_scheduler_settings_are_refused() -> None:
     with pytest.raises(ValueError, match="number of timesteps must be >= 2"):
         make_train_scheduler(num_train_timesteps=1)
     with pytest.raises(ValueError, match="gamma must be > 0"):
-        min_snr_weights(make_train_scheduler(), TIMESTEPS, gamma=0.0)
+        tables_of(make_train_scheduler()).min_snr_weights(TIMESTEPS, gamma=0.0)
 
 
 def test_ddpm_loss_falls_when_fitting_a_few_images() -> None:
@@ -159,13 +169,13 @@ def test_ddpm_loss_falls_when_fitting_a_few_images() -> None:
     generator = torch.Generator().manual_seed(0)
     x0 = (torch.rand(8, 1, 16, 16, generator=generator) > 0.7).float() * 2 - 1
     model = build_ddpm_unet("digits-small", 16, 1)
-    scheduler = make_train_scheduler()
+    tables = tables_of(make_train_scheduler())
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     losses = []
     for _ in range(150):
         t = torch.randint(0, 1000, (8,), generator=generator)
         noise = torch.randn(x0.shape, generator=generator)
-        loss, _ = diffusion_loss(model, scheduler, x0, t, noise, min_snr_gamma=5.0)
+        loss, _ = diffusion_loss(model, tables, x0, t, noise, min_snr_gamma=5.0)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

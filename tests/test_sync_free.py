@@ -7,6 +7,8 @@ every step also runs under `torch.cuda.set_sync_debug_mode("error")`."""
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,10 +37,39 @@ class HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def names_a_device(args: tuple, kwargs: dict) -> bool:
+    """Does a `Tensor.to(...)` call move the tensor to a device (not just change its dtype)?"""
+    if "device" in kwargs:
+        return True
+    return any(isinstance(a, str | torch.device) or type(a) is torch.Tensor for a in args)
+
+
 @contextlib.contextmanager
-def counting(reads: list[str], monkeypatch: pytest.MonkeyPatch):
-    """Count host reads in the block; on a GPU, any synchronising CUDA call also raises."""
+def counting(reads: list[str], monkeypatch: pytest.MonkeyPatch, moves: list[str] | None = None):
+    """Count host reads in the block; on a GPU, any synchronising CUDA call also raises.
+
+    `moves` collects the callers of `Tensor.to(device)` / `.cuda()` outside torch itself: a
+    copy from pageable host memory to a GPU waits for the kernels queued before it. On a CPU
+    the copy is a no-op, so the calls themselves are counted, which makes it checkable here."""
     mode = HostReads()
+    if moves is not None:
+        real_to = torch.Tensor.to
+
+        def spy_to(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code
+            # torch's own calls (clip_grad_norm_'s norms to the first grad's device) move
+            # nothing between host and device; the project's and diffusers' calls might.
+            if names_a_device(args, kwargs) and f"{os.sep}torch{os.sep}" not in caller.co_filename:
+                moves.append(caller.co_name)
+            return real_to(self, *args, **kwargs)
+
+        def spy_cuda(self, *args, **kwargs):
+            moves.append(sys._getframe(1).f_code.co_name)
+            return torch.Tensor.cuda.__wrapped__(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, "to", spy_to)
+        spy_cuda.__wrapped__ = torch.Tensor.cuda
+        monkeypatch.setattr(torch.Tensor, "cuda", spy_cuda)
     for name in ("tolist", "numpy", "__array__"):
         original = getattr(torch.Tensor, name)
 
@@ -62,15 +93,20 @@ def counting(reads: list[str], monkeypatch: pytest.MonkeyPatch):
 def test_no_host_read_inside_the_step_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Every optimizer step (data, loss, backward, clipping, guard, update, EMA, metrics) of a
     real train_ddpm.py run, 2 micro-batches each, runs with zero host reads; the reads happen
-    at the boundaries (every --log-every steps) only."""
+    at the boundaries (every --log-every steps) only. Nothing is moved to the device inside a
+    step either (tables such as min-SNR's are built at setup), except each epoch's order of
+    the images, once per epoch."""
     per_step: list[int] = []
+    moves_per_step: list[list[str]] = []
     real_step, real_ema_update = loop.optimizer_step, EMA.update
 
     def counted_step(*args, **kwargs):
         reads: list[str] = []
-        with counting(reads, pytest.MonkeyPatch()):
+        moves: list[str] = []
+        with counting(reads, pytest.MonkeyPatch(), moves):
             ok = real_step(*args, **kwargs)
         per_step.append(len(reads))
+        moves_per_step.append(moves)
         assert not reads, reads
         return ok
 
@@ -112,6 +148,8 @@ def test_no_host_read_inside_the_step_loop(tmp_path: Path, monkeypatch: pytest.M
     )
     assert per_step == [0] * 8
     assert checks == [4, 8]  # the only places the host learns what the device decided
+    # 32 images, 8 per step: a new epoch (one copy of its order) every 4 steps, nothing else.
+    assert moves_per_step == [["epoch_order"], [], [], [], ["epoch_order"], [], [], []]
 
 
 def test_a_skipped_step_changes_no_weight_moment_step_count_or_ema() -> None:

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import numpy as np
 import torch
@@ -33,6 +33,7 @@ logger = logging.getLogger("ddp_diffusion")
 
 @lru_cache(maxsize=4)  # a batch straddles at most two epochs; randperm(1.3M) costs ~10 ms
 def epoch_permutation(seed: int, epoch: int, num_images: int) -> torch.Tensor:
+    """The order of the images in `epoch`: a pure function of (seed, epoch)."""
     generator = torch.Generator().manual_seed(derive_seed("epoch", seed, epoch))
     return torch.randperm(num_images, generator=generator)
 
@@ -44,21 +45,26 @@ def batch_indices(
     world_size: int,
     rank: int,
     seed: int,
+    permutation: Callable[[int], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Indices of the images that `rank` trains on at `micro_step` (may straddle two epochs)."""
+    """Indices of the images that `rank` trains on at `micro_step` (may straddle two epochs).
+
+    `permutation(epoch)` gives an epoch's order (default: `epoch_permutation` on the CPU); the
+    indices are on its device.
+    """
+    if permutation is None:
+        permutation = partial(epoch_permutation, seed, num_images=num_images)
     global_batch = per_device_batch_size * world_size
     start = micro_step * global_batch + rank * per_device_batch_size
     stop = start + per_device_batch_size
-    out = torch.empty(per_device_batch_size, dtype=torch.int64)
     # Positions [start, stop) of the stream, epoch by epoch: integer arithmetic and slices
     # only, so building a batch never reads a tensor value on the host.
+    parts = []
     for epoch in range(start // num_images, (stop - 1) // num_images + 1):
         low, high = max(start, epoch * num_images), min(stop, (epoch + 1) * num_images)
         offset = epoch * num_images
-        out[low - start : high - start] = epoch_permutation(seed, epoch, num_images)[
-            low - offset : high - offset
-        ]
-    return out
+        parts.append(permutation(epoch)[low - offset : high - offset])
+    return torch.cat(parts)
 
 
 def to_float(
@@ -143,9 +149,39 @@ class MemoryBatches(BatchSource):
             )
         self.images = data.images.to(self.device)
         self.labels = None if data.labels is None else data.labels.to(self.device)
+        self._orders: dict[int, torch.Tensor] = {}  # epoch -> its permutation on the device
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        """`epoch_permutation` on the device, copied once per epoch (not once per batch).
+
+        On a GPU a copy from pageable host memory waits for every kernel queued before it,
+        which would stop the host from running ahead of the device at every step. The order
+        goes through pinned memory instead, asynchronously, once per epoch.
+        """
+        order = self._orders.get(epoch)
+        if order is None:
+            order = epoch_permutation(self.seed, epoch, self.images.shape[0])
+            if self.device.type == "cuda":
+                order = order.pin_memory()
+            order = order.to(self.device, non_blocking=True)
+            # A batch straddles at most two epochs: keep the previous one, drop older ones.
+            self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1}
+            self._orders[epoch] = order
+        return order
+
+    def indices(self, micro_step: int, num_images: int) -> torch.Tensor:
+        return batch_indices(
+            micro_step,
+            num_images,
+            self.per_device_batch_size,
+            self.world_size,
+            self.rank,
+            self.seed,
+            self.epoch_order,
+        )
 
     def fetch(self, micro_step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        index = self.indices(micro_step, self.images.shape[0]).to(self.device, non_blocking=True)
+        index = self.indices(micro_step, self.images.shape[0])  # on the device already
         return self.images[index], None if self.labels is None else self.labels[index]
 
 
