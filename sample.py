@@ -34,6 +34,7 @@ import torch
 from accelerate import Accelerator
 
 from ddp_utils.cli import cli_main, setup_logging
+from ddp_utils.compile import CompileBackend, CompileMode, check_compile_options, compile_network
 from ddp_utils.config import option, parse_config, require, save_config
 from ddp_utils.data import load_image_data
 from ddp_utils.distributed import (
@@ -120,6 +121,13 @@ class SampleConfig:
     )
     weights: Weights = option("ema", "EMA or raw weights (exports without raw weights: EMA)")
     mixed_precision: MixedPrecision = option("no", "autocast dtype of the network")
+    compile: bool = option(
+        False, "torch.compile the network (each batch size compiles once; inductor's cache)"
+    )
+    compile_backend: CompileBackend = option("inductor", "torch.compile backend")
+    compile_mode: CompileMode = option(
+        "default", "inductor's mode: reduce-overhead replays CUDA graphs on a GPU"
+    )
     save_images: bool = option(False, "also write one PNG per sample")
     save_progression: bool = option(False, "also write the denoising strip (progression.png)")
     grid_size: int = option(64, "images in grid.png")
@@ -153,6 +161,10 @@ class SampleConfig:
             f"--eta applies to --scheduler ddim only, got {self.scheduler}",
         )
         require(self.churn >= 0, f"--churn must be >= 0, got {self.churn}")
+        try:
+            check_compile_options(self.compile_backend, self.compile_mode)
+        except ValueError as err:
+            raise InputError(str(err), "compile_mode") from None
         require(
             self.guidance_scale is None or self.guidance_scale >= 0,
             f"--guidance-scale must be >= 0, got {self.guidance_scale}",
@@ -330,7 +342,12 @@ def prepare_output(accelerator: Accelerator, cfg: SampleConfig) -> Path:
 def count_calls(model: torch.nn.Module) -> list[int]:
     """A one-element list counting the model's forward calls (its network evaluations)."""
     calls = [0]
-    model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+
+    @torch.compiler.disable  # traced, the count would be a constant of the compiled graph
+    def count(*_: object) -> None:
+        calls[0] += 1
+
+    model.register_forward_pre_hook(count)
     return calls
 
 
@@ -409,6 +426,8 @@ def sample(cfg: SampleConfig) -> np.ndarray:
     sampler, steps, eta = choose_sampler(cfg, loaded)
     cycle, guidance = choose_classes(cfg, loaded)
     loaded.model.to(accelerator.device).eval()
+    if cfg.compile:
+        compile_network(loaded.model, cfg.compile_backend, cfg.compile_mode)
     chunk, progression, nonfinite = make_chunk_fn(
         cfg, loaded, accelerator.device, sampler, steps, eta, cycle, guidance
     )

@@ -19,6 +19,8 @@ run() {  # name, command...
     "$@" 2>&1 | tee "$OUT/$name.txt"
     echo "($((SECONDS - start)) s)" | tee -a "$OUT/$name.txt"
 }
+run host_time $PY bench/host_time.py --steps 100 --rounds 3
+run host_time_bf16 $PY bench/host_time.py --steps 100 --rounds 3 --mixed-precision bf16
 run train_step $PY bench/train_step.py --steps 8 --rounds 3
 run train_step_basic $PY bench/train_step.py --models basic --steps 30 --rounds 5 --resolution 28 --channels 1
 run data_loading $PY bench/data_loading.py
@@ -26,3 +28,4 @@ run sampling $PY bench/sampling.py
 run guidance_cost $PY bench/guidance_cost.py
 run grad_checkpointing $PY bench/grad_checkpointing.py
 run scaling $PY bench/scaling.py
+run compile_start $PY bench/compile_start.py

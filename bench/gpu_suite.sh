@@ -1,70 +1,80 @@
 #!/usr/bin/env bash
-# Every GPU check and benchmark in one run, for a lent H100/H200 (about 15 minutes of device
-# time in all, the machine's start included; this script takes about 7 to 9).
+# Every GPU figure in one run, for a lent H100/H200: at most 6 minutes under one deadline, the
+# sections in priority order, each with its own timeout (a section that would start after the
+# deadline is skipped, one that runs past its timeout is cut). Everything printed is also
+# written to $OUT (one file per section; summary.txt collects the table lines).
 #
 #   here, once:      bash bench/gpu_wheels.sh     # the lent machine reaches no network
-#   device tool:     run(command="bash bench/gpu_suite.sh", carry=[".whl"], timeout_s=600)
-#   any GPU box:     bash bench/gpu_suite.sh 2>&1 | tee gpu_suite.log   (uses .venv if present)
+#   device tool:     run(command="bash bench/gpu_suite.sh", carry=[".whl"], timeout_s=420)
+#                    ($OUT is the device tool's output folder: the files come back)
+#   any GPU box:     OUT=gpu-out bash bench/gpu_suite.sh   (uses .venv if present)
 #
-# 1. correctness in fp32 / bf16 / fp16 (GradScaler) on digits, and an fp16 resume;
-# 2. the training step under torch.cuda.set_sync_debug_mode("error") (no host sync);
-# 3. ddpm-cifar10 at batch 128 in bf16: images/s and MFU against plain fp32 and bf16 loops;
-# 4. --channels-last and --compile (inductor); 5. the other presets; 6. sampling at batch
-# 1024; 7. a profile of the toolkit's step. Figures go in BENCHMARKS.md with the card's name.
+# Sections: 1. ddpm-cifar10 batch 128 bf16, toolkit vs plain bf16 loop (eager), the headline;
+# 2. the step under torch.cuda.set_sync_debug_mode("error"); 3. the same step compiled
+# (--compile, then --compile-mode reduce-overhead: CUDA graphs); 4. the default digits run,
+# eager and compiled; 5. sampling DDIM-50 at batch 1024 bf16, eager and compiled; 6. a profile
+# of the eager step; 7. correctness in fp32/bf16/fp16 and an fp16 resume; 8. diffusers'
+# train_unconditional.py on the same UNet and data (when gpu_wheels.sh was given the script).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_suite}
+BUDGET_S=${BUDGET_S:-360}
 mkdir -p "$OUT"
+start=$SECONDS
 if [ -x .venv/bin/python ]; then
     PY=.venv/bin/python
 else
     PY=python3
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    # The machine may keep /tmp from an earlier lease: an old wheel there would stay in front.
+    rm -rf /tmp/site
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
         --target /tmp/site .whl/*.whl || { echo "no wheels: run bench/gpu_wheels.sh here first"; exit 1; }
     export PYTHONPATH=/tmp/site:$PWD
 fi
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline WANDB_SILENT=true
 export PYTHONUNBUFFERED=1 DDP_DIFFUSION_CACHE="$OUT/cache"
-section() { echo; echo "== $1 ($(date +%T))"; }
-
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-$PY -c "import torch, diffusers, datasets, accelerate; print('torch', torch.__version__,
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    $PY -c "import torch, diffusers, datasets, accelerate; print('torch', torch.__version__,
 'diffusers', diffusers.__version__, 'datasets', datasets.__version__, 'accelerate',
 accelerate.__version__)" || exit 1
-git rev-parse --short HEAD 2>/dev/null || true
+    echo "commit $(git rev-parse --short HEAD 2>/dev/null)$(git status --porcelain \
+        --untracked-files=no 2>/dev/null | grep -q . && echo ' (uncommitted changes)')"
+} 2>&1 | tee "$OUT/machine.txt"
 
-section "1. correctness: fp32, bf16, fp16 on digits (200 steps each), fp16 resume"
-$PY bench/gpu_checks.py --out "$OUT/checks" --steps 200 2>&1 \
-    | grep -E "^(ok|FAIL|machine|all checks|[0-9]+ check)|Error|error"
+# section NAME TIMEOUT_S COMMAND...: run it if the deadline allows, cut at its timeout.
+section() {
+    local name=$1 limit=$2; shift 2
+    local left=$((BUDGET_S - (SECONDS - start)))
+    if [ "$left" -lt 20 ]; then
+        echo "== $name: skipped (deadline)" | tee -a "$OUT/summary.txt"
+        return
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
+    echo; echo "== $name (at $((SECONDS - start)) s, up to $limit s)"
+    timeout --kill-after=5 "$limit" "$@" > "$OUT/$name.txt" 2>&1
+    local rc=$?
+    grep -E '^\|' "$OUT/$name.txt" | sed "s/^/$name: /" >> "$OUT/summary.txt"
+    grep -E '^\||passed|failed|^(ok|FAIL)|Error|machine:' "$OUT/$name.txt" | tail -25
+    [ $rc -eq 124 ] && echo "$name: cut at $limit s" | tee -a "$OUT/summary.txt"
+}
+STEP="--models ddpm-cifar10 --batch-sizes 128 --steps 30 --rounds 1 --mixed-precision bf16"
 
-section "2. no host sync inside the training step"
-$PY -m pytest -q -p no:cacheprovider tests/test_sync_free.py 2>&1 | tail -4
-
-section "3. ddpm-cifar10, batch 128, bf16: toolkit vs plain fp32 loop, then vs plain bf16 loop"
-$PY bench/train_step.py --models ddpm-cifar10 --batch-sizes 128 --steps 30 --rounds 2 \
-    --mixed-precision bf16 --plain-precision no
-$PY bench/train_step.py --models ddpm-cifar10 --batch-sizes 128 --steps 30 --rounds 2 \
-    --mixed-precision bf16 --plain-precision bf16
-
-section "4. --channels-last, then --compile (inductor), ddpm-cifar10 batch 128 bf16"
-$PY bench/train_step.py --models ddpm-cifar10 --batch-sizes 128 --steps 30 --rounds 1 \
-    --mixed-precision bf16 --plain-precision bf16 --channels-last
-timeout 240 $PY bench/train_step.py --models ddpm-cifar10 --batch-sizes 128 --steps 30 \
-    --rounds 1 --mixed-precision bf16 --plain-precision bf16 --compile \
-    || echo "compile: did not finish in 240 s"
-
-section "5. the other presets and the basic model, batch 128 bf16"
-$PY bench/train_step.py --models unet-18.5m,unet-4.7m,digits-small,basic --batch-sizes 128 \
-    --steps 30 --rounds 1 --mixed-precision bf16 --plain-precision bf16
-
-section "5b. --gradient-checkpointing: memory and speed, ddpm-cifar10 batch 128 bf16"
-$PY bench/grad_checkpointing.py --preset ddpm-cifar10 --batch-size 128 --steps 20 \
+section 1-step-eager 70 $PY bench/train_step.py $STEP --plain-precision bf16
+section 2-sync-free 50 $PY -m pytest -q -p no:cacheprovider tests/test_sync_free.py
+section 3a-step-compiled 110 $PY bench/train_step.py $STEP --compile
+section 3b-step-cudagraphs 110 $PY bench/train_step.py $STEP --compile --compile-mode reduce-overhead
+section 4a-digits-eager 30 $PY bench/train_step.py --models digits-small --batch-sizes 64 \
+    --resolution 16 --channels 1 --steps 200 --rounds 1
+section 4b-digits-cudagraphs 70 $PY bench/train_step.py --models digits-small --batch-sizes 64 \
+    --resolution 16 --channels 1 --steps 200 --rounds 1 --compile --compile-mode reduce-overhead
+SAMPLE="--preset ddpm-cifar10 --resolution 32 --channels 3 --batch-sizes 1024 --mixed-precision bf16 --samplers ddim:50"
+section 5a-sampling-eager 40 $PY bench/sampling.py $SAMPLE
+section 5b-sampling-compiled 90 $PY bench/sampling.py $SAMPLE --compile --compile-mode reduce-overhead
+section 6-profile 45 $PY bench/profile_step.py --preset ddpm-cifar10 --batch-size 128 \
     --mixed-precision bf16
-
-section "6. sampling, ddpm-cifar10 at batch 1024, bf16"
-$PY bench/sampling.py --preset ddpm-cifar10 --resolution 32 --channels 3 \
-    --batch-sizes 1024 --mixed-precision bf16 --samplers ddim:50,dpm-solver:20
-
-section "7. where the toolkit's step spends its time (ddpm-cifar10, batch 128, bf16)"
-$PY bench/profile_step.py --preset ddpm-cifar10 --batch-size 128 --mixed-precision bf16
-section "done"
+section 7-correctness 80 $PY bench/gpu_checks.py --out "$OUT/checks" --steps 100
+if [ -f .whl/train_unconditional.py ]; then
+    section 8-diffusers-example 125 bash bench/diffusers_example.sh "$OUT/example"
+fi
+echo; echo "== done in $((SECONDS - start)) s; figures in $OUT (summary.txt)"

@@ -22,10 +22,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import git_revision, machine, print_table, synchronize  # noqa: E402
+from ddp_utils.compile import COMPILE_MODES, compile_network  # noqa: E402
 from diffusion.ddpm import make_train_scheduler  # noqa: E402
 from diffusion.edm import make_edm_scheduler, sample_edm  # noqa: E402
 from diffusion.models import build_ddpm_unet  # noqa: E402
 from diffusion.sampling import EDM_SAMPLERS, make_inference_scheduler, sample_ddpm  # noqa: E402
+from sample import count_calls  # noqa: E402
 
 DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SAMPLERS = (
@@ -59,11 +61,14 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="16,64")
     parser.add_argument("--mixed-precision", default="no", choices=list(DTYPES))
     parser.add_argument("--samplers", default=SAMPLERS, help="name:steps,...")
+    parser.add_argument("--compile", action="store_true", help="as sample.py --compile")
+    parser.add_argument("--compile-mode", default="default", choices=COMPILE_MODES)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     unet = build_ddpm_unet(args.preset, args.resolution, args.channels).to(device).eval()
-    dtype, calls = DTYPES[args.mixed_precision], [0]
-    unet.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    dtype, calls = DTYPES[args.mixed_precision], count_calls(unet)
+    if args.compile:  # the warm-up run below compiles (once per batch size)
+        compile_network(unet, "inductor", args.compile_mode)
     rows = []
     for spec in args.samplers.split(","):
         name, steps = spec.split(":")
@@ -80,7 +85,8 @@ def main() -> None:
     print(f"\nmachine: {machine()}; git {git_revision()}; {time.strftime('%Y-%m-%d')}")
     print(
         f"preset {args.preset} at {args.resolution}x{args.resolution}x{args.channels}, "
-        f"precision {args.mixed_precision}\n"
+        f"precision {args.mixed_precision}, compile "
+        f"{args.compile_mode if args.compile else 'off'}\n"
     )
     print_table(["sampler", "evals", "batch", "images/s", "ms/eval"], rows)
 

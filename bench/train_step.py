@@ -72,7 +72,7 @@ def toolkit_images_per_s(name: str, args, batch: int, out: Path) -> float:
     if args.channels_last:
         common.append("--channels-last")
     if args.compile:
-        common.append("--compile")
+        common += ["--compile", "--compile-mode", args.compile_mode]
     if name in ("basic", "unet"):
         train_basic.train(
             train_basic.parse_config(train_basic.BasicConfig, [*common, "--model", name])
@@ -152,6 +152,11 @@ def main() -> None:
     )
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument(
+        "--compile-mode",
+        default="default",
+        help="train_ddpm.py --compile-mode (reduce-overhead: CUDA graphs)",
+    )
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -202,7 +207,8 @@ def main() -> None:
     print(
         f"precision {args.mixed_precision} (plain: {args.plain_precision or args.mixed_precision})"
         f", resolution {args.resolution}, channels {args.channels}, {args.steps} steps x "
-        f"{args.rounds} rounds, channels_last={args.channels_last}, compile={args.compile}; "
+        f"{args.rounds} rounds, channels_last={args.channels_last}, "
+        f"compile={args.compile_mode if args.compile else False}; "
         f"MFU peak: {peak:.3g} TFLOP/s ({peak_source})\n"
     )
     print_table(

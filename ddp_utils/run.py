@@ -41,6 +41,7 @@ from ddp_utils.checkpoint import (
     write_checkpoint,
 )
 from ddp_utils.cli import setup_logging
+from ddp_utils.compile import compile_network
 from ddp_utils.config import save_config, to_dict
 from ddp_utils.data import BatchSource, ImageData, load_image_data, make_batches
 from ddp_utils.distributed import all_finite, make_accelerator, raise_together
@@ -152,9 +153,7 @@ class Run:
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
         if cfg.compile:
-            # Compiles the module's call without wrapping it: state-dict keys, checkpoints and
-            # exports are the same as without it.
-            model.compile(backend=cfg.compile_backend, dynamic=False)
+            compile_network(model, cfg.compile_backend, cfg.compile_mode)
         optimizer = make_optimizer(
             cfg.optimizer, model.parameters(), cfg.learning_rate, cfg.weight_decay
         )

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from ddp_utils.compile import CompileBackend, CompileMode, check_compile_options
 from ddp_utils.config import check_choices, option, require
 from ddp_utils.data.load import DataLoading
 from ddp_utils.data.source import default_channels, default_resolution
-from ddp_utils.errors import flag_name
+from ddp_utils.errors import InputError, flag_name
 from ddp_utils.tracking import ReportTo
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?)([hms])")
@@ -82,9 +83,18 @@ class TrainConfig:
     )
     # Speed (bench/train_step.py measures them).
     channels_last: bool = option(False, "channels-last memory format for the network (GPUs)")
-    compile: bool = option(False, "torch.compile the network (first steps compile: minutes)")
-    compile_backend: Literal["inductor", "aot_eager", "eager", "cudagraphs"] = option(
+    compile: bool = option(
+        False,
+        "torch.compile the network for training and sampling (the first run compiles for "
+        "minutes; later runs read inductor's cache)",
+    )
+    compile_backend: CompileBackend = option(
         "inductor", "torch.compile backend (aot_eager: no codegen)"
+    )
+    compile_mode: CompileMode = option(
+        "default",
+        "inductor's mode: reduce-overhead replays CUDA graphs (a small model's step on a GPU "
+        "is bound by kernel launches), max-autotune also tunes kernels",
     )
     gradient_checkpointing: bool = option(
         False, "recompute the UNet's activations in the backward pass: less memory, more compute"
@@ -153,6 +163,10 @@ class TrainConfig:
             self.resolution = default_resolution(self.dataset)
         if self.channels is None:
             self.channels = default_channels(self.dataset)
+        try:
+            check_compile_options(self.compile_backend, self.compile_mode)
+        except ValueError as err:
+            raise InputError(str(err), "compile_mode") from None
         require(self.resolution >= 4, f"--resolution must be >= 4, got {self.resolution}")
         require(self.channels in (1, 3), f"--channels must be 1 or 3, got {self.channels}")
         for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "log_every"):
