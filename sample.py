@@ -1,4 +1,4 @@
-"""Images from any model this toolkit trains: an export, a checkpoint, or a run directory.
+r"""Images from any model this toolkit trains: an export, a checkpoint, or a run directory.
 
     # the basic model (train_basic.py): its stepping sampler
     python sample.py runs/basic/model --num-samples 64 --num-steps 40 --output-dir out/basic

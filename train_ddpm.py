@@ -1,4 +1,4 @@
-"""Train a diffusion model: DDPM (v- or noise prediction over 1000 timesteps) or EDM (Karras et al.
+r"""Train a diffusion model: DDPM (v- or noise prediction over 1000 timesteps) or EDM (Karras et al.
 2022's preconditioned denoiser), with EMA, sample grids and an export diffusers loads.
 
     # built-in digits on a CPU (the README's main job, ~11 minutes on 2 cores):
@@ -140,7 +140,7 @@ class DDPMConfig(TrainConfig):
     )
     sample_guidance_scale: float = option(
         1.5,
-        "class-conditional: guidance w of the grids, --eval-every and the export's default "
+        "class-conditional: guidance w of the grids and --eval-every, stored in the export "
         "(0: unconditional, 1: conditional, > 1: more like the class; 1.5 measured best on "
         "digits: FID as w = 1, the asked class 99.8% of the time)",
     )
