@@ -63,7 +63,7 @@ from diffusion.ddpm import (
 )
 from diffusion.edm import edm_loss, make_edm_scheduler, sample_edm, sample_noise_levels
 from diffusion.loading import load_for_sampling
-from diffusion.models import build_ddpm_unet
+from diffusion.models import build_ddpm_unet, check_ddpm_preset
 from diffusion.pipeline_code.ddpm_pipeline import GuidedDDPMPipeline
 from diffusion.pipeline_code.edm_pipeline import EDMPipeline
 from diffusion.pretrained import check_init_model, resolve_model_source, training_schedule
@@ -178,6 +178,7 @@ class DDPMConfig(TrainConfig):
             self._check_edm()
         if self.init_from is None:
             self.preset = self.preset or DEFAULT_PRESET
+            check_ddpm_preset(self.preset, self.resolution)  # a bad one stops --dry-run too
         else:
             require(
                 self.preset is None,

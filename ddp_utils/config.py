@@ -321,7 +321,7 @@ def _translate_foreign_flags(
                              f"here: {flag.note}")  # fmt: skip
         if flag.field not in fields:
             raise ValueError(
-                f"{name} is {flag_name(flag.field)} in this toolkit, which {parser.prog} does "
+                f"{name} is {flag_name(flag.field)} in this toolkit, a flag this script does "
                 "not have"
             )
         if flag.values is not None:

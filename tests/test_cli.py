@@ -3,6 +3,7 @@ typos, and `--dry-run` refusing what a real run would refuse."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import re
 
@@ -70,3 +71,216 @@ def test_a_help_with_a_percent_sign_renders(capsys):
     with pytest.raises(SystemExit):
         parse_config(Config, ["--help"], description="100% of the docs")
     assert "(50% by default)" in capsys.readouterr().out
+
+
+# diffusers' example flags (train_unconditional.py, train_text_to_image.py): each one and the
+# toolkit's value it must give. `{dir}` is an existing folder, `{preset}` a UNet config file.
+DIFFUSERS_ALIASES = [
+    (["--dataset_name", "mnist"], "dataset", "mnist"),
+    (["--train_data_dir", "{dir}"], "dataset", "{dir}"),
+    (["--dataset_config_name", "plain_text"], "dataset_config", "plain_text"),
+    (["--max_train_samples", "100"], "max_images", 100),
+    (["--train_batch_size", "32"], "batch_size", 32),
+    (["--max_train_steps", "10"], "max_steps", 10),
+    (["--checkpointing_steps", "7"], "checkpoint_every", 7),
+    (["--resume_from_checkpoint", "{dir}"], "resume", "{dir}"),
+    (["--dataloader_num_workers", "2"], "num_workers", 2),
+    (["--adam_weight_decay", "0.01"], "weight_decay", 0.01),
+    (["--logger", "tensorboard"], "report_to", "tensorboard"),
+    (["--tracker_project_name", "proj"], "wandb_project", "proj"),
+    (["--eval_batch_size", "16"], "num_sample_images", 16),
+    (["--ddpm_num_steps", "500"], "num_train_timesteps", 500),
+    (["--ddpm_beta_schedule", "linear"], "beta_schedule", "linear"),
+    (["--snr_gamma", "5"], "min_snr_gamma", 5.0),
+    (["--lr_scheduler", "constant_with_warmup"], "lr_schedule", "constant"),
+    (["--lr_scheduler=cosine"], "lr_schedule", "cosine"),
+    (
+        ["--pretrained_model_name_or_path", "google/ddpm-cifar10-32"],
+        "init_from",
+        "google/ddpm-cifar10-32",
+    ),
+    (["--model_config_name_or_path", "{preset}"], "preset", "{preset}"),
+    (["--ddpm_num_inference_steps", "25"], "sample_steps", 25),
+    (["--local_rank", "0"], "max_steps", 4000),  # ignored: the launcher's environment says it
+    (["--local_rank=1"], "max_steps", 4000),
+    # Already this toolkit's flags with `_` for `-`:
+    (["--output_dir", "{dir}"], "output_dir", "{dir}"),
+    (["--resolution", "32"], "resolution", 32),
+    (["--center_crop"], "center_crop", True),
+    (["--random_flip"], "random_flip", True),
+    (["--gradient_accumulation_steps", "2"], "gradient_accumulation_steps", 2),
+    (["--learning_rate", "1e-4"], "learning_rate", 1e-4),
+    (["--lr_warmup_steps", "500"], "lr_warmup_steps", 500),
+    (["--use_ema"], "use_ema", True),
+    (["--ema_max_decay", "0.999"], "ema_max_decay", 0.999),
+    (["--mixed_precision", "bf16"], "mixed_precision", "bf16"),
+    (["--prediction_type", "epsilon"], "prediction_type", "epsilon"),
+    (["--checkpoints_total_limit", "2"], "checkpoints_total_limit", 2),
+    (["--seed", "3"], "seed", 3),
+    (["--gradient_checkpointing"], "gradient_checkpointing", True),
+    (["--max_grad_norm", "0.5"], "max_grad_norm", 0.5),
+    (["--report_to", "none"], "report_to", "none"),
+    (["--image_column", "img"], "image_column", "img"),
+]
+
+
+@pytest.mark.parametrize(("argv", "field", "expected"), DIFFUSERS_ALIASES)
+def test_diffusers_example_flags_set_the_toolkits_field(argv, field, expected, tmp_path):
+    import train_ddpm
+    from tests.tiny_runs import tiny_preset
+
+    subs = {"{dir}": str(tmp_path), "{preset}": str(tiny_preset(tmp_path))}
+
+    def fill(text):
+        return subs.get(text, text) if isinstance(text, str) else text
+
+    argv = [fill(a) for a in argv]
+    cfg = parse_config(train_ddpm.DDPMConfig, argv)
+    assert getattr(cfg, field) == fill(expected)
+
+
+def refused_diffusers_flags() -> list[str]:
+    from ddp_utils.train_config import DIFFUSERS_FLAGS
+
+    return [name for name, f in DIFFUSERS_FLAGS.items() if f.field is None and not f.ignored]
+
+
+# Every flag of diffusers' examples/unconditional_image_generation/train_unconditional.py and
+# examples/text_to_image/train_text_to_image.py (huggingface/diffusers at 58eb52c, 2026-08).
+DIFFUSERS_EXAMPLE_FLAGS = """
+dataset_name dataset_config_name model_config_name_or_path train_data_dir output_dir
+overwrite_output_dir cache_dir resolution center_crop random_flip train_batch_size
+eval_batch_size dataloader_num_workers num_epochs save_images_epochs save_model_epochs
+gradient_accumulation_steps learning_rate lr_scheduler lr_warmup_steps adam_beta1 adam_beta2
+adam_weight_decay adam_epsilon use_ema ema_inv_gamma ema_power ema_max_decay push_to_hub
+hub_token hub_model_id hub_private_repo logger logging_dir local_rank mixed_precision
+prediction_type ddpm_num_steps ddpm_num_inference_steps ddpm_beta_schedule checkpointing_steps
+checkpoints_total_limit resume_from_checkpoint enable_xformers_memory_efficient_attention
+preserve_input_precision input_perturbation pretrained_model_name_or_path revision variant
+image_column caption_column max_train_samples validation_prompts seed num_train_epochs
+max_train_steps gradient_checkpointing scale_lr snr_gamma dream_training
+dream_detail_preservation use_8bit_adam allow_tf32 offload_ema foreach_ema non_ema_revision
+max_grad_norm report_to noise_offset validation_epochs tracker_project_name
+image_interpolation_mode
+""".split()
+HUB_FLAGS = {"--push_to_hub", "--hub_model_id", "--hub_private_repo"}  # the hub upload's
+
+
+def test_every_diffusers_example_flag_is_an_alias_or_refused():
+    import train_ddpm
+    from ddp_utils.train_config import DIFFUSERS_FLAGS
+
+    parser = build_parser(train_ddpm.DDPMConfig)
+    tested = {argv[0].partition("=")[0] for argv, _, _ in DIFFUSERS_ALIASES}
+    for name in DIFFUSERS_EXAMPLE_FLAGS:
+        flag = "--" + name
+        if flag in HUB_FLAGS:
+            continue
+        assert flag in tested or flag in refused_diffusers_flags(), flag
+        hyphenated = "--" + name.replace("_", "-")
+        assert flag in DIFFUSERS_FLAGS or hyphenated in parser._option_string_actions, flag
+    assert set(DIFFUSERS_FLAGS) <= {f"--{n}" for n in DIFFUSERS_EXAMPLE_FLAGS}
+
+
+def parse_exit(config_class, argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(config_class, argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", refused_diffusers_flags())
+def test_refused_diffusers_flags_exit_2_and_say_what_to_use(flag, capsys):
+    import train_ddpm
+    from ddp_utils.train_config import DIFFUSERS_FLAGS
+
+    err = parse_exit(train_ddpm.DDPMConfig, [flag, "3"], capsys)
+    assert f"{flag} (a flag of diffusers' training examples) is not supported" in err
+    assert DIFFUSERS_FLAGS[flag].note in err
+
+
+def test_epochs_name_the_steps_flag(capsys):
+    import train_ddpm
+
+    err = parse_exit(train_ddpm.DDPMConfig, ["--num_epochs", "10"], capsys)
+    assert "counts optimizer steps, not epochs: use --max-steps" in err
+
+
+def test_a_diffusers_flag_the_script_lacks_names_the_toolkits_flag(capsys):
+    from train_basic import BasicConfig
+
+    err = parse_exit(BasicConfig, ["--pretrained_model_name_or_path", "google/x"], capsys)
+    assert "--pretrained_model_name_or_path is --init-from in this toolkit" in err
+
+
+def test_a_scheduler_without_an_equivalent_is_refused(capsys):
+    from train_basic import BasicConfig
+
+    err = parse_exit(BasicConfig, ["--lr_scheduler", "polynomial"], capsys)
+    assert "--lr_scheduler polynomial has no equivalent here: --lr-schedule takes" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "field", "value"),
+    [
+        (["--push_to_hub"], "push_to_hub", True),
+        (["--hub_model_id", "me/model"], "hub_model_id", "me/model"),
+        (["--hub_private_repo"], "hub_private", True),
+    ],
+)
+def test_hub_flags_are_the_hub_upload_flags_or_refused_naming_them(argv, field, value, capsys):
+    import train_ddpm
+
+    if field in {f.name for f in dataclasses.fields(train_ddpm.DDPMConfig)}:
+        cfg = parse_config(train_ddpm.DDPMConfig, argv)
+        assert getattr(cfg, field) == value
+    else:
+        err = parse_exit(train_ddpm.DDPMConfig, argv, capsys)
+        assert f"{argv[0]} is --{field.replace('_', '-')} in this toolkit" in err
+
+
+def test_a_note_says_how_a_translated_flag_differs(capsys):
+    from train_basic import BasicConfig
+
+    cfg = parse_config(BasicConfig, ["--lr_scheduler", "constant", "--local_rank=0"])
+    assert cfg.lr_schedule == "constant"
+    err = capsys.readouterr().err
+    assert "note: --lr_scheduler is --lr-schedule here: after --lr-warmup-steps" in err
+    assert "note: --local_rank is ignored" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "suggestion"),
+    [
+        (["--max-step", "5"], "--max-step (did you mean --max-steps?)"),
+        (["--max_step", "5"], "--max_step (did you mean --max-steps?)"),
+        (["--learning-rat=0.1"], "--learning-rat=0.1 (did you mean --learning-rate?)"),
+        (["--learning", "0.1"], "unrecognized arguments: --learning"),  # no prefix matching
+    ],
+)
+def test_typos_and_abbreviations_are_refused_with_the_closest_flag(argv, suggestion, capsys):
+    from train_basic import BasicConfig
+
+    err = parse_exit(BasicConfig, argv, capsys)
+    assert suggestion in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--preset", "huge"], "--preset: must be one of digits-small"),
+        (
+            ["--preset", "unet-18.5m", "--resolution", "12"],
+            "--resolution: must be a positive multiple of 8",
+        ),
+        (["--dataset", "./no/such/folder"], "--dataset: no such folder ./no/such/folder"),
+        (["--log-model", "--report-to", "tensorboard"], "--log-model uploads the exports to wandb"),
+    ],
+)
+def test_dry_run_refuses_what_a_run_refuses(argv, expected, capsys):
+    import train_ddpm
+
+    with pytest.raises(SystemExit) as exit_info:
+        train_ddpm.main([*argv, "--dry-run"])
+    assert exit_info.value.code == 2
+    assert expected in capsys.readouterr().err
