@@ -288,5 +288,10 @@ def main(argv: list[str] | None = None) -> None:
     accelerator.end_training()
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console script (pyproject's [project.scripts]): main() with the exit codes."""
     cli_main(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -147,5 +147,10 @@ def main(argv: list[str] | None = None) -> None:
     train(parse_config(BasicConfig, argv, description=__doc__))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console script (pyproject's [project.scripts]): main() with the exit codes."""
     cli_main(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -6,11 +6,14 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import re
+import sys
+from pathlib import Path
 
 import pytest
 
 from ddp_utils.config import build_parser, parse_config
 
+ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {
     "train_basic": "BasicConfig",
     "train_ddpm": "DDPMConfig",
@@ -284,3 +287,55 @@ def test_dry_run_refuses_what_a_run_refuses(argv, expected, capsys):
         train_ddpm.main([*argv, "--dry-run"])
     assert exit_info.value.code == 2
     assert expected in capsys.readouterr().err
+
+
+def console_scripts() -> dict[str, str]:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    return pyproject["project"]["scripts"]
+
+
+def test_console_scripts_are_the_four_scripts_with_their_exit_codes(monkeypatch, capsys):
+    scripts = console_scripts()
+    assert set(scripts) == {"ddp-train-basic", "ddp-train-ddpm", "ddp-sample", "ddp-evaluate"}
+    for command, target in scripts.items():
+        module_name, _, function = target.partition(":")
+        entry = getattr(importlib.import_module(module_name), function)
+        monkeypatch.setattr(sys, "argv", [command, "--help"])
+        with pytest.raises(SystemExit) as exit_info:
+            entry()
+        assert exit_info.value.code == 0
+        assert capsys.readouterr().out.startswith(f"usage: {command} ")
+    monkeypatch.setattr(sys, "argv", ["ddp-train-ddpm", "--batch-size", "0"])
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module("train_ddpm").cli()
+    assert exit_info.value.code == 2
+    assert "--batch-size must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_the_python_api_trains_a_run_validated_like_the_cli(tmp_path):
+    from tests.tiny_runs import NUM_IMAGES, RESOLUTION, fresh_accelerate_state, tiny_preset
+    from train_ddpm import DDPMConfig, train
+
+    with pytest.raises(ValueError, match="--preset: must be one of digits-small"):
+        DDPMConfig(preset="huge")
+    with pytest.raises(ValueError, match="--report-to must be one of"):
+        DDPMConfig(report_to="tensorbord")
+    fresh_accelerate_state()
+    cfg = DDPMConfig(
+        output_dir=str(tmp_path / "run"),
+        preset=str(tiny_preset(tmp_path)),
+        resolution=RESOLUTION,
+        max_images=NUM_IMAGES,
+        max_steps=2,
+        batch_size=8,
+        sample_every=0,
+        sample_steps=2,
+        num_sample_images=4,
+        report_to="none",
+    )
+    run = train(cfg)
+    assert run.output_dir == tmp_path / "run"
+    assert (tmp_path / "run" / "pipeline" / "model_index.json").is_file()
+    assert (tmp_path / "run" / "checkpoints" / "checkpoint-2").is_dir()
