@@ -35,6 +35,7 @@ from accelerate import Accelerator
 from ddp_utils.cli import cli_main, setup_logging
 from ddp_utils.config import option, parse_config, to_dict
 from ddp_utils.data import load_image_data
+from ddp_utils.distributed import new_accelerator
 from ddp_utils.files import write_json
 from evaluation import (
     FeatureStats,
@@ -282,7 +283,7 @@ def score_classes(
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(EvalConfig, argv, description=__doc__)
-    accelerator = Accelerator()
+    accelerator = new_accelerator()
     setup_logging(accelerator.is_main_process)
     evaluate(cfg, accelerator)
     accelerator.end_training()

@@ -41,6 +41,7 @@ from ddp_utils.distributed import (
     local_chunks,
     main_process_first,
     map_sharded,
+    new_accelerator,
     raise_together,
 )
 from ddp_utils.errors import InputError, NonFiniteError
@@ -386,7 +387,7 @@ def score(
 
 
 def sample(cfg: SampleConfig) -> np.ndarray:
-    accelerator = Accelerator()
+    accelerator = new_accelerator()
     setup_logging(accelerator.is_main_process)
     if cfg.fid:  # fail before sampling, not after
         try:
