@@ -297,45 +297,41 @@ def _translate_foreign_flags(
     """Rewrite another tool's flags (`cls.foreign_flags`) to this script's, or refuse them."""
     table: Mapping[str, ForeignFlag] = getattr(cls, "foreign_flags", {})
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
-    known = set(parser._option_string_actions)
-    out: list[str] = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        i += 1
+    out, rest = [], list(argv)
+    while rest:
+        arg = rest.pop(0)
+        if arg == "--":  # what follows is not a flag
+            return [*out, arg, *rest]
         name, sep, value = arg.partition("=")
         flag = table.get(name)
-        if arg == "--" or flag is None or name in known:
+        if flag is None or name in parser._option_string_actions:
             out.append(arg)
-            if arg == "--":
-                out.extend(argv[i:])
-                break
             continue
-        takes_value = not sep and i < len(argv) and not argv[i].startswith("--")
-        if flag.field is None and flag.ignored:
-            i += takes_value
+        value_follows = not sep and bool(rest) and not rest[0].startswith("--")
+        if flag.ignored:
+            if value_follows:
+                rest.pop(0)
             _note(f"{name} is ignored: {flag.note}")
             continue
         if flag.field is None:
-            raise ValueError(f"{name} (a flag of diffusers' training examples) is not supported "
-                             f"here: {flag.note}")  # fmt: skip
+            raise ValueError(
+                f"{name} (a flag of diffusers' training examples) is not supported here: "
+                f"{flag.note}"
+            )
         if flag.field not in fields:
             raise ValueError(
                 f"{name} is {flag_name(flag.field)} in this toolkit, a flag this script does "
                 "not have"
             )
-        if flag.values is not None:
-            if not sep and takes_value:
-                value, sep = argv[i], "="
-                i += 1
-            if sep:
-                if value not in flag.values:
-                    raise ValueError(
-                        f"{name} {value} has no equivalent here: {flag_name(flag.field)} takes "
-                        f"{', '.join(sorted(set(flag.values.values())))} ({name} "
-                        f"{', '.join(flag.values)} are accepted)"
-                    )
-                value = flag.values[value]
+        if flag.values is not None and (sep or value_follows):
+            value = value if sep else rest.pop(0)
+            if value not in flag.values:
+                raise ValueError(
+                    f"{name} {value} has no equivalent here: {flag_name(flag.field)} takes "
+                    f"{', '.join(sorted(set(flag.values.values())))} ({name} "
+                    f"{', '.join(flag.values)} are accepted)"
+                )
+            value, sep = flag.values[value], "="
         if flag.note:
             _note(f"{name} is {flag_name(flag.field)} here: {flag.note}")
         out.append(flag_name(flag.field) + sep + value)
