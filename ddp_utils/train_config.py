@@ -16,7 +16,7 @@ from typing import ClassVar, Literal
 from ddp_utils.config import ForeignFlag, check_choices, option, require
 from ddp_utils.data.load import DataLoading
 from ddp_utils.data.source import check_dataset_name, default_channels, default_resolution
-from ddp_utils.errors import flag_name
+from ddp_utils.errors import InputError, flag_name
 from ddp_utils.tracking import ReportTo
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?)([hms])")
@@ -247,6 +247,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_choices(self)
         check_dataset_name(self.dataset)
+        if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
+            raise InputError(f"{self.output_dir} is a file, not a folder", "output_dir")
         if self.resolution is None:
             self.resolution = default_resolution(self.dataset)
         if self.channels is None:

@@ -277,6 +277,7 @@ def test_typos_and_abbreviations_are_refused_with_the_closest_flag(argv, suggest
         ),
         (["--dataset", "./no/such/folder"], "--dataset: no such folder ./no/such/folder"),
         (["--log-model", "--report-to", "tensorboard"], "--log-model uploads the exports to wandb"),
+        (["--output-dir", str(ROOT / "README.md")], "README.md is a file, not a folder"),
     ],
 )
 def test_dry_run_refuses_what_a_run_refuses(argv, expected, capsys):
