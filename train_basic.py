@@ -1,4 +1,4 @@
-"""Train the basic diffusion model: a network that undoes a blend of images with uniform noise.
+r"""Train the basic diffusion model: a network that undoes a blend of images with uniform noise.
 
 x_noisy = (1 - amount) * x + amount * U[0,1) noise, amount ~ U[0,1) per image; the network
 predicts x (MSE). Sampling starts from uniform noise and moves 1/(n-i) of the way toward the
@@ -147,5 +147,10 @@ def main(argv: list[str] | None = None) -> None:
     train(parse_config(BasicConfig, argv, description=__doc__))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console script (pyproject's [project.scripts]): main() with the exit codes."""
     cli_main(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,4 +1,4 @@
-"""Train a diffusion model: DDPM (v- or noise prediction over 1000 timesteps) or EDM (Karras et al.
+r"""Train a diffusion model: DDPM (v- or noise prediction over 1000 timesteps) or EDM (Karras et al.
 2022's preconditioned denoiser), with EMA, sample grids and an export diffusers loads.
 
     # built-in digits on a CPU (the README's main job, ~11 minutes on 2 cores):
@@ -64,7 +64,7 @@ from diffusion.ddpm import (
 )
 from diffusion.edm import edm_loss, make_edm_scheduler, sample_edm, sample_noise_levels
 from diffusion.loading import load_for_sampling
-from diffusion.models import build_ddpm_unet
+from diffusion.models import build_ddpm_unet, check_ddpm_preset
 from diffusion.pipeline_code.ddpm_pipeline import GuidedDDPMPipeline
 from diffusion.pipeline_code.edm_pipeline import EDMPipeline
 from diffusion.pretrained import check_init_model, resolve_model_source, training_schedule
@@ -141,7 +141,7 @@ class DDPMConfig(TrainConfig):
     )
     sample_guidance_scale: float = option(
         1.5,
-        "class-conditional: guidance w of the grids, --eval-every and the export's default "
+        "class-conditional: guidance w of the grids and --eval-every, stored in the export "
         "(0: unconditional, 1: conditional, > 1: more like the class; 1.5 measured best on "
         "digits: FID as w = 1, the asked class 99.8% of the time)",
     )
@@ -179,6 +179,7 @@ class DDPMConfig(TrainConfig):
             self._check_edm()
         if self.init_from is None:
             self.preset = self.preset or DEFAULT_PRESET
+            check_ddpm_preset(self.preset, self.resolution)  # a bad one stops --dry-run too
         else:
             require(
                 self.preset is None,
@@ -635,5 +636,10 @@ def main(argv: list[str] | None = None) -> None:
     train(parse_config(DDPMConfig, argv, description=__doc__))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console script (pyproject's [project.scripts]): main() with the exit codes."""
     cli_main(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -15,10 +15,13 @@ import argparse
 import dataclasses
 import difflib
 import json
+import os
+import re
 import sys
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -123,10 +126,40 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
     return value
 
 
+@dataclass(frozen=True)
+class ForeignFlag:
+    """A flag of another tool's scripts (diffusers' training examples) and what it is here.
+
+    `field` set: an alias of that field's flag (`values` translates the other tool's values,
+    `note` is printed where the meaning differs); `field` None: refused, `note` says what to use
+    instead (or, with `ignored`, the flag is dropped with the note).
+    """
+
+    field: str | None
+    note: str = ""
+    values: Mapping[str, str] | None = None
+    ignored: bool = False
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's line breaks: each script's example commands stay one per line."""
+
+
+_SAYS_DEFAULT = re.compile(r"\bdefault( with [^:]*)?:")
+
+
+def _help_text(text: str, default: Any) -> str:
+    """A field's help with its default, `%` escaped (argparse %-formats every help string)."""
+    if not _SAYS_DEFAULT.search(text):  # some helps say their default in words already
+        text += f" (default: {default})"
+    return text.replace("%", "%%")
+
+
 def build_parser(cls: type, description: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=description,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
+        allow_abbrev=False,  # `--max-step` is a typo to report, not `--max-steps`
     )
     parser.add_argument("--config", type=Path, help="YAML or JSON file setting any of the fields")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
@@ -135,18 +168,17 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
         if not field.init:
             continue
         tp, optional = _unwrap_optional(hints[field.name])
+        default = (
+            field.default if field.default is not dataclasses.MISSING else field.default_factory()  # type: ignore[misc]
+        )
         kwargs: dict[str, Any] = {
             "dest": field.name,
             "default": argparse.SUPPRESS,
-            "help": field.metadata.get("help", ""),
+            "help": _help_text(field.metadata.get("help", ""), default),
         }
         choices = _choices(hints[field.name])
         if choices is not None:
             kwargs["choices"] = choices
-        default = (
-            field.default if field.default is not dataclasses.MISSING else field.default_factory()  # type: ignore[misc]
-        )
-        kwargs["help"] += f" (default: {default})"
         if field.metadata.get("positional"):
             parser.add_argument(
                 field.name,
@@ -217,11 +249,20 @@ def config_from_dict(cls: type[C], values: dict[str, Any], source: str = "config
 def parse_config(cls: type[C], argv: list[str] | None = None, description: str | None = None) -> C:
     """Parse the command line into `cls`; print and exit on `--dry-run` or a bad value.
 
-    Precedence: dataclass defaults < `--config` file < command-line flags.
+    Precedence: dataclass defaults < `--config` file < command-line flags. Flags may be
+    spelled with underscores (`--batch_size`), and the class's `foreign_flags` (diffusers'
+    example flags) are translated or refused; an unknown flag gets "did you mean".
     """
     parser = build_parser(cls, description)
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = vars(parser.parse_args(_hyphenate_flags(argv, parser)))
+    try:
+        argv = _translate_foreign_flags(argv, cls, parser)
+    except ValueError as err:
+        parser.error(str(err))
+    namespace, unknown = parser.parse_known_args(_hyphenate_flags(argv, parser))
+    if unknown:
+        parser.error(_unknown_arguments_message(unknown, parser))
+    args = vars(namespace)
     config_file = args.pop("config")
     dry_run = args.pop("dry_run")
     try:
@@ -234,6 +275,73 @@ def parse_config(cls: type[C], argv: list[str] | None = None, description: str |
         print(to_yaml(cfg), end="")
         sys.exit(0)
     return cfg
+
+
+def _unknown_arguments_message(unknown: list[str], parser: argparse.ArgumentParser) -> str:
+    """argparse's "unrecognized arguments", with the closest flag for each unknown one."""
+    known = [s for s in parser._option_string_actions if s.startswith("--")]
+    words = []
+    for arg in unknown:
+        name = arg.partition("=")[0]
+        if name.startswith("--"):
+            close = difflib.get_close_matches(name.replace("_", "-"), known, n=1, cutoff=0.6)
+            if close:
+                arg = f"{arg} (did you mean {close[0]}?)"
+        words.append(arg)
+    return f"unrecognized arguments: {' '.join(words)}"
+
+
+def _translate_foreign_flags(
+    argv: list[str], cls: type, parser: argparse.ArgumentParser
+) -> list[str]:
+    """Rewrite another tool's flags (`cls.foreign_flags`) to this script's, or refuse them."""
+    table: Mapping[str, ForeignFlag] = getattr(cls, "foreign_flags", {})
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    out, rest = [], list(argv)
+    while rest:
+        arg = rest.pop(0)
+        if arg == "--":  # what follows is not a flag
+            return [*out, arg, *rest]
+        name, sep, value = arg.partition("=")
+        flag = table.get(name)
+        if flag is None or name in parser._option_string_actions:
+            out.append(arg)
+            continue
+        value_follows = not sep and bool(rest) and not rest[0].startswith("--")
+        if flag.ignored:
+            if value_follows:
+                rest.pop(0)
+            _note(f"{name} is ignored: {flag.note}")
+            continue
+        if flag.field is None:
+            raise ValueError(
+                f"{name} (a flag of diffusers' training examples) is not supported here: "
+                f"{flag.note}"
+            )
+        if flag.field not in fields:
+            raise ValueError(
+                f"{name} is {flag_name(flag.field)} in this toolkit, a flag this script does "
+                "not have"
+            )
+        if flag.values is not None and (sep or value_follows):
+            value = value if sep else rest.pop(0)
+            if value not in flag.values:
+                raise ValueError(
+                    f"{name} {value} has no equivalent here: {flag_name(flag.field)} takes "
+                    f"{', '.join(sorted(set(flag.values.values())))} ({name} "
+                    f"{', '.join(flag.values)} are accepted)"
+                )
+            value, sep = flag.values[value], "="
+        if flag.note:
+            _note(f"{name} is {flag_name(flag.field)} here: {flag.note}")
+        out.append(flag_name(flag.field) + sep + value)
+    return out
+
+
+def _note(message: str) -> None:
+    """A one-line note on stderr, printed once (by the launcher's first process)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"note: {message}", file=sys.stderr)
 
 
 def _hyphenate_flags(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:

@@ -7,15 +7,72 @@ This module knows nothing about models or diffusion. Everything that may communi
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable, Iterable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import set_seed, str_to_bool
 from tqdm.auto import tqdm
 
+from ddp_utils.errors import InputError
+
 T = TypeVar("T")
+
+
+def prepare_launch() -> list[str]:
+    """Set what `accelerate launch` left out on a machine without a GPU, before Accelerate
+    reads the environment; returns the warnings to print once.
+
+    accelerate 1.16's multi-process launcher drops a config file's `use_cpu: true` (only its
+    single-process launcher exports it as ACCELERATE_USE_CPU), so on a machine without a GPU
+    each of the N processes would set itself up alone: N runs fighting over one directory.
+    With no GPU, N processes can only mean N CPU processes over gloo: say so to Accelerate.
+    """
+    if torch.accelerator.is_available():
+        return []
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cpu = os.environ.get("ACCELERATE_USE_CPU")
+    if world_size > 1 and not str_to_bool(use_cpu or "false"):
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+        return [
+            f"no GPU here: the {world_size} processes run on the CPU over gloo "
+            "(ACCELERATE_USE_CPU=true, as a config's `use_cpu: true` means)"
+        ]
+    if world_size == 1 and use_cpu is not None and not str_to_bool(use_cpu):
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        return [
+            "accelerate launch without --cpu or `use_cpu: true`"
+            + (f" (gpu_ids / CUDA_VISIBLE_DEVICES={visible})" if visible else "")
+            + ", but torch sees no GPU (no driver, or a CPU build of torch): training on the "
+            "CPU, slowly. Check nvidia-smi, or launch a CPU run with `use_cpu: true` or plain "
+            "python"
+        ]
+    return []
+
+
+def new_accelerator(**kwargs: Any) -> Accelerator:
+    """`Accelerator(**kwargs)` for the launcher's processes: the launch prepared as above, and
+    refused on every rank (exit 2) when the processes did not find each other."""
+    warnings = prepare_launch()
+    accelerator = Accelerator(**kwargs)
+    for warning in warnings:
+        accelerator.print(f"warning: {warning}")
+    check_world_size(accelerator.num_processes)
+    return accelerator
+
+
+def check_world_size(num_processes: int) -> None:
+    """The launcher's process count (WORLD_SIZE) must be the one Accelerate set up."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size != num_processes:
+        raise InputError(
+            f"the launcher started {world_size} processes but Accelerate set up "
+            f"{num_processes} (each process alone, as separate runs): for CPU processes set "
+            "ACCELERATE_USE_CPU=true; for GPUs check that every process sees one (nvidia-smi, "
+            "CUDA_VISIBLE_DEVICES, the config's gpu_ids)"
+        )
 
 
 def make_accelerator(
@@ -32,7 +89,7 @@ def make_accelerator(
     all-reduce on the micro-steps that do not update, and `accelerator.backward` divides
     the loss by the number of micro-steps.
     """
-    accelerator = Accelerator(
+    accelerator = new_accelerator(
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=gradient_accumulation_steps,
         # TensorBoard is started by ddp_utils.tracking itself (beside a wandb that may fail).

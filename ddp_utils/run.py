@@ -435,9 +435,7 @@ def start_run(cfg: TrainConfig, with_labels: bool = False) -> Run:
             "which deadlocks with sharded parameters. Launch with DDP (accelerate_configs/"
             "1node_8gpu_bf16.yaml); every preset here fits one GPU with room to spare."
         )
-    output_dir = Path(cfg.output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise InputError(f"{output_dir} is a file, not a folder", "output_dir")
+    output_dir = Path(cfg.output_dir)  # not a file: TrainConfig checked it
     data = load_image_data(
         cfg.dataset,
         cfg.resolution,

@@ -8,14 +8,15 @@ a script's own config subclasses this one and may change a default (`--max-steps
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from ddp_utils.compile import CompileBackend, CompileMode, check_compile_options
-from ddp_utils.config import check_choices, option, require
+from ddp_utils.config import ForeignFlag, check_choices, option, require
 from ddp_utils.data.load import DataLoading
-from ddp_utils.data.source import default_channels, default_resolution
+from ddp_utils.data.source import check_dataset_name, default_channels, default_resolution
 from ddp_utils.errors import InputError, flag_name
 from ddp_utils.tracking import ReportTo
 
@@ -45,10 +46,106 @@ def parse_duration(text: str) -> float:
 
 MixedPrecision = Literal["no", "fp16", "bf16"]
 
+_STEPS_NOT_EPOCHS = (
+    "this toolkit counts optimizer steps, not epochs: use {flag} (1 epoch = images / global "
+    "batch steps; a run prints both at its start)"
+)
+_NOT_CONFIGURABLE = "not configurable here (torch's defaults: betas (0.9, 0.999), eps 1e-8)"
+_TEXT_TO_IMAGE = "text-to-image training is not part of this toolkit"
+# The flags of diffusers' examples/unconditional_image_generation/train_unconditional.py and
+# examples/text_to_image/train_text_to_image.py that are not already this toolkit's flags with
+# `_` for `-` (--output_dir, --resolution, --learning_rate, --use_ema, --mixed_precision, ...).
+DIFFUSERS_FLAGS: dict[str, ForeignFlag] = {
+    # Aliases: the same meaning.
+    "--dataset_name": ForeignFlag("dataset"),
+    "--train_data_dir": ForeignFlag("dataset"),
+    "--dataset_config_name": ForeignFlag("dataset_config"),
+    "--max_train_samples": ForeignFlag("max_images"),
+    "--train_batch_size": ForeignFlag("batch_size"),
+    "--max_train_steps": ForeignFlag("max_steps"),
+    "--checkpointing_steps": ForeignFlag("checkpoint_every"),
+    "--resume_from_checkpoint": ForeignFlag("resume"),
+    "--dataloader_num_workers": ForeignFlag("num_workers"),
+    "--adam_weight_decay": ForeignFlag("weight_decay"),
+    "--logger": ForeignFlag("report_to"),
+    "--tracker_project_name": ForeignFlag("wandb_project"),
+    "--eval_batch_size": ForeignFlag("num_sample_images"),
+    "--ddpm_num_steps": ForeignFlag("num_train_timesteps"),
+    "--ddpm_beta_schedule": ForeignFlag("beta_schedule"),
+    "--snr_gamma": ForeignFlag("min_snr_gamma"),
+    "--push_to_hub": ForeignFlag("push_to_hub"),
+    "--hub_model_id": ForeignFlag("hub_model_id"),
+    "--hub_private_repo": ForeignFlag("hub_private"),
+    # Aliases whose meaning differs a little: a note says how.
+    "--lr_scheduler": ForeignFlag(
+        "lr_schedule",
+        "after --lr-warmup-steps of linear warmup (diffusers' `constant` has none)",
+        values={"constant": "constant", "constant_with_warmup": "constant", "cosine": "cosine"},
+    ),
+    "--pretrained_model_name_or_path": ForeignFlag(
+        "init_from", "training starts from that model's UNet weights (fine-tuning)"
+    ),
+    "--model_config_name_or_path": ForeignFlag(
+        "preset", "a preset name or a UNet2DModel config JSON file (not a folder or hub id)"
+    ),
+    "--ddpm_num_inference_steps": ForeignFlag(
+        "sample_steps", "steps of the grids' sampler, --sample-scheduler (not always DDPM)"
+    ),
+    "--local_rank": ForeignFlag(
+        None, "Accelerate reads each process's rank from the launcher's environment", ignored=True
+    ),
+    # Refused: no sound equivalent; the message says what to use.
+    "--num_epochs": ForeignFlag(None, _STEPS_NOT_EPOCHS.format(flag="--max-steps")),
+    "--num_train_epochs": ForeignFlag(None, _STEPS_NOT_EPOCHS.format(flag="--max-steps")),
+    "--save_images_epochs": ForeignFlag(None, _STEPS_NOT_EPOCHS.format(flag="--sample-every")),
+    "--validation_epochs": ForeignFlag(None, _STEPS_NOT_EPOCHS.format(flag="--sample-every")),
+    "--save_model_epochs": ForeignFlag(None, _STEPS_NOT_EPOCHS.format(flag="--checkpoint-every")),
+    "--overwrite_output_dir": ForeignFlag(
+        None,
+        "a run resumes in its --output-dir; start over with --resume none or a new --output-dir",
+    ),
+    "--cache_dir": ForeignFlag(None, "set HF_HOME (or HF_DATASETS_CACHE) in the environment"),
+    "--logging_dir": ForeignFlag(
+        None, "logs go to --output-dir (tensorboard: <output-dir>/tensorboard; --report-to)"
+    ),
+    "--hub_token": ForeignFlag(None, "log in with `hf auth login` or set HF_TOKEN"),
+    "--adam_beta1": ForeignFlag(None, _NOT_CONFIGURABLE),
+    "--adam_beta2": ForeignFlag(None, _NOT_CONFIGURABLE),
+    "--adam_epsilon": ForeignFlag(None, _NOT_CONFIGURABLE),
+    "--ema_inv_gamma": ForeignFlag(
+        None, "the EMA decay warms up as min(--ema-max-decay, (1 + step) / (10 + step))"
+    ),
+    "--ema_power": ForeignFlag(
+        None, "the EMA decay warms up as min(--ema-max-decay, (1 + step) / (10 + step))"
+    ),
+    "--enable_xformers_memory_efficient_attention": ForeignFlag(
+        None, "PyTorch's scaled_dot_product_attention is used already"
+    ),
+    "--allow_tf32": ForeignFlag(None, "TF32 matmuls are on for GPUs already"),
+    "--use_8bit_adam": ForeignFlag(None, "--optimizer adam|adamw (32-bit)"),
+    "--scale_lr": ForeignFlag(None, "give --learning-rate for the global batch you use"),
+    "--noise_offset": ForeignFlag(None, "no noise offset; DDPM's --beta-schedule is configurable"),
+    "--input_perturbation": ForeignFlag(None, "no input perturbation"),
+    "--preserve_input_precision": ForeignFlag(None, "images are decoded to uint8 once"),
+    "--image_interpolation_mode": ForeignFlag(None, "images are resized with bicubic filtering"),
+    "--offload_ema": ForeignFlag(None, "the EMA stays on the device (--use-ema)"),
+    "--foreach_ema": ForeignFlag(None, "the EMA update is always foreach (--use-ema)"),
+    "--dream_training": ForeignFlag(None, _TEXT_TO_IMAGE),
+    "--dream_detail_preservation": ForeignFlag(None, _TEXT_TO_IMAGE),
+    "--caption_column": ForeignFlag(None, _TEXT_TO_IMAGE),
+    "--validation_prompts": ForeignFlag(None, _TEXT_TO_IMAGE),
+    "--revision": ForeignFlag(None, "--init-from takes a local folder or a hub id (main)"),
+    "--variant": ForeignFlag(None, "--init-from loads the model's safetensors weights"),
+    "--non_ema_revision": ForeignFlag(None, "--init-from takes the EMA weights of an export"),
+}
+
 
 @dataclass
 class TrainConfig:
     """Fields every training script shares (same flag names everywhere)."""
+
+    # diffusers' example flags this toolkit translates or refuses (see ddp_utils.config).
+    foreign_flags: ClassVar[Mapping[str, ForeignFlag]] = DIFFUSERS_FLAGS
 
     # Data.
     dataset: str = option(
@@ -93,8 +190,8 @@ class TrainConfig:
     )
     compile_mode: CompileMode = option(
         "default",
-        "inductor's mode: reduce-overhead replays CUDA graphs (a small model's step on a GPU "
-        "is bound by kernel launches), max-autotune also tunes kernels",
+        "inductor's mode; default: fused kernels, reduce-overhead: also replayed as CUDA graphs "
+        "(a small model's step on a GPU is bound by kernel launches), max-autotune: also tuned",
     )
     gradient_checkpointing: bool = option(
         False, "recompute the UNet's activations in the backward pass: less memory, more compute"
@@ -159,6 +256,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_choices(self)
+        check_dataset_name(self.dataset)
+        if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
+            raise InputError(f"{self.output_dir} is a file, not a folder", "output_dir")
         if self.resolution is None:
             self.resolution = default_resolution(self.dataset)
         if self.channels is None:
@@ -212,6 +312,11 @@ class TrainConfig:
         require(
             self.max_nonfinite_steps >= 1,
             f"--max-nonfinite-steps must be >= 1, got {self.max_nonfinite_steps}",
+        )
+        require(
+            not self.log_model or self.report_to in ("wandb", "all"),
+            f"--log-model uploads the exports to wandb: add --report-to wandb (or all), or drop "
+            f"--log-model (--report-to is {self.report_to})",
         )
         require(
             self.resume in ("latest", "none") or Path(self.resume).is_dir(),

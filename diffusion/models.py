@@ -201,6 +201,16 @@ def _read_preset(preset: str) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
 
 
+def check_ddpm_preset(preset: str, resolution: int) -> dict[str, Any]:
+    """The UNet2DModel arguments of a preset (a name or a JSON file), checked against the
+    resolution without building anything: what a config validates before any compute."""
+    kwargs = _read_preset(preset)
+    # UNet2DModel downsamples after every down block but the last.
+    num_blocks = len(kwargs.get("down_block_types", _UNET_DEFAULT_DOWN_BLOCKS))
+    _check_resolution(resolution, num_downsamples=max(num_blocks - 1, 0))
+    return kwargs
+
+
 def build_ddpm_unet(
     preset: str, resolution: int, channels: int, num_classes: int = 0
 ) -> UNet2DModel:
@@ -213,10 +223,7 @@ def build_ddpm_unet(
     embedding.
     """
     _check_channels(channels)
-    kwargs = _read_preset(preset)
-    # UNet2DModel downsamples after every down block but the last.
-    num_blocks = len(kwargs.get("down_block_types", _UNET_DEFAULT_DOWN_BLOCKS))
-    _check_resolution(resolution, num_downsamples=max(num_blocks - 1, 0))
+    kwargs = check_ddpm_preset(preset, resolution)
     kwargs.update(sample_size=resolution, in_channels=channels, out_channels=channels)
     if num_classes:
         kwargs["num_class_embeds"] = num_classes + 1

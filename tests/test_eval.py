@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -531,3 +532,35 @@ def test_two_processes_give_the_one_process_statistics(tmp_path: Path) -> None:
     assert float(two_proc["fid_ab"]) == pytest.approx(float(one_proc["fid_ab"]), rel=1e-6)
     assert abs(float(two_proc["fid_self"])) < 1e-2
     np.testing.assert_allclose(two_proc["kid_ab"], one_proc["kid_ab"], rtol=1e-6, atol=1e-12)
+
+
+def test_the_help_examples_work_as_written_on_a_training_run(tmp_path_factory) -> None:
+    """evaluate.py's docstring: sample a run into <run>/samples-1000, score that folder (its
+    samples.npz, not its grid.png); a run directory or its grids folder is refused."""
+    import shlex
+
+    import sample
+    from tests.tiny_runs import fresh_accelerate_state, trained_ddpm
+
+    run = tmp_path_factory.mktemp("runs") / "ddpm"  # a copy: other tests list the run's files
+    shutil.copytree(trained_ddpm(tmp_path_factory), run)
+    examples = [
+        shlex.split(line.strip().replace("runs/ddpm", str(run)))
+        for line in evaluate.__doc__.splitlines()
+        if line.strip().startswith(("python sample.py", "python evaluate.py"))
+    ]
+    assert [e[1] for e in examples] == ["sample.py", "evaluate.py", "evaluate.py"]
+    sample_argv, fid_argv, _ = (e[2:] for e in examples)
+    sample_argv[sample_argv.index("1000")] = "8"  # a tiny run: 8 samples, 2 DDIM steps
+    fresh_accelerate_state()
+    sample.main([*sample_argv, "--num-inference-steps", "2", "--batch-size", "8"])
+    output = run / "samples-1000"
+    assert {"samples.npz", "grid.png"} <= {p.name for p in output.iterdir()}
+    fresh_accelerate_state()
+    evaluate.main([*fid_argv, "--max-reference", "16", "--batch-size", "24"])
+    written = json.loads((run / "samples-1000_metrics.json").read_text())
+    assert written["num_samples"] == 8 and written["num_reference"] == 16
+    assert np.isfinite(written["fid"])
+    for folder in (run, run / "samples"):
+        with pytest.raises(ValueError, match="not a set of samples: draw samples first"):
+            evaluate.load_image_set(str(folder), "--samples")

@@ -52,11 +52,24 @@ class Source:
     description: str  # for people: "image folder data/x", "hub dataset ylecun/mnist (train)"
 
 
+def check_dataset_name(dataset: str) -> None:
+    """What `load_source` refuses without reading anything: a file, or a path that is not
+    there. Configs call it, so `--dry-run` refuses it too."""
+    path = Path(dataset).expanduser()
+    if dataset == "digits" or path.is_dir():
+        return
+    if path.exists():
+        raise InputError(f"{dataset} is a file; give a folder of images or a hub id", "dataset")
+    if _looks_like_path(dataset):
+        raise InputError(f"no such folder {dataset}", "dataset")
+
+
 def load_source(dataset: str, dataset_config: str | None = None, split: str = "train") -> Source:
     """The HF dataset behind a `dataset` name or path (not decoded)."""
 
     if dataset == "digits":
         return Source(_digits(), "sklearn-digits-v1", "scikit-learn digits (built in)")
+    check_dataset_name(dataset)
     path = Path(dataset).expanduser()
     if path.is_dir():
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
@@ -70,10 +83,6 @@ def load_source(dataset: str, dataset_config: str | None = None, split: str = "t
                 "dataset",
             ) from None
         return Source(ds, folder_fingerprint(path), f"image folder {path}")
-    if path.exists():
-        raise InputError(f"{dataset} is a file; give a folder of images or a hub id", "dataset")
-    if _looks_like_path(dataset):
-        raise InputError(f"no such folder {dataset}", "dataset")
     return _from_hub(dataset, dataset_config, split)
 
 
