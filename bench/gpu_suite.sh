@@ -32,7 +32,8 @@ else
     export PYTHONPATH=/tmp/site:$PWD
 fi
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline WANDB_SILENT=true
-export PYTHONUNBUFFERED=1 DDP_DIFFUSION_CACHE="$OUT/cache"
+# Caches and runs stay out of $OUT: only the figures travel back.
+export PYTHONUNBUFFERED=1 DDP_DIFFUSION_CACHE=/tmp/gpu_suite_cache
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     $PY -c "import torch, diffusers, datasets, accelerate; print('torch', torch.__version__,
@@ -73,8 +74,8 @@ section 5a-sampling-eager 40 $PY bench/sampling.py $SAMPLE
 section 5b-sampling-compiled 90 $PY bench/sampling.py $SAMPLE --compile --compile-mode reduce-overhead
 section 6-profile 45 $PY bench/profile_step.py --preset ddpm-cifar10 --batch-size 128 \
     --mixed-precision bf16
-section 7-correctness 80 $PY bench/gpu_checks.py --out "$OUT/checks" --steps 100
+section 7-correctness 80 $PY bench/gpu_checks.py --out /tmp/gpu_suite_checks --steps 100
 if [ -f .whl/train_unconditional.py ]; then
-    section 8-diffusers-example 125 bash bench/diffusers_example.sh "$OUT/example"
+    section 8-diffusers-example 125 bash bench/diffusers_example.sh /tmp/gpu_suite_example
 fi
 echo; echo "== done in $((SECONDS - start)) s; figures in $OUT (summary.txt)"
