@@ -166,6 +166,12 @@ class DDPMConfig(TrainConfig):
     )
     sample_every: int = option(1000, "log a sample grid every N steps (0: only at the end)")
 
+    # Also free on resume: how the grids are sampled, the export's default guidance, and
+    # --init-from (a resumed run reads its checkpoint, not that model).
+    may_change_on_resume = TrainConfig.may_change_on_resume | {
+        "sample_scheduler", "sample_eta", "sample_guidance_scale", "init_from",
+    }  # fmt: skip
+
     def __post_init__(self) -> None:
         if self.sample_scheduler is None and self.objective in DEFAULT_SAMPLER:
             self.sample_scheduler = DEFAULT_SAMPLER[self.objective]

@@ -18,6 +18,7 @@ through the loader and needs `save_state`, whose custom objects are pickles.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -52,6 +53,7 @@ from ddp_utils.errors import (
     NonFiniteError,
     OutputError,
     TrainingStopped,
+    flag_name,
 )
 from ddp_utils.guard import StepGuard, Verdict
 from ddp_utils.lock import RunLock
@@ -102,19 +104,25 @@ class Run:
         cfg = self.cfg
         return cfg.batch_size * self.accelerator.num_processes * cfg.gradient_accumulation_steps
 
-    def begin(self) -> None:
+    def begin(self, exports: tuple[str, ...] = ()) -> None:
         """Take the run directory and start writing: lock, config.yaml, tracker (collective).
 
         Called once everything that can refuse the run has passed. The lock comes first: a
-        second run into the same directory stops here, having written nothing.
+        second run into the same directory stops here, having written nothing. `exports`: the
+        names of the run's export folders, whose temporary folders a killed export left.
         """
         cfg, acc = self.cfg, self.accelerator
         error = None
         if self.is_writer:
             try:
                 self.lock = RunLock.acquire(self.output_dir)
-                # Temporary folders left now are from saves that were killed: ours to remove.
-                for leftover in self.checkpoints_dir.glob(".checkpoint-*"):
+                # Temporary folders left now are from saves and exports that were killed
+                # (`ddp_utils.files.temp_path` names): ours to remove.
+                leftovers = [*self.checkpoints_dir.glob(".checkpoint-*")]
+                for name in exports:
+                    leftovers += self.output_dir.glob(f".{name}.tmp-*")
+                    leftovers += self.output_dir.glob(f".{name}.old-*")
+                for leftover in leftovers:
                     shutil.rmtree(leftover, ignore_errors=True)
                 if cfg.checkpoints_total_limit is not None:  # a kill between save and prune
                     prune(self.checkpoints_dir, cfg.checkpoints_total_limit)
@@ -173,12 +181,14 @@ class Run:
     ) -> int:
         """Load the resumed checkpoint into the (prepared) model/optimizer; return its step.
 
-        Refuses a checkpoint of another model class, model config or task (`task_info["task"]`,
-        as passed to `save`), listing every difference.
+        Refuses a checkpoint trained with other flags (`check_resumed_flags`), or of another
+        model class, model config or task (`task_info["task"]`, as passed to `save`), listing
+        every difference.
         """
         ckpt = self.checkpoint
         if ckpt is None:
             return 0
+        check_resumed_flags(self.cfg, ckpt)
         unwrapped = self.accelerator.unwrap_model(model)
         saved = {
             "model class": ckpt.state.get("model_class"),
@@ -466,6 +476,29 @@ def start_run(cfg: TrainConfig, with_labels: bool = False) -> Run:
             "max_steps",
         )
     return Run(cfg, accelerator, output_dir, data, checkpoint, guard)
+
+
+def check_resumed_flags(cfg: TrainConfig, checkpoint: Checkpoint) -> None:
+    """Refuse to resume with training flags other than the checkpoint's (its config), but
+    those of `cfg.may_change_on_resume`: the run directory's config.yaml and model card would
+    describe values no step was trained with. Flags the checkpoint predates are not compared."""
+    saved = checkpoint.state.get("config") or {}
+    current = json.loads(json.dumps(to_dict(cfg)))  # as the checkpoint stored it
+    differences = [
+        f"{flag_name(name)}: {checkpoint.path.name} was trained with {saved[name]!r}, "
+        f"this run gives {current[name]!r}"
+        for name in current
+        if name in saved and name not in cfg.may_change_on_resume and saved[name] != current[name]
+    ]
+    if differences:
+        raise InputError(
+            f"this run would resume {checkpoint.path} with other training flags:\n  "
+            + "\n  ".join(differences)
+            + "\ngive the values it was trained with, another --output-dir for a new run, or "
+            "--resume none to start this one over (these may change on resume: "
+            + ", ".join(flag_name(n) for n in sorted(cfg.may_change_on_resume))
+            + ")"
+        )
 
 
 def is_writer(accelerator: Accelerator, cfg: TrainConfig) -> bool:

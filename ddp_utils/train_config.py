@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from ddp_utils.config import check_choices, option, require
 from ddp_utils.data.load import DataLoading
@@ -48,6 +48,24 @@ MixedPrecision = Literal["no", "fp16", "bf16"]
 @dataclass
 class TrainConfig:
     """Fields every training script shares (same flag names everywhere)."""
+
+    # Flags a resumed run may give other values than its checkpoint was trained with: they
+    # change how long it trains, what it reports and how fast it runs, not what a step
+    # computes. Any other difference is refused (`ddp_utils.run.check_resumed_flags`).
+    # Per-device batch and accumulation may change with the number of processes (a warning
+    # says when the global batch changes).
+    may_change_on_resume: ClassVar[frozenset[str]] = frozenset(
+        {
+            "max_steps", "max_train_time", "output_dir", "resume",  # how long, where
+            "log_every", "sample_every", "num_sample_images", "sample_steps",  # reporting
+            "checkpoint_every", "checkpoints_total_limit", "save_on_each_node",
+            "eval_every", "eval_num_samples", "eval_num_reference",
+            "report_to", "log_model", "wandb_project", "run_name", "max_nonfinite_steps",
+            "data_loading", "num_workers",  # speed: the same batches either way
+            "channels_last", "compile", "compile_backend", "gradient_checkpointing",
+            "batch_size", "gradient_accumulation_steps",
+        }
+    )  # fmt: skip
 
     # Data.
     dataset: str = option(
