@@ -9,10 +9,14 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
 import train_ddpm
-from ddp_utils.errors import InputError
+from ddp_utils.checkpoint import state_checksum
+from ddp_utils.errors import CheckpointError, InputError
 from ddp_utils.export import CHECKSUMS_FILE, verify_checksums
+from ddp_utils.files import CHECKSUM, checksum
 from diffusion.loading import load_for_sampling
 from tests.tiny_runs import GLOBAL_BATCH, ddpm_args, fresh_accelerate_state, trained_ddpm
 
@@ -102,3 +106,26 @@ def test_a_rerun_with_other_training_flags_is_refused_before_writing(
     assert "--max-steps" not in message.split("may change on resume")[0]  # training longer is fine
     assert "another --output-dir" in message and "--resume none" in message
     assert files_of(run) == before  # nothing written: config.yaml, card and export as they were
+
+
+def test_a_checkpoint_with_non_finite_weights_is_not_resumed(tmp_path_factory, tmp_path, capsys):
+    """Weights that hold NaN with every checksum matching (written by another tool, or a bug):
+    --resume latest falls back to the older checkpoint and trains again from there; a path to
+    it is refused, naming it."""
+    run, argv = copied_run(tmp_path_factory, tmp_path)
+    newest = run / "checkpoints" / "checkpoint-6"
+    good = load_file(newest / "model.safetensors")
+    save_file({k: v * float("nan") for k, v in good.items()}, newest / "model.safetensors")
+    state = json.loads((newest / "state.json").read_text())
+    data = (newest / "model.safetensors").read_bytes()
+    state["files"]["model.safetensors"] = {"bytes": len(data), CHECKSUM: checksum(data)}
+    state["state_checksum"] = state_checksum(state)
+    (newest / "state.json").write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match="checkpoint-6/model.safetensors holds non-finite"):
+        train([*argv, f"--resume={newest}"])
+    train(argv)
+    log = capsys.readouterr().out
+    assert "skipping damaged checkpoint" in log and "resumed from" in log
+    assert "checkpoint-3 (step 3)" in log
+    resumed = load_file(newest / "model.safetensors")  # trained again: bit-exact, as before
+    assert all(torch.equal(resumed[k], good[k]) for k in good)
