@@ -188,7 +188,7 @@ class Run:
         ckpt = self.checkpoint
         if ckpt is None:
             return 0
-        check_resumed_flags(self.cfg, ckpt)
+        check_resumed_flags(self.cfg, ckpt, self.checkpoints_dir)
         unwrapped = self.accelerator.unwrap_model(model)
         saved = {
             "model class": ckpt.state.get("model_class"),
@@ -332,12 +332,18 @@ class Run:
         checkpoint (collective: every rank must have come to the same conclusion)."""
         self.tracker.log({"nonfinite_steps": self.guard.num_nonfinite_steps}, self.step)
         self.finish()
-        latest = [p.name for p in list_checkpoints(self.checkpoints_dir)]
+        latest = list_checkpoints(self.checkpoints_dir)
+        remedy = "lower --learning-rate, keep --max-grad-norm on, or prefer bf16 to fp16"
+        if not latest:
+            raise NonFiniteError(
+                f"{what}. No checkpoint yet: {remedy[0].upper()}{remedy[1:]}, then run the "
+                "command again (with no checkpoint it starts over)."
+            )
         raise NonFiniteError(
-            f"{what}. "
-            + (f"Last good checkpoint: {latest[-1]}. " if latest else "No checkpoint yet. ")
-            + "Lower --learning-rate, keep --max-grad-norm on, or prefer bf16 to fp16, "
-            "then run the command again (it resumes from that checkpoint)."
+            f"{what}. Last good checkpoint: {latest[-1].name}. Resumed with the same flags it "
+            f"would repeat the same steps (resume is exact): {remedy}, and go on from it as a "
+            f"new run (--resume {latest[-1]} --output-dir <a new folder>) or start over "
+            "(--resume none)."
         )
 
     # ------------------------------------------------------------------ guarding the loop
@@ -478,10 +484,12 @@ def start_run(cfg: TrainConfig, with_labels: bool = False) -> Run:
     return Run(cfg, accelerator, output_dir, data, checkpoint, guard)
 
 
-def check_resumed_flags(cfg: TrainConfig, checkpoint: Checkpoint) -> None:
-    """Refuse to resume with training flags other than the checkpoint's (its config), but
-    those of `cfg.may_change_on_resume`: the run directory's config.yaml and model card would
-    describe values no step was trained with. Flags the checkpoint predates are not compared."""
+def check_resumed_flags(cfg: TrainConfig, checkpoint: Checkpoint, checkpoints_dir: Path) -> None:
+    """Refuse to resume this run's own checkpoint with training flags other than its saved
+    config, but those of `cfg.may_change_on_resume`: config.yaml and the model card would
+    describe values no step was trained with. Another run's checkpoint (`--resume PATH` into a
+    new --output-dir) starts a new run from it: the differences are logged, not refused. Flags
+    the checkpoint predates are not compared."""
     saved = checkpoint.state.get("config") or {}
     current = json.loads(json.dumps(to_dict(cfg)))  # as the checkpoint stored it
     differences = [
@@ -490,15 +498,23 @@ def check_resumed_flags(cfg: TrainConfig, checkpoint: Checkpoint) -> None:
         for name in current
         if name in saved and name not in cfg.may_change_on_resume and saved[name] != current[name]
     ]
-    if differences:
-        raise InputError(
-            f"this run would resume {checkpoint.path} with other training flags:\n  "
-            + "\n  ".join(differences)
-            + "\ngive the values it was trained with, another --output-dir for a new run, or "
-            "--resume none to start this one over (these may change on resume: "
-            + ", ".join(flag_name(n) for n in sorted(cfg.may_change_on_resume))
-            + ")"
+    if not differences:
+        return
+    if checkpoint.path.parent.resolve() != checkpoints_dir.resolve():
+        logger.warning(
+            "a new run from %s, with other training flags:\n  %s",
+            checkpoint.path,
+            "\n  ".join(differences),
         )
+        return
+    raise InputError(
+        f"this run would resume {checkpoint.path} with other training flags:\n  "
+        + "\n  ".join(differences)
+        + "\ngive the values it was trained with; or go on from it with these as a new run: "
+        f"--resume {checkpoint.path} --output-dir <a new folder>; or start over: --resume none "
+        "or another --output-dir. These may change on resume: "
+        + ", ".join(flag_name(n) for n in sorted(cfg.may_change_on_resume))
+    )
 
 
 def is_writer(accelerator: Accelerator, cfg: TrainConfig) -> bool:

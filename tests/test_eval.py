@@ -410,6 +410,16 @@ def test_eval_config_and_image_loading_errors(
     np.savez(tmp_path / "float.npz", np.zeros((2, 8, 8, 3), np.float32))
     with pytest.raises(ValueError, match="uint8"):
         load_images(tmp_path / "float.npz")
+    # Not an .npz at all, or one of Python objects: what is expected, not numpy's allow_pickle.
+    (tmp_path / "text.npz").write_text("not an archive")
+    np.save(tmp_path / "plain.npy", np.zeros((2, 8, 8, 3), np.uint8))
+    (tmp_path / "plain.npy").rename(tmp_path / "plain.npz")
+    np.savez(tmp_path / "objects.npz", np.array([{"a": 1}], dtype=object))
+    for name in ("text.npz", "plain.npz", "objects.npz"):
+        with pytest.raises(ValueError) as err:
+            load_images(tmp_path / name)
+        assert str(tmp_path / name) in str(err.value) and "allow_pickle" not in str(err.value)
+        assert "expected an .npz archive (numpy.savez) of uint8 images" in str(err.value)
     np.savez(tmp_path / "nchw.npz", np.zeros((2, 3, 8, 8), np.uint8))
     with pytest.raises(ValueError, match="looks like N, C, H, W"):
         load_images(tmp_path / "nchw.npz")

@@ -129,3 +129,21 @@ def test_a_checkpoint_with_non_finite_weights_is_not_resumed(tmp_path_factory, t
     assert "checkpoint-3 (step 3)" in log
     resumed = load_file(newest / "model.safetensors")  # trained again: bit-exact, as before
     assert all(torch.equal(resumed[k], good[k]) for k in good)
+
+
+def test_another_runs_checkpoint_starts_a_new_run_with_other_flags(
+    tmp_path_factory, tmp_path, capsys
+) -> None:
+    """Going on from a good checkpoint with a lower learning rate (after a divergence) is a new
+    run: --resume PATH into another --output-dir; the differences are logged, not refused."""
+    run, argv = copied_run(tmp_path_factory, tmp_path)
+    branch = tmp_path / "branch"
+    checkpoint = run / "checkpoints" / "checkpoint-6"
+    args = [a for a in argv if not a.startswith(("--output-dir", "--max-steps"))]
+    train([*args, f"--output-dir={branch}", f"--resume={checkpoint}", "--max-steps=7",
+           "--learning-rate=1e-4"])  # fmt: skip
+    log = capsys.readouterr().out
+    assert f"a new run from {checkpoint}, with other training flags:" in log
+    assert "--learning-rate: checkpoint-6 was trained with 0.0004, this run gives 0.0001" in log
+    assert (branch / "checkpoints" / "checkpoint-7").is_dir()
+    assert "learning_rate: 0.0001" in (branch / "config.yaml").read_text()
