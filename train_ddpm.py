@@ -424,6 +424,7 @@ class DDPMMethod(UNetMethod):
                 *classes_facts(conditioning),
             ],  # fmt: skip
             tags=["ddpm", "class-conditional"] if conditioning.num_classes else ["ddpm"],
+            class_conditional=bool(conditioning.num_classes),
         )
 
     def export(self, folder: Path, net: nn.Module, raw: nn.Module) -> None:
@@ -547,6 +548,7 @@ class EDMMethod(UNetMethod):
                 *classes_facts(conditioning),
             ],  # fmt: skip
             tags=["edm", "class-conditional"] if conditioning.num_classes else ["edm"],
+            class_conditional=bool(conditioning.num_classes),
         )
 
     def export(self, folder: Path, net: nn.Module, raw: nn.Module) -> None:
