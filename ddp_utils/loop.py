@@ -156,6 +156,11 @@ def train(run: Run, method: Method, model: nn.Module) -> Path:
             progress.update(step, **{k: values[k] for k in ("loss", "images_per_s") if k in values})
             window_start, window_first_step = time.perf_counter(), step
 
+        # Pictures, evaluation and checkpoints are not training: the window's images_per_s
+        # leaves their time out (the window's start moves on by it). No device sync here:
+        # checkpoint and log steps were synced by their boundary's read just above.
+        pause_start = time.perf_counter()
+
         # Pictures: a grid from fixed seeds (sharded over all ranks) and the method's own.
         if due(step, cfg.sample_every, cfg.max_steps):
             with sampling_weights(net, ema):
@@ -178,6 +183,7 @@ def train(run: Run, method: Method, model: nn.Module) -> Path:
         # Checkpoint; after a stop verdict (SIGTERM, SIGUSR1, time budget) save here and exit.
         if due(step, cfg.checkpoint_every, cfg.max_steps) or verdict.stop:
             run.save(step, model, optimizer, ema, method.task_info())
+        window_start += time.perf_counter() - pause_start
         if verdict.stop and step < cfg.max_steps:
             progress.close()
             run.stop(step, verdict.stop_reason)  # raises TrainingStopped: exit code 75
