@@ -457,6 +457,20 @@ def test_evaluate_warns_about_tiny_sets(tmp_path: Path, caplog) -> None:
     assert "FID from 2 images: below 2048" in caplog.text
 
 
+def test_evaluate_warns_when_the_reference_is_resized(tmp_path: Path, caplog) -> None:
+    """32x32 samples against the digits (16x16 images), or at --resolution 16."""
+    np.savez(tmp_path / "s.npz", to_nhwc(digit_images(0, 4)))
+    common = dict(samples=str(tmp_path / "s.npz"), dataset="digits", max_reference=4)
+    with caplog.at_level("WARNING", logger="ddp_diffusion.evaluate"):
+        evaluate.evaluate(evaluate.EvalConfig(**common))
+        assert "--dataset digits has 16x16 images and the samples are 32x32" in caplog.text
+        caplog.clear()
+        evaluate.evaluate(evaluate.EvalConfig(**common, resolution=16))
+        assert "--resolution 16: the reference is made at 16x16 and the samples are 32x32" in (
+            caplog.text
+        )
+
+
 def test_evaluate_exits_2_with_a_message_on_bad_input(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
