@@ -249,3 +249,26 @@ def test_sample_says_which_checkpoint_of_a_run_and_that_it_is_still_training(
     run_sample(run, tmp_path / "c", "--num-samples=4", "--num-steps=2", "--fid",
                "--dataset=digits", f"--max-reference={NUM_IMAGES}")  # fmt: skip
     assert "--dataset digits has 16x16 images and the samples are 8x8" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("value_range", [[0, 255], [1, -1]])
+def test_an_export_whose_value_range_is_not_ours_is_refused(
+    basic_run: Path, tmp_path: Path, value_range: list[int]
+) -> None:
+    """[0, 255] would give near-black samples; [1, -1] failed only once sampling had started.
+    The task.json is edited as a tool that means it would: its checksum made to match."""
+    from ddp_utils.export import write_checksums
+    from diffusion.loading import load_for_sampling
+
+    export = tmp_path / "model"
+    shutil.copytree(basic_run / "model", export)
+    task = json.loads((export / "task.json").read_text())
+    (export / "task.json").write_text(json.dumps({**task, "value_range": value_range}))
+    write_checksums(export)
+    with pytest.raises(
+        ValueError, match=rf"task.json is damaged: its value_range is \[{value_range[0]}"
+    ):
+        load_for_sampling(export)
+    with pytest.raises(ValueError, match="expected \\[0, 1\\] or \\[-1, 1\\]"):
+        run_sample(export, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
