@@ -398,7 +398,6 @@ def reference_stats(
     cached and shared with evaluate.py and training). Read before sampling: a bad --dataset
     is refused before anything is written."""
     assert cfg.dataset is not None  # SampleConfig: --fid needs --dataset
-    warn_if_resized(cfg, loaded)
     return dataset_stats(
         cfg.dataset,
         loaded.resolution,
@@ -484,6 +483,8 @@ def sample(cfg: SampleConfig) -> np.ndarray:
     cycle, guidance = choose_classes(cfg, loaded)
     if accelerator.is_main_process:
         describe_source(cfg, loaded)
+        if cfg.fid:
+            warn_if_resized(cfg, loaded)
     reference = None if extractor is None else reference_stats(cfg, loaded, extractor, accelerator)
     loaded.model.to(accelerator.device).eval()
     chunk, progression, nonfinite = make_chunk_fn(

@@ -292,7 +292,8 @@ def export_intact(run: Run, folder: Path) -> bool:
     try:
         ok = verify_checksums(folder)
     except ValueError as err:
-        logger.warning("exporting again: %s", err)
+        if run.accelerator.is_main_process:
+            logger.warning("exporting again: %s", err)
     flag = torch.tensor([0 if ok else 1], device=run.accelerator.device)
     if run.accelerator.num_processes > 1:
         flag = run.accelerator.reduce(flag, reduction="sum")
@@ -358,17 +359,18 @@ def export(
     """Write the method's export into `folder`, atomically, with task.json, the model card
     (README.md, and the grid as samples.png) and checksums.json (collective). Weights that are
     not finite are never exported (every rank holds the same: every rank raises)."""
-    shipped = net
-    if ema is not None:
-        shipped = copy.deepcopy(net)
-        ema.copy_to(shipped)
-    if not all_finite([*net.parameters(), *shipped.parameters()]):
+    weights = [*net.parameters(), *(ema.state_dict().values() if ema is not None else ())]
+    if not all_finite(weights):
         run.fail_nonfinite(
             f"the weights to export into {folder.name}/ hold non-finite values; nothing was "
             "exported"
         )
     error = None
     if run.is_writer:
+        shipped = net
+        if ema is not None:
+            shipped = copy.deepcopy(net)
+            ema.copy_to(shipped)
         try:
             with atomic_dir(folder) as tmp:
                 method.export(tmp, shipped, net)

@@ -181,14 +181,13 @@ class Run:
     ) -> int:
         """Load the resumed checkpoint into the (prepared) model/optimizer; return its step.
 
-        Refuses a checkpoint trained with other flags (`check_resumed_flags`), or of another
-        model class, model config or task (`task_info["task"]`, as passed to `save`), listing
-        every difference.
+        Refuses a checkpoint of another model class, model config or task (`task_info["task"]`,
+        as passed to `save`), then one trained with other flags (`check_resumed_flags`),
+        listing every difference.
         """
         ckpt = self.checkpoint
         if ckpt is None:
             return 0
-        check_resumed_flags(self.cfg, ckpt, self.checkpoints_dir)
         unwrapped = self.accelerator.unwrap_model(model)
         saved = {
             "model class": ckpt.state.get("model_class"),
@@ -218,6 +217,7 @@ class Run:
                 + "\ngive the flags it was made with (its run's config.yaml), use another "
                 "--output-dir, or --resume none to start over"
             )
+        check_resumed_flags(self.cfg, ckpt, self.checkpoints_dir)
         self._warn_if_world_changed(ckpt)
         unwrapped.load_state_dict(ckpt.tensors["model"])
         optimizer.load_state_dict(
