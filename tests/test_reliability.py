@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from ddp_utils.checkpoint import list_checkpoints
 from ddp_utils.errors import OUTPUT_EXIT_CODE, STOP_EXIT_CODE, InputError
+from ddp_utils.export import write_checksums
 from ddp_utils.lock import LOCK_FILE, RunLock
 from tests.faulty_runs import Launch, run
 from tests.tiny_runs import trained_basic
@@ -116,6 +117,7 @@ def test_sample_refuses_non_finite_weights_and_non_finite_samples(tmp_path_facto
         weights = load_file(broken / weights_file)
         weights = {k: v * poison if k.endswith("weight") else v for k, v in weights.items()}
         save_file(weights, broken / weights_file)
+        write_checksums(broken)  # written so (a bug, another tool): its checksums match
         result = python("sample.py", str(broken), "--num-samples", "3", "--num-steps", "2",
                         "--output-dir", str(tmp_path / f"out-{name}"))  # fmt: skip
         assert result.returncode == 1, result.stderr[-2000:]
