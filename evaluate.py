@@ -35,6 +35,7 @@ from accelerate import Accelerator
 from ddp_utils.cli import cli_main, setup_logging
 from ddp_utils.config import option, parse_config, to_dict
 from ddp_utils.data import load_image_data
+from ddp_utils.data.source import NATIVE_RESOLUTION
 from ddp_utils.distributed import new_accelerator
 from ddp_utils.files import write_json
 from evaluation import (
@@ -167,8 +168,25 @@ def reference_dataset_stats(
 ) -> tuple[FeatureStats, str]:
     """Cached statistics of `cfg.dataset` at the samples' (or the given) resolution/channels."""
     assert cfg.dataset is not None  # EvalConfig: --reference or --dataset
-    resolution = cfg.resolution or int(samples.shape[2])
+    size = int(samples.shape[2])
+    resolution = cfg.resolution or size
     channels = cfg.channels or int(samples.shape[1])
+    native = NATIVE_RESOLUTION.get(cfg.dataset)
+    if accelerator is None or accelerator.is_main_process:
+        if resolution != size:
+            logger.warning(
+                "--resolution %d: the reference is made at %dx%d and the samples are %dx%d; "
+                "both are resized to 299x299 for the features, but FID then also measures the "
+                "difference in resolution (drop --resolution to use the samples' size)",
+                resolution, resolution, resolution, size, size,
+            )  # fmt: skip
+        elif native is not None and native != size:
+            logger.warning(
+                "--dataset %s has %dx%d images and the samples are %dx%d: its images are "
+                "resized to %dx%d for FID (right if the model was trained at that size from "
+                "them; else give the dataset it was trained on)",
+                cfg.dataset, native, native, size, size, size, size,
+            )  # fmt: skip
     stats = dataset_stats(
         cfg.dataset,
         resolution,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,10 +34,12 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
+from ddp_utils.checkpoint import STATE_FILE
 from ddp_utils.cli import cli_main, setup_logging
 from ddp_utils.compile import CompileBackend, CompileMode, check_compile_options, compile_network
 from ddp_utils.config import option, parse_config, require, save_config
 from ddp_utils.data import load_image_data
+from ddp_utils.data.source import NATIVE_RESOLUTION
 from ddp_utils.distributed import (
     all_finite,
     local_chunks,
@@ -48,6 +51,7 @@ from ddp_utils.distributed import (
 from ddp_utils.errors import InputError, NonFiniteError
 from ddp_utils.files import atomic_file, write_json
 from ddp_utils.images import make_grid, rows_by_label, save_png, to_uint8, upscale
+from ddp_utils.lock import lock_holder
 from ddp_utils.tracking import MIN_PICTURE_SIDE
 from ddp_utils.train_config import MixedPrecision
 from diffusion.basic import sample_basic
@@ -64,6 +68,7 @@ from diffusion.sampling import (
     sample_ddpm,
 )
 from evaluation import (
+    FeatureStats,
     compute_feature_stats,
     dataset_stats,
     fid_kid,
@@ -323,21 +328,73 @@ def check_finite_samples(accelerator: Accelerator, nonfinite: list[int], total: 
         )
 
 
-def prepare_output(accelerator: Accelerator, cfg: SampleConfig) -> Path:
-    """Check the destination before any sampling: a folder we can write into (collective)."""
+def check_output(accelerator: Accelerator, cfg: SampleConfig) -> Path:
+    """Check the destination before any sampling, writing nothing: a folder, or a place where
+    one can be made, that we may write into (collective). Files come with the samples."""
     out, error = Path(cfg.output_dir), None
     if accelerator.is_main_process:
-        try:
-            if out.exists() and not out.is_dir():
-                raise InputError(f"{out} is a file, not a folder", "output_dir")
-            out.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, out / "sample_config.yaml")  # proves the folder is writable
-        except OSError as err:
-            error = InputError(f"cannot write into {out}: {err.strerror or err}", "output_dir")
-        except InputError as err:
-            error = err
+        existing = out
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if out.exists() and not out.is_dir():
+            error = InputError(f"{out} is a file, not a folder", "output_dir")
+        elif not existing.is_dir():
+            error = InputError(f"cannot make {out}: {existing} is a file", "output_dir")
+        elif not os.access(existing, os.W_OK | os.X_OK):
+            reason = "read-only file system" if _read_only(existing) else "permission denied"
+            error = InputError(f"cannot write into {out}: {existing}: {reason}", "output_dir")
     raise_together(accelerator, error, InputError("see the main process's message", "output_dir"))
     return out
+
+
+def _read_only(folder: Path) -> bool:
+    return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+
+
+def describe_source(cfg: SampleConfig, loaded: LoadedModel) -> None:
+    """Say what is sampled: which checkpoint, and whether its run is still training (its lock
+    is held) or has no export yet, so a grid from a half-trained model is not taken for the
+    final one."""
+    source = loaded.source
+    is_checkpoint = (source / STATE_FILE).is_file()
+    what = f"{source} (a checkpoint: {source.name})" if is_checkpoint else str(source)
+    logger.info("sampling %s with the %s weights", what, cfg.weights)
+    given = Path(cfg.model_path)
+    run_dirs = [
+        d for d in (given, source.parent, source.parent.parent) if (d / "checkpoints").is_dir()
+    ]
+    if not run_dirs:
+        return
+    run_dir = run_dirs[0]
+    holder = lock_holder(run_dir)
+    if holder is not None:
+        logger.warning(
+            "%s is still being trained (%s): these samples come from %s, not from the model "
+            "its training will end with",
+            run_dir,
+            holder,
+            source.name,
+        )
+    elif is_checkpoint and given == run_dir:
+        logger.warning(
+            "%s has no export (its training has not finished, or stopped early): sampling its "
+            "newest intact checkpoint, %s; run its training command again to finish it",
+            run_dir,
+            source.name,
+        )
+
+
+def warn_if_resized(cfg: SampleConfig, loaded: LoadedModel) -> None:
+    """--fid's reference is --dataset at the samples' size: say when that means resizing."""
+    native = NATIVE_RESOLUTION.get(cfg.dataset or "")
+    if native is not None and native != loaded.resolution:
+        logger.warning(
+            "--dataset %s has %dx%d images and the samples are %dx%d: its images are resized "
+            "to %dx%d for FID (right if the model was trained at that size from them; else "
+            "give the dataset it was trained on)",
+            cfg.dataset, native, native, loaded.resolution, loaded.resolution,
+            loaded.resolution, loaded.resolution,
+        )  # fmt: skip
 
 
 def count_calls(model: torch.nn.Module) -> list[int]:
@@ -352,35 +409,43 @@ def count_calls(model: torch.nn.Module) -> list[int]:
     return calls
 
 
+def reference_stats(
+    cfg: SampleConfig, loaded: LoadedModel, extractor: torch.nn.Module, accelerator: Accelerator
+) -> FeatureStats:
+    """--fid's reference: `--dataset` at the model's resolution and channels (collective;
+    cached and shared with evaluate.py and training). Read before sampling: a bad --dataset
+    is refused before anything is written."""
+    assert cfg.dataset is not None  # SampleConfig: --fid needs --dataset
+    return dataset_stats(
+        cfg.dataset,
+        loaded.resolution,
+        loaded.channels,
+        dataset_config=cfg.dataset_config,
+        split=cfg.split,
+        max_images=cfg.max_reference,
+        extractor=extractor,
+        batch_size=cfg.batch_size,
+        accelerator=accelerator,
+    )
+
+
 def score(
     cfg: SampleConfig,
     loaded: LoadedModel,
     images: np.ndarray,
     labels: np.ndarray | None,
+    extractor: torch.nn.Module,
+    reference: FeatureStats,
     accelerator: Accelerator,
 ) -> dict[str, Any]:
-    """FID/KID of the samples against `--dataset` at the model's resolution and channels (and
-    of each class with --per-class-fid).
+    """FID/KID of the samples against the reference (and of each class with --per-class-fid).
 
     Collective: feature extraction is sharded (chunk k of `--batch-size` images on rank
-    k % world), reference statistics are cached and shared with evaluate.py and training.
+    k % world).
     """
-    extractor = load_fid_inception(accelerator.device)
     samples = torch.from_numpy(images).permute(0, 3, 1, 2)  # NHWC -> NCHW uint8
     sample_stats = compute_feature_stats(
         samples, extractor, accelerator, cfg.batch_size, progress="FID features"
-    )
-    reference_args = dict(
-        dataset_config=cfg.dataset_config, split=cfg.split, accelerator=accelerator
-    )
-    reference = dataset_stats(
-        cfg.dataset,
-        loaded.resolution,
-        loaded.channels,
-        max_images=cfg.max_reference,
-        extractor=extractor,
-        batch_size=cfg.batch_size,
-        **reference_args,
     )
     metrics = {
         **fid_kid(sample_stats, reference, seed=cfg.seed, device=accelerator.device),
@@ -390,7 +455,13 @@ def score(
     if cfg.per_class_fid:
         assert labels is not None and cfg.dataset is not None  # checked by choose_classes
         data = load_image_data(
-            cfg.dataset, loaded.resolution, loaded.channels, with_labels=True, **reference_args
+            cfg.dataset,
+            loaded.resolution,
+            loaded.channels,
+            dataset_config=cfg.dataset_config,
+            split=cfg.split,
+            accelerator=accelerator,
+            with_labels=True,
         )
         data.images, data.labels = (
             data.images[: cfg.max_reference],
@@ -406,12 +477,14 @@ def score(
 def sample(cfg: SampleConfig) -> np.ndarray:
     accelerator = new_accelerator()
     setup_logging(accelerator.is_main_process)
-    if cfg.fid:  # fail before sampling, not after
+    # Every check before any sampling, and nothing written until the samples are.
+    extractor = None
+    if cfg.fid:
         try:
-            load_fid_inception(accelerator.device)
+            extractor = load_fid_inception(accelerator.device)
         except ImportError as err:
             raise ValueError(f"--fid: {err}") from None
-    out = prepare_output(accelerator, cfg)
+    out = check_output(accelerator, cfg)
     # A hub id is downloaded once (by the main process), then read from the cache by the others.
     source = main_process_first(
         accelerator,
@@ -426,6 +499,11 @@ def sample(cfg: SampleConfig) -> np.ndarray:
         )
     sampler, steps, eta = choose_sampler(cfg, loaded)
     cycle, guidance = choose_classes(cfg, loaded)
+    if accelerator.is_main_process:
+        describe_source(cfg, loaded)
+        if cfg.fid:
+            warn_if_resized(cfg, loaded)
+    reference = None if extractor is None else reference_stats(cfg, loaded, extractor, accelerator)
     loaded.model.to(accelerator.device).eval()
     if cfg.compile:
         compile_network(loaded.model, cfg.compile_backend, cfg.compile_mode)
@@ -453,8 +531,8 @@ def sample(cfg: SampleConfig) -> np.ndarray:
             "num_processes": accelerator.num_processes,
         }
         write_outputs(cfg, out, images, labels, progression, loaded, info)
-    if cfg.fid:
-        metrics = score(cfg, loaded, images, labels, accelerator)
+    if extractor is not None and reference is not None:
+        metrics = score(cfg, loaded, images, labels, extractor, reference, accelerator)
         if accelerator.is_main_process:
             write_json(out / "fid.json", metrics)
             print(
@@ -478,7 +556,11 @@ def write_outputs(
     info: dict[str, Any],
 ) -> None:
     """samples.npz (images at their native size, and their classes), grid.png (one class per
-    row for a class-conditional model), images/, progression.png, sample_info.json."""
+    row for a class-conditional model), images/, progression.png, sample_info.json, and last
+    sample_config.yaml, so that it always describes the samples beside it. A fid.json of
+    earlier samples is removed (--fid writes a new one)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "fid.json").unlink(missing_ok=True)
     with atomic_file(out / "samples.npz") as f:
         arrays = {"arr_0": images} if labels is None else {"arr_0": images, "labels": labels}
         np.savez(f, **arrays)
@@ -498,6 +580,7 @@ def write_outputs(
         )
         save_png(upscale(strip, MIN_PICTURE_SIDE), out / "progression.png")
     write_json(out / "sample_info.json", info)
+    save_config(cfg, out / "sample_config.yaml")
     logger.info("wrote %d samples to %s", len(images), out / "samples.npz")
 
 

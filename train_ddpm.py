@@ -167,6 +167,12 @@ class DDPMConfig(TrainConfig):
     )
     sample_every: int = option(1000, "log a sample grid every N steps (0: only at the end)")
 
+    # Also free on resume: how the grids are sampled, the export's default guidance, and
+    # --init-from (a resumed run reads its checkpoint, not that model).
+    may_change_on_resume = TrainConfig.may_change_on_resume | {
+        "sample_scheduler", "sample_eta", "sample_guidance_scale", "init_from",
+    }  # fmt: skip
+
     def __post_init__(self) -> None:
         if self.sample_scheduler is None and self.objective in DEFAULT_SAMPLER:
             self.sample_scheduler = DEFAULT_SAMPLER[self.objective]
@@ -422,6 +428,7 @@ class DDPMMethod(UNetMethod):
                 *classes_facts(conditioning),
             ],  # fmt: skip
             tags=["ddpm", "class-conditional"] if conditioning.num_classes else ["ddpm"],
+            class_conditional=bool(conditioning.num_classes),
         )
 
     def export(self, folder: Path, net: nn.Module, raw: nn.Module) -> None:
@@ -545,6 +552,7 @@ class EDMMethod(UNetMethod):
                 *classes_facts(conditioning),
             ],  # fmt: skip
             tags=["edm", "class-conditional"] if conditioning.num_classes else ["edm"],
+            class_conditional=bool(conditioning.num_classes),
         )
 
     def export(self, folder: Path, net: nn.Module, raw: nn.Module) -> None:

@@ -3,7 +3,8 @@
 Layout of `<output-dir>/checkpoints/checkpoint-<step>/`:
 - `model.safetensors`, `ema.safetensors` (if any), `optimizer.safetensors`: tensors only;
 - `state.json`: step, config, model config, optimizer hyper-parameters, grad-scaler state,
-  the list of files with their sizes and xxh3-128 checksums (verified on load).
+  the list of files with their sizes and xxh3-128 checksums, and `state_checksum`, the
+  checksum of state.json's own content (all verified on load; weights must also be finite).
 
 A checkpoint is written to a temporary folder and renamed into place only when complete, so
 a crash mid-save leaves the previous one loadable and `latest` never names a partial one;
@@ -23,19 +24,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import xxhash
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
 from ddp_utils.errors import CheckpointError
-from ddp_utils.files import atomic_dir
+from ddp_utils.export import check_value_range
+from ddp_utils.files import CHECKSUM, atomic_dir, checksum
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "state.json"
-CHECKSUM = "xxh3_128"  # the checksum recorded for every file in state.json
+STATE_CHECKSUM = "state_checksum"  # state.json's field holding the checksum of the rest
 
 
 @dataclass
@@ -101,14 +102,18 @@ def write_checkpoint(
             save_file({k: v.detach().cpu().contiguous() for k, v in named.items()}, path)
             data = path.read_bytes()  # from the page cache: ~10 GB/s of hashing
             files[path.name] = {"bytes": len(data), CHECKSUM: checksum(data)}
-        (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step, "files": files}, indent=2))
+        full = json.loads(json.dumps({**state, "step": step, "files": files}))  # as read back
+        full[STATE_CHECKSUM] = state_checksum(full)
+        (tmp / STATE_FILE).write_text(json.dumps(full, indent=2))
     if total_limit is not None:
         prune(checkpoints_dir, total_limit, keep=(final,))
     return final
 
 
-def checksum(data: bytes) -> str:
-    return xxhash.xxh3_128_hexdigest(data)
+def state_checksum(state: dict[str, Any]) -> str:
+    """The checksum of a state.json's content: its canonical JSON without `state_checksum`."""
+    rest = {k: v for k, v in state.items() if k != STATE_CHECKSUM}
+    return checksum(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode())
 
 
 def prune(checkpoints_dir: Path, total_limit: int, keep: tuple[Path, ...] = ()) -> list[Path]:
@@ -150,6 +155,12 @@ def read_checkpoint(path: Path) -> Checkpoint:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{state_file} does not parse as JSON: {err}") from None
     _check_state(state, state_file)
+    # Checkpoints written before state.json carried its own checksum load without one.
+    if STATE_CHECKSUM in state and state[STATE_CHECKSUM] != state_checksum(state):
+        raise CheckpointError(
+            f"{state_file} does not match the checksum recorded when it was written: it was "
+            "edited or damaged on disk"
+        )
     tensors = {}
     for name, record in state["files"].items():
         file = path / name
@@ -168,9 +179,18 @@ def read_checkpoint(path: Path) -> Checkpoint:
                 "changed on disk (a bad copy, failing storage)"
             )
         try:
-            tensors[name.removesuffix(".safetensors")] = load_safetensors(data)
+            named = load_safetensors(data)
         except (SafetensorError, OSError) as err:
             raise CheckpointError(f"{file} is not a valid safetensors file: {err}") from None
+        # Checksums prove the bytes are those written, not that they are sound: weights from
+        # another tool (or a bug) may hold NaN/inf, and would resume or export as a broken model.
+        broken = [k for k, t in named.items() if t.is_floating_point() and not t.isfinite().all()]
+        if broken:
+            raise CheckpointError(
+                f"{file} holds non-finite values (NaN/inf) in {len(broken)} tensor(s), e.g. "
+                f"{broken[0]}: these weights diverged and cannot be resumed or sampled"
+            )
+        tensors[name.removesuffix(".safetensors")] = named
     return Checkpoint(path=path, step=state["step"], state=state, tensors=tensors)
 
 
@@ -201,6 +221,11 @@ def _check_state(state: Any, state_file: Path) -> None:
     for key in ("config", "model_config", "optimizer"):
         if key in state and not isinstance(state[key], dict):
             raise bad(f"'{key}' must be a JSON object")
+    if "value_range" in state:
+        try:
+            check_value_range(state["value_range"], state_file)
+        except ValueError as err:
+            raise CheckpointError(str(err)) from None
 
 
 def find_resume_checkpoint(checkpoints_dir: Path, resume: str) -> Checkpoint | None:

@@ -1,8 +1,11 @@
-"""The `task.json` every export and checkpoint carries: what the weights are for.
+"""The `task.json` every export and checkpoint carries: what the weights are for; and the
+`checksums.json` every export carries: what its files held when they were written.
 
 A model folder alone does not say whether it undoes a blend with uniform noise or predicts DDPM
 noise, in which value range its pixels live, or at which resolution it was trained; `task.json`
-does, so `sample.py` can rebuild the sampler from the folder alone.
+does, so `sample.py` can rebuild the sampler from the folder alone. `checksums.json` lists every
+other file of the export with its size and xxh3-128 checksum (as checkpoints' state.json does),
+so loading finds bytes changed on disk; folders written by diffusers have none.
 """
 
 from __future__ import annotations
@@ -11,9 +14,24 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ddp_utils.files import write_json
+from ddp_utils.files import CHECKSUM, checksum, write_json
 
 TASK_FILE = "task.json"
+CHECKSUMS_FILE = "checksums.json"
+VALUE_RANGES = ([0.0, 1.0], [-1.0, 1.0])  # the pixel ranges the toolkit's models work in
+
+
+def check_value_range(value: Any, where: Path) -> tuple[float, float]:
+    """A task's `value_range` as a tuple, or a ValueError naming the file: only (0, 1) and
+    (-1, 1) are ranges of our models ([0, 255] would give near-black samples)."""
+    if not isinstance(value, list | tuple) or [v for v in value if type(v) not in (int, float)]:
+        value = None
+    if value is None or [float(v) for v in value] not in VALUE_RANGES:
+        raise ValueError(
+            f"{where} is damaged: its value_range is {value!r}, expected [0, 1] or [-1, 1] "
+            "(the pixel ranges this toolkit's models work in)"
+        )
+    return float(value[0]), float(value[1])
 
 
 def write_task_file(folder: Path, resolution: int, task_info: dict[str, Any]) -> None:
@@ -32,4 +50,41 @@ def read_task_file(folder: Path) -> dict[str, Any] | None:
         raise ValueError(f"{path} does not parse as JSON: {err}") from None
     if not isinstance(info, dict) or "task" not in info:
         raise ValueError(f"{path} is not a task file (no 'task')")
+    if "value_range" in info:
+        info["value_range"] = list(check_value_range(info["value_range"], path))
     return info
+
+
+def write_checksums(folder: Path) -> None:
+    """checksums.json: the size and checksum of every other file under `folder`."""
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        name = path.relative_to(folder).as_posix()
+        if name != CHECKSUMS_FILE:
+            data = path.read_bytes()
+            files[name] = {"bytes": len(data), CHECKSUM: checksum(data)}
+    write_json(folder / CHECKSUMS_FILE, {"files": files})
+
+
+def verify_checksums(folder: Path) -> bool:
+    """Whether `folder` has a checksums.json (False: a folder without one, such as diffusers
+    writes); a ValueError naming the first listed file that is missing or changed."""
+    path = folder / CHECKSUMS_FILE
+    if not path.is_file():
+        return False
+    try:
+        files = json.loads(path.read_text())["files"]
+        records = {name: (r["bytes"], r[CHECKSUM]) for name, r in files.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{path} is damaged: {err!r}") from None
+    for name, (size, digest) in records.items():
+        file = folder / name
+        if not file.is_file():
+            raise ValueError(f"{file} is missing: the export is incomplete")
+        data = file.read_bytes()
+        if len(data) != size or checksum(data) != digest:
+            raise ValueError(
+                f"{file} does not match the checksum recorded in {CHECKSUMS_FILE} when the "
+                "export was written: its content changed on disk (a bad copy, failing storage)"
+            )
+    return True

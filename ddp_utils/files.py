@@ -26,6 +26,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+import xxhash
+
+CHECKSUM = "xxh3_128"  # the checksum recorded for checkpoint and export files
+
+
+def checksum(data: bytes) -> str:
+    return xxhash.xxh3_128_hexdigest(data)
+
 
 def unique_suffix() -> str:
     """`<host>-<pid>-<random>`: part of every temporary name this process makes."""

@@ -185,20 +185,28 @@ class StepGuard:
                 if bad_ranks
                 else f"step {last_bad}: non-finite gradient norm"
             )
-            more = f" and {num_skipped - 1} earlier step(s) since step {step - 1}" * (
+            more = f" and {num_skipped - 1} earlier step(s) since the last report" * (
                 num_skipped > 1
             )
             report = (
                 f"{where}{more}; update skipped ({in_a_row} in a row, "
                 f"{self.num_nonfinite_steps} in total)"
             )
+        # The streak as the report above counts it: up to this step while it lasts.
         too_long = ""
         if reached_at:
-            first = reached_at - self.max_nonfinite_steps + 1
-            too_long = (
-                f"steps {first}..{reached_at}: {self.max_nonfinite_steps} optimizer steps in a "
-                f"row had a non-finite loss (--max-nonfinite-steps {self.max_nonfinite_steps})"
-            )
+            limit = f"--max-nonfinite-steps {self.max_nonfinite_steps}"
+            if in_a_row >= self.max_nonfinite_steps:
+                too_long = (
+                    f"steps {step - in_a_row + 1}..{step}: {in_a_row} optimizer steps in a row "
+                    f"had a non-finite loss ({limit})"
+                )
+            else:  # the streak ended before this boundary
+                first = reached_at - self.max_nonfinite_steps + 1
+                too_long = (
+                    f"steps {first}..{reached_at}: {self.max_nonfinite_steps} optimizer steps "
+                    f"in a row had a non-finite loss ({limit})"
+                )
         return Verdict(bool(stop_reason), stop_reason, num_skipped, report, too_long)
 
 

@@ -55,6 +55,25 @@ class RunLock:
             self.fd = -1
 
 
+def lock_holder(folder: Path) -> str | None:
+    """Who holds `folder`'s lock (a run training there), or None; takes and writes nothing
+    (a shared lock probed and dropped at once)."""
+    path = folder / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None  # no lock file: no run ever wrote here
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _describe(_read_holder(fd))
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 def _read_holder(fd: int) -> dict:
     try:
         return json.loads(os.pread(fd, 4096, 0).decode() or "{}")

@@ -27,11 +27,11 @@ import torch
 from torch import nn
 
 from ddp_utils.data import Batch, BatchSource
-from ddp_utils.distributed import map_sharded, raise_together, step_generator
+from ddp_utils.distributed import all_finite, map_sharded, raise_together, step_generator
 from ddp_utils.ema import EMA
 from ddp_utils.errors import OutputError
 from ddp_utils.evaluator import BEST_DIR, BEST_FILE, Evaluator
-from ddp_utils.export import write_task_file
+from ddp_utils.export import CHECKSUMS_FILE, verify_checksums, write_checksums, write_task_file
 from ddp_utils.files import atomic_dir, write_json
 from ddp_utils.guard import Verdict, guarded_step, unwrap_optimizer
 from ddp_utils.images import make_grid, to_uint8, upscale
@@ -118,8 +118,8 @@ def train(run: Run, method: Method, model: nn.Module) -> Path:
     evaluator = Evaluator(run) if cfg.eval_every else None
 
     # Resume; then, with nothing left to refuse the run, take the run directory.
-    step = run.restore(model, optimizer, ema, method.task_info())
-    run.begin()
+    step = first_step = run.restore(model, optimizer, ema, method.task_info())
+    run.begin(exports=(method.export_name, BEST_DIR))
     if step == 0 and run.is_writer:
         for name, picture in method.data_pictures().items():
             run.tracker.log_image(name, picture, 0)
@@ -157,6 +157,11 @@ def train(run: Run, method: Method, model: nn.Module) -> Path:
             progress.update(step, **{k: values[k] for k in ("loss", "images_per_s") if k in values})
             window_start, window_first_step = time.perf_counter(), step
 
+        # Pictures, evaluation and checkpoints are not training: the window's images_per_s
+        # leaves their time out (the window's start moves on by it). No device sync here:
+        # checkpoint and log steps were synced by their boundary's read just above.
+        pause_start = time.perf_counter()
+
         # Pictures: a grid from fixed seeds (sharded over all ranks) and the method's own.
         if due(step, cfg.sample_every, cfg.max_steps):
             with sampling_weights(net, ema):
@@ -179,6 +184,7 @@ def train(run: Run, method: Method, model: nn.Module) -> Path:
         # Checkpoint; after a stop verdict (SIGTERM, SIGUSR1, time budget) save here and exit.
         if due(step, cfg.checkpoint_every, cfg.max_steps) or verdict.stop:
             run.save(step, model, optimizer, ema, method.task_info())
+        window_start += time.perf_counter() - pause_start
         if verdict.stop and step < cfg.max_steps:
             progress.close()
             run.stop(step, verdict.stop_reason)  # raises TrainingStopped: exit code 75
@@ -190,11 +196,18 @@ def train(run: Run, method: Method, model: nn.Module) -> Path:
             f"the run ended in {run.guard.num_skipped_in_a_row} step(s) in a row with a "
             f"non-finite loss; checkpoint-{step} and the export were not written"
         )
-    best_record = read_best_record(run.output_dir) if evaluator is not None else None
-    card = model_card(run, method, net, step, best_record)
-    folder = export(run, method, net, ema, run.output_dir / method.export_name, card, last_grid)
-    run.tracker.log_folder(folder, "final")
-    logger.info("exported %s; pictures in %s", folder, run.tracker.images_dir)
+    folder = run.output_dir / method.export_name
+    if step == first_step and export_intact(run, folder):  # a rerun of a finished run
+        logger.info("%s is complete and intact (%s): left as it is", folder, CHECKSUMS_FILE)
+    else:
+        if last_grid is None:  # no step ran here: the grid of the checkpoint's weights
+            with sampling_weights(net, ema):
+                last_grid = sample_grid(run, method, net)
+        best_record = read_best_record(run.output_dir) if evaluator is not None else None
+        card = model_card(run, method, net, step, best_record)
+        export(run, method, net, ema, folder, card, last_grid)
+        run.tracker.log_folder(folder, "final")
+        logger.info("exported %s; pictures in %s", folder, run.tracker.images_dir)
     run.finish()
     return folder
 
@@ -270,20 +283,41 @@ def sample_uint8(method: Method, net: nn.Module, items: range) -> torch.Tensor:
     )
 
 
-def log_pictures(run: Run, method: Method, net: nn.Module, step: int) -> np.ndarray:
-    """The sample grid (every rank samples its chunks) and the method's pictures (collective);
-    returns the grid."""
-    cfg = run.cfg
+def sample_grid(run: Run, method: Method, net: nn.Module) -> np.ndarray:
+    """The grid of the run's fixed seeds (collective: every rank samples its chunks)."""
     images = map_sharded(
-        run.accelerator, cfg.num_sample_images, GRID_CHUNK, lambda items: method.sample(net, items)
+        run.accelerator,
+        run.cfg.num_sample_images,
+        GRID_CHUNK,
+        lambda items: method.sample(net, items),
     )
     ordered, per_row = method.grid_layout(to_uint8(images, method.value_range))
-    grid = make_grid(ordered, nrow=per_row)
+    return make_grid(ordered, nrow=per_row)
+
+
+def log_pictures(run: Run, method: Method, net: nn.Module, step: int) -> np.ndarray:
+    """The sample grid and the method's pictures (collective); returns the grid."""
+    grid = sample_grid(run, method, net)
     run.tracker.log_image("samples", grid, step)
     if run.is_writer:
         for name, picture in method.pictures(net, step).items():
             run.tracker.log_image(name, picture, step)
     return grid
+
+
+def export_intact(run: Run, folder: Path) -> bool:
+    """Whether the export matches its checksums.json, on every rank (collective). One without
+    checksums (older code) or damaged is made again; a warning says why."""
+    ok = False
+    try:
+        ok = verify_checksums(folder)
+    except ValueError as err:
+        if run.accelerator.is_main_process:
+            logger.warning("exporting again: %s", err)
+    flag = torch.tensor([0 if ok else 1], device=run.accelerator.device)
+    if run.accelerator.num_processes > 1:
+        flag = run.accelerator.reduce(flag, reduction="sum")
+    return flag.item() == 0
 
 
 def read_best_record(output_dir: Path) -> dict[str, Any] | None:
@@ -342,8 +376,15 @@ def export(
     grid: np.ndarray | None,
     json_files: dict[str, dict] | None = None,
 ) -> Path:
-    """Write the method's export into `folder`, atomically, with task.json and the model card
-    (README.md, and the grid as samples.png) (collective)."""
+    """Write the method's export into `folder`, atomically, with task.json, the model card
+    (README.md, and the grid as samples.png) and checksums.json (collective). Weights that are
+    not finite are never exported (every rank holds the same: every rank raises)."""
+    weights = [*net.parameters(), *(ema.state_dict().values() if ema is not None else ())]
+    if not all_finite(weights):
+        run.fail_nonfinite(
+            f"the weights to export into {folder.name}/ hold non-finite values; nothing was "
+            "exported"
+        )
     error = None
     if run.is_writer:
         shipped = net
@@ -358,6 +399,7 @@ def export(
                 write_model_card(tmp, card, picture)
                 for name, content in (json_files or {}).items():
                     write_json(tmp / name, content)
+                write_checksums(tmp)
         except OSError as err:
             error = run.output_error(f"the export {folder.name}/", folder.parent, err)
     raise_together(run.accelerator, error, OutputError("the main process could not export"))

@@ -60,6 +60,15 @@ class CardFacts:
     fid: float | None = None  # the best FID measured during training, if any
     fid_samples: int | None = None
     tags: list[str] = field(default_factory=list)
+    class_conditional: bool = False  # the hub's task: class-conditional or unconditional
+
+
+def hub_task(card: CardFacts) -> str:
+    """The task the card names. The hub's pipeline tags have unconditional image generation
+    but no class-conditional one (class-conditional cards such as DiT's carry none)."""
+    if card.class_conditional:
+        return "class-conditional-image-generation"
+    return "unconditional-image-generation"
 
 
 def write_model_card(folder: Path, card: CardFacts, grid: np.ndarray | None) -> None:
@@ -68,7 +77,7 @@ def write_model_card(folder: Path, card: CardFacts, grid: np.ndarray | None) -> 
     if card.fid is not None:
         eval_results = [
             EvalResult(
-                task_type="unconditional-image-generation",
+                task_type=hub_task(card),
                 dataset_type=card.dataset or "custom",
                 dataset_name=card.dataset or "training data",
                 metric_type="fid",
@@ -78,11 +87,12 @@ def write_model_card(folder: Path, card: CardFacts, grid: np.ndarray | None) -> 
         ]
     data = ModelCardData(
         library_name="diffusers",
-        tags=["diffusion", "ddp-diffusion", *card.tags],
+        tags=["diffusion", "ddp-diffusion", *card.tags]
+        + ([hub_task(card)] if card.class_conditional else []),
         datasets=[card.dataset] if card.dataset else None,
         eval_results=eval_results,
         model_name=card.title,
-        pipeline_tag="unconditional-image-generation",
+        pipeline_tag=None if card.class_conditional else hub_task(card),
     )
     if grid is not None:
         Image.fromarray(grid).save(folder / GRID_FILE)

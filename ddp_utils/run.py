@@ -18,6 +18,7 @@ through the loader and needs `save_state`, whose custom objects are pickles.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -53,6 +54,7 @@ from ddp_utils.errors import (
     NonFiniteError,
     OutputError,
     TrainingStopped,
+    flag_name,
 )
 from ddp_utils.guard import StepGuard, Verdict
 from ddp_utils.lock import RunLock
@@ -103,19 +105,25 @@ class Run:
         cfg = self.cfg
         return cfg.batch_size * self.accelerator.num_processes * cfg.gradient_accumulation_steps
 
-    def begin(self) -> None:
+    def begin(self, exports: tuple[str, ...] = ()) -> None:
         """Take the run directory and start writing: lock, config.yaml, tracker (collective).
 
         Called once everything that can refuse the run has passed. The lock comes first: a
-        second run into the same directory stops here, having written nothing.
+        second run into the same directory stops here, having written nothing. `exports`: the
+        names of the run's export folders, whose temporary folders a killed export left.
         """
         cfg, acc = self.cfg, self.accelerator
         error = None
         if self.is_writer:
             try:
                 self.lock = RunLock.acquire(self.output_dir)
-                # Temporary folders left now are from saves that were killed: ours to remove.
-                for leftover in self.checkpoints_dir.glob(".checkpoint-*"):
+                # Temporary folders left now are from saves and exports that were killed
+                # (`ddp_utils.files.temp_path` names): ours to remove.
+                leftovers = [*self.checkpoints_dir.glob(".checkpoint-*")]
+                for name in exports:
+                    leftovers += self.output_dir.glob(f".{name}.tmp-*")
+                    leftovers += self.output_dir.glob(f".{name}.old-*")
+                for leftover in leftovers:
                     shutil.rmtree(leftover, ignore_errors=True)
                 if cfg.checkpoints_total_limit is not None:  # a kill between save and prune
                     prune(self.checkpoints_dir, cfg.checkpoints_total_limit)
@@ -173,7 +181,8 @@ class Run:
         """Load the resumed checkpoint into the (prepared) model/optimizer; return its step.
 
         Refuses a checkpoint of another model class, model config or task (`task_info["task"]`,
-        as passed to `save`), listing every difference.
+        as passed to `save`), then one trained with other flags (`check_resumed_flags`),
+        listing every difference.
         """
         ckpt = self.checkpoint
         if ckpt is None:
@@ -207,6 +216,7 @@ class Run:
                 + "\ngive the flags it was made with (its run's config.yaml), use another "
                 "--output-dir, or --resume none to start over"
             )
+        check_resumed_flags(self.cfg, ckpt, self.checkpoints_dir)
         self._warn_if_world_changed(ckpt)
         unwrapped.load_state_dict(ckpt.tensors["model"])
         optimizer.load_state_dict(
@@ -321,12 +331,18 @@ class Run:
         checkpoint (collective: every rank must have come to the same conclusion)."""
         self.tracker.log({"nonfinite_steps": self.guard.num_nonfinite_steps}, self.step)
         self.finish()
-        latest = [p.name for p in list_checkpoints(self.checkpoints_dir)]
+        latest = list_checkpoints(self.checkpoints_dir)
+        remedy = "lower --learning-rate, keep --max-grad-norm on, or prefer bf16 to fp16"
+        if not latest:
+            raise NonFiniteError(
+                f"{what}. No checkpoint yet: {remedy[0].upper()}{remedy[1:]}, then run the "
+                "command again (with no checkpoint it starts over)."
+            )
         raise NonFiniteError(
-            f"{what}. "
-            + (f"Last good checkpoint: {latest[-1]}. " if latest else "No checkpoint yet. ")
-            + "Lower --learning-rate, keep --max-grad-norm on, or prefer bf16 to fp16, "
-            "then run the command again (it resumes from that checkpoint)."
+            f"{what}. Last good checkpoint: {latest[-1].name}. Resumed with the same flags it "
+            f"would repeat the same steps (resume is exact): {remedy}, and go on from it as a "
+            f"new run (--resume {latest[-1]} --output-dir <a new folder>) or start over "
+            "(--resume none)."
         )
 
     # ------------------------------------------------------------------ guarding the loop
@@ -463,6 +479,39 @@ def start_run(cfg: TrainConfig, with_labels: bool = False) -> Run:
             "max_steps",
         )
     return Run(cfg, accelerator, output_dir, data, checkpoint, guard)
+
+
+def check_resumed_flags(cfg: TrainConfig, checkpoint: Checkpoint, checkpoints_dir: Path) -> None:
+    """Refuse to resume this run's own checkpoint with training flags other than its saved
+    config, but those of `cfg.may_change_on_resume`: config.yaml and the model card would
+    describe values no step was trained with. Another run's checkpoint (`--resume PATH` into a
+    new --output-dir) starts a new run from it: the differences are logged, not refused. Flags
+    the checkpoint predates are not compared."""
+    saved = checkpoint.state.get("config") or {}
+    current = json.loads(json.dumps(to_dict(cfg)))  # as the checkpoint stored it
+    differences = [
+        f"{flag_name(name)}: {checkpoint.path.name} was trained with {saved[name]!r}, "
+        f"this run gives {current[name]!r}"
+        for name in current
+        if name in saved and name not in cfg.may_change_on_resume and saved[name] != current[name]
+    ]
+    if not differences:
+        return
+    if checkpoint.path.parent.resolve() != checkpoints_dir.resolve():
+        logger.warning(
+            "a new run from %s, with other training flags:\n  %s",
+            checkpoint.path,
+            "\n  ".join(differences),
+        )
+        return
+    raise InputError(
+        f"this run would resume {checkpoint.path} with other training flags:\n  "
+        + "\n  ".join(differences)
+        + "\ngive the values it was trained with; or go on from it with these as a new run: "
+        f"--resume {checkpoint.path} --output-dir <a new folder>; or start over: --resume none "
+        "or another --output-dir. These may change on resume: "
+        + ", ".join(flag_name(n) for n in sorted(cfg.may_change_on_resume))
+    )
 
 
 def is_writer(accelerator: Accelerator, cfg: TrainConfig) -> bool:

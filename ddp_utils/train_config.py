@@ -146,6 +146,23 @@ class TrainConfig:
 
     # diffusers' example flags this toolkit translates or refuses (see ddp_utils.config).
     foreign_flags: ClassVar[Mapping[str, ForeignFlag]] = DIFFUSERS_FLAGS
+    # Flags a resumed run may give other values than its checkpoint was trained with: they
+    # change how long it trains, what it reports and how fast it runs, not what a step
+    # computes. Any other difference is refused (`ddp_utils.run.check_resumed_flags`).
+    # Per-device batch and accumulation may change with the number of processes (a warning
+    # says when the global batch changes).
+    may_change_on_resume: ClassVar[frozenset[str]] = frozenset(
+        {
+            "max_steps", "max_train_time", "output_dir", "resume",  # how long, where
+            "log_every", "sample_every", "num_sample_images", "sample_steps",  # reporting
+            "checkpoint_every", "checkpoints_total_limit", "save_on_each_node",
+            "eval_every", "eval_num_samples", "eval_num_reference",
+            "report_to", "log_model", "wandb_project", "run_name", "max_nonfinite_steps",
+            "data_loading", "num_workers",  # speed: the same batches either way
+            "channels_last", "compile", "compile_backend", "compile_mode",
+            "gradient_checkpointing", "batch_size", "gradient_accumulation_steps",
+        }
+    )  # fmt: skip
 
     # Data.
     dataset: str = option(

@@ -26,7 +26,7 @@ import torch
 from diffusers import DDPMScheduler, ModelMixin, UNet2DModel
 
 from ddp_utils.checkpoint import find_resume_checkpoint, read_checkpoint
-from ddp_utils.export import TASK_FILE, read_task_file
+from ddp_utils.export import TASK_FILE, check_value_range, read_task_file, verify_checksums
 from diffusion.models import BasicUNet
 
 logger = logging.getLogger(__name__)
@@ -94,7 +94,18 @@ def _describe(model: torch.nn.Module) -> tuple[int, int]:
     return int(config.in_channels), int(size if isinstance(size, int) else 0)
 
 
+def _verify_export(folder: Path) -> None:
+    """The export's checksums.json, when it has one: bytes changed on disk are refused."""
+    try:
+        verify_checksums(folder)
+    except ValueError as err:
+        raise ValueError(
+            f"{err}; run the training command again to re-export it, or sample a checkpoint"
+        ) from None
+
+
 def _from_pipeline(folder: Path, weights: Weights) -> LoadedModel:
+    _verify_export(folder)
     if not (folder / "unet").is_dir() and (folder / "config.json").is_file():
         return _from_unet_folder(folder)  # the flat layout
     sub = "unet" if weights == "ema" else "unet_raw"
@@ -165,6 +176,7 @@ def _with_classes(loaded: LoadedModel, info: dict[str, Any]) -> LoadedModel:
 
 
 def _from_export(folder: Path) -> LoadedModel:
+    _verify_export(folder)
     task = read_task_file(folder)
     if task is None and _class_name(folder) == "UNet2DModel":
         return _from_unet_folder(folder)
@@ -179,7 +191,7 @@ def _from_export(folder: Path) -> LoadedModel:
         task["task"],
         model,
         task.get("scheduler_config"),
-        tuple(task["value_range"]),
+        check_value_range(task.get("value_range"), folder / TASK_FILE),
         channels,
         int(task["resolution"]),
         folder,
@@ -199,7 +211,7 @@ def _from_checkpoint(folder: Path, weights: Weights) -> LoadedModel:
         state["task"],
         model,
         state.get("scheduler_config"),
-        tuple(state["value_range"]),
+        check_value_range(state.get("value_range"), ckpt.path / "state.json"),
         int(cfg["channels"]),
         int(cfg["resolution"]),
         folder,

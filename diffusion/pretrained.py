@@ -23,6 +23,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
+from ddp_utils.distributed import all_finite
 from ddp_utils.errors import InputError
 from diffusion.ddpm import SCHEDULE_DEFAULTS, BetaSchedule, PredictionType
 from diffusion.loading import LoadedModel
@@ -102,6 +103,11 @@ def check_init_model(
         problems.append(
             f"it predicts {config.out_channels} channels from {config.in_channels} (a learned "
             "variance?); only networks whose output has the input's channels are supported"
+        )
+    if not all_finite(loaded.model.parameters()):
+        problems.append(
+            "its weights hold non-finite values (NaN/inf): that model diverged; start from "
+            "an earlier checkpoint of it"
         )
     size = loaded.resolution
     if size and size != resolution:

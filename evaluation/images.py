@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -31,11 +32,28 @@ def load_images(path: str | os.PathLike) -> torch.Tensor:
 
 def load_npz_images(path: str | os.PathLike) -> torch.Tensor:
     """`arr_0` or `images` of an .npz: uint8 (N, H, W, C) with C in {1, 3}, or (N, H, W)."""
-    with np.load(path, allow_pickle=False) as data:
-        name = next((k for k in NPZ_KEYS if k in data.files), None)
-        if name is None:
-            raise ValueError(f"{path}: no array named {' or '.join(NPZ_KEYS)} (found {data.files})")
-        array = data[name]
+    expected = (
+        f"expected an .npz archive (numpy.savez) of uint8 images (N, H, W, C) in "
+        f"{' or '.join(NPZ_KEYS)}, as sample.py writes"
+    )
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    if not zipfile.is_zipfile(path):  # np.load would try it as a pickle, and suggest one
+        raise ValueError(f"{path} is not an .npz archive: {expected}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            name = next((k for k in NPZ_KEYS if k in data.files), None)
+            if name is None:
+                raise ValueError(
+                    f"{path}: no array named {' or '.join(NPZ_KEYS)} (found {data.files})"
+                )
+            array = data[name]
+    except (OSError, EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{path} cannot be read ({err}): {expected}") from None
+    except ValueError as err:
+        if "pickle" not in str(err):
+            raise
+        raise ValueError(f"{path}[{name}] holds Python objects, not pixels: {expected}") from None
     if array.dtype != np.uint8:
         raise ValueError(f"{path}[{name}]: expected uint8 pixels 0..255, got {array.dtype}")
     if array.ndim == 3:

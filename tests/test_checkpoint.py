@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import ddp_utils.checkpoint as checkpoint
 from ddp_utils.checkpoint import (
@@ -19,6 +20,7 @@ from ddp_utils.checkpoint import (
     read_checkpoint,
     write_checkpoint,
 )
+from ddp_utils.files import checksum
 
 
 def _tensors(value: float) -> dict[str, dict[str, torch.Tensor]]:
@@ -143,13 +145,28 @@ def _flip_a_weight(file: Path) -> None:
     file.write_bytes(bytes(data))
 
 
-def _edit_state(**changes):
+def _edit_state(rechecksum: bool = False, **changes):
+    """Change state.json; `rechecksum`: and its own checksum, as a tool that means it would."""
+
     def edit(file: Path) -> None:
         state = json.loads(file.read_text())
         state.update(changes)
+        if rechecksum:
+            state["state_checksum"] = checkpoint.state_checksum(state)
         file.write_text(json.dumps(state))
 
     return edit
+
+
+def _nan_weights_with_matching_checksums(file: Path) -> None:
+    """Weights that hold NaN, written by another tool with every checksum made to match."""
+    save_file({"w": torch.full((8, 8), float("nan")), "b": torch.arange(4.0)}, file)
+    state_file = file.with_name("state.json")
+    state = json.loads(state_file.read_text())
+    data = file.read_bytes()
+    state["files"][file.name] = {"bytes": len(data), "xxh3_128": checksum(data)}
+    state["state_checksum"] = checkpoint.state_checksum(state)
+    state_file.write_text(json.dumps(state))
 
 
 DAMAGE = {
@@ -167,6 +184,22 @@ DAMAGE = {
     "step of another folder": ("state.json", _edit_state(step=7), "'step' is 7 in a folder"),
     "files not a list": ("state.json", _edit_state(files=3), "'files' must list"),
     "config not a mapping": ("state.json", _edit_state(config=[1]), "'config' must be a JSON"),
+    "state edited": ("state.json", _edit_state(config={"seed": 1}), "does not match the checksum"),
+    "value range of 8-bit pixels": (
+        "state.json",
+        _edit_state(rechecksum=True, value_range=[0, 255]),
+        "its value_range is [0, 255], expected [0, 1] or [-1, 1]",
+    ),
+    "reversed value range": (
+        "state.json",
+        _edit_state(rechecksum=True, value_range=[1, -1]),
+        "its value_range is [1, -1]",
+    ),
+    "non-finite weights, checksums match": (
+        "model.safetensors",
+        _nan_weights_with_matching_checksums,
+        "holds non-finite values (NaN/inf) in 1 tensor(s), e.g. w",
+    ),
 }
 
 
@@ -195,8 +228,26 @@ def test_checkpoints_written_before_checksums_still_load(tmp_path):
     saved = _save(tmp_path, 3)
     state = json.loads((saved / "state.json").read_text())
     state["files"] = {name: record["bytes"] for name, record in state["files"].items()}
+    del state["state_checksum"]
     (saved / "state.json").write_text(json.dumps(state))
     assert torch.equal(read_checkpoint(saved).tensors["model"]["w"], torch.full((8, 8), 3.0))
+
+
+def test_state_json_carries_its_own_checksum_and_older_ones_load_without(tmp_path):
+    saved = _save(tmp_path, 3)
+    state = json.loads((saved / "state.json").read_text())
+    assert state["state_checksum"] == checkpoint.state_checksum(state)
+    # A checkpoint written by today's code, as one from before the field: it loads.
+    del state["state_checksum"]
+    (saved / "state.json").write_text(json.dumps(state, indent=2))
+    assert read_checkpoint(saved).state["config"] == {"seed": 0}
+    # With it, any edit is found (one the structural checks cannot see).
+    _edit_state(config={"seed": 0, "learning_rate": 1.0})(saved / "state.json")
+    _edit_state(rechecksum=True)(saved / "state.json")
+    assert read_checkpoint(saved).state["config"]["learning_rate"] == 1.0
+    _edit_state(config={"seed": 0, "learning_rate": 2.0})(saved / "state.json")
+    with pytest.raises(CheckpointError, match="state.json does not match the checksum"):
+        read_checkpoint(saved)
 
 
 def test_resume_none_path_and_checkpoints_folder(tmp_path):

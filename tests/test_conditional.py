@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
@@ -167,6 +168,10 @@ def test_conditional_edm_exports_with_classes(tmp_path) -> None:
                   ).images  # fmt: skip
     assert labels.tolist() == [5, 5]
     assert np.abs(np.round(theirs * 255) - images).max() <= 1
+    # Its card names no unconditional task: the hub has no class-conditional pipeline tag.
+    card = ModelCard.load(out / "pipeline" / "README.md")
+    assert card.data.pipeline_tag is None and "unconditional" not in card.content
+    assert "class-conditional-image-generation" in card.data.tags
 
 
 def test_class_options_are_refused_where_they_make_no_sense(

@@ -267,9 +267,13 @@ def test_empty_datasets_are_errors(tmp_path):
         load(tmp_path / "empty_saved", tmp_path)
     only_bad = tmp_path / "only_bad"
     only_bad.mkdir()
-    (only_bad / "x.png").write_text("not an image")
-    with pytest.raises(ValueError, match="none of the 1 images could be read"):
+    for name in ("x.png", "y.png", "z.png", "zz.png"):
+        (only_bad / name).write_text("not an image")
+    with pytest.raises(ValueError, match="none of the 4 images could be read") as err:
         load(only_bad, tmp_path)
+    # The first few files are named with their errors.
+    assert "x.png (UnidentifiedImageError: " in str(err.value)
+    assert "z.png (" in str(err.value) and "; ... and 1 more" in str(err.value)
     with pytest.raises(ValueError, match="no such folder"):
         load(tmp_path / "does_not_exist", tmp_path)
 

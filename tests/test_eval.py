@@ -411,6 +411,16 @@ def test_eval_config_and_image_loading_errors(
     np.savez(tmp_path / "float.npz", np.zeros((2, 8, 8, 3), np.float32))
     with pytest.raises(ValueError, match="uint8"):
         load_images(tmp_path / "float.npz")
+    # Not an .npz at all, or one of Python objects: what is expected, not numpy's allow_pickle.
+    (tmp_path / "text.npz").write_text("not an archive")
+    np.save(tmp_path / "plain.npy", np.zeros((2, 8, 8, 3), np.uint8))
+    (tmp_path / "plain.npy").rename(tmp_path / "plain.npz")
+    np.savez(tmp_path / "objects.npz", np.array([{"a": 1}], dtype=object))
+    for name in ("text.npz", "plain.npz", "objects.npz"):
+        with pytest.raises(ValueError) as err:
+            load_images(tmp_path / name)
+        assert str(tmp_path / name) in str(err.value) and "allow_pickle" not in str(err.value)
+        assert "expected an .npz archive (numpy.savez) of uint8 images" in str(err.value)
     np.savez(tmp_path / "nchw.npz", np.zeros((2, 3, 8, 8), np.uint8))
     with pytest.raises(ValueError, match="looks like N, C, H, W"):
         load_images(tmp_path / "nchw.npz")
@@ -446,6 +456,20 @@ def test_evaluate_warns_about_tiny_sets(tmp_path: Path, caplog) -> None:
     with caplog.at_level("WARNING", logger="ddp_diffusion.evaluate"):
         evaluate.evaluate(cfg)
     assert "FID from 2 images: below 2048" in caplog.text
+
+
+def test_evaluate_warns_when_the_reference_is_resized(tmp_path: Path, caplog) -> None:
+    """32x32 samples against the digits (16x16 images), or at --resolution 16."""
+    np.savez(tmp_path / "s.npz", to_nhwc(digit_images(0, 4)))
+    common = dict(samples=str(tmp_path / "s.npz"), dataset="digits", max_reference=4)
+    with caplog.at_level("WARNING", logger="ddp_diffusion.evaluate"):
+        evaluate.evaluate(evaluate.EvalConfig(**common))
+        assert "--dataset digits has 16x16 images and the samples are 32x32" in caplog.text
+        caplog.clear()
+        evaluate.evaluate(evaluate.EvalConfig(**common, resolution=16))
+        assert "--resolution 16: the reference is made at 16x16 and the samples are 32x32" in (
+            caplog.text
+        )
 
 
 def test_evaluate_exits_2_with_a_message_on_bad_input(

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from ddp_utils.errors import InputError
 from tests.tiny_runs import (
@@ -145,6 +145,12 @@ def test_a_model_that_cannot_start_the_run_is_refused_with_the_fix(tmp_path, cap
         train(run_args(tmp_path / "hub", "--init-from=no/such-model"))
     with pytest.raises(InputError, match="--init-from: ./missing does not exist"):
         train(run_args(tmp_path / "typo", "--init-from=./missing"))
+    diverged = diffusers_pipeline(tmp_path / "diverged")
+    weights = load_file(diverged / "unet" / WEIGHTS)
+    save_file({k: v * float("nan") for k, v in weights.items()}, diverged / "unet" / WEIGHTS)
+    with pytest.raises(InputError, match="(?s)--init-from: .*its weights hold non-finite values"):
+        train(run_args(tmp_path / "diverged-run", f"--init-from={diverged}"))
+    assert not (tmp_path / "diverged-run").exists()
     scaled = diffusers_pipeline(tmp_path / "scaled", beta_schedule="scaled_linear")
     with pytest.raises(InputError, match="its beta_schedule is 'scaled_linear' .*Give --beta-sch"):
         train(run_args(tmp_path / "scaled-run", f"--init-from={scaled}"))

@@ -15,6 +15,7 @@ import torch
 
 from ddp_utils import files
 from ddp_utils.distributed import local_chunks, map_sharded
+from ddp_utils.guard import StepGuard
 from ddp_utils.loop import due
 from ddp_utils.metrics import MetricWindow
 
@@ -50,6 +51,24 @@ def test_binned_values_with_empty_bins_are_left_out() -> None:
     window.commit()
     values = window.reduce(SimpleNamespace(num_processes=1))
     assert values == {"loss_t_q0": 2.0} and not any(map(math.isnan, values.values()))
+
+
+def test_the_guard_counts_a_streak_alike_in_its_warning_and_its_error() -> None:
+    """Non-finite losses from step 5 on, --max-nonfinite-steps 3, a boundary at step 10: the
+    warning and the error name the same streak (steps 5..10, 6 in a row)."""
+    accelerator = SimpleNamespace(device=CPU, num_processes=1)
+    guard = StepGuard(accelerator, None, 3)  # type: ignore[arg-type]
+    for step in range(10):  # 0-based optimizer steps: the 5th is index 4
+        guard.step_ok(step, torch.tensor(float("nan") if step >= 4 else 1.0))
+    guard.restore_signal_handlers()
+    verdict = guard.check(10)
+    assert verdict.skip_report == (
+        "step 10: non-finite loss on 1 of 1 rank(s) and 5 earlier step(s) since the last "
+        "report; update skipped (6 in a row, 6 in total)"
+    )
+    assert verdict.streak_too_long == (
+        "steps 5..10: 6 optimizer steps in a row had a non-finite loss (--max-nonfinite-steps 3)"
+    )
 
 
 def test_due_every_n_steps_and_at_the_last_step() -> None:

@@ -28,6 +28,7 @@ def test_a_ddpm_export_card_says_what_how_long_and_how_to_load(tmp_path_factory)
     run = trained_ddpm(tmp_path_factory)
     card = read_card(run / "pipeline")
     assert "ddpm" in card.data.tags
+    assert card.data.pipeline_tag == "unconditional-image-generation"
     text = card.text
     assert f"| optimizer steps | {MAX_STEPS} |" in text
     assert f"| global batch | {GLOBAL_BATCH} (1 process(es) x 4 x 2 accumulation) |" in text

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from ddp_utils.checkpoint import list_checkpoints
 from ddp_utils.errors import OUTPUT_EXIT_CODE, STOP_EXIT_CODE, InputError
+from ddp_utils.export import write_checksums
 from ddp_utils.lock import LOCK_FILE, RunLock
 from tests.faulty_runs import Launch, run
 from tests.tiny_runs import trained_basic
@@ -86,6 +87,10 @@ def test_a_run_ending_in_non_finite_steps_exports_nothing_and_fails(tmp_path: Pa
     assert result.returncode == 1, result.output[-2000:]
     assert "the run ended in 2 step(s) in a row with a non-finite loss" in result.output
     assert "Last good checkpoint: checkpoint-3" in result.output
+    # Resuming it as it is would repeat the same steps: a new run from it, with other flags.
+    assert f"--resume {out / 'checkpoints' / 'checkpoint-3'} --output-dir <a new folder>" in (
+        result.output
+    )
     assert not (out / "model").exists()
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint-3"]
 
@@ -98,6 +103,8 @@ def test_weights_that_diverge_with_a_finite_loss_are_never_saved(tmp_path: Path)
     assert result.returncode == 1, result.output[-2000:]
     assert "after step 3 the model tensors hold non-finite values" in result.output
     assert "checkpoint-3 was not written" in result.output and "No checkpoint yet" in result.output
+    assert "(with no checkpoint it starts over)" in result.output
+    assert "resumes from that checkpoint" not in result.output
     assert not list_checkpoints(out / "checkpoints") and not (out / "model").exists()
 
 
@@ -110,6 +117,7 @@ def test_sample_refuses_non_finite_weights_and_non_finite_samples(tmp_path_facto
         weights = load_file(broken / weights_file)
         weights = {k: v * poison if k.endswith("weight") else v for k, v in weights.items()}
         save_file(weights, broken / weights_file)
+        write_checksums(broken)  # written so (a bug, another tool): its checksums match
         result = python("sample.py", str(broken), "--num-samples", "3", "--num-steps", "2",
                         "--output-dir", str(tmp_path / f"out-{name}"))  # fmt: skip
         assert result.returncode == 1, result.stderr[-2000:]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -204,3 +205,70 @@ def test_long_sampling_shows_progress(basic_run: Path, tmp_path: Path, capsys) -
     run_sample(basic_run / "model", tmp_path / "p", "--num-samples=6", "--batch-size=2")
     err = capsys.readouterr().err
     assert "sampling" in err and "6/6" in err and "img/s" in err
+
+
+def test_a_refused_sample_writes_nothing_and_the_config_comes_with_the_samples(
+    ddpm_run: Path, tmp_path: Path
+) -> None:
+    pipeline = ddpm_run / "pipeline"
+    fresh = tmp_path / "new" / "deeper"
+    with pytest.raises(ValueError, match="is not class-conditional"):
+        run_sample(pipeline, fresh, "--class-labels=3")
+    assert not (tmp_path / "new").exists()  # no folder made for a refused run
+    # An earlier result: a refused run (a check after loading the model, or a bad --fid
+    # reference, found before sampling) leaves it as it was.
+    done = tmp_path / "done"
+    run_sample(pipeline, done, "--num-samples=2", "--num-steps=2")
+    assert "num_samples: 2" in (done / "sample_config.yaml").read_text()
+    before = {p.name: p.read_bytes() for p in done.iterdir()}
+    with pytest.raises(ValueError, match="--scheduler edm-heun is not for DDPM models"):
+        run_sample(pipeline, done, "--num-samples=5", "--scheduler=edm-heun")
+    with pytest.raises(ValueError, match="no-such-folder"):
+        run_sample(pipeline, done, "--num-samples=5", "--fid", "--dataset=./no-such-folder")
+    assert {p.name: p.read_bytes() for p in done.iterdir()} == before
+
+
+def test_sample_says_which_checkpoint_of_a_run_and_that_it_is_still_training(
+    ddpm_run: Path, tmp_path: Path, capsys
+) -> None:
+    from ddp_utils.lock import RunLock
+
+    run = tmp_path / "run"
+    shutil.copytree(ddpm_run, run, ignore=shutil.ignore_patterns("pipeline"))
+    run_sample(run, tmp_path / "a", "--num-samples=2", "--num-steps=2")
+    log = capsys.readouterr().out
+    assert "(a checkpoint: checkpoint-6)" in log
+    assert f"{run} has no export (its training has not finished" in log
+    lock = RunLock.acquire(run)  # as a run training there holds it
+    try:
+        run_sample(run, tmp_path / "b", "--num-samples=2", "--num-steps=2")
+    finally:
+        lock.release()
+    assert f"{run} is still being trained (pid " in capsys.readouterr().out
+    # --fid against a dataset of another size: said (digits are 16x16, this model makes 8x8).
+    run_sample(run, tmp_path / "c", "--num-samples=4", "--num-steps=2", "--fid",
+               "--dataset=digits", f"--max-reference={NUM_IMAGES}")  # fmt: skip
+    assert "--dataset digits has 16x16 images and the samples are 8x8" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("value_range", [[0, 255], [1, -1]])
+def test_an_export_whose_value_range_is_not_ours_is_refused(
+    basic_run: Path, tmp_path: Path, value_range: list[int]
+) -> None:
+    """[0, 255] would give near-black samples; [1, -1] failed only once sampling had started.
+    The task.json is edited as a tool that means it would: its checksum made to match."""
+    from ddp_utils.export import write_checksums
+    from diffusion.loading import load_for_sampling
+
+    export = tmp_path / "model"
+    shutil.copytree(basic_run / "model", export)
+    task = json.loads((export / "task.json").read_text())
+    (export / "task.json").write_text(json.dumps({**task, "value_range": value_range}))
+    write_checksums(export)
+    with pytest.raises(
+        ValueError, match=rf"task.json is damaged: its value_range is \[{value_range[0]}"
+    ):
+        load_for_sampling(export)
+    with pytest.raises(ValueError, match="expected \\[0, 1\\] or \\[-1, 1\\]"):
+        run_sample(export, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -358,3 +358,26 @@ def test_pictures_are_upscaled_without_smoothing(tmp_path):
     assert big.shape == (384, 512, 3)  # factor 128: the longer side reaches 512
     assert np.array_equal(big[::128, ::128], image) and np.array_equal(big[127, 127], image[0, 0])
     assert upscale(np.zeros((600, 10, 3), np.uint8), 512).shape == (600, 10, 3)
+
+
+def test_images_per_s_leaves_out_the_time_of_pictures(tmp_path, monkeypatch):
+    """A grid that takes 2 s at every step: the logged throughput is the steps' own."""
+    from ddp_utils import loop
+    from tests.tiny_runs import fresh_accelerate_state
+
+    original = loop.log_pictures
+
+    def slow_pictures(*args):
+        time.sleep(2.0)
+        return original(*args)
+
+    monkeypatch.setattr(loop, "log_pictures", slow_pictures)
+    fresh_accelerate_state()
+    out = tmp_path / "run"
+    train_basic.main(
+        [f"--output-dir={out}", f"--resolution={RES}", "--max-images=32", "--max-steps=3",
+         "--batch-size=8", "--log-every=1", "--sample-every=1", "--num-sample-images=4",
+         "--sample-steps=2", "--report-to=none"]
+    )  # fmt: skip
+    rates = [m["images_per_s"] for m in read_metrics(out / "metrics.jsonl")]
+    assert min(rates[1:]) > 8 / 2.0, rates  # steps 2 and 3 each follow a 2 s picture

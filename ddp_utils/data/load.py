@@ -206,7 +206,9 @@ def load_image_data(
     _report(skipped, num_upscaled, resolution)
     if len(images) == 0:
         raise InputError(
-            f"none of the {len(ds)} images could be read ({source.description})", "dataset"
+            f"none of the {len(ds)} images could be read ({source.description}): "
+            + first_errors(skipped),
+            "dataset",
         )
     return ImageData(
         images=torch.from_numpy(images),
@@ -247,7 +249,8 @@ def _stream_preview(stream: StreamSource, fingerprint: str, source: Source) -> I
     )
     if len(images) == 0:
         raise InputError(
-            f"none of the first {len(preview)} images could be read ({source.description})",
+            f"none of the first {len(preview)} images could be read ({source.description}): "
+            + first_errors(skipped),
             "dataset",
         )
     return ImageData(
@@ -260,6 +263,12 @@ def _stream_preview(stream: StreamSource, fingerprint: str, source: Source) -> I
         stream=stream,
         labels=None if stream.labels is None else stream.labels[torch.from_numpy(rows)],
     )
+
+
+def first_errors(skipped: list[str], num_shown: int = 3) -> str:
+    """The first unreadable files with their errors, for a message."""
+    more = f"; ... and {len(skipped) - num_shown} more" if len(skipped) > num_shown else ""
+    return "; ".join(skipped[:num_shown]) + more
 
 
 def _report(skipped: list[str], num_upscaled: int, resolution: int) -> None:
