@@ -143,12 +143,18 @@ def test_ctrl_c_saves_and_stops_and_a_second_quits(tmp_path, fault, code, messag
 
 @pytest.mark.slow
 def test_sigterm_to_the_launcher_saves_on_every_worker(tmp_path: Path) -> None:
-    """torchrun forwards SIGTERM to the workers, which agree on a step, save and exit 75; the
-    launcher itself exits 1 (after its own SignalException traceback); a rerun resumes."""
+    """torchrun forwards SIGTERM to the workers, which agree on a step, save and exit 75; a
+    rerun resumes from that checkpoint."""
     out = tmp_path / "run"
     args = [*BASIC, "--max-steps", "40", "--checkpoint-every", "100", "--output-dir", str(out)]
-    stopped = run(tmp_path, "train_basic.py", args, 2, faults="term-launcher@5:1")
-    assert stopped.returncode == 1, stopped.output[-3000:]
+    launch = Launch(tmp_path, "train_basic.py", args, 2, faults="term-launcher@5:1")
+    stopped = launch.wait()
+    # The launcher's own status is a race, not behaviour: depending on where SIGTERM finds
+    # torchrun's agent, accelerate exits 143 (128 + SIGTERM, its re-raised SignalException) or
+    # 1 (the workers reported as failed). Both have been seen; what the workers did is the test.
+    assert stopped.returncode in (1, 143), stopped.output[-3000:]
+    exits = {p.name: p.read_text() for p in launch.pid_dir.glob("worker-*.exit")}
+    assert exits == {"worker-0.exit": "75", "worker-1.exit": "75"}, stopped.output[-3000:]
     match = re.search(r"stopped after step (\d+)/40: SIGTERM \((\d) of 2", stopped.output)
     assert match and stopped.output.count("stopped after step") == 1, stopped.output[-3000:]
     step = int(match.group(1))
