@@ -53,7 +53,7 @@ from ddp_utils.errors import (
     OutputError,
     TrainingStopped,
 )
-from ddp_utils.guard import StepGuard, Verdict
+from ddp_utils.guard import StepGuard, Verdict, watch_launcher
 from ddp_utils.lock import RunLock
 from ddp_utils.optim import make_optimizer
 from ddp_utils.tracking import Tracker
@@ -421,6 +421,7 @@ def start_run(cfg: TrainConfig, with_labels: bool = False) -> Run:
         cfg.seed,
     )
     setup_logging(accelerator.is_main_process)
+    watch_launcher()  # under torchrun: stop when the launcher dies (kill -9), not train on
     # The time budget counts from here; signal handlers come with the first step.
     guard = StepGuard(
         accelerator,

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ddp_utils.checkpoint import list_checkpoints
+from ddp_utils.checkpoint import find_resume_checkpoint, list_checkpoints
 from ddp_utils.errors import OUTPUT_EXIT_CODE, STOP_EXIT_CODE, InputError
 from ddp_utils.lock import LOCK_FILE, RunLock
 from tests.faulty_runs import Launch, run
@@ -161,6 +161,27 @@ def test_sigterm_to_the_launcher_saves_on_every_worker(tmp_path: Path) -> None:
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == [f"checkpoint-{step}"]
     final = run(tmp_path, "train_basic.py", args, 2)
     assert final.returncode == 0 and f"checkpoint-{step} (step {step})" in final.output
+
+
+@pytest.mark.slow
+def test_workers_stop_when_their_launcher_is_killed(tmp_path: Path) -> None:
+    """kill -9 of `accelerate launch` alone (an OOM killer, a hasty kill): its workers, each in
+    a session of its own, must not train on unseen holding the lock. They save at the next
+    boundary and exit 75, so the same command can be run again at once."""
+    out = tmp_path / "run"
+    args = [*BASIC, "--max-steps", "100000", "--checkpoint-every", "4", "--output-dir", str(out)]
+    launch = Launch(tmp_path, "train_basic.py", args, 2, faults="kill-launcher@9:1")
+    # The workers hold the output pipe: it closes when both are gone (orphans: a timeout).
+    stopped = launch.wait(timeout=90)
+    assert stopped.returncode == -signal.SIGKILL
+    exits = {p.name: p.read_text() for p in launch.pid_dir.glob("worker-*.exit")}
+    assert exits == {"worker-0.exit": "75", "worker-1.exit": "75"}, stopped.output[-3000:]
+    assert "the launcher (pid " in stopped.output and "has died" in stopped.output
+    RunLock.acquire(out).release()  # a rerun would be accepted
+    newest = find_resume_checkpoint(out / "checkpoints", "latest")
+    assert newest is not None and newest.step >= 8, stopped.output[-3000:]
+    assert newest.path == list_checkpoints(out / "checkpoints")[-1]  # the newest is intact
+    assert f"stopped after step {newest.step}/100000: SIGTERM" in stopped.output
 
 
 # --------------------------------------------------------------------------- refused early
