@@ -43,7 +43,7 @@ from ddp_utils.distributed import (
     map_sharded,
     raise_together,
 )
-from ddp_utils.errors import InputError, NonFiniteError
+from ddp_utils.errors import InputError, NonFiniteError, OutputError
 from ddp_utils.files import atomic_file, write_json
 from ddp_utils.images import make_grid, rows_by_label, save_png, to_uint8, upscale
 from ddp_utils.tracking import MIN_PICTURE_SIDE
@@ -418,6 +418,7 @@ def sample(cfg: SampleConfig) -> np.ndarray:
     labels = None if cycle is None else sample_classes(range(cfg.num_samples), cycle).numpy()
     world, rank = accelerator.num_processes, accelerator.process_index
     num_chunks = len(local_chunks(cfg.num_samples, cfg.batch_size, world, rank))
+    error = None
     if accelerator.is_main_process:
         info = {
             "task": loaded.task,
@@ -432,7 +433,14 @@ def sample(cfg: SampleConfig) -> np.ndarray:
             "guidance_scale": guidance if cycle is not None else None,
             "num_processes": accelerator.num_processes,
         }
-        write_outputs(cfg, out, images, labels, progression, loaded, info)
+        try:
+            write_outputs(cfg, out, images, labels, progression, loaded, info)
+        except OSError as err:  # disk full: one message and exit 74, as training's
+            error = OutputError(
+                f"could not write the samples into {out}: {err.strerror or err}. Free some "
+                "space or choose another --output-dir, then run the command again"
+            )
+    raise_together(accelerator, error, OutputError("the main process could not write"))
     if cfg.fid:
         metrics = score(cfg, loaded, images, labels, accelerator)
         if accelerator.is_main_process:

@@ -23,7 +23,7 @@ from ddp_utils.checkpoint import find_resume_checkpoint, list_checkpoints
 from ddp_utils.errors import OUTPUT_EXIT_CODE, STOP_EXIT_CODE, InputError
 from ddp_utils.lock import LOCK_FILE, RunLock
 from tests.faulty_runs import Launch, run
-from tests.tiny_runs import trained_basic
+from tests.tiny_runs import fresh_accelerate_state, trained_basic
 
 REPO = Path(__file__).resolve().parents[1]
 BASIC = [
@@ -253,6 +253,31 @@ def test_a_disk_that_fills_up_or_is_read_only_gives_a_message(tmp_path: Path, ki
         else:
             assert result.returncode == 2 and "--output-dir: " in result.stderr
             assert "Read-only file system" in result.stderr
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_sample_on_a_full_disk_exits_74_with_one_message(tmp_path_factory, tmp_path, capsys):
+    import sample
+    from ddp_utils.cli import cli_main
+
+    export = trained_basic(tmp_path_factory) / "model"
+    disk = tmp_path / "disk"
+    if not mount_tmpfs(disk, "size=256k"):
+        pytest.skip("needs root and tmpfs to make a small disk")
+    try:
+        free = os.statvfs(disk)
+        (disk / "filler").write_bytes(bytes(free.f_bavail * free.f_frsize - 4096))  # 1 page left
+        fresh_accelerate_state()
+        argv = [str(export), "--num-samples", "64", "--num-steps", "2", "--output-dir",
+                str(disk / "out")]  # fmt: skip
+        with pytest.raises(SystemExit) as stopped:
+            cli_main(lambda: sample.main(argv))
+        assert stopped.value.code == OUTPUT_EXIT_CODE
+        err = capsys.readouterr().err
+        assert err.count("error: ") == 1, err
+        assert f"could not write the samples into {disk / 'out'}: No space left" in err
+        assert not (disk / "out" / "samples.npz").exists()
     finally:
         subprocess.run(["umount", str(disk)], check=False)
 
