@@ -22,6 +22,12 @@ seed (`--seed`, k), so the images do not depend on the batch size or number of p
 
 from __future__ import annotations
 
+import signal
+import sys
+
+if __name__ == "__main__":  # Ctrl-C while the libraries below load (~10 s): exit 130 quietly
+    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
+
 import logging
 import math
 from collections.abc import Callable

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -50,10 +51,13 @@ def cli_main(fn: Callable[[], Any]) -> None:
       same command again to continue;
     - 74: an output could not be written (disk full, read-only); earlier files are intact;
     - 1: the run diverged (non-finite losses or weights);
-    - 130: interrupted twice (Ctrl-C Ctrl-C): quit without saving.
+    - 130: interrupted before training started, or twice (Ctrl-C Ctrl-C): quit without
+      saving. (While the script's imports load, its own SIGINT handler exits 130; from here
+      on Ctrl-C is Python's KeyboardInterrupt again, and the training loop's guard.)
 
     Set DDP_DIFFUSION_DEBUG=1 to see the traceback as well.
     """
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     endings: list[tuple[type[BaseException], int, str]] = [
         (TrainingStopped, STOP_EXIT_CODE, "stopped"),
         (OutputError, OUTPUT_EXIT_CODE, "error"),
@@ -68,7 +72,7 @@ def cli_main(fn: Callable[[], Any]) -> None:
             if isinstance(err, kind):
                 if os.environ.get("DDP_DIFFUSION_DEBUG") and code != STOP_EXIT_CODE:
                     raise
-                message = str(err) or "quit at once, without saving (a second Ctrl-C)"
+                message = str(err) or "quit at once, without saving"
                 # Every rank stops alike: one copy of the message (errors: every rank's own).
                 if code != STOP_EXIT_CODE or _is_main_process():
                     print(f"{label}: {message}", file=sys.stderr)

@@ -125,7 +125,7 @@ class StepGuard:
         if signum == signal.SIGINT:
             self.num_interrupts += 1
             if self.num_interrupts > 1:
-                raise KeyboardInterrupt
+                raise KeyboardInterrupt("quit at once, without saving (a second Ctrl-C)")
         self.signal_name = signal.Signals(signum).name
 
     def out_of_time(self) -> bool:

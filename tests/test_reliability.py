@@ -184,6 +184,23 @@ def test_workers_stop_when_their_launcher_is_killed(tmp_path: Path) -> None:
     assert f"stopped after step {newest.step}/100000: SIGTERM" in stopped.output
 
 
+@pytest.mark.parametrize("script", ["train_basic.py", "train_ddpm.py", "sample.py", "evaluate.py"])
+def test_ctrl_c_while_the_libraries_load_exits_130_quietly(tmp_path: Path, script: str) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # Arguments that are refused (exit 2) if the script got as far as reading them.
+    proc = subprocess.Popen([sys.executable, script, "--batch-size", "0", str(tmp_path)],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    # Interrupt while torch is loading (~3 s; the script's handler comes before any import).
+    deadline = time.monotonic() + 60
+    while "libtorch" not in Path(f"/proc/{proc.pid}/maps").read_text():
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+
+
 # --------------------------------------------------------------------------- refused early
 
 
