@@ -201,6 +201,18 @@ def test_ctrl_c_while_the_libraries_load_exits_130_quietly(tmp_path: Path, scrip
     assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
 
 
+@pytest.mark.slow
+def test_a_worker_that_loses_its_peer_says_so_in_one_line(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = [*BASIC, "--max-steps", "100000", "--output-dir", str(out)]
+    launch = Launch(tmp_path, "train_basic.py", args, 2, faults="die@9:1")  # rank 1: SIGKILL
+    result = launch.wait(timeout=120)
+    assert (launch.pid_dir / "worker-0.exit").read_text() == "1", result.output[-3000:]
+    assert "error: another process of this run died or stopped (" in result.output
+    # The launcher prints its own report (ChildFailedError); the surviving worker, none.
+    assert "[rank0]: Traceback" not in result.output and "gloo" not in result.output
+
+
 # --------------------------------------------------------------------------- refused early
 
 

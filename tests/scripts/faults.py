@@ -13,6 +13,7 @@
 - int-twice: two SIGINTs (Ctrl-C Ctrl-C): quit at once.
 - term-launcher / usr1-launcher: send it to the launcher (the worker's parent).
 - kill-launcher: SIGKILL the launcher alone (its workers live on, orphaned).
+- die: SIGKILL this worker alone (its peers find it gone at their next collective).
 - nan: this micro-batch's images become NaN on this rank (so its loss is non-finite).
 - nan-from: every micro-batch from N on is NaN on this rank.
 - kill-in-save: SIGKILL everything while checkpoint-N is half written (after its first file).
@@ -79,6 +80,8 @@ def get(self, micro_step: int, generator):
             os.kill(os.getppid(), signal.SIGTERM if kind == "term-launcher" else signal.SIGUSR1)
         elif kind == "kill-launcher":
             os.kill(os.getppid(), signal.SIGKILL)
+        elif kind == "die":
+            os.kill(os.getpid(), signal.SIGKILL)
     batch = original_get(self, micro_step, generator)
     if nan:
         batch.images = batch.images * float("nan")
