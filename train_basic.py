@@ -61,10 +61,10 @@ class BasicConfig(TrainConfig):
     sample_steps: int = option(40, "sampler steps for the logged grids (5 to 50 work)")
     use_ema: bool = option(False, "keep an EMA of the weights (used for samples and the export)")
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check_image_size(self) -> None:
+        super().check_image_size()
         require(
-            self.resolution % 4 == 0,
+            self.resolution is None or self.resolution % 4 == 0,
             f"--resolution must be divisible by 4 for these UNets (2 downsamplings), "
             f"got {self.resolution}",
         )

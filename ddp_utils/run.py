@@ -455,6 +455,9 @@ def start_run(cfg: TrainConfig, with_labels: bool = False) -> Run:
         with_labels=with_labels,
         label_column=cfg.label_column,
     )
+    # Not given: the images' own size and channels (logged by the loading).
+    cfg.channels, cfg.resolution = data.images.shape[1], data.images.shape[-1]
+    cfg.check_image_size()
     # Every rank reads the checkpoint itself (no broadcast of large tensors needed).
     checkpoint = _find_checkpoint_everywhere(accelerator, output_dir / "checkpoints", cfg.resume)
     if checkpoint is None and cfg.resume == "latest" and (output_dir / "checkpoints").exists():

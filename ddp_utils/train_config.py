@@ -14,7 +14,6 @@ from typing import Literal
 
 from ddp_utils.config import check_choices, option, require
 from ddp_utils.data.load import DataLoading
-from ddp_utils.data.source import default_channels, default_resolution
 from ddp_utils.errors import flag_name
 from ddp_utils.tracking import ReportTo
 
@@ -64,11 +63,11 @@ class TrainConfig:
     max_images: int | None = option(None, "use only the first N images of the dataset")
     resolution: int | None = option(
         None,
-        "training resolution (square; smaller images are upscaled); "
-        "default: the dataset's native size, 32 otherwise",
+        "training resolution (square; smaller images are upscaled); default: the images' most "
+        "common size (shorter side; the built-in digits: 16), printed in the log",
     )
     channels: int | None = option(
-        None, "1 (grayscale) or 3 (RGB); default: 1 for digits/mnist/fashion_mnist, else 3"
+        None, "1 (grayscale) or 3 (RGB); default: what most images are, printed in the log"
     )
     center_crop: bool = option(True, "resize the shorter side then center-crop (else squash)")
     random_flip: bool = option(False, "random horizontal flip (on the device)")
@@ -149,12 +148,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_choices(self)
-        if self.resolution is None:
-            self.resolution = default_resolution(self.dataset)
-        if self.channels is None:
-            self.channels = default_channels(self.dataset)
-        require(self.resolution >= 4, f"--resolution must be >= 4, got {self.resolution}")
-        require(self.channels in (1, 3), f"--channels must be 1 or 3, got {self.channels}")
+        self.check_image_size()
         for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "log_every"):
             value = getattr(self, name)
             require(value >= 1, f"{flag_name(name)} must be >= 1, got {value}")
@@ -203,3 +197,11 @@ class TrainConfig:
             self.resume in ("latest", "none") or Path(self.resume).is_dir(),
             f"--resume must be latest, none or an existing checkpoint folder, got {self.resume!r}",
         )
+
+    def check_image_size(self) -> None:
+        """--resolution and --channels, as given or once taken from the data (`start_run`)."""
+        require(
+            self.resolution is None or self.resolution >= 4,
+            f"--resolution must be >= 4, got {self.resolution}",
+        )
+        require(self.channels in (None, 1, 3), f"--channels must be 1 or 3, got {self.channels}")
