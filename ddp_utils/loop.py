@@ -34,6 +34,7 @@ from ddp_utils.evaluator import BEST_DIR, BEST_FILE, Evaluator
 from ddp_utils.export import write_task_file
 from ddp_utils.files import atomic_dir, write_json
 from ddp_utils.guard import Verdict, guarded_step
+from ddp_utils.hub import hub_repo_id, push_to_hub
 from ddp_utils.images import make_grid, to_uint8, upscale
 from ddp_utils.metrics import MetricWindow
 from ddp_utils.model_card import CardFacts, write_model_card
@@ -194,6 +195,10 @@ def train(run: Run, method: Method, model: nn.Module) -> Path:
     folder = export(run, method, net, ema, run.output_dir / method.export_name, card, last_grid)
     run.tracker.log_folder(folder, "final")
     logger.info("exported %s; pictures in %s", folder, run.tracker.images_dir)
+    if cfg.push_to_hub:  # the export at the repository's root, the best one in best/
+        best = run.output_dir / BEST_DIR
+        folders = {"": folder, **({"best": best} if best.is_dir() else {})}
+        push_to_hub(acc, hub_repo_id(cfg.hub_model_id, cfg.output_dir), cfg.hub_private, folders)
     run.finish()
     return folder
 

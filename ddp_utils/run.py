@@ -54,6 +54,7 @@ from ddp_utils.errors import (
     TrainingStopped,
 )
 from ddp_utils.guard import StepGuard, Verdict, watch_launcher
+from ddp_utils.hub import check_can_push, hub_repo_id
 from ddp_utils.lock import RunLock
 from ddp_utils.optim import make_optimizer
 from ddp_utils.tracking import Tracker
@@ -440,6 +441,8 @@ def start_run(cfg: TrainConfig, with_labels: bool = False) -> Run:
     output_dir = Path(cfg.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise InputError(f"{output_dir} is a file, not a folder", "output_dir")
+    if cfg.push_to_hub:  # offline or no token: refused now, not after training
+        check_can_push(hub_repo_id(cfg.hub_model_id, cfg.output_dir))
     data = load_image_data(
         cfg.dataset,
         cfg.resolution,

@@ -134,6 +134,15 @@ class TrainConfig:
         False,
         "upload the final and best exports to wandb as model artifacts (offline: synced later)",
     )
+    push_to_hub: bool = option(
+        False,
+        "at the end, upload the export (model card, pictures, weights) and best/ to the Hugging "
+        "Face Hub (needs a token: `hf auth login` or HF_TOKEN; checked at the start)",
+    )
+    hub_model_id: str | None = option(
+        None, "hub repository for --push-to-hub: name or user/name (default: the run dir's name)"
+    )
+    hub_private: bool = option(False, "with --push-to-hub: create the repository private")
     wandb_project: str = option("ddp-diffusion", "wandb project name")
     run_name: str | None = option(None, "wandb run name")
     # Fault tolerance (ddp_utils/guard.py).
@@ -189,6 +198,12 @@ class TrainConfig:
                 parse_duration(self.max_train_time)
             except ValueError as err:
                 raise ValueError(f"--max-train-time {err}") from None
+        for name in ("hub_model_id", "hub_private"):
+            require(
+                self.push_to_hub or not getattr(self, name),
+                f"{flag_name(name)} applies with --push-to-hub only; add it, or drop "
+                f"{flag_name(name)}",
+            )
         require(
             self.max_nonfinite_steps >= 1,
             f"--max-nonfinite-steps must be >= 1, got {self.max_nonfinite_steps}",
