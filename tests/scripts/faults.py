@@ -11,7 +11,8 @@
   their pids in `$FAULT_PID_DIR` (and, when they exit, their exit status: worker-R.exit).
 - term / usr1 / int: send SIGTERM / SIGUSR1 / SIGINT to this worker only.
 - int-twice: two SIGINTs (Ctrl-C Ctrl-C): quit at once.
-- term-launcher / usr1-launcher: send it to the launcher (the worker's parent).
+- term-launcher / usr1-launcher / int-launcher: send it to the launcher (the worker's parent;
+  int-launcher: Ctrl-C in the launcher's terminal).
 - kill-launcher: SIGKILL the launcher alone (its workers live on, orphaned).
 - die: SIGKILL this worker alone (its peers find it gone at their next collective).
 - nan: this micro-batch's images become NaN on this rank (so its loss is non-finite).
@@ -76,8 +77,9 @@ def get(self, micro_step: int, generator):
         elif kind == "int-twice":
             os.kill(os.getpid(), signal.SIGINT)
             os.kill(os.getpid(), signal.SIGINT)
-        elif kind in ("term-launcher", "usr1-launcher"):
-            os.kill(os.getppid(), signal.SIGTERM if kind == "term-launcher" else signal.SIGUSR1)
+        elif kind in ("term-launcher", "usr1-launcher", "int-launcher"):
+            signum = {"term": signal.SIGTERM, "usr1": signal.SIGUSR1, "int": signal.SIGINT}
+            os.kill(os.getppid(), signum[kind.removesuffix("-launcher")])
         elif kind == "kill-launcher":
             os.kill(os.getppid(), signal.SIGKILL)
         elif kind == "die":
