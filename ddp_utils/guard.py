@@ -214,6 +214,36 @@ class StepGuard:
         return Verdict(bool(stop_reason), stop_reason, num_skipped, report, too_long)
 
 
+def guarded_step(
+    optimizer: torch.optim.Optimizer,
+    ok: torch.Tensor,
+    scaler: torch.amp.GradScaler | None,
+) -> None:
+    """`optimizer.step()` that updates nothing (weights, moments, step counts) unless `ok`.
+
+    The optimizer must be a fused Adam/AdamW (`ddp_utils.optim.make_optimizer` makes one): its
+    kernel takes a `found_inf` tensor and skips on the device. Under a GradScaler, `ok` is
+    folded into the scaler's own `found_inf`, which it passes to the fused kernel itself.
+    """
+    inner = optimizer
+    while isinstance(inner, AcceleratedOptimizer):  # accelerate's wrapper around the real one
+        inner = inner.optimizer
+    not_ok = (~ok).float()
+    if scaler is not None and scaler.is_enabled():
+        state = scaler._per_optimizer_states[id(inner)]
+        if state["stage"] is not OptState.UNSCALED:
+            scaler.unscale_(inner)  # what clipping does; needed to get its found_inf
+        for found_inf in state["found_inf_per_device"].values():
+            torch.maximum(found_inf, not_ok.to(found_inf.device), out=found_inf)
+        optimizer.step()
+        return
+    inner.found_inf = not_ok
+    try:
+        optimizer.step()
+    finally:
+        del inner.found_inf
+
+
 def watch_launcher(
     poll_s: float = LAUNCHER_POLL_S, grace_s: float = LAUNCHER_GONE_GRACE_S
 ) -> threading.Thread | None:
@@ -255,33 +285,3 @@ def watch_launcher(
     _watchdog = threading.Thread(target=watch, name="launcher-watchdog", daemon=True)
     _watchdog.start()
     return _watchdog
-
-
-def guarded_step(
-    optimizer: torch.optim.Optimizer,
-    ok: torch.Tensor,
-    scaler: torch.amp.GradScaler | None,
-) -> None:
-    """`optimizer.step()` that updates nothing (weights, moments, step counts) unless `ok`.
-
-    The optimizer must be a fused Adam/AdamW (`ddp_utils.optim.make_optimizer` makes one): its
-    kernel takes a `found_inf` tensor and skips on the device. Under a GradScaler, `ok` is
-    folded into the scaler's own `found_inf`, which it passes to the fused kernel itself.
-    """
-    inner = optimizer
-    while isinstance(inner, AcceleratedOptimizer):  # accelerate's wrapper around the real one
-        inner = inner.optimizer
-    not_ok = (~ok).float()
-    if scaler is not None and scaler.is_enabled():
-        state = scaler._per_optimizer_states[id(inner)]
-        if state["stage"] is not OptState.UNSCALED:
-            scaler.unscale_(inner)  # what clipping does; needed to get its found_inf
-        for found_inf in state["found_inf_per_device"].values():
-            torch.maximum(found_inf, not_ok.to(found_inf.device), out=found_inf)
-        optimizer.step()
-        return
-    inner.found_inf = not_ok
-    try:
-        optimizer.step()
-    finally:
-        del inner.found_inf

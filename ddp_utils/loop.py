@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ddp_utils import hub
 from ddp_utils.data import Batch, BatchSource
 from ddp_utils.distributed import map_sharded, raise_together, step_generator
 from ddp_utils.ema import EMA
@@ -34,7 +35,6 @@ from ddp_utils.evaluator import BEST_DIR, BEST_FILE, Evaluator
 from ddp_utils.export import write_task_file
 from ddp_utils.files import atomic_dir, write_json
 from ddp_utils.guard import Verdict, guarded_step
-from ddp_utils.hub import hub_repo_id, push_to_hub
 from ddp_utils.images import make_grid, to_uint8, upscale
 from ddp_utils.metrics import MetricWindow
 from ddp_utils.model_card import CardFacts, write_model_card
@@ -198,7 +198,8 @@ def train(run: Run, method: Method, model: nn.Module) -> Path:
     if cfg.push_to_hub:  # the export at the repository's root, the best one in best/
         best = run.output_dir / BEST_DIR
         folders = {"": folder, **({"best": best} if best.is_dir() else {})}
-        push_to_hub(acc, hub_repo_id(cfg.hub_model_id, cfg.output_dir), cfg.hub_private, folders)
+        repo_id = hub.hub_repo_id(cfg.hub_model_id, cfg.output_dir)
+        hub.push_to_hub(acc, repo_id, cfg.hub_private, folders)
     run.finish()
     return folder
 
