@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -204,6 +205,41 @@ def test_ctrl_c_while_the_libraries_load_exits_130_quietly(tmp_path: Path, scrip
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+
+
+WORKER_WITH_A_DEAD_PEER = """
+import os, signal, time
+os.environ["TORCHELASTIC_RUN_ID"] = "test"  # as under torchrun: the parent is the launcher
+from ddp_utils.guard import watch_launcher
+signal.signal(signal.SIGTERM, lambda *_: None)  # the flag is set, but no boundary ever comes
+watch_launcher(poll_s=0.05, grace_s=1)
+print("watching", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_worker_that_cannot_save_after_its_launcher_died_exits_anyway() -> None:
+    """The launcher dies and the worker cannot reach a boundary (a peer is gone too, so the
+    collective never returns): after the grace period it exits without saving."""
+    launcher = (
+        "import subprocess, sys, time\n"
+        f"worker = {WORKER_WITH_A_DEAD_PEER!r}\n"
+        "subprocess.Popen([sys.executable, '-c', worker], start_new_session=True)\n"
+        "time.sleep(600)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", launcher], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    timer = threading.Timer(120, proc.kill)  # a worker that never starts fails, not hangs
+    timer.start()
+    assert proc.stdout.readline() == "watching\n"
+    timer.cancel()
+    proc.kill()  # the launcher alone; the worker, in its own session, lives on
+    # The worker holds the pipes: they close when it is gone.
+    _, err = proc.communicate(timeout=60)
+    assert f"the launcher (pid {proc.pid}) has died: stopping this worker as on SIGTERM" in err
+    assert "1 s after the launcher died this worker has not stopped" in err
+    assert "exiting without saving; rerun to resume from the newest checkpoint" in err
 
 
 @pytest.mark.slow
