@@ -24,6 +24,12 @@ STOP_EXIT_CODE is 75 (EX_TEMPFAIL in sysexits.h: "try again later"). Not 143: a 
 tell "stopped cleanly, rerun me" from that. Under `accelerate launch`/torchrun the workers
 exit 75 and the launcher reports them as failed with "exitcode: 75" (its own exit status is 1).
 
+A worker whose launcher dies (`kill -9` of `accelerate launch`, an OOM killer) would train on
+unseen, holding the run directory's lock: torchrun starts each worker in a session of its own,
+so nothing else reaches it. `watch_launcher` notices the death and stops the worker as SIGTERM
+would (a checkpoint at the next boundary, exit 75), or ends it without saving when that cannot
+happen (a peer died too: the boundary's collective would wait for it).
+
 With an fp16 GradScaler, an overflowing *gradient* is the scaler's business (it skips the step
 and lowers the scale, which happens routinely early in training); only a non-finite *loss*
 counts here. Such a skip is added to the scaler's own `found_inf`, so the scaler also lowers
@@ -33,7 +39,9 @@ its scale once.
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -47,6 +55,10 @@ from torch.amp.grad_scaler import OptState
 logger = logging.getLogger("ddp_diffusion")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+LAUNCHER_POLL_S = 1.0  # how often a worker looks whether its launcher is still there
+# After the launcher died: time to reach the next boundary and save before giving up on it.
+LAUNCHER_GONE_GRACE_S = 180.0
+_watchdog: threading.Thread | None = None
 
 
 @dataclass(frozen=True)
@@ -113,7 +125,7 @@ class StepGuard:
         if signum == signal.SIGINT:
             self.num_interrupts += 1
             if self.num_interrupts > 1:
-                raise KeyboardInterrupt
+                raise KeyboardInterrupt("quit at once, without saving (a second Ctrl-C)")
         self.signal_name = signal.Signals(signum).name
 
     def out_of_time(self) -> bool:
@@ -243,3 +255,46 @@ def guarded_step(
         optimizer.step()
     finally:
         del inner.found_inf
+
+
+def watch_launcher(
+    poll_s: float = LAUNCHER_POLL_S, grace_s: float = LAUNCHER_GONE_GRACE_S
+) -> threading.Thread | None:
+    """Stop this worker when the torchrun launcher that started it dies (a daemon thread).
+
+    Only under torchrun (`accelerate launch`), where the worker's parent is the launcher: a
+    plain `python train.py` whose shell goes away (nohup) trains on. The parent is polled (a
+    parent-death signal would be tied to the thread of torchrun's that started the worker, not
+    to the launcher's life). When it changes, the worker sends itself SIGTERM: once the run's
+    handlers are installed that means "save at the next boundary and exit 75", during setup it
+    ends the process at once (nothing to save yet). A boundary needs every rank: if the peers
+    died too, the collective never returns, so after `grace_s` the worker exits (1) without
+    saving; the newest checkpoint is then the one to resume from.
+    """
+    global _watchdog
+    if "TORCHELASTIC_RUN_ID" not in os.environ or _watchdog is not None:
+        return _watchdog
+    launcher = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == launcher and launcher != 1:
+            time.sleep(poll_s)
+        print(
+            f"warning: the launcher (pid {launcher}) has died: stopping this worker as on "
+            "SIGTERM (it saves at the next boundary if every rank is still there)",
+            file=sys.stderr,
+            flush=True,
+        )
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace_s)
+        print(
+            f"error: {grace_s:g} s after the launcher died this worker has not stopped (a peer "
+            "is gone too): exiting without saving; rerun to resume from the newest checkpoint",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(1)
+
+    _watchdog = threading.Thread(target=watch, name="launcher-watchdog", daemon=True)
+    _watchdog.start()
+    return _watchdog

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ddp_utils import hub
 from ddp_utils.data import Batch, BatchSource
 from ddp_utils.distributed import all_finite, map_sharded, raise_together, step_generator
 from ddp_utils.ema import EMA
@@ -208,6 +209,11 @@ def train(run: Run, method: Method, model: nn.Module) -> Path:
         export(run, method, net, ema, folder, card, last_grid)
         run.tracker.log_folder(folder, "final")
         logger.info("exported %s; pictures in %s", folder, run.tracker.images_dir)
+    if cfg.push_to_hub:  # the export at the repository's root, the best one in best/
+        best = run.output_dir / BEST_DIR
+        folders = {"": folder, **({"best": best} if best.is_dir() else {})}
+        repo_id = hub.hub_repo_id(cfg.hub_model_id, cfg.output_dir)
+        hub.push_to_hub(acc, repo_id, cfg.hub_private, folders)
     run.finish()
     return folder
 

@@ -56,7 +56,8 @@ from ddp_utils.errors import (
     TrainingStopped,
     flag_name,
 )
-from ddp_utils.guard import StepGuard, Verdict
+from ddp_utils.guard import StepGuard, Verdict, watch_launcher
+from ddp_utils.hub import check_can_push, hub_repo_id
 from ddp_utils.lock import RunLock
 from ddp_utils.optim import make_optimizer
 from ddp_utils.tracking import Tracker
@@ -436,6 +437,7 @@ def start_run(cfg: TrainConfig, with_labels: bool = False) -> Run:
         cfg.seed,
     )
     setup_logging(accelerator.is_main_process)
+    watch_launcher()  # under torchrun: stop when the launcher dies (kill -9), not train on
     # The time budget counts from here; signal handlers come with the first step.
     guard = StepGuard(
         accelerator,
@@ -452,6 +454,8 @@ def start_run(cfg: TrainConfig, with_labels: bool = False) -> Run:
             "1node_8gpu_bf16.yaml); every preset here fits one GPU with room to spare."
         )
     output_dir = Path(cfg.output_dir)  # not a file: TrainConfig checked it
+    if cfg.push_to_hub:  # offline or no token: refused now, not after training
+        check_can_push(hub_repo_id(cfg.hub_model_id, cfg.output_dir))
     data = load_image_data(
         cfg.dataset,
         cfg.resolution,
@@ -467,6 +471,9 @@ def start_run(cfg: TrainConfig, with_labels: bool = False) -> Run:
         with_labels=with_labels,
         label_column=cfg.label_column,
     )
+    # Not given: the images' own size and channels (logged by the loading).
+    cfg.channels, cfg.resolution = data.images.shape[1], data.images.shape[-1]
+    cfg.check_image_size()
     # Every rank reads the checkpoint itself (no broadcast of large tensors needed).
     checkpoint = _find_checkpoint_everywhere(accelerator, output_dir / "checkpoints", cfg.resume)
     if checkpoint is None and cfg.resume == "latest" and (output_dir / "checkpoints").exists():

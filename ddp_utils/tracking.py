@@ -17,7 +17,6 @@ import math
 import netrc
 import os
 import uuid
-import warnings
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
@@ -165,10 +164,10 @@ class Tracker:
             # The mode goes to wandb.init explicitly: wandb reads WANDB_MODE only once.
             mode = os.environ.get("WANDB_MODE") or None  # the user's choice wins
             if mode is None and not _wandb_has_credentials():
-                warnings.warn(
-                    "wandb: no API key found (run `wandb login`); logging offline to "
-                    f"{Path(wandb_dir) / 'wandb'} — sync later with `wandb sync`",
-                    stacklevel=2,
+                logger.warning(
+                    "wandb: no API key found (run `wandb login`); logging offline to %s — "
+                    "sync later with `wandb sync`",
+                    Path(wandb_dir) / "wandb",
                 )
                 mode = "offline"
             wandb_kwargs = {
@@ -181,7 +180,7 @@ class Tracker:
                 wandb_kwargs["mode"] = mode
             ok = self._try_init(project, config, {"wandb": wandb_kwargs})
             if not ok and mode not in ("offline", "disabled"):
-                warnings.warn("wandb: online init failed; retrying offline", stacklevel=2)
+                logger.warning("wandb: online init failed; retrying offline")
                 _reset_wandb()  # else the half-started online run keeps its id "in use"
                 wandb_kwargs["mode"] = "offline"
                 # Offline waits on no server, only on wandb-core starting (slow on a busy node).
@@ -194,10 +193,9 @@ class Tracker:
                     wandb_kwargs["id"] = self._new_run_id()
                     ok = self._try_init(project, config, {"wandb": wandb_kwargs})
             if not ok:
-                warnings.warn(
+                logger.warning(
                     "wandb: could not start even offline; continuing without wandb "
-                    "(metrics.jsonl and PNGs are still written)",
-                    stacklevel=2,
+                    "(metrics.jsonl and PNGs are still written)"
                 )
             else:
                 run = self.accelerator.get_tracker("wandb", unwrap=True)

@@ -16,7 +16,7 @@ from typing import ClassVar, Literal
 from ddp_utils.compile import CompileBackend, CompileMode, check_compile_options
 from ddp_utils.config import ForeignFlag, check_choices, option, require
 from ddp_utils.data.load import DataLoading
-from ddp_utils.data.source import check_dataset_name, default_channels, default_resolution
+from ddp_utils.data.source import check_dataset_name
 from ddp_utils.errors import InputError, flag_name
 from ddp_utils.tracking import ReportTo
 
@@ -179,11 +179,11 @@ class TrainConfig:
     max_images: int | None = option(None, "use only the first N images of the dataset")
     resolution: int | None = option(
         None,
-        "training resolution (square; smaller images are upscaled); "
-        "default: the dataset's native size, 32 otherwise",
+        "training resolution (square; smaller images are upscaled); default: the images' most "
+        "common size (shorter side; the built-in digits: 16), printed in the log",
     )
     channels: int | None = option(
-        None, "1 (grayscale) or 3 (RGB); default: 1 for digits/mnist/fashion_mnist, else 3"
+        None, "1 (grayscale) or 3 (RGB); default: what most images are, printed in the log"
     )
     center_crop: bool = option(True, "resize the shorter side then center-crop (else squash)")
     random_flip: bool = option(False, "random horizontal flip (on the device)")
@@ -259,6 +259,15 @@ class TrainConfig:
         False,
         "upload the final and best exports to wandb as model artifacts (offline: synced later)",
     )
+    push_to_hub: bool = option(
+        False,
+        "at the end, upload the export (model card, pictures, weights) and best/ to the Hugging "
+        "Face Hub (needs a token: `hf auth login` or HF_TOKEN; checked at the start)",
+    )
+    hub_model_id: str | None = option(
+        None, "hub repository for --push-to-hub: name or user/name (default: the run dir's name)"
+    )
+    hub_private: bool = option(False, "with --push-to-hub: create the repository private")
     wandb_project: str = option("ddp-diffusion", "wandb project name")
     run_name: str | None = option(None, "wandb run name")
     # Fault tolerance (ddp_utils/guard.py).
@@ -276,16 +285,11 @@ class TrainConfig:
         check_dataset_name(self.dataset)
         if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
             raise InputError(f"{self.output_dir} is a file, not a folder", "output_dir")
-        if self.resolution is None:
-            self.resolution = default_resolution(self.dataset)
-        if self.channels is None:
-            self.channels = default_channels(self.dataset)
         try:
             check_compile_options(self.compile_backend, self.compile_mode)
         except ValueError as err:
             raise InputError(str(err), "compile_mode") from None
-        require(self.resolution >= 4, f"--resolution must be >= 4, got {self.resolution}")
-        require(self.channels in (1, 3), f"--channels must be 1 or 3, got {self.channels}")
+        self.check_image_size()
         for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "log_every"):
             value = getattr(self, name)
             require(value >= 1, f"{flag_name(name)} must be >= 1, got {value}")
@@ -326,6 +330,12 @@ class TrainConfig:
                 parse_duration(self.max_train_time)
             except ValueError as err:
                 raise ValueError(f"--max-train-time {err}") from None
+        for name in ("hub_model_id", "hub_private"):
+            require(
+                self.push_to_hub or not getattr(self, name),
+                f"{flag_name(name)} applies with --push-to-hub only; add it, or drop "
+                f"{flag_name(name)}",
+            )
         require(
             self.max_nonfinite_steps >= 1,
             f"--max-nonfinite-steps must be >= 1, got {self.max_nonfinite_steps}",
@@ -339,3 +349,11 @@ class TrainConfig:
             self.resume in ("latest", "none") or Path(self.resume).is_dir(),
             f"--resume must be latest, none or an existing checkpoint folder, got {self.resume!r}",
         )
+
+    def check_image_size(self) -> None:
+        """--resolution and --channels, as given or once taken from the data (`start_run`)."""
+        require(
+            self.resolution is None or self.resolution >= 4,
+            f"--resolution must be >= 4, got {self.resolution}",
+        )
+        require(self.channels in (None, 1, 3), f"--channels must be 1 or 3, got {self.channels}")

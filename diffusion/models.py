@@ -201,13 +201,15 @@ def _read_preset(preset: str) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
 
 
-def check_ddpm_preset(preset: str, resolution: int) -> dict[str, Any]:
+def check_ddpm_preset(preset: str, resolution: int | None) -> dict[str, Any]:
     """The UNet2DModel arguments of a preset (a name or a JSON file), checked against the
-    resolution without building anything: what a config validates before any compute."""
+    resolution (None: not known yet, taken from the data later) without building anything:
+    what a config validates before any compute."""
     kwargs = _read_preset(preset)
-    # UNet2DModel downsamples after every down block but the last.
-    num_blocks = len(kwargs.get("down_block_types", _UNET_DEFAULT_DOWN_BLOCKS))
-    _check_resolution(resolution, num_downsamples=max(num_blocks - 1, 0))
+    if resolution is not None:
+        # UNet2DModel downsamples after every down block but the last.
+        num_blocks = len(kwargs.get("down_block_types", _UNET_DEFAULT_DOWN_BLOCKS))
+        _check_resolution(resolution, num_downsamples=max(num_blocks - 1, 0))
     return kwargs
 
 

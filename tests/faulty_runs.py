@@ -35,6 +35,9 @@ class Launch:
             "HF_HOME": str(tmp / "hf_home"),  # no user accelerate config
             "OMP_NUM_THREADS": "1",
             "PYTHONUNBUFFERED": "1",
+            # faults.py imports ddp_utils before the script's folder is on sys.path: this
+            # checkout's, not whichever one the environment has installed (editable).
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
         }
         env.pop("WANDB_DIR", None)  # wandb files in <output-dir>/wandb
         command = [str(FAULTS), script, *args]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import struct
 import zlib
@@ -168,6 +169,59 @@ def test_image_folder_grayscale_target(tmp_path):
     data = load(root, tmp_path, resolution=16, channels=1)
     assert data.images.shape == (2, 1, 16, 16)
     assert (data.images == 255).all()  # white stays white; transparent becomes white
+
+
+def test_size_and_channels_come_from_the_images_unless_given(tmp_path, caplog):
+    from datasets import Dataset
+    from datasets import Image as ImageFeature
+
+    gray = tmp_path / "gray"
+    for k in range(3):
+        save(Image.new("L", (20, 20), 60 * k), gray / f"{k}.png")
+    save(Image.new("RGB", (40, 30), (9, 9, 9)), gray / "odd_one.png")  # the majority wins
+    rgb = tmp_path / "rgb"
+    for k in range(2):
+        save(Image.new("RGB", (24, 24), (200, 10 * k, 0)), rgb / f"{k}.jpg")
+    images = [Image.new("L", (12, 12), v) for v in (0, 80)]
+    Dataset.from_dict({"image": images}).cast_column("image", ImageFeature()).save_to_disk(
+        str(tmp_path / "saved")
+    )  # as a hub dataset is: rows of PIL images
+    with caplog.at_level(logging.INFO, logger="ddp_diffusion"):
+        assert load(gray, tmp_path, resolution=None, channels=None).images.shape == (4, 1, 20, 20)
+    assert "images: 20x20 (3 of 4 images sampled" in caplog.text
+    assert "1 channel(s) (3 of 4 are grayscale)" in caplog.text
+    assert load(rgb, tmp_path, resolution=None, channels=None).images.shape == (2, 3, 24, 24)
+    saved = load(tmp_path / "saved", tmp_path, resolution=None, channels=None)
+    assert saved.images.shape == (2, 1, 12, 12)
+    assert load("digits", tmp_path, resolution=None, channels=None).images.shape[1:] == (1, 16, 16)
+    # Explicit values win, each on its own.
+    assert load(gray, tmp_path, resolution=8, channels=3).images.shape == (4, 3, 8, 8)
+    assert load(gray, tmp_path, resolution=None, channels=3).images.shape == (4, 3, 20, 20)
+    assert load(rgb, tmp_path, resolution=16, channels=None).images.shape == (2, 3, 16, 16)
+
+
+def test_a_training_run_takes_its_size_and_channels_from_the_images(tmp_path):
+    import yaml
+
+    import train_basic
+    from tests.tiny_runs import fresh_accelerate_state
+
+    folder = tmp_path / "gray"
+    for k in range(4):
+        save(Image.new("L", (20, 20), 60 * k), folder / f"{k}.png")
+    common = ["--dataset", str(folder), "--max-steps", "1", "--batch-size", "4",
+              "--sample-every", "0", "--num-sample-images", "1", "--sample-steps", "1",
+              "--report-to", "none"]  # fmt: skip
+    for name, flags, expected in (
+        ("default", [], (20, 1)),
+        ("given", ["--resolution", "8", "--channels", "3"], (8, 3)),
+    ):
+        fresh_accelerate_state()
+        train_basic.main([*common, *flags, "--output-dir", str(tmp_path / name)])
+        config = yaml.safe_load((tmp_path / name / "config.yaml").read_text())
+        assert (config["resolution"], config["channels"]) == expected
+        task = json.loads((tmp_path / name / "model" / "task.json").read_text())
+        assert task["resolution"] == expected[0]
 
 
 def test_small_images_are_upscaled_and_counted(tmp_path, caplog):

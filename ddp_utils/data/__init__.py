@@ -16,7 +16,6 @@ from ddp_utils.data.batches import (
     to_float,
 )
 from ddp_utils.data.load import DataLoading, ImageData, StreamSource, load_image_data
-from ddp_utils.data.source import default_channels, default_resolution
 
 __all__ = [
     "Batch",
@@ -27,8 +26,6 @@ __all__ = [
     "StreamSource",
     "StreamingBatches",
     "batch_indices",
-    "default_channels",
-    "default_resolution",
     "load_image_data",
     "make_batches",
     "to_float",

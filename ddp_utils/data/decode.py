@@ -116,6 +116,52 @@ def raw_images(ds: Any, image_column: str) -> Any:
     return ds.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
 
 
+SHAPE_SAMPLE_ROWS = 1000  # rows whose headers decide the default size and channels
+GRAYSCALE_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+def common_shape(ds: Any, image_column: str) -> tuple[int, int, str] | None:
+    """(size, channels, a line for the log) most common among the images: the shorter side,
+    and 1 for grayscale modes (a palette of grays included), else 3.
+
+    Reads the headers (no pixels) of up to SHAPE_SAMPLE_ROWS rows spread evenly over the
+    dataset, the same rows on every rank. None when none of them can be read.
+    """
+    num_rows = len(ds)
+    rows = sorted({k * num_rows // SHAPE_SAMPLE_ROWS for k in range(SHAPE_SAMPLE_ROWS)})
+    sizes: dict[int, int] = {}
+    channels: dict[int, int] = {}
+    for value in raw_images(ds.select(rows), image_column)[image_column]:
+        try:
+            data, path = value.get("bytes"), value.get("path")
+            with Image.open(io.BytesIO(data)) if data else Image.open(path) as image:
+                side, gray = min(image.size), _is_gray(image)
+        except Exception:  # noqa: BLE001 - unreadable files are skipped (and named) by decoding
+            continue
+        sizes[side] = sizes.get(side, 0) + 1
+        channels[1 if gray else 3] = channels.get(1 if gray else 3, 0) + 1
+    if not sizes:
+        return None
+    size, num_size = max(sizes.items(), key=lambda item: (item[1], item[0]))
+    num_channels, num_mode = max(channels.items(), key=lambda item: (item[1], item[0]))
+    total = sum(sizes.values())
+    line = (
+        f"{size}x{size} ({num_size} of {total} images sampled have that shorter side), "
+        f"{num_channels} channel(s) ({num_mode} of {total} are "
+        f"{'grayscale' if num_channels == 1 else 'in colour'})"
+    )
+    return size, num_channels, line
+
+
+def _is_gray(image: Image.Image) -> bool:
+    if image.mode == "P":
+        palette = image.getpalette() or []
+        return all(
+            palette[i] == palette[i + 1] == palette[i + 2] for i in range(0, len(palette) - 2, 3)
+        )
+    return image.mode in GRAYSCALE_MODES
+
+
 def decode_all(
     ds: Any, image_column: str, resolution: int, channels: int, center_crop: bool
 ) -> tuple[np.ndarray, list[str], int, np.ndarray]:

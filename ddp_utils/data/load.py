@@ -22,6 +22,7 @@ from accelerate import Accelerator
 
 from ddp_utils.data.decode import (
     CACHE_VERSION,
+    common_shape,
     decode_all,
     default_cache_dir,
     read_cache,
@@ -134,8 +135,8 @@ def choose_data_loading(mode: DataLoading, num_rows: int, resolution: int, chann
 
 def load_image_data(
     dataset: str,
-    resolution: int,
-    channels: int,
+    resolution: int | None,
+    channels: int | None,
     dataset_config: str | None = None,
     split: str = "train",
     image_column: str | None = None,
@@ -153,10 +154,13 @@ def load_image_data(
     `batch_size` (per device) only serves the check that a batch fits in memory. With
     `with_labels`, the class of every image comes along (`label_column`, else the dataset's
     one ClassLabel column), and a dataset without labels is an error.
+
+    `resolution` / `channels` None: the images' most common size and mode (logged); the
+    decoded images' shape says what was chosen.
     """
-    if channels not in (1, 3):
+    if channels is not None and channels not in (1, 3):
         raise InputError(f"must be 1 or 3, got {channels}", "channels")
-    if resolution < 4:
+    if resolution is not None and resolution < 4:
         raise InputError(f"must be at least 4, got {resolution}", "resolution")
     source = load_source(dataset, dataset_config, split)
     ds = source.dataset
@@ -165,6 +169,8 @@ def load_image_data(
     column = detect_image_column(ds, image_column)
     if max_images is not None:
         ds = ds.select(range(min(max_images, len(ds))))
+    if resolution is None or channels is None:
+        resolution, channels = _shape_from_images(ds, column, source, resolution, channels)
     row_labels, class_names = _read_labels(ds, label_column) if with_labels else (None, None)
     key = {
         "version": CACHE_VERSION,
@@ -220,6 +226,27 @@ def load_image_data(
         labels=None if row_labels is None else row_labels[torch.from_numpy(rows)],
         class_names=class_names,
     )
+
+
+def _shape_from_images(
+    ds: Any, column: str, source: Source, resolution: int | None, channels: int | None
+) -> tuple[int, int]:
+    """Fill the size and channels not given from the images (logged); at least 4 pixels."""
+    found = common_shape(ds, column)
+    if found is None:  # nothing readable: decoding says so, naming the files
+        return resolution or source.resolution or 32, channels or 3
+    size, num_channels, line = found
+    if resolution is None:
+        resolution = source.resolution or max(size, 4)
+    channels = channels or num_channels
+    logger.info(
+        "images: %s; training at %dx%d with %d channel(s) (--resolution/--channels to change)",
+        line,
+        resolution,
+        resolution,
+        channels,
+    )
+    return resolution, channels
 
 
 def _read_labels(ds: Any, label_column: str | None) -> tuple[torch.Tensor, list[str]]:

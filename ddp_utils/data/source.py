@@ -31,16 +31,9 @@ HUB_ALIASES = {
     "fashion_mnist": "zalando-datasets/fashion_mnist",
     "cifar10": "uoft-cs/cifar10",
 }
-NATIVE_RESOLUTION = {"digits": 16, "mnist": 28, "fashion_mnist": 28, "cifar10": 32}
-GRAYSCALE_SOURCES = {"digits", "mnist", "fashion_mnist"}
-
-
-def default_resolution(dataset: str) -> int:
-    return NATIVE_RESOLUTION.get(dataset, 32)
-
-
-def default_channels(dataset: str) -> int:
-    return 1 if dataset in GRAYSCALE_SOURCES else 3
+# The built-in digits are 8x8: trained at 16 (upscaled 2x) unless --resolution says otherwise,
+# the size the presets and the README's figures assume. Other sources: the images' own size.
+DIGITS_RESOLUTION = 16
 
 
 @dataclass
@@ -50,6 +43,7 @@ class Source:
     dataset: Any  # datasets.Dataset
     fingerprint: str  # content identity: keys caches
     description: str  # for people: "image folder data/x", "hub dataset ylecun/mnist (train)"
+    resolution: int | None = None  # the default training size, if not the images' own
 
 
 def check_dataset_name(dataset: str) -> None:
@@ -68,7 +62,9 @@ def load_source(dataset: str, dataset_config: str | None = None, split: str = "t
     """The HF dataset behind a `dataset` name or path (not decoded)."""
 
     if dataset == "digits":
-        return Source(_digits(), "sklearn-digits-v1", "scikit-learn digits (built in)")
+        return Source(
+            _digits(), "sklearn-digits-v1", "scikit-learn digits (built in)", DIGITS_RESOLUTION
+        )
     check_dataset_name(dataset)
     path = Path(dataset).expanduser()
     if path.is_dir():

@@ -8,10 +8,13 @@
 
 - kill: SIGKILL every process of the run (the launcher and all workers; torchrun puts each
   worker in its own session, so killing one process group is not enough). Workers record
-  their pids in `$FAULT_PID_DIR`.
+  their pids in `$FAULT_PID_DIR` (and, when they exit, their exit status: worker-R.exit).
 - term / usr1 / int: send SIGTERM / SIGUSR1 / SIGINT to this worker only.
 - int-twice: two SIGINTs (Ctrl-C Ctrl-C): quit at once.
-- term-launcher / usr1-launcher: send it to the launcher (the worker's parent).
+- term-launcher / usr1-launcher / int-launcher: send it to the launcher (the worker's parent;
+  int-launcher: Ctrl-C in the launcher's terminal).
+- kill-launcher: SIGKILL the launcher alone (its workers live on, orphaned).
+- die: SIGKILL this worker alone (its peers find it gone at their next collective).
 - nan: this micro-batch's images become NaN on this rank (so its loss is non-finite).
 - nan-from: every micro-batch from N on is NaN on this rank.
 - kill-in-save: SIGKILL everything while checkpoint-N is half written (after its first file).
@@ -74,8 +77,13 @@ def get(self, micro_step: int, generator):
         elif kind == "int-twice":
             os.kill(os.getpid(), signal.SIGINT)
             os.kill(os.getpid(), signal.SIGINT)
-        elif kind in ("term-launcher", "usr1-launcher"):
-            os.kill(os.getppid(), signal.SIGTERM if kind == "term-launcher" else signal.SIGUSR1)
+        elif kind in ("term-launcher", "usr1-launcher", "int-launcher"):
+            signum = {"term": signal.SIGTERM, "usr1": signal.SIGUSR1, "int": signal.SIGINT}
+            os.kill(os.getppid(), signum[kind.removesuffix("-launcher")])
+        elif kind == "kill-launcher":
+            os.kill(os.getppid(), signal.SIGKILL)
+        elif kind == "die":
+            os.kill(os.getpid(), signal.SIGKILL)
     batch = original_get(self, micro_step, generator)
     if nan:
         batch.images = batch.images * float("nan")
@@ -115,4 +123,14 @@ if __name__ == "__main__":
     (PID_DIR / f"worker-{RANK}.pid").write_text(str(os.getpid()))
     sys.argv = sys.argv[1:]
     sys.path.insert(0, str(Path(sys.argv[0]).resolve().parent))
-    runpy.run_path(sys.argv[0], run_name="__main__")
+    status: object = 0
+    try:
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    except SystemExit as done:
+        status = done.code or 0
+        raise
+    except BaseException:
+        status = 1
+        raise
+    finally:
+        (PID_DIR / f"worker-{RANK}.exit").write_text(str(status))
