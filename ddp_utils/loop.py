@@ -238,6 +238,8 @@ def optimizer_step(
     losses = []
     for micro in range(cfg.gradient_accumulation_steps):
         micro_step = step * cfg.gradient_accumulation_steps + micro
+        if cfg.compile:  # a new forward/backward: CUDA-graph outputs of the last one are free
+            torch.compiler.cudagraph_mark_step_begin()
         generator = step_generator(cfg.seed, micro_step, acc.process_index, acc.device)
         batch = batches.get(micro_step, generator)
         with acc.accumulate(model), acc.autocast():
