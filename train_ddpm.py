@@ -1,7 +1,7 @@
 r"""Train a diffusion model: DDPM (v- or noise prediction over 1000 timesteps) or EDM (Karras et al.
 2022's preconditioned denoiser), with EMA, sample grids and an export diffusers loads.
 
-    # built-in digits on a CPU (the README's main job, ~11 minutes on 2 cores):
+    # built-in digits on a CPU (the README's main job, ~12 minutes on 2 cores):
     python train_ddpm.py
     # the same data and budget with the EDM objective (Heun sampler, 18 steps):
     python train_ddpm.py --objective edm --output-dir runs/edm
@@ -97,7 +97,7 @@ NUM_LOSS_BINS = 4  # the loss is also logged per quarter of the noise levels: lo
 
 @dataclass
 class DDPMConfig(TrainConfig):
-    """DDPM or EDM training; defaults make readable digits in ~11 minutes on a 2-core CPU."""
+    """DDPM or EDM training; defaults make readable digits in ~12 minutes on a 2-core CPU."""
 
     objective: Objective = option(
         "ddpm",
