@@ -27,6 +27,7 @@ from ddp_utils.distributed import all_finite
 from ddp_utils.errors import InputError
 from diffusion.ddpm import SCHEDULE_DEFAULTS, BetaSchedule, PredictionType
 from diffusion.loading import LoadedModel
+from diffusion.networks import backbone_of
 
 # owner/name as the hub spells it; a path that exists locally always wins over this reading.
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -88,7 +89,7 @@ def check_init_model(
     problems = []
     if loaded.task not in ("ddpm", "edm"):
         problems.append(
-            f"it is a {loaded.task} model; train_ddpm.py fine-tunes DDPM and EDM UNets "
+            f"it is a {loaded.task} model; train_ddpm.py fine-tunes DDPM and EDM networks "
             "(train_basic.py trains the basic model)"
         )
     elif loaded.task != objective:
@@ -97,9 +98,11 @@ def check_init_model(
             f"{objective}: pass --objective {loaded.task}"
         )
     config = loaded.model.config
-    if type(loaded.model).__name__ != "UNet2DModel":
-        problems.append(f"its network is a {type(loaded.model).__name__}, not a UNet2DModel")
-    elif int(config.out_channels) != int(config.in_channels):
+    if backbone_of(loaded.model) == "basic":
+        problems.append(
+            f"its network is a {type(loaded.model).__name__}, not a UNet2DModel or a DiT"
+        )
+    elif int(config.out_channels or config.in_channels) != int(config.in_channels):
         problems.append(
             f"it predicts {config.out_channels} channels from {config.in_channels} (a learned "
             "variance?); only networks whose output has the input's channels are supported"
