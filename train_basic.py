@@ -62,6 +62,7 @@ class BasicConfig(TrainConfig):
 
 def train(cfg: BasicConfig) -> Run:
     run = start_run(cfg)
+    cfg.freeze()
     model = build_basic_model(cfg.model, cfg.resolution, cfg.channels)
     loop.train(run, BASIC.method(run), model)
     return run

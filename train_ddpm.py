@@ -26,34 +26,27 @@ import sys
 if __name__ == "__main__":  # Ctrl-C while the libraries below load (~10 s): exit 130 quietly
     signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
 
-import logging
 from dataclasses import dataclass
-from typing import Any, Literal
-
-from torch import nn
+from typing import Literal
 
 from ddp_utils import loop
 from ddp_utils.cli import cli_main
 from ddp_utils.config import option, parse_config, require
-from ddp_utils.distributed import main_process_first
-from ddp_utils.errors import InputError
 from ddp_utils.run import Run, start_run
 from ddp_utils.train_config import TrainConfig
-from diffusion.ddpm import SCHEDULE_DEFAULTS, BetaSchedule, PredictionType, make_train_scheduler
-from diffusion.edm import make_edm_scheduler
+from diffusion.conditioning import ConditioningOptions
+from diffusion.ddpm import SCHEDULE_DEFAULTS
 from diffusion.kinds import kind_named
-from diffusion.loading import load_for_sampling
+from diffusion.kinds.ddpm import DDPMOptions
+from diffusion.kinds.edm import EDMOptions
 from diffusion.networks import (
-    BACKBONE_CLASSES,
     DEFAULT_PRESETS,
     Backbone,
     backbone_of,
-    build_backbone,
     check_preset,
-    prepare_loaded,
     preset_backbone,
 )
-from diffusion.pretrained import check_init_model, resolve_model_source, training_schedule
+from diffusion.pretrained import initial_network
 from diffusion.sampling import (
     DEFAULT_DDIM_ETA,
     DEFAULT_SAMPLER,
@@ -62,13 +55,14 @@ from diffusion.sampling import (
     SamplerName,
 )
 
-logger = logging.getLogger("ddp_diffusion")
 Objective = Literal["ddpm", "edm"]
 
 
 @dataclass
-class DDPMConfig(TrainConfig):
-    """DDPM or EDM training; defaults make readable digits in ~12 minutes on a 2-core CPU."""
+class DDPMConfig(ConditioningOptions, EDMOptions, DDPMOptions, TrainConfig):
+    """DDPM or EDM training; defaults make readable digits in ~12 minutes on a 2-core CPU. Each
+    objective's own options are its kind's section (diffusion/kinds/), as is class
+    conditioning's (diffusion/conditioning.py)."""
 
     objective: Objective = option(
         "ddpm",
@@ -94,41 +88,6 @@ class DDPMConfig(TrainConfig):
         "diffusers DDPMPipeline or UNet2DModel folder, a checkpoint, or a hub id such as "
         "google/ddpm-cifar10-32; its size, channels and classes must match the data, and its "
         "noise schedule is used unless given here. A run with checkpoints resumes instead",
-    )
-    # DDPM (--objective ddpm); unset: --init-from's, else the defaults shown.
-    prediction_type: PredictionType | None = option(
-        None, f"DDPM: network target (default: {SCHEDULE_DEFAULTS['prediction_type']})"
-    )
-    beta_schedule: BetaSchedule | None = option(
-        None, f"DDPM: noise schedule (default: {SCHEDULE_DEFAULTS['beta_schedule']})"
-    )
-    num_train_timesteps: int | None = option(
-        None, f"DDPM: diffusion timesteps T (default: {SCHEDULE_DEFAULTS['num_train_timesteps']})"
-    )
-    min_snr_gamma: float | None = option(
-        None, "DDPM: min-SNR-gamma loss weighting (e.g. 5); none: off"
-    )
-    # EDM (--objective edm); the paper's CIFAR-10 values.
-    p_mean: float = option(-1.2, "EDM: training noise levels have ln(sigma) ~ N(p_mean, p_std^2)")
-    p_std: float = option(1.2, "EDM: see --p-mean")
-    sigma_data: float = option(0.5, "EDM: standard deviation of the data (pixels in [-1, 1])")
-    sigma_min: float = option(0.002, "EDM: the sampler's lowest noise level")
-    sigma_max: float = option(80.0, "EDM: the sampler's highest noise level (its start)")
-    rho: float = option(7.0, "EDM: spacing of the sampler's noise levels (7: dense near 0)")
-    # Class-conditional generation with classifier-free guidance (Ho & Salimans 2022).
-    class_conditional: bool = option(
-        False,
-        "train on the dataset's class labels (digits, MNIST, CIFAR-10, an image folder with one "
-        "subfolder per class) and sample with classifier-free guidance",
-    )
-    label_dropout: float = option(
-        0.1, "class-conditional: share of labels replaced by 'no class' (what guidance needs)"
-    )
-    sample_guidance_scale: float = option(
-        1.5,
-        "class-conditional: guidance w of the grids and --eval-every, stored in the export "
-        "(0: unconditional, 1: conditional, > 1: more like the class; 1.5 measured best on "
-        "digits: FID as w = 1, the asked class 99.8% of the time)",
     )
     # Training.
     learning_rate: float = option(4e-4, "peak learning rate")
@@ -167,7 +126,12 @@ class DDPMConfig(TrainConfig):
             self.sample_eta = DEFAULT_DDIM_ETA if self.sample_scheduler == "ddim" else 0.0
         super().__post_init__()
         if self.objective == "edm":
-            self._check_edm()
+            for name, value in {**SCHEDULE_DEFAULTS, "min_snr_gamma": None}.items():
+                require(
+                    getattr(self, name) in (None, value),
+                    f"--{name.replace('_', '-')} applies to --objective ddpm only",
+                )
+            self.check_edm_options()
         if self.init_from is None:
             implied = None if self.preset is None else preset_backbone(self.preset)
             self.backbone = self.backbone or implied or "unet"
@@ -183,14 +147,7 @@ class DDPMConfig(TrainConfig):
             for name, value in SCHEDULE_DEFAULTS.items():
                 if getattr(self, name) is None:
                     setattr(self, name, value)
-        require(
-            self.num_train_timesteps is None or self.num_train_timesteps >= 2,
-            f"--num-train-timesteps must be >= 2, got {self.num_train_timesteps}",
-        )
-        require(
-            self.min_snr_gamma is None or self.min_snr_gamma > 0,
-            f"--min-snr-gamma must be > 0 or none, got {self.min_snr_gamma}",
-        )
+        self.check_ddpm_options()
         samplers = SAMPLERS_BY_TASK[self.objective]
         require(
             self.sample_scheduler in samplers,
@@ -202,105 +159,15 @@ class DDPMConfig(TrainConfig):
             self.sample_eta == 0 or self.sample_scheduler == "ddim",
             f"--sample-eta applies to --sample-scheduler ddim only, got {self.sample_scheduler}",
         )
-        require(
-            0 <= self.label_dropout < 1,
-            f"--label-dropout must be in [0, 1), got {self.label_dropout}",
-        )
-        require(
-            self.sample_guidance_scale >= 0,
-            f"--sample-guidance-scale must be >= 0, got {self.sample_guidance_scale}",
-        )
-
-    def _check_edm(self) -> None:
-        for name, value in {**SCHEDULE_DEFAULTS, "min_snr_gamma": None}.items():
-            require(
-                getattr(self, name) in (None, value),
-                f"--{name.replace('_', '-')} applies to --objective ddpm only",
-            )
-        require(self.p_std > 0, f"--p-std must be > 0, got {self.p_std}")
-        require(self.sigma_data > 0, f"--sigma-data must be > 0, got {self.sigma_data}")
-        require(
-            0 < self.sigma_min < self.sigma_max,
-            f"--sigma-min and --sigma-max need 0 < min < max, got {self.sigma_min}, "
-            f"{self.sigma_max}",
-        )
-        require(self.rho > 0, f"--rho must be > 0, got {self.rho}")
-
-
-def take_schedule(cfg: DDPMConfig, scheduler_config: dict[str, Any], source: str) -> None:
-    """Fill the schedule flags not given from a model's scheduler config."""
-    given = {name: getattr(cfg, name) for name in SCHEDULE_DEFAULTS}
-    for name, value in training_schedule(given, scheduler_config, source).items():
-        setattr(cfg, name, value)
-
-
-def initial_model(run: Run) -> nn.Module:
-    """A new network of --preset, or --init-from's trained one (checked against the data; its
-    noise schedule fills the schedule flags not given). A run that has checkpoints resumes:
-    the network and schedule are then the checkpoint's and --init-from is not read."""
-    cfg = run.cfg
-    if cfg.init_from is None:
-        return build_backbone(
-            cfg.backbone, cfg.preset, cfg.resolution, cfg.channels, run.data.num_classes
-        )
-    if run.checkpoint is not None:
-        state = run.checkpoint.state
-        if cfg.objective == "ddpm":
-            take_schedule(cfg, state.get("scheduler_config") or {}, str(run.checkpoint.path))
-        logger.info("resuming %s: --init-from %s is not read", run.checkpoint.path, cfg.init_from)
-        network_class = BACKBONE_CLASSES[state.get("model_class", "UNet2DModel")]
-        return prepare_loaded(network_class.from_config(state["model_config"]))
-    source = main_process_first(
-        run.accelerator,
-        lambda: resolve_model_source(cfg.init_from, "init_from"),
-        InputError(f"{cfg.init_from} could not be found (the main process says why)", "init_from"),
-    )
-    try:
-        loaded = load_for_sampling(source, "ema")
-    except (FileNotFoundError, ValueError) as err:
-        raise InputError(f"{cfg.init_from} cannot be loaded: {err}", "init_from") from err
-    check_init_model(
-        loaded,
-        cfg.init_from,
-        objective=cfg.objective,
-        resolution=cfg.resolution,
-        channels=cfg.channels,
-        num_classes=run.data.num_classes,
-    )
-    backbone = backbone_of(loaded.model)
-    if cfg.backbone not in (None, backbone):
-        raise InputError(
-            f"{cfg.init_from} is a {backbone} network: drop --backbone {cfg.backbone}", "backbone"
-        )
-    cfg.backbone = backbone
-    if cfg.objective == "edm":
-        sigma_data = (loaded.scheduler_config or {}).get("sigma_data", cfg.sigma_data)
-        if sigma_data != cfg.sigma_data:
-            raise InputError(
-                f"{cfg.init_from} was trained with --sigma-data {sigma_data}: pass it",
-                "init_from",
-            )
-    else:
-        take_schedule(cfg, loaded.scheduler_config or {}, cfg.init_from)
-    logger.info("starting from the weights of %s (%s)", cfg.init_from, source)
-    # The same network as a fresh one would be (no loading metadata in its config), so the
-    # checkpoints of this run describe it as resume rebuilds it.
-    config = {k: v for k, v in loaded.model.config.items() if not k.startswith("_")}
-    model = prepare_loaded(type(loaded.model).from_config(config))
-    model.load_state_dict(loaded.model.state_dict())
-    return model
+        self.check_conditioning_options()
 
 
 def train(cfg: DDPMConfig) -> Run:
     run = start_run(cfg, with_labels=cfg.class_conditional)
-    model = initial_model(run)
-    if cfg.objective == "edm":
-        scheduler = make_edm_scheduler(cfg.sigma_data, cfg.sigma_min, cfg.sigma_max, cfg.rho)
-    else:
-        scheduler = make_train_scheduler(
-            cfg.beta_schedule, cfg.num_train_timesteps, cfg.prediction_type
-        )
-    method = kind_named(cfg.objective, "--objective").method(run, scheduler, backbone_of(model))
+    model = initial_network(run)
+    cfg.freeze()
+    kind = kind_named(cfg.objective, "--objective")
+    method = kind.method(run, kind.train_scheduler(cfg), backbone_of(model))
     loop.train(run, method, model)
     return run
 

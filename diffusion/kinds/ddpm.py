@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +14,21 @@ import torch
 from diffusers import DDPMPipeline, DDPMScheduler
 from torch import nn
 
+from ddp_utils.config import option, require
 from ddp_utils.data import Batch, to_float
 from ddp_utils.images import make_grid, to_uint8
 from ddp_utils.metrics import MetricWindow
 from ddp_utils.model_card import CardFacts
 from ddp_utils.run import Run
-from diffusion.ddpm import VALUE_RANGE, NoiseTables, diffusion_loss
+from diffusion.ddpm import (
+    SCHEDULE_DEFAULTS,
+    VALUE_RANGE,
+    BetaSchedule,
+    NoiseTables,
+    PredictionType,
+    diffusion_loss,
+    make_train_scheduler,
+)
 from diffusion.kinds.common import (
     NETWORK_CLASSES,
     NUM_LOSS_BINS,
@@ -41,6 +51,43 @@ from diffusion.sampling import (
     network_denoiser,
     sample_ddpm,
 )
+
+DDPM_SECTION = "DDPM objective (--objective ddpm; unset: --init-from's, else the defaults)"
+
+
+@dataclass
+class DDPMOptions:
+    """The DDPM objective's section of the training config."""
+
+    prediction_type: PredictionType | None = option(
+        None,
+        f"network target (default: {SCHEDULE_DEFAULTS['prediction_type']})",
+        section=DDPM_SECTION,
+    )
+    beta_schedule: BetaSchedule | None = option(
+        None,
+        f"noise schedule (default: {SCHEDULE_DEFAULTS['beta_schedule']})",
+        section=DDPM_SECTION,
+    )
+    num_train_timesteps: int | None = option(
+        None,
+        f"diffusion timesteps T (default: {SCHEDULE_DEFAULTS['num_train_timesteps']})",
+        section=DDPM_SECTION,
+    )
+    min_snr_gamma: float | None = option(
+        None, "min-SNR-gamma loss weighting (e.g. 5); none: off", section=DDPM_SECTION
+    )
+
+    def check_ddpm_options(self) -> None:
+        require(
+            self.num_train_timesteps is None or self.num_train_timesteps >= 2,
+            f"--num-train-timesteps must be >= 2, got {self.num_train_timesteps}",
+        )
+        require(
+            self.min_snr_gamma is None or self.min_snr_gamma > 0,
+            f"--min-snr-gamma must be > 0 or none, got {self.min_snr_gamma}",
+        )
+
 
 TARGETS = {  # what a DDPM network is trained to predict, in words
     "epsilon": "the noise (epsilon)",
@@ -81,6 +128,10 @@ class DDPMKind:
             )  # fmt: skip
 
         return draw
+
+    def train_scheduler(self, cfg: Any) -> DDPMScheduler:
+        """The noise schedule of a run's config (the flags resolved, --init-from's filled)."""
+        return make_train_scheduler(cfg.beta_schedule, cfg.num_train_timesteps, cfg.prediction_type)
 
     def method(self, run: Run, scheduler: DDPMScheduler, backbone: str) -> DDPMMethod:
         return DDPMMethod(run, scheduler, backbone)

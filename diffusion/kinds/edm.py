@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +14,20 @@ import torch
 from diffusers import EDMEulerScheduler
 from torch import nn
 
+from ddp_utils.config import option, require
 from ddp_utils.data import Batch, to_float
 from ddp_utils.images import make_grid, to_uint8
 from ddp_utils.metrics import MetricWindow
 from ddp_utils.model_card import CardFacts
 from ddp_utils.run import Run
-from diffusion.edm import VALUE_RANGE, edm_denoiser, edm_loss, sample_edm, sample_noise_levels
+from diffusion.edm import (
+    VALUE_RANGE,
+    edm_denoiser,
+    edm_loss,
+    make_edm_scheduler,
+    sample_edm,
+    sample_noise_levels,
+)
 from diffusion.kinds.common import (
     NETWORK_CLASSES,
     NetworkMethod,
@@ -34,6 +43,38 @@ from diffusion.kinds.common import (
 from diffusion.kinds.registry import Draw, SamplerChoice, register
 from diffusion.pipeline_code.pipelines import EDMPipeline
 from diffusion.sampling import DEFAULT_STEPS, EDM_SAMPLERS
+
+EDM_SECTION = "EDM objective (--objective edm; the paper's CIFAR-10 values)"
+
+
+@dataclass
+class EDMOptions:
+    """The EDM objective's section of the training config."""
+
+    p_mean: float = option(
+        -1.2, "training noise levels have ln(sigma) ~ N(p_mean, p_std^2)", section=EDM_SECTION
+    )
+    p_std: float = option(1.2, "see --p-mean", section=EDM_SECTION)
+    sigma_data: float = option(
+        0.5, "standard deviation of the data (pixels in [-1, 1])", section=EDM_SECTION
+    )
+    sigma_min: float = option(0.002, "the sampler's lowest noise level", section=EDM_SECTION)
+    sigma_max: float = option(
+        80.0, "the sampler's highest noise level (its start)", section=EDM_SECTION
+    )
+    rho: float = option(
+        7.0, "spacing of the sampler's noise levels (7: dense near 0)", section=EDM_SECTION
+    )
+
+    def check_edm_options(self) -> None:
+        require(self.p_std > 0, f"--p-std must be > 0, got {self.p_std}")
+        require(self.sigma_data > 0, f"--sigma-data must be > 0, got {self.sigma_data}")
+        require(
+            0 < self.sigma_min < self.sigma_max,
+            f"--sigma-min and --sigma-max need 0 < min < max, got {self.sigma_min}, "
+            f"{self.sigma_max}",
+        )
+        require(self.rho > 0, f"--rho must be > 0, got {self.rho}")
 
 
 class EDMKind:
@@ -77,6 +118,10 @@ class EDMKind:
             )
 
         return draw
+
+    def train_scheduler(self, cfg: Any) -> EDMEulerScheduler:
+        """The export's scheduler: its config carries the EDM constants the sampler needs."""
+        return make_edm_scheduler(cfg.sigma_data, cfg.sigma_min, cfg.sigma_max, cfg.rho)
 
     def method(self, run: Run, scheduler: EDMEulerScheduler, backbone: str) -> EDMMethod:
         return EDMMethod(run, scheduler, backbone)
