@@ -42,7 +42,7 @@ from accelerate import Accelerator
 
 from ddp_utils.checkpoint import STATE_FILE
 from ddp_utils.cli import cli_main, setup_logging
-from ddp_utils.compile import CompileBackend, CompileMode, check_compile_options, compile_network
+from ddp_utils.compile import CompileBackend, CompileMode, check_compile_options
 from ddp_utils.config import option, parse_config, require, save_config
 from ddp_utils.data import load_image_data
 from ddp_utils.data.source import NATIVE_RESOLUTION
@@ -124,7 +124,9 @@ class SampleConfig:
     weights: Weights = option("ema", "EMA or raw weights (exports without raw weights: EMA)")
     mixed_precision: MixedPrecision = option("no", "autocast dtype of the network")
     compile: bool = option(
-        False, "torch.compile the network (each batch size compiles once; inductor's cache)"
+        False,
+        "torch.compile the denoiser: the network, guidance's batched pair and EDM's "
+        "preconditioning in one graph (each batch size compiles once; inductor's cache)",
     )
     compile_backend: CompileBackend = option("inductor", "torch.compile backend")
     compile_mode: CompileMode = option(
@@ -258,6 +260,7 @@ def make_chunk_fn(
         device=device,
         dtype=DTYPES[cfg.mixed_precision],
         guidance_scale=guidance,
+        compile=(cfg.compile_backend, cfg.compile_mode) if cfg.compile else None,
     )
     progression: list[torch.Tensor] = []  # x_t of the first 8 samples, every 1/10 of the steps
     nonfinite: list[int] = []
@@ -469,8 +472,6 @@ def sample(cfg: SampleConfig) -> np.ndarray:
             warn_if_resized(cfg, loaded)
     reference = None if extractor is None else reference_stats(cfg, loaded, extractor, accelerator)
     loaded.model.to(accelerator.device).eval()
-    if cfg.compile:
-        compile_network(loaded.model, cfg.compile_backend, cfg.compile_mode)
     chunk, progression, nonfinite = make_chunk_fn(
         cfg, loaded, accelerator.device, choice, cycle, guidance
     )

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ddp_utils.compile import compile_network
 from ddp_utils.data import Batch, to_float
 from ddp_utils.images import make_grid, to_uint8
 from ddp_utils.metrics import MetricWindow
@@ -45,7 +46,11 @@ class BasicKind:
         device: torch.device | str,
         dtype: torch.dtype = torch.float32,
         guidance_scale: float = 1.0,
+        compile: tuple[str, str] | None = None,
     ) -> Draw:
+        if compile is not None:  # the network is the whole denoiser
+            compile_network(net, *compile)
+
         def draw(indices, labels, every):
             return sample_basic(net, choice.steps, shape, indices, seed, device, dtype), []
 

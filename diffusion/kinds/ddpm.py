@@ -14,6 +14,7 @@ import torch
 from diffusers import DDPMPipeline, DDPMScheduler
 from torch import nn
 
+from ddp_utils.compile import compile_function
 from ddp_utils.config import option, require
 from ddp_utils.data import Batch, to_float
 from ddp_utils.images import make_grid, to_uint8
@@ -117,14 +118,18 @@ class DDPMKind:
         device: torch.device | str,
         dtype: torch.dtype = torch.float32,
         guidance_scale: float = 1.0,
+        compile: tuple[str, str] | None = None,
     ) -> Draw:
         scheduler = make_inference_scheduler(choice.name, scheduler_config or {})
 
         def draw(indices, labels, every):
             labels = None if labels is None else labels.to(device)
+            model_output = network_denoiser(net, labels, guidance_scale, dtype)
+            if compile is not None:
+                model_output = compile_function(model_output, *compile)
             return sample_ddpm(
-                network_denoiser(net, labels, guidance_scale, dtype), scheduler, shape, indices,
-                seed, choice.steps, choice.eta, device, every,
+                model_output, scheduler, shape, indices, seed, choice.steps, choice.eta, device,
+                every,
             )  # fmt: skip
 
         return draw

@@ -14,6 +14,7 @@ import torch
 from diffusers import EDMEulerScheduler
 from torch import nn
 
+from ddp_utils.compile import compile_function
 from ddp_utils.config import option, require
 from ddp_utils.data import Batch, to_float
 from ddp_utils.images import make_grid, to_uint8
@@ -98,14 +99,18 @@ class EDMKind:
         device: torch.device | str,
         dtype: torch.dtype = torch.float32,
         guidance_scale: float = 1.0,
+        compile: tuple[str, str] | None = None,
     ) -> Draw:
         config = dict(scheduler_config or {})
         sigma_data = float(config["sigma_data"])
 
         def draw(indices, labels, every):
             labels = None if labels is None else labels.to(device)
+            denoiser = edm_denoiser(net, sigma_data, labels, guidance_scale, dtype)
+            if compile is not None:
+                denoiser = compile_function(denoiser, *compile)
             return sample_edm(
-                edm_denoiser(net, sigma_data, labels, guidance_scale, dtype),
+                denoiser,
                 config,
                 shape,
                 indices,

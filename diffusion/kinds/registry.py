@@ -57,8 +57,10 @@ class Kind(Protocol):
         device: torch.device | str,
         dtype: torch.dtype = torch.float32,
         guidance_scale: float = 1.0,
+        compile: tuple[str, str] | None = None,
     ) -> Draw:
-        """Draw samples of run `seed` from `net` (sample k depends only on (seed, k))."""
+        """Draw samples of run `seed` from `net` (sample k depends only on (seed, k)).
+        `compile`: (backend, mode) to torch.compile the denoiser with."""
         ...
 
 
