@@ -94,7 +94,8 @@ def test_a_dit_run_exports_a_transformer_pipeline_with_its_card(dit_run: Path) -
         assert (pipeline / name / "diffusion_pytorch_model.safetensors").is_file()
     info = json.loads((pipeline / "task.json").read_text())
     assert info["task"] == "ddpm" and info["backbone"] == "dit"
-    assert "DiTTransformer2DModel" in (pipeline / "README.md").read_text()
+    card = (pipeline / "README.md").read_text()
+    assert "DiTTransformer2DModel" in card and "- dit" in card and "- class-conditional" in card
     loaded = load_for_sampling(pipeline)
     assert loaded.num_classes == 10 and sample_shape(loaded.model) == (1, 8, 8)
     # diffusers' own label dropout stays off after loading: train mode is deterministic too.

@@ -61,6 +61,12 @@ def classes_facts(conditioning: Conditioning) -> list[tuple[str, str]]:
     ]  # fmt: skip
 
 
+def card_tags(kind: str, conditioning: Conditioning, backbone: str) -> list[str]:
+    """The hub tags of a model card: the kind, the transformer, class conditioning."""
+    tags = [kind] + (["dit", "transformer"] if backbone == "dit" else [])
+    return tags + (["class-conditional"] if conditioning.num_classes else [])
+
+
 def remote_code_lines(folder_hint: str, call: str) -> str:
     return (
         "from diffusers import DiffusionPipeline\n"

@@ -34,6 +34,7 @@ from diffusion.kinds.common import (
     NETWORK_CLASSES,
     NUM_LOSS_BINS,
     NetworkMethod,
+    card_tags,
     classes_facts,
     denoising_strip,
     network_component,
@@ -234,7 +235,7 @@ class DDPMMethod(NetworkMethod):
                 network_fact(cfg, self.backbone),
                 *classes_facts(conditioning),
             ],  # fmt: skip
-            tags=["ddpm", "class-conditional"] if conditioning.num_classes else ["ddpm"],
+            tags=card_tags("ddpm", conditioning, self.backbone),
             class_conditional=bool(conditioning.num_classes),
         )
 

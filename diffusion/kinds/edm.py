@@ -32,6 +32,7 @@ from diffusion.edm import (
 from diffusion.kinds.common import (
     NETWORK_CLASSES,
     NetworkMethod,
+    card_tags,
     classes_facts,
     denoising_strip,
     network_component,
@@ -211,7 +212,7 @@ class EDMMethod(NetworkMethod):
                 network_fact(cfg, self.backbone),
                 *classes_facts(conditioning),
             ],  # fmt: skip
-            tags=["edm", "class-conditional"] if conditioning.num_classes else ["edm"],
+            tags=card_tags("edm", conditioning, self.backbone),
             class_conditional=bool(conditioning.num_classes),
         )
 
