@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 import sample
 import train_ddpm
 from ddp_utils.config import parse_config
+from ddp_utils.errors import InputError
 from diffusion.kinds import KINDS, SamplerChoice
 from diffusion.loading import load_for_sampling
 from diffusion.networks import sample_shape
@@ -193,3 +194,22 @@ def test_backbone_and_preset_must_agree(capsys: pytest.CaptureFixture) -> None:
         train_ddpm.main(["--backbone", "unet", "--preset", "dit-digits", "--dry-run"])
     assert stopped.value.code == 2
     assert "'dit-digits' is a dit preset, but --backbone is unet" in capsys.readouterr().err
+
+
+def test_fine_tuning_starts_from_a_dit_export(dit_run: Path, tmp_path: Path) -> None:
+    """--init-from a DiT export: the network is its (no --preset), the weights its EMA ones."""
+    out = tmp_path / "tuned"
+    args = [
+        "--init-from", str(dit_run / "pipeline"), "--class-conditional", "--resolution", "8",
+        "--max-images", "32", "--max-steps", "1", "--batch-size", "4", "--sample-every", "0",
+        "--num-sample-images", "2", "--sample-steps", "2", "--report-to", "none",
+        "--learning-rate", "1e-9", "--lr-warmup-steps", "0", "--output-dir", str(out),
+    ]  # fmt: skip
+    train(args)
+    start = load_for_sampling(dit_run / "pipeline").model
+    tuned = load_for_sampling(out / "pipeline", "raw").model
+    assert type(tuned).__name__ == "DiTTransformer2DModel"
+    for (name, a), b in zip(start.state_dict().items(), tuned.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)  # one step of LR 1e-9
+    with pytest.raises(InputError, match="is a dit network: drop --backbone unet"):
+        train([*args[:-1], str(tmp_path / "other"), "--backbone", "unet"])
