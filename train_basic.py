@@ -45,6 +45,7 @@ from ddp_utils.run import Run, start_run
 from ddp_utils.train_config import TrainConfig
 from diffusion.basic import VALUE_RANGE, corrupt, sample_basic
 from diffusion.models import build_basic_model, predict
+from evaluation.during_training import training_evaluator
 
 
 @dataclass
@@ -145,7 +146,7 @@ class BasicMethod:
 def train(cfg: BasicConfig) -> Run:
     run = start_run(cfg)
     model = build_basic_model(cfg.model, cfg.resolution, cfg.channels)
-    loop.train(run, BasicMethod(run), model)
+    loop.train(run, BasicMethod(run), model, evaluator=training_evaluator(run))
     return run
 
 

@@ -83,6 +83,7 @@ from diffusion.sampling import (
     make_inference_scheduler,
     sample_ddpm,
 )
+from evaluation.during_training import training_evaluator
 
 logger = logging.getLogger("ddp_diffusion")
 TARGETS = {  # what a DDPM network is trained to predict, in words
@@ -642,7 +643,7 @@ def train(cfg: DDPMConfig) -> Run:
             cfg.beta_schedule, cfg.num_train_timesteps, cfg.prediction_type
         )
         method = DDPMMethod(run, ddpm_scheduler)
-    loop.train(run, method, model)
+    loop.train(run, method, model, evaluator=training_evaluator(run))
     return run
 
 

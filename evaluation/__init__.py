@@ -5,6 +5,8 @@ One image set's path through the package: `images` loads it (uint8 N, C, H, W),
 `stats` summarizes them (`FeatureStats`), `reference` caches a dataset's statistics on disk,
 `metrics` turns two statistics into FID and KID, and `score` is what every script calls:
 samples (held or made on the fly) against a `Reference`, overall and per class.
+`during_training` is the evaluator a training script hands to the loop (imported from there,
+not here: it needs the training run's types).
 """
 
 from evaluation.features import (
