@@ -40,18 +40,17 @@ from accelerate import Accelerator
 
 from ddp_utils.cli import cli_main, setup_logging
 from ddp_utils.config import option, parse_config, to_dict
-from ddp_utils.data import load_image_data
 from ddp_utils.data.source import NATIVE_RESOLUTION
 from ddp_utils.distributed import new_accelerator
+from ddp_utils.errors import InputError
 from ddp_utils.files import write_json
 from evaluation import (
-    FeatureStats,
+    Reference,
     compute_feature_stats,
-    dataset_stats,
-    fid_kid,
+    dataset_reference,
     load_fid_inception,
     load_images,
-    per_class_fid_kid,
+    score,
 )
 from evaluation.inception import FEATURE_DIM
 
@@ -169,10 +168,14 @@ def load_image_set(path: str, flag: str) -> torch.Tensor:
         raise ValueError(str(err) if str(err).startswith(flag) else f"{flag}: {err}") from None
 
 
-def reference_dataset_stats(
-    cfg: EvalConfig, samples: torch.Tensor, accelerator: Accelerator | None
-) -> tuple[FeatureStats, str]:
-    """Cached statistics of `cfg.dataset` at the samples' (or the given) resolution/channels."""
+def reference_dataset(
+    cfg: EvalConfig,
+    samples: torch.Tensor,
+    extractor: torch.nn.Module,
+    accelerator: Accelerator | None,
+) -> tuple[Reference, str]:
+    """`cfg.dataset` at the samples' (or the given) resolution/channels, its statistics cached;
+    with --per-class, its images and classes too."""
     assert cfg.dataset is not None  # EvalConfig: --reference or --dataset
     size = int(samples.shape[2])
     resolution = cfg.resolution or size
@@ -193,7 +196,7 @@ def reference_dataset_stats(
                 "them; else give the dataset it was trained on)",
                 cfg.dataset, native, native, size, size, size, size,
             )  # fmt: skip
-    stats = dataset_stats(
+    reference = dataset_reference(
         cfg.dataset,
         resolution,
         channels,
@@ -201,10 +204,33 @@ def reference_dataset_stats(
         split=cfg.split,
         max_images=cfg.max_reference,
         cache_dir=cfg.cache_dir or None,
+        extractor=extractor,
         accelerator=accelerator,
         batch_size=cfg.batch_size,
+        with_classes=cfg.per_class,
     )
-    return stats, f"dataset {cfg.dataset} ({resolution}x{resolution}, {channels} ch)"
+    return reference, f"dataset {cfg.dataset} ({resolution}x{resolution}, {channels} ch)"
+
+
+def sample_labels(cfg: EvalConfig) -> np.ndarray | None:
+    """The samples' classes for --per-class: the `labels` array sample.py writes beside them."""
+    if not cfg.per_class:
+        return None
+    path = image_set_path(cfg.samples, "--samples")
+    if path.suffix.lower() != ".npz":
+        raise InputError(
+            f"{cfg.samples} is not an .npz: the classes of the samples come from its `labels` "
+            "array (sample.py writes one for class-conditional models)",
+            "per_class",
+        )
+    with np.load(path, allow_pickle=False) as npz:
+        if "labels" not in npz.files:
+            raise InputError(
+                f"{cfg.samples} has no `labels` array (sample.py writes one for "
+                "class-conditional models)",
+                "per_class",
+            )
+        return npz["labels"]
 
 
 def evaluate(cfg: EvalConfig, accelerator: Accelerator | None = None) -> dict[str, Any]:
@@ -217,7 +243,8 @@ def evaluate(cfg: EvalConfig, accelerator: Accelerator | None = None) -> dict[st
 
     # Load the image sets: a bad file stops the run before the extractor is loaded.
     samples = load_image_set(cfg.samples, "--samples")
-    reference = load_image_set(cfg.reference, "--reference") if cfg.reference else None
+    labels = sample_labels(cfg)
+    reference_images = load_image_set(cfg.reference, "--reference") if cfg.reference else None
     if is_main:
         logger.info(
             "samples: %d images of (C, H, W) = %s from %s",
@@ -225,35 +252,41 @@ def evaluate(cfg: EvalConfig, accelerator: Accelerator | None = None) -> dict[st
             tuple(samples.shape[1:]),
             cfg.samples,
         )
-    if is_main and reference is not None and reference.shape[1:] != samples.shape[1:]:
+    if is_main and reference_images is not None and reference_images.shape[1:] != samples.shape[1:]:
         logger.warning(
             "samples are %s (C, H, W) but the reference is %s; both are resized to 299x299 "
             "RGB, but FID then also measures the difference in resolution",
             tuple(samples.shape[1:]),
-            tuple(reference.shape[1:]),
+            tuple(reference_images.shape[1:]),
         )
 
-    # Feature statistics, sharded over the processes.
+    # The reference's statistics (a dataset's cached), then the samples' scores, sharded over
+    # the processes; the metrics themselves need no collectives.
     extractor = load_fid_inception(device)
-    sample_stats = compute_feature_stats(
-        samples, extractor, accelerator, cfg.batch_size, progress="sample features"
-    )
-    if reference is not None:
-        ref_stats = compute_feature_stats(
-            reference, extractor, accelerator, cfg.batch_size, progress="reference features"
+    if reference_images is not None:
+        stats = compute_feature_stats(
+            reference_images, extractor, accelerator, cfg.batch_size, progress="reference features"
         )
-        ref_name = str(cfg.reference)
+        reference, ref_name = Reference(stats), str(cfg.reference)
     else:
-        ref_stats, ref_name = reference_dataset_stats(cfg, samples, accelerator)
-
-    # Metrics: no collectives, computed on every rank so that every rank returns them.
-    metrics = {
-        **fid_kid(sample_stats, ref_stats, cfg.kid_subsets, cfg.kid_subset_size, cfg.seed, device),
-        "samples": str(cfg.samples),
-        "reference": ref_name,
-        "config": to_dict(cfg),
-    }
-    smallest = min(sample_stats.num_images, ref_stats.num_images)
+        reference, ref_name = reference_dataset(cfg, samples, extractor, accelerator)
+    scores = score(
+        samples,
+        reference,
+        extractor,
+        accelerator,
+        cfg.batch_size,
+        cfg.seed,
+        labels=labels,
+        kid_subsets=cfg.kid_subsets,
+        kid_subset_size=cfg.kid_subset_size,
+        progress="sample features",
+    )
+    per_class = scores.pop("per_class", None)
+    metrics = {**scores, "samples": str(cfg.samples), "reference": ref_name, "config": to_dict(cfg)}
+    if per_class is not None:
+        metrics["per_class"] = per_class
+    smallest = min(metrics["num_samples"], metrics["num_reference"])
     if is_main and smallest < FEATURE_DIM:
         logger.warning(
             "FID from %d images: below %d (the feature dimension) the covariance is "
@@ -262,47 +295,15 @@ def evaluate(cfg: EvalConfig, accelerator: Accelerator | None = None) -> dict[st
             smallest,
             FEATURE_DIM,
         )
-    if cfg.per_class:
-        metrics["per_class"] = score_classes(cfg, samples, extractor, accelerator)
     if is_main:
         output = Path(cfg.output) if cfg.output else default_output(cfg.samples)
         write_json(output, metrics)
         print(
             f"FID {metrics['fid']:.4f} | KID {metrics['kid_mean']:.6f} ± {metrics['kid_std']:.6f}"
-            f" | {sample_stats.num_images} samples vs {ref_stats.num_images} reference images "
+            f" | {metrics['num_samples']} samples vs {metrics['num_reference']} reference images "
             f"({ref_name}) -> {output}"
         )
     return metrics
-
-
-def score_classes(
-    cfg: EvalConfig,
-    samples: torch.Tensor,
-    extractor: torch.nn.Module,
-    accelerator: Accelerator | None,
-) -> dict[str, Any]:
-    """FID/KID per class: the samples' `labels` against the dataset's classes (collective)."""
-    with np.load(image_set_path(cfg.samples, "--samples"), allow_pickle=False) as npz:
-        if "labels" not in npz.files:
-            raise ValueError(
-                f"--per-class: {cfg.samples} has no `labels` array (sample.py writes one for "
-                "class-conditional models)"
-            )
-        labels = npz["labels"]
-    data = load_image_data(
-        cfg.dataset,
-        cfg.resolution or int(samples.shape[2]),
-        cfg.channels or int(samples.shape[1]),
-        dataset_config=cfg.dataset_config,
-        split=cfg.split,
-        max_images=cfg.max_reference,
-        accelerator=accelerator,
-        with_labels=True,
-    )
-    return per_class_fid_kid(
-        samples, labels, data.images, data.labels.numpy(), data.class_names or [],
-        extractor, accelerator, cfg.batch_size, cfg.seed,
-    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:

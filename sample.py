@@ -44,7 +44,6 @@ from ddp_utils.checkpoint import STATE_FILE
 from ddp_utils.cli import cli_main, setup_logging
 from ddp_utils.compile import CompileBackend, CompileMode, check_compile_options
 from ddp_utils.config import option, parse_config, require, save_config
-from ddp_utils.data import load_image_data
 from ddp_utils.data.source import NATIVE_RESOLUTION
 from ddp_utils.distributed import (
     all_finite,
@@ -65,14 +64,7 @@ from diffusion.loading import LoadedModel, Weights, load_for_sampling
 from diffusion.networks import sample_shape
 from diffusion.pretrained import is_hub_id, resolve_model_source
 from diffusion.sampling import DEFAULT_DDIM_ETA, DEFAULT_SAMPLER, SamplerName
-from evaluation import (
-    FeatureStats,
-    compute_feature_stats,
-    dataset_stats,
-    fid_kid,
-    load_fid_inception,
-    per_class_fid_kid,
-)
+from evaluation import Reference, dataset_reference, load_fid_inception, score
 
 logger = logging.getLogger("ddp_diffusion.sample")
 
@@ -376,14 +368,14 @@ def count_calls(model: torch.nn.Module) -> list[int]:
     return calls
 
 
-def reference_stats(
+def fid_reference(
     cfg: SampleConfig, loaded: LoadedModel, extractor: torch.nn.Module, accelerator: Accelerator
-) -> FeatureStats:
-    """--fid's reference: `--dataset` at the model's resolution and channels (collective;
-    cached and shared with evaluate.py and training). Read before sampling: a bad --dataset
-    is refused before anything is written."""
+) -> Reference:
+    """--fid's reference: `--dataset` at the model's resolution and channels, with its classes
+    for --per-class-fid (collective; its statistics cached and shared with evaluate.py and
+    training). Read before sampling: a bad --dataset is refused before anything is written."""
     assert cfg.dataset is not None  # SampleConfig: --fid needs --dataset
-    return dataset_stats(
+    return dataset_reference(
         cfg.dataset,
         loaded.resolution,
         loaded.channels,
@@ -391,53 +383,42 @@ def reference_stats(
         split=cfg.split,
         max_images=cfg.max_reference,
         extractor=extractor,
-        batch_size=cfg.batch_size,
         accelerator=accelerator,
+        batch_size=cfg.batch_size,
+        with_classes=cfg.per_class_fid,
     )
 
 
-def score(
+def fid_metrics(
     cfg: SampleConfig,
     loaded: LoadedModel,
     images: np.ndarray,
     labels: np.ndarray | None,
     extractor: torch.nn.Module,
-    reference: FeatureStats,
+    reference: Reference,
     accelerator: Accelerator,
 ) -> dict[str, Any]:
-    """FID/KID of the samples against the reference (and of each class with --per-class-fid).
-
-    Collective: feature extraction is sharded (chunk k of `--batch-size` images on rank
-    k % world).
-    """
+    """fid.json: FID/KID of the samples against the reference (and of each class with
+    --per-class-fid), sharded like the sampling (collective)."""
     samples = torch.from_numpy(images).permute(0, 3, 1, 2)  # NHWC -> NCHW uint8
-    sample_stats = compute_feature_stats(
-        samples, extractor, accelerator, cfg.batch_size, progress="FID features"
+    metrics = score(
+        samples,
+        reference,
+        extractor,
+        accelerator,
+        cfg.batch_size,
+        cfg.seed,
+        labels=labels if cfg.per_class_fid else None,
+        class_names=loaded.class_names or [],
+        progress="FID features",
     )
-    metrics = {
-        **fid_kid(sample_stats, reference, seed=cfg.seed, device=accelerator.device),
-        "reference": f"{cfg.dataset} ({cfg.split}, {loaded.resolution}x{loaded.resolution}, "
-        f"{loaded.channels} ch)",
-    }
-    if cfg.per_class_fid:
-        assert labels is not None and cfg.dataset is not None  # checked by choose_classes
-        data = load_image_data(
-            cfg.dataset,
-            loaded.resolution,
-            loaded.channels,
-            dataset_config=cfg.dataset_config,
-            split=cfg.split,
-            accelerator=accelerator,
-            with_labels=True,
-        )
-        data.images, data.labels = (
-            data.images[: cfg.max_reference],
-            data.labels[: cfg.max_reference],
-        )
-        metrics["per_class"] = per_class_fid_kid(
-            samples, labels, data.images, data.labels.numpy(), loaded.class_names or [],
-            extractor, accelerator, cfg.batch_size, cfg.seed,
-        )  # fmt: skip
+    per_class = metrics.pop("per_class", None)
+    metrics["reference"] = (
+        f"{cfg.dataset} ({cfg.split}, {loaded.resolution}x{loaded.resolution}, "
+        f"{loaded.channels} ch)"
+    )
+    if per_class is not None:
+        metrics["per_class"] = per_class
     return metrics
 
 
@@ -470,7 +451,7 @@ def sample(cfg: SampleConfig) -> np.ndarray:
         describe_source(cfg, loaded)
         if cfg.fid:
             warn_if_resized(cfg, loaded)
-    reference = None if extractor is None else reference_stats(cfg, loaded, extractor, accelerator)
+    reference = None if extractor is None else fid_reference(cfg, loaded, extractor, accelerator)
     loaded.model.to(accelerator.device).eval()
     chunk, progression, nonfinite = make_chunk_fn(
         cfg, loaded, accelerator.device, choice, cycle, guidance
@@ -505,7 +486,7 @@ def sample(cfg: SampleConfig) -> np.ndarray:
             )
     raise_together(accelerator, error, OutputError("the main process could not write"))
     if extractor is not None and reference is not None:
-        metrics = score(cfg, loaded, images, labels, extractor, reference, accelerator)
+        metrics = fid_metrics(cfg, loaded, images, labels, extractor, reference, accelerator)
         if accelerator.is_main_process:
             write_json(out / "fid.json", metrics)
             print(

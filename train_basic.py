@@ -35,6 +35,7 @@ from ddp_utils.run import Run, start_run
 from ddp_utils.train_config import TrainConfig
 from diffusion.kinds.basic import BASIC
 from diffusion.networks.basic import build_basic_model
+from evaluation.during_training import training_evaluator
 
 
 @dataclass
@@ -64,7 +65,7 @@ def train(cfg: BasicConfig) -> Run:
     run = start_run(cfg)
     cfg.freeze()
     model = build_basic_model(cfg.model, cfg.resolution, cfg.channels)
-    loop.train(run, BASIC.method(run), model)
+    loop.train(run, BASIC.method(run), model, evaluator=training_evaluator(run))
     return run
 
 

@@ -54,6 +54,7 @@ from diffusion.sampling import (
     SAMPLERS_BY_TASK,
     SamplerName,
 )
+from evaluation.during_training import training_evaluator
 
 Objective = Literal["ddpm", "edm"]
 
@@ -168,7 +169,7 @@ def train(cfg: DDPMConfig) -> Run:
     cfg.freeze()
     kind = kind_named(cfg.objective, "--objective")
     method = kind.method(run, kind.train_scheduler(cfg), backbone_of(model))
-    loop.train(run, method, model)
+    loop.train(run, method, model, evaluator=training_evaluator(run))
     return run
 
 

@@ -41,7 +41,7 @@ from ddp_utils.images import to_uint8  # noqa: E402
 from diffusion.loading import load_for_sampling  # noqa: E402
 from diffusion.networks import sample_shape  # noqa: E402
 from diffusion.sampling import SCHEDULE_KEYS, network_denoiser, sample_ddpm  # noqa: E402
-from evaluation import compute_feature_stats, dataset_stats, fid_kid, load_fid_inception  # noqa: E402
+from evaluation import compute_feature_stats, dataset_reference, fid_kid, load_fid_inception  # noqa: E402
 
 KARRAS = {"use_karras_sigmas": True}
 
@@ -116,7 +116,7 @@ def main() -> None:
     results = args.out / "results.jsonl"
     done = {json.loads(line)["label"] for line in results.open()} if results.exists() else set()
     extractor = load_fid_inception("cpu")
-    reference = dataset_stats("digits", 16, 1, max_images=1297, extractor=extractor)
+    reference = dataset_reference("digits", 16, 1, max_images=1297, extractor=extractor).stats
     for variant in VARIANTS:
         if variant.label in done or (args.only and variant.label not in args.only):
             continue

@@ -6,11 +6,15 @@ noise, in which value range its pixels live, or at which resolution it was train
 does, so `sample.py` can rebuild the sampler from the folder alone. `checksums.json` lists every
 other file of the export with its size and xxh3-128 checksum (as checkpoints' state.json does),
 so loading finds bytes changed on disk; folders written by diffusers have none.
+
+`best/` is the export of the lowest FID measured during training (--eval-every), never pruned;
+its `fid.json` records that evaluation, so a resumed run knows the FID to beat.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +23,7 @@ from ddp_utils.files import CHECKSUM, checksum, write_json
 TASK_FILE = "task.json"
 CHECKSUMS_FILE = "checksums.json"
 VALUE_RANGES = ([0.0, 1.0], [-1.0, 1.0])  # the pixel ranges the toolkit's models work in
+BEST_DIR, BEST_FILE = "best", "fid.json"  # the lowest-FID export, never pruned; its record
 
 
 def check_value_range(value: Any, where: Path) -> tuple[float, float]:
@@ -88,3 +93,20 @@ def verify_checksums(folder: Path) -> bool:
                 "export was written: its content changed on disk (a bad copy, failing storage)"
             )
     return True
+
+
+def read_best_record(output_dir: Path) -> dict[str, Any] | None:
+    """The record of the best evaluation so far (`best/fid.json`), if any."""
+    path = output_dir / BEST_DIR / BEST_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def previous_best_fid(output_dir: Path, resuming: bool) -> float:
+    """FID of `<output-dir>/best` when resuming (a fresh start replaces it at its first eval)."""
+    best_file = output_dir / BEST_DIR / BEST_FILE
+    if not resuming or not best_file.is_file():
+        return math.inf
+    return float(json.loads(best_file.read_text())["fid"])

@@ -2,7 +2,9 @@
 
 A method (the basic model, DDPM, ...) supplies what is its own through the `Method`
 protocol: its loss on a batch, how to sample images from fixed seeds, extra pictures, and its
-export folder. The loop owns everything else, in this order per optimizer step:
+export folder. An optional `Evaluator` (the script builds it: FID lives in `evaluation`, which
+this package does not import) scores the samples. The loop owns everything else, in this order
+per optimizer step:
 
     accumulate gradients -> clip -> all ranks agree (skip a non-finite step? stop?) -> update
     -> EMA -> log -> pictures -> evaluate -> checkpoint -> stop
@@ -15,10 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,8 +32,15 @@ from ddp_utils.data import Batch, BatchSource
 from ddp_utils.distributed import all_finite, map_sharded, raise_together, step_generator
 from ddp_utils.ema import EMA
 from ddp_utils.errors import OutputError
-from ddp_utils.evaluator import BEST_DIR, BEST_FILE, Evaluator
-from ddp_utils.export import CHECKSUMS_FILE, verify_checksums, write_checksums, write_task_file
+from ddp_utils.export import (
+    BEST_DIR,
+    BEST_FILE,
+    CHECKSUMS_FILE,
+    read_best_record,
+    verify_checksums,
+    write_checksums,
+    write_task_file,
+)
 from ddp_utils.files import atomic_dir, write_json
 from ddp_utils.guard import Verdict, guarded_step, unwrap_optimizer
 from ddp_utils.images import make_grid, to_uint8, upscale
@@ -93,6 +101,19 @@ class Method(Protocol):
         ...
 
 
+class Evaluator(Protocol):
+    """What scores the run's samples every `--eval-every` steps (`evaluation.during_training`)."""
+
+    def evaluate(self, generate: Callable[[range], torch.Tensor]) -> dict[str, float]:
+        """Metrics, at least `fid`, of the images `generate(items)` makes (uint8 NCHW) for the
+        evaluation's items (collective: `generate` is called for this rank's share)."""
+        ...
+
+    def is_best(self, fid: float) -> bool:
+        """Whether `fid` beats every evaluation so far, a resumed run's included (remembered)."""
+        ...
+
+
 def due(step: int, every: int, last_step: int) -> bool:
     """Is a `--*-every` cadence due after `step`? Every `every` steps (0: never) and at the end."""
     return (every > 0 and step % every == 0) or step == last_step
@@ -109,14 +130,16 @@ def sampling_weights(net: nn.Module, ema: EMA | None) -> Iterator[nn.Module]:
         net.train()
 
 
-def train(run: Run, method: Method, model: nn.Module) -> Path:
-    """Train `model` from the resume point (or scratch) to `--max-steps`; return the export."""
+def train(run: Run, method: Method, model: nn.Module, evaluator: Evaluator | None = None) -> Path:
+    """Train `model` from the resume point (or scratch) to `--max-steps`; return the export.
+
+    With an `evaluator` (prepared by the script before this call, so a missing FID network
+    fails before any step), the samples are scored every `--eval-every` steps and the
+    lowest-FID export is kept in `best/`."""
     cfg, acc = run.cfg, run.accelerator
     model, optimizer = run.prepare(model)
     net = acc.unwrap_model(model)
     ema = EMA(net, cfg.ema_max_decay) if cfg.use_ema else None
-    # FID network and training-data statistics before any step (a missing extra fails now).
-    evaluator = Evaluator(run) if cfg.eval_every else None
 
     # Resume; then, with nothing left to refuse the run, take the run directory.
     step = first_step = run.restore(model, optimizer, ema, method.task_info())
@@ -326,15 +349,6 @@ def export_intact(run: Run, folder: Path) -> bool:
     if run.accelerator.num_processes > 1:
         flag = run.accelerator.reduce(flag, reduction="sum")
     return flag.item() == 0
-
-
-def read_best_record(output_dir: Path) -> dict[str, Any] | None:
-    """The record of the best evaluation so far (best/fid.json), if any."""
-    path = output_dir / BEST_DIR / BEST_FILE
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def model_card(

@@ -32,23 +32,23 @@ def extract_features(images: torch.Tensor | np.ndarray, extractor: nn.Module) ->
         return extractor(images).to("cpu", torch.float32)
 
 
-def generated_feature_stats(
+def generated_features(
     generate: Callable[[range], torch.Tensor],
     num_items: int,
     extractor: nn.Module | None = None,
     accelerator: Accelerator | None = None,
     batch_size: int = 250,
-    max_kid_features: int = MAX_KID_FEATURES,
     progress: str | None = None,
-) -> FeatureStats:
-    """Feature statistics of `num_items` images made on the fly, e.g. sampled by a model.
+) -> torch.Tensor:
+    """The features (num_items, D) of `num_items` images made on the fly, e.g. by a model.
 
     `generate(items)` returns the uint8 (len(items), C, H, W) images of the item indices
     `items`; it is called only for this rank's chunks of `batch_size` items, so each image is
     made once, on one process, and only its features cross processes. With per-item seeds
-    the statistics do not depend on the number of processes. Collective: call on every rank;
-    every rank returns the same statistics. `extractor` defaults to the FID Inception-v3 on
-    `accelerator.device` (or the CPU). `progress` names a progress bar (main process only).
+    the features do not depend on the number of processes. Collective: call on every rank;
+    every rank returns all the features, in item order. `extractor` defaults to the FID
+    Inception-v3 on `accelerator.device` (or the CPU). `progress` names a progress bar (main
+    process only).
     """
     if num_items < 2:
         raise ValueError(f"feature statistics need at least 2 images, got {num_items}")
@@ -63,7 +63,20 @@ def generated_feature_stats(
             raise ValueError(f"generate({items}) returned {len(images)} images")
         return extract_features(images, extractor)
 
-    features = map_sharded(accelerator, num_items, batch_size, chunk_features, progress)
+    return map_sharded(accelerator, num_items, batch_size, chunk_features, progress)
+
+
+def generated_feature_stats(
+    generate: Callable[[range], torch.Tensor],
+    num_items: int,
+    extractor: nn.Module | None = None,
+    accelerator: Accelerator | None = None,
+    batch_size: int = 250,
+    max_kid_features: int = MAX_KID_FEATURES,
+    progress: str | None = None,
+) -> FeatureStats:
+    """Feature statistics of `num_items` images made on the fly (`generated_features`)."""
+    features = generated_features(generate, num_items, extractor, accelerator, batch_size, progress)
     return stats_from_features(features, max_kid_features)
 
 

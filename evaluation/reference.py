@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -156,7 +157,20 @@ def dataset_reference_stats(
     )
 
 
-def dataset_stats(
+@dataclass
+class Reference:
+    """What generated images are scored against: its feature statistics and, for scores per
+    class, its images with their classes."""
+
+    stats: FeatureStats
+    images: torch.Tensor | None = None
+    """uint8 (N, C, H, W), kept only where scores per class need them."""
+    labels: np.ndarray | None = None
+    """The class of each image (ids into `class_names`)."""
+    class_names: list[str] | None = None
+
+
+def dataset_reference(
     dataset: str,
     resolution: int,
     channels: int,
@@ -167,11 +181,14 @@ def dataset_stats(
     extractor: nn.Module | None = None,
     accelerator: Accelerator | None = None,
     batch_size: int = 250,
-) -> FeatureStats:
-    """A dataset decoded by the training data pipeline, then its cached statistics (collective).
+    with_classes: bool = False,
+) -> Reference:
+    """A dataset decoded by the training data pipeline, and its cached statistics (collective).
 
     Decoding through the same pipeline as training (resize, crop, channels) is what makes
-    the reference the distribution the model was trained to match.
+    the reference the distribution the model was trained to match. `with_classes` keeps the
+    images and their labels for scores per class (a dataset without labels is refused now,
+    naming --dataset); the statistics are the same either way (one decoded-image cache).
     """
     data = load_image_data(
         dataset,
@@ -181,7 +198,12 @@ def dataset_stats(
         split=split,
         max_images=max_images,
         accelerator=accelerator,
+        with_labels=with_classes,
     )
-    return dataset_reference_stats(
+    stats = dataset_reference_stats(
         data.images, dataset, data.fingerprint, cache_dir, extractor, accelerator, batch_size
     )
+    if not with_classes:
+        return Reference(stats)
+    assert data.labels is not None  # load_image_data(with_labels=True) refuses a dataset without
+    return Reference(stats, data.images, data.labels.numpy(), data.class_names or [])

@@ -588,3 +588,66 @@ def test_the_help_examples_work_as_written_on_a_training_run(tmp_path_factory) -
     for folder in (run, run / "samples"):
         with pytest.raises(ValueError, match="not a set of samples: draw samples first"):
             evaluate.load_image_set(str(folder), "--samples")
+
+
+def test_sample_evaluate_and_training_give_one_fid_for_the_same_images(tmp_path_factory, tmp_path):
+    """The three places that score (sample.py --fid, evaluate.py, the training evaluator of
+    --eval-every) report the same FID and KID for the same images against the same digits."""
+    import sample
+    from ddp_utils.data import load_image_data
+    from evaluation.during_training import TrainingEvaluator
+    from tests.tiny_runs import NUM_IMAGES, RESOLUTION, fresh_accelerate_state, trained_ddpm
+
+    out, reference = tmp_path / "samples", [f"--max-reference={NUM_IMAGES}", "--batch-size=8"]
+    fresh_accelerate_state()
+    sample.main([str(trained_ddpm(tmp_path_factory) / "pipeline"), "--num-samples=12",
+                 "--num-inference-steps=2", "--fid", "--dataset=digits", *reference,
+                 f"--output-dir={out}"])  # fmt: skip
+    from_sample = json.loads((out / "fid.json").read_text())
+    fresh_accelerate_state()
+    evaluate.main(["--samples", str(out), "--dataset=digits", *reference,
+                   "--output", str(tmp_path / "evaluate.json")])  # fmt: skip
+    from_evaluate = json.loads((tmp_path / "evaluate.json").read_text())
+    # Training scores what it samples against its training images: here the tiny run's digits
+    # (its --max-images), handed the images sample.py made.
+    data = load_image_data("digits", RESOLUTION, 1, max_images=NUM_IMAGES)
+    evaluator = TrainingEvaluator(data.images, "digits", data.fingerprint, None, 12, 8, seed=0)
+    with np.load(out / "samples.npz") as npz:
+        images = torch.from_numpy(npz["arr_0"]).permute(0, 3, 1, 2)
+    from_training = evaluator.evaluate(lambda items: images[items.start : items.stop])
+    assert from_sample["num_samples"] == from_evaluate["num_samples"] == 12
+    assert from_sample["num_reference"] == from_evaluate["num_reference"] == NUM_IMAGES
+    assert from_sample["fid"] > 0
+    for name in ("fid", "kid_mean", "kid_std"):
+        assert from_evaluate[name] == pytest.approx(from_sample[name], rel=1e-6, abs=1e-12), name
+        assert from_training[name] == pytest.approx(from_sample[name], rel=1e-6, abs=1e-12), name
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the scoring lives: `ddp_utils` runs jobs and knows no FID; the evaluator is handed to
+# its loop by the training scripts, so the two packages import each other in one direction.
+
+
+def imported_after(package: str) -> list[str]:
+    """The modules loaded by importing every module of `package`, in a fresh interpreter."""
+    code = (
+        "import importlib, pkgutil, sys\n"
+        f"import {package}\n"
+        f"for info in pkgutil.walk_packages({package}.__path__, '{package}.'):\n"
+        "    importlib.import_module(info.name)\n"
+        "print('\\n'.join(sorted(sys.modules)))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.split()
+
+
+def test_ddp_utils_imports_no_evaluation_and_evaluation_not_the_loop() -> None:
+    after_ddp_utils = imported_after("ddp_utils")
+    assert "ddp_utils.loop" in after_ddp_utils  # every module was imported
+    assert [m for m in after_ddp_utils if m.partition(".")[0] == "evaluation"] == []
+    after_evaluation = imported_after("evaluation")
+    assert "evaluation.during_training" in after_evaluation
+    assert "ddp_utils.loop" not in after_evaluation

@@ -28,7 +28,7 @@ from tiny_runs import (
 )
 
 import train_ddpm
-from ddp_utils.evaluator import previous_best_fid
+from ddp_utils.export import previous_best_fid
 from diffusion.sampling import make_inference_scheduler, sample_seed
 from evaluation import inception as inception_module
 
