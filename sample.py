@@ -53,7 +53,7 @@ from ddp_utils.distributed import (
     new_accelerator,
     raise_together,
 )
-from ddp_utils.errors import InputError, NonFiniteError, OutputError
+from ddp_utils.errors import CheckpointError, InputError, NonFiniteError, OutputError
 from ddp_utils.files import atomic_file, write_json
 from ddp_utils.images import make_grid, rows_by_label, save_png, to_uint8, upscale
 from ddp_utils.lock import lock_holder
@@ -199,18 +199,18 @@ def choose_sampler(cfg: SampleConfig, loaded: LoadedModel) -> tuple[str | None, 
             logger.info("--scheduler/--eta/--churn/--weights apply to DDPM and EDM models; ignored")
         return None, cfg.num_steps or BASIC_STEPS, 0.0
     if loaded.task not in SAMPLERS_BY_TASK:
-        raise ValueError(f"{loaded.source} holds a model of unknown kind {loaded.task!r}")
+        raise InputError(f"{loaded.source} holds a model of unknown kind {loaded.task!r}")
     name = cfg.scheduler or DEFAULT_SAMPLER[loaded.task]
     allowed = SAMPLERS_BY_TASK[loaded.task]
     if name not in allowed:
-        raise ValueError(
+        raise InputError(
             f"--scheduler {name} is not for {loaded.task.upper()} models ({loaded.source}); "
             f"use one of {', '.join(allowed)}"
         )
     if cfg.eta and name != "ddim":
-        raise ValueError(f"--eta applies to --scheduler ddim only; the sampler is {name}")
+        raise InputError(f"--eta applies to --scheduler ddim only; the sampler is {name}")
     if cfg.churn and loaded.task != "edm":
-        raise ValueError(f"--churn applies to EDM models only; {loaded.source} is {loaded.task}")
+        raise InputError(f"--churn applies to EDM models only; {loaded.source} is {loaded.task}")
     eta = cfg.eta if cfg.eta is not None else DEFAULT_DDIM_ETA if name == "ddim" else 0.0
     return name, cfg.num_steps or DEFAULT_STEPS[name], eta
 
@@ -470,7 +470,7 @@ def sample(cfg: SampleConfig) -> np.ndarray:
         try:
             extractor = load_fid_inception(accelerator.device)
         except ImportError as err:
-            raise ValueError(f"--fid: {err}") from None
+            raise InputError(str(err), "fid") from None
     out = check_output(accelerator, cfg)
     # A hub id is downloaded once (by the main process), then read from the cache by the others.
     source = main_process_first(
@@ -478,7 +478,12 @@ def sample(cfg: SampleConfig) -> np.ndarray:
         lambda: resolve_model_source(cfg.model_path, None),
         InputError(f"{cfg.model_path} could not be found (the main process says why)"),
     )
-    loaded = load_for_sampling(source, cfg.weights)
+    try:
+        loaded = load_for_sampling(source, cfg.weights)
+    except (InputError, CheckpointError):
+        raise
+    except (FileNotFoundError, ValueError) as err:  # what loading refuses is MODEL_PATH's fault
+        raise InputError(str(err)) from err
     if not all_finite(loaded.model.parameters()):
         raise NonFiniteError(
             f"the weights in {loaded.source} hold non-finite values (NaN/inf): that model "
