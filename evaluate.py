@@ -107,23 +107,23 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         if not self.samples:
-            raise ValueError("--samples is required: an .npz file or a folder of images")
+            raise InputError("--samples is required: an .npz file or a folder of images")
         if (self.reference is None) == (self.dataset is None):
-            raise ValueError("give exactly one of --reference (npz/folder) or --dataset")
+            raise InputError("give exactly one of --reference (npz/folder) or --dataset")
         if self.channels is not None and self.channels not in (1, 3):
-            raise ValueError(f"--channels must be 1 or 3, got {self.channels}")
+            raise InputError(f"--channels must be 1 or 3, got {self.channels}")
         if self.resolution is not None and self.resolution < 1:
-            raise ValueError(f"--resolution must be >= 1, got {self.resolution}")
+            raise InputError(f"--resolution must be >= 1, got {self.resolution}")
         if self.max_reference is not None and self.max_reference < 2:
-            raise ValueError(f"--max-reference must be >= 2, got {self.max_reference}")
+            raise InputError(f"--max-reference must be >= 2, got {self.max_reference}")
         if self.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+            raise InputError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.kid_subsets < 1:
-            raise ValueError(f"--kid-subsets must be >= 1, got {self.kid_subsets}")
+            raise InputError(f"--kid-subsets must be >= 1, got {self.kid_subsets}")
         if self.kid_subset_size < 2:
-            raise ValueError(f"--kid-subset-size must be >= 2, got {self.kid_subset_size}")
+            raise InputError(f"--kid-subset-size must be >= 2, got {self.kid_subset_size}")
         if self.per_class and self.dataset is None:
-            raise ValueError("--per-class needs --dataset (its class labels are the reference's)")
+            raise InputError("--per-class needs --dataset (its class labels are the reference's)")
 
 
 def default_output(samples: str) -> Path:
@@ -144,7 +144,7 @@ def image_set_path(path: str, flag: str) -> Path:
     run_dir = next((d for d in (folder, folder.parent) if _is_run_directory(d)), None)
     if run_dir is not None:
         what = "a training run directory" if run_dir == folder else "a training run's grids"
-        raise ValueError(
+        raise InputError(
             f"{flag}: {path} is {what}, not a set of samples: draw samples first, e.g. "
             f"`python sample.py {run_dir} --num-samples 1000 --output-dir "
             f"{run_dir / 'samples-1000'}`, then {flag} {run_dir / 'samples-1000'}"
@@ -162,10 +162,8 @@ def load_image_set(path: str, flag: str) -> torch.Tensor:
     """`load_images`, its errors naming the flag the path came from."""
     try:
         return load_images(image_set_path(path, flag))
-    except FileNotFoundError as err:
-        raise ValueError(f"{flag}: {err}") from None
-    except ValueError as err:
-        raise ValueError(str(err) if str(err).startswith(flag) else f"{flag}: {err}") from None
+    except InputError as err:
+        raise InputError(str(err) if str(err).startswith(flag) else f"{flag}: {err}") from None
 
 
 def reference_dataset(

@@ -53,7 +53,7 @@ from ddp_utils.distributed import (
     new_accelerator,
     raise_together,
 )
-from ddp_utils.errors import InputError, NonFiniteError, OutputError
+from ddp_utils.errors import CheckpointError, InputError, NonFiniteError, OutputError
 from ddp_utils.files import atomic_file, write_json
 from ddp_utils.images import make_grid, rows_by_label, save_png, to_uint8, upscale
 from ddp_utils.lock import lock_holder
@@ -431,7 +431,7 @@ def sample(cfg: SampleConfig) -> np.ndarray:
         try:
             extractor = load_fid_inception(accelerator.device)
         except ImportError as err:
-            raise ValueError(f"--fid: {err}") from None
+            raise InputError(str(err), "fid") from None
     out = check_output(accelerator, cfg)
     # A hub id is downloaded once (by the main process), then read from the cache by the others.
     source = main_process_first(
@@ -439,7 +439,12 @@ def sample(cfg: SampleConfig) -> np.ndarray:
         lambda: resolve_model_source(cfg.model_path, None),
         InputError(f"{cfg.model_path} could not be found (the main process says why)"),
     )
-    loaded = load_for_sampling(source, cfg.weights)
+    try:
+        loaded = load_for_sampling(source, cfg.weights)
+    except (InputError, CheckpointError):
+        raise
+    except (FileNotFoundError, ValueError) as err:  # what loading refuses is MODEL_PATH's fault
+        raise InputError(str(err)) from err
     if not all_finite(loaded.model.parameters()):
         raise NonFiniteError(
             f"the weights in {loaded.source} hold non-finite values (NaN/inf): that model "

@@ -222,10 +222,7 @@ def _check_state(state: Any, state_file: Path) -> None:
         if key in state and not isinstance(state[key], dict):
             raise bad(f"'{key}' must be a JSON object")
     if "value_range" in state:
-        try:
-            check_value_range(state["value_range"], state_file)
-        except ValueError as err:
-            raise CheckpointError(str(err)) from None
+        check_value_range(state["value_range"], state_file)
 
 
 def find_resume_checkpoint(checkpoints_dir: Path, resume: str) -> Checkpoint | None:

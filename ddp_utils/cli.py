@@ -19,6 +19,8 @@ from ddp_utils.errors import (
     INTERRUPTED_EXIT_CODE,
     OUTPUT_EXIT_CODE,
     STOP_EXIT_CODE,
+    CheckpointError,
+    InputError,
     NonFiniteError,
     OutputError,
     TrainingStopped,
@@ -69,7 +71,11 @@ def cli_main(fn: Callable[[], Any]) -> None:
     """Run a script's entry point and turn the known endings into exit codes, each with a
     one-line message instead of a traceback:
 
-    - 2: a bad input (ValueError, missing file);
+    - 2: a bad input: `InputError` (a flag, a dataset, a path that is not there, ...) or
+      `CheckpointError` (a damaged checkpoint or export, one of another model). A bad flag
+      or config file never gets here: the config parser exits 2 itself (`parse_config`).
+      Any other exception, a plain `ValueError` or `FileNotFoundError` included, is a bug of
+      the toolkit and keeps its traceback (exit 1);
     - 75 (`STOP_EXIT_CODE`): stopped by a signal or --max-train-time after saving; run the
       same command again to continue;
     - 74: an output could not be written (disk full, read-only); earlier files are intact;
@@ -87,7 +93,7 @@ def cli_main(fn: Callable[[], Any]) -> None:
         (TrainingStopped, STOP_EXIT_CODE, "stopped"),
         (OutputError, OUTPUT_EXIT_CODE, "error"),
         (NonFiniteError, 1, "error"),
-        ((ValueError, FileNotFoundError), BAD_INPUT_EXIT_CODE, "error"),  # type: ignore[list-item]
+        ((InputError, CheckpointError), BAD_INPUT_EXIT_CODE, "error"),  # type: ignore[list-item]
         (KeyboardInterrupt, INTERRUPTED_EXIT_CODE, "interrupted"),
     ]
     try:

@@ -5,8 +5,9 @@ flag whose help is the field's `help` metadata, a `--config FILE` (YAML or JSON)
 same fields (flags given on the command line win), and the resolved config is written into
 the run directory so a run can be reproduced from its folder alone.
 
-Validation lives in each config's `__post_init__` and raises `ValueError` naming the flag, so
-a bad value stops the run before any compute.
+Validation lives in each config's `__post_init__` and raises `InputError` naming the flag, so
+a bad value stops the run before any compute; `parse_config` turns it into argparse's exit 2.
+A plain `ValueError` there is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
-from ddp_utils.errors import flag_name
+from ddp_utils.errors import InputError, flag_name
 from ddp_utils.files import write_text
 
 C = TypeVar("C")
@@ -55,9 +56,9 @@ def option(
 
 
 def require(condition: bool, message: str) -> None:
-    """Validation in a config's `__post_init__`: a ValueError naming the flag."""
+    """Validation in a config's `__post_init__`: an InputError; the message names the flag."""
     if not condition:
-        raise ValueError(message)
+        raise InputError(message)
 
 
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
@@ -95,39 +96,39 @@ def _parse_scalar(tp: Any, optional: bool) -> Callable[[str], Any]:
 
 
 def _coerce(name: str, tp: Any, value: Any) -> Any:
-    """Coerce a value read from a config file to the field's type, or raise a ValueError."""
+    """Coerce a value read from a config file to the field's type, or raise an InputError."""
     base, optional = _unwrap_optional(tp)
     if value is None:
         if optional:
             return None
-        raise ValueError(f"{flag_name(name)}: null is not allowed")
+        raise InputError(f"{flag_name(name)}: null is not allowed")
     if typing.get_origin(base) in (list, tuple):
         (item_type, *_) = typing.get_args(base) or (str,)
         if not isinstance(value, list | tuple):
-            raise ValueError(f"{flag_name(name)}: expected a list, got {value!r}")
+            raise InputError(f"{flag_name(name)}: expected a list, got {value!r}")
         return [_coerce(name, item_type, v) for v in value]
     choices = _choices(base)
     if choices is not None:
         if value not in choices:
-            raise ValueError(
+            raise InputError(
                 f"{flag_name(name)} must be one of {', '.join(map(str, choices))}, got {value!r}"
             )
         return value
     if base is bool and not isinstance(value, bool):
-        raise ValueError(f"{flag_name(name)}: expected true or false, got {value!r}")
+        raise InputError(f"{flag_name(name)}: expected true or false, got {value!r}")
     if base in (int, float) and isinstance(value, bool):  # YAML's `yes` is not a number
-        raise ValueError(f"{flag_name(name)}: expected {base.__name__}, got {value!r}")
+        raise InputError(f"{flag_name(name)}: expected {base.__name__}, got {value!r}")
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if base is int and isinstance(value, float):
         if not value.is_integer():  # 3.7 -> 3 would be a silent change of the user's value
-            raise ValueError(f"{flag_name(name)}: expected a whole number, got {value!r}")
+            raise InputError(f"{flag_name(name)}: expected a whole number, got {value!r}")
         return int(value)
     if base in (int, float, str) and not isinstance(value, base):
         try:
             return base(value)
         except (TypeError, ValueError):
-            raise ValueError(
+            raise InputError(
                 f"{flag_name(name)}: expected {base.__name__}, got {value!r}"
             ) from None
     return value
@@ -212,16 +213,16 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
 
 def read_config_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise ValueError(f"--config: file {path} does not exist")
+        raise InputError(f"--config: file {path} does not exist")
     text = path.read_text()
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as err:
-        raise ValueError(f"--config: {path} does not parse: {err}") from None
+        raise InputError(f"--config: {path} does not parse: {err}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ValueError(f"--config: {path} must hold a mapping of field names to values")
+        raise InputError(f"--config: {path} must hold a mapping of field names to values")
     # Accept both `batch_size` and `batch-size` spellings.
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
@@ -233,7 +234,7 @@ def check_choices(cfg: Any) -> None:
         choices = _choices(hints[field.name])
         value = getattr(cfg, field.name)
         if choices is not None and value is not None and value not in choices:
-            raise ValueError(
+            raise InputError(
                 f"{flag_name(field.name)} must be one of {', '.join(map(str, choices))}, "
                 f"got {value!r}"
             )
@@ -249,7 +250,7 @@ def config_from_dict(cls: type[C], values: dict[str, Any], source: str = "config
         for key in unknown:
             close = difflib.get_close_matches(key, names, n=1)
             hints_text.append(f"{key} (did you mean {close[0]}?)" if close else key)
-        raise ValueError(
+        raise InputError(
             f"{source}: unknown field(s) {', '.join(hints_text)}; "
             f"known fields: {', '.join(sorted(names))}"
         )
@@ -269,7 +270,7 @@ def parse_config(cls: type[C], argv: list[str] | None = None, description: str |
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         argv = _translate_foreign_flags(argv, cls, parser)
-    except ValueError as err:
+    except InputError as err:
         parser.error(str(err))
     namespace, unknown = parser.parse_known_args(_hyphenate_flags(argv, parser))
     if unknown:
@@ -281,7 +282,7 @@ def parse_config(cls: type[C], argv: list[str] | None = None, description: str |
         values = read_config_file(config_file) if config_file else {}
         values.update(args)
         cfg = config_from_dict(cls, values, f"--config {config_file}" if config_file else "config")
-    except ValueError as err:
+    except InputError as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     if dry_run:
         print(to_yaml(cfg), end="")
@@ -326,19 +327,19 @@ def _translate_foreign_flags(
             _note(f"{name} is ignored: {flag.note}")
             continue
         if flag.field is None:
-            raise ValueError(
+            raise InputError(
                 f"{name} (a flag of diffusers' training examples) is not supported here: "
                 f"{flag.note}"
             )
         if flag.field not in fields:
-            raise ValueError(
+            raise InputError(
                 f"{name} is {flag_name(flag.field)} in this toolkit, a flag this script does "
                 "not have"
             )
         if flag.values is not None and (sep or value_follows):
             value = value if sep else rest.pop(0)
             if value not in flag.values:
-                raise ValueError(
+                raise InputError(
                     f"{name} {value} has no equivalent here: {flag_name(flag.field)} takes "
                     f"{', '.join(sorted(set(flag.values.values())))} ({name} "
                     f"{', '.join(flag.values)} are accepted)"

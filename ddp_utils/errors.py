@@ -2,6 +2,11 @@
 
 Library code raises errors about values (`InputError(message, field="image_column")`); the
 script that owns the flag names it: the message reads `--image-column: <message>`.
+
+A user's bad input is an `InputError` (or a `CheckpointError`: a saved checkpoint or export
+that cannot be used); only these become exit code 2 with a one-line message. A plain
+`ValueError` is a bug of the toolkit (an impossible argument between its own functions) and
+keeps its traceback, so it is never mistaken for a typo in a flag.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ class InputError(ValueError):
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message names the file and the problem."""
+    """A checkpoint or export that cannot be used (damaged, incomplete, of another model); the
+    message names the file and the problem."""
 
 
 class TrainingStopped(Exception):

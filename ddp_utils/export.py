@@ -18,6 +18,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ddp_utils.errors import CheckpointError
 from ddp_utils.files import CHECKSUM, checksum, write_json
 
 TASK_FILE = "task.json"
@@ -27,12 +28,12 @@ BEST_DIR, BEST_FILE = "best", "fid.json"  # the lowest-FID export, never pruned;
 
 
 def check_value_range(value: Any, where: Path) -> tuple[float, float]:
-    """A task's `value_range` as a tuple, or a ValueError naming the file: only (0, 1) and
+    """A task's `value_range` as a tuple, or a CheckpointError naming the file: only (0, 1) and
     (-1, 1) are ranges of our models ([0, 255] would give near-black samples)."""
     if not isinstance(value, list | tuple) or [v for v in value if type(v) not in (int, float)]:
         value = None
     if value is None or [float(v) for v in value] not in VALUE_RANGES:
-        raise ValueError(
+        raise CheckpointError(
             f"{where} is damaged: its value_range is {value!r}, expected [0, 1] or [-1, 1] "
             "(the pixel ranges this toolkit's models work in)"
         )
@@ -52,9 +53,9 @@ def read_task_file(folder: Path) -> dict[str, Any] | None:
     try:
         info = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} does not parse as JSON: {err}") from None
+        raise CheckpointError(f"{path} does not parse as JSON: {err}") from None
     if not isinstance(info, dict) or "task" not in info:
-        raise ValueError(f"{path} is not a task file (no 'task')")
+        raise CheckpointError(f"{path} is not a task file (no 'task')")
     if "value_range" in info:
         info["value_range"] = list(check_value_range(info["value_range"], path))
     return info
@@ -73,7 +74,7 @@ def write_checksums(folder: Path) -> None:
 
 def verify_checksums(folder: Path) -> bool:
     """Whether `folder` has a checksums.json (False: a folder without one, such as diffusers
-    writes); a ValueError naming the first listed file that is missing or changed."""
+    writes); a CheckpointError naming the first listed file that is missing or changed."""
     path = folder / CHECKSUMS_FILE
     if not path.is_file():
         return False
@@ -81,14 +82,14 @@ def verify_checksums(folder: Path) -> bool:
         files = json.loads(path.read_text())["files"]
         records = {name: (r["bytes"], r[CHECKSUM]) for name, r in files.items()}
     except (ValueError, KeyError, TypeError, AttributeError) as err:
-        raise ValueError(f"{path} is damaged: {err!r}") from None
+        raise CheckpointError(f"{path} is damaged: {err!r}") from None
     for name, (size, digest) in records.items():
         file = folder / name
         if not file.is_file():
-            raise ValueError(f"{file} is missing: the export is incomplete")
+            raise CheckpointError(f"{file} is missing: the export is incomplete")
         data = file.read_bytes()
         if len(data) != size or checksum(data) != digest:
-            raise ValueError(
+            raise CheckpointError(
                 f"{file} does not match the checksum recorded in {CHECKSUMS_FILE} when the "
                 "export was written: its content changed on disk (a bad copy, failing storage)"
             )

@@ -448,7 +448,7 @@ def start_run(cfg: TrainConfig, with_labels: bool = False) -> Run:
     if accelerator.distributed_type == DistributedType.FSDP or str_to_bool(
         os.environ.get("ACCELERATE_USE_FSDP", "false")
     ):
-        raise ValueError(
+        raise InputError(
             "FSDP is not supported: checkpoints gather full state dicts on the main process, "
             "which deadlocks with sharded parameters. Launch with DDP (accelerate_configs/"
             "1node_8gpu_bf16.yaml); every preset here fits one GPU with room to spare."

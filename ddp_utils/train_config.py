@@ -341,7 +341,7 @@ class TrainConfig:
             try:
                 parse_duration(self.max_train_time)
             except ValueError as err:
-                raise ValueError(f"--max-train-time {err}") from None
+                raise InputError(f"--max-train-time {err}") from None
         for name in ("hub_model_id", "hub_private"):
             require(
                 self.push_to_hub or not getattr(self, name),

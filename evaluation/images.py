@@ -1,4 +1,8 @@
-"""Image sets on disk -> uint8 (N, C, H, W) tensors: an .npz of samples or a folder of images."""
+"""Image sets on disk -> uint8 (N, C, H, W) tensors: an .npz of samples or a folder of images.
+
+Every path here is one a user gave, so whatever is wrong with it is an `InputError` (exit 2,
+one line); the script names the flag it came from.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import numpy as np
 import torch
 
 from ddp_utils.data.decode import open_image, to_mode
+from ddp_utils.errors import InputError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 NPZ_KEYS = ("arr_0", "images")
@@ -24,8 +29,8 @@ def load_images(path: str | os.PathLike) -> torch.Tensor:
     if path.suffix.lower() == ".npz":
         return load_npz_images(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
-    raise ValueError(
+        raise InputError(f"{path} does not exist")
+    raise InputError(
         f"{path}: expected an .npz file or a folder of {'/'.join(IMAGE_EXTENSIONS)} images"
     )
 
@@ -37,34 +42,38 @@ def load_npz_images(path: str | os.PathLike) -> torch.Tensor:
         f"{' or '.join(NPZ_KEYS)}, as sample.py writes"
     )
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{path} does not exist")
+        raise InputError(f"{path} does not exist")
     if not zipfile.is_zipfile(path):  # np.load would try it as a pickle, and suggest one
-        raise ValueError(f"{path} is not an .npz archive: {expected}")
+        raise InputError(f"{path} is not an .npz archive: {expected}")
     try:
         with np.load(path, allow_pickle=False) as data:
             name = next((k for k in NPZ_KEYS if k in data.files), None)
             if name is None:
-                raise ValueError(
+                raise InputError(
                     f"{path}: no array named {' or '.join(NPZ_KEYS)} (found {data.files})"
                 )
             array = data[name]
     except (OSError, EOFError, zipfile.BadZipFile) as err:
-        raise ValueError(f"{path} cannot be read ({err}): {expected}") from None
-    except ValueError as err:
-        if "pickle" not in str(err):
-            raise
-        raise ValueError(f"{path}[{name}] holds Python objects, not pixels: {expected}") from None
+        raise InputError(f"{path} cannot be read ({err}): {expected}") from None
+    except InputError:
+        raise
+    except ValueError as err:  # numpy's: a pickled array, or a damaged array header
+        if "pickle" in str(err):
+            raise InputError(
+                f"{path}[{name}] holds Python objects, not pixels: {expected}"
+            ) from None
+        raise InputError(f"{path} cannot be read ({err}): {expected}") from None
     if array.dtype != np.uint8:
-        raise ValueError(f"{path}[{name}]: expected uint8 pixels 0..255, got {array.dtype}")
+        raise InputError(f"{path}[{name}]: expected uint8 pixels 0..255, got {array.dtype}")
     if array.ndim == 3:
         array = array[..., None]
     if array.ndim != 4 or array.shape[-1] not in (1, 3):
         hint = " (it looks like N, C, H, W)" if array.ndim == 4 and array.shape[1] in (1, 3) else ""
-        raise ValueError(
+        raise InputError(
             f"{path}[{name}]: expected (N, H, W, C) with C in {{1, 3}}, got {array.shape}{hint}"
         )
     if len(array) == 0:
-        raise ValueError(f"{path}[{name}] holds no images")
+        raise InputError(f"{path}[{name}] holds no images")
     return torch.from_numpy(np.ascontiguousarray(array.transpose(0, 3, 1, 2)))
 
 
@@ -77,7 +86,7 @@ def load_image_folder(path: str | os.PathLike) -> torch.Tensor:
         p for p in Path(path).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
     )
     if not files:
-        raise ValueError(f"{path}: no {'/'.join(IMAGE_EXTENSIONS)} images found")
+        raise InputError(f"{path}: no {'/'.join(IMAGE_EXTENSIONS)} images found")
     arrays = []
     for file in files:
         # The training data path's reader: bombs refused, truncated files fail here, 16-bit
@@ -87,12 +96,12 @@ def load_image_folder(path: str | os.PathLike) -> torch.Tensor:
             gray = image.mode in _GRAYSCALE_MODES
             arrays.append(np.asarray(to_mode(image, 1 if gray else 3), dtype=np.uint8))
         except Exception as err:  # noqa: BLE001 - malformed files raise all sorts of types
-            raise ValueError(
+            raise InputError(
                 f"{file} cannot be read as an image ({type(err).__name__}: {err}); "
                 "remove or replace it: FID over a silently shorter set would mislead"
             ) from None
         if arrays[-1].shape[:2] != arrays[0].shape[:2]:
-            raise ValueError(
+            raise InputError(
                 f"{file} is {arrays[-1].shape[1]}x{arrays[-1].shape[0]} but {files[0]} is "
                 f"{arrays[0].shape[1]}x{arrays[0].shape[0]}: all images must have one size"
             )

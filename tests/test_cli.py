@@ -4,7 +4,9 @@ typos, and `--dry-run` refusing what a real run would refuse."""
 from __future__ import annotations
 
 import importlib
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -334,3 +336,40 @@ def test_the_python_api_trains_a_run_validated_like_the_cli(tmp_path):
     assert run.output_dir == tmp_path / "run"
     assert (tmp_path / "run" / "pipeline" / "model_index.json").is_file()
     assert (tmp_path / "run" / "checkpoints" / "checkpoint-2").is_dir()
+
+
+def test_only_the_toolkits_input_errors_exit_2_a_bug_keeps_its_traceback(monkeypatch, capsys):
+    """A user's bad input is one line and exit 2; a ValueError of the toolkit's own code is a
+    bug, so it is not dressed up as a typo in a flag: it propagates (traceback, exit 1)."""
+    from ddp_utils.cli import cli_main
+    from ddp_utils.errors import CheckpointError, InputError
+
+    monkeypatch.delenv("DDP_DIFFUSION_DEBUG", raising=False)
+    for error, line in (
+        (InputError("must be >= 1, got 0", "batch_size"), "error: --batch-size: must be >= 1, got 0"),
+        (CheckpointError("runs/x/checkpoint-3/state.json is damaged"),
+         "error: runs/x/checkpoint-3/state.json is damaged"),
+    ):  # fmt: skip
+
+        def refused(error: Exception = error) -> None:
+            raise error
+
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(refused)
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err == line + "\n"
+    for bug in (ValueError("chunk size must be >= 1, got 0"), FileNotFoundError("cache.npz")):
+
+        def broken(bug: Exception = bug) -> None:
+            raise bug
+
+        with pytest.raises(type(bug)):
+            cli_main(broken)
+    # As a script's process: a traceback and exit 1.
+    done = subprocess.run(
+        [sys.executable, "-c", "from ddp_utils.cli import cli_main; cli_main(lambda: int('x'))"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={k: v for k, v in os.environ.items() if k != "DDP_DIFFUSION_DEBUG"},
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "Traceback" in done.stderr and "invalid literal for int()" in done.stderr

@@ -481,6 +481,12 @@ def test_evaluate_exits_2_with_a_message_on_bad_input(
         cli_main(lambda: evaluate.main(argv))
     assert info.value.code == 2
     assert "--batch-size must be >= 1, got 0" in capsys.readouterr().err
+    # A path that is not there: one line naming the flag (not a FileNotFoundError's traceback).
+    missing = str(tmp_path / "missing.npz")
+    with pytest.raises(SystemExit) as info:
+        cli_main(lambda: evaluate.main(["--samples", missing, "--reference", missing]))
+    assert info.value.code == 2
+    assert capsys.readouterr().err == f"error: --samples: {missing} does not exist\n"
     # A bad file, found at run time, from the command line: a message, not a traceback.
     np.savez(tmp_path / "float.npz", np.zeros((2, 8, 8, 3), np.float32))
     result = subprocess.run(

@@ -22,6 +22,9 @@ from tiny_runs import (
 
 import sample
 from ddp_utils.config import parse_config
+from ddp_utils.errors import CheckpointError, InputError
+
+BAD_INPUT = (InputError, CheckpointError)  # what cli_main turns into exit 2 (a ValueError: exit 1)
 
 
 @pytest.fixture(scope="session")
@@ -177,13 +180,13 @@ def test_two_processes_give_the_one_process_edm_images(edm_run: Path, tmp_path: 
 def test_samplers_of_another_kind_and_their_knobs_are_refused(
     ddpm_run: Path, edm_run: Path, tmp_path: Path
 ) -> None:
-    with pytest.raises(ValueError, match="--scheduler ddim is not for EDM models"):
+    with pytest.raises(BAD_INPUT, match="--scheduler ddim is not for EDM models"):
         run_sample(edm_run / "pipeline", tmp_path / "a", "--scheduler=ddim")
-    with pytest.raises(ValueError, match="--scheduler edm-heun is not for DDPM models"):
+    with pytest.raises(BAD_INPUT, match="--scheduler edm-heun is not for DDPM models"):
         run_sample(ddpm_run / "pipeline", tmp_path / "b", "--scheduler=edm-heun")
-    with pytest.raises(ValueError, match="--churn applies to EDM models only"):
+    with pytest.raises(BAD_INPUT, match="--churn applies to EDM models only"):
         run_sample(ddpm_run / "pipeline", tmp_path / "c", "--churn=1")
-    with pytest.raises(ValueError, match="--eta applies to --scheduler ddim only"):
+    with pytest.raises(BAD_INPUT, match="--eta applies to --scheduler ddim only"):
         run_sample(edm_run / "pipeline", tmp_path / "d", "--eta=1")
     with pytest.raises(ValueError, match="--eta applies to --scheduler ddim only"):
         sample.SampleConfig(model_path=str(ddpm_run), scheduler="unipc", eta=1.0)
@@ -269,6 +272,6 @@ def test_an_export_whose_value_range_is_not_ours_is_refused(
         ValueError, match=rf"task.json is damaged: its value_range is \[{value_range[0]}"
     ):
         load_for_sampling(export)
-    with pytest.raises(ValueError, match="expected \\[0, 1\\] or \\[-1, 1\\]"):
+    with pytest.raises(BAD_INPUT, match="expected \\[0, 1\\] or \\[-1, 1\\]"):
         run_sample(export, tmp_path / "out")
     assert not (tmp_path / "out").exists()

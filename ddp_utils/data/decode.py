@@ -22,6 +22,7 @@ import datasets
 import numpy as np
 from PIL import Image, ImageOps
 
+from ddp_utils.errors import InputError
 from ddp_utils.files import atomic_file
 
 logger = logging.getLogger("ddp_diffusion")
@@ -209,9 +210,10 @@ def decode_row(
             return preprocess(image, resolution, channels, center_crop), skipped, row
         except Exception as err:  # noqa: BLE001 - malformed files raise all sorts of types
             skipped.append(f"{row_name(value, row)} ({type(err).__name__}: {err})")
-    raise ValueError(
+    raise InputError(
         f"{MAX_REPLACEMENTS} consecutive rows from row {index} could not be decoded: "
-        f"{skipped[0]} ...; check the dataset"
+        f"{skipped[0]} ...; check the dataset",
+        "dataset",
     )
 
 
