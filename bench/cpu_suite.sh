@@ -23,6 +23,7 @@ run host_time $PY bench/host_time.py --steps 100 --rounds 3
 run host_time_bf16 $PY bench/host_time.py --steps 100 --rounds 3 --mixed-precision bf16
 run train_step $PY bench/train_step.py --steps 8 --rounds 3
 run train_step_basic $PY bench/train_step.py --models basic --steps 30 --rounds 5 --resolution 28 --channels 1
+run dit_step $PY bench/dit_step.py
 run data_loading $PY bench/data_loading.py
 run sampling $PY bench/sampling.py
 run guidance_cost $PY bench/guidance_cost.py

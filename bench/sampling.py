@@ -29,7 +29,7 @@ from diffusion.kinds import KINDS, SamplerChoice  # noqa: E402
 from diffusion.networks import sample_shape  # noqa: E402
 from diffusion.networks.unet import build_ddpm_unet  # noqa: E402
 from diffusion.sampling import EDM_SAMPLERS  # noqa: E402
-from sample import count_calls  # noqa: E402
+from diffusion.drawing import count_calls  # noqa: E402
 
 DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SAMPLERS = (

@@ -272,6 +272,7 @@ class _NetworkPipeline(DiffusionPipeline):
     the other component is None. Saves the classes and the chosen guidance with the model."""
 
     _optional_components = ["unet", "transformer"]
+    model_cpu_offload_seq = "unet->transformer"  # the one that is set
 
     def __init__(
         self,

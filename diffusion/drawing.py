@@ -1,0 +1,296 @@
+"""What `sample.py` draws: its options, the sampler and classes they choose for a loaded model,
+and the function that turns a range of sample indices into uint8 images.
+
+Sample k comes from the seed (`--seed`, k) and, for a class-conditional model, has class
+cycle[k mod len(cycle)]: an image never depends on the batch it is drawn in or on the number of
+processes. Nothing here needs Accelerate; `sample.py` shards the work and writes the files.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ddp_utils.checkpoint import STATE_FILE
+from ddp_utils.compile import CompileBackend, CompileMode, check_compile_options
+from ddp_utils.config import option, require
+from ddp_utils.data.source import NATIVE_RESOLUTION
+from ddp_utils.errors import InputError
+from ddp_utils.images import to_uint8
+from ddp_utils.lock import lock_holder
+from ddp_utils.train_config import MixedPrecision
+from diffusion.kinds import SamplerChoice, kind_named
+from diffusion.loading import LoadedModel, Weights
+from diffusion.networks import sample_shape
+from diffusion.pretrained import is_hub_id
+from diffusion.sampling import DEFAULT_DDIM_ETA, DEFAULT_SAMPLER, SamplerName
+
+logger = logging.getLogger("ddp_diffusion.sample")
+
+
+@dataclass
+class SampleConfig:
+    """Sampling from an export folder, a pipeline folder, a checkpoint or a run directory."""
+
+    model_path: str = option(
+        "",
+        "export / pipeline / checkpoint-N / run directory, a diffusers DDPMPipeline or "
+        "UNet2DModel folder, or a hub id (google/ddpm-cifar10-32)",
+        positional=True,
+    )
+    output_dir: str = option("samples", "where samples.npz and grid.png are written")
+    num_samples: int = option(64, "number of images")
+    batch_size: int = option(64, "images per forward pass, per process")
+    seed: int = option(0, "sample k is drawn from (seed, k)")
+    num_steps: int | None = option(
+        None,
+        "sampler steps (default: basic 40, ddpm 1000, ddim 50, edm-heun 18, heun-karras 10, "
+        "edm-euler 35, the others 20)",
+        aliases=("--num-inference-steps",),
+    )
+    scheduler: SamplerName | None = option(
+        None,
+        f"sampler (default: {DEFAULT_SAMPLER['ddpm']} for DDPM models, "
+        f"{DEFAULT_SAMPLER['edm']} for EDM models; basic models have their own)",
+    )
+    eta: float | None = option(
+        None, f"DDIM noise scale (default: {DEFAULT_DDIM_ETA}, DDPM-like; 0: deterministic DDIM)"
+    )
+    churn: float = option(
+        0.0, "EDM samplers: stochasticity S_churn (Karras et al. 2022; 0: deterministic)"
+    )
+    class_labels: str | None = option(
+        None,
+        "class-conditional models: 'all' (sample k gets class k mod C: every class evenly) or "
+        "a comma list of class ids or names (sample k gets entry k mod n); default: all",
+    )
+    guidance_scale: float | None = option(
+        None,
+        "class-conditional models: classifier-free guidance w (0: unconditional, 1: "
+        "conditional, > 1: more like the class); default: the one the model was exported with",
+    )
+    per_class_fid: bool = option(
+        False, "with --fid on a class-conditional model: FID/KID of each class too"
+    )
+    weights: Weights = option("ema", "EMA or raw weights (exports without raw weights: EMA)")
+    mixed_precision: MixedPrecision = option("no", "autocast dtype of the network")
+    compile: bool = option(
+        False,
+        "torch.compile the denoiser: the network, guidance's batched pair and EDM's "
+        "preconditioning in one graph (each batch size compiles once; inductor's cache)",
+    )
+    compile_backend: CompileBackend = option("inductor", "torch.compile backend")
+    compile_mode: CompileMode = option(
+        "default", "inductor's mode; default: fused kernels, reduce-overhead: and CUDA graphs"
+    )
+    save_images: bool = option(False, "also write one PNG per sample")
+    save_progression: bool = option(False, "also write the denoising strip (progression.png)")
+    grid_size: int = option(64, "images in grid.png")
+    fid: bool = option(False, "score the samples with FID/KID against --dataset (fid.json)")
+    dataset: str | None = option(
+        None, "reference for --fid, as training's --dataset; at the model's size and channels"
+    )
+    dataset_config: str | None = option(None, "hub dataset config name (with --fid)")
+    split: str = option("train", "reference split (with --fid)")
+    max_reference: int | None = option(
+        None, "use at most N dataset images as the --fid reference (none: all)"
+    )
+
+    def __post_init__(self) -> None:
+        require(bool(self.model_path), "MODEL_PATH is required (an export, checkpoint or run dir)")
+        require(
+            Path(self.model_path).exists() or is_hub_id(self.model_path),
+            f"MODEL_PATH {self.model_path} does not exist (and is not a hub id such as "
+            "google/ddpm-cifar10-32)",
+        )
+        require(self.num_samples >= 1, f"--num-samples must be >= 1, got {self.num_samples}")
+        require(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        require(
+            self.num_steps is None or self.num_steps >= 1,
+            f"--num-steps (--num-inference-steps) must be >= 1, got {self.num_steps}",
+        )
+        require(self.seed >= 0, f"--seed must be >= 0, got {self.seed}")
+        require(self.eta is None or self.eta >= 0, f"--eta must be >= 0, got {self.eta}")
+        require(
+            not self.eta or self.scheduler in (None, "ddim"),
+            f"--eta applies to --scheduler ddim only, got {self.scheduler}",
+        )
+        require(self.churn >= 0, f"--churn must be >= 0, got {self.churn}")
+        try:
+            check_compile_options(self.compile_backend, self.compile_mode)
+        except ValueError as err:
+            raise InputError(str(err), "compile_mode") from None
+        require(
+            self.guidance_scale is None or self.guidance_scale >= 0,
+            f"--guidance-scale must be >= 0, got {self.guidance_scale}",
+        )
+        require(not self.per_class_fid or self.fid, "--per-class-fid needs --fid")
+        require(self.grid_size >= 1, "--grid-size must be >= 1")
+        require(not self.fid or bool(self.dataset), "--fid needs --dataset (the reference images)")
+        require(
+            not self.fid or self.num_samples >= 2, "--fid needs --num-samples >= 2 (a covariance)"
+        )
+        require(
+            self.max_reference is None or self.max_reference >= 2,
+            f"--max-reference must be >= 2, got {self.max_reference}",
+        )
+
+
+DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def choose_sampler(cfg: SampleConfig, loaded: LoadedModel) -> SamplerChoice:
+    """The sampler for the loaded model: `--scheduler` or its kind's default, with its steps
+    and knobs. A sampler of another kind is refused, and so are --eta and --churn where the
+    sampler has no such knob."""
+    kind = kind_named(loaded.task, loaded.source)
+    if not kind.samplers:  # a kind with one sampler (the basic model)
+        if cfg.scheduler is not None or cfg.eta or cfg.churn or cfg.weights != "ema":
+            logger.info("--scheduler/--eta/--churn/--weights apply to DDPM and EDM models; ignored")
+        return SamplerChoice(None, cfg.num_steps or kind.default_steps(None))
+    name = cfg.scheduler or kind.default_sampler
+    if name not in kind.samplers:
+        raise InputError(
+            f"--scheduler {name} is not for {kind.name.upper()} models ({loaded.source}); "
+            f"use one of {', '.join(kind.samplers)}"
+        )
+    if cfg.eta and name != "ddim":
+        raise InputError(f"--eta applies to --scheduler ddim only; the sampler is {name}")
+    if cfg.churn and "churn" not in kind.knobs:
+        raise InputError(f"--churn applies to EDM models only; {loaded.source} is {kind.name}")
+    eta = cfg.eta if cfg.eta is not None else DEFAULT_DDIM_ETA if name == "ddim" else 0.0
+    return SamplerChoice(name, cfg.num_steps or kind.default_steps(name), eta, cfg.churn)
+
+
+def choose_classes(cfg: SampleConfig, loaded: LoadedModel) -> tuple[list[int] | None, float]:
+    """(the class cycle sample k takes entry k mod n of, the guidance scale); (None, 1) for
+    an unconditional model."""
+    if not loaded.num_classes:
+        if cfg.class_labels is not None or cfg.guidance_scale is not None or cfg.per_class_fid:
+            raise InputError(
+                f"{loaded.source} is not class-conditional: it takes no classes or guidance",
+                "class_labels",
+            )
+        return None, 1.0
+    names = loaded.class_names or []
+    if cfg.class_labels in (None, "all"):
+        cycle = list(range(len(names)))
+    else:
+        cycle = []
+        for entry in (e.strip() for e in cfg.class_labels.split(",")):
+            if entry in names:
+                cycle.append(names.index(entry))
+            elif entry.isdigit() and int(entry) < len(names):
+                cycle.append(int(entry))
+            else:
+                raise InputError(
+                    f"{entry!r} is not a class of this model; its classes: {', '.join(names)}",
+                    "class_labels",
+                )
+    guidance = loaded.guidance_scale if cfg.guidance_scale is None else cfg.guidance_scale
+    return cycle, guidance
+
+
+def make_chunk_fn(
+    cfg: SampleConfig,
+    loaded: LoadedModel,
+    device: torch.device,
+    choice: SamplerChoice,
+    cycle: list[int] | None = None,
+    guidance: float = 1.0,
+) -> tuple[Callable[[range], torch.Tensor], list[torch.Tensor], list[int]]:
+    """(items -> uint8 NHWC samples, the progression filled by the chunk of item 0, the
+    indices of samples that came out non-finite). With a class `cycle`, sample k has class
+    cycle[k mod len(cycle)] and is guided with scale `guidance`."""
+    draw = kind_named(loaded.task, loaded.source).sampler(
+        loaded.model,
+        loaded.scheduler_config,
+        choice,
+        seed=cfg.seed,
+        shape=sample_shape(loaded.model, loaded.resolution),
+        device=device,
+        dtype=DTYPES[cfg.mixed_precision],
+        guidance_scale=guidance,
+        compile=(cfg.compile_backend, cfg.compile_mode) if cfg.compile else None,
+    )
+    progression: list[torch.Tensor] = []  # x_t of the first 8 samples, every 1/10 of the steps
+    nonfinite: list[int] = []
+
+    def chunk(indices: range) -> torch.Tensor:
+        every = math.ceil(choice.steps / 10) if cfg.save_progression and 0 in indices else None
+        labels = None if cycle is None else sample_classes(indices, cycle)
+        x, snapshots = draw(indices, labels, every)
+        progression.extend(s[:8] for s in snapshots)
+        finite = torch.isfinite(x).flatten(1).all(dim=1)
+        nonfinite.extend(k for k, ok in zip(indices, finite.tolist()) if not ok)
+        return torch.from_numpy(to_uint8(x, loaded.value_range))
+
+    return chunk, progression, nonfinite
+
+
+def sample_classes(indices: range, cycle: list[int]) -> torch.Tensor:
+    """Sample k's class: cycle[k mod len(cycle)] (`all` cycles through every class)."""
+    return torch.tensor([cycle[k % len(cycle)] for k in indices], dtype=torch.long)
+
+
+def count_calls(model: torch.nn.Module) -> list[int]:
+    """A one-element list counting the model's forward calls (its network evaluations)."""
+    calls = [0]
+
+    @torch.compiler.disable  # traced, the count would be a constant of the compiled graph
+    def count(*_: object) -> None:
+        calls[0] += 1
+
+    model.register_forward_pre_hook(count)
+    return calls
+
+
+def describe_source(cfg: SampleConfig, loaded: LoadedModel) -> None:
+    """Say what is sampled: which checkpoint, and whether its run is still training (its lock
+    is held) or has no export yet, so a grid from a half-trained model is not taken for the
+    final one."""
+    source = loaded.source
+    is_checkpoint = (source / STATE_FILE).is_file()
+    what = f"{source} (a checkpoint: {source.name})" if is_checkpoint else str(source)
+    logger.info("sampling %s with the %s weights", what, cfg.weights)
+    given = Path(cfg.model_path)
+    run_dirs = [
+        d for d in (given, source.parent, source.parent.parent) if (d / "checkpoints").is_dir()
+    ]
+    if not run_dirs:
+        return
+    run_dir = run_dirs[0]
+    holder = lock_holder(run_dir)
+    if holder is not None:
+        logger.warning(
+            "%s is still being trained (%s): these samples come from %s, not from the model "
+            "its training will end with",
+            run_dir,
+            holder,
+            source.name,
+        )
+    elif is_checkpoint and given == run_dir:
+        logger.warning(
+            "%s has no export (its training has not finished, or stopped early): sampling its "
+            "newest intact checkpoint, %s; run its training command again to finish it",
+            run_dir,
+            source.name,
+        )
+
+
+def warn_if_resized(cfg: SampleConfig, loaded: LoadedModel) -> None:
+    """--fid's reference is --dataset at the samples' size: say when that means resizing."""
+    native = NATIVE_RESOLUTION.get(cfg.dataset or "")
+    if native is not None and native != loaded.resolution:
+        logger.warning(
+            "--dataset %s has %dx%d images and the samples are %dx%d: its images are resized "
+            "to %dx%d for FID (right if the model was trained at that size from them; else "
+            "give the dataset it was trained on)",
+            cfg.dataset, native, native, loaded.resolution, loaded.resolution,
+            loaded.resolution, loaded.resolution,
+        )  # fmt: skip
