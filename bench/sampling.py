@@ -24,12 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import git_revision, machine, print_table, synchronize  # noqa: E402
 from ddp_utils.compile import COMPILE_MODES, compile_network  # noqa: E402
 from diffusion.ddpm import make_train_scheduler  # noqa: E402
+from diffusion.drawing import count_calls  # noqa: E402
 from diffusion.edm import make_edm_scheduler  # noqa: E402
 from diffusion.kinds import KINDS, SamplerChoice  # noqa: E402
 from diffusion.networks import sample_shape  # noqa: E402
 from diffusion.networks.unet import build_ddpm_unet  # noqa: E402
 from diffusion.sampling import EDM_SAMPLERS  # noqa: E402
-from diffusion.drawing import count_calls  # noqa: E402
 
 DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SAMPLERS = (
