@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import digit_accuracy  # noqa: E402
 from ddp_utils.images import make_grid, rows_by_label, save_png, to_uint8, upscale  # noqa: E402
 from diffusion.loading import load_for_sampling  # noqa: E402
 from diffusion.sampling import make_inference_scheduler, sample_ddpm  # noqa: E402
@@ -65,19 +66,6 @@ def main() -> None:
             images = to_uint8(draw(indices, float(w)), loaded.value_range)
             labels = np.array([k % num_classes for k in indices])
             print(f"| {w} | {digit_accuracy(images, labels):.1%} |")
-
-
-def digit_accuracy(images: np.ndarray, labels: np.ndarray) -> float:
-    """Share of NHWC uint8 images a logistic regression fitted on the 8x8 real digits (97% on
-    them) assigns to `labels`; larger images are averaged down to 8x8 first."""
-    from sklearn.datasets import load_digits
-    from sklearn.linear_model import LogisticRegression
-
-    digits = load_digits()
-    classifier = LogisticRegression(max_iter=3000).fit(digits.data, digits.target)
-    x = torch.from_numpy(images[..., 0]).float()[:, None]
-    x = torch.nn.functional.adaptive_avg_pool2d(x, 8)[:, 0].reshape(len(images), -1)
-    return float((classifier.predict(x.numpy() / 255 * 16) == labels).mean())
 
 
 if __name__ == "__main__":
