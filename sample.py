@@ -42,7 +42,7 @@ from accelerate import Accelerator
 
 from ddp_utils.checkpoint import STATE_FILE
 from ddp_utils.cli import cli_main, setup_logging
-from ddp_utils.compile import CompileBackend, CompileMode, check_compile_options, compile_network
+from ddp_utils.compile import CompileBackend, CompileMode, check_compile_options
 from ddp_utils.config import option, parse_config, require, save_config
 from ddp_utils.data import load_image_data
 from ddp_utils.data.source import NATIVE_RESOLUTION
@@ -60,19 +60,11 @@ from ddp_utils.images import make_grid, rows_by_label, save_png, to_uint8, upsca
 from ddp_utils.lock import lock_holder
 from ddp_utils.tracking import MIN_PICTURE_SIDE
 from ddp_utils.train_config import MixedPrecision
-from diffusion.basic import sample_basic
-from diffusion.edm import sample_edm
+from diffusion.kinds import SamplerChoice, kind_named
 from diffusion.loading import LoadedModel, Weights, load_for_sampling
+from diffusion.networks import sample_shape
 from diffusion.pretrained import is_hub_id, resolve_model_source
-from diffusion.sampling import (
-    DEFAULT_DDIM_ETA,
-    DEFAULT_SAMPLER,
-    DEFAULT_STEPS,
-    SAMPLERS_BY_TASK,
-    SamplerName,
-    make_inference_scheduler,
-    sample_ddpm,
-)
+from diffusion.sampling import DEFAULT_DDIM_ETA, DEFAULT_SAMPLER, SamplerName
 from evaluation import (
     FeatureStats,
     compute_feature_stats,
@@ -83,8 +75,6 @@ from evaluation import (
 )
 
 logger = logging.getLogger("ddp_diffusion.sample")
-
-BASIC_STEPS = 40
 
 
 @dataclass
@@ -134,7 +124,9 @@ class SampleConfig:
     weights: Weights = option("ema", "EMA or raw weights (exports without raw weights: EMA)")
     mixed_precision: MixedPrecision = option("no", "autocast dtype of the network")
     compile: bool = option(
-        False, "torch.compile the network (each batch size compiles once; inductor's cache)"
+        False,
+        "torch.compile the denoiser: the network, guidance's batched pair and EDM's "
+        "preconditioning in one graph (each batch size compiles once; inductor's cache)",
     )
     compile_backend: CompileBackend = option("inductor", "torch.compile backend")
     compile_mode: CompileMode = option(
@@ -196,31 +188,27 @@ class SampleConfig:
 DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def choose_sampler(cfg: SampleConfig, loaded: LoadedModel) -> tuple[str | None, int, float]:
-    """(sampler, steps, eta) for the loaded model: `--scheduler` or the model kind's default.
-
-    Basic models have one sampler (None). A sampler of another model kind is refused, and so
-    are --eta and --churn where the sampler has no such knob.
-    """
-    if loaded.task == "basic":
+def choose_sampler(cfg: SampleConfig, loaded: LoadedModel) -> SamplerChoice:
+    """The sampler for the loaded model: `--scheduler` or its kind's default, with its steps
+    and knobs. A sampler of another kind is refused, and so are --eta and --churn where the
+    sampler has no such knob."""
+    kind = kind_named(loaded.task, loaded.source)
+    if not kind.samplers:  # a kind with one sampler (the basic model)
         if cfg.scheduler is not None or cfg.eta or cfg.churn or cfg.weights != "ema":
             logger.info("--scheduler/--eta/--churn/--weights apply to DDPM and EDM models; ignored")
-        return None, cfg.num_steps or BASIC_STEPS, 0.0
-    if loaded.task not in SAMPLERS_BY_TASK:
-        raise ValueError(f"{loaded.source} holds a model of unknown kind {loaded.task!r}")
-    name = cfg.scheduler or DEFAULT_SAMPLER[loaded.task]
-    allowed = SAMPLERS_BY_TASK[loaded.task]
-    if name not in allowed:
-        raise ValueError(
-            f"--scheduler {name} is not for {loaded.task.upper()} models ({loaded.source}); "
-            f"use one of {', '.join(allowed)}"
+        return SamplerChoice(None, cfg.num_steps or kind.default_steps(None))
+    name = cfg.scheduler or kind.default_sampler
+    if name not in kind.samplers:
+        raise InputError(
+            f"--scheduler {name} is not for {kind.name.upper()} models ({loaded.source}); "
+            f"use one of {', '.join(kind.samplers)}"
         )
     if cfg.eta and name != "ddim":
-        raise ValueError(f"--eta applies to --scheduler ddim only; the sampler is {name}")
-    if cfg.churn and loaded.task != "edm":
-        raise ValueError(f"--churn applies to EDM models only; {loaded.source} is {loaded.task}")
+        raise InputError(f"--eta applies to --scheduler ddim only; the sampler is {name}")
+    if cfg.churn and "churn" not in kind.knobs:
+        raise InputError(f"--churn applies to EDM models only; {loaded.source} is {kind.name}")
     eta = cfg.eta if cfg.eta is not None else DEFAULT_DDIM_ETA if name == "ddim" else 0.0
-    return name, cfg.num_steps or DEFAULT_STEPS[name], eta
+    return SamplerChoice(name, cfg.num_steps or kind.default_steps(name), eta, cfg.churn)
 
 
 def choose_classes(cfg: SampleConfig, loaded: LoadedModel) -> tuple[list[int] | None, float]:
@@ -256,58 +244,31 @@ def make_chunk_fn(
     cfg: SampleConfig,
     loaded: LoadedModel,
     device: torch.device,
-    sampler: str | None,
-    steps: int,
-    eta: float,
+    choice: SamplerChoice,
     cycle: list[int] | None = None,
     guidance: float = 1.0,
 ) -> tuple[Callable[[range], torch.Tensor], list[torch.Tensor], list[int]]:
     """(items -> uint8 NHWC samples, the progression filled by the chunk of item 0, the
     indices of samples that came out non-finite). With a class `cycle`, sample k has class
     cycle[k mod len(cycle)] and is guided with scale `guidance`."""
-    model, dtype = loaded.model, DTYPES[cfg.mixed_precision]
-
-    def labels(indices: range) -> torch.Tensor | None:
-        return None if cycle is None else sample_classes(indices, cycle)
-
+    draw = kind_named(loaded.task, loaded.source).sampler(
+        loaded.model,
+        loaded.scheduler_config,
+        choice,
+        seed=cfg.seed,
+        shape=sample_shape(loaded.model, loaded.resolution),
+        device=device,
+        dtype=DTYPES[cfg.mixed_precision],
+        guidance_scale=guidance,
+        compile=(cfg.compile_backend, cfg.compile_mode) if cfg.compile else None,
+    )
     progression: list[torch.Tensor] = []  # x_t of the first 8 samples, every 1/10 of the steps
     nonfinite: list[int] = []
-    if loaded.task == "basic":
-        shape = (loaded.channels, loaded.resolution, loaded.resolution)
-
-        def draw(indices: range, every: int | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-            return sample_basic(model, steps, shape, indices, cfg.seed, device, dtype), []
-
-    elif loaded.task == "edm":
-
-        def draw(indices: range, every: int | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-            return sample_edm(
-                model,
-                loaded.scheduler_config,
-                indices,
-                cfg.seed,
-                steps,
-                second_order=sampler == "edm-heun",
-                churn=cfg.churn,
-                device=device,
-                dtype=dtype,
-                progression_every=every,
-                class_labels=labels(indices),
-                guidance_scale=guidance,
-            )
-
-    else:
-        scheduler = make_inference_scheduler(sampler, loaded.scheduler_config)
-
-        def draw(indices: range, every: int | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-            return sample_ddpm(
-                model, scheduler, indices, cfg.seed, steps, eta, device, dtype, every,
-                class_labels=labels(indices), guidance_scale=guidance,
-            )  # fmt: skip
 
     def chunk(indices: range) -> torch.Tensor:
-        every = math.ceil(steps / 10) if cfg.save_progression and 0 in indices else None
-        x, snapshots = draw(indices, every)
+        every = math.ceil(choice.steps / 10) if cfg.save_progression and 0 in indices else None
+        labels = None if cycle is None else sample_classes(indices, cycle)
+        x, snapshots = draw(indices, labels, every)
         progression.extend(s[:8] for s in snapshots)
         finite = torch.isfinite(x).flatten(1).all(dim=1)
         nonfinite.extend(k for k, ok in zip(indices, finite.tolist()) if not ok)
@@ -503,7 +464,7 @@ def sample(cfg: SampleConfig) -> np.ndarray:
             f"the weights in {loaded.source} hold non-finite values (NaN/inf): that model "
             "diverged; sample an earlier checkpoint"
         )
-    sampler, steps, eta = choose_sampler(cfg, loaded)
+    choice = choose_sampler(cfg, loaded)
     cycle, guidance = choose_classes(cfg, loaded)
     if accelerator.is_main_process:
         describe_source(cfg, loaded)
@@ -511,10 +472,8 @@ def sample(cfg: SampleConfig) -> np.ndarray:
             warn_if_resized(cfg, loaded)
     reference = None if extractor is None else reference_stats(cfg, loaded, extractor, accelerator)
     loaded.model.to(accelerator.device).eval()
-    if cfg.compile:
-        compile_network(loaded.model, cfg.compile_backend, cfg.compile_mode)
     chunk, progression, nonfinite = make_chunk_fn(
-        cfg, loaded, accelerator.device, sampler, steps, eta, cycle, guidance
+        cfg, loaded, accelerator.device, choice, cycle, guidance
     )
     calls = count_calls(loaded.model)
     images = map_sharded(accelerator, cfg.num_samples, cfg.batch_size, chunk, "sampling").numpy()
@@ -527,12 +486,12 @@ def sample(cfg: SampleConfig) -> np.ndarray:
         info = {
             "task": loaded.task,
             "source": str(loaded.source),
-            "scheduler": sampler,
-            "num_steps": steps,
+            "scheduler": choice.name,
+            "num_steps": choice.steps,
             # Network evaluations per image (guidance runs two per call, batched).
             "num_evaluations": calls[0] // max(1, num_chunks) * (1 + (guidance not in (0, 1))),
-            "eta": eta if sampler == "ddim" else None,
-            "churn": cfg.churn if loaded.task == "edm" else None,
+            "eta": choice.eta if choice.name == "ddim" else None,
+            "churn": choice.churn if "churn" in kind_named(loaded.task, "").knobs else None,
             "class_names": loaded.class_names,
             "guidance_scale": guidance if cycle is not None else None,
             "num_processes": accelerator.num_processes,

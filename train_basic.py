@@ -26,25 +26,15 @@ if __name__ == "__main__":  # Ctrl-C while the libraries below load (~10 s): exi
     signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
-
-import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
+from typing import Literal
 
 from ddp_utils import loop
 from ddp_utils.cli import cli_main
 from ddp_utils.config import option, parse_config, require
-from ddp_utils.data import Batch, to_float
-from ddp_utils.images import make_grid, to_uint8
-from ddp_utils.metrics import MetricWindow
-from ddp_utils.model_card import CardFacts
 from ddp_utils.run import Run, start_run
 from ddp_utils.train_config import TrainConfig
-from diffusion.basic import VALUE_RANGE, corrupt, sample_basic
-from diffusion.models import build_basic_model, predict
+from diffusion.kinds.basic import BASIC
+from diffusion.networks.basic import build_basic_model
 
 
 @dataclass
@@ -70,82 +60,11 @@ class BasicConfig(TrainConfig):
         )
 
 
-class BasicMethod:
-    """Predict the clean image from a blend with uniform noise (MSE)."""
-
-    value_range = VALUE_RANGE
-    export_name = "model"
-
-    def __init__(self, run: Run) -> None:
-        self.run = run
-        self.device = run.accelerator.device
-
-    def task_info(self) -> dict[str, Any]:
-        return {"task": "basic", "value_range": list(VALUE_RANGE)}
-
-    def loss(
-        self, model: nn.Module, batch: Batch, generator: torch.Generator, stats: MetricWindow
-    ) -> torch.Tensor:
-        x = batch.images
-        amount = torch.rand(x.shape[0], generator=generator, device=x.device)
-        noise = torch.rand(x.shape, generator=generator, device=x.device)
-        pred = predict(model, corrupt(x, amount, noise), 0)
-        return F.mse_loss(pred.float(), x)
-
-    def sample(self, net: nn.Module, indices: range) -> torch.Tensor:
-        cfg = self.run.cfg
-        shape = (cfg.channels, cfg.resolution, cfg.resolution)
-        return sample_basic(net, cfg.sample_steps, shape, indices, cfg.seed, self.device)
-
-    @torch.no_grad()
-    def pictures(self, net: nn.Module, step: int) -> dict[str, np.ndarray]:
-        """Three rows: clean images, corrupted with amounts 0..1, the network's predictions."""
-        x = to_float(self.run.data.images[:8].to(self.device), VALUE_RANGE, None)
-        amount = torch.linspace(0, 1, x.shape[0], device=self.device)
-        generator = torch.Generator(device=self.device).manual_seed(self.run.cfg.seed)
-        noisy = corrupt(x, amount, generator=generator)
-        pred = predict(net, noisy, 0).float().clamp(0, 1)
-        rows = torch.cat([x, noisy, pred])
-        return {"corruption_panel": make_grid(to_uint8(rows, VALUE_RANGE), nrow=x.shape[0])}
-
-    def data_pictures(self) -> dict[str, np.ndarray]:
-        return {}
-
-    def grid_layout(self, images: np.ndarray) -> tuple[np.ndarray, int]:
-        return images, 8
-
-    def export(self, folder: Path, net: nn.Module, raw: nn.Module) -> None:
-        net.save_pretrained(folder, safe_serialization=True)
-
-    def card(self) -> CardFacts:
-        cfg = self.run.cfg
-        network = "BasicUNet (this toolkit's)" if cfg.model == "basic" else "UNet2DModel"
-        return CardFacts(
-            title=f"Basic denoiser on {cfg.dataset}",
-            summary=(
-                f"A {network} that predicts the clean image from a {cfg.resolution}x"
-                f"{cfg.resolution} image blended with uniform noise by an amount in [0, 1]; it "
-                "generates images from pure noise by stepping toward its prediction."
-            ),
-            script="basic",
-            sampler=(
-                f"{cfg.sample_steps} steps toward the prediction made the grid above "
-                "(`python sample.py <folder> --num-steps N`; 5 to 50 work)."
-            ),
-            how_to_load=(
-                "from pathlib import Path\n"
-                "from diffusion.loading import load_for_sampling  # this toolkit\n"
-                'loaded = load_for_sampling(Path("path/to/this/folder"))  # .model, .resolution'
-            ),
-            facts=[("objective", "MSE to the clean image"), ("network", network)],
-            tags=["denoiser"],
-        )
-
-
 def train(cfg: BasicConfig) -> Run:
     run = start_run(cfg)
+    cfg.freeze()
     model = build_basic_model(cfg.model, cfg.resolution, cfg.channels)
-    loop.train(run, BasicMethod(run), model)
+    loop.train(run, BASIC.method(run), model)
     return run
 
 

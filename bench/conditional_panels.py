@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import digit_accuracy  # noqa: E402
 from ddp_utils.images import make_grid, rows_by_label, save_png, to_uint8, upscale  # noqa: E402
 from diffusion.loading import load_for_sampling  # noqa: E402
-from diffusion.sampling import make_inference_scheduler, sample_ddpm  # noqa: E402
+from diffusion.networks import sample_shape  # noqa: E402
+from diffusion.sampling import make_inference_scheduler, network_denoiser, sample_ddpm  # noqa: E402
 
 
 def main() -> None:
@@ -42,10 +43,10 @@ def main() -> None:
 
     def draw(indices: range, guidance: float) -> torch.Tensor:
         labels = torch.tensor([k % num_classes for k in indices])
+        denoiser = network_denoiser(loaded.model, labels, guidance)
         images, _ = sample_ddpm(
-            loaded.model, scheduler, indices, args.seed, args.steps, 1.0,
-            class_labels=labels, guidance_scale=guidance,
-        )  # fmt: skip
+            denoiser, scheduler, sample_shape(loaded.model), indices, args.seed, args.steps, 1.0
+        )
         return images
 
     # One class per row, at the guidance the model was exported with (or --grid-guidance).

@@ -22,8 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import git_revision, machine, print_table, synchronize  # noqa: E402
 from diffusion.ddpm import make_train_scheduler  # noqa: E402
-from diffusion.models import build_ddpm_unet  # noqa: E402
-from diffusion.sampling import make_inference_scheduler, sample_ddpm  # noqa: E402
+from diffusion.networks import sample_shape  # noqa: E402
+from diffusion.networks.unet import build_ddpm_unet  # noqa: E402
+from diffusion.sampling import make_inference_scheduler, network_denoiser, sample_ddpm  # noqa: E402
 
 
 def main() -> None:
@@ -47,8 +48,10 @@ def main() -> None:
         for w in rates:
             synchronize(device)
             start = time.perf_counter()
-            sample_ddpm(model, scheduler, indices, 0, args.steps, 0.0, device,
-                        class_labels=labels, guidance_scale=w)  # fmt: skip
+            denoiser = network_denoiser(model, labels.to(device), w)
+            sample_ddpm(
+                denoiser, scheduler, sample_shape(model), indices, 0, args.steps, 0.0, device
+            )
             synchronize(device)
             rates[w].append(args.batch_size / (time.perf_counter() - start))
     print(f"machine: {machine()}; git {git_revision()}; {vars(args)}")

@@ -38,7 +38,7 @@ from bench.common import git_revision, machine, print_table  # noqa: E402
 from ddp_utils import loop  # noqa: E402
 from ddp_utils.ema import EMA  # noqa: E402
 from diffusion.ddpm import make_train_scheduler  # noqa: E402
-from diffusion.models import build_ddpm_unet  # noqa: E402
+from diffusion.networks.unet import build_ddpm_unet  # noqa: E402
 from tests.tiny_runs import fresh_accelerate_state  # noqa: E402
 
 DTYPES = {"no": torch.float32, "bf16": torch.bfloat16}

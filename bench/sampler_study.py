@@ -39,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ddp_utils.images import to_uint8  # noqa: E402
 from diffusion.loading import load_for_sampling  # noqa: E402
-from diffusion.sampling import SCHEDULE_KEYS, sample_ddpm  # noqa: E402
+from diffusion.networks import sample_shape  # noqa: E402
+from diffusion.sampling import SCHEDULE_KEYS, network_denoiser, sample_ddpm  # noqa: E402
 from evaluation import compute_feature_stats, dataset_stats, fid_kid, load_fid_inception  # noqa: E402
 
 KARRAS = {"use_karras_sigmas": True}
@@ -129,8 +130,9 @@ def main() -> None:
             for first in range(0, args.num_samples, args.batch_size):
                 indices = range(first, min(args.num_samples, first + args.batch_size))
                 x, _ = sample_ddpm(
-                    loaded.model, scheduler, indices, args.seed, variant.num_steps, variant.eta
-                )
+                    network_denoiser(loaded.model), scheduler, sample_shape(loaded.model),
+                    indices, args.seed, variant.num_steps, variant.eta,
+                )  # fmt: skip
                 chunks.append(torch.from_numpy(to_uint8(x, loaded.value_range)))
         except (IndexError, ValueError, RuntimeError) as err:  # diffusers failing is a result
             record = {"label": variant.label, "error": f"{type(err).__name__}: {err}"}

@@ -24,9 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import git_revision, machine, print_table, synchronize  # noqa: E402
 from ddp_utils.compile import COMPILE_MODES, compile_network  # noqa: E402
 from diffusion.ddpm import make_train_scheduler  # noqa: E402
-from diffusion.edm import make_edm_scheduler, sample_edm  # noqa: E402
-from diffusion.models import build_ddpm_unet  # noqa: E402
-from diffusion.sampling import EDM_SAMPLERS, make_inference_scheduler, sample_ddpm  # noqa: E402
+from diffusion.edm import make_edm_scheduler  # noqa: E402
+from diffusion.kinds import KINDS, SamplerChoice  # noqa: E402
+from diffusion.networks import sample_shape  # noqa: E402
+from diffusion.networks.unet import build_ddpm_unet  # noqa: E402
+from diffusion.sampling import EDM_SAMPLERS  # noqa: E402
 from sample import count_calls  # noqa: E402
 
 DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -45,12 +47,15 @@ def run(
     dtype: torch.dtype,
 ) -> None:
     if name in EDM_SAMPLERS:
-        config = make_edm_scheduler().config
-        sample_edm(net, config, range(batch), 0, steps, name == "edm-heun", 0.0, device, dtype)
+        kind, config = KINDS["edm"], make_edm_scheduler().config
     else:
-        train_config = make_train_scheduler("squaredcos_cap_v2", 1000, "epsilon").config
-        scheduler = make_inference_scheduler(name, train_config)
-        sample_ddpm(net, scheduler, range(batch), 0, steps, 0.0, device, dtype)
+        kind = KINDS["ddpm"]
+        config = make_train_scheduler("squaredcos_cap_v2", 1000, "epsilon").config
+    choice = SamplerChoice(name, steps)
+    shape = sample_shape(net)
+    kind.sampler(net, config, choice, seed=0, shape=shape, device=device, dtype=dtype)(
+        range(batch), None, None
+    )
 
 
 def main() -> None:

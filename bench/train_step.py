@@ -43,7 +43,9 @@ from bench.common import (  # noqa: E402
 from ddp_utils.data import load_image_data  # noqa: E402
 from diffusion.basic import corrupt  # noqa: E402
 from diffusion.ddpm import make_train_scheduler  # noqa: E402
-from diffusion.models import build_basic_model, build_ddpm_unet, predict  # noqa: E402
+from diffusion.networks import predict  # noqa: E402
+from diffusion.networks.basic import build_basic_model  # noqa: E402
+from diffusion.networks.unet import build_ddpm_unet  # noqa: E402
 
 DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CPU_BATCH = {"basic": 128, "digits-small": 64, "unet-4.7m": 16, "unet-18.5m": 8, "ddpm-cifar10": 4}

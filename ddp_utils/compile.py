@@ -29,12 +29,14 @@ import typing
 from pathlib import Path
 from typing import Literal
 
+import torch
 from torch import nn
 
 from ddp_utils.data.decode import default_cache_dir
 
 logger = logging.getLogger("ddp_diffusion")
 
+F = typing.TypeVar("F", bound=typing.Callable)
 CompileBackend = Literal["inductor", "aot_eager", "eager", "cudagraphs"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 COMPILE_MODES = typing.get_args(CompileMode)
@@ -65,8 +67,8 @@ def check_compile_options(backend: str, mode: str) -> None:
         )
 
 
-def compile_network(model: nn.Module, backend: CompileBackend, mode: CompileMode) -> None:
-    """Compile `model`'s forward in place, with inductor's cache in the toolkit's folder."""
+def _compile_kwargs(backend: CompileBackend, mode: CompileMode) -> dict[str, object]:
+    """torch.compile's arguments, with inductor's cache in the toolkit's folder."""
     check_compile_options(backend, mode)
     if backend == "inductor":
         # Read when inductor first compiles (not at import), so setting it here is in time.
@@ -74,7 +76,19 @@ def compile_network(model: nn.Module, backend: CompileBackend, mode: CompileMode
     kwargs: dict[str, object] = {"backend": backend, "dynamic": False}
     if mode != "default":
         kwargs["mode"] = mode
-    model.compile(**kwargs)
+    return kwargs
+
+
+def compile_function(fn: F, backend: CompileBackend, mode: CompileMode) -> F:
+    """`fn` compiled: a sampler's denoiser (the network, guidance's batched pair and their
+    combination, EDM's preconditioning) becomes one graph. Dynamo keys its cache on the code,
+    so each new closure of the same function (one per batch of samples) reuses the graph."""
+    return typing.cast(F, torch.compile(fn, **_compile_kwargs(backend, mode)))
+
+
+def compile_network(model: nn.Module, backend: CompileBackend, mode: CompileMode) -> None:
+    """Compile `model`'s forward in place, with inductor's cache in the toolkit's folder."""
+    model.compile(**_compile_kwargs(backend, mode))
     logger.info(
         "torch.compile: backend %s, mode %s (the first steps compile; cache %s)",
         backend,

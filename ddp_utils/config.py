@@ -38,10 +38,17 @@ def option(
     help: str,
     aliases: typing.Sequence[str] = (),
     positional: bool = False,
+    section: str | None = None,
 ) -> Any:
     """A dataclass field carrying its CLI help (and alias flags). Choices come from the
-    field's `Literal[...]` type."""
-    metadata: dict[str, Any] = {"help": help, "aliases": tuple(aliases), "positional": positional}
+    field's `Literal[...]` type. `section` titles the group `--help` lists it in (a model
+    kind's own options: "DDPM objective", "EDM objective", ...)."""
+    metadata: dict[str, Any] = {
+        "help": help,
+        "aliases": tuple(aliases),
+        "positional": positional,
+        "section": section,
+    }
     if isinstance(default, list | dict):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -164,9 +171,14 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
     parser.add_argument("--config", type=Path, help="YAML or JSON file setting any of the fields")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     hints = typing.get_type_hints(cls)
+    sections: dict[str, argparse._ArgumentGroup] = {}
     for field in dataclasses.fields(cls):
         if not field.init:
             continue
+        title = field.metadata.get("section")
+        group = parser if title is None else sections.get(title)
+        if group is None:
+            group = sections[title] = parser.add_argument_group(title)
         tp, optional = _unwrap_optional(hints[field.name])
         default = (
             field.default if field.default is not dataclasses.MISSING else field.default_factory()  # type: ignore[misc]
@@ -189,12 +201,12 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
             continue
         flags = [flag_name(field.name), *field.metadata.get("aliases", ())]
         if tp is bool:
-            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
+            group.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
         elif typing.get_origin(tp) in (list, tuple):
             (item_type, *_) = typing.get_args(tp) or (str,)
-            parser.add_argument(*flags, nargs="*", type=_parse_scalar(item_type, False), **kwargs)
+            group.add_argument(*flags, nargs="*", type=_parse_scalar(item_type, False), **kwargs)
         else:
-            parser.add_argument(*flags, type=_parse_scalar(tp, optional), **kwargs)
+            group.add_argument(*flags, type=_parse_scalar(tp, optional), **kwargs)
     return parser
 
 

@@ -280,6 +280,18 @@ class TrainConfig:
         10, "stop with an error after N optimizer steps in a row with a non-finite loss"
     )
 
+    def freeze(self) -> None:
+        """The config is resolved (flags, the data's size, what --init-from fills): from here
+        on the run only reads it, so what the checkpoints record is what trained."""
+        object.__setattr__(self, "_frozen", True)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if getattr(self, "_frozen", False):
+            raise AttributeError(
+                f"the training config is resolved and frozen: {name} cannot change now"
+            )
+        object.__setattr__(self, name, value)
+
     def __post_init__(self) -> None:
         check_choices(self)
         check_dataset_name(self.dataset)

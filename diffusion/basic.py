@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from diffusion.models import predict
+from diffusion.networks import predict
 from diffusion.sampling import make_sample_generators, model_autocast
 
 VALUE_RANGE = (0.0, 1.0)

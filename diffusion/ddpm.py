@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
-from diffusion.models import predict
+from diffusion.networks import predict
 
 VALUE_RANGE = (-1.0, 1.0)  # images are normalised to [-1, 1], the range of the Gaussian noise
 BetaSchedule = Literal["squaredcos_cap_v2", "linear"]

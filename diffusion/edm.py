@@ -1,7 +1,7 @@
 """EDM training math (Karras et al. 2022, sec. 5), and EDM sampling from per-sample seeds.
 
 The denoiser, its preconditioning and the sampler live in `diffusion/pipeline_code/
-edm_pipeline.py`, the file every EDM export ships as `pipeline.py`; this module adds what only
+pipelines.py`, the file every EDM export ships as `pipeline.py`; this module adds what only
 the toolkit needs: the training loss and sampling from the seeds (seed, k) of `sample_seed`.
 
 Training (Table 1, "Training"): ln(sigma) ~ N(P_mean, P_std^2), x = y + sigma n, and the loss
@@ -19,8 +19,9 @@ from typing import Any
 import torch
 from diffusers import EDMEulerScheduler
 
-from diffusion.models import predict, unwrap_model
-from diffusion.pipeline_code.edm_pipeline import (
+from diffusion.networks import predict, unwrap
+from diffusion.pipeline_code.pipelines import (
+    Denoiser,
     denoise,
     edm_sample,
     karras_sigmas,
@@ -82,46 +83,48 @@ def edm_loss(
     return per_sample.mean(), per_sample.detach()
 
 
+def edm_denoiser(
+    net: torch.nn.Module,
+    sigma_data: float,
+    class_labels: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
+    dtype: torch.dtype = torch.float32,
+) -> Denoiser:
+    """D(x, sigma) around any backbone, guided with scale w when given `class_labels` (B,) on
+    the network's device; only the network runs in `dtype` (autocast)."""
+    device = next(unwrap(net).parameters()).device
+
+    def denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        with model_autocast(device, dtype):
+            return denoise(net, x, sigma, sigma_data, class_labels, guidance_scale)
+
+    return denoiser
+
+
 @torch.no_grad()
 def sample_edm(
-    unet: torch.nn.Module,
+    denoiser: Denoiser,
     scheduler_config: Mapping[str, Any],
+    shape: tuple[int, int, int],
     sample_indices: Sequence[int],
     seed: int,
     num_steps: int,
     second_order: bool = True,
     churn: float = 0.0,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
     progression_every: int | None = None,
-    class_labels: torch.Tensor | None = None,
-    guidance_scale: float = 1.0,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Samples `sample_indices` of run `seed`: the export's sampler from the seeds of sample.py.
 
-    Returns (images, progression) like `sample_ddpm`: float32 NCHW on the CPU in [-1, 1].
-    Image k's initial noise and churn noise come from its own generator, as in the pipeline
-    when it is given the same list of generators. A class-conditional UNet takes
-    `class_labels` (one per sample) and classifier-free guidance `guidance_scale`.
+    `denoiser` is D(x, sigma) (`edm_denoiser`: any backbone, guided or not), `shape` (C, H, W)
+    one sample's. Returns (images, progression) like `sample_ddpm`: float32 NCHW on the CPU in
+    [-1, 1]. Image k's initial noise and churn noise come from its own generator, as in the
+    pipeline when it is given the same list of generators.
     """
     if churn < 0:
         raise ValueError(f"churn must be >= 0; got {churn}")
-    model = unwrap_model(unet)
-    if device is None:
-        device = next(model.parameters()).device
-    size = model.config.sample_size
-    height, width = (size, size) if isinstance(size, int) else size
     generators = make_sample_generators(seed, sample_indices)
-    noise = torch.cat([torch.randn((1, model.config.in_channels, height, width), generator=g)
-                       for g in generators]).to(device)  # fmt: skip
-    sigma_data = float(scheduler_config["sigma_data"])
-
-    labels = None if class_labels is None else class_labels.to(device)
-
-    def denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        with model_autocast(device, dtype):
-            return denoise(unet, x, sigma, sigma_data, labels, guidance_scale)
-
+    noise = torch.cat([torch.randn((1, *shape), generator=g) for g in generators]).to(device)
     sigmas = karras_sigmas(
         num_steps,
         float(scheduler_config["sigma_min"]),

@@ -23,15 +23,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from diffusers import DDPMScheduler, ModelMixin, UNet2DModel
+from diffusers import DDPMScheduler, ModelMixin
 
 from ddp_utils.checkpoint import find_resume_checkpoint, read_checkpoint
 from ddp_utils.export import TASK_FILE, check_value_range, read_task_file, verify_checksums
-from diffusion.models import BasicUNet
+from diffusion.networks import BACKBONE_CLASSES, prepare_loaded, sample_shape
 
 logger = logging.getLogger(__name__)
 Weights = Literal["ema", "raw"]
-_LOADABLE: dict[str, type[ModelMixin]] = {"BasicUNet": BasicUNet, "UNet2DModel": UNet2DModel}
 _WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
 
@@ -53,9 +52,11 @@ class LoadedModel:
 
 
 def _model_class(name: str) -> type[ModelMixin]:
-    if name not in _LOADABLE:
-        raise ValueError(f"unknown model class {name!r}; expected one of {sorted(_LOADABLE)}")
-    return _LOADABLE[name]
+    if name not in BACKBONE_CLASSES:
+        raise ValueError(
+            f"unknown model class {name!r}; expected one of {sorted(BACKBONE_CLASSES)}"
+        )
+    return BACKBONE_CLASSES[name]
 
 
 def load_model(path: str | Path) -> torch.nn.Module:
@@ -78,7 +79,7 @@ def load_model(path: str | Path) -> torch.nn.Module:
         class_name = json.loads(config_path.read_text()).get("_class_name")
     except (json.JSONDecodeError, AttributeError) as err:
         raise ValueError(f"{config_path} is not a JSON object: {err}") from err
-    return _model_class(class_name).from_pretrained(folder, use_safetensors=True)
+    return prepare_loaded(_model_class(class_name).from_pretrained(folder, use_safetensors=True))
 
 
 def _class_name(folder: Path) -> str | None:
@@ -89,9 +90,22 @@ def _class_name(folder: Path) -> str | None:
 
 
 def _describe(model: torch.nn.Module) -> tuple[int, int]:
-    config = model.config
-    size = getattr(config, "sample_size", None)
-    return int(config.in_channels), int(size if isinstance(size, int) else 0)
+    """(channels, resolution) of a network that records its sample size."""
+    channels, height, width = sample_shape(model)
+    return channels, height if height == width else 0
+
+
+def _network_component(folder: Path) -> str:
+    """The pipeline component that holds the network: `unet`, or `transformer` (a DiT)."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{folder / 'model_index.json'} cannot be read: {err}") from None
+    for name in ("unet", "transformer"):
+        entry = index.get(name)
+        if isinstance(entry, list) and entry and entry[0] is not None:
+            return name
+    return "unet"
 
 
 def _verify_export(folder: Path) -> None:
@@ -106,9 +120,10 @@ def _verify_export(folder: Path) -> None:
 
 def _from_pipeline(folder: Path, weights: Weights) -> LoadedModel:
     _verify_export(folder)
-    if not (folder / "unet").is_dir() and (folder / "config.json").is_file():
+    component = _network_component(folder)
+    if not (folder / component).is_dir() and (folder / "config.json").is_file():
         return _from_unet_folder(folder)  # the flat layout
-    sub = "unet" if weights == "ema" else "unet_raw"
+    sub = component if weights == "ema" else f"{component}_raw"
     if not (folder / sub).is_dir():
         raise FileNotFoundError(f"{folder / sub} is missing (asked for the {weights} weights)")
     _refuse_pickles(folder / sub)
@@ -118,7 +133,7 @@ def _from_pipeline(folder: Path, weights: Weights) -> LoadedModel:
                 f"{folder / sub / name} is missing: the pipeline folder is incomplete "
                 "(a copy cut short?); export it again or sample a checkpoint"
             )
-    unet = UNet2DModel.from_pretrained(folder / sub, use_safetensors=True)
+    unet = load_model(folder / sub)
     scheduler_file = folder / "scheduler" / "scheduler_config.json"
     if not scheduler_file.is_file():
         raise FileNotFoundError(f"{scheduler_file} is missing: not a complete pipeline folder")
@@ -167,9 +182,13 @@ def _with_classes(loaded: LoadedModel, info: dict[str, Any]) -> LoadedModel:
     """The classes a model was trained on (task.json or a checkpoint's state); a UNet with
     class embeddings but no names gets its class ids as names."""
     names = info.get("class_names")
-    num_embeds = getattr(loaded.model.config, "num_class_embeds", None)
-    if names is None and num_embeds:
-        names = [str(k) for k in range(int(num_embeds) - 1)]
+    config = loaded.model.config
+    num_classes = int(getattr(config, "num_class_embeds", None) or 1) - 1
+    if "num_embeds_ada_norm" in config:  # a DiT: one row past its classes; unconditional: 1
+        num_classes = int(config.num_embeds_ada_norm or 1)
+        num_classes = num_classes if num_classes > 1 else 0
+    if names is None and num_classes:
+        names = [str(k) for k in range(num_classes)]
     loaded.class_names = list(names) if names else None
     loaded.guidance_scale = float(info.get("guidance_scale", 1.0))
     return loaded
@@ -203,7 +222,7 @@ def _from_checkpoint(folder: Path, weights: Weights) -> LoadedModel:
     ckpt = read_checkpoint(folder)
     state = ckpt.state
     cls = _model_class(state["model_class"])
-    model = cls.from_config(state["model_config"])
+    model = prepare_loaded(cls.from_config(state["model_config"]))
     key = "ema" if weights == "ema" and "ema" in ckpt.tensors else "model"
     model.load_state_dict(ckpt.tensors[key])
     cfg = state["config"]

@@ -1,5 +1,6 @@
 """Models from elsewhere: a hub id or a folder written by diffusers, resolved to a local folder,
-and checked before a run fine-tunes one.
+and checked before a run fine-tunes one; and the network a DDPM or EDM run starts from
+(`initial_network`: a new one of its preset, or --init-from's).
 
 `resolve_model_source` turns `google/ddpm-cifar10-32` into the folder of its cached snapshot
 (downloading the JSON and safetensors files when online) and leaves local paths as they are;
@@ -9,6 +10,7 @@ loaded model with what a run is about to train (data size, channels, classes, ob
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from pathlib import Path
@@ -22,12 +24,21 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from torch import nn
 
-from ddp_utils.distributed import all_finite
+from ddp_utils.distributed import all_finite, main_process_first
 from ddp_utils.errors import InputError
+from ddp_utils.run import Run
 from diffusion.ddpm import SCHEDULE_DEFAULTS, BetaSchedule, PredictionType
-from diffusion.loading import LoadedModel
+from diffusion.loading import LoadedModel, load_for_sampling
+from diffusion.networks import (
+    BACKBONE_CLASSES,
+    backbone_of,
+    build_backbone,
+    prepare_loaded,
+)
 
+logger = logging.getLogger("ddp_diffusion")
 # owner/name as the hub spells it; a path that exists locally always wins over this reading.
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # What sampling and fine-tuning read: configs and safetensors weights (never pickles).
@@ -88,7 +99,7 @@ def check_init_model(
     problems = []
     if loaded.task not in ("ddpm", "edm"):
         problems.append(
-            f"it is a {loaded.task} model; train_ddpm.py fine-tunes DDPM and EDM UNets "
+            f"it is a {loaded.task} model; train_ddpm.py fine-tunes DDPM and EDM networks "
             "(train_basic.py trains the basic model)"
         )
     elif loaded.task != objective:
@@ -97,9 +108,11 @@ def check_init_model(
             f"{objective}: pass --objective {loaded.task}"
         )
     config = loaded.model.config
-    if type(loaded.model).__name__ != "UNet2DModel":
-        problems.append(f"its network is a {type(loaded.model).__name__}, not a UNet2DModel")
-    elif int(config.out_channels) != int(config.in_channels):
+    if backbone_of(loaded.model) == "basic":
+        problems.append(
+            f"its network is a {type(loaded.model).__name__}, not a UNet2DModel or a DiT"
+        )
+    elif int(config.out_channels or config.in_channels) != int(config.in_channels):
         problems.append(
             f"it predicts {config.out_channels} channels from {config.in_channels} (a learned "
             "variance?); only networks whose output has the input's channels are supported"
@@ -175,3 +188,66 @@ def training_schedule(
             "init_from",
         )
     return values
+
+
+def take_schedule(cfg: Any, scheduler_config: dict[str, Any], source: str) -> None:
+    """Fill the schedule flags not given from a model's scheduler config."""
+    given = {name: getattr(cfg, name) for name in SCHEDULE_DEFAULTS}
+    for name, value in training_schedule(given, scheduler_config, source).items():
+        setattr(cfg, name, value)
+
+
+def initial_network(run: Run) -> nn.Module:
+    """A new network of --preset, or --init-from's trained one (checked against the data; its
+    noise schedule fills the schedule flags not given). A run that has checkpoints resumes:
+    the network and schedule are then the checkpoint's and --init-from is not read."""
+    cfg = run.cfg
+    if cfg.init_from is None:
+        return build_backbone(
+            cfg.backbone, cfg.preset, cfg.resolution, cfg.channels, run.data.num_classes
+        )
+    if run.checkpoint is not None:
+        state = run.checkpoint.state
+        if cfg.objective == "ddpm":
+            take_schedule(cfg, state.get("scheduler_config") or {}, str(run.checkpoint.path))
+        logger.info("resuming %s: --init-from %s is not read", run.checkpoint.path, cfg.init_from)
+        network_class = BACKBONE_CLASSES[state.get("model_class", "UNet2DModel")]
+        return prepare_loaded(network_class.from_config(state["model_config"]))
+    source = main_process_first(
+        run.accelerator,
+        lambda: resolve_model_source(cfg.init_from, "init_from"),
+        InputError(f"{cfg.init_from} could not be found (the main process says why)", "init_from"),
+    )
+    try:
+        loaded = load_for_sampling(source, "ema")
+    except (FileNotFoundError, ValueError) as err:
+        raise InputError(f"{cfg.init_from} cannot be loaded: {err}", "init_from") from err
+    check_init_model(
+        loaded,
+        cfg.init_from,
+        objective=cfg.objective,
+        resolution=cfg.resolution,
+        channels=cfg.channels,
+        num_classes=run.data.num_classes,
+    )
+    backbone = backbone_of(loaded.model)
+    if cfg.backbone not in (None, backbone):
+        raise InputError(
+            f"{cfg.init_from} is a {backbone} network: drop --backbone {cfg.backbone}", "backbone"
+        )
+    if cfg.objective == "edm":
+        sigma_data = (loaded.scheduler_config or {}).get("sigma_data", cfg.sigma_data)
+        if sigma_data != cfg.sigma_data:
+            raise InputError(
+                f"{cfg.init_from} was trained with --sigma-data {sigma_data}: pass it",
+                "init_from",
+            )
+    else:
+        take_schedule(cfg, loaded.scheduler_config or {}, cfg.init_from)
+    logger.info("starting from the weights of %s (%s)", cfg.init_from, source)
+    # The same network as a fresh one would be (no loading metadata in its config), so the
+    # checkpoints of this run describe it as resume rebuilds it.
+    config = {k: v for k, v in loaded.model.config.items() if not k.startswith("_")}
+    model = prepare_loaded(type(loaded.model).from_config(config))
+    model.load_state_dict(loaded.model.state_dict())
+    return model

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -22,12 +22,11 @@ from diffusers import (
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
     SchedulerMixin,
-    UNet2DModel,
     UniPCMultistepScheduler,
 )
 
-from diffusion.models import predict, unwrap_model
-from diffusion.pipeline_code.ddpm_pipeline import guided_output, null_class
+from diffusion.networks import null_class, predict, unwrap
+from diffusion.pipeline_code.pipelines import guided_output
 
 _MASK64 = (1 << 64) - 1
 
@@ -171,28 +170,52 @@ def make_inference_scheduler(
     return scheduler
 
 
+ModelOutput = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> the prediction
+
+
+def network_denoiser(
+    net: torch.nn.Module,
+    class_labels: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
+    dtype: torch.dtype = torch.float32,
+) -> ModelOutput:
+    """What a DDPM sampler calls: (x_t, t) -> the network's prediction, any backbone.
+
+    Only the network runs in `dtype` (autocast). A class-conditional network gets
+    `class_labels` (B,), on its device, and classifier-free guidance of scale w (the shipped
+    pipeline's `guided_output`: the same numbers).
+    """
+    device = next(unwrap(net).parameters()).device
+    null = None if class_labels is None else null_class(net)
+
+    def output(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with model_autocast(device, dtype):
+            if class_labels is None:
+                return predict(net, x, t)
+            return guided_output(net, x, t, class_labels, guidance_scale, null)
+
+    return output
+
+
 @torch.no_grad()
 def sample_ddpm(
-    unet: torch.nn.Module,
+    model_output: ModelOutput,
     scheduler: SchedulerMixin,
+    shape: tuple[int, int, int],
     sample_indices: Sequence[int],
     seed: int,
     num_inference_steps: int,
     eta: float = 0.0,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
     progression_every: int | None = None,
-    class_labels: torch.Tensor | None = None,
-    guidance_scale: float = 1.0,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Generate the samples `sample_indices` of run `seed` by reverse diffusion from x_T ~ N(0, I).
 
-    Returns (images, progression): images are float32 NCHW on the CPU, clipped to [-1, 1];
-    progression holds CPU copies of x_t after every `progression_every`-th step (empty if None).
-    `device` defaults to the model's device. `eta` is DDIM's noise scale (0: deterministic,
-    1: DDPM-like) and must stay 0 for the other samplers, which have no such knob. A
-    class-conditional UNet takes `class_labels` (one per sample) and classifier-free guidance
-    with scale `guidance_scale` (the shipped pipeline's `guided_output`: the same numbers).
+    `model_output(x_t, t)` is the network's prediction (`network_denoiser`: any backbone,
+    guided or not) and `shape` (C, H, W) one sample's. Returns (images, progression): images
+    are float32 NCHW on the CPU, clipped to [-1, 1]; progression holds CPU copies of x_t after
+    every `progression_every`-th step (empty if None). `eta` is DDIM's noise scale (0:
+    deterministic, 1: DDPM-like) and must stay 0 for the other samplers, which have no such knob.
     """
     if num_inference_steps < 1:
         raise ValueError(f"the number of sampling steps must be >= 1; got {num_inference_steps}")
@@ -202,17 +225,7 @@ def sample_ddpm(
         raise ValueError(f"eta applies only to DDIM; got eta={eta} for {type(scheduler).__name__}")
     if progression_every is not None and progression_every < 1:
         raise ValueError(f"progression_every must be >= 1 or None; got {progression_every}")
-    model = unwrap_model(unet)
-    if not isinstance(model, UNet2DModel):
-        raise ValueError(f"sample_ddpm needs a timestep-conditioned UNet2DModel; got {type(model)}")
-    if device is None:
-        device = next(model.parameters()).device
-    size = model.config.sample_size
-    height, width = (size, size) if isinstance(size, int) else size
-    shape = (1, model.config.in_channels, height, width)
     generators = make_sample_generators(seed, sample_indices)
-    labels = None if class_labels is None else class_labels.to(device)
-    null = None if labels is None else null_class(model)
     # Only some samplers take noise (DDPM, DDIM with eta > 0, Euler with churn) or eta.
     accepted = inspect.signature(scheduler.step).parameters
     step_kwargs: dict[str, object] = {"eta": eta} if "eta" in accepted else {}
@@ -220,22 +233,17 @@ def sample_ddpm(
         step_kwargs["generator"] = generators
 
     # Timesteps stay on the CPU: the scheduler indexes its CPU tables with them (no device sync)
-    # and UNet2DModel copies the scalar to the model's device itself.
+    # and the networks copy the scalar to their device themselves.
     scheduler.set_timesteps(num_inference_steps)
     # x_T ~ N(0, I), one generator per sample (init_noise_sigma is 1 for these samplers).
-    x = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(device)
+    x = torch.cat([torch.randn((1, *shape), generator=g) for g in generators]).to(device)
     x = x * scheduler.init_noise_sigma
     progression: list[torch.Tensor] = []
     for i, t in enumerate(scheduler.timesteps):
-        model_input = scheduler.scale_model_input(x, t)
-        with model_autocast(device, dtype):
-            if labels is None:
-                model_output = predict(unet, model_input, t)
-            else:
-                model_output = guided_output(unet, model_input, t, labels, guidance_scale, null)
+        prediction = model_output(scheduler.scale_model_input(x, t), t)
         # Reverse step x_t -> x_{t-1}; a list of generators makes diffusers' randn_tensor draw
         # each sample's step noise from that sample's own stream.
-        x = scheduler.step(model_output.float(), t, x, **step_kwargs).prev_sample
+        x = scheduler.step(prediction.float(), t, x, **step_kwargs).prev_sample
         if progression_every is not None and (i + 1) % progression_every == 0:
             progression.append(x.float().cpu())
     return x.float().clamp(-1.0, 1.0).cpu(), progression

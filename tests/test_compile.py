@@ -136,3 +136,34 @@ def test_compile_modes_other_than_default_need_inductor(capsys) -> None:
         train_ddpm.main(["--compile", "--compile-backend=aot_eager", "--compile-mode=max-autotune"])
     assert exit_info.value.code == 2
     assert "compile mode 'max-autotune' is inductor's" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("objective", ["ddpm", "edm"])
+def test_the_compiled_denoiser_traces_guidance_once_and_gives_the_eager_images(
+    objective: str, tmp_path: Path
+) -> None:
+    """The sampler's denoiser (network, guidance's batched pair and their combination, EDM's
+    preconditioning) compiles as one function: a second batch of other classes reuses the
+    graphs (no recompile), and the images are the eager ones."""
+    from diffusion.ddpm import make_train_scheduler
+    from diffusion.edm import make_edm_scheduler
+    from diffusion.kinds import KINDS, SamplerChoice
+    from diffusion.networks.unet import build_ddpm_unet
+
+    preset = tmp_path / "small_unet.json"
+    preset.write_text(json.dumps(SMALL_UNET))
+    torch.manual_seed(0)
+    net = build_ddpm_unet(str(preset), 8, 1, num_classes=10).eval()
+    kind = KINDS[objective]
+    config = (make_edm_scheduler() if objective == "edm" else make_train_scheduler()).config
+    choice = SamplerChoice("edm-heun" if objective == "edm" else "ddim", 3)
+    common = {"seed": 0, "shape": (1, 8, 8), "device": "cpu", "guidance_scale": 3.0}
+    eager = kind.sampler(net, config, choice, **common)
+    torch._dynamo.reset()
+    compiled = kind.sampler(net, config, choice, **common, compile=("aot_eager", "default"))
+    first, second = torch.tensor([1, 2]), torch.tensor([7, 9])
+    torch.testing.assert_close(compiled(range(2), first, None)[0], eager(range(2), first, None)[0])
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    torch.testing.assert_close(compiled(range(2, 4), second, None)[0],
+                               eager(range(2, 4), second, None)[0])  # fmt: skip
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs > 0

@@ -186,3 +186,28 @@ def test_mixed_precision_defers_to_the_launcher_unless_given(
         assert accelerator.mixed_precision == expected
     finally:
         fresh_accelerate_state()
+
+
+def test_each_kind_lists_its_options_in_its_own_help_section(capsys):
+    import train_ddpm
+
+    with pytest.raises(SystemExit):
+        train_ddpm.main(["--help"])
+    help_text = capsys.readouterr().out
+    ddpm = help_text.index("DDPM objective (--objective ddpm")
+    edm = help_text.index("EDM objective (--objective edm")
+    classes = help_text.index("Class-conditional generation")
+    assert help_text.index("--prediction-type", ddpm) < min(p for p in (edm, classes) if p > ddpm)
+    assert help_text.index("--p-mean", edm) > edm
+    assert "DDPM: " not in help_text and "EDM: " not in help_text  # no flat-namespace prefixes
+
+
+def test_a_resolved_config_is_frozen():
+    import train_ddpm
+
+    cfg = parse_config(train_ddpm.DDPMConfig, ["--max-steps", "10"])
+    cfg.max_steps = 20  # still being resolved
+    cfg.freeze()
+    with pytest.raises(AttributeError, match="frozen: max_steps cannot change"):
+        cfg.max_steps = 30
+    assert cfg.max_steps == 20

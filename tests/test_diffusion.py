@@ -12,7 +12,7 @@ from torch import nn
 from ddp_utils.ema import EMA
 from diffusion.basic import corrupt
 from diffusion.ddpm import NoiseTables, diffusion_loss, make_train_scheduler
-from diffusion.models import build_ddpm_unet
+from diffusion.networks.unet import build_ddpm_unet
 
 
 def tables_of(scheduler) -> NoiseTables:

@@ -9,16 +9,16 @@ import math
 import pytest
 import torch
 from diffusers import EDMEulerScheduler, UNet2DModel
+from sampler_calls import run_edm
 from torch import nn
 
 from diffusion.edm import (
     edm_loss,
     loss_weight,
     make_edm_scheduler,
-    sample_edm,
     sample_noise_levels,
 )
-from diffusion.pipeline_code.edm_pipeline import (
+from diffusion.pipeline_code.pipelines import (
     denoise,
     edm_sample,
     karras_sigmas,
@@ -189,7 +189,7 @@ def test_denoiser_and_seeded_sampler_reach_the_exact_solution_through_the_networ
         denoise(net, x, sigma, SIGMA_DATA), gaussian_denoiser(x, sigma), rtol=1e-5, atol=1e-6
     )
     config = {"sigma_data": SIGMA_DATA, "sigma_min": 0.002, "sigma_max": SIGMA_MAX, "rho": 7.0}
-    images, _ = sample_edm(net, config, range(4), seed=3, num_steps=64)
+    images, _ = run_edm(net, config, range(4), seed=3, num_steps=64, shape=(1, 2, 2))
     generators = make_sample_generators(3, range(4))
     noise = torch.cat([torch.randn(1, 1, 2, 2, generator=g) for g in generators])
     torch.testing.assert_close(images, exact_ode_solution(noise).clamp(-1, 1), atol=2e-3, rtol=0)
@@ -201,13 +201,13 @@ def test_churn_draws_each_images_noise_from_its_own_seed() -> None:
     net = ExactNetwork()
     config = {"sigma_data": SIGMA_DATA, "sigma_min": 0.002, "sigma_max": SIGMA_MAX, "rho": 7.0}
     kwargs = {"seed": 5, "num_steps": 8, "churn": 10.0}
-    together, _ = sample_edm(net, config, range(6), **kwargs)
-    split = [sample_edm(net, config, part, **kwargs)[0] for part in (range(0, 2), range(2, 6))]
+    together, _ = run_edm(net, config, range(6), **kwargs)
+    split = [run_edm(net, config, part, **kwargs)[0] for part in (range(0, 2), range(2, 6))]
     assert torch.equal(together, torch.cat(split))
-    deterministic, _ = sample_edm(net, config, range(6), seed=5, num_steps=8)
+    deterministic, _ = run_edm(net, config, range(6), seed=5, num_steps=8)
     assert (together - deterministic).abs().mean() > 1e-3
     with pytest.raises(ValueError, match="churn must be >= 0"):
-        sample_edm(net, config, range(2), seed=5, num_steps=8, churn=-1.0)
+        run_edm(net, config, range(2), seed=5, num_steps=8, churn=-1.0)
 
 
 def test_denoise_passes_class_labels_to_a_class_conditional_unet() -> None:

@@ -11,14 +11,9 @@ from diffusers import UNet2DModel
 from torch import nn
 
 from diffusion.loading import load_model
-from diffusion.models import (
-    DDPM_PRESETS,
-    BasicUNet,
-    build_basic_model,
-    build_ddpm_unet,
-    count_parameters,
-    predict,
-)
+from diffusion.networks import count_parameters, predict
+from diffusion.networks.basic import BasicUNet, build_basic_model
+from diffusion.networks.unet import DDPM_PRESETS, build_ddpm_unet
 
 
 @pytest.fixture(autouse=True)

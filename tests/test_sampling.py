@@ -19,17 +19,18 @@ from diffusers import (
 )
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
+from sampler_calls import run_ddpm
 from torch import nn
 
 from ddp_utils.images import make_grid, save_png, to_uint8
 from diffusion.basic import sample_basic
 from diffusion.ddpm import make_train_scheduler
-from diffusion.models import BasicUNet, build_ddpm_unet
+from diffusion.networks.basic import BasicUNet
+from diffusion.networks.unet import build_ddpm_unet
 from diffusion.sampling import (
     DDPM_SAMPLERS,
     make_inference_scheduler,
     make_sample_generators,
-    sample_ddpm,
     sample_seed,
 )
 
@@ -81,9 +82,9 @@ def test_sample_seed_is_a_stable_63_bit_hash() -> None:
 
 def test_ddim_with_eta_zero_is_deterministic_for_a_seed(unet: nn.Module) -> None:
     ddim = scheduler("ddim")
-    first, _ = sample_ddpm(unet, ddim, range(3), seed=5, num_inference_steps=4)
-    second, _ = sample_ddpm(unet, ddim, range(3), seed=5, num_inference_steps=4)
-    other, _ = sample_ddpm(unet, ddim, range(3), seed=6, num_inference_steps=4)
+    first, _ = run_ddpm(unet, ddim, range(3), seed=5, num_inference_steps=4)
+    second, _ = run_ddpm(unet, ddim, range(3), seed=5, num_inference_steps=4)
+    other, _ = run_ddpm(unet, ddim, range(3), seed=6, num_inference_steps=4)
     assert torch.equal(first, second)
     assert (first - other).abs().mean() > 0.1
 
@@ -93,9 +94,9 @@ def test_stochastic_samples_do_not_depend_on_the_batch_they_are_drawn_in(
     zero_unet: nn.Module, name: str, eta: float
 ) -> None:
     sampler = scheduler(name)
-    together, _ = sample_ddpm(zero_unet, sampler, range(6), seed=3, num_inference_steps=5, eta=eta)
-    first, _ = sample_ddpm(zero_unet, sampler, [0, 1, 2], seed=3, num_inference_steps=5, eta=eta)
-    rest, _ = sample_ddpm(zero_unet, sampler, [3, 4, 5], seed=3, num_inference_steps=5, eta=eta)
+    together, _ = run_ddpm(zero_unet, sampler, range(6), seed=3, num_inference_steps=5, eta=eta)
+    first, _ = run_ddpm(zero_unet, sampler, [0, 1, 2], seed=3, num_inference_steps=5, eta=eta)
+    rest, _ = run_ddpm(zero_unet, sampler, [3, 4, 5], seed=3, num_inference_steps=5, eta=eta)
     # Bit-identical: the initial noise and every step's noise come from each sample's own stream.
     assert torch.equal(together, torch.cat([first, rest]))
     # ...and that stream is what makes the samples differ.
@@ -108,9 +109,9 @@ def test_real_network_samples_agree_across_batchings_to_float_rounding(
 ) -> None:
     sampler = scheduler(name)
     eta = 1.0 if name == "ddim" else 0.0
-    together, _ = sample_ddpm(unet, sampler, range(6), seed=3, num_inference_steps=5, eta=eta)
-    first, _ = sample_ddpm(unet, sampler, [0, 1, 2], seed=3, num_inference_steps=5, eta=eta)
-    rest, _ = sample_ddpm(unet, sampler, [3, 4, 5], seed=3, num_inference_steps=5, eta=eta)
+    together, _ = run_ddpm(unet, sampler, range(6), seed=3, num_inference_steps=5, eta=eta)
+    first, _ = run_ddpm(unet, sampler, [0, 1, 2], seed=3, num_inference_steps=5, eta=eta)
+    rest, _ = run_ddpm(unet, sampler, [3, 4, 5], seed=3, num_inference_steps=5, eta=eta)
     # Not bit-identical: CPU matmuls (e.g. the time-embedding Linear) block differently for
     # batch 3 and batch 6, giving ~1e-6 differences; nothing larger may creep in.
     torch.testing.assert_close(together, torch.cat([first, rest]), atol=1e-5, rtol=0)
@@ -121,7 +122,7 @@ def test_real_network_samples_agree_across_batchings_to_float_rounding(
 def test_every_sampler_produces_images_and_progression(
     unet: nn.Module, name: str, prediction_type: str
 ) -> None:
-    images, progression = sample_ddpm(
+    images, progression = run_ddpm(
         unet,
         scheduler(name, prediction_type),
         range(2),
@@ -191,7 +192,7 @@ def diffusers_loop(
 def test_every_sampler_is_the_diffusers_scheduler_its_name_says(unet: nn.Module, name: str) -> None:
     config = make_train_scheduler().config
     steps = 6
-    ours, _ = sample_ddpm(unet, make_inference_scheduler(name, config), range(3), 2, steps)
+    ours, _ = run_ddpm(unet, make_inference_scheduler(name, config), range(3), 2, steps)
     reference, evaluations = diffusers_loop(
         unet, DIFFUSERS_SPELLING[name](config), make_sample_generators(2, range(3)), steps
     )
@@ -269,7 +270,7 @@ def test_inference_scheduler_inherits_the_training_schedule() -> None:
 
 def test_eta_is_refused_for_samplers_without_it(unet: nn.Module) -> None:
     with pytest.raises(ValueError, match="eta applies only to DDIM"):
-        sample_ddpm(unet, scheduler("ddpm"), [0], seed=0, num_inference_steps=2, eta=0.5)
+        run_ddpm(unet, scheduler("ddpm"), [0], seed=0, num_inference_steps=2, eta=0.5)
 
 
 def test_basic_sampler_ends_on_the_models_prediction() -> None:

@@ -116,7 +116,7 @@ def check_run_dir(run: Path, num_processes: int, wandb_dir: Path | None) -> None
     assert not [p for p in run.rglob("*") if p.suffix in (".pkl", ".bin", ".pt")]
 
     # Export: reloads with the model class alone, with the final weights.
-    from diffusion.models import BasicUNet
+    from diffusion.networks.basic import BasicUNet
 
     model = BasicUNet.from_pretrained(run / "model", use_safetensors=True)
     weights = load_file(ckpt / "model.safetensors")

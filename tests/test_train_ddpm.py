@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from sampler_calls import run_ddpm
 from tiny_runs import (
     GLOBAL_BATCH,
     MAX_STEPS,
@@ -28,7 +29,7 @@ from tiny_runs import (
 
 import train_ddpm
 from ddp_utils.evaluator import previous_best_fid
-from diffusion.sampling import make_inference_scheduler, sample_ddpm, sample_seed
+from diffusion.sampling import make_inference_scheduler, sample_seed
 from evaluation import inception as inception_module
 
 QUARTILES = [f"loss_t_q{q}" for q in range(4)]
@@ -168,7 +169,7 @@ def test_export_runs_in_diffusers_pipelines_like_our_sampler(one_proc_run: Path)
         eta=0.0,
         output_type="np",
     ).images
-    ours, _ = sample_ddpm(
+    ours, _ = run_ddpm(
         ddim.unet, make_inference_scheduler("ddim", ddim.scheduler.config), range(3), 0, 4
     )
     ours_01 = (ours.permute(0, 2, 3, 1).numpy() + 1) / 2

@@ -32,7 +32,7 @@ from ddp_utils.checkpoint import CheckpointError
 from ddp_utils.config import parse_config
 from diffusion.sampling import sample_seed
 
-PIPELINE_FILE = REPO / "diffusion" / "pipeline_code" / "edm_pipeline.py"
+PIPELINE_FILE = REPO / "diffusion" / "pipeline_code" / "pipelines.py"
 EXPORTED = REPO / "tests" / "scripts" / "exported_pipeline.py"
 
 

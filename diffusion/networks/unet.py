@@ -1,94 +1,15 @@
-"""Denoising networks: a small hand-written UNet for the basic model, and UNet2DModel presets.
-
-Both kinds are diffusers `ModelMixin`s, so every model in this project is exported the same way
-(`save_pretrained` -> `config.json` + `diffusion_pytorch_model.safetensors`) and `load_model`
-rebuilds it from that folder alone, without the training config.
-"""
+"""UNet2DModel presets for DDPM and EDM, checked against the data before anything is built."""
 
 from __future__ import annotations
 
 import inspect
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import torch
-from diffusers import ModelMixin, UNet2DModel
-from diffusers.configuration_utils import ConfigMixin, register_to_config
-from torch import nn
+from diffusers import UNet2DModel
 
 from ddp_utils.errors import InputError
-
-# ---------------------------------------------------------------------------------------------
-# BasicUNet: the basic model's network
-# ---------------------------------------------------------------------------------------------
-
-
-class BasicUNet(ModelMixin, ConfigMixin):
-    """A minimal UNet: three 5x5 conv levels with additive skips, no time input.
-
-    It predicts the clean image x0 from a corrupted one, so it needs no timestep. Made a
-    diffusers `ModelMixin` so it exports/loads exactly like `UNet2DModel`.
-
-    The tutorial network this reproduces also builds a `BatchNorm2d(64)` that `forward` never
-    calls; it only changes the parameter count (309,185 instead of 309,057). `with_unused_batchnorm=True` recreates it for a faithful count; by
-    default it is left out so DDP does not see parameters without gradients.
-    """
-
-    @register_to_config
-    def __init__(
-        self, in_channels: int = 1, out_channels: int = 1, with_unused_batchnorm: bool = False
-    ) -> None:
-        super().__init__()
-        self.down_layers = nn.ModuleList(
-            [
-                nn.Conv2d(in_channels, 32, kernel_size=5, padding=2),
-                nn.Conv2d(32, 64, kernel_size=5, padding=2),
-                nn.Conv2d(64, 64, kernel_size=5, padding=2),
-            ]
-        )
-        self.up_layers = nn.ModuleList(
-            [
-                nn.Conv2d(64, 64, kernel_size=5, padding=2),
-                nn.Conv2d(64, 32, kernel_size=5, padding=2),
-                nn.Conv2d(32, out_channels, kernel_size=5, padding=2),
-            ]
-        )
-        self.act = nn.SiLU()
-        self.downscale = nn.MaxPool2d(2)
-        self.upscale = nn.Upsample(scale_factor=2)
-        if with_unused_batchnorm:
-            self.batch_norm = nn.BatchNorm2d(64)
-
-    def forward(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
-        """Predict x0 from `sample`; `timestep` is accepted for a uniform call site and ignored."""
-        x = sample
-        skips: list[torch.Tensor] = []
-        for i, layer in enumerate(self.down_layers):
-            x = self.act(layer(x))
-            if i < 2:  # the two upper levels feed skip connections, then downsample
-                skips.append(x)
-                x = self.downscale(x)
-        for i, layer in enumerate(self.up_layers):
-            if i > 0:
-                x = self.upscale(x)
-                x = x + skips.pop()  # out-of-place: `+=` would overwrite a tensor autograd saved
-            # SiLU after the last layer too (output >= -0.28), as in the original network.
-            x = self.act(layer(x))
-        return x
-
-
-# ---------------------------------------------------------------------------------------------
-# Model construction
-# ---------------------------------------------------------------------------------------------
-
-# The UNet2DModel variant of the basic model (1,707,009 params at 1 channel).
-_BASIC_UNET2D: dict[str, Any] = {
-    "layers_per_block": 2,
-    "block_out_channels": (32, 64, 64),
-    "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
-    "up_block_types": ("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-}
 
 # UNet2DModel kwargs without sample_size / in_channels / out_channels (those come from the data).
 DDPM_PRESETS: dict[str, dict[str, Any]] = {
@@ -142,7 +63,7 @@ _UNET_ARGS = frozenset(_UNET_SIGNATURE) - {"self"}
 _UNET_DEFAULT_DOWN_BLOCKS = _UNET_SIGNATURE["down_block_types"].default
 
 
-def _check_resolution(resolution: int, num_downsamples: int) -> None:
+def check_resolution(resolution: int, num_downsamples: int) -> None:
     """Each downsampling halves the image; an odd size would break the skip-connection shapes."""
     factor = 2**num_downsamples
     if resolution <= 0 or resolution % factor != 0:
@@ -153,20 +74,9 @@ def _check_resolution(resolution: int, num_downsamples: int) -> None:
         )
 
 
-def _check_channels(channels: int) -> None:
+def check_channels(channels: int) -> None:
     if channels < 1:
         raise ValueError(f"channels must be >= 1; got {channels}")
-
-
-def build_basic_model(name: Literal["basic", "unet"], resolution: int, channels: int) -> nn.Module:
-    """The basic model's network: `"basic"` (BasicUNet) or `"unet"` (a UNet2DModel)."""
-    _check_channels(channels)
-    _check_resolution(resolution, num_downsamples=2)
-    if name == "basic":
-        return BasicUNet(in_channels=channels, out_channels=channels)
-    return UNet2DModel(
-        sample_size=resolution, in_channels=channels, out_channels=channels, **_BASIC_UNET2D
-    )
 
 
 def _read_preset(preset: str) -> dict[str, Any]:
@@ -209,7 +119,7 @@ def check_ddpm_preset(preset: str, resolution: int | None) -> dict[str, Any]:
     if resolution is not None:
         # UNet2DModel downsamples after every down block but the last.
         num_blocks = len(kwargs.get("down_block_types", _UNET_DEFAULT_DOWN_BLOCKS))
-        _check_resolution(resolution, num_downsamples=max(num_blocks - 1, 0))
+        check_resolution(resolution, num_downsamples=max(num_blocks - 1, 0))
     return kwargs
 
 
@@ -224,49 +134,9 @@ def build_ddpm_unet(
     the last one ("no class", index C) for classifier-free guidance, added to the time
     embedding.
     """
-    _check_channels(channels)
+    check_channels(channels)
     kwargs = check_ddpm_preset(preset, resolution)
     kwargs.update(sample_size=resolution, in_channels=channels, out_channels=channels)
     if num_classes:
         kwargs["num_class_embeds"] = num_classes + 1
     return UNet2DModel(**kwargs)
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Number of parameters (shared tensors counted once)."""
-    return sum(p.numel() for p in model.parameters())
-
-
-# ---------------------------------------------------------------------------------------------
-# One forward call site for both kinds
-# ---------------------------------------------------------------------------------------------
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """Strip DDP (`.module`) and torch.compile (`._orig_mod`) wrappers to reach the real model."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
-
-
-def predict(
-    model: nn.Module,
-    x: torch.Tensor,
-    timesteps: torch.Tensor | int | None,
-    class_labels: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Run either model kind and return a tensor shaped like `x`.
-
-    `model` may be wrapped (DDP, torch.compile): it is called as given so gradient sync still
-    happens, and only unwrapped to decide how to read the output. A UNet2DModel always needs a
-    timestep; the basic model has none, and passes 0 (None also means 0). `class_labels` go to
-    a class-conditional UNet2DModel (built with `num_class_embeds`).
-    """
-    if isinstance(unwrap_model(model), UNet2DModel):
-        kwargs = {} if class_labels is None else {"class_labels": class_labels}
-        return model(x, 0 if timesteps is None else timesteps, return_dict=False, **kwargs)[0]
-    return model(x, timesteps)
