@@ -43,7 +43,7 @@ def main() -> None:
 
     def draw(indices: range, guidance: float) -> torch.Tensor:
         labels = torch.tensor([k % num_classes for k in indices])
-        denoiser = network_denoiser(loaded.model, labels, guidance)
+        denoiser = network_denoiser(loaded.model, labels, guidance, scheduler=scheduler)
         images, _ = sample_ddpm(
             denoiser, scheduler, sample_shape(loaded.model), indices, args.seed, args.steps, 1.0
         )
