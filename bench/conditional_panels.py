@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import digit_accuracy  # noqa: E402
 from ddp_utils.images import make_grid, rows_by_label, save_png, to_uint8, upscale  # noqa: E402
 from diffusion.loading import load_for_sampling  # noqa: E402
 from diffusion.networks import sample_shape  # noqa: E402
@@ -42,7 +43,7 @@ def main() -> None:
 
     def draw(indices: range, guidance: float) -> torch.Tensor:
         labels = torch.tensor([k % num_classes for k in indices])
-        denoiser = network_denoiser(loaded.model, labels, guidance)
+        denoiser = network_denoiser(loaded.model, labels, guidance, scheduler=scheduler)
         images, _ = sample_ddpm(
             denoiser, scheduler, sample_shape(loaded.model), indices, args.seed, args.steps, 1.0
         )
@@ -66,19 +67,6 @@ def main() -> None:
             images = to_uint8(draw(indices, float(w)), loaded.value_range)
             labels = np.array([k % num_classes for k in indices])
             print(f"| {w} | {digit_accuracy(images, labels):.1%} |")
-
-
-def digit_accuracy(images: np.ndarray, labels: np.ndarray) -> float:
-    """Share of NHWC uint8 images a logistic regression fitted on the 8x8 real digits (97% on
-    them) assigns to `labels`; larger images are averaged down to 8x8 first."""
-    from sklearn.datasets import load_digits
-    from sklearn.linear_model import LogisticRegression
-
-    digits = load_digits()
-    classifier = LogisticRegression(max_iter=3000).fit(digits.data, digits.target)
-    x = torch.from_numpy(images[..., 0]).float()[:, None]
-    x = torch.nn.functional.adaptive_avg_pool2d(x, 8)[:, 0].reshape(len(images), -1)
-    return float((classifier.predict(x.numpy() / 255 * 16) == labels).mean())
 
 
 if __name__ == "__main__":

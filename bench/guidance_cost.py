@@ -48,7 +48,7 @@ def main() -> None:
         for w in rates:
             synchronize(device)
             start = time.perf_counter()
-            denoiser = network_denoiser(model, labels.to(device), w)
+            denoiser = network_denoiser(model, labels.to(device), w, scheduler=scheduler)
             sample_ddpm(
                 denoiser, scheduler, sample_shape(model), indices, 0, args.steps, 0.0, device
             )

@@ -26,7 +26,7 @@ from diffusers import (
 )
 
 from diffusion.networks import null_class, predict, unwrap
-from diffusion.pipeline_code.pipelines import guided_output
+from diffusion.pipeline_code.pipelines import ddpm_coefficients, guided_output
 
 _MASK64 = (1 << 64) - 1
 
@@ -178,13 +178,19 @@ def network_denoiser(
     class_labels: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
     dtype: torch.dtype = torch.float32,
+    *,
+    scheduler: SchedulerMixin | None = None,
 ) -> ModelOutput:
     """What a DDPM sampler calls: (x_t, t) -> the network's prediction, any backbone.
 
     Only the network runs in `dtype` (autocast). A class-conditional network gets
     `class_labels` (B,), on its device, and classifier-free guidance of scale w (the shipped
-    pipeline's `guided_output`: the same numbers).
+    pipeline's `guided_output`: the same numbers), which reads the noise level of each t from
+    `scheduler`, the sampler that will call it (its training schedule and prediction type).
     """
+    guided = class_labels is not None and guidance_scale not in (0.0, 1.0)
+    if guided and scheduler is None:
+        raise ValueError("guidance (w not 0 or 1) needs the sampler's scheduler: its noise levels")
     device = next(unwrap(net).parameters()).device
     null = None if class_labels is None else null_class(net)
 
@@ -192,7 +198,8 @@ def network_denoiser(
         with model_autocast(device, dtype):
             if class_labels is None:
                 return predict(net, x, t)
-            return guided_output(net, x, t, class_labels, guidance_scale, null)
+            c_skip, c_out = ddpm_coefficients(scheduler, t) if guided else (1.0, 1.0)
+            return guided_output(net, x, t, class_labels, guidance_scale, null, c_skip, c_out)
 
     return output
 

@@ -27,7 +27,7 @@ def run_ddpm(
     class_labels: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    denoiser = network_denoiser(net, class_labels, guidance_scale, dtype)
+    denoiser = network_denoiser(net, class_labels, guidance_scale, dtype, scheduler=scheduler)
     return sample_ddpm(
         denoiser, scheduler, sample_shape(net), indices, seed, num_inference_steps, eta, device,
         progression_every,

@@ -182,8 +182,9 @@ np.save(f"{out}/ddpm.npy", pipe(batch_size=len(seeds), generator=generators(), e
 pipe = custom("ddpm-class-conditional", "GuidedDDPMPipeline")
 pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
 print("guidance", pipe.config.guidance_scale, "classes", pipe.config.class_names)
+# w = 1: its pipeline.py guides as this toolkit did then (no projection of the clean image).
 np.save(f"{out}/ddpm-class-conditional.npy", pipe(class_labels=labels, generator=generators(),
-        num_inference_steps=steps, output_type="np").images)  # its exported guidance
+        num_inference_steps=steps, guidance_scale=1.0, output_type="np").images)
 pipe = custom("edm", "EDMPipeline")  # Heun, deterministic
 np.save(f"{out}/edm.npy", pipe(batch_size=len(seeds), generator=generators(),
                                num_inference_steps=steps, output_type="np").images)
@@ -196,6 +197,8 @@ def test_old_exports_run_in_diffusers_alone_and_give_sample_pys_images(
     steps, num = 3, 3
     # sample.py's DDIM with eta 0 is what the DDPM pipelines run with a DDIMScheduler.
     flags = {"ddpm": ["--scheduler=ddim", "--eta=0"], "edm": []}
+    # The conditional export unguided: its own pipeline.py keeps the guidance of its time.
+    unguided = {"ddpm-class-conditional": ["--guidance-scale=1"]}
     ours = {
         name: run_sample(
             legacy / name / "pipeline",
@@ -203,6 +206,7 @@ def test_old_exports_run_in_diffusers_alone_and_give_sample_pys_images(
             f"--num-samples={num}",
             f"--num-steps={steps}",
             *flags[EXPECTED[name][0]],
+            *unguided.get(name, []),
         )
         for name in RUN_FLAGS
     }

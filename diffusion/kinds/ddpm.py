@@ -125,7 +125,7 @@ class DDPMKind:
 
         def draw(indices, labels, every):
             labels = None if labels is None else labels.to(device)
-            model_output = network_denoiser(net, labels, guidance_scale, dtype)
+            model_output = network_denoiser(net, labels, guidance_scale, dtype, scheduler=scheduler)
             if compile is not None:
                 model_output = compile_function(model_output, *compile)
             return sample_ddpm(

@@ -17,7 +17,10 @@ takes its time and class inputs are read from the network here and nowhere else.
 Classifier-free guidance (Ho & Salimans 2022): the network learned both p(x | c) and, with
 labels replaced by a "no class" index during training, p(x). Sampling combines the two outputs,
 out = out(x, null) + w (out(x, c) - out(x, null)), in one batched forward. w = 1 is the plain
-conditional model, w = 0 the unconditional one, w > 1 trades variety for class likeness.
+conditional model, w = 0 the unconditional one, w > 1 trades variety for class likeness. For
+w > 1 that is an extrapolation, and the clean image it stands for, D = c_skip x + c_out out,
+leaves the data range at high noise; `guide` returns the output whose D is projected back onto
+[-1, 1], so that every sampler steps toward an image in range (`guide` says why).
 
 EDM (Karras et al. 2022), in the paper's notation: y a clean image, sigma a noise level,
 x = y + sigma n with n ~ N(0, I). The network F sees c_in(sigma) x and the noise label
@@ -113,12 +116,16 @@ def guided_output(
     class_labels: torch.Tensor,
     guidance_scale: float,
     null_label: int,
+    c_skip: torch.Tensor | float,
+    c_out: torch.Tensor | float,
 ) -> torch.Tensor:
-    """The network's output for classes `class_labels` (B,), guided with scale w.
+    """The network's output for classes `class_labels` (B,), guided with scale w (`guide`).
 
-    w = 1 and w = 0 need one forward pass (the conditional or the "no class" one); any other w
-    runs both in one batched forward of [x, x] with [labels, null]: at most 2x the cost of an
-    unguided step, in one kernel launch per layer.
+    (c_skip, c_out): the clean image this output stands for at this step is D = c_skip x +
+    c_out output (`ddpm_coefficients` for a DDPM sampler, EDM's preconditioning for EDM).
+    w = 1 and w = 0 need one forward pass (the conditional or the "no class" one) and return
+    the network's output unchanged; any other w runs both in one batched forward of [x, x]
+    with [labels, null]: at most 2x the cost of an unguided step, in one kernel launch per layer.
     """
     if guidance_scale in (0.0, 1.0):
         if guidance_scale == 0.0:
@@ -129,7 +136,61 @@ def guided_output(
     labels = torch.cat([class_labels, torch.full_like(class_labels, null_label)])
     both = network_output(net, torch.cat([x, x]), t, labels)
     conditional, unconditional = both.chunk(2)
-    return unconditional + guidance_scale * (conditional - unconditional)
+    return guide(conditional, unconditional, guidance_scale, x, c_skip, c_out)
+
+
+VALUE_RANGE = (-1.0, 1.0)  # the images of every model here (and the samplers' final clamp)
+
+
+def guide(
+    conditional: torch.Tensor,
+    unconditional: torch.Tensor,
+    guidance_scale: float,
+    x: torch.Tensor,
+    c_skip: torch.Tensor | float,
+    c_out: torch.Tensor | float,
+) -> torch.Tensor:
+    """Classifier-free guidance of two network outputs at x, its clean image kept in range.
+
+    The guided output g = uncond + w (cond - uncond) stands for the clean image
+    D = c_skip x + c_out g: the same extrapolation of the two models' D. For w > 1 it leaves
+    [-1, 1], where E[x0 | x] never is, most at high noise (on the digits at w = 3, 45% of D's
+    pixels for sigma > 3, by 0.2 on average and up to 4). DDIM clips D to [-1, 1] but steps
+    with the noise estimate of the unclipped D, so each guided step lands off the trajectory
+    of either D: the asked digit dropped from 97% (w = 1) to 51% at w = 3 and chance at w = 6.
+    Here D is projected onto [-1, 1] (Imagen's static thresholding, Saharia et al. 2022) and
+    the output returned is the one whose D that is, g + (clamp(D) - D) / c_out: pixels in
+    range are untouched, and every sampler, clipping or not, steps toward the same image.
+    """
+    guided = unconditional + guidance_scale * (conditional - unconditional)
+    denoised = c_skip * x + c_out * guided
+    return guided + (denoised.clamp(*VALUE_RANGE) - denoised) / c_out
+
+
+def ddpm_coefficients(
+    scheduler: SchedulerMixin, t: torch.Tensor | float | int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c_skip, c_out) of a DDPM network at timestep t: x0 = c_skip x_t + c_out output.
+
+    x_t is the variance-preserving input every diffusers scheduler feeds the network
+    (`scale_model_input`), alpha_bar_t the training schedule's (`scheduler.alphas_cumprod`).
+    A Karras-spaced sampler's fractional t is read as diffusers maps sigma to t: linearly in
+    ln sigma between the integer timesteps, sigma^2 = (1 - alpha_bar) / alpha_bar.
+    """
+    t = torch.as_tensor(t, dtype=torch.float32)
+    alphas_cumprod = scheduler.alphas_cumprod.to(t.device, torch.float32)
+    log_sigmas = ((1 - alphas_cumprod) / alphas_cumprod).log() / 2
+    low = t.floor().long().clamp(0, len(alphas_cumprod) - 2)
+    log_sigma = torch.lerp(log_sigmas[low], log_sigmas[low + 1], t - low)
+    alpha_bar = torch.sigmoid(-2 * log_sigma)  # 1 / (1 + sigma^2)
+    prediction = scheduler.config.prediction_type
+    if prediction == "epsilon":  # x0 = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar)
+        return alpha_bar.rsqrt(), -log_sigma.exp()
+    if prediction == "v_prediction":  # x0 = sqrt(alpha_bar) x_t - sqrt(1 - alpha_bar) v
+        return alpha_bar.sqrt(), -(1 - alpha_bar).sqrt()
+    if prediction == "sample":
+        return torch.zeros_like(t), torch.ones_like(t)
+    raise ValueError(f"unknown prediction_type {prediction!r}")
 
 
 def as_class_labels(class_labels: ClassLabels, class_names: list[str] | None) -> torch.Tensor:
@@ -191,9 +252,11 @@ def denoise(
     if class_labels is None:
         output = network_output(net, c_in * x, c_noise.flatten())
     else:
+        # The network sees c_in x: D = (c_skip / c_in) (c_in x) + c_out F.
         output = guided_output(
-            net, c_in * x, c_noise.flatten(), class_labels, guidance_scale, null_class(net)
-        )
+            net, c_in * x, c_noise.flatten(), class_labels, guidance_scale, null_class(net),
+            c_skip / c_in, c_out,
+        )  # fmt: skip
     return c_skip * x + c_out * output.float()
 
 
@@ -356,7 +419,10 @@ class GuidedDDPMPipeline(_NetworkPipeline):
             if labels is None:
                 output = network_output(net, model_input, t)
             else:
-                output = guided_output(net, model_input, t, labels, w, null_class(net))
+                c_skip, c_out = ddpm_coefficients(self.scheduler, t)
+                output = guided_output(
+                    net, model_input, t, labels, w, null_class(net), c_skip, c_out
+                )
             x = self.scheduler.step(output.float(), t, x, **kwargs).prev_sample
         return self._images(x, output_type, return_dict)
 

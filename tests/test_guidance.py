@@ -1,0 +1,136 @@
+"""Classifier-free guidance's math (`pipelines.guide`): the plain combination wherever its clean
+image is in range, the projection onto [-1, 1] elsewhere, the noise level of every DDPM
+sampler's timesteps, and w = 0 and 1 left exactly as the network's outputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, EulerDiscreteScheduler, UNet2DModel
+
+from diffusion.ddpm import make_train_scheduler
+from diffusion.pipeline_code.pipelines import (
+    ddpm_coefficients,
+    denoise,
+    guide,
+    guided_output,
+    network_output,
+)
+from diffusion.sampling import make_inference_scheduler, network_denoiser
+
+
+@pytest.fixture(scope="module")
+def net() -> UNet2DModel:
+    """A tiny class-conditional UNet (10 classes and the "no class" row) at 8x8."""
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+        layers_per_block=1, norm_num_groups=8, num_class_embeds=11,
+    ).eval()  # fmt: skip
+
+
+def test_guide_is_plain_cfg_where_the_clean_image_is_in_range_and_projects_it_elsewhere() -> None:
+    generator = torch.Generator().manual_seed(0)
+    x, cond, uncond = (torch.randn(4, 1, 8, 8, generator=generator) for _ in range(3))
+    c_skip, c_out = torch.tensor(0.8), torch.tensor(-0.6)  # v-prediction at alpha_bar = 0.64
+    plain = uncond + 3.0 * (cond - uncond)
+    guided = guide(cond, uncond, 3.0, x, c_skip, c_out)
+    before, after = c_skip * x + c_out * plain, c_skip * x + c_out * guided
+    inside = before.abs() <= 1
+    assert 0.1 < inside.float().mean() < 0.9  # both cases occur
+    assert torch.equal(guided[inside], plain[inside])  # bit for bit
+    assert torch.allclose(after, before.clamp(-1, 1), atol=1e-6)
+    assert after.abs().max() <= 1 + 1e-6
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_ddpm_coefficients_give_the_clean_image_diffusers_computes(prediction_type: str) -> None:
+    scheduler = DDIMScheduler.from_config(
+        make_train_scheduler("squaredcos_cap_v2", 1000, prediction_type).config, clip_sample=False
+    )
+    scheduler.set_timesteps(10)
+    generator = torch.Generator().manual_seed(0)
+    x, output = (torch.randn(2, 1, 8, 8, generator=generator) for _ in range(2))
+    for t in scheduler.timesteps:
+        x0 = scheduler.step(output, t, x).pred_original_sample
+        c_skip, c_out = ddpm_coefficients(scheduler, t)
+        assert torch.allclose(c_skip * x + c_out * output, x0, rtol=1e-4, atol=1e-4), int(t)
+
+
+def test_karras_samplers_fractional_timesteps_read_as_their_own_noise_levels() -> None:
+    """Euler with Karras spacing feeds the network x / sqrt(sigma^2 + 1) at a fractional t;
+    the clean image it computes from a v-prediction is the one ddpm_coefficients give."""
+    config = make_train_scheduler("squaredcos_cap_v2", 1000, "v_prediction").config
+    scheduler = make_inference_scheduler("euler-karras", config)
+    assert isinstance(scheduler, EulerDiscreteScheduler)
+    scheduler.set_timesteps(12)
+    assert any(float(t) != round(float(t)) for t in scheduler.timesteps)
+    generator = torch.Generator().manual_seed(0)
+    for t in scheduler.timesteps[:-1]:
+        sample, output = (torch.randn(1, 1, 4, 4, generator=generator) for _ in range(2))
+        x_t = scheduler.scale_model_input(sample, t)
+        x0 = scheduler.step(output, t, sample).pred_original_sample
+        c_skip, c_out = ddpm_coefficients(scheduler, t)
+        assert torch.allclose(c_skip * x_t + c_out * output, x0, rtol=1e-3, atol=1e-3), float(t)
+
+
+def test_ddim_steps_toward_the_clipped_image_it_computes_under_guidance() -> None:
+    """DDIM clips the clean image to [-1, 1] but steps with the noise of the unclipped one: a
+    guided output out of range used to land off both. With `guide`, its step is the step of
+    a DDIM that takes the noise from the clipped image (use_clipped_model_output)."""
+    config = make_train_scheduler("squaredcos_cap_v2", 1000, "v_prediction").config
+    scheduler = make_inference_scheduler("ddim", config)
+    scheduler.set_timesteps(50)
+    t = scheduler.timesteps[3]  # high noise: where w = 3 put D out of range on the digits
+    c_skip, c_out = ddpm_coefficients(scheduler, t)
+    generator = torch.Generator().manual_seed(0)
+    x, cond, uncond = (torch.randn(2, 1, 8, 8, generator=generator) for _ in range(3))
+    plain = uncond + 3.0 * (cond - uncond)
+    assert (c_skip * x + c_out * plain).abs().max() > 1.5
+    consistent = scheduler.step(plain, t, x, use_clipped_model_output=True).prev_sample
+    broken = scheduler.step(plain, t, x).prev_sample
+    fixed = scheduler.step(guide(cond, uncond, 3.0, x, c_skip, c_out), t, x).prev_sample
+    assert torch.allclose(fixed, consistent, atol=1e-5)
+    assert not torch.allclose(broken, consistent, atol=1e-2)
+
+
+@pytest.mark.parametrize("w", [0.0, 1.0])
+def test_w_0_and_1_are_the_networks_own_outputs_bit_for_bit(net: UNet2DModel, w: float) -> None:
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([2, 5, 7])
+    expected = network_output(net, x, 500, labels if w == 1 else torch.full_like(labels, 10))
+    with torch.no_grad():
+        assert torch.equal(guided_output(net, x, 500, labels, w, 10, 0.5, -0.5), expected)
+        sigma = torch.tensor(3.0)
+        edm = denoise(net, x, sigma, 0.5, labels, w)
+        c_in = 1 / (sigma**2 + 0.25).sqrt()
+        c_noise = sigma.log() / 4
+        plain = network_output(net, c_in * x, c_noise.expand(3),
+                               labels if w == 1 else torch.full_like(labels, 10))  # fmt: skip
+        c_skip, c_out = 0.25 / (sigma**2 + 0.25), sigma * 0.5 / (sigma**2 + 0.25).sqrt()
+        assert torch.equal(edm, c_skip * x + c_out * plain)
+
+
+def test_guided_denoisers_stay_in_range_for_ddpm_and_edm(net: UNet2DModel) -> None:
+    """Both kinds' guided clean images lie in [-1, 1] at w = 6, even from a network whose
+    outputs are far off (an untrained one, its last layer scaled up)."""
+    loud = UNet2DModel.from_config(net.config).eval()
+    loud.load_state_dict(net.state_dict())
+    with torch.no_grad():
+        loud.conv_out.weight.mul_(50)
+    x = 3 * torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0, 1, 2, 3])
+    with torch.no_grad():
+        assert denoise(loud, x, torch.tensor(3.0), 0.5, labels, 6.0).abs().max() <= 1 + 1e-5
+        scheduler = make_inference_scheduler("ddim", make_train_scheduler().config)
+        t = torch.tensor(700)
+        output = network_denoiser(loud, labels, 6.0, scheduler=scheduler)(x, t)
+        c_skip, c_out = ddpm_coefficients(scheduler, t)
+        assert (c_skip * x + c_out * output).abs().max() <= 1 + 1e-5
+
+
+def test_guidance_without_the_samplers_schedule_is_refused(net: UNet2DModel) -> None:
+    with pytest.raises(ValueError, match="scheduler"):
+        network_denoiser(net, torch.tensor([1]), 3.0)
+    network_denoiser(net, torch.tensor([1]), 1.0)  # no guidance: nothing to read
