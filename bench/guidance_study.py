@@ -43,7 +43,7 @@ from diffusion.pipeline_code.pipelines import (  # noqa: E402
     preconditioning,
 )
 from diffusion.sampling import make_inference_scheduler, sample_ddpm  # noqa: E402
-from evaluation import compute_feature_stats, dataset_stats, fid_kid, load_fid_inception  # noqa: E402
+from evaluation import compute_feature_stats, dataset_reference, fid_kid, load_fid_inception  # noqa: E402
 
 # A combination: (cond, uncond, w, x, c_skip, c_out, sigma) -> the output the sampler gets, where
 # D = c_skip x + c_out output is the clean image it stands for and sigma the step's noise level.
@@ -183,7 +183,7 @@ def main() -> None:
     extractor = reference = None
     if args.fid:
         extractor = load_fid_inception("cpu")
-        reference = dataset_stats("digits", 16, 1, max_images=1297, extractor=extractor)
+        reference = dataset_reference("digits", 16, 1, max_images=1297, extractor=extractor).stats
     variants = [
         v for v in VARIANTS if (v.edm or not edm) and (not args.only or v.label in args.only)
     ]

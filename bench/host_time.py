@@ -38,6 +38,7 @@ from bench.common import git_revision, machine, print_table  # noqa: E402
 from ddp_utils import loop  # noqa: E402
 from ddp_utils.ema import EMA  # noqa: E402
 from diffusion.ddpm import make_train_scheduler  # noqa: E402
+from diffusion.kinds.ddpm import DDPMMethod  # noqa: E402
 from diffusion.networks.unet import build_ddpm_unet  # noqa: E402
 from tests.tiny_runs import fresh_accelerate_state  # noqa: E402
 
@@ -73,7 +74,7 @@ def toolkit_ms(args: argparse.Namespace) -> tuple[float, dict[str, float]]:
     step_times: list[float] = []
     real_step = loop.optimizer_step
     # Parts inside optimizer_step (the names it looks up at call time).
-    timer.wrap(train_ddpm.DDPMMethod, "loss", "loss (noise, forward, target, metrics)")
+    timer.wrap(DDPMMethod, "loss", "loss (noise, forward, target, metrics)")
     import accelerate
 
     timer.wrap(accelerate.Accelerator, "backward", "backward")
