@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--dataset", default="digits", help="FID reference (sample.py --dataset)")
     parser.add_argument("--max-reference", type=int, default=1297)
     args, sample_flags = parser.parse_known_args()
+    revision = git_revision()  # the code this process imports now, whatever HEAD is later
     scales = [float(w) for w in args.guidance.split(",")]
     rows = []
     for w in scales:
@@ -69,7 +70,7 @@ def main() -> None:
           + f"; {args.num_samples} class-balanced samples (seed {args.seed}) per w, FID/KID "
           f"against the first {args.max_reference} images of {args.dataset}"
           + (f"; sample.py flags: {' '.join(sample_flags)}" if sample_flags else ""))  # fmt: skip
-    print(f"machine: {machine()}; commit {git_revision()}\n")
+    print(f"machine: {machine()}; commit {revision}\n")
     print("| guidance w | read as the asked digit | FID | KID x 1e3 |\n|---|---|---|---|")
     for w, read, fid, kid, _ in rows:
         print(f"| {w:g} | {read:.1%} | {fid:.2f} | {1000 * kid:.2f} |")

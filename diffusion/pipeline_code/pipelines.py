@@ -157,7 +157,7 @@ def guide(
     [-1, 1], where E[x0 | x] never is, most at high noise (on the digits at w = 3, 45% of D's
     pixels for sigma > 3, by 0.2 on average and up to 4). DDIM clips D to [-1, 1] but steps
     with the noise estimate of the unclipped D, so each guided step lands off the trajectory
-    of either D: the asked digit dropped from 97% (w = 1) to 51% at w = 3 and chance at w = 6.
+    of either D: the asked digit went from 98% (w = 1) to 51% at w = 3 and 13% at w = 6.
     Here D is projected onto [-1, 1] (Imagen's static thresholding, Saharia et al. 2022) and
     the output returned is the one whose D that is, g + (clamp(D) - D) / c_out: pixels in
     range are untouched, and every sampler, clipping or not, steps toward the same image.
