@@ -50,6 +50,7 @@ from diffusion.drawing import (
     choose_sampler,
     count_calls,
     describe_source,
+    guidance_interval,
     make_chunk_fn,
     sample_classes,
     warn_if_resized,
@@ -105,7 +106,7 @@ def sample(cfg: SampleConfig) -> np.ndarray:
     check_finite_samples(accelerator, nonfinite, cfg.num_samples)
     labels = None if cycle is None else sample_classes(range(cfg.num_samples), cycle).numpy()
     world, rank = accelerator.num_processes, accelerator.process_index
-    num_chunks = len(local_chunks(cfg.num_samples, cfg.batch_size, world, rank))
+    num_local = sum(map(len, local_chunks(cfg.num_samples, cfg.batch_size, world, rank)))
     error = None
     if accelerator.is_main_process:
         info = {
@@ -113,12 +114,13 @@ def sample(cfg: SampleConfig) -> np.ndarray:
             "source": str(loaded.source),
             "scheduler": choice.name,
             "num_steps": choice.steps,
-            # Network evaluations per image (guidance runs two per call, batched).
-            "num_evaluations": calls[0] // max(1, num_chunks) * (1 + (guidance not in (0, 1))),
+            # Network evaluations per image (a guided step runs two, batched).
+            "num_evaluations": calls[0] // max(1, num_local),
             "eta": choice.eta if choice.name == "ddim" else None,
             "churn": choice.churn if "churn" in kind_named(loaded.task, "").knobs else None,
             "class_names": loaded.class_names,
             "guidance_scale": guidance if cycle is not None else None,
+            "guidance_interval": guidance_interval(cfg, loaded) if cycle is not None else None,
             "num_processes": accelerator.num_processes,
         }
         try:

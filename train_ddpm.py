@@ -115,7 +115,8 @@ class DDPMConfig(ConditioningOptions, EDMOptions, DDPMOptions, TrainConfig):
     # Also free on resume: how the grids are sampled, the export's default guidance, and
     # --init-from (a resumed run reads its checkpoint, not that model).
     may_change_on_resume = TrainConfig.may_change_on_resume | {
-        "sample_scheduler", "sample_eta", "sample_guidance_scale", "init_from",
+        "sample_scheduler", "sample_eta", "sample_guidance_scale", "sample_guidance_interval",
+        "init_from",
     }  # fmt: skip
 
     def __post_init__(self) -> None:

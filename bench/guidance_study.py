@@ -92,6 +92,15 @@ def projected(cond: T, uncond: T, w: float, x: T, c_skip: T, c_out: T, sigma: T)
     return guide(cond, uncond, w, x, c_skip, c_out)
 
 
+def projected_interval(low: float, high: float) -> Combine:
+    """The projection, inside a guidance interval: the conditional output outside it."""
+
+    def combine(cond: T, uncond: T, w: float, x: T, c_skip: T, c_out: T, sigma: T) -> T:
+        return guide(cond, uncond, w, x, c_skip, c_out) if low < float(sigma) <= high else cond
+
+    return combine
+
+
 @dataclass
 class Variant:
     label: str
@@ -113,6 +122,10 @@ VARIANTS = [
     Variant("CFG rescale 0.7 on x0", rescaled(0.7, clean_image=True)),
     Variant("guiding x0 instead of v / eps", on_the_clean_image),
     Variant("projected (the fix)", projected),
+    Variant("projected, interval sigma in (0.28, 5.42]", projected_interval(0.28, 5.42)),
+    Variant("projected, interval sigma in (0, 5.42]", projected_interval(0, 5.42)),
+    Variant("projected, interval sigma in (0.28, 2]", projected_interval(0.28, 2)),
+    Variant("projected, interval sigma in (0, 1]", projected_interval(0, 1)),
 ]  # fmt: skip
 
 

@@ -16,7 +16,11 @@ from dataclasses import dataclass
 import torch
 
 from ddp_utils.config import option, require
+from ddp_utils.errors import InputError
 
+# Guidance (w > 1) only at noise levels sigma in (low, high]: EDM2's interval (Kynkaanniemi
+# et al. 2024). On the digits at w = 4 it took the DiT's FID from 1.67x w = 1's to 1.40x.
+DEFAULT_GUIDANCE_INTERVAL = "0.28,5.42"
 SECTION = "Class-conditional generation (classifier-free guidance, Ho & Salimans 2022)"
 
 
@@ -41,7 +45,15 @@ class ConditioningOptions:
         section=SECTION,
     )
 
+    sample_guidance_interval: str = option(
+        DEFAULT_GUIDANCE_INTERVAL,
+        "noise levels 'LOW,HIGH' (sigma in (LOW, HIGH]) where w > 1 applies, the conditional "
+        "output elsewhere (Kynkaanniemi et al. 2024), stored in the export; 'all': every step",
+        section=SECTION,
+    )
+
     def check_conditioning_options(self) -> None:
+        parse_guidance_interval(self.sample_guidance_interval, "sample_guidance_interval")
         require(
             0 <= self.label_dropout < 1,
             f"--label-dropout must be in [0, 1), got {self.label_dropout}",
@@ -59,6 +71,7 @@ class Conditioning:
     class_names: tuple[str, ...] = ()
     label_dropout: float = 0.0
     guidance_scale: float = 1.0
+    guidance_interval: tuple[float, float] | None = None  # None: guidance at every step
 
     @property
     def num_classes(self) -> int:
@@ -84,3 +97,18 @@ class Conditioning:
         if not self.num_classes:
             return None
         return torch.tensor([k % self.num_classes for k in indices], dtype=torch.long)
+
+
+def parse_guidance_interval(text: str, flag: str) -> tuple[float, float] | None:
+    """'LOW,HIGH' -> (low, high) with 0 <= low < high; 'all' -> None (every step)."""
+    if text.strip().lower() == "all":
+        return None
+    try:
+        low, high = (float(part) for part in text.split(","))
+    except ValueError:
+        raise InputError(
+            f"takes 'LOW,HIGH' (noise levels, e.g. 0.28,5.42) or 'all'; got {text!r}", flag
+        ) from None
+    if not 0 <= low < high:
+        raise InputError(f"needs 0 <= LOW < HIGH; got {text!r}", flag)
+    return low, high

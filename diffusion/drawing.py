@@ -24,6 +24,7 @@ from ddp_utils.errors import InputError
 from ddp_utils.images import to_uint8
 from ddp_utils.lock import lock_holder
 from ddp_utils.train_config import MixedPrecision
+from diffusion.conditioning import parse_guidance_interval
 from diffusion.kinds import SamplerChoice, kind_named
 from diffusion.loading import LoadedModel, Weights
 from diffusion.networks import sample_shape
@@ -73,6 +74,11 @@ class SampleConfig:
         None,
         "class-conditional models: classifier-free guidance w (0: unconditional, 1: "
         "conditional, > 1: more like the class); default: the one the model was exported with",
+    )
+    guidance_interval: str | None = option(
+        None,
+        "class-conditional models: noise levels 'LOW,HIGH' (sigma in (LOW, HIGH]) where w > 1 "
+        "applies, the conditional output elsewhere; 'all': every step; default: the model's",
     )
     per_class_fid: bool = option(
         False, "with --fid on a class-conditional model: FID/KID of each class too"
@@ -129,6 +135,8 @@ class SampleConfig:
             self.guidance_scale is None or self.guidance_scale >= 0,
             f"--guidance-scale must be >= 0, got {self.guidance_scale}",
         )
+        if self.guidance_interval is not None:
+            parse_guidance_interval(self.guidance_interval, "guidance_interval")
         require(not self.per_class_fid or self.fid, "--per-class-fid needs --fid")
         require(self.grid_size >= 1, "--grid-size must be >= 1")
         require(not self.fid or bool(self.dataset), "--fid needs --dataset (the reference images)")
@@ -171,7 +179,12 @@ def choose_classes(cfg: SampleConfig, loaded: LoadedModel) -> tuple[list[int] | 
     """(the class cycle sample k takes entry k mod n of, the guidance scale); (None, 1) for
     an unconditional model."""
     if not loaded.num_classes:
-        if cfg.class_labels is not None or cfg.guidance_scale is not None or cfg.per_class_fid:
+        if (
+            cfg.class_labels is not None
+            or cfg.guidance_scale is not None
+            or cfg.guidance_interval is not None
+            or cfg.per_class_fid
+        ):
             raise InputError(
                 f"{loaded.source} is not class-conditional: it takes no classes or guidance",
                 "class_labels",
@@ -196,6 +209,13 @@ def choose_classes(cfg: SampleConfig, loaded: LoadedModel) -> tuple[list[int] | 
     return cycle, guidance
 
 
+def guidance_interval(cfg: SampleConfig, loaded: LoadedModel) -> tuple[float, float] | None:
+    """The noise levels where w > 1 applies: --guidance-interval, else the model's."""
+    if cfg.guidance_interval is None:
+        return loaded.guidance_interval
+    return parse_guidance_interval(cfg.guidance_interval, "guidance_interval")
+
+
 def make_chunk_fn(
     cfg: SampleConfig,
     loaded: LoadedModel,
@@ -216,6 +236,7 @@ def make_chunk_fn(
         device=device,
         dtype=DTYPES[cfg.mixed_precision],
         guidance_scale=guidance,
+        guidance_interval=guidance_interval(cfg, loaded),
         compile=(cfg.compile_backend, cfg.compile_mode) if cfg.compile else None,
     )
     progression: list[torch.Tensor] = []  # x_t of the first 8 samples, every 1/10 of the steps
@@ -239,12 +260,13 @@ def sample_classes(indices: range, cycle: list[int]) -> torch.Tensor:
 
 
 def count_calls(model: torch.nn.Module) -> list[int]:
-    """A one-element list counting the model's forward calls (its network evaluations)."""
+    """A one-element list counting the images the model's forward calls see: its network
+    evaluations (guidance's batched pair counts two per image)."""
     calls = [0]
 
     @torch.compiler.disable  # traced, the count would be a constant of the compiled graph
-    def count(*_: object) -> None:
-        calls[0] += 1
+    def count(module: torch.nn.Module, args: tuple) -> None:
+        calls[0] += len(args[0])
 
     model.register_forward_pre_hook(count)
     return calls

@@ -19,11 +19,13 @@ from typing import Any
 import torch
 from diffusers import EDMEulerScheduler
 
+from ddp_utils.compile import compile_function
 from diffusion.networks import predict, unwrap
 from diffusion.pipeline_code.pipelines import (
     Denoiser,
     denoise,
     edm_sample,
+    guidance_at,
     karras_sigmas,
     preconditioning,
 )
@@ -89,14 +91,29 @@ def edm_denoiser(
     class_labels: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
     dtype: torch.dtype = torch.float32,
+    *,
+    guidance_interval: tuple[float, float] | None = None,
+    compile: tuple[str, str] | None = None,
 ) -> Denoiser:
     """D(x, sigma) around any backbone, guided with scale w when given `class_labels` (B,) on
-    the network's device; only the network runs in `dtype` (autocast)."""
+    the network's device, w > 1 only for sigma in `guidance_interval` (`guidance_at`; None:
+    every step); only the network runs in `dtype` (autocast). `compile`: (backend, mode) to
+    torch.compile D with (preconditioning, network and guidance: one graph per scale used)."""
     device = next(unwrap(net).parameters()).device
 
-    def denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    def step_denoiser(x: torch.Tensor, sigma: torch.Tensor, w: float) -> torch.Tensor:
         with model_autocast(device, dtype):
-            return denoise(net, x, sigma, sigma_data, class_labels, guidance_scale)
+            return denoise(net, x, sigma, sigma_data, class_labels, w)
+
+    if compile is not None:
+        step_denoiser = compile_function(step_denoiser, *compile)
+
+    def denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        # The sampler's noise levels are host numbers: the step's scale costs no device sync.
+        w = guidance_scale
+        if class_labels is not None:
+            w = guidance_at(guidance_scale, float(sigma), guidance_interval)
+        return step_denoiser(x, sigma, w)
 
     return denoiser
 

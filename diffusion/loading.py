@@ -45,6 +45,7 @@ class LoadedModel:
     source: Path
     class_names: list[str] | None = None  # a class-conditional model's classes
     guidance_scale: float = 1.0  # the guidance it was exported with
+    guidance_interval: tuple[float, float] | None = None  # where w > 1 applies; None: always
 
     @property
     def num_classes(self) -> int:
@@ -191,6 +192,10 @@ def _with_classes(loaded: LoadedModel, info: dict[str, Any]) -> LoadedModel:
         names = [str(k) for k in range(num_classes)]
     loaded.class_names = list(names) if names else None
     loaded.guidance_scale = float(info.get("guidance_scale", 1.0))
+    interval = info.get("guidance_interval")  # older exports have none: every step
+    loaded.guidance_interval = (
+        None if interval is None else (float(interval[0]), float(interval[1]))
+    )
     return loaded
 
 

@@ -25,8 +25,14 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
+from ddp_utils.compile import compile_function
 from diffusion.networks import null_class, predict, unwrap
-from diffusion.pipeline_code.pipelines import ddpm_coefficients, guided_output
+from diffusion.pipeline_code.pipelines import (
+    ddpm_coefficients,
+    ddpm_sigma,
+    guidance_at,
+    guided_output,
+)
 
 _MASK64 = (1 << 64) - 1
 
@@ -180,13 +186,18 @@ def network_denoiser(
     dtype: torch.dtype = torch.float32,
     *,
     scheduler: SchedulerMixin | None = None,
+    guidance_interval: tuple[float, float] | None = None,
+    compile: tuple[str, str] | None = None,
 ) -> ModelOutput:
     """What a DDPM sampler calls: (x_t, t) -> the network's prediction, any backbone.
 
     Only the network runs in `dtype` (autocast). A class-conditional network gets
     `class_labels` (B,), on its device, and classifier-free guidance of scale w (the shipped
     pipeline's `guided_output`: the same numbers), which reads the noise level of each t from
-    `scheduler`, the sampler that will call it (its training schedule and prediction type).
+    `scheduler`, the sampler that will call it (its training schedule and prediction type),
+    and applies w > 1 only at noise levels in `guidance_interval` (`guidance_at`; None: every
+    step). `compile`: (backend, mode) to torch.compile the step's computation with: the
+    network, guidance's batched pair and their combination, one graph per scale used.
     """
     guided = class_labels is not None and guidance_scale not in (0.0, 1.0)
     if guided and scheduler is None:
@@ -194,12 +205,24 @@ def network_denoiser(
     device = next(unwrap(net).parameters()).device
     null = None if class_labels is None else null_class(net)
 
-    def output(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def step_output(x: torch.Tensor, t: torch.Tensor, w: float) -> torch.Tensor:
         with model_autocast(device, dtype):
             if class_labels is None:
                 return predict(net, x, t)
             c_skip, c_out = ddpm_coefficients(scheduler, t) if guided else (1.0, 1.0)
-            return guided_output(net, x, t, class_labels, guidance_scale, null, c_skip, c_out)
+            return guided_output(net, x, t, class_labels, w, null, c_skip, c_out)
+
+    if compile is not None:
+        step_output = compile_function(step_output, *compile)
+
+    def output(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        # The step's scale is decided on the host (t is a CPU timestep): no device sync.
+        w = (
+            guidance_at(guidance_scale, ddpm_sigma(scheduler, t), guidance_interval)
+            if guided
+            else guidance_scale
+        )
+        return step_output(x, t, w)
 
     return output
 

@@ -1,6 +1,7 @@
 """Classifier-free guidance's math (`pipelines.guide`): the plain combination wherever its clean
 image is in range, the projection onto [-1, 1] elsewhere, the noise level of every DDPM
-sampler's timesteps, and w = 0 and 1 left exactly as the network's outputs."""
+sampler's timesteps, w = 0 and 1 left exactly as the network's outputs, and the guidance
+interval: w > 1 only at the middle noise levels, one conditional forward elsewhere."""
 
 from __future__ import annotations
 
@@ -8,10 +9,15 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler, UNet2DModel
 
+from ddp_utils.errors import InputError
+from diffusion.conditioning import parse_guidance_interval
 from diffusion.ddpm import make_train_scheduler
+from diffusion.edm import edm_denoiser
 from diffusion.pipeline_code.pipelines import (
     ddpm_coefficients,
+    ddpm_sigma,
     denoise,
+    guidance_at,
     guide,
     guided_output,
     network_output,
@@ -134,3 +140,72 @@ def test_guidance_without_the_samplers_schedule_is_refused(net: UNet2DModel) -> 
     with pytest.raises(ValueError, match="scheduler"):
         network_denoiser(net, torch.tensor([1]), 3.0)
     network_denoiser(net, torch.tensor([1]), 1.0)  # no guidance: nothing to read
+
+
+def test_guidance_interval_keeps_w_inside_and_the_conditional_output_outside() -> None:
+    assert guidance_at(4.0, 1.0, (0.28, 5.42)) == 4.0
+    assert guidance_at(4.0, 5.42, (0.28, 5.42)) == 4.0  # (low, high]
+    assert guidance_at(4.0, 0.28, (0.28, 5.42)) == 1.0
+    assert guidance_at(4.0, 30.0, (0.28, 5.42)) == 1.0
+    assert guidance_at(4.0, 30.0, None) == 4.0  # no interval: every step
+    assert guidance_at(0.0, 30.0, (0.28, 5.42)) == 0.0  # w <= 1 (unconditional): as asked
+    assert guidance_at(0.5, 30.0, (0.28, 5.42)) == 0.5
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "edm"])
+def test_outside_the_interval_a_guided_step_is_one_conditional_forward(
+    net: UNet2DModel, kind: str
+) -> None:
+    """Both kinds' denoisers: at a noise level outside the interval, the output is the
+    conditional one bit for bit from a forward of the batch alone; inside it is guided."""
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    labels = torch.tensor([2, 5, 7])
+    rows = []
+    hook = net.register_forward_pre_hook(lambda module, args: rows.append(len(args[0])))
+    interval = (0.28, 5.42)
+    with torch.no_grad():
+        if kind == "ddpm":
+            scheduler = make_inference_scheduler("ddim", make_train_scheduler().config)
+            scheduler.set_timesteps(50)
+            sigmas = {int(t): ddpm_sigma(scheduler, t) for t in scheduler.timesteps}
+            outside = next(t for t, s in sigmas.items() if s > 5.42)
+            inside = next(t for t, s in sigmas.items() if 0.28 < s <= 5.42)
+            guided = network_denoiser(net, labels, 3.0, scheduler=scheduler,
+                                      guidance_interval=interval)  # fmt: skip
+            always = network_denoiser(net, labels, 3.0, scheduler=scheduler)
+            conditional = network_denoiser(net, labels, 1.0)
+            at = [torch.tensor(outside), torch.tensor(inside)]
+        else:
+            guided = edm_denoiser(net, 0.5, labels, 3.0, guidance_interval=interval)
+            always = edm_denoiser(net, 0.5, labels, 3.0)
+            conditional = edm_denoiser(net, 0.5, labels, 1.0)
+            at = [torch.tensor(20.0), torch.tensor(2.0)]
+        rows.clear()
+        assert torch.equal(guided(x, at[0]), conditional(x, at[0]))
+        assert rows == [3, 3]  # one forward of the 3 images each, no batched pair
+        assert not torch.equal(always(x, at[0]), conditional(x, at[0]))
+        assert torch.equal(guided(x, at[1]), always(x, at[1]))
+    hook.remove()
+
+
+def test_ddpm_sigma_is_the_noise_level_of_the_timestep() -> None:
+    scheduler = make_train_scheduler("squaredcos_cap_v2", 1000, "v_prediction")
+    alpha_bar = scheduler.alphas_cumprod[700]
+    assert ddpm_sigma(scheduler, torch.tensor(700)) == pytest.approx(
+        float(((1 - alpha_bar) / alpha_bar).sqrt()), rel=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("0.28,5.42", (0.28, 5.42)), ("all", None), (" ALL ", None), ("0,1", (0.0, 1.0))],
+)
+def test_guidance_interval_flag_values(text: str, expected: tuple | None) -> None:
+    assert parse_guidance_interval(text, "guidance_interval") == expected
+
+
+@pytest.mark.parametrize("text", ["5", "a,b", "3,1", "-1,2", "1,2,3"])
+def test_bad_guidance_intervals_are_refused_naming_the_flag(text: str) -> None:
+    with pytest.raises(InputError, match="--sample-guidance-interval") as caught:
+        parse_guidance_interval(text, "sample_guidance_interval")
+    assert "LOW" in str(caught.value)

@@ -46,6 +46,7 @@ class BasicKind:
         device: torch.device | str,
         dtype: torch.dtype = torch.float32,
         guidance_scale: float = 1.0,
+        guidance_interval: tuple[float, float] | None = None,
         compile: tuple[str, str] | None = None,
     ) -> Draw:
         if compile is not None:  # the network is the whole denoiser

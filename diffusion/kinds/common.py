@@ -17,7 +17,7 @@ from ddp_utils.files import write_json
 from ddp_utils.images import make_grid, rows_by_label, to_uint8
 from ddp_utils.metrics import MetricWindow
 from ddp_utils.run import Run
-from diffusion.conditioning import Conditioning
+from diffusion.conditioning import Conditioning, parse_guidance_interval
 from diffusion.ddpm import VALUE_RANGE
 from diffusion.kinds.registry import Draw, Kind, SamplerChoice
 from diffusion.networks import backbone_of, sample_shape, unwrap
@@ -54,10 +54,16 @@ def network_fact(cfg: Any, backbone: str) -> tuple[str, str]:
 def classes_facts(conditioning: Conditioning) -> list[tuple[str, str]]:
     if not conditioning.num_classes:
         return []
+    interval = conditioning.guidance_interval
+    where = (
+        "every step"
+        if interval is None
+        else f"noise levels sigma in ({interval[0]:g}, {interval[1]:g}]"
+    )
     return [
         ("classes", ", ".join(conditioning.class_names)),
         ("guidance", f"classifier-free, label dropout {conditioning.label_dropout}, default "
-                     f"scale {conditioning.guidance_scale}"),
+                     f"scale {conditioning.guidance_scale} at {where}"),
     ]  # fmt: skip
 
 
@@ -112,7 +118,12 @@ class NetworkMethod:
         cfg = run.cfg
         if cfg.class_conditional:
             names = tuple(run.data.class_names or ())
-            self.conditioning = Conditioning(names, cfg.label_dropout, cfg.sample_guidance_scale)
+            interval = parse_guidance_interval(
+                cfg.sample_guidance_interval, "sample_guidance_interval"
+            )
+            self.conditioning = Conditioning(
+                names, cfg.label_dropout, cfg.sample_guidance_scale, interval
+            )
         else:
             self.conditioning = Conditioning()
         self.choice = SamplerChoice(cfg.sample_scheduler, cfg.sample_steps, cfg.sample_eta)
@@ -128,6 +139,8 @@ class NetworkMethod:
         if self.conditioning.num_classes:
             info["class_names"] = list(self.conditioning.class_names)
             info["guidance_scale"] = self.conditioning.guidance_scale
+            interval = self.conditioning.guidance_interval
+            info["guidance_interval"] = None if interval is None else list(interval)
         return info
 
     def grid_layout(self, images: np.ndarray) -> tuple[np.ndarray, int]:
@@ -148,6 +161,7 @@ class NetworkMethod:
             shape=sample_shape(net),
             device=self.device,
             guidance_scale=self.conditioning.guidance_scale,
+            guidance_interval=self.conditioning.guidance_interval,
         )
 
     def _sample(

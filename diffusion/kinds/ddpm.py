@@ -14,7 +14,6 @@ import torch
 from diffusers import DDPMPipeline, DDPMScheduler
 from torch import nn
 
-from ddp_utils.compile import compile_function
 from ddp_utils.config import option, require
 from ddp_utils.data import Batch, to_float
 from ddp_utils.images import make_grid, to_uint8
@@ -119,15 +118,17 @@ class DDPMKind:
         device: torch.device | str,
         dtype: torch.dtype = torch.float32,
         guidance_scale: float = 1.0,
+        guidance_interval: tuple[float, float] | None = None,
         compile: tuple[str, str] | None = None,
     ) -> Draw:
         scheduler = make_inference_scheduler(choice.name, scheduler_config or {})
 
         def draw(indices, labels, every):
             labels = None if labels is None else labels.to(device)
-            model_output = network_denoiser(net, labels, guidance_scale, dtype, scheduler=scheduler)
-            if compile is not None:
-                model_output = compile_function(model_output, *compile)
+            model_output = network_denoiser(
+                net, labels, guidance_scale, dtype, scheduler=scheduler,
+                guidance_interval=guidance_interval, compile=compile,
+            )  # fmt: skip
             return sample_ddpm(
                 model_output, scheduler, shape, indices, seed, choice.steps, choice.eta, device,
                 every,
@@ -253,6 +254,7 @@ class DDPMMethod(NetworkMethod):
                 **{network_component(net): net},
                 class_names=list(conditioning.class_names) or None,
                 guidance_scale=conditioning.guidance_scale if conditioning.num_classes else 1.0,
+                guidance_interval=conditioning.guidance_interval,
             )
             ship_pipeline(pipeline, folder, "GuidedDDPMPipeline")
         save_raw(folder, raw)

@@ -14,7 +14,6 @@ import torch
 from diffusers import EDMEulerScheduler
 from torch import nn
 
-from ddp_utils.compile import compile_function
 from ddp_utils.config import option, require
 from ddp_utils.data import Batch, to_float
 from ddp_utils.images import make_grid, to_uint8
@@ -100,6 +99,7 @@ class EDMKind:
         device: torch.device | str,
         dtype: torch.dtype = torch.float32,
         guidance_scale: float = 1.0,
+        guidance_interval: tuple[float, float] | None = None,
         compile: tuple[str, str] | None = None,
     ) -> Draw:
         config = dict(scheduler_config or {})
@@ -107,9 +107,10 @@ class EDMKind:
 
         def draw(indices, labels, every):
             labels = None if labels is None else labels.to(device)
-            denoiser = edm_denoiser(net, sigma_data, labels, guidance_scale, dtype)
-            if compile is not None:
-                denoiser = compile_function(denoiser, *compile)
+            denoiser = edm_denoiser(
+                net, sigma_data, labels, guidance_scale, dtype,
+                guidance_interval=guidance_interval, compile=compile,
+            )  # fmt: skip
             return sample_edm(
                 denoiser,
                 config,
@@ -226,6 +227,7 @@ class EDMMethod(NetworkMethod):
             **{network_component(net): net},
             class_names=list(conditioning.class_names) or None,
             guidance_scale=conditioning.guidance_scale if conditioning.num_classes else 1.0,
+            guidance_interval=conditioning.guidance_interval,
         )
         ship_pipeline(pipeline, folder, "EDMPipeline")
         save_raw(folder, raw)

@@ -57,9 +57,11 @@ class Kind(Protocol):
         device: torch.device | str,
         dtype: torch.dtype = torch.float32,
         guidance_scale: float = 1.0,
+        guidance_interval: tuple[float, float] | None = None,
         compile: tuple[str, str] | None = None,
     ) -> Draw:
-        """Draw samples of run `seed` from `net` (sample k depends only on (seed, k)).
+        """Draw samples of run `seed` from `net` (sample k depends only on (seed, k)), guided
+        with scale w at the noise levels in `guidance_interval` (None: every step).
         `compile`: (backend, mode) to torch.compile the denoiser with."""
         ...
 

@@ -167,6 +167,37 @@ def guide(
     return guided + (denoised.clamp(*VALUE_RANGE) - denoised) / c_out
 
 
+def guidance_at(guidance_scale: float, sigma: float, interval: tuple[float, float] | None) -> float:
+    """The guidance scale of a step at noise level sigma: w inside the guidance interval
+    (low, high], 1 (the conditional output, one forward pass) outside it; None: every step.
+
+    Guidance at the highest noise levels decides the image's layout from the extrapolated
+    output and costs variety; at the lowest it only sharpens (Kynkaanniemi et al. 2024,
+    "Applying guidance in a limited interval"). sigma is the noise level of x = y + sigma n,
+    for a DDPM step sqrt((1 - alpha_bar) / alpha_bar) (`ddpm_sigma`), EDM's sigma as it is.
+    On the digits at w = 4 the DiT's FID went from 1.67x w = 1's to 1.40x with EDM2's
+    interval (0.28, 5.42], the asked digit read as often (99.8%).
+    """
+    if interval is None or guidance_scale <= 1:  # w <= 1 interpolates: no interval
+        return guidance_scale
+    low, high = interval
+    return guidance_scale if low < sigma <= high else 1.0
+
+
+def ddpm_sigma(scheduler: SchedulerMixin, t: torch.Tensor | float | int) -> float:
+    """The noise level sigma of timestep t of a diffusers scheduler, on the host (t is a CPU
+    timestep: the samplers keep them there)."""
+    return math.exp(float(_log_sigma(scheduler, torch.as_tensor(t, dtype=torch.float32))))
+
+
+def _log_sigma(scheduler: SchedulerMixin, t: torch.Tensor) -> torch.Tensor:
+    """ln sigma at (fractional) timestep t, linear in ln sigma between integer timesteps."""
+    alphas_cumprod = scheduler.alphas_cumprod.to(t.device, torch.float32)
+    log_sigmas = ((1 - alphas_cumprod) / alphas_cumprod).log() / 2
+    low = t.floor().long().clamp(0, len(alphas_cumprod) - 2)
+    return torch.lerp(log_sigmas[low], log_sigmas[low + 1], t - low)
+
+
 def ddpm_coefficients(
     scheduler: SchedulerMixin, t: torch.Tensor | float | int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,11 +208,7 @@ def ddpm_coefficients(
     A Karras-spaced sampler's fractional t is read as diffusers maps sigma to t: linearly in
     ln sigma between the integer timesteps, sigma^2 = (1 - alpha_bar) / alpha_bar.
     """
-    t = torch.as_tensor(t, dtype=torch.float32)
-    alphas_cumprod = scheduler.alphas_cumprod.to(t.device, torch.float32)
-    log_sigmas = ((1 - alphas_cumprod) / alphas_cumprod).log() / 2
-    low = t.floor().long().clamp(0, len(alphas_cumprod) - 2)
-    log_sigma = torch.lerp(log_sigmas[low], log_sigmas[low + 1], t - low)
+    log_sigma = _log_sigma(scheduler, torch.as_tensor(t, dtype=torch.float32))
     alpha_bar = torch.sigmoid(-2 * log_sigma)  # 1 / (1 + sigma^2)
     prediction = scheduler.config.prediction_type
     if prediction == "epsilon":  # x0 = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar)
@@ -344,16 +371,33 @@ class _NetworkPipeline(DiffusionPipeline):
         transformer: DiTTransformer2DModel | None = None,
         class_names: list[str] | None = None,
         guidance_scale: float = 1.0,
+        guidance_interval: tuple[float, float] | None = None,
     ) -> None:
         super().__init__()
         if (unet is None) == (transformer is None):
             raise ValueError("give the network as either unet (a UNet) or transformer (a DiT)")
         self.register_modules(unet=unet, transformer=transformer, scheduler=scheduler)
-        self.register_to_config(class_names=class_names, guidance_scale=guidance_scale)
+        self.register_to_config(
+            class_names=class_names,
+            guidance_scale=guidance_scale,
+            guidance_interval=None if guidance_interval is None else list(guidance_interval),
+        )
 
     @property
     def network(self) -> torch.nn.Module:
         return self.unet if self.unet is not None else self.transformer
+
+    def _guidance(
+        self, guidance_scale: float | None, guidance_interval: tuple[float, float] | str | None
+    ) -> tuple[float, tuple[float, float] | None]:
+        """w and the interval of this call: the saved ones unless given ("all": every step)."""
+        w = self.config.guidance_scale if guidance_scale is None else guidance_scale
+        if guidance_interval is None:  # an export older than intervals has none: every step
+            guidance_interval = getattr(self.config, "guidance_interval", None)
+        if guidance_interval is None or guidance_interval == "all":
+            return w, None
+        low, high = guidance_interval
+        return w, (float(low), float(high))
 
     def _labels_and_batch(
         self, class_labels: ClassLabels | None, batch_size: int, generator: Generators
@@ -392,6 +436,7 @@ class GuidedDDPMPipeline(_NetworkPipeline):
         num_inference_steps: int = 1000,
         generator: Generators = None,
         eta: float = 0.0,
+        guidance_interval: tuple[float, float] | str | None = None,
         batch_size: int = 1,
         output_type: str = "pil",
         return_dict: bool = True,
@@ -399,11 +444,13 @@ class GuidedDDPMPipeline(_NetworkPipeline):
         """One image per entry of `class_labels` (class ids or names; unconditional models:
         `batch_size` images).
 
-        `guidance_scale` defaults to the one saved with the model. `generator`: a list of one
-        generator per image makes each image independent of the batch it is drawn in. `eta`
-        applies to DDIM. output_type: "pil", "np" (NHWC in [0, 1]) or "pt" (NCHW in [0, 1]).
+        `guidance_scale` and `guidance_interval` (noise levels (low, high] where w > 1 applies,
+        "all": every step; `guidance_at`) default to the ones saved with the model.
+        `generator`: a list of one generator per image makes each image independent of the
+        batch it is drawn in. `eta` applies to DDIM. output_type: "pil", "np" (NHWC in [0, 1])
+        or "pt" (NCHW in [0, 1]).
         """
-        w = self.config.guidance_scale if guidance_scale is None else guidance_scale
+        w, interval = self._guidance(guidance_scale, guidance_interval)
         labels, batch_size = self._labels_and_batch(class_labels, batch_size, generator)
         net, device = self.network, self._execution_device
         shape = (batch_size, *sample_shape(net))
@@ -420,8 +467,9 @@ class GuidedDDPMPipeline(_NetworkPipeline):
                 output = network_output(net, model_input, t)
             else:
                 c_skip, c_out = ddpm_coefficients(self.scheduler, t)
+                w_t = guidance_at(w, ddpm_sigma(self.scheduler, t), interval)
                 output = guided_output(
-                    net, model_input, t, labels, w, null_class(net), c_skip, c_out
+                    net, model_input, t, labels, w_t, null_class(net), c_skip, c_out
                 )
             x = self.scheduler.step(output.float(), t, x, **kwargs).prev_sample
         return self._images(x, output_type, return_dict)
@@ -439,13 +487,17 @@ class EDMPipeline(_NetworkPipeline):
         return karras_sigmas(num_inference_steps, config.sigma_min, config.sigma_max, config.rho)
 
     def denoiser(
-        self, class_labels: torch.Tensor | None = None, guidance_scale: float = 1.0
+        self,
+        class_labels: torch.Tensor | None = None,
+        guidance_scale: float = 1.0,
+        guidance_interval: tuple[float, float] | None = None,
     ) -> Denoiser:
         """The D(x, sigma) the sampler calls, guided when given classes and w != 1."""
         sigma_data = self.scheduler.config.sigma_data
         return lambda x, sigma: denoise(
-            self.network, x, sigma, sigma_data, class_labels, guidance_scale
-        )
+            self.network, x, sigma, sigma_data, class_labels,
+            guidance_at(guidance_scale, float(sigma), guidance_interval),
+        )  # fmt: skip
 
     @torch.no_grad()
     def __call__(
@@ -459,22 +511,24 @@ class EDMPipeline(_NetworkPipeline):
         churn: float = 0.0,
         output_type: str = "pil",
         return_dict: bool = True,
+        guidance_interval: tuple[float, float] | str | None = None,
     ) -> ImagePipelineOutput | tuple:
         """`num_inference_steps` noise levels: Heun makes 2N - 1 network evaluations (18 -> 35).
 
         `generator`: a list of one generator per image makes each image independent of the
         batch it is drawn in. `churn` > 0 samples stochastically (the paper's S_churn).
         A class-conditional model takes `class_labels` (ids or names; one image each, the batch
-        size follows) and `guidance_scale` (default: the one saved with the model).
+        size follows), `guidance_scale` and `guidance_interval` (noise levels (low, high] where
+        w > 1 applies, "all": every step; default: the ones saved with the model).
         output_type: "pil", "np" (NHWC floats in [0, 1]) or "pt" (NCHW floats in [0, 1]).
         """
         labels, batch_size = self._labels_and_batch(class_labels, batch_size, generator)
-        w = self.config.guidance_scale if guidance_scale is None else guidance_scale
+        w, interval = self._guidance(guidance_scale, guidance_interval)
         shape = (batch_size, *sample_shape(self.network))
         device = self._execution_device
         noise = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         x, _ = edm_sample(
-            self.denoiser(labels, w),
+            self.denoiser(labels, w, interval),
             noise,
             self.sigmas(num_inference_steps),
             second_order=second_order,
