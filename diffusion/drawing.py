@@ -217,6 +217,7 @@ def make_chunk_fn(
         dtype=DTYPES[cfg.mixed_precision],
         guidance_scale=guidance,
         compile=(cfg.compile_backend, cfg.compile_mode) if cfg.compile else None,
+        codec=loaded.codec,  # a latent model's draw decodes its latents
     )
     progression: list[torch.Tensor] = []  # x_t of the first 8 samples, every 1/10 of the steps
     nonfinite: list[int] = []

@@ -89,14 +89,16 @@ def edm_denoiser(
     class_labels: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
     dtype: torch.dtype = torch.float32,
+    data_range: tuple[float, float] | None = VALUE_RANGE,
 ) -> Denoiser:
     """D(x, sigma) around any backbone, guided with scale w when given `class_labels` (B,) on
-    the network's device; only the network runs in `dtype` (autocast)."""
+    the network's device; only the network runs in `dtype` (autocast). `data_range` None: a
+    latent model's (guidance projects nothing)."""
     device = next(unwrap(net).parameters()).device
 
     def denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         with model_autocast(device, dtype):
-            return denoise(net, x, sigma, sigma_data, class_labels, guidance_scale)
+            return denoise(net, x, sigma, sigma_data, class_labels, guidance_scale, data_range)
 
     return denoiser
 
@@ -113,13 +115,14 @@ def sample_edm(
     churn: float = 0.0,
     device: torch.device | str = "cpu",
     progression_every: int | None = None,
+    clamp: bool = True,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Samples `sample_indices` of run `seed`: the export's sampler from the seeds of sample.py.
 
     `denoiser` is D(x, sigma) (`edm_denoiser`: any backbone, guided or not), `shape` (C, H, W)
     one sample's. Returns (images, progression) like `sample_ddpm`: float32 NCHW on the CPU in
     [-1, 1]. Image k's initial noise and churn noise come from its own generator, as in the
-    pipeline when it is given the same list of generators.
+    pipeline when it is given the same list of generators. `clamp` False: latents, unclipped.
     """
     if churn < 0:
         raise ValueError(f"churn must be >= 0; got {churn}")
@@ -140,4 +143,4 @@ def sample_edm(
         generator=generators,
         progression_every=progression_every,
     )
-    return x.clamp(-1.0, 1.0).cpu(), progression
+    return (x.clamp(-1.0, 1.0) if clamp else x).cpu(), progression

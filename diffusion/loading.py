@@ -26,7 +26,9 @@ import torch
 from diffusers import DDPMScheduler, ModelMixin
 
 from ddp_utils.checkpoint import find_resume_checkpoint, read_checkpoint
+from ddp_utils.errors import InputError
 from ddp_utils.export import TASK_FILE, check_value_range, read_task_file, verify_checksums
+from diffusion.codecs import LatentCodec, codec_changes, codec_from_export, load_codec
 from diffusion.networks import BACKBONE_CLASSES, prepare_loaded, sample_shape
 
 logger = logging.getLogger(__name__)
@@ -45,6 +47,9 @@ class LoadedModel:
     source: Path
     class_names: list[str] | None = None  # a class-conditional model's classes
     guidance_scale: float = 1.0  # the guidance it was exported with
+    # A latent model's autoencoder: the network denoises its latents, and `channels` and
+    # `resolution` are the decoded images'.
+    codec: LatentCodec | None = None
 
     @property
     def num_classes(self) -> int:
@@ -142,7 +147,47 @@ def _from_pipeline(folder: Path, weights: Weights) -> LoadedModel:
     info = read_task_file(folder) or {}
     task = info.get("task", "ddpm")  # diffusers' own folders: DDPM
     loaded = LoadedModel(task, unet, scheduler_config, (-1.0, 1.0), channels, resolution, folder)
+    _with_codec(loaded, _export_codec(folder))
     return _with_classes(loaded, info)
+
+
+def _export_codec(folder: Path) -> LatentCodec | None:
+    try:
+        return codec_from_export(folder)
+    except InputError as err:  # what the VAE check refuses: the export's own vae/
+        raise ValueError(f"{folder}'s autoencoder cannot be used: {err}") from None
+
+
+def _with_codec(loaded: LoadedModel, codec: LatentCodec | None) -> None:
+    """A latent model: its codec, and the size and channels of the decoded images."""
+    if codec is None:
+        return
+    loaded.codec = codec
+    loaded.channels = codec.channels
+    loaded.resolution = loaded.resolution * codec.downsampling
+
+
+def _checkpoint_codec(state: dict[str, Any], where: Path) -> LatentCodec | None:
+    """A latent run's checkpoint names its VAE (--vae): a local folder, read again and
+    compared by the hash of its weights."""
+    saved = state.get("latent")
+    if saved is None:
+        return None
+    folder = Path(saved["vae"])
+    if not folder.is_dir():
+        raise ValueError(
+            f"{where} is a latent model and its VAE {saved['vae']} is not a local folder: "
+            "sample the run's export (pipeline/, which holds the VAE) instead"
+        )
+    try:
+        codec = load_codec(folder, saved["vae"])
+    except InputError as err:
+        raise ValueError(f"{where}'s VAE {saved['vae']} cannot be used: {err}") from None
+    changed = codec_changes(saved, codec)
+    if changed:
+        raise ValueError(f"{where}: {changed[0]} (the VAE folder changed since training)")
+    codec.set_scale(saved["scaling_factor"])
+    return codec
 
 
 def _refuse_pickles(folder: Path) -> None:
@@ -235,6 +280,7 @@ def _from_checkpoint(folder: Path, weights: Weights) -> LoadedModel:
         int(cfg["resolution"]),
         folder,
     )
+    loaded.codec = _checkpoint_codec(state, ckpt.path)  # channels, resolution: the images'
     return _with_classes(loaded, state)
 
 

@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 from typing import Any, get_args
 
+import torch
 from diffusers import DDPMScheduler
 from huggingface_hub import constants, snapshot_download
 from huggingface_hub.errors import (
@@ -26,15 +27,25 @@ from huggingface_hub.errors import (
 )
 from torch import nn
 
+from ddp_utils.data import load_latents
 from ddp_utils.distributed import all_finite, main_process_first
 from ddp_utils.errors import InputError
 from ddp_utils.run import Run
+from diffusion.codecs import (
+    DTYPES,
+    LatentCodec,
+    check_against,
+    codec_changes,
+    load_codec,
+    measured_scale,
+)
 from diffusion.ddpm import SCHEDULE_DEFAULTS, BetaSchedule, PredictionType
 from diffusion.loading import LoadedModel, load_for_sampling
 from diffusion.networks import (
     BACKBONE_CLASSES,
     backbone_of,
     build_backbone,
+    check_preset,
     prepare_loaded,
 )
 
@@ -197,15 +208,102 @@ def take_schedule(cfg: Any, scheduler_config: dict[str, Any], source: str) -> No
         setattr(cfg, name, value)
 
 
-def initial_network(run: Run) -> nn.Module:
+def run_codec(run: Run) -> LatentCodec | None:
+    """--vae's autoencoder for this run (None without --vae), and the run's latents.
+
+    Before any work: the VAE is resolved (a folder, or a hub id through the cache and offline
+    rules of --init-from), checked (an AutoencoderKL with safetensors weights, its channels
+    and downsampling against the data, the network's preset against the latent grid) and
+    compared with a resumed checkpoint's. Then the data is encoded once per node (or read from
+    the latent cache), and the latent scale is the VAE config's, a resumed run's, or measured
+    on the latents when the config has none.
+    """
+    cfg = run.cfg
+    saved = None if run.checkpoint is None else run.checkpoint.state.get("latent")
+    if cfg.vae is None:
+        problems = codec_changes(saved, None)
+        if problems:
+            raise InputError(
+                f"{run.checkpoint.path} cannot be resumed without it: {problems[0]}; pass "
+                "--vae with that autoencoder, or --resume none / another --output-dir to start "
+                "over",
+                "vae",
+            )
+        return None
+    if run.data.stream is not None:
+        raise InputError(
+            "latents are encoded once into memory: use --data-loading memory (or a smaller "
+            "--max-images) with --vae",
+            "data_loading",
+        )
+    source = main_process_first(
+        run.accelerator,
+        lambda: resolve_model_source(cfg.vae, "vae"),
+        InputError(f"{cfg.vae} could not be found (the main process says why)", "vae"),
+    )
+    precision = cfg.mixed_precision or run.accelerator.mixed_precision
+    try:
+        codec = load_codec(source, cfg.vae, DTYPES.get(precision or "no", torch.float32))
+    except InputError as err:
+        raise InputError(str(err), "vae") from None
+    problems = check_against(codec, cfg.channels, cfg.resolution)
+    if problems:
+        raise InputError(f"{cfg.vae} does not fit the data:\n  " + "\n  ".join(problems), "vae")
+    latent_channels, latent_size = codec.latent_shape(cfg.resolution)
+    if cfg.init_from is None:
+        try:
+            check_preset(cfg.backbone, cfg.preset, latent_size)
+        except InputError as err:
+            raise InputError(
+                f"the network denoises the VAE's {latent_size}x{latent_size} latent grid "
+                f"(--resolution {cfg.resolution} / {codec.downsampling}), and for --preset "
+                f"{cfg.preset} it {err.args[0]}: choose a larger --resolution or a preset "
+                "with fewer downsamplings (a DiT: a patch size dividing the grid)",
+                "vae",
+            ) from None
+    if run.checkpoint is not None:
+        problems = codec_changes(saved, codec)
+        if problems:
+            raise InputError(
+                f"{run.checkpoint.path} cannot be resumed with this --vae: {problems[0]}; pass "
+                "the --vae it was trained with, or --resume none / another --output-dir",
+                "vae",
+            )
+    codec.to(run.accelerator.device)
+    latents = load_latents(run.data, codec, cfg.random_flip, run.accelerator)
+    if saved is not None:
+        codec.set_scale(saved["scaling_factor"])
+    elif codec.scaling_factor is None:
+        codec.set_scale(measured_scale(latents.mean, latents.std))
+        logger.info(
+            "latents: %s has no scaling_factor; measured on the data: %.5g (recorded in the "
+            "export's vae/config.json and task.json)",
+            cfg.vae,
+            codec.scaling_factor,
+        )
+    else:
+        codec.set_scale(codec.scaling_factor)
+    latents.scale, latents.shift = codec.scaling_factor, codec.shift_factor
+    run.latents = latents
+    logger.info(
+        "latents: %d x %dx%d per image (VAE %s, downsampling %d, scale %.5g)",
+        latent_channels, latent_size, latent_size, cfg.vae, codec.downsampling,
+        codec.scaling_factor,
+    )  # fmt: skip
+    return codec
+
+
+def initial_network(run: Run, codec: LatentCodec | None = None) -> nn.Module:
     """A new network of --preset, or --init-from's trained one (checked against the data; its
     noise schedule fills the schedule flags not given). A run that has checkpoints resumes:
-    the network and schedule are then the checkpoint's and --init-from is not read."""
+    the network and schedule are then the checkpoint's and --init-from is not read. With a
+    `codec`, the network denoises its latents: channels and size are the latent grid's."""
     cfg = run.cfg
+    channels, resolution = cfg.channels, cfg.resolution
+    if codec is not None:
+        channels, resolution = codec.latent_shape(cfg.resolution)
     if cfg.init_from is None:
-        return build_backbone(
-            cfg.backbone, cfg.preset, cfg.resolution, cfg.channels, run.data.num_classes
-        )
+        return build_backbone(cfg.backbone, cfg.preset, resolution, channels, run.data.num_classes)
     if run.checkpoint is not None:
         state = run.checkpoint.state
         if cfg.objective == "ddpm":
@@ -226,8 +324,8 @@ def initial_network(run: Run) -> nn.Module:
         loaded,
         cfg.init_from,
         objective=cfg.objective,
-        resolution=cfg.resolution,
-        channels=cfg.channels,
+        resolution=resolution,
+        channels=channels,
         num_classes=run.data.num_classes,
     )
     backbone = backbone_of(loaded.model)

@@ -17,6 +17,7 @@ from ddp_utils.files import write_json
 from ddp_utils.images import make_grid, rows_by_label, to_uint8
 from ddp_utils.metrics import MetricWindow
 from ddp_utils.run import Run
+from diffusion.codecs import LatentCodec
 from diffusion.conditioning import Conditioning
 from diffusion.ddpm import VALUE_RANGE
 from diffusion.kinds.registry import Draw, Kind, SamplerChoice
@@ -49,6 +50,18 @@ def network_fact(cfg: Any, backbone: str) -> tuple[str, str]:
     name = NETWORK_CLASSES[backbone]
     return ("network", f"{name}, fine-tuned from {cfg.init_from}" if cfg.init_from
             else f"{name}, preset {cfg.preset}")  # fmt: skip
+
+
+def codec_facts(codec: LatentCodec | None) -> list[tuple[str, str]]:
+    """A latent model's autoencoder, for the model card."""
+    if codec is None:
+        return []
+    channels, _ = codec.latent_shape(codec.downsampling)
+    return [
+        ("autoencoder", f"AutoencoderKL {codec.source} (frozen; in vae/), {channels} latent "
+                        f"channels at 1/{codec.downsampling} of the image size, latents scaled by "
+                        f"{codec.scaling_factor:.5g}"),
+    ]  # fmt: skip
 
 
 def classes_facts(conditioning: Conditioning) -> list[tuple[str, str]]:
@@ -106,8 +119,11 @@ class NetworkMethod:
     export_name = "pipeline"
     kind: Kind
 
-    def __init__(self, run: Run, scheduler: Any, backbone: str) -> None:
+    def __init__(
+        self, run: Run, scheduler: Any, backbone: str, codec: LatentCodec | None = None
+    ) -> None:
         self.run, self.cfg, self.scheduler, self.backbone = run, run.cfg, scheduler, backbone
+        self.codec = codec  # a latent model's: the samples are decoded, the export ships it
         self.device = run.accelerator.device
         cfg = run.cfg
         if cfg.class_conditional:
@@ -128,6 +144,8 @@ class NetworkMethod:
         if self.conditioning.num_classes:
             info["class_names"] = list(self.conditioning.class_names)
             info["guidance_scale"] = self.conditioning.guidance_scale
+        if self.codec is not None:
+            info["latent"] = self.codec.facts()
         return info
 
     def grid_layout(self, images: np.ndarray) -> tuple[np.ndarray, int]:
@@ -148,7 +166,12 @@ class NetworkMethod:
             shape=sample_shape(net),
             device=self.device,
             guidance_scale=self.conditioning.guidance_scale,
+            codec=self.codec,
         )
+
+    def vae_component(self) -> dict[str, Any]:
+        """The export's `vae` component of a latent model (none for a pixel one)."""
+        return {} if self.codec is None else {"vae": self.codec.vae}
 
     def _sample(
         self, net: nn.Module, indices: range, every: int | None = None

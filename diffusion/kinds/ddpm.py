@@ -21,6 +21,7 @@ from ddp_utils.images import make_grid, to_uint8
 from ddp_utils.metrics import MetricWindow
 from ddp_utils.model_card import CardFacts
 from ddp_utils.run import Run
+from diffusion.codecs import LatentCodec
 from diffusion.ddpm import (
     SCHEDULE_DEFAULTS,
     VALUE_RANGE,
@@ -36,6 +37,7 @@ from diffusion.kinds.common import (
     NetworkMethod,
     card_tags,
     classes_facts,
+    codec_facts,
     denoising_strip,
     network_component,
     network_fact,
@@ -44,7 +46,7 @@ from diffusion.kinds.common import (
     save_raw,
     ship_pipeline,
 )
-from diffusion.kinds.registry import Draw, SamplerChoice, register
+from diffusion.kinds.registry import Draw, SamplerChoice, decoding, register
 from diffusion.pipeline_code.pipelines import GuidedDDPMPipeline
 from diffusion.sampling import (
     DDPM_SAMPLERS,
@@ -120,27 +122,34 @@ class DDPMKind:
         dtype: torch.dtype = torch.float32,
         guidance_scale: float = 1.0,
         compile: tuple[str, str] | None = None,
+        codec: LatentCodec | None = None,
     ) -> Draw:
-        scheduler = make_inference_scheduler(choice.name, scheduler_config or {})
+        pixels = codec is None  # latents are neither clipped nor clamped to [-1, 1]
+        scheduler = make_inference_scheduler(choice.name, scheduler_config or {}, pixels)
 
         def draw(indices, labels, every):
             labels = None if labels is None else labels.to(device)
-            model_output = network_denoiser(net, labels, guidance_scale, dtype, scheduler=scheduler)
+            model_output = network_denoiser(
+                net, labels, guidance_scale, dtype, scheduler=scheduler,
+                data_range=VALUE_RANGE if pixels else None,
+            )  # fmt: skip
             if compile is not None:
                 model_output = compile_function(model_output, *compile)
             return sample_ddpm(
                 model_output, scheduler, shape, indices, seed, choice.steps, choice.eta, device,
-                every,
+                every, clamp=pixels,
             )  # fmt: skip
 
-        return draw
+        return decoding(draw, codec, device)
 
     def train_scheduler(self, cfg: Any) -> DDPMScheduler:
         """The noise schedule of a run's config (the flags resolved, --init-from's filled)."""
         return make_train_scheduler(cfg.beta_schedule, cfg.num_train_timesteps, cfg.prediction_type)
 
-    def method(self, run: Run, scheduler: DDPMScheduler, backbone: str) -> DDPMMethod:
-        return DDPMMethod(run, scheduler, backbone)
+    def method(
+        self, run: Run, scheduler: DDPMScheduler, backbone: str, codec: LatentCodec | None = None
+    ) -> DDPMMethod:
+        return DDPMMethod(run, scheduler, backbone, codec)
 
 
 DDPM = register(DDPMKind())
@@ -151,8 +160,10 @@ class DDPMMethod(NetworkMethod):
 
     kind = DDPM
 
-    def __init__(self, run: Run, scheduler: DDPMScheduler, backbone: str) -> None:
-        super().__init__(run, scheduler, backbone)
+    def __init__(
+        self, run: Run, scheduler: DDPMScheduler, backbone: str, codec: LatentCodec | None = None
+    ) -> None:
+        super().__init__(run, scheduler, backbone, codec)
         # Every per-timestep table on the device now: a step copies nothing from the host.
         self.tables = NoiseTables.build(scheduler, self.device)
 
@@ -190,8 +201,8 @@ class DDPMMethod(NetworkMethod):
         return {"forward_noising": make_grid(to_uint8(torch.cat(rows), VALUE_RANGE), nrow=len(x0))}
 
     def _stock_pipeline(self) -> bool:
-        """An unconditional UNet loads in diffusers' own DDPMPipeline; the rest ship code."""
-        return not self.conditioning.num_classes and self.backbone == "unet"
+        """An unconditional pixel UNet loads in diffusers' own DDPMPipeline; the rest ship code."""
+        return not self.conditioning.num_classes and self.backbone == "unet" and not self.codec
 
     def card(self) -> CardFacts:
         cfg, conditioning = self.cfg, self.conditioning
@@ -233,6 +244,7 @@ class DDPMMethod(NetworkMethod):
                     f"schedule, T = {cfg.num_train_timesteps}",
                 ),
                 network_fact(cfg, self.backbone),
+                *codec_facts(self.codec),
                 *classes_facts(conditioning),
             ],  # fmt: skip
             tags=card_tags("ddpm", conditioning, self.backbone),
@@ -253,6 +265,7 @@ class DDPMMethod(NetworkMethod):
                 **{network_component(net): net},
                 class_names=list(conditioning.class_names) or None,
                 guidance_scale=conditioning.guidance_scale if conditioning.num_classes else 1.0,
+                **self.vae_component(),
             )
             ship_pipeline(pipeline, folder, "GuidedDDPMPipeline")
         save_raw(folder, raw)

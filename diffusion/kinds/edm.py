@@ -21,6 +21,7 @@ from ddp_utils.images import make_grid, to_uint8
 from ddp_utils.metrics import MetricWindow
 from ddp_utils.model_card import CardFacts
 from ddp_utils.run import Run
+from diffusion.codecs import LatentCodec
 from diffusion.edm import (
     VALUE_RANGE,
     edm_denoiser,
@@ -34,6 +35,7 @@ from diffusion.kinds.common import (
     NetworkMethod,
     card_tags,
     classes_facts,
+    codec_facts,
     denoising_strip,
     network_component,
     network_fact,
@@ -42,7 +44,7 @@ from diffusion.kinds.common import (
     save_raw,
     ship_pipeline,
 )
-from diffusion.kinds.registry import Draw, SamplerChoice, register
+from diffusion.kinds.registry import Draw, SamplerChoice, decoding, register
 from diffusion.pipeline_code.pipelines import EDMPipeline
 from diffusion.sampling import DEFAULT_STEPS, EDM_SAMPLERS
 
@@ -101,13 +103,15 @@ class EDMKind:
         dtype: torch.dtype = torch.float32,
         guidance_scale: float = 1.0,
         compile: tuple[str, str] | None = None,
+        codec: LatentCodec | None = None,
     ) -> Draw:
         config = dict(scheduler_config or {})
         sigma_data = float(config["sigma_data"])
 
         def draw(indices, labels, every):
             labels = None if labels is None else labels.to(device)
-            denoiser = edm_denoiser(net, sigma_data, labels, guidance_scale, dtype)
+            data_range = VALUE_RANGE if codec is None else None  # latents: no projection
+            denoiser = edm_denoiser(net, sigma_data, labels, guidance_scale, dtype, data_range)
             if compile is not None:
                 denoiser = compile_function(denoiser, *compile)
             return sample_edm(
@@ -121,16 +125,23 @@ class EDMKind:
                 churn=choice.churn,
                 device=device,
                 progression_every=every,
+                clamp=codec is None,
             )
 
-        return draw
+        return decoding(draw, codec, device)
 
     def train_scheduler(self, cfg: Any) -> EDMEulerScheduler:
         """The export's scheduler: its config carries the EDM constants the sampler needs."""
         return make_edm_scheduler(cfg.sigma_data, cfg.sigma_min, cfg.sigma_max, cfg.rho)
 
-    def method(self, run: Run, scheduler: EDMEulerScheduler, backbone: str) -> EDMMethod:
-        return EDMMethod(run, scheduler, backbone)
+    def method(
+        self,
+        run: Run,
+        scheduler: EDMEulerScheduler,
+        backbone: str,
+        codec: LatentCodec | None = None,
+    ) -> EDMMethod:
+        return EDMMethod(run, scheduler, backbone, codec)
 
 
 EDM = register(EDMKind())
@@ -210,6 +221,7 @@ class EDMMethod(NetworkMethod):
                     f"EDM, sigma_data {cfg.sigma_data}, P_mean {cfg.p_mean}, P_std {cfg.p_std}",
                 ),
                 network_fact(cfg, self.backbone),
+                *codec_facts(self.codec),
                 *classes_facts(conditioning),
             ],  # fmt: skip
             tags=card_tags("edm", conditioning, self.backbone),
@@ -226,6 +238,7 @@ class EDMMethod(NetworkMethod):
             **{network_component(net): net},
             class_names=list(conditioning.class_names) or None,
             guidance_scale=conditioning.guidance_scale if conditioning.num_classes else 1.0,
+            **self.vae_component(),
         )
         ship_pipeline(pipeline, folder, "EDMPipeline")
         save_raw(folder, raw)
