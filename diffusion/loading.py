@@ -269,7 +269,9 @@ def _from_checkpoint(folder: Path, weights: Weights) -> LoadedModel:
     cls = _model_class(state["model_class"])
     model = prepare_loaded(cls.from_config(state["model_config"]))
     key = "ema" if weights == "ema" and "ema" in ckpt.tensors else "model"
-    model.load_state_dict(ckpt.tensors[key])
+    # The EMA also holds non-persistent buffers (a DiT's pos_embed), which state_dict leaves out.
+    names = set(model.state_dict())
+    model.load_state_dict({k: v for k, v in ckpt.tensors[key].items() if k in names})
     cfg = state["config"]
     loaded = LoadedModel(
         state["task"],

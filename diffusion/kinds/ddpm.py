@@ -93,6 +93,22 @@ class DDPMOptions:
         )
 
 
+# diffusers' own DiTPipeline, from the components of a class-conditional latent DiT's export.
+# It fits at guidance_scale 1 only: for w > 1 it feeds class id 1000 as "no class" (this
+# model's is its number of classes) and does not project the guided estimate; its
+# `1 / scaling_factor` decode ignores a shift_factor (AutoencoderKLs that have one: SD3's).
+DIT_PIPELINE_LINES = (
+    "# or diffusers' own DiTPipeline (no code of ours), at guidance_scale=1:\n"
+    "from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel\n"
+    'folder = "path/to/this/folder"\n'
+    "pipeline = DiTPipeline(\n"
+    '    transformer=DiTTransformer2DModel.from_pretrained(f"{folder}/transformer"),\n'
+    '    vae=AutoencoderKL.from_pretrained(f"{folder}/vae"),\n'
+    '    scheduler=DDIMScheduler.from_pretrained(f"{folder}/scheduler"),\n'
+    ")\n"
+    "images = pipeline(class_labels=[0, 1, 2], guidance_scale=1.0, num_inference_steps=50).images"
+)
+
 TARGETS = {  # what a DDPM network is trained to predict, in words
     "epsilon": "the noise (epsilon)",
     "v_prediction": "the velocity v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0",
@@ -200,6 +216,11 @@ class DDPMMethod(NetworkMethod):
             rows.append(self.scheduler.add_noise(x0, noise, t.repeat(len(x0)).to(self.device)))
         return {"forward_noising": make_grid(to_uint8(torch.cat(rows), VALUE_RANGE), nrow=len(x0))}
 
+    def _dit_pipeline_fits(self) -> bool:
+        """diffusers' DiTPipeline runs a class-conditional DiT on latents (at guidance 1: its
+        guidance uses class 1000 as "no class" and does not project; DIT_PIPELINE_LINES)."""
+        return bool(self.codec and self.conditioning.num_classes and self.backbone == "dit")
+
     def _stock_pipeline(self) -> bool:
         """An unconditional pixel UNet loads in diffusers' own DDPMPipeline; the rest ship code."""
         return not self.conditioning.num_classes and self.backbone == "unet" and not self.codec
@@ -221,6 +242,8 @@ class DDPMMethod(NetworkMethod):
             )
         else:
             load = remote_code_lines("path/to/this/folder", "batch_size=16")
+        if self._dit_pipeline_fits():
+            load += "\n\n" + DIT_PIPELINE_LINES
         network = NETWORK_CLASSES[self.backbone]
         return CardFacts(
             title=f"{kind} on {cfg.dataset}",

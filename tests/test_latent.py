@@ -1,0 +1,246 @@
+"""Latent diffusion as a user meets it: `train_ddpm.py --vae` trains on the latents of a frozen
+AutoencoderKL (encoded once, cached), its grids, FID, `sample.py` and the export show decoded
+images, the export holds the VAE and runs in diffusers (its own DiTPipeline too), and bad
+VAEs, mismatched data and changed resumes are refused before anything is written.
+
+The VAE is made here (16x16 digits -> 4x4x4 latents, ~20k parameters), its config without a
+scaling_factor, so the run measures one on the data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, DiTTransformer2DModel
+from PIL import Image
+
+import sample
+import train_ddpm
+from ddp_utils.config import parse_config
+from ddp_utils.data import load_image_data, load_latents
+from ddp_utils.errors import InputError
+from ddp_utils.images import make_grid, upscale
+from ddp_utils.tracking import MIN_PICTURE_SIDE
+from diffusion.codecs import load_codec
+from diffusion.loading import load_for_sampling
+from diffusion.sampling import sample_seed
+from tests.tiny_runs import fresh_accelerate_state
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_DIT = {"num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 8, "patch_size": 2}
+RESOLUTION = 16
+
+
+def make_vae(folder: Path, in_channels: int = 1, seed: int = 0, scale: bool = False) -> Path:
+    """A tiny AutoencoderKL (downsampling 4, 4 latent channels), saved as safetensors; its
+    config without scaling_factor unless `scale`."""
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=in_channels, out_channels=in_channels,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(8, 8, 8), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+        sample_size=RESOLUTION,
+    )  # fmt: skip
+    vae.save_pretrained(folder, safe_serialization=True)
+    if not scale:
+        config = json.loads((folder / "config.json").read_text())
+        del config["scaling_factor"]
+        (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def latent_args(out: Path, preset: Path, vae: Path | None, *extra: str) -> list[str]:
+    return [
+        "--backbone", "dit", "--preset", str(preset), "--class-conditional", "--random-flip",
+        "--resolution", str(RESOLUTION), "--max-images", "32", "--max-steps", "4",
+        "--batch-size", "4", "--lr-warmup-steps", "1", "--checkpoint-every", "2",
+        "--log-every", "1", "--sample-every", "4", "--num-sample-images", "10",
+        "--sample-steps", "3", "--report-to", "none", "--output-dir", str(out),
+        *(["--vae", str(vae)] if vae is not None else []), *extra,
+    ]  # fmt: skip
+
+
+def train(args: list[str]) -> None:
+    """In-process on one thread (module fixtures run before conftest's one-thread fixture)."""
+    fresh_accelerate_state()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_ddpm.main(args)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def files_under(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if folder.exists() else []
+
+
+def sample_export(folder: Path, out: Path, *flags: str) -> tuple[np.ndarray, np.ndarray]:
+    fresh_accelerate_state()
+    sample.sample(parse_config(sample.SampleConfig, [str(folder), f"--output-dir={out}", *flags]))
+    with np.load(out / "samples.npz") as npz:
+        return npz["arr_0"], npz["labels"]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("latent")
+    (folder / "tiny_dit.json").write_text(json.dumps(TINY_DIT))
+    make_vae(folder / "vae")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def latent_run(root: Path) -> Path:
+    """A class-conditional DiT on the VAE's latents: 4 steps, flips, FID at the end."""
+    out = root / "run"
+    train(latent_args(out, root / "tiny_dit.json", root / "vae", "--eval-every", "4",
+                      "--eval-num-samples", "8"))  # fmt: skip
+    return out
+
+
+def test_a_latent_run_trains_on_cached_latents_and_shows_decoded_images(
+    latent_run: Path, _private_cache: Path
+) -> None:
+    assert len(list(_private_cache.glob("latents-*.npz"))) == 1  # encoded once, cached
+    # The grid shows 16x16 images (one class per row), not the 4x4 latents.
+    grid = np.asarray(Image.open(latent_run / "samples" / "samples-0000004.png"))
+    expected = upscale(make_grid(np.zeros((10, RESOLUTION, RESOLUTION, 1), np.uint8), nrow=1),
+                       MIN_PICTURE_SIDE)  # fmt: skip
+    assert grid.shape[:2] == expected.shape[:2]
+    # The export: the network on the 4x4x4 grid, the VAE beside it, the measured scale recorded.
+    pipeline = latent_run / "pipeline"
+    index = json.loads((pipeline / "model_index.json").read_text())
+    assert index["vae"] == ["diffusers", "AutoencoderKL"]
+    info = json.loads((pipeline / "task.json").read_text())
+    scale = info["latent"]["scaling_factor"]
+    assert json.loads((pipeline / "vae" / "config.json").read_text())["scaling_factor"] == scale
+    assert scale != 0.18215 and info["resolution"] == RESOLUTION
+    transformer = json.loads((pipeline / "transformer" / "config.json").read_text())
+    assert (transformer["in_channels"], transformer["sample_size"]) == (4, 4)
+    assert "AutoencoderKL" in (pipeline / "README.md").read_text()
+    # --eval-every scored decoded samples: best/ is a latent export too.
+    assert np.isfinite(json.loads((latent_run / "best" / "fid.json").read_text())["fid"])
+    assert (latent_run / "best" / "vae" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_the_latent_cache_is_reused_and_rebuilt_when_damaged(root: Path, tmp_path, caplog):
+    data = load_image_data("digits", RESOLUTION, 1, max_images=32, cache_dir=tmp_path)
+    codec = load_codec(root / "vae")
+    first = load_latents(data, codec, True, cache_dir=tmp_path)
+    assert first.mean.shape == first.flipped_mean.shape == (32, 4, 4, 4)
+
+    def no_encoding(images):
+        raise AssertionError("encoded again")
+
+    encode, codec.encode = codec.encode, no_encoding
+    again = load_latents(data, codec, True, cache_dir=tmp_path)  # read, not encoded
+    assert torch.equal(again.mean, first.mean) and torch.equal(again.std, first.std)
+    codec.encode = encode
+    first.cache_file.write_bytes(first.cache_file.read_bytes()[:100])  # cut short
+    rebuilt = load_latents(data, codec, True, cache_dir=tmp_path)
+    assert "is damaged" in caplog.text and "rebuilding it" in caplog.text
+    assert torch.equal(rebuilt.mean, first.mean)
+    # Without flips the key differs: another file, without the mirror images.
+    plain = load_latents(data, codec, False, cache_dir=tmp_path)
+    assert plain.cache_file != first.cache_file and plain.flipped_mean is None
+
+
+def test_sample_py_decodes_and_does_not_depend_on_the_batch_size(latent_run, tmp_path) -> None:
+    flags = ["--num-samples=5", "--num-steps=3", "--guidance-scale=1.5"]
+    five, labels = sample_export(latent_run / "pipeline", tmp_path / "b5", *flags, "--batch-size=5")
+    two, _ = sample_export(latent_run / "pipeline", tmp_path / "b2", *flags, "--batch-size=2")
+    assert five.shape == (5, RESOLUTION, RESOLUTION, 1) and five.dtype == np.uint8
+    assert np.array_equal(five, two) and labels.tolist() == [0, 1, 2, 3, 4]
+    # A checkpoint of the run samples the same (its VAE read from --vae's folder).
+    ckpt, _ = sample_export(latent_run / "checkpoints" / "checkpoint-4", tmp_path / "c", *flags)
+    assert np.array_equal(ckpt, five)
+    loaded = load_for_sampling(latent_run / "pipeline")
+    assert (loaded.channels, loaded.resolution) == (1, RESOLUTION) and loaded.codec is not None
+
+
+def test_the_export_runs_in_diffusers_and_reproduces_sample_py(latent_run, tmp_path) -> None:
+    """The shipped pipeline (trust_remote_code) at guidance 1.5 and diffusers' own DiTPipeline
+    at guidance 1 (where it fits: it guides with class 1000 as "no class"), from the same
+    seeds, draw sample.py's images."""
+    folder = latent_run / "pipeline"
+    flags = ["--num-samples=3", "--num-steps=4", "--scheduler=ddim", "--eta=0"]
+    guided, labels = sample_export(folder, tmp_path / "g", *flags, "--guidance-scale=1.5")
+    plain, _ = sample_export(folder, tmp_path / "p", *flags, "--guidance-scale=1")
+    script = f"""
+import sys, numpy as np, torch
+sys.path = [p for p in sys.path if p not in ("", "{REPO}")]
+from diffusers import (AutoencoderKL, DDIMScheduler, DiffusionPipeline, DiTPipeline,
+                       DiTTransformer2DModel)
+folder = "{folder}"
+seeds = {[sample_seed(0, k) for k in range(3)]}
+gens = lambda: [torch.Generator().manual_seed(s) for s in seeds]
+pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True, use_safetensors=True)
+pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+ours = pipe(class_labels={labels.tolist()}, guidance_scale=1.5, num_inference_steps=4,
+            generator=gens(), output_type="np").images
+dit = DiTPipeline(transformer=DiTTransformer2DModel.from_pretrained(folder + "/transformer"),
+                  vae=AutoencoderKL.from_pretrained(folder + "/vae"),
+                  scheduler=DDIMScheduler.from_pretrained(folder + "/scheduler"))
+stock = dit(class_labels={labels.tolist()}, guidance_scale=1.0, num_inference_steps=4,
+            generator=gens(), output_type="np").images
+np.save("{tmp_path / "ours.npy"}", ours)
+np.save("{tmp_path / "stock.npy"}", stock)
+print(type(pipe).__name__, type(pipe.vae).__name__)
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "GuidedDDPMPipeline AutoencoderKL" in done.stdout
+    for name, expected in (("ours", guided), ("stock", plain)):
+        theirs = np.round(np.load(tmp_path / f"{name}.npy") * 255)
+        assert theirs.shape == expected.shape
+        assert np.abs(theirs - expected.astype(np.float64)).max() <= 1, name  # up to rounding
+
+
+def test_resume_refuses_a_vae_the_checkpoint_was_not_trained_with(root, latent_run, tmp_path):
+    preset = root / "tiny_dit.json"
+    pixels = tmp_path / "pixels"
+    train(latent_args(pixels, preset, None, "--max-steps", "2", "--sample-every", "0"))
+    before = files_under(pixels)
+    with pytest.raises(InputError, match="trained on pixels.*this run gives --vae") as refused:
+        train(latent_args(pixels, preset, root / "vae", "--max-steps", "4"))
+    assert str(refused.value).startswith("--vae: ") and "--resume none" in str(refused.value)
+    assert files_under(pixels) == before
+    # The latent run resumed without its VAE, or with another one: refused, nothing written.
+    before = files_under(latent_run)
+    with pytest.raises(InputError, match="trained on the latents of --vae"):
+        train(latent_args(latent_run, preset, None, "--max-steps", "6"))
+    other = make_vae(tmp_path / "other_vae", seed=1)
+    with pytest.raises(InputError, match="sha256"):
+        train(latent_args(latent_run, preset, other, "--max-steps", "6"))
+    assert files_under(latent_run) == before
+
+
+def test_bad_vaes_are_refused_naming_the_fix_before_anything_is_written(root, tmp_path):
+    preset = root / "tiny_dit.json"
+    not_a_vae = tmp_path / "dit"
+    DiTTransformer2DModel(**TINY_DIT, in_channels=4, sample_size=4).save_pretrained(not_a_vae)
+    pickled = tmp_path / "pickled"
+    make_vae(pickled, scale=True)
+    (pickled / "diffusion_pytorch_model.safetensors").unlink()
+    torch.save({}, pickled / "diffusion_pytorch_model.bin")
+    colour = make_vae(tmp_path / "rgb", in_channels=3)
+    cases = [
+        (not_a_vae, [], "holds a DiTTransformer2DModel, not an AutoencoderKL"),
+        (pickled, [], "only as a pickle.*Convert it once"),
+        (colour, [], "encodes 3-channel images and the data has 1: pass --channels 3"),
+        (root / "vae", ["--resolution", "18"], "not a multiple of it: pass --resolution 16"),
+        (tmp_path / "missing", [], "does not exist"),
+    ]
+    for vae, extra, message in cases:
+        out = tmp_path / f"run-{vae.name}"
+        with pytest.raises(InputError, match=message) as refused:
+            train([*latent_args(out, preset, vae), *extra])
+        assert str(refused.value).startswith("--vae: ")
+        assert not out.exists(), vae
