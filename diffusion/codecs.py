@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,7 +93,8 @@ class LatentCodec:
 
     vae: AutoencoderKL
     source: str  # what --vae named (a folder or a hub id)
-    sha256: str  # of the weights file
+    folder: Path  # where its files are
+    sha256: str  # of the weights file (as --vae gave it: a copy in an export keeps it)
     scaling_factor: float | None  # None until measured on the data (`set_scale`)
     shift_factor: float = 0.0
 
@@ -143,6 +145,12 @@ class LatentCodec:
         self.vae.register_to_config(scaling_factor=self.scaling_factor)
         self.vae.register_to_config(shift_factor=self.shift_factor or None)
 
+    def ship(self, folder: Path) -> None:
+        """Make an export's `vae/` (written by the pipeline's save_pretrained, with the scale
+        in its config) hold the weights file --vae gave, byte for byte: not the copy in the
+        training precision, and the same sha256."""
+        shutil.copyfile(self.folder / WEIGHTS_NAME, folder / WEIGHTS_NAME)
+
     def facts(self) -> dict[str, Any]:
         """What task.json and checkpoints record of the codec (resume compares `sha256`)."""
         return {
@@ -178,17 +186,19 @@ def load_codec(
     return LatentCodec(
         vae,
         source or str(folder),
+        folder,
         weights_sha256(folder),
         None if scale is None else float(scale),
         float(config.get("shift_factor") or 0.0),
     )
 
 
-def codec_from_export(folder: Path) -> LatentCodec | None:
-    """The `vae/` component of an export (its config holds the scale training used)."""
+def codec_from_export(folder: Path, facts: Mapping[str, Any] | None = None) -> LatentCodec | None:
+    """The `vae/` component of an export (its config holds the scale training used); `facts`:
+    what its task.json records of it (the --vae it was trained with)."""
     if not (folder / "vae").is_dir():
         return None
-    codec = load_codec(folder / "vae")
+    codec = load_codec(folder / "vae", (facts or {}).get("vae"))
     if codec.scaling_factor is None:
         raise InputError(f"{folder / 'vae'} has no scaling_factor in its config.json")
     return codec

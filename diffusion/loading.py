@@ -147,13 +147,13 @@ def _from_pipeline(folder: Path, weights: Weights) -> LoadedModel:
     info = read_task_file(folder) or {}
     task = info.get("task", "ddpm")  # diffusers' own folders: DDPM
     loaded = LoadedModel(task, unet, scheduler_config, (-1.0, 1.0), channels, resolution, folder)
-    _with_codec(loaded, _export_codec(folder))
+    _with_codec(loaded, _export_codec(folder, info.get("latent")))
     return _with_classes(loaded, info)
 
 
-def _export_codec(folder: Path) -> LatentCodec | None:
+def _export_codec(folder: Path, facts: dict[str, Any] | None) -> LatentCodec | None:
     try:
-        return codec_from_export(folder)
+        return codec_from_export(folder, facts)
     except InputError as err:  # what the VAE check refuses: the export's own vae/
         raise ValueError(f"{folder}'s autoencoder cannot be used: {err}") from None
 

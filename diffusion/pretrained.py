@@ -54,16 +54,19 @@ logger = logging.getLogger("ddp_diffusion")
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # What sampling and fine-tuning read: configs and safetensors weights (never pickles).
 HUB_FILES = ["*.json", "*.safetensors"]
+# What --vae reads of a hub repository: an AutoencoderKL at its root or a pipeline's vae/
+# (not the rest of that pipeline: a Stable Diffusion repo's UNet is gigabytes).
+VAE_HUB_FILES = ["config.json", "*.safetensors", "vae/config.json", "vae/*.safetensors"]
 
 
 def is_hub_id(text: str) -> bool:
     return bool(HUB_ID.match(text)) and not text.startswith((".", "~"))
 
 
-def resolve_model_source(spec: str, field: str | None) -> Path:
+def resolve_model_source(spec: str, field: str | None, patterns: list[str] | None = None) -> Path:
     """A local folder for `spec`: the path itself if it exists, else the hub snapshot of the
-    repository `spec` names (from the cache when offline). `field` is the flag's config field,
-    named by the errors."""
+    repository `spec` names (from the cache when offline; its files of `patterns`, default
+    HUB_FILES). `field` is the flag's config field, named by the errors."""
     path = Path(spec).expanduser()
     if path.exists():
         return path
@@ -75,7 +78,7 @@ def resolve_model_source(spec: str, field: str | None) -> Path:
             field,
         )
     try:
-        return Path(snapshot_download(spec, allow_patterns=HUB_FILES))
+        return Path(snapshot_download(spec, allow_patterns=patterns or HUB_FILES))
     except LocalEntryNotFoundError as err:
         if constants.HF_HUB_OFFLINE:
             raise InputError(
@@ -238,7 +241,7 @@ def run_codec(run: Run) -> LatentCodec | None:
         )
     source = main_process_first(
         run.accelerator,
-        lambda: resolve_model_source(cfg.vae, "vae"),
+        lambda: resolve_model_source(cfg.vae, "vae", VAE_HUB_FILES),
         InputError(f"{cfg.vae} could not be found (the main process says why)", "vae"),
     )
     precision = cfg.mixed_precision or run.accelerator.mixed_precision
@@ -320,12 +323,19 @@ def initial_network(run: Run, codec: LatentCodec | None = None) -> nn.Module:
         loaded = load_for_sampling(source, "ema")
     except (FileNotFoundError, ValueError) as err:
         raise InputError(f"{cfg.init_from} cannot be loaded: {err}", "init_from") from err
+    changed = codec_changes(None if loaded.codec is None else loaded.codec.facts(), codec)
+    if changed:
+        raise InputError(
+            f"{cfg.init_from} cannot start this run: {changed[0]}; "
+            "give --vae the autoencoder it was trained with (its export's vae/ folder)",
+            "init_from",
+        )
     check_init_model(
         loaded,
         cfg.init_from,
         objective=cfg.objective,
-        resolution=resolution,
-        channels=channels,
+        resolution=cfg.resolution,  # a latent model's loaded sizes are its images'
+        channels=cfg.channels,
         num_classes=run.data.num_classes,
     )
     backbone = backbone_of(loaded.model)

@@ -13,6 +13,7 @@ import torch
 from diffusers import DiffusionPipeline
 from torch import nn
 
+from ddp_utils.data import to_float
 from ddp_utils.files import write_json
 from ddp_utils.images import make_grid, rows_by_label, to_uint8
 from ddp_utils.metrics import MetricWindow
@@ -168,6 +169,18 @@ class NetworkMethod:
             guidance_scale=self.conditioning.guidance_scale,
             codec=self.codec,
         )
+
+    def data_batch(self, num: int) -> torch.Tensor:
+        """The first `num` training images as the network sees them (latents of a latent
+        model: the posterior means, scaled), on the device."""
+        if self.codec is None:
+            return to_float(self.run.data.images[:num].to(self.device), VALUE_RANGE, None)
+        latents = self.run.latents
+        return ((latents.mean[:num] - latents.shift) * latents.scale).to(self.device)
+
+    def shown(self, x: torch.Tensor) -> torch.Tensor:
+        """What a picture shows of x: the images (decoded, for a latent model)."""
+        return x if self.codec is None else self.codec.decode(x)
 
     def vae_component(self) -> dict[str, Any]:
         """The export's `vae` component of a latent model (none for a pixel one)."""

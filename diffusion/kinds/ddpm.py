@@ -16,7 +16,7 @@ from torch import nn
 
 from ddp_utils.compile import compile_function
 from ddp_utils.config import option, require
-from ddp_utils.data import Batch, to_float
+from ddp_utils.data import Batch
 from ddp_utils.images import make_grid, to_uint8
 from ddp_utils.metrics import MetricWindow
 from ddp_utils.model_card import CardFacts
@@ -207,14 +207,16 @@ class DDPMMethod(NetworkMethod):
 
     @torch.no_grad()
     def data_pictures(self) -> dict[str, np.ndarray]:
-        """A real batch noised at timesteps spread over 0..T-1."""
-        x0 = to_float(self.run.data.images[:8].to(self.device), VALUE_RANGE, None)
+        """A real batch noised at timesteps spread over 0..T-1 (a latent model's latents,
+        noised, then decoded)."""
+        x0 = self.data_batch(8)
         generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
         rows = []
         for t in torch.linspace(0, self.cfg.num_train_timesteps - 1, 8).long():
             noise = torch.randn(x0.shape, generator=generator, device=self.device)
             rows.append(self.scheduler.add_noise(x0, noise, t.repeat(len(x0)).to(self.device)))
-        return {"forward_noising": make_grid(to_uint8(torch.cat(rows), VALUE_RANGE), nrow=len(x0))}
+        noised = to_uint8(self.shown(torch.cat(rows)), VALUE_RANGE)
+        return {"forward_noising": make_grid(noised, nrow=len(x0))}
 
     def _dit_pipeline_fits(self) -> bool:
         """diffusers' DiTPipeline runs a class-conditional DiT on latents (at guidance 1: its
@@ -292,3 +294,5 @@ class DDPMMethod(NetworkMethod):
             )
             ship_pipeline(pipeline, folder, "GuidedDDPMPipeline")
         save_raw(folder, raw)
+        if self.codec is not None:
+            self.codec.ship(folder / "vae")

@@ -16,7 +16,7 @@ from torch import nn
 
 from ddp_utils.compile import compile_function
 from ddp_utils.config import option, require
-from ddp_utils.data import Batch, to_float
+from ddp_utils.data import Batch
 from ddp_utils.images import make_grid, to_uint8
 from ddp_utils.metrics import MetricWindow
 from ddp_utils.model_card import CardFacts
@@ -181,15 +181,16 @@ class EDMMethod(NetworkMethod):
     @torch.no_grad()
     def data_pictures(self) -> dict[str, np.ndarray]:
         """A real batch at 8 noise levels from sigma_min to sigma_max, as y_sigma / sqrt(1 +
-        sigma^2) (the variance-preserving scale of the DDPM strip)."""
+        sigma^2) (the variance-preserving scale of the DDPM strip; a latent model's decoded)."""
         cfg = self.cfg
-        y = to_float(self.run.data.images[:8].to(self.device), VALUE_RANGE, None)
+        y = self.data_batch(8)
         generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         rows = []
         for sigma in np.geomspace(cfg.sigma_min, cfg.sigma_max, 8):
             noise = torch.randn(y.shape, generator=generator, device=self.device)
             rows.append((y + sigma * noise) / math.sqrt(1 + sigma**2))
-        return {"forward_noising": make_grid(to_uint8(torch.cat(rows), VALUE_RANGE), nrow=len(y))}
+        noised = to_uint8(self.shown(torch.cat(rows)), VALUE_RANGE)
+        return {"forward_noising": make_grid(noised, nrow=len(y))}
 
     def card(self) -> CardFacts:
         cfg, conditioning = self.cfg, self.conditioning
@@ -242,3 +243,5 @@ class EDMMethod(NetworkMethod):
         )
         ship_pipeline(pipeline, folder, "EDMPipeline")
         save_raw(folder, raw)
+        if self.codec is not None:
+            self.codec.ship(folder / "vae")
