@@ -30,7 +30,7 @@ from ddp_utils.tracking import MIN_PICTURE_SIDE
 from diffusion.codecs import load_codec
 from diffusion.loading import load_for_sampling
 from diffusion.sampling import sample_seed
-from tests.tiny_runs import fresh_accelerate_state, tiny_preset
+from tests.tiny_runs import fresh_accelerate_state, launch_two_processes, tiny_preset
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_DIT = {"num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 8, "patch_size": 2}
@@ -163,6 +163,15 @@ def test_sample_py_decodes_and_does_not_depend_on_the_batch_size(latent_run, tmp
     assert np.array_equal(ckpt, five)
     loaded = load_for_sampling(latent_run / "pipeline")
     assert (loaded.channels, loaded.resolution) == (1, RESOLUTION) and loaded.codec is not None
+
+
+def test_two_processes_sample_the_latent_model_as_one_does(latent_run, tmp_path) -> None:
+    flags = ["--num-samples=6", "--batch-size=2", "--num-steps=3"]
+    one, _ = sample_export(latent_run / "pipeline", tmp_path / "one", *flags)
+    launch_two_processes(["sample.py", str(latent_run / "pipeline"),
+                          f"--output-dir={tmp_path / 'two'}", *flags], tmp_path)  # fmt: skip
+    with np.load(tmp_path / "two" / "samples.npz") as two:
+        assert np.array_equal(two["arr_0"], one)
 
 
 def test_the_export_runs_in_diffusers_and_reproduces_sample_py(latent_run, tmp_path) -> None:
