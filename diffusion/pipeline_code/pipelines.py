@@ -10,6 +10,10 @@ runs the model with nothing but diffusers installed. The toolkit imports the sam
 training grids and `sample.py`, so the three agree image for image. It may import only torch
 and diffusers.
 
+A latent model's pipeline also holds a `vae` (an AutoencoderKL): the network denoises its
+latents, scaled by the `scaling_factor` of the VAE's config, and `decode_latents` turns them
+into images (the toolkit's sampling decodes with the same function).
+
 The network (a `UNet2DModel` or a `DiTTransformer2DModel`) is called through one signature,
 `network_output(net, x, t, class_labels)`: the sample shape, the "no class" index and how each
 takes its time and class inputs are read from the network here and nowhere else.
