@@ -124,7 +124,8 @@ def test_a_latent_run_trains_on_cached_latents_and_shows_decoded_images(
     assert scale != 0.18215 and info["resolution"] == RESOLUTION
     transformer = json.loads((pipeline / "transformer" / "config.json").read_text())
     assert (transformer["in_channels"], transformer["sample_size"]) == (4, 4)
-    assert "AutoencoderKL" in (pipeline / "README.md").read_text()
+    card = (pipeline / "README.md").read_text()
+    assert "AutoencoderKL" in card and "DiTPipeline(" in card
     # --eval-every scored decoded samples: best/ is a latent export too.
     assert np.isfinite(json.loads((latent_run / "best" / "fid.json").read_text())["fid"])
     assert (latent_run / "best" / "vae" / "diffusion_pytorch_model.safetensors").is_file()
@@ -259,6 +260,7 @@ def test_bad_vaes_are_refused_naming_the_fix_before_anything_is_written(root, tm
         (pickled, [], "only as a pickle.*Convert it once"),
         (colour, [], "encodes 3-channel images and the data has 1: pass --channels 3"),
         (root / "vae", ["--resolution", "18"], "not a multiple of it: pass --resolution 16"),
+        (root / "vae", ["--resolution", "4"], "denoises the VAE's 1x1 latent grid"),
         (tmp_path / "missing", [], "does not exist"),
         ("nobody/no-such-vae", [], "hub is offline here"),
     ]
