@@ -55,8 +55,13 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # What sampling and fine-tuning read: configs and safetensors weights (never pickles).
 HUB_FILES = ["*.json", "*.safetensors"]
 # What --vae reads of a hub repository: an AutoencoderKL at its root or a pipeline's vae/
-# (not the rest of that pipeline: a Stable Diffusion repo's UNet is gigabytes).
-VAE_HUB_FILES = ["config.json", "*.safetensors", "vae/config.json", "vae/*.safetensors"]
+# (not the rest of that pipeline: a Stable Diffusion repo's UNet is gigabytes; the hub's
+# patterns are fnmatch's, whose * also matches "/", hence the names spelled out).
+VAE_HUB_FILES = [
+    f"{prefix}{name}"
+    for prefix in ("", "vae/")
+    for name in ("config.json", "diffusion_pytorch_model.safetensors")
+]
 
 
 def is_hub_id(text: str) -> bool:
