@@ -9,6 +9,7 @@ scaling_factor, so the run measures one on the data."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -300,3 +301,26 @@ def test_an_edm_unet_on_latents_exports_a_pipeline_that_decodes(root: Path, tmp_
                str(RESOLUTION), "--max-images", "32", "--max-steps", "1", "--batch-size", "8",
                "--report-to", "none", "--output-dir", str(tmp_path / "tuned")])  # fmt: skip
     assert not (tmp_path / "tuned").exists()
+
+
+def test_a_hub_id_names_a_vae_through_the_hub_cache(root: Path, tmp_path, monkeypatch) -> None:
+    """--vae owner/name: the cached snapshot (offline), here a pipeline repository whose
+    AutoencoderKL is its vae/ (as Stable Diffusion's repositories hold theirs)."""
+    from huggingface_hub import constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    storage = tmp_path / "hub" / "models--someone--tiny-sd"
+    snapshot = storage / "snapshots" / commit
+    shutil.copytree(root / "vae", snapshot / "vae")
+    (snapshot / "model_index.json").write_text("{}")
+    (storage / "refs").mkdir(parents=True)
+    (storage / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    out = tmp_path / "run"
+    train(["--vae", "someone/tiny-sd", "--preset", str(tiny_preset(tmp_path)),
+           "--resolution", str(RESOLUTION), "--max-images", "32", "--max-steps", "1",
+           "--batch-size", "8", "--sample-every", "0", "--num-sample-images", "2",
+           "--sample-steps", "2", "--report-to", "none", "--output-dir", str(out)])  # fmt: skip
+    latent = json.loads((out / "pipeline" / "task.json").read_text())["latent"]
+    assert latent["vae"] == "someone/tiny-sd"
+    assert latent["sha256"] == load_codec(root / "vae").sha256
