@@ -27,7 +27,7 @@ from huggingface_hub.errors import (
 )
 from torch import nn
 
-from ddp_utils.data import load_latents
+from ddp_utils.data import check_latents_fit, load_latents, memory_bytes
 from ddp_utils.distributed import all_finite, main_process_first
 from ddp_utils.errors import InputError
 from ddp_utils.run import Run
@@ -277,6 +277,9 @@ def run_codec(run: Run) -> LatentCodec | None:
                 "the --vae it was trained with, or --resume none / another --output-dir",
                 "vae",
             )
+    memory = memory_bytes(run.accelerator)
+    check_latents_fit(run.data.num_images, (latent_channels, latent_size, latent_size),
+                      cfg.random_flip, memory)  # fmt: skip
     codec.to(run.accelerator.device)
     latents = load_latents(run.data, codec, cfg.random_flip, run.accelerator)
     if saved is not None:

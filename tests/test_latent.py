@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 import sample
 import train_ddpm
 from ddp_utils.config import parse_config
-from ddp_utils.data import load_image_data, load_latents
+from ddp_utils.data import check_latents_fit, load_image_data, load_latents
 from ddp_utils.errors import InputError
 from ddp_utils.images import make_grid, upscale
 from ddp_utils.tracking import MIN_PICTURE_SIDE
@@ -324,3 +324,10 @@ def test_a_hub_id_names_a_vae_through_the_hub_cache(root: Path, tmp_path, monkey
     latent = json.loads((out / "pipeline" / "task.json").read_text())["latent"]
     assert latent["vae"] == "someone/tiny-sd"
     assert latent["sha256"] == load_codec(root / "vae").sha256
+
+
+def test_latents_that_cannot_fit_in_memory_are_refused_before_encoding() -> None:
+    imagenet = 1_281_167  # 256x256 through an 8x VAE: 4x32x32 latents
+    check_latents_fit(imagenet, (4, 32, 32), False, 128 * 2**30)  # 39 GiB of 128: fits
+    with pytest.raises(InputError, match="--max-images: .*78.2 GiB .*at most --max-images"):
+        check_latents_fit(imagenet, (4, 32, 32), True, 80 * 2**30)

@@ -16,8 +16,20 @@ from ddp_utils.data.batches import (
     make_batches,
     to_float,
 )
-from ddp_utils.data.latents import Encoder, LatentBatches, LatentData, load_latents
-from ddp_utils.data.load import DataLoading, ImageData, StreamSource, load_image_data
+from ddp_utils.data.latents import (
+    Encoder,
+    LatentBatches,
+    LatentData,
+    check_latents_fit,
+    load_latents,
+)
+from ddp_utils.data.load import (
+    DataLoading,
+    ImageData,
+    StreamSource,
+    load_image_data,
+    memory_bytes,
+)
 
 __all__ = [
     "Batch",
@@ -31,8 +43,10 @@ __all__ = [
     "StreamSource",
     "StreamingBatches",
     "batch_indices",
+    "check_latents_fit",
     "load_image_data",
     "load_latents",
     "make_batches",
+    "memory_bytes",
     "to_float",
 ]

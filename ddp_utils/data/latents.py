@@ -30,6 +30,7 @@ from accelerate import Accelerator
 from ddp_utils.data.batches import Batch, BatchSource, MemoryBatches
 from ddp_utils.data.decode import default_cache_dir
 from ddp_utils.data.load import ImageData
+from ddp_utils.errors import InputError
 from ddp_utils.files import atomic_file
 
 logger = logging.getLogger("ddp_diffusion")
@@ -98,6 +99,24 @@ def encode_images(images: torch.Tensor, encoder: Encoder, random_flip: bool) -> 
         flipped_mean, flipped_std = encoder.encode(pixels.flip(3))
         arrays.update(flipped_mean=flipped_mean.numpy(), flipped_std=flipped_std.numpy())
     return arrays
+
+
+def check_latents_fit(
+    num_images: int, latent_shape: tuple[int, ...], random_flip: bool, memory: int
+) -> None:
+    """Refuse latents that cannot sit in memory (mean and std, of the mirror images too with
+    flips, float32) before encoding any, naming what would fit."""
+    per_image = 4 * 2 * (2 if random_flip else 1) * int(np.prod(latent_shape))
+    if num_images * per_image > memory // 2:
+        gib = 2**30
+        fits = max(1, memory // 2 // per_image)
+        raise InputError(
+            f"the latents of {num_images:,} images take {num_images * per_image / gib:,.1f} "
+            f"GiB (posterior mean and std{', both flips' if random_flip else ''}), more than "
+            f"half of the {memory / gib:,.1f} GiB here: at most --max-images {fits:,} with "
+            "this VAE and resolution",
+            "max_images",
+        )
 
 
 def load_latents(
