@@ -37,6 +37,7 @@ logger = logging.getLogger("ddp_diffusion")
 
 LATENT_CACHE_VERSION = 1
 PIXEL_RANGE = (-1.0, 1.0)  # what encoders are given
+ENCODE_ROWS = 4096  # images converted to float and handed to the encoder at a time
 
 
 class Encoder(Protocol):
@@ -90,15 +91,19 @@ def read_latent_cache(path: Path, key: str) -> dict[str, np.ndarray] | None:
 
 
 def encode_images(images: torch.Tensor, encoder: Encoder, random_flip: bool) -> dict:
-    """Encode uint8 images (N, C, H, W) (and their mirror images with flips)."""
+    """Encode uint8 images (N, C, H, W) (and their mirror images with flips), ENCODE_ROWS at a
+    time: the float copy of a whole dataset never sits in memory."""
     low, high = PIXEL_RANGE
-    pixels = images.to(torch.float32) * ((high - low) / 255.0) + low
-    mean, std = encoder.encode(pixels)
-    arrays = {"mean": mean.numpy(), "std": std.numpy()}
-    if random_flip:
-        flipped_mean, flipped_std = encoder.encode(pixels.flip(3))
-        arrays.update(flipped_mean=flipped_mean.numpy(), flipped_std=flipped_std.numpy())
-    return arrays
+    parts: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, len(images), ENCODE_ROWS):
+        pixels = images[start : start + ENCODE_ROWS].to(torch.float32)
+        pixels = pixels * ((high - low) / 255.0) + low
+        views = {"": pixels, "flipped_": pixels.flip(3)} if random_flip else {"": pixels}
+        for prefix, view in views.items():
+            mean, std = encoder.encode(view)
+            parts.setdefault(f"{prefix}mean", []).append(mean)
+            parts.setdefault(f"{prefix}std", []).append(std)
+    return {name: torch.cat(chunks).numpy() for name, chunks in parts.items()}
 
 
 def check_latents_fit(
