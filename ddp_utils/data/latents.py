@@ -171,6 +171,7 @@ class LatentBatches(MemoryBatches):
     stay on the host (`ImageData.images`: grids of real data, the FID reference)."""
 
     def __init__(self, data: ImageData, latents: LatentData, *args, **kwargs) -> None:
+        # MemoryBatches' batch order (its epoch permutations on the device), not its pixels.
         BatchSource.__init__(self, *args, **kwargs)
         self.images = None
         self.num_images = len(latents.mean)
