@@ -70,8 +70,8 @@ def check_vae_folder(folder: Path) -> dict[str, Any]:
             raise InputError(
                 f"{folder} holds its weights only as a pickle (.bin/.ckpt/.pt), which can run "
                 "code when loaded; this toolkit reads safetensors only. Convert it once, if you "
-                "trust it: AutoencoderKL.from_pretrained(folder).save_pretrained(folder) writes "
-                f"{WEIGHTS_NAME}"
+                "trust it: load it with diffusers' AutoencoderKL.from_pretrained, then "
+                f"save_pretrained it ({WEIGHTS_NAME}, diffusers' default)"
             )
         raise InputError(f"{folder} has no {WEIGHTS_NAME}: an incomplete AutoencoderKL folder")
     return config

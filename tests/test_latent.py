@@ -196,8 +196,9 @@ pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True, use_saf
 pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
 ours = pipe(class_labels={labels.tolist()}, guidance_scale=1.5, num_inference_steps=4,
             generator=gens(), output_type="np").images
-dit = DiTPipeline(transformer=DiTTransformer2DModel.from_pretrained(folder + "/transformer"),
-                  vae=AutoencoderKL.from_pretrained(folder + "/vae"),
+dit = DiTPipeline(transformer=DiTTransformer2DModel.from_pretrained(folder + "/transformer",
+                                                                 use_safetensors=True),
+                  vae=AutoencoderKL.from_pretrained(folder + "/vae", use_safetensors=True),
                   scheduler=DDIMScheduler.from_pretrained(folder + "/scheduler"))
 stock = dit(class_labels={labels.tolist()}, guidance_scale=1.0, num_inference_steps=4,
             generator=gens(), output_type="np").images

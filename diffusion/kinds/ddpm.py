@@ -102,9 +102,9 @@ DIT_PIPELINE_LINES = (
     "from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel\n"
     'folder = "path/to/this/folder"\n'
     "pipeline = DiTPipeline(\n"
-    '    transformer=DiTTransformer2DModel.from_pretrained(f"{folder}/transformer"),\n'
-    '    vae=AutoencoderKL.from_pretrained(f"{folder}/vae"),\n'
-    '    scheduler=DDIMScheduler.from_pretrained(f"{folder}/scheduler"),\n'
+    '    transformer=DiTTransformer2DModel.from_pretrained(f"{folder}/transformer", use_safetensors=True),\n'
+    '    vae=AutoencoderKL.from_pretrained(f"{folder}/vae", use_safetensors=True),\n'
+    '    scheduler=DDIMScheduler.from_pretrained(f"{folder}/scheduler", use_safetensors=True),\n'
     ")\n"
     "images = pipeline(class_labels=[0, 1, 2], guidance_scale=1.0, num_inference_steps=50).images"
 )
