@@ -46,7 +46,7 @@ from diffusion.networks import (
     check_preset,
     preset_backbone,
 )
-from diffusion.pretrained import initial_network
+from diffusion.pretrained import initial_network, run_codec
 from diffusion.sampling import (
     DEFAULT_DDIM_ETA,
     DEFAULT_SAMPLER,
@@ -90,6 +90,13 @@ class DDPMConfig(ConditioningOptions, EDMOptions, DDPMOptions, TrainConfig):
         "google/ddpm-cifar10-32; its size, channels and classes must match the data, and its "
         "noise schedule is used unless given here. A run with checkpoints resumes instead",
     )
+    vae: str | None = option(
+        None,
+        "train on latents: a diffusers AutoencoderKL (a folder it wrote, train_autoencoder.py's "
+        "export, a pipeline's vae/, or a hub id, as --init-from) encodes the data once (cached); "
+        "the network denoises its latents and samples are decoded; frozen, in the run's "
+        "precision; its config's scaling_factor, else one measured on the data",
+    )
     # Training.
     learning_rate: float = option(4e-4, "peak learning rate")
     lr_warmup_steps: int = option(200, "linear warmup, in optimizer steps")
@@ -113,10 +120,11 @@ class DDPMConfig(ConditioningOptions, EDMOptions, DDPMOptions, TrainConfig):
     sample_every: int = option(1000, "log a sample grid every N steps (0: only at the end)")
 
     # Also free on resume: how the grids are sampled, the export's default guidance, and
-    # --init-from (a resumed run reads its checkpoint, not that model).
+    # --init-from (a resumed run reads its checkpoint, not that model); --vae's path, whose
+    # weights are compared instead (diffusion.pretrained.run_codec).
     may_change_on_resume = TrainConfig.may_change_on_resume | {
         "sample_scheduler", "sample_eta", "sample_guidance_scale", "sample_guidance_interval",
-        "init_from",
+        "init_from", "vae",
     }  # fmt: skip
 
     def __post_init__(self) -> None:
@@ -166,10 +174,16 @@ class DDPMConfig(ConditioningOptions, EDMOptions, DDPMOptions, TrainConfig):
 
 def train(cfg: DDPMConfig) -> Run:
     run = start_run(cfg, with_labels=cfg.class_conditional)
-    model = initial_network(run)
+    codec = run_codec(run)  # --vae: checked, the data encoded (or read from its cache)
+    model = initial_network(run, codec)
     cfg.freeze()
     kind = kind_named(cfg.objective, "--objective")
-    method = kind.method(run, kind.train_scheduler(cfg), backbone_of(model))
+    scheduler = kind.train_scheduler(cfg)
+    if codec is not None and "clip_sample" in scheduler.config:
+        # Latents are not in [-1, 1]; from_config (not register_to_config) so that a sampler
+        # made from the export's config (DDIMScheduler.from_config) inherits it too.
+        scheduler = type(scheduler).from_config(scheduler.config, clip_sample=False)
+    method = kind.method(run, scheduler, backbone_of(model), codec)
     loop.train(run, method, model, evaluator=training_evaluator(run))
     return run
 

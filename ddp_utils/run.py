@@ -44,7 +44,14 @@ from ddp_utils.checkpoint import (
 from ddp_utils.cli import setup_logging
 from ddp_utils.compile import compile_network
 from ddp_utils.config import save_config, to_dict
-from ddp_utils.data import BatchSource, ImageData, load_image_data, make_batches
+from ddp_utils.data import (
+    BatchSource,
+    ImageData,
+    LatentBatches,
+    LatentData,
+    load_image_data,
+    make_batches,
+)
 from ddp_utils.distributed import all_finite, make_accelerator, raise_together
 from ddp_utils.ema import EMA
 from ddp_utils.errors import (
@@ -77,10 +84,16 @@ class Run:
     tracker: Tracker = field(init=False)  # opened by `begin`
     step: int = field(init=False, default=0)  # as of the last boundary
     lock: RunLock | None = field(init=False, default=None)  # the writer's, taken by `begin`
+    # A latent model's data: the images encoded once (`ddp_utils.data.latents`); batches then
+    # carry latents, and `data` keeps the pixels (grids of real data, FID reference).
+    latents: LatentData | None = field(init=False, default=None)
 
     def batches(self, start_micro_step: int, value_range: tuple[float, float]) -> BatchSource:
-        """This rank's batches from `start_micro_step` on (in memory or streamed)."""
+        """This rank's batches from `start_micro_step` on (in memory, streamed, or latents)."""
         cfg = self.cfg
+        if self.latents is not None:
+            common = (cfg.batch_size, self.accelerator, cfg.seed, value_range, cfg.random_flip)
+            return LatentBatches(self.data, self.latents, *common)
         return make_batches(
             self.data,
             cfg.batch_size,

@@ -238,6 +238,7 @@ def make_chunk_fn(
         guidance_scale=guidance,
         guidance_interval=guidance_interval(cfg, loaded),
         compile=(cfg.compile_backend, cfg.compile_mode) if cfg.compile else None,
+        codec=loaded.codec,  # a latent model's draw decodes its latents
     )
     progression: list[torch.Tensor] = []  # x_t of the first 8 samples, every 1/10 of the steps
     nonfinite: list[int] = []

@@ -91,19 +91,21 @@ def edm_denoiser(
     class_labels: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
     dtype: torch.dtype = torch.float32,
+    data_range: tuple[float, float] | None = VALUE_RANGE,
     *,
     guidance_interval: tuple[float, float] | None = None,
     compile: tuple[str, str] | None = None,
 ) -> Denoiser:
     """D(x, sigma) around any backbone, guided with scale w when given `class_labels` (B,) on
     the network's device, w > 1 only for sigma in `guidance_interval` (`guidance_at`; None:
-    every step); only the network runs in `dtype` (autocast). `compile`: (backend, mode) to
-    torch.compile D with (preconditioning, network and guidance: one graph per scale used)."""
+    every step); only the network runs in `dtype` (autocast). `data_range` None: a latent
+    model's (guidance projects nothing). `compile`: (backend, mode) to torch.compile D with
+    (preconditioning, network and guidance: one graph per scale used)."""
     device = next(unwrap(net).parameters()).device
 
     def step_denoiser(x: torch.Tensor, sigma: torch.Tensor, w: float) -> torch.Tensor:
         with model_autocast(device, dtype):
-            return denoise(net, x, sigma, sigma_data, class_labels, w)
+            return denoise(net, x, sigma, sigma_data, class_labels, w, data_range)
 
     if compile is not None:
         step_denoiser = compile_function(step_denoiser, *compile)
@@ -130,13 +132,14 @@ def sample_edm(
     churn: float = 0.0,
     device: torch.device | str = "cpu",
     progression_every: int | None = None,
+    clamp: bool = True,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Samples `sample_indices` of run `seed`: the export's sampler from the seeds of sample.py.
 
     `denoiser` is D(x, sigma) (`edm_denoiser`: any backbone, guided or not), `shape` (C, H, W)
     one sample's. Returns (images, progression) like `sample_ddpm`: float32 NCHW on the CPU in
     [-1, 1]. Image k's initial noise and churn noise come from its own generator, as in the
-    pipeline when it is given the same list of generators.
+    pipeline when it is given the same list of generators. `clamp` False: latents, unclipped.
     """
     if churn < 0:
         raise ValueError(f"churn must be >= 0; got {churn}")
@@ -157,4 +160,4 @@ def sample_edm(
         generator=generators,
         progression_every=progression_every,
     )
-    return x.clamp(-1.0, 1.0).cpu(), progression
+    return (x.clamp(-1.0, 1.0) if clamp else x).cpu(), progression

@@ -26,7 +26,9 @@ import torch
 from diffusers import DDPMScheduler, ModelMixin
 
 from ddp_utils.checkpoint import find_resume_checkpoint, read_checkpoint
+from ddp_utils.errors import InputError
 from ddp_utils.export import TASK_FILE, check_value_range, read_task_file, verify_checksums
+from diffusion.codecs import LatentCodec, codec_changes, codec_from_export, load_codec
 from diffusion.networks import BACKBONE_CLASSES, prepare_loaded, sample_shape
 
 logger = logging.getLogger(__name__)
@@ -46,6 +48,9 @@ class LoadedModel:
     class_names: list[str] | None = None  # a class-conditional model's classes
     guidance_scale: float = 1.0  # the guidance it was exported with
     guidance_interval: tuple[float, float] | None = None  # where w > 1 applies; None: always
+    # A latent model's autoencoder: the network denoises its latents, and `channels` and
+    # `resolution` are the decoded images'.
+    codec: LatentCodec | None = None
 
     @property
     def num_classes(self) -> int:
@@ -143,7 +148,47 @@ def _from_pipeline(folder: Path, weights: Weights) -> LoadedModel:
     info = read_task_file(folder) or {}
     task = info.get("task", "ddpm")  # diffusers' own folders: DDPM
     loaded = LoadedModel(task, unet, scheduler_config, (-1.0, 1.0), channels, resolution, folder)
+    _with_codec(loaded, _export_codec(folder, info.get("latent")))
     return _with_classes(loaded, info)
+
+
+def _export_codec(folder: Path, facts: dict[str, Any] | None) -> LatentCodec | None:
+    try:
+        return codec_from_export(folder, facts)
+    except InputError as err:  # what the VAE check refuses: the export's own vae/
+        raise ValueError(f"{folder}'s autoencoder cannot be used: {err}") from None
+
+
+def _with_codec(loaded: LoadedModel, codec: LatentCodec | None) -> None:
+    """A latent model: its codec, and the size and channels of the decoded images."""
+    if codec is None:
+        return
+    loaded.codec = codec
+    loaded.channels = codec.channels
+    loaded.resolution = loaded.resolution * codec.downsampling
+
+
+def _checkpoint_codec(state: dict[str, Any], where: Path) -> LatentCodec | None:
+    """A latent run's checkpoint names its VAE (--vae): a local folder, read again and
+    compared by the hash of its weights."""
+    saved = state.get("latent")
+    if saved is None:
+        return None
+    folder = Path(saved["vae"])
+    if not folder.is_dir():
+        raise ValueError(
+            f"{where} is a latent model and its VAE {saved['vae']} is not a local folder: "
+            "sample the run's export (pipeline/, which holds the VAE) instead"
+        )
+    try:
+        codec = load_codec(folder, saved["vae"])
+    except InputError as err:
+        raise ValueError(f"{where}'s VAE {saved['vae']} cannot be used: {err}") from None
+    changed = codec_changes(saved, codec)
+    if changed:
+        raise ValueError(f"{where}: {changed[0]} (the VAE folder changed since training)")
+    codec.set_scale(saved["scaling_factor"])
+    return codec
 
 
 def _refuse_pickles(folder: Path) -> None:
@@ -229,7 +274,9 @@ def _from_checkpoint(folder: Path, weights: Weights) -> LoadedModel:
     cls = _model_class(state["model_class"])
     model = prepare_loaded(cls.from_config(state["model_config"]))
     key = "ema" if weights == "ema" and "ema" in ckpt.tensors else "model"
-    model.load_state_dict(ckpt.tensors[key])
+    # The EMA also holds non-persistent buffers (a DiT's pos_embed), which state_dict leaves out.
+    names = set(model.state_dict())
+    model.load_state_dict({k: v for k, v in ckpt.tensors[key].items() if k in names})
     cfg = state["config"]
     loaded = LoadedModel(
         state["task"],
@@ -240,6 +287,7 @@ def _from_checkpoint(folder: Path, weights: Weights) -> LoadedModel:
         int(cfg["resolution"]),
         folder,
     )
+    loaded.codec = _checkpoint_codec(state, ckpt.path)  # channels, resolution: the images'
     return _with_classes(loaded, state)
 
 

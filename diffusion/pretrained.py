@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 from typing import Any, get_args
 
+import torch
 from diffusers import DDPMScheduler
 from huggingface_hub import constants, snapshot_download
 from huggingface_hub.errors import (
@@ -26,15 +27,25 @@ from huggingface_hub.errors import (
 )
 from torch import nn
 
+from ddp_utils.data import check_latents_fit, load_latents, memory_bytes
 from ddp_utils.distributed import all_finite, main_process_first
 from ddp_utils.errors import InputError
 from ddp_utils.run import Run
+from diffusion.codecs import (
+    DTYPES,
+    LatentCodec,
+    check_against,
+    codec_changes,
+    load_codec,
+    measured_scale,
+)
 from diffusion.ddpm import SCHEDULE_DEFAULTS, BetaSchedule, PredictionType
 from diffusion.loading import LoadedModel, load_for_sampling
 from diffusion.networks import (
     BACKBONE_CLASSES,
     backbone_of,
     build_backbone,
+    check_preset,
     prepare_loaded,
 )
 
@@ -43,16 +54,24 @@ logger = logging.getLogger("ddp_diffusion")
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # What sampling and fine-tuning read: configs and safetensors weights (never pickles).
 HUB_FILES = ["*.json", "*.safetensors"]
+# What --vae reads of a hub repository: an AutoencoderKL at its root or a pipeline's vae/
+# (not the rest of that pipeline: a Stable Diffusion repo's UNet is gigabytes; the hub's
+# patterns are fnmatch's, whose * also matches "/", hence the names spelled out).
+VAE_HUB_FILES = [
+    f"{prefix}{name}"
+    for prefix in ("", "vae/")
+    for name in ("config.json", "diffusion_pytorch_model.safetensors")
+]
 
 
 def is_hub_id(text: str) -> bool:
     return bool(HUB_ID.match(text)) and not text.startswith((".", "~"))
 
 
-def resolve_model_source(spec: str, field: str | None) -> Path:
+def resolve_model_source(spec: str, field: str | None, patterns: list[str] | None = None) -> Path:
     """A local folder for `spec`: the path itself if it exists, else the hub snapshot of the
-    repository `spec` names (from the cache when offline). `field` is the flag's config field,
-    named by the errors."""
+    repository `spec` names (from the cache when offline; its files of `patterns`, default
+    HUB_FILES). `field` is the flag's config field, named by the errors."""
     path = Path(spec).expanduser()
     if path.exists():
         return path
@@ -64,7 +83,7 @@ def resolve_model_source(spec: str, field: str | None) -> Path:
             field,
         )
     try:
-        return Path(snapshot_download(spec, allow_patterns=HUB_FILES))
+        return Path(snapshot_download(spec, allow_patterns=patterns or HUB_FILES))
     except LocalEntryNotFoundError as err:
         if constants.HF_HUB_OFFLINE:
             raise InputError(
@@ -197,15 +216,105 @@ def take_schedule(cfg: Any, scheduler_config: dict[str, Any], source: str) -> No
         setattr(cfg, name, value)
 
 
-def initial_network(run: Run) -> nn.Module:
+def run_codec(run: Run) -> LatentCodec | None:
+    """--vae's autoencoder for this run (None without --vae), and the run's latents.
+
+    Before any work: the VAE is resolved (a folder, or a hub id through the cache and offline
+    rules of --init-from), checked (an AutoencoderKL with safetensors weights, its channels
+    and downsampling against the data, the network's preset against the latent grid) and
+    compared with a resumed checkpoint's. Then the data is encoded once per node (or read from
+    the latent cache), and the latent scale is the VAE config's, a resumed run's, or measured
+    on the latents when the config has none.
+    """
+    cfg = run.cfg
+    saved = None if run.checkpoint is None else run.checkpoint.state.get("latent")
+    if cfg.vae is None:
+        problems = codec_changes(saved, None)
+        if problems:
+            raise InputError(
+                f"{run.checkpoint.path} cannot be resumed without it: {problems[0]}; pass "
+                "--vae with that autoencoder, or --resume none / another --output-dir to start "
+                "over",
+                "vae",
+            )
+        return None
+    if run.data.stream is not None:
+        raise InputError(
+            "latents are encoded once into memory: use --data-loading memory (or a smaller "
+            "--max-images) with --vae",
+            "data_loading",
+        )
+    source = main_process_first(
+        run.accelerator,
+        lambda: resolve_model_source(cfg.vae, "vae", VAE_HUB_FILES),
+        InputError(f"{cfg.vae} could not be found (the main process says why)", "vae"),
+    )
+    precision = cfg.mixed_precision or run.accelerator.mixed_precision
+    try:
+        codec = load_codec(source, cfg.vae, DTYPES.get(precision or "no", torch.float32))
+    except InputError as err:
+        raise InputError(str(err), "vae") from None
+    problems = check_against(codec, cfg.channels, cfg.resolution)
+    if problems:
+        raise InputError(f"{cfg.vae} does not fit the data:\n  " + "\n  ".join(problems), "vae")
+    latent_channels, latent_size = codec.latent_shape(cfg.resolution)
+    if cfg.init_from is None:
+        try:
+            check_preset(cfg.backbone, cfg.preset, latent_size)
+        except InputError as err:
+            raise InputError(
+                f"the network denoises the VAE's {latent_size}x{latent_size} latent grid "
+                f"(--resolution {cfg.resolution} / {codec.downsampling}), and for --preset "
+                f"{cfg.preset} it {err.args[0]}: choose a larger --resolution or a preset "
+                "with fewer downsamplings (a DiT: a patch size dividing the grid)",
+                "vae",
+            ) from None
+    if run.checkpoint is not None:
+        problems = codec_changes(saved, codec)
+        if problems:
+            raise InputError(
+                f"{run.checkpoint.path} cannot be resumed with this --vae: {problems[0]}; pass "
+                "the --vae it was trained with, or --resume none / another --output-dir",
+                "vae",
+            )
+    memory = memory_bytes(run.accelerator)
+    check_latents_fit(run.data.num_images, (latent_channels, latent_size, latent_size),
+                      cfg.random_flip, memory)  # fmt: skip
+    codec.to(run.accelerator.device)
+    latents = load_latents(run.data, codec, cfg.random_flip, run.accelerator)
+    if saved is not None:
+        codec.set_scale(saved["scaling_factor"])
+    elif codec.scaling_factor is None:
+        codec.set_scale(measured_scale(latents.mean, latents.std))
+        logger.info(
+            "latents: %s has no scaling_factor; measured on the data: %.5g (recorded in the "
+            "export's vae/config.json and task.json)",
+            cfg.vae,
+            codec.scaling_factor,
+        )
+    else:
+        codec.set_scale(codec.scaling_factor)
+    latents.scale, latents.shift = codec.scaling_factor, codec.shift_factor
+    run.latents = latents
+    logger.info(
+        "latents: %d x %dx%d per image (VAE %s, downsampling %d, scale %.5g)",
+        latent_channels, latent_size, latent_size, cfg.vae, codec.downsampling,
+        codec.scaling_factor,
+    )  # fmt: skip
+    return codec
+
+
+def initial_network(run: Run, codec: LatentCodec | None = None) -> nn.Module:
     """A new network of --preset, or --init-from's trained one (checked against the data; its
     noise schedule fills the schedule flags not given). A run that has checkpoints resumes:
-    the network and schedule are then the checkpoint's and --init-from is not read."""
+    the network and schedule are then the checkpoint's and --init-from is not read. With a
+    `codec`, the network denoises its latents: channels and size are the latent grid's."""
     cfg = run.cfg
+    channels, resolution = cfg.channels, cfg.resolution
+    if codec is not None:
+        channels, resolution = codec.latent_shape(cfg.resolution)
     if cfg.init_from is None:
-        return build_backbone(
-            cfg.backbone, cfg.preset, cfg.resolution, cfg.channels, run.data.num_classes
-        )
+        return build_backbone(cfg.backbone, cfg.preset, resolution, channels, run.data.num_classes)
     if run.checkpoint is not None:
         state = run.checkpoint.state
         if cfg.objective == "ddpm":
@@ -222,11 +331,18 @@ def initial_network(run: Run) -> nn.Module:
         loaded = load_for_sampling(source, "ema")
     except (FileNotFoundError, ValueError) as err:
         raise InputError(f"{cfg.init_from} cannot be loaded: {err}", "init_from") from err
+    changed = codec_changes(None if loaded.codec is None else loaded.codec.facts(), codec)
+    if changed:
+        raise InputError(
+            f"{cfg.init_from} cannot start this run: {changed[0]}; "
+            "give --vae the autoencoder it was trained with (its export's vae/ folder)",
+            "init_from",
+        )
     check_init_model(
         loaded,
         cfg.init_from,
         objective=cfg.objective,
-        resolution=cfg.resolution,
+        resolution=cfg.resolution,  # a latent model's loaded sizes are its images'
         channels=cfg.channels,
         num_classes=run.data.num_classes,
     )

@@ -28,6 +28,7 @@ from diffusers import (
 from ddp_utils.compile import compile_function
 from diffusion.networks import null_class, predict, unwrap
 from diffusion.pipeline_code.pipelines import (
+    VALUE_RANGE,
     ddpm_coefficients,
     ddpm_sigma,
     guidance_at,
@@ -156,17 +157,20 @@ SCHEDULE_KEYS = (
 
 
 def make_inference_scheduler(
-    name: SamplerName, train_scheduler_config: Mapping[str, object]
+    name: SamplerName, train_scheduler_config: Mapping[str, object], clip_sample: bool = True
 ) -> SchedulerMixin:
     """Build the DDPM sampler `name` from the training scheduler's config.
 
     The sampler takes the betas and prediction_type the model was trained with (a sampler with
     its own defaults would silently denoise with the wrong schedule), and its own defaults and
-    `DDPM_SAMPLERS`' changes for everything else.
+    `DDPM_SAMPLERS`' changes for everything else. `clip_sample` False: a latent model's
+    sampler, whose clean-image estimate is a latent and must not be clipped to [-1, 1].
     """
     if name not in DDPM_SAMPLERS:
         raise ValueError(f"{name!r} is not a DDPM sampler; expected one of {list(DDPM_SAMPLERS)}")
     cls, changes = DDPM_SAMPLERS[name]
+    if not clip_sample and "clip_sample" in inspect.signature(cls.__init__).parameters:
+        changes = {**changes, "clip_sample": False}
     schedule = {k: v for k, v in train_scheduler_config.items() if k in SCHEDULE_KEYS}
     scheduler = cls.from_config(schedule, **changes)
     if changes.get("use_karras_sigmas"):
@@ -186,6 +190,7 @@ def network_denoiser(
     dtype: torch.dtype = torch.float32,
     *,
     scheduler: SchedulerMixin | None = None,
+    data_range: tuple[float, float] | None = VALUE_RANGE,
     guidance_interval: tuple[float, float] | None = None,
     compile: tuple[str, str] | None = None,
 ) -> ModelOutput:
@@ -196,8 +201,9 @@ def network_denoiser(
     pipeline's `guided_output`: the same numbers), which reads the noise level of each t from
     `scheduler`, the sampler that will call it (its training schedule and prediction type),
     and applies w > 1 only at noise levels in `guidance_interval` (`guidance_at`; None: every
-    step). `compile`: (backend, mode) to torch.compile the step's computation with: the
-    network, guidance's batched pair and their combination, one graph per scale used.
+    step). `data_range` None: a latent model's (guidance projects its estimate onto no range).
+    `compile`: (backend, mode) to torch.compile the step's computation with: the network,
+    guidance's batched pair and their combination, one graph per scale used.
     """
     guided = class_labels is not None and guidance_scale not in (0.0, 1.0)
     if guided and scheduler is None:
@@ -210,7 +216,7 @@ def network_denoiser(
             if class_labels is None:
                 return predict(net, x, t)
             c_skip, c_out = ddpm_coefficients(scheduler, t) if guided else (1.0, 1.0)
-            return guided_output(net, x, t, class_labels, w, null, c_skip, c_out)
+            return guided_output(net, x, t, class_labels, w, null, c_skip, c_out, data_range)
 
     if compile is not None:
         step_output = compile_function(step_output, *compile)
@@ -238,6 +244,7 @@ def sample_ddpm(
     eta: float = 0.0,
     device: torch.device | str = "cpu",
     progression_every: int | None = None,
+    clamp: bool = True,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Generate the samples `sample_indices` of run `seed` by reverse diffusion from x_T ~ N(0, I).
 
@@ -246,6 +253,7 @@ def sample_ddpm(
     are float32 NCHW on the CPU, clipped to [-1, 1]; progression holds CPU copies of x_t after
     every `progression_every`-th step (empty if None). `eta` is DDIM's noise scale (0:
     deterministic, 1: DDPM-like) and must stay 0 for the other samplers, which have no such knob.
+    `clamp` False: latents, returned unclipped.
     """
     if num_inference_steps < 1:
         raise ValueError(f"the number of sampling steps must be >= 1; got {num_inference_steps}")
@@ -276,4 +284,5 @@ def sample_ddpm(
         x = scheduler.step(prediction.float(), t, x, **step_kwargs).prev_sample
         if progression_every is not None and (i + 1) % progression_every == 0:
             progression.append(x.float().cpu())
-    return x.float().clamp(-1.0, 1.0).cpu(), progression
+    x = x.float()
+    return (x.clamp(-1.0, 1.0) if clamp else x).cpu(), progression

@@ -4,6 +4,7 @@ source.py   which dataset a name means, its identity (fingerprint) and image col
 decode.py   files -> uint8 pixels at the training size; the decoded-image cache
 load.py     `load_image_data`: a dataset decoded once per node (or set up for streaming)
 batches.py  the stateless batch order, and batches on the device (in memory or streamed)
+latents.py  the data encoded once into latents (cached like the decoded images), their batches
 """
 
 from ddp_utils.data.batches import (
@@ -15,18 +16,37 @@ from ddp_utils.data.batches import (
     make_batches,
     to_float,
 )
-from ddp_utils.data.load import DataLoading, ImageData, StreamSource, load_image_data
+from ddp_utils.data.latents import (
+    Encoder,
+    LatentBatches,
+    LatentData,
+    check_latents_fit,
+    load_latents,
+)
+from ddp_utils.data.load import (
+    DataLoading,
+    ImageData,
+    StreamSource,
+    load_image_data,
+    memory_bytes,
+)
 
 __all__ = [
     "Batch",
     "BatchSource",
     "DataLoading",
+    "Encoder",
     "ImageData",
+    "LatentBatches",
+    "LatentData",
     "MemoryBatches",
     "StreamSource",
     "StreamingBatches",
     "batch_indices",
+    "check_latents_fit",
     "load_image_data",
+    "load_latents",
     "make_batches",
+    "memory_bytes",
     "to_float",
 ]

@@ -148,6 +148,7 @@ class MemoryBatches(BatchSource):
                 self.per_device_batch_size * self.world_size,
             )
         self.images = data.images.to(self.device)
+        self.num_images = int(self.images.shape[0])
         self.labels = None if data.labels is None else data.labels.to(self.device)
         self._orders: dict[int, torch.Tensor] = {}  # epoch -> its permutation on the device
 
@@ -160,7 +161,7 @@ class MemoryBatches(BatchSource):
         """
         order = self._orders.get(epoch)
         if order is None:
-            order = epoch_permutation(self.seed, epoch, self.images.shape[0])
+            order = epoch_permutation(self.seed, epoch, self.num_images)
             if self.device.type == "cuda":
                 order = order.pin_memory()
             order = order.to(self.device, non_blocking=True)

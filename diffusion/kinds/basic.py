@@ -19,6 +19,7 @@ from ddp_utils.metrics import MetricWindow
 from ddp_utils.model_card import CardFacts
 from ddp_utils.run import Run
 from diffusion.basic import VALUE_RANGE, corrupt, sample_basic
+from diffusion.codecs import LatentCodec
 from diffusion.kinds.registry import Draw, SamplerChoice, register
 from diffusion.networks import predict
 
@@ -48,7 +49,10 @@ class BasicKind:
         guidance_scale: float = 1.0,
         guidance_interval: tuple[float, float] | None = None,
         compile: tuple[str, str] | None = None,
+        codec: LatentCodec | None = None,
     ) -> Draw:
+        if codec is not None:
+            raise ValueError("the basic model has no latent form")
         if compile is not None:  # the network is the whole denoiser
             compile_network(net, *compile)
 

@@ -13,10 +13,12 @@ import torch
 from diffusers import DiffusionPipeline
 from torch import nn
 
+from ddp_utils.data import to_float
 from ddp_utils.files import write_json
 from ddp_utils.images import make_grid, rows_by_label, to_uint8
 from ddp_utils.metrics import MetricWindow
 from ddp_utils.run import Run
+from diffusion.codecs import LatentCodec
 from diffusion.conditioning import Conditioning, parse_guidance_interval
 from diffusion.ddpm import VALUE_RANGE
 from diffusion.kinds.registry import Draw, Kind, SamplerChoice
@@ -49,6 +51,18 @@ def network_fact(cfg: Any, backbone: str) -> tuple[str, str]:
     name = NETWORK_CLASSES[backbone]
     return ("network", f"{name}, fine-tuned from {cfg.init_from}" if cfg.init_from
             else f"{name}, preset {cfg.preset}")  # fmt: skip
+
+
+def codec_facts(codec: LatentCodec | None) -> list[tuple[str, str]]:
+    """A latent model's autoencoder, for the model card."""
+    if codec is None:
+        return []
+    channels, _ = codec.latent_shape(codec.downsampling)
+    return [
+        ("autoencoder", f"AutoencoderKL {codec.source} (frozen; in vae/), {channels} latent "
+                        f"channels at 1/{codec.downsampling} of the image size, latents scaled by "
+                        f"{codec.scaling_factor:.5g}"),
+    ]  # fmt: skip
 
 
 def classes_facts(conditioning: Conditioning) -> list[tuple[str, str]]:
@@ -112,8 +126,11 @@ class NetworkMethod:
     export_name = "pipeline"
     kind: Kind
 
-    def __init__(self, run: Run, scheduler: Any, backbone: str) -> None:
+    def __init__(
+        self, run: Run, scheduler: Any, backbone: str, codec: LatentCodec | None = None
+    ) -> None:
         self.run, self.cfg, self.scheduler, self.backbone = run, run.cfg, scheduler, backbone
+        self.codec = codec  # a latent model's: the samples are decoded, the export ships it
         self.device = run.accelerator.device
         cfg = run.cfg
         if cfg.class_conditional:
@@ -141,6 +158,8 @@ class NetworkMethod:
             info["guidance_scale"] = self.conditioning.guidance_scale
             interval = self.conditioning.guidance_interval
             info["guidance_interval"] = None if interval is None else list(interval)
+        if self.codec is not None:
+            info["latent"] = self.codec.facts()
         return info
 
     def grid_layout(self, images: np.ndarray) -> tuple[np.ndarray, int]:
@@ -162,7 +181,24 @@ class NetworkMethod:
             device=self.device,
             guidance_scale=self.conditioning.guidance_scale,
             guidance_interval=self.conditioning.guidance_interval,
+            codec=self.codec,
         )
+
+    def data_batch(self, num: int) -> torch.Tensor:
+        """The first `num` training images as the network sees them (latents of a latent
+        model: the posterior means, scaled), on the device."""
+        if self.codec is None:
+            return to_float(self.run.data.images[:num].to(self.device), VALUE_RANGE, None)
+        latents = self.run.latents
+        return ((latents.mean[:num] - latents.shift) * latents.scale).to(self.device)
+
+    def shown(self, x: torch.Tensor) -> torch.Tensor:
+        """What a picture shows of x: the images (decoded, for a latent model)."""
+        return x if self.codec is None else self.codec.decode(x)
+
+    def vae_component(self) -> dict[str, Any]:
+        """The export's `vae` component of a latent model (none for a pixel one)."""
+        return {} if self.codec is None else {"vae": self.codec.vae}
 
     def _sample(
         self, net: nn.Module, indices: range, every: int | None = None

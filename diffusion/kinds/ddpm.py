@@ -15,11 +15,12 @@ from diffusers import DDPMPipeline, DDPMScheduler
 from torch import nn
 
 from ddp_utils.config import option, require
-from ddp_utils.data import Batch, to_float
+from ddp_utils.data import Batch
 from ddp_utils.images import make_grid, to_uint8
 from ddp_utils.metrics import MetricWindow
 from ddp_utils.model_card import CardFacts
 from ddp_utils.run import Run
+from diffusion.codecs import LatentCodec
 from diffusion.ddpm import (
     SCHEDULE_DEFAULTS,
     VALUE_RANGE,
@@ -35,6 +36,7 @@ from diffusion.kinds.common import (
     NetworkMethod,
     card_tags,
     classes_facts,
+    codec_facts,
     denoising_strip,
     network_component,
     network_fact,
@@ -43,7 +45,7 @@ from diffusion.kinds.common import (
     save_raw,
     ship_pipeline,
 )
-from diffusion.kinds.registry import Draw, SamplerChoice, register
+from diffusion.kinds.registry import Draw, SamplerChoice, decoding, register
 from diffusion.pipeline_code.pipelines import GuidedDDPMPipeline
 from diffusion.sampling import (
     DDPM_SAMPLERS,
@@ -90,6 +92,22 @@ class DDPMOptions:
         )
 
 
+# diffusers' own DiTPipeline, from the components of a class-conditional latent DiT's export.
+# It fits at guidance_scale 1 only: for w > 1 it feeds class id 1000 as "no class" (this
+# model's is its number of classes) and does not project the guided estimate; its
+# `1 / scaling_factor` decode ignores a shift_factor (AutoencoderKLs that have one: SD3's).
+DIT_PIPELINE_LINES = (
+    "# or diffusers' own DiTPipeline (no code of ours), at guidance_scale=1:\n"
+    "from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel\n"
+    'folder = "path/to/this/folder"\n'
+    "pipeline = DiTPipeline(\n"
+    '    transformer=DiTTransformer2DModel.from_pretrained(f"{folder}/transformer", use_safetensors=True),\n'
+    '    vae=AutoencoderKL.from_pretrained(f"{folder}/vae", use_safetensors=True),\n'
+    '    scheduler=DDIMScheduler.from_pretrained(f"{folder}/scheduler", use_safetensors=True),\n'
+    ")\n"
+    "images = pipeline(class_labels=[0, 1, 2], guidance_scale=1.0, num_inference_steps=50).images"
+)
+
 TARGETS = {  # what a DDPM network is trained to predict, in words
     "epsilon": "the noise (epsilon)",
     "v_prediction": "the velocity v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0",
@@ -120,28 +138,33 @@ class DDPMKind:
         guidance_scale: float = 1.0,
         guidance_interval: tuple[float, float] | None = None,
         compile: tuple[str, str] | None = None,
+        codec: LatentCodec | None = None,
     ) -> Draw:
-        scheduler = make_inference_scheduler(choice.name, scheduler_config or {})
+        pixels = codec is None  # latents are neither clipped nor clamped to [-1, 1]
+        scheduler = make_inference_scheduler(choice.name, scheduler_config or {}, pixels)
 
         def draw(indices, labels, every):
             labels = None if labels is None else labels.to(device)
             model_output = network_denoiser(
                 net, labels, guidance_scale, dtype, scheduler=scheduler,
+                data_range=VALUE_RANGE if pixels else None,
                 guidance_interval=guidance_interval, compile=compile,
             )  # fmt: skip
             return sample_ddpm(
                 model_output, scheduler, shape, indices, seed, choice.steps, choice.eta, device,
-                every,
+                every, clamp=pixels,
             )  # fmt: skip
 
-        return draw
+        return decoding(draw, codec, device)
 
     def train_scheduler(self, cfg: Any) -> DDPMScheduler:
         """The noise schedule of a run's config (the flags resolved, --init-from's filled)."""
         return make_train_scheduler(cfg.beta_schedule, cfg.num_train_timesteps, cfg.prediction_type)
 
-    def method(self, run: Run, scheduler: DDPMScheduler, backbone: str) -> DDPMMethod:
-        return DDPMMethod(run, scheduler, backbone)
+    def method(
+        self, run: Run, scheduler: DDPMScheduler, backbone: str, codec: LatentCodec | None = None
+    ) -> DDPMMethod:
+        return DDPMMethod(run, scheduler, backbone, codec)
 
 
 DDPM = register(DDPMKind())
@@ -152,8 +175,10 @@ class DDPMMethod(NetworkMethod):
 
     kind = DDPM
 
-    def __init__(self, run: Run, scheduler: DDPMScheduler, backbone: str) -> None:
-        super().__init__(run, scheduler, backbone)
+    def __init__(
+        self, run: Run, scheduler: DDPMScheduler, backbone: str, codec: LatentCodec | None = None
+    ) -> None:
+        super().__init__(run, scheduler, backbone, codec)
         # Every per-timestep table on the device now: a step copies nothing from the host.
         self.tables = NoiseTables.build(scheduler, self.device)
 
@@ -181,18 +206,25 @@ class DDPMMethod(NetworkMethod):
 
     @torch.no_grad()
     def data_pictures(self) -> dict[str, np.ndarray]:
-        """A real batch noised at timesteps spread over 0..T-1."""
-        x0 = to_float(self.run.data.images[:8].to(self.device), VALUE_RANGE, None)
+        """A real batch noised at timesteps spread over 0..T-1 (a latent model's latents,
+        noised, then decoded)."""
+        x0 = self.data_batch(8)
         generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
         rows = []
         for t in torch.linspace(0, self.cfg.num_train_timesteps - 1, 8).long():
             noise = torch.randn(x0.shape, generator=generator, device=self.device)
             rows.append(self.scheduler.add_noise(x0, noise, t.repeat(len(x0)).to(self.device)))
-        return {"forward_noising": make_grid(to_uint8(torch.cat(rows), VALUE_RANGE), nrow=len(x0))}
+        noised = to_uint8(self.shown(torch.cat(rows)), VALUE_RANGE)
+        return {"forward_noising": make_grid(noised, nrow=len(x0))}
+
+    def _dit_pipeline_fits(self) -> bool:
+        """diffusers' DiTPipeline runs a class-conditional DiT on latents (at guidance 1: its
+        guidance uses class 1000 as "no class" and does not project; DIT_PIPELINE_LINES)."""
+        return bool(self.codec and self.conditioning.num_classes and self.backbone == "dit")
 
     def _stock_pipeline(self) -> bool:
-        """An unconditional UNet loads in diffusers' own DDPMPipeline; the rest ship code."""
-        return not self.conditioning.num_classes and self.backbone == "unet"
+        """An unconditional pixel UNet loads in diffusers' own DDPMPipeline; the rest ship code."""
+        return not self.conditioning.num_classes and self.backbone == "unet" and not self.codec
 
     def card(self) -> CardFacts:
         cfg, conditioning = self.cfg, self.conditioning
@@ -211,6 +243,8 @@ class DDPMMethod(NetworkMethod):
             )
         else:
             load = remote_code_lines("path/to/this/folder", "batch_size=16")
+        if self._dit_pipeline_fits():
+            load += "\n\n" + DIT_PIPELINE_LINES
         network = NETWORK_CLASSES[self.backbone]
         return CardFacts(
             title=f"{kind} on {cfg.dataset}",
@@ -234,6 +268,7 @@ class DDPMMethod(NetworkMethod):
                     f"schedule, T = {cfg.num_train_timesteps}",
                 ),
                 network_fact(cfg, self.backbone),
+                *codec_facts(self.codec),
                 *classes_facts(conditioning),
             ],  # fmt: skip
             tags=card_tags("ddpm", conditioning, self.backbone),
@@ -255,6 +290,9 @@ class DDPMMethod(NetworkMethod):
                 class_names=list(conditioning.class_names) or None,
                 guidance_scale=conditioning.guidance_scale if conditioning.num_classes else 1.0,
                 guidance_interval=conditioning.guidance_interval,
+                **self.vae_component(),
             )
             ship_pipeline(pipeline, folder, "GuidedDDPMPipeline")
         save_raw(folder, raw)
+        if self.codec is not None:
+            self.codec.ship(folder / "vae")

@@ -15,11 +15,12 @@ from diffusers import EDMEulerScheduler
 from torch import nn
 
 from ddp_utils.config import option, require
-from ddp_utils.data import Batch, to_float
+from ddp_utils.data import Batch
 from ddp_utils.images import make_grid, to_uint8
 from ddp_utils.metrics import MetricWindow
 from ddp_utils.model_card import CardFacts
 from ddp_utils.run import Run
+from diffusion.codecs import LatentCodec
 from diffusion.edm import (
     VALUE_RANGE,
     edm_denoiser,
@@ -33,6 +34,7 @@ from diffusion.kinds.common import (
     NetworkMethod,
     card_tags,
     classes_facts,
+    codec_facts,
     denoising_strip,
     network_component,
     network_fact,
@@ -41,7 +43,7 @@ from diffusion.kinds.common import (
     save_raw,
     ship_pipeline,
 )
-from diffusion.kinds.registry import Draw, SamplerChoice, register
+from diffusion.kinds.registry import Draw, SamplerChoice, decoding, register
 from diffusion.pipeline_code.pipelines import EDMPipeline
 from diffusion.sampling import DEFAULT_STEPS, EDM_SAMPLERS
 
@@ -101,14 +103,16 @@ class EDMKind:
         guidance_scale: float = 1.0,
         guidance_interval: tuple[float, float] | None = None,
         compile: tuple[str, str] | None = None,
+        codec: LatentCodec | None = None,
     ) -> Draw:
         config = dict(scheduler_config or {})
         sigma_data = float(config["sigma_data"])
 
         def draw(indices, labels, every):
             labels = None if labels is None else labels.to(device)
+            data_range = VALUE_RANGE if codec is None else None  # latents: no projection
             denoiser = edm_denoiser(
-                net, sigma_data, labels, guidance_scale, dtype,
+                net, sigma_data, labels, guidance_scale, dtype, data_range,
                 guidance_interval=guidance_interval, compile=compile,
             )  # fmt: skip
             return sample_edm(
@@ -122,16 +126,23 @@ class EDMKind:
                 churn=choice.churn,
                 device=device,
                 progression_every=every,
+                clamp=codec is None,
             )
 
-        return draw
+        return decoding(draw, codec, device)
 
     def train_scheduler(self, cfg: Any) -> EDMEulerScheduler:
         """The export's scheduler: its config carries the EDM constants the sampler needs."""
         return make_edm_scheduler(cfg.sigma_data, cfg.sigma_min, cfg.sigma_max, cfg.rho)
 
-    def method(self, run: Run, scheduler: EDMEulerScheduler, backbone: str) -> EDMMethod:
-        return EDMMethod(run, scheduler, backbone)
+    def method(
+        self,
+        run: Run,
+        scheduler: EDMEulerScheduler,
+        backbone: str,
+        codec: LatentCodec | None = None,
+    ) -> EDMMethod:
+        return EDMMethod(run, scheduler, backbone, codec)
 
 
 EDM = register(EDMKind())
@@ -171,15 +182,16 @@ class EDMMethod(NetworkMethod):
     @torch.no_grad()
     def data_pictures(self) -> dict[str, np.ndarray]:
         """A real batch at 8 noise levels from sigma_min to sigma_max, as y_sigma / sqrt(1 +
-        sigma^2) (the variance-preserving scale of the DDPM strip)."""
+        sigma^2) (the variance-preserving scale of the DDPM strip; a latent model's decoded)."""
         cfg = self.cfg
-        y = to_float(self.run.data.images[:8].to(self.device), VALUE_RANGE, None)
+        y = self.data_batch(8)
         generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         rows = []
         for sigma in np.geomspace(cfg.sigma_min, cfg.sigma_max, 8):
             noise = torch.randn(y.shape, generator=generator, device=self.device)
             rows.append((y + sigma * noise) / math.sqrt(1 + sigma**2))
-        return {"forward_noising": make_grid(to_uint8(torch.cat(rows), VALUE_RANGE), nrow=len(y))}
+        noised = to_uint8(self.shown(torch.cat(rows)), VALUE_RANGE)
+        return {"forward_noising": make_grid(noised, nrow=len(y))}
 
     def card(self) -> CardFacts:
         cfg, conditioning = self.cfg, self.conditioning
@@ -211,6 +223,7 @@ class EDMMethod(NetworkMethod):
                     f"EDM, sigma_data {cfg.sigma_data}, P_mean {cfg.p_mean}, P_std {cfg.p_std}",
                 ),
                 network_fact(cfg, self.backbone),
+                *codec_facts(self.codec),
                 *classes_facts(conditioning),
             ],  # fmt: skip
             tags=card_tags("edm", conditioning, self.backbone),
@@ -228,6 +241,9 @@ class EDMMethod(NetworkMethod):
             class_names=list(conditioning.class_names) or None,
             guidance_scale=conditioning.guidance_scale if conditioning.num_classes else 1.0,
             guidance_interval=conditioning.guidance_interval,
+            **self.vae_component(),
         )
         ship_pipeline(pipeline, folder, "EDMPipeline")
         save_raw(folder, raw)
+        if self.codec is not None:
+            self.codec.ship(folder / "vae")

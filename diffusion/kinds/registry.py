@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ddp_utils.errors import InputError
+from diffusion.codecs import LatentCodec
 
 # (sample indices, their class labels or None, progression_every) -> (images, progression):
 # float32 NCHW on the CPU in the kind's value range, and x every N steps (CPU copies).
@@ -59,11 +60,27 @@ class Kind(Protocol):
         guidance_scale: float = 1.0,
         guidance_interval: tuple[float, float] | None = None,
         compile: tuple[str, str] | None = None,
+        codec: LatentCodec | None = None,
     ) -> Draw:
         """Draw samples of run `seed` from `net` (sample k depends only on (seed, k)), guided
         with scale w at the noise levels in `guidance_interval` (None: every step).
-        `compile`: (backend, mode) to torch.compile the denoiser with."""
+        `compile`: (backend, mode) to torch.compile the denoiser with. `codec`: a latent
+        model's; `shape` is then the latents' and the draw returns decoded images."""
         ...
+
+
+def decoding(draw: Draw, codec: LatentCodec | None, device: torch.device | str) -> Draw:
+    """`draw` for a pixel model; for a latent one, the draw with its latents (and the
+    progression's) decoded to images: every sampler of every kind decodes here, once."""
+    if codec is None:
+        return draw
+    codec.to(device)
+
+    def decoded(indices, labels, every):
+        latents, progression = draw(indices, labels, every)
+        return codec.decode(latents), [codec.decode(x) for x in progression]
+
+    return decoded
 
 
 KINDS: dict[str, Kind] = {}

@@ -10,6 +10,10 @@ runs the model with nothing but diffusers installed. The toolkit imports the sam
 training grids and `sample.py`, so the three agree image for image. It may import only torch
 and diffusers.
 
+A latent model's pipeline also holds a `vae` (an AutoencoderKL): the network denoises its
+latents, scaled by the `scaling_factor` of the VAE's config, and `decode_latents` turns them
+into images (the toolkit's sampling decodes with the same function).
+
 The network (a `UNet2DModel` or a `DiTTransformer2DModel`) is called through one signature,
 `network_output(net, x, t, class_labels)`: the sample shape, the "no class" index and how each
 takes its time and class inputs are read from the network here and nowhere else.
@@ -39,6 +43,7 @@ from collections.abc import Callable
 
 import torch
 from diffusers import (
+    AutoencoderKL,
     DiffusionPipeline,
     DiTTransformer2DModel,
     ImagePipelineOutput,
@@ -118,6 +123,7 @@ def guided_output(
     null_label: int,
     c_skip: torch.Tensor | float,
     c_out: torch.Tensor | float,
+    data_range: tuple[float, float] | None = (-1.0, 1.0),
 ) -> torch.Tensor:
     """The network's output for classes `class_labels` (B,), guided with scale w (`guide`).
 
@@ -136,7 +142,7 @@ def guided_output(
     labels = torch.cat([class_labels, torch.full_like(class_labels, null_label)])
     both = network_output(net, torch.cat([x, x]), t, labels)
     conditional, unconditional = both.chunk(2)
-    return guide(conditional, unconditional, guidance_scale, x, c_skip, c_out)
+    return guide(conditional, unconditional, guidance_scale, x, c_skip, c_out, data_range)
 
 
 VALUE_RANGE = (-1.0, 1.0)  # the images of every model here (and the samplers' final clamp)
@@ -149,6 +155,7 @@ def guide(
     x: torch.Tensor,
     c_skip: torch.Tensor | float,
     c_out: torch.Tensor | float,
+    data_range: tuple[float, float] | None = VALUE_RANGE,
 ) -> torch.Tensor:
     """Classifier-free guidance of two network outputs at x, its clean image kept in range.
 
@@ -161,10 +168,13 @@ def guide(
     Here D is projected onto [-1, 1] (Imagen's static thresholding, Saharia et al. 2022) and
     the output returned is the one whose D that is, g + (clamp(D) - D) / c_out: pixels in
     range are untouched, and every sampler, clipping or not, steps toward the same image.
+    `data_range` None: a latent model's D, a latent with no range, is not projected.
     """
     guided = unconditional + guidance_scale * (conditional - unconditional)
+    if data_range is None:
+        return guided
     denoised = c_skip * x + c_out * guided
-    return guided + (denoised.clamp(*VALUE_RANGE) - denoised) / c_out
+    return guided + (denoised.clamp(*data_range) - denoised) / c_out
 
 
 def guidance_at(guidance_scale: float, sigma: float, interval: tuple[float, float] | None) -> float:
@@ -270,9 +280,11 @@ def denoise(
     sigma_data: float,
     class_labels: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
+    data_range: tuple[float, float] | None = VALUE_RANGE,
 ) -> torch.Tensor:
     """D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) in float32 (the network may autocast);
-    with `class_labels`, F is the guided output of scale w (module doc)."""
+    with `class_labels`, F is the guided output of scale w (module doc; `data_range` None: a
+    latent model's, not projected)."""
     sigma = as_batch_column(sigma, x)
     c_skip, c_out, c_in, c_noise = preconditioning(sigma, sigma_data)
     x = x.float()
@@ -282,7 +294,7 @@ def denoise(
         # The network sees c_in x: D = (c_skip / c_in) (c_in x) + c_out F.
         output = guided_output(
             net, c_in * x, c_noise.flatten(), class_labels, guidance_scale, null_class(net),
-            c_skip / c_in, c_out,
+            c_skip / c_in, c_out, data_range,
         )  # fmt: skip
     return c_skip * x + c_out * output.float()
 
@@ -353,16 +365,42 @@ def edm_sample(
 
 
 # ---------------------------------------------------------------------------------------------
+# Latent models: decoding
+# ---------------------------------------------------------------------------------------------
+
+DECODE_CHUNK = 8  # latents per VAE decode; the last chunk is padded to it
+
+
+def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+    """Images (float32, about [-1, 1]) of latents z = (latent - shift) * scale, the scale and
+    shift of the VAE's config. Decoded in chunks of DECODE_CHUNK, the last padded with zeros,
+    so every decode runs at one batch size and an image does not depend on its batch."""
+    config = vae.config
+    z = latents.float() / config.scaling_factor + (config.shift_factor or 0.0)
+    images = []
+    for start in range(0, len(z), DECODE_CHUNK):
+        part = z[start : start + DECODE_CHUNK]
+        num = len(part)
+        if num < DECODE_CHUNK:
+            part = torch.cat([part, part.new_zeros(DECODE_CHUNK - num, *part.shape[1:])])
+        decoded = vae.decode(part.to(vae.device, vae.dtype), return_dict=False)[0]
+        images.append(decoded[:num].float())
+    return torch.cat(images)
+
+
+# ---------------------------------------------------------------------------------------------
 # The pipelines
 # ---------------------------------------------------------------------------------------------
 
 
 class _NetworkPipeline(DiffusionPipeline):
     """One network, as `unet` (a UNet2DModel) or `transformer` (a DiT, as diffusers names it);
-    the other component is None. Saves the classes and the chosen guidance with the model."""
+    the other component is None. A latent model also has a `vae` (an AutoencoderKL): the
+    network denoises its latents and the images are decoded (`decode_latents`). Saves the
+    classes and the chosen guidance with the model."""
 
-    _optional_components = ["unet", "transformer"]
-    model_cpu_offload_seq = "unet->transformer"  # the one that is set
+    _optional_components = ["unet", "transformer", "vae"]
+    model_cpu_offload_seq = "unet->transformer->vae"  # those that are set
 
     def __init__(
         self,
@@ -372,11 +410,12 @@ class _NetworkPipeline(DiffusionPipeline):
         class_names: list[str] | None = None,
         guidance_scale: float = 1.0,
         guidance_interval: tuple[float, float] | None = None,
+        vae: AutoencoderKL | None = None,
     ) -> None:
         super().__init__()
         if (unet is None) == (transformer is None):
             raise ValueError("give the network as either unet (a UNet) or transformer (a DiT)")
-        self.register_modules(unet=unet, transformer=transformer, scheduler=scheduler)
+        self.register_modules(unet=unet, transformer=transformer, scheduler=scheduler, vae=vae)
         self.register_to_config(
             class_names=class_names,
             guidance_scale=guidance_scale,
@@ -399,6 +438,11 @@ class _NetworkPipeline(DiffusionPipeline):
         low, high = guidance_interval
         return w, (float(low), float(high))
 
+    @property
+    def data_range(self) -> tuple[float, float] | None:
+        """What guidance projects the clean estimate onto: pixels' range; none for latents."""
+        return None if getattr(self, "vae", None) is not None else VALUE_RANGE
+
     def _labels_and_batch(
         self, class_labels: ClassLabels | None, batch_size: int, generator: Generators
     ) -> tuple[torch.Tensor | None, int]:
@@ -412,6 +456,8 @@ class _NetworkPipeline(DiffusionPipeline):
         return labels, batch_size
 
     def _images(self, x: torch.Tensor, output_type: str, return_dict: bool):
+        if getattr(self, "vae", None) is not None:  # a latent model: x holds latents
+            x = decode_latents(self.vae, x)
         image = (x.clamp(-1, 1) + 1) / 2  # the arithmetic of sample.py's uint8 conversion
         if output_type != "pt":
             image = image.cpu().permute(0, 2, 3, 1).numpy()
@@ -469,8 +515,9 @@ class GuidedDDPMPipeline(_NetworkPipeline):
                 c_skip, c_out = ddpm_coefficients(self.scheduler, t)
                 w_t = guidance_at(w, ddpm_sigma(self.scheduler, t), interval)
                 output = guided_output(
-                    net, model_input, t, labels, w_t, null_class(net), c_skip, c_out
-                )
+                    net, model_input, t, labels, w_t, null_class(net), c_skip, c_out,
+                    self.data_range,
+                )  # fmt: skip
             x = self.scheduler.step(output.float(), t, x, **kwargs).prev_sample
         return self._images(x, output_type, return_dict)
 
@@ -496,7 +543,7 @@ class EDMPipeline(_NetworkPipeline):
         sigma_data = self.scheduler.config.sigma_data
         return lambda x, sigma: denoise(
             self.network, x, sigma, sigma_data, class_labels,
-            guidance_at(guidance_scale, float(sigma), guidance_interval),
+            guidance_at(guidance_scale, float(sigma), guidance_interval), self.data_range,
         )  # fmt: skip
 
     @torch.no_grad()

@@ -1,0 +1,334 @@
+"""Latent diffusion as a user meets it: `train_ddpm.py --vae` trains on the latents of a frozen
+AutoencoderKL (encoded once, cached), its grids, FID, `sample.py` and the export show decoded
+images, the export holds the VAE and runs in diffusers (its own DiTPipeline too), and bad
+VAEs, mismatched data and changed resumes are refused before anything is written.
+
+The VAE is made here (16x16 digits -> 4x4x4 latents, ~20k parameters), its config without a
+scaling_factor, so the run measures one on the data."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, DiTTransformer2DModel
+from PIL import Image
+from safetensors.torch import load_file
+
+import sample
+import train_ddpm
+from ddp_utils.config import parse_config
+from ddp_utils.data import check_latents_fit, load_image_data, load_latents
+from ddp_utils.errors import InputError
+from ddp_utils.images import make_grid, upscale
+from ddp_utils.tracking import MIN_PICTURE_SIDE
+from diffusion.codecs import load_codec
+from diffusion.loading import load_for_sampling
+from diffusion.sampling import sample_seed
+from tests.tiny_runs import fresh_accelerate_state, launch_two_processes, tiny_preset
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_DIT = {"num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 8, "patch_size": 2}
+RESOLUTION = 16
+
+
+def make_vae(folder: Path, in_channels: int = 1, seed: int = 0, scale: bool = False) -> Path:
+    """A tiny AutoencoderKL (downsampling 4, 4 latent channels), saved as safetensors; its
+    config without scaling_factor unless `scale`."""
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=in_channels, out_channels=in_channels,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(8, 8, 8), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+        sample_size=RESOLUTION,
+    )  # fmt: skip
+    vae.save_pretrained(folder, safe_serialization=True)
+    if not scale:
+        config = json.loads((folder / "config.json").read_text())
+        del config["scaling_factor"]
+        (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def latent_args(out: Path, preset: Path, vae: Path | None, *extra: str) -> list[str]:
+    return [
+        "--backbone", "dit", "--preset", str(preset), "--class-conditional", "--random-flip",
+        "--resolution", str(RESOLUTION), "--max-images", "32", "--max-steps", "4",
+        "--batch-size", "4", "--lr-warmup-steps", "1", "--checkpoint-every", "2",
+        "--log-every", "1", "--sample-every", "4", "--num-sample-images", "10",
+        "--sample-steps", "3", "--report-to", "none", "--output-dir", str(out),
+        *(["--vae", str(vae)] if vae is not None else []), *extra,
+    ]  # fmt: skip
+
+
+def train(args: list[str]) -> None:
+    """In-process on one thread (module fixtures run before conftest's one-thread fixture)."""
+    fresh_accelerate_state()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_ddpm.main(args)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def files_under(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if folder.exists() else []
+
+
+def sample_export(folder: Path, out: Path, *flags: str) -> tuple[np.ndarray, np.ndarray]:
+    fresh_accelerate_state()
+    sample.sample(parse_config(sample.SampleConfig, [str(folder), f"--output-dir={out}", *flags]))
+    with np.load(out / "samples.npz") as npz:
+        return npz["arr_0"], npz["labels"] if "labels" in npz.files else None
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("latent")
+    (folder / "tiny_dit.json").write_text(json.dumps(TINY_DIT))
+    make_vae(folder / "vae")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def latent_run(root: Path) -> Path:
+    """A class-conditional DiT on the VAE's latents: 4 steps, flips, FID at the end."""
+    out = root / "run"
+    train(latent_args(out, root / "tiny_dit.json", root / "vae", "--eval-every", "4",
+                      "--eval-num-samples", "8"))  # fmt: skip
+    return out
+
+
+def test_a_latent_run_trains_on_cached_latents_and_shows_decoded_images(
+    latent_run: Path, _private_cache: Path
+) -> None:
+    assert len(list(_private_cache.glob("latents-*.npz"))) == 1  # encoded once, cached
+    # The grid shows 16x16 images (one class per row), not the 4x4 latents.
+    grid = np.asarray(Image.open(latent_run / "samples" / "samples-0000004.png"))
+    expected = upscale(make_grid(np.zeros((10, RESOLUTION, RESOLUTION, 1), np.uint8), nrow=1),
+                       MIN_PICTURE_SIDE)  # fmt: skip
+    assert grid.shape[:2] == expected.shape[:2]
+    # The export: the network on the 4x4x4 grid, the VAE beside it, the measured scale recorded.
+    pipeline = latent_run / "pipeline"
+    index = json.loads((pipeline / "model_index.json").read_text())
+    assert index["vae"] == ["diffusers", "AutoencoderKL"]
+    info = json.loads((pipeline / "task.json").read_text())
+    scale = info["latent"]["scaling_factor"]
+    assert json.loads((pipeline / "vae" / "config.json").read_text())["scaling_factor"] == scale
+    assert scale != 0.18215 and info["resolution"] == RESOLUTION
+    transformer = json.loads((pipeline / "transformer" / "config.json").read_text())
+    assert (transformer["in_channels"], transformer["sample_size"]) == (4, 4)
+    card = (pipeline / "README.md").read_text()
+    assert "AutoencoderKL" in card and "DiTPipeline(" in card
+    # --eval-every scored decoded samples: best/ is a latent export too.
+    assert np.isfinite(json.loads((latent_run / "best" / "fid.json").read_text())["fid"])
+    assert (latent_run / "best" / "vae" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_the_latent_cache_is_reused_and_rebuilt_when_damaged(root: Path, tmp_path, caplog):
+    data = load_image_data("digits", RESOLUTION, 1, max_images=32, cache_dir=tmp_path)
+    codec = load_codec(root / "vae")
+    first = load_latents(data, codec, True, cache_dir=tmp_path)
+    assert first.mean.shape == first.flipped_mean.shape == (32, 4, 4, 4)
+
+    def no_encoding(images):
+        raise AssertionError("encoded again")
+
+    encode, codec.encode = codec.encode, no_encoding
+    again = load_latents(data, codec, True, cache_dir=tmp_path)  # read, not encoded
+    assert torch.equal(again.mean, first.mean) and torch.equal(again.std, first.std)
+    codec.encode = encode
+    first.cache_file.write_bytes(first.cache_file.read_bytes()[:100])  # cut short
+    rebuilt = load_latents(data, codec, True, cache_dir=tmp_path)
+    assert "is damaged" in caplog.text and "rebuilding it" in caplog.text
+    assert torch.equal(rebuilt.mean, first.mean)
+    # Without flips the key differs: another file, without the mirror images.
+    plain = load_latents(data, codec, False, cache_dir=tmp_path)
+    assert plain.cache_file != first.cache_file and plain.flipped_mean is None
+
+
+def test_sample_py_decodes_and_does_not_depend_on_the_batch_size(latent_run, tmp_path) -> None:
+    flags = ["--num-samples=5", "--num-steps=3", "--guidance-scale=1.5"]
+    five, labels = sample_export(latent_run / "pipeline", tmp_path / "b5", *flags, "--batch-size=5")
+    two, _ = sample_export(latent_run / "pipeline", tmp_path / "b2", *flags, "--batch-size=2")
+    assert five.shape == (5, RESOLUTION, RESOLUTION, 1) and five.dtype == np.uint8
+    assert np.array_equal(five, two) and labels.tolist() == [0, 1, 2, 3, 4]
+    # A checkpoint of the run samples the same (its VAE read from --vae's folder).
+    ckpt, _ = sample_export(latent_run / "checkpoints" / "checkpoint-4", tmp_path / "c", *flags)
+    assert np.array_equal(ckpt, five)
+    loaded = load_for_sampling(latent_run / "pipeline")
+    assert (loaded.channels, loaded.resolution) == (1, RESOLUTION) and loaded.codec is not None
+
+
+def test_two_processes_sample_the_latent_model_as_one_does(latent_run, tmp_path) -> None:
+    flags = ["--num-samples=6", "--batch-size=2", "--num-steps=3"]
+    one, _ = sample_export(latent_run / "pipeline", tmp_path / "one", *flags)
+    launch_two_processes(["sample.py", str(latent_run / "pipeline"),
+                          f"--output-dir={tmp_path / 'two'}", *flags], tmp_path)  # fmt: skip
+    with np.load(tmp_path / "two" / "samples.npz") as two:
+        assert np.array_equal(two["arr_0"], one)
+
+
+def test_the_export_runs_in_diffusers_and_reproduces_sample_py(latent_run, tmp_path) -> None:
+    """The shipped pipeline (trust_remote_code) at guidance 1.5 and diffusers' own DiTPipeline
+    at guidance 1 (where it fits: it guides with class 1000 as "no class"), from the same
+    seeds, draw sample.py's images."""
+    folder = latent_run / "pipeline"
+    flags = ["--num-samples=3", "--num-steps=4", "--scheduler=ddim", "--eta=0"]
+    guided, labels = sample_export(folder, tmp_path / "g", *flags, "--guidance-scale=1.5")
+    plain, _ = sample_export(folder, tmp_path / "p", *flags, "--guidance-scale=1")
+    script = f"""
+import sys, numpy as np, torch
+sys.path = [p for p in sys.path if p not in ("", "{REPO}")]
+from diffusers import (AutoencoderKL, DDIMScheduler, DiffusionPipeline, DiTPipeline,
+                       DiTTransformer2DModel)
+folder = "{folder}"
+seeds = {[sample_seed(0, k) for k in range(3)]}
+gens = lambda: [torch.Generator().manual_seed(s) for s in seeds]
+pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True, use_safetensors=True)
+pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+ours = pipe(class_labels={labels.tolist()}, guidance_scale=1.5, num_inference_steps=4,
+            generator=gens(), output_type="np").images
+dit = DiTPipeline(transformer=DiTTransformer2DModel.from_pretrained(folder + "/transformer",
+                                                                 use_safetensors=True),
+                  vae=AutoencoderKL.from_pretrained(folder + "/vae", use_safetensors=True),
+                  scheduler=DDIMScheduler.from_pretrained(folder + "/scheduler"))
+stock = dit(class_labels={labels.tolist()}, guidance_scale=1.0, num_inference_steps=4,
+            generator=gens(), output_type="np").images
+np.save("{tmp_path / "ours.npy"}", ours)
+np.save("{tmp_path / "stock.npy"}", stock)
+print(type(pipe).__name__, type(pipe.vae).__name__)
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "GuidedDDPMPipeline AutoencoderKL" in done.stdout
+    for name, expected in (("ours", guided), ("stock", plain)):
+        theirs = np.round(np.load(tmp_path / f"{name}.npy") * 255)
+        assert theirs.shape == expected.shape
+        assert np.abs(theirs - expected.astype(np.float64)).max() <= 1, name  # up to rounding
+
+
+def test_a_resumed_latent_run_ends_bit_identical(root: Path, latent_run: Path, tmp_path) -> None:
+    """Posterior samples and flips come from each step's seeded generator: a run stopped at
+    step 2 and resumed ends with the weights of the run that never stopped."""
+    out, preset = tmp_path / "resumed", root / "tiny_dit.json"
+    train(latent_args(out, preset, root / "vae", "--max-steps", "2", "--sample-every", "0"))
+    train(latent_args(out, preset, root / "vae", "--sample-every", "0"))
+    for name in ("model", "ema"):
+        ours = load_file(out / "checkpoints" / "checkpoint-4" / f"{name}.safetensors")
+        theirs = load_file(latent_run / "checkpoints" / "checkpoint-4" / f"{name}.safetensors")
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), name
+
+
+def test_resume_refuses_a_vae_the_checkpoint_was_not_trained_with(root, latent_run, tmp_path):
+    preset = root / "tiny_dit.json"
+    pixels = tmp_path / "pixels"
+    train(latent_args(pixels, preset, None, "--max-steps", "2", "--sample-every", "0"))
+    before = files_under(pixels)
+    with pytest.raises(InputError, match="trained on pixels.*this run gives --vae") as refused:
+        train(latent_args(pixels, preset, root / "vae", "--max-steps", "4"))
+    assert str(refused.value).startswith("--vae: ") and "--resume none" in str(refused.value)
+    assert files_under(pixels) == before
+    # The latent run resumed without its VAE, or with another one: refused, nothing written.
+    before = files_under(latent_run)
+    with pytest.raises(InputError, match="trained on the latents of --vae"):
+        train(latent_args(latent_run, preset, None, "--max-steps", "6"))
+    other = make_vae(tmp_path / "other_vae", seed=1)
+    with pytest.raises(InputError, match="sha256"):
+        train(latent_args(latent_run, preset, other, "--max-steps", "6"))
+    assert files_under(latent_run) == before
+
+
+def test_bad_vaes_are_refused_naming_the_fix_before_anything_is_written(root, tmp_path):
+    preset = root / "tiny_dit.json"
+    not_a_vae = tmp_path / "dit"
+    DiTTransformer2DModel(**TINY_DIT, in_channels=4, sample_size=4).save_pretrained(not_a_vae)
+    pickled = tmp_path / "pickled"
+    make_vae(pickled, scale=True)
+    (pickled / "diffusion_pytorch_model.safetensors").unlink()
+    torch.save({}, pickled / "diffusion_pytorch_model.bin")
+    colour = make_vae(tmp_path / "rgb", in_channels=3)
+    cases = [
+        (not_a_vae, [], "holds a DiTTransformer2DModel, not an AutoencoderKL"),
+        (pickled, [], "only as a pickle.*Convert it once"),
+        (colour, [], "encodes 3-channel images and the data has 1: pass --channels 3"),
+        (root / "vae", ["--resolution", "18"], "not a multiple of it: pass --resolution 16"),
+        (root / "vae", ["--resolution", "4"], "denoises the VAE's 1x1 latent grid"),
+        (tmp_path / "missing", [], "does not exist"),
+        ("nobody/no-such-vae", [], "hub is offline here"),
+    ]
+    for vae, extra, message in cases:
+        out = tmp_path / f"run-{Path(vae).name}"
+        with pytest.raises(InputError, match=message) as refused:
+            train([*latent_args(out, preset, Path(vae)), *extra])
+        assert str(refused.value).startswith("--vae: ")
+        assert not out.exists(), vae
+
+
+def test_an_edm_unet_on_latents_exports_a_pipeline_that_decodes(root: Path, tmp_path) -> None:
+    """Any objective, any backbone: an unconditional EDM UNet on the latents; its export (the
+    VAE byte for byte, the EDMPipeline code) draws sample.py's images in diffusers."""
+    from diffusers import DiffusionPipeline
+
+    out = tmp_path / "edm"
+    train(["--objective", "edm", "--preset", str(tiny_preset(tmp_path)), "--vae", str(root / "vae"),
+           "--resolution", str(RESOLUTION), "--max-images", "32", "--max-steps", "2",
+           "--batch-size", "8", "--sample-every", "0", "--num-sample-images", "4",
+           "--sample-steps", "2", "--report-to", "none", "--output-dir", str(out)])  # fmt: skip
+    pipeline = out / "pipeline"
+    vae_bytes = (root / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert (pipeline / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == vae_bytes
+    images, _ = sample_export(pipeline, tmp_path / "s", "--num-samples=2", "--num-steps=2")
+    assert images.shape == (2, RESOLUTION, RESOLUTION, 1)
+    pipe = DiffusionPipeline.from_pretrained(pipeline, trust_remote_code=True,
+                                             use_safetensors=True)  # fmt: skip
+    assert type(pipe).__name__ == "EDMPipeline" and pipe.vae is not None
+    theirs = pipe(batch_size=2, num_inference_steps=2, output_type="np",
+                  generator=[torch.Generator().manual_seed(sample_seed(0, k)) for k in range(2)],
+                  ).images  # fmt: skip
+    assert np.abs(np.round(theirs * 255) - images).max() <= 1
+    # Fine-tuning it needs its VAE: without --vae, refused naming it.
+    with pytest.raises(InputError, match="--init-from: .*trained on the latents of --vae"):
+        train(["--objective", "edm", "--init-from", str(pipeline), "--resolution",
+               str(RESOLUTION), "--max-images", "32", "--max-steps", "1", "--batch-size", "8",
+               "--report-to", "none", "--output-dir", str(tmp_path / "tuned")])  # fmt: skip
+    assert not (tmp_path / "tuned").exists()
+
+
+def test_a_hub_id_names_a_vae_through_the_hub_cache(root: Path, tmp_path, monkeypatch) -> None:
+    """--vae owner/name: the cached snapshot (offline), here a pipeline repository whose
+    AutoencoderKL is its vae/ (as Stable Diffusion's repositories hold theirs)."""
+    from huggingface_hub import constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    storage = tmp_path / "hub" / "models--someone--tiny-sd"
+    snapshot = storage / "snapshots" / commit
+    shutil.copytree(root / "vae", snapshot / "vae")
+    (snapshot / "model_index.json").write_text("{}")
+    (storage / "refs").mkdir(parents=True)
+    (storage / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    out = tmp_path / "run"
+    train(["--vae", "someone/tiny-sd", "--preset", str(tiny_preset(tmp_path)),
+           "--resolution", str(RESOLUTION), "--max-images", "32", "--max-steps", "1",
+           "--batch-size", "8", "--sample-every", "0", "--num-sample-images", "2",
+           "--sample-steps", "2", "--report-to", "none", "--output-dir", str(out)])  # fmt: skip
+    latent = json.loads((out / "pipeline" / "task.json").read_text())["latent"]
+    assert latent["vae"] == "someone/tiny-sd"
+    assert latent["sha256"] == load_codec(root / "vae").sha256
+
+
+def test_latents_that_cannot_fit_in_memory_are_refused_before_encoding() -> None:
+    imagenet = 1_281_167  # 256x256 through an 8x VAE: 4x32x32 latents
+    check_latents_fit(imagenet, (4, 32, 32), False, 128 * 2**30)  # 39 GiB of 128: fits
+    with pytest.raises(InputError, match="--max-images: .*78.2 GiB .*at most --max-images"):
+        check_latents_fit(imagenet, (4, 32, 32), True, 80 * 2**30)
