@@ -15,7 +15,13 @@ from ddp_utils.data.batches import (
     make_batches,
     to_float,
 )
-from ddp_utils.data.load import DataLoading, ImageData, StreamSource, load_image_data
+from ddp_utils.data.load import (
+    DataLoading,
+    ImageData,
+    StreamSource,
+    hold_out_last,
+    load_image_data,
+)
 
 __all__ = [
     "Batch",
@@ -26,6 +32,7 @@ __all__ = [
     "StreamSource",
     "StreamingBatches",
     "batch_indices",
+    "hold_out_last",
     "load_image_data",
     "make_batches",
     "to_float",
