@@ -8,8 +8,8 @@ No perceptual (LPIPS) or adversarial term: no package here ships LPIPS weights o
 
     # the digits at 32x32 -> 8x8x4 latents, ~10 minutes on one CPU core:
     python train_autoencoder.py --resolution 32 --output-dir runs/ae-digits
-    # the Stable Diffusion VAE's shape (8x downsampling, 4 latent channels), on a GPU:
-    python train_autoencoder.py --preset sd-vae --dataset cifar10 --resolution 256 \
+    # the Stable Diffusion VAE's shape (8x downsampling, 4 latent channels), on GPUs:
+    python train_autoencoder.py --preset sd-vae --dataset path/to/images --resolution 256 \
         --mixed-precision bf16 --output-dir runs/sd-vae
     # two processes on one machine (CPU, gloo); see the README for GPUs and nodes:
     ACCELERATE_USE_CPU=true accelerate launch --config_file accelerate_configs/cpu_2proc.yaml \
@@ -60,7 +60,7 @@ class AutoencoderConfig(TrainConfig):
     )
     reconstruction_loss: ReconstructionLoss = option(
         "l1",
-        "per-pixel reconstruction error: l1 (the default, as LDM's autoencoders: sharper "
+        "per-pixel reconstruction error: l1 (as LDM's autoencoders: sharper "
         "edges than mse, which averages plausible images into a blur) or mse",
         section=SECTION,
     )
@@ -89,6 +89,11 @@ class AutoencoderConfig(TrainConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         require(self.kl_weight >= 0, f"--kl-weight must be >= 0, got {self.kl_weight}")
+        require(
+            self.eval_every == 0,
+            "--eval-every scores generated samples (FID); an autoencoder generates none: drop "
+            "it (held-out PSNR/SSIM are measured at the export, reconstruction.json)",
+        )
         require(
             self.num_sample_images <= self.num_holdout,
             f"--num-sample-images ({self.num_sample_images}) shows held-out images: it must be "

@@ -151,6 +151,7 @@ def test_sd_vae_preset_has_the_published_sd_vae_parameter_count():
         (["--num-holdout=240"], r"--num-holdout: must be between 1 and 239"),
         (["--num-sample-images=32"], r"--num-sample-images \(32\) .* at most --num-holdout"),
         (["--kl-weight=-1"], r"--kl-weight must be >= 0"),
+        (["--eval-every=10"], r"--eval-every scores generated samples .* drop it"),
     ],
 )
 def test_bad_flags_are_refused_before_any_work(tmp_path, capsys, flags, message):
