@@ -61,7 +61,8 @@ class AutoencoderConfig(TrainConfig):
     reconstruction_loss: ReconstructionLoss = option(
         "l1",
         "per-pixel reconstruction error: l1 (as LDM's autoencoders: sharper "
-        "edges than mse, which averages plausible images into a blur) or mse",
+        "edges than mse, which averages plausible images into a blur) or mse; there is no "
+        "perceptual (LPIPS) term: no package here ships its weights offline",
         section=SECTION,
     )
     kl_weight: float = option(
