@@ -1,9 +1,10 @@
 """The autoencoder as a method of the training loop: its loss, pictures, figures and export.
 
-Loss per image (LDM's, Rombach et al. 2022, section 3 and appendix G, divided by the number of
-pixel values C*H*W so the reconstruction term reads as a mean error per pixel):
+Loss per image: LDM's autoencoder loss (Rombach et al. 2022, section 3.1) without its
+perceptual and GAN terms, divided by the number of pixel values C*H*W so that the
+reconstruction term reads as a mean error per pixel (the same `kl_weight` as LDM's):
 
-    |x - D(z)| (or (x - D(z))^2) averaged over pixels  +  kl_weight * KL(q(z|x) || N(0, I)) / (C*H*W)
+    mean over pixels of |x - D(z)| (or (x - D(z))^2)  +  kl_weight * KL(q(z|x) || N(0, I)) / (C*H*W)
 
 with z ~ q(z|x) = N(mean(x), diag(exp(logvar(x)))) drawn from the step's seeded generator.
 There is no perceptual (LPIPS) or adversarial term: LPIPS needs VGG/AlexNet weights that no
