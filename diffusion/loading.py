@@ -11,6 +11,7 @@ Accepted paths, told apart by the files they hold:
 - a checkpoint folder (`state.json`): rebuilt from the config stored in the checkpoint;
 - a run directory: its export if present, else its latest intact checkpoint;
 - a `checkpoints/` folder: its latest intact checkpoint.
+An export or checkpoint of train_autoencoder.py is refused, saying to use it as `--vae`.
 Weights are only ever read from safetensors.
 """
 
