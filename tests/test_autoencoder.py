@@ -26,7 +26,7 @@ from ddp_utils.errors import InputError
 from ddp_utils.tracking import read_metrics
 from diffusion.autoencoder.presets import build_autoencoder
 from diffusion.autoencoder.quality import SSIM_C1, psnr, ssim
-from tests.tiny_runs import fresh_accelerate_state
+from tests.tiny_runs import fresh_accelerate_state, launch_two_processes
 
 RES = 16
 NUM_HOLDOUT = 16
@@ -133,6 +133,25 @@ def test_rerun_after_a_kill_resumes_bit_exact(trained, tmp_path, capsys):
     a = load_file(trained / "model" / "diffusion_pytorch_model.safetensors")
     b = load_file(run / "model" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+@pytest.mark.slow
+def test_two_processes_train_through_ddp(tmp_path):
+    """DDP synchronises what forward computed: the loss (reconstruction and KL) comes from one
+    call of the training autoencoder's forward. Same held-out images on both ranks."""
+    run = tmp_path / "run"
+    flags = [f for f in ARGS if not f.startswith(("--max-steps", "--batch-size", "--log-every"))]
+    log = launch_two_processes(
+        ["train_autoencoder.py", *flags, "--max-steps=2", "--batch-size=8", "--log-every=1",
+         f"--output-dir={run}"],
+        tmp_path,
+    )  # fmt: skip
+    assert "per device 8 x 2 processes" in log
+    state = json.loads((run / "checkpoints" / "checkpoint-2" / "state.json").read_text())
+    assert state["num_processes"] == 2
+    assert [m["step"] for m in read_metrics(run / "metrics.jsonl")] == [1, 2, 2]
+    assert json.loads((run / "model" / "reconstruction.json").read_text())["num_images"] == 16
+    AutoencoderKL.from_pretrained(run / "model")
 
 
 def test_sd_vae_preset_has_the_published_sd_vae_parameter_count():
