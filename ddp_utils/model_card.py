@@ -32,9 +32,9 @@ TEMPLATE = """---
 {% endfor %}
 {% if grid %}![samples](samples.png)
 
-Samples from fixed seeds at the end of training.
+{{ grid_caption }}
 {% endif %}
-## Sampling
+## {% if generates %}Sampling{% else %}Use{% endif %}
 
 {{ sampler }}
 
@@ -42,7 +42,7 @@ Samples from fixed seeds at the end of training.
 {{ how_to_load }}
 ```
 
-Made with ddp-diffusion (`train_{{ script }}.py`); its `python sample.py <this folder>` samples it too.
+Made with ddp-diffusion (`train_{{ script }}.py`){% if generates %}; its `python sample.py <this folder>` samples it too{% endif %}.
 """
 
 
@@ -61,6 +61,8 @@ class CardFacts:
     fid_samples: int | None = None
     tags: list[str] = field(default_factory=list)
     class_conditional: bool = False  # the hub's task: class-conditional or unconditional
+    generates: bool = True  # a generative model (sample.py samples it), not an autoencoder
+    grid_caption: str = "Samples from fixed seeds at the end of training."
 
 
 def hub_task(card: CardFacts) -> str:
@@ -92,7 +94,7 @@ def write_model_card(folder: Path, card: CardFacts, grid: np.ndarray | None) -> 
         datasets=[card.dataset] if card.dataset else None,
         eval_results=eval_results,
         model_name=card.title,
-        pipeline_tag=None if card.class_conditional else hub_task(card),
+        pipeline_tag=None if card.class_conditional or not card.generates else hub_task(card),
     )
     if grid is not None:
         Image.fromarray(grid).save(folder / GRID_FILE)
@@ -103,6 +105,8 @@ def write_model_card(folder: Path, card: CardFacts, grid: np.ndarray | None) -> 
         summary=card.summary,
         facts=card.facts,
         grid=grid is not None,
+        grid_caption=card.grid_caption,
+        generates=card.generates,
         sampler=card.sampler,
         how_to_load=card.how_to_load,
         script=card.script,

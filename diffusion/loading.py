@@ -11,6 +11,7 @@ Accepted paths, told apart by the files they hold:
 - a checkpoint folder (`state.json`): rebuilt from the config stored in the checkpoint;
 - a run directory: its export if present, else its latest intact checkpoint;
 - a `checkpoints/` folder: its latest intact checkpoint.
+An export or checkpoint of train_autoencoder.py is refused, saying to use it as `--vae`.
 Weights are only ever read from safetensors.
 """
 
@@ -29,6 +30,7 @@ from ddp_utils.checkpoint import find_resume_checkpoint, read_checkpoint
 from ddp_utils.errors import InputError
 from ddp_utils.export import TASK_FILE, check_value_range, read_task_file, verify_checksums
 from diffusion.codecs import LatentCodec, codec_changes, codec_from_export, load_codec
+from diffusion.kinds.registry import kind_named
 from diffusion.networks import BACKBONE_CLASSES, prepare_loaded, sample_shape
 
 logger = logging.getLogger(__name__)
@@ -254,6 +256,7 @@ def _from_export(folder: Path) -> LoadedModel:
             f"{folder} has a config.json but no {TASK_FILE}: not an export of this toolkit "
             "(a DDPM export is a pipeline folder with model_index.json)"
         )
+    kind_named(task["task"], folder)  # an autoencoder's export is refused here, saying why
     model = load_model(folder)
     channels = int(model.config.in_channels)
     loaded = LoadedModel(
@@ -271,6 +274,7 @@ def _from_export(folder: Path) -> LoadedModel:
 def _from_checkpoint(folder: Path, weights: Weights) -> LoadedModel:
     ckpt = read_checkpoint(folder)
     state = ckpt.state
+    kind_named(state.get("task"), ckpt.path)  # an autoencoder's checkpoint: refused, saying why
     cls = _model_class(state["model_class"])
     model = prepare_loaded(cls.from_config(state["model_config"]))
     key = "ema" if weights == "ema" and "ema" in ckpt.tensors else "model"

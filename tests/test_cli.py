@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {
     "train_basic": "BasicConfig",
     "train_ddpm": "DDPMConfig",
+    "train_autoencoder": "AutoencoderConfig",
     "sample": "SampleConfig",
     "evaluate": "EvalConfig",
 }
@@ -293,9 +294,15 @@ def console_scripts() -> dict[str, str]:
     return pyproject["project"]["scripts"]
 
 
-def test_console_scripts_are_the_four_scripts_with_their_exit_codes(monkeypatch, capsys):
+def test_console_scripts_are_the_five_scripts_with_their_exit_codes(monkeypatch, capsys):
     scripts = console_scripts()
-    assert set(scripts) == {"ddp-train-basic", "ddp-train-ddpm", "ddp-sample", "ddp-evaluate"}
+    assert set(scripts) == {
+        "ddp-train-basic",
+        "ddp-train-ddpm",
+        "ddp-train-autoencoder",
+        "ddp-sample",
+        "ddp-evaluate",
+    }
     for command, target in scripts.items():
         module_name, _, function = target.partition(":")
         entry = getattr(importlib.import_module(module_name), function)

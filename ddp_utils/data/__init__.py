@@ -27,6 +27,7 @@ from ddp_utils.data.load import (
     DataLoading,
     ImageData,
     StreamSource,
+    hold_out_last,
     load_image_data,
     memory_bytes,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "StreamingBatches",
     "batch_indices",
     "check_latents_fit",
+    "hold_out_last",
     "load_image_data",
     "load_latents",
     "make_batches",

@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -309,3 +309,52 @@ def _report(skipped: list[str], num_upscaled: int, resolution: int) -> None:
             num_upscaled,
             resolution,
         )
+
+
+def hold_out_last(data: ImageData, num_images: int) -> tuple[ImageData, torch.Tensor]:
+    """Split off the last `num_images` images: (the data to train on, their uint8 images).
+
+    The training data is the same dataset cut short, so its batch order stays a pure function
+    of (seed, micro-step, rank): exact resume and the same batches on 1 or N processes. Its
+    fingerprint says what was cut, so caches keyed by it never mix the two sets. Streamed data
+    decodes the held-out rows here (and trains on the rows before them).
+    """
+    total = data.num_images
+    if not 1 <= num_images < total:
+        raise InputError(
+            f"must be between 1 and {total - 1} for a dataset of {total} images, got {num_images}",
+            "num_holdout",
+        )
+    fingerprint = f"{data.fingerprint}-without-last-{num_images}"
+    if data.stream is None:
+        kept = total - num_images
+        labels = None if data.labels is None else data.labels[:kept]
+        held_out = data.images[kept:]
+        train = replace(data, images=data.images[:kept], fingerprint=fingerprint, labels=labels)
+        return train, held_out
+    stream = data.stream
+    kept = len(stream.dataset) - num_images
+    decoded = decode_all(
+        stream.dataset.select(range(kept, len(stream.dataset))),
+        stream.image_column,
+        stream.resolution,
+        stream.channels,
+        stream.center_crop,
+    )[0]
+    if len(decoded) == 0:
+        raise InputError(f"none of the last {num_images} images could be read", "num_holdout")
+    stream = replace(
+        stream,
+        dataset=stream.dataset.select(range(kept)),
+        labels=None if stream.labels is None else stream.labels[:kept],
+    )
+    num_preview = min(len(data.images), kept)
+    labels = None if data.labels is None else data.labels[:num_preview]
+    train = replace(
+        data,
+        images=data.images[:num_preview],
+        fingerprint=fingerprint,
+        stream=stream,
+        labels=labels,
+    )
+    return train, torch.from_numpy(decoded)

@@ -85,6 +85,17 @@ def decoding(draw: Draw, codec: LatentCodec | None, device: torch.device | str) 
 
 KINDS: dict[str, Kind] = {}
 
+# Exports of this toolkit that hold no diffusion model, by the task their task.json records:
+# what the folder is and what to do with it. Sampling and --init-from refuse them with this.
+AUTOENCODER_TASK = "autoencoder"
+NOT_DIFFUSION_MODELS: dict[str, str] = {
+    AUTOENCODER_TASK: (
+        "an autoencoder (a diffusers AutoencoderKL, from train_autoencoder.py), not a diffusion "
+        "model: it encodes and decodes images but does not generate them. Give it to a latent "
+        "diffusion run as --vae <folder>, or load it with AutoencoderKL.from_pretrained"
+    ),
+}
+
 
 def register(kind: Kind) -> Kind:
     KINDS[kind.name] = kind
@@ -92,9 +103,12 @@ def register(kind: Kind) -> Kind:
 
 
 def kind_named(name: str | None, source: object) -> Kind:
-    """The kind a model folder, checkpoint or task.json records; unknown names are refused."""
+    """The kind a model folder, checkpoint or task.json records; unknown names are refused, and
+    so are the toolkit's exports that are not diffusion models (saying what to do instead)."""
     import diffusion.kinds  # noqa: F401  (registers every kind)
 
+    if name in NOT_DIFFUSION_MODELS:
+        raise InputError(f"{source} holds {NOT_DIFFUSION_MODELS[name]}")
     if name not in KINDS:
         raise InputError(
             f"{source} holds a model of unknown kind {name!r}; this toolkit knows "
