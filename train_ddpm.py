@@ -102,7 +102,7 @@ class DDPMConfig(ConditioningOptions, EDMOptions, DDPMOptions, TrainConfig):
         "config",
         "with --vae, what latents are multiplied by: config: the VAE config's scaling_factor "
         "(measured when it has none); measure: 1 / their standard deviation over the data "
-        "(for a VAE whose config holds another's default, e.g. diffusers' 0.18215)",
+        "(for a VAE whose config holds another VAE's number, e.g. diffusers' 0.18215)",
     )
     # Training.
     learning_rate: float = option(4e-4, "peak learning rate")
