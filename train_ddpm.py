@@ -57,6 +57,7 @@ from diffusion.sampling import (
 from evaluation.during_training import training_evaluator
 
 Objective = Literal["ddpm", "edm"]
+LatentScale = Literal["config", "measure"]
 
 
 @dataclass
@@ -96,6 +97,12 @@ class DDPMConfig(ConditioningOptions, EDMOptions, DDPMOptions, TrainConfig):
         "export, a pipeline's vae/, or a hub id, as --init-from) encodes the data once (cached); "
         "the network denoises its latents and samples are decoded; frozen, in the run's "
         "precision; its config's scaling_factor, else one measured on the data",
+    )
+    latent_scale: LatentScale = option(
+        "config",
+        "with --vae, what latents are multiplied by: config: the VAE config's scaling_factor "
+        "(measured when it has none); measure: 1 / their standard deviation over the data "
+        "(for a VAE whose config holds another VAE's number, e.g. diffusers' 0.18215)",
     )
     # Training.
     learning_rate: float = option(4e-4, "peak learning rate")
@@ -170,6 +177,10 @@ class DDPMConfig(ConditioningOptions, EDMOptions, DDPMOptions, TrainConfig):
             f"--sample-eta applies to --sample-scheduler ddim only, got {self.sample_scheduler}",
         )
         self.check_conditioning_options()
+        require(
+            self.vae is not None or self.latent_scale == "config",
+            "--latent-scale applies to latent models only: add --vae",
+        )
 
 
 def train(cfg: DDPMConfig) -> Run:

@@ -282,18 +282,31 @@ def run_codec(run: Run) -> LatentCodec | None:
                       cfg.random_flip, memory)  # fmt: skip
     codec.to(run.accelerator.device)
     latents = load_latents(run.data, codec, cfg.random_flip, run.accelerator)
-    if saved is not None:
+    measured = measured_scale(latents.mean, latents.std)
+    if saved is not None:  # a resumed run keeps the scale it was trained with
         codec.set_scale(saved["scaling_factor"])
-    elif codec.scaling_factor is None:
-        codec.set_scale(measured_scale(latents.mean, latents.std))
+    elif cfg.latent_scale == "measure" or codec.scaling_factor is None:
+        reason = "--latent-scale measure" if codec.scaling_factor else "its config has none"
+        codec.set_scale(measured)
         logger.info(
-            "latents: %s has no scaling_factor; measured on the data: %.5g (recorded in the "
-            "export's vae/config.json and task.json)",
-            cfg.vae,
-            codec.scaling_factor,
+            "latents: scale measured on the data (%s): %.5g (recorded in the export's "
+            "vae/config.json and task.json)",
+            reason,
+            measured,
         )
     else:
         codec.set_scale(codec.scaling_factor)
+        spread = codec.scaling_factor / measured  # the standard deviation of scaled latents
+        if not 0.5 <= spread <= 2:
+            logger.warning(
+                "latents: %s's scaling_factor %.5g leaves the latents with standard deviation "
+                "%.3g, far from 1 (a default of another VAE?); --latent-scale measure would "
+                "use %.5g",
+                cfg.vae,
+                codec.scaling_factor,
+                spread,
+                measured,
+            )
     latents.scale, latents.shift = codec.scaling_factor, codec.shift_factor
     run.latents = latents
     logger.info(

@@ -332,3 +332,20 @@ def test_latents_that_cannot_fit_in_memory_are_refused_before_encoding() -> None
     check_latents_fit(imagenet, (4, 32, 32), False, 128 * 2**30)  # 39 GiB of 128: fits
     with pytest.raises(InputError, match="--max-images: .*78.2 GiB .*at most --max-images"):
         check_latents_fit(imagenet, (4, 32, 32), True, 80 * 2**30)
+
+
+def test_latent_scale_measure_replaces_the_configs_default(latent_run: Path, tmp_path) -> None:
+    """diffusers writes scaling_factor 0.18215 (Stable Diffusion's) into every AutoencoderKL
+    config: --latent-scale measure uses 1 / the latents' standard deviation instead."""
+    vae = make_vae(tmp_path / "vae", scale=True)
+    out = tmp_path / "run"
+    train(["--vae", str(vae), "--latent-scale", "measure", "--preset", str(tiny_preset(tmp_path)),
+           "--resolution", str(RESOLUTION), "--max-images", "32", "--max-steps", "1",
+           "--batch-size", "8", "--sample-every", "0", "--num-sample-images", "2",
+           "--sample-steps", "2", "--report-to", "none", "--output-dir", str(out)])  # fmt: skip
+    scale = json.loads((out / "pipeline" / "task.json").read_text())["latent"]["scaling_factor"]
+    measured = json.loads((latent_run / "pipeline" / "task.json").read_text())["latent"]
+    assert scale == pytest.approx(measured["scaling_factor"], rel=1e-6) and scale != 0.18215
+    assert json.loads((out / "pipeline" / "vae" / "config.json").read_text())[
+        "scaling_factor"
+    ] == pytest.approx(scale)
