@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -24,8 +25,8 @@ from safetensors.torch import load_file
 import sample
 import train_ddpm
 from ddp_utils.config import parse_config
+from ddp_utils.data import LatentBatches, LatentData, batch_indices, load_image_data, load_latents
 from ddp_utils.data import latents as latent_cache
-from ddp_utils.data import load_image_data, load_latents
 from ddp_utils.errors import InputError
 from ddp_utils.images import make_grid, upscale
 from ddp_utils.tracking import MIN_PICTURE_SIDE
@@ -192,6 +193,28 @@ def test_float16_latents_give_the_float32_samples_up_to_rounding(root, tmp_path)
     spread = np.sqrt(full.variance)
     assert error.max() / spread < 2.5e-3 and error.mean() / spread < 2e-4
     assert half.variance == full.variance  # measured on the float32 encodings
+
+
+def test_latent_batches_gather_the_stateless_order_and_split_it_across_ranks() -> None:
+    """Rows gathered on the host follow `batch_indices`; two ranks' batches of a step are the
+    one-process batch cut in two (std 0: z is the mean itself)."""
+    mean = np.arange(10 * 4, dtype=np.float16).reshape(10, 4, 1, 1)
+    latents = LatentData(mean, np.zeros_like(mean), None, None, Path("unused"), 1.0)
+    data = SimpleNamespace(labels=torch.arange(10) % 3)
+
+    def source(world: int, rank: int, batch: int) -> LatentBatches:
+        accelerator = SimpleNamespace(num_processes=world, process_index=rank,
+                                      device=torch.device("cpu"))  # fmt: skip
+        return LatentBatches(data, latents, batch, accelerator, 0, (-1.0, 1.0), False)
+
+    for step in range(4):  # 24 images of a 10-image epoch: crosses epochs
+        one = source(1, 0, 6).get(step, torch.Generator().manual_seed(step))
+        rows = batch_indices(step, 10, 6, 1, 0, 0).numpy()
+        assert torch.equal(one.images, torch.from_numpy(mean[rows].astype(np.float32)))
+        assert torch.equal(one.labels, data.labels[rows])
+        parts = [source(2, rank, 3).get(step, torch.Generator()) for rank in range(2)]
+        assert torch.equal(torch.cat([part.images for part in parts]), one.images)
+        assert torch.equal(torch.cat([part.labels for part in parts]), one.labels)
 
 
 def test_a_cache_the_disk_cannot_hold_is_refused_before_encoding(root, tmp_path, monkeypatch):
