@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol, get_args
@@ -169,7 +170,12 @@ def encode_into(
     }
     # Var(mean) + E[std^2] over the data, summed in float64 from the float32 encodings.
     total, total_sq, total_var = 0.0, 0.0, 0.0
+    began = reported = time.monotonic()
     for start in range(0, len(images), ENCODE_ROWS):
+        if time.monotonic() - reported > 60:  # ImageNet takes a while: say how far it is
+            reported = time.monotonic()
+            logger.info("latents: %d of %d images encoded (%.0f images/s)", start,
+                        len(images), start / (reported - began))  # fmt: skip
         pixels = to_pixels(images[start : start + ENCODE_ROWS])
         views = {"": pixels, "flipped_": pixels.flip(3)} if random_flip else {"": pixels}
         for prefix, view in views.items():
