@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -222,11 +223,10 @@ def check_against(codec: LatentCodec, channels: int, resolution: int) -> list[st
     return problems
 
 
-def measured_scale(mean: torch.Tensor, std: torch.Tensor) -> float:
-    """1 / the standard deviation of posterior samples over the data: Var = Var(mean) +
-    E[std^2] (Rombach et al. 2022 take 1 / std of one batch of samples)."""
-    variance = mean.double().var() + std.double().pow(2).mean()
-    return float(1.0 / variance.clamp_min(1e-12).sqrt())
+def measured_scale(variance: float) -> float:
+    """1 / the standard deviation of posterior samples over the data, from their variance
+    Var(mean) + E[std^2] (Rombach et al. 2022 take 1 / std of one batch of samples)."""
+    return 1.0 / math.sqrt(max(variance, 1e-24))
 
 
 def codec_changes(saved: Mapping[str, Any] | None, codec: LatentCodec | None) -> list[str]:

@@ -27,7 +27,7 @@ from huggingface_hub.errors import (
 )
 from torch import nn
 
-from ddp_utils.data import check_latents_fit, load_latents, memory_bytes
+from ddp_utils.data import load_latents
 from ddp_utils.distributed import all_finite, main_process_first
 from ddp_utils.errors import InputError
 from ddp_utils.run import Run
@@ -240,8 +240,8 @@ def run_codec(run: Run) -> LatentCodec | None:
         return None
     if run.data.stream is not None:
         raise InputError(
-            "latents are encoded once into memory: use --data-loading memory (or a smaller "
-            "--max-images) with --vae",
+            "the latents are encoded from the decoded images in memory: use --data-loading "
+            "memory (or a smaller --max-images) with --vae",
             "data_loading",
         )
     source = main_process_first(
@@ -277,12 +277,9 @@ def run_codec(run: Run) -> LatentCodec | None:
                 "the --vae it was trained with, or --resume none / another --output-dir",
                 "vae",
             )
-    memory = memory_bytes(run.accelerator)
-    check_latents_fit(run.data.num_images, (latent_channels, latent_size, latent_size),
-                      cfg.random_flip, memory)  # fmt: skip
     codec.to(run.accelerator.device)
     latents = load_latents(run.data, codec, cfg.random_flip, run.accelerator)
-    measured = measured_scale(latents.mean, latents.std)
+    measured = measured_scale(latents.variance)
     if saved is not None:  # a resumed run keeps the scale it was trained with
         codec.set_scale(saved["scaling_factor"])
     elif cfg.latent_scale == "measure" or codec.scaling_factor is None:

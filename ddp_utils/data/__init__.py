@@ -20,7 +20,6 @@ from ddp_utils.data.latents import (
     Encoder,
     LatentBatches,
     LatentData,
-    check_latents_fit,
     load_latents,
 )
 from ddp_utils.data.load import (
@@ -44,7 +43,6 @@ __all__ = [
     "StreamSource",
     "StreamingBatches",
     "batch_indices",
-    "check_latents_fit",
     "hold_out_last",
     "load_image_data",
     "load_latents",

@@ -3,9 +3,16 @@ the training batches drawn from them.
 
 Generic over an `Encoder` (what has a fingerprint and turns float images into a posterior's
 mean and standard deviation; `diffusion.codecs.LatentCodec` is one). The cache is keyed by the
-data's fingerprint (source, resolution, channels, crop), the encoder's (its weights) and the
-flip policy; it is written once per node by the local main process, atomically, read back and
-verified by every process, and rebuilt (with a warning) when it is damaged or stale.
+data's fingerprint (source, resolution, channels, crop), the encoder's (its weights), the flip
+policy and the stored dtype; it is written once per node by the local main process, atomically,
+checked by every process, and rebuilt (with a warning) when it is damaged or stale.
+
+The cache is a folder of raw `.npy` arrays (`mean.npy`, `std.npy`, with flips
+`flipped_mean.npy`, `flipped_std.npy`) and a `manifest.json` (key, shape, dtype, file sizes).
+It is encoded in chunks straight into the arrays on disk, and every process maps the files
+read-only (`np.load(mmap_mode="r")`): the page cache holds one copy per node, shared by its
+processes, and only the rows a batch touches are read. ImageNet-256 through an 8x VAE is 42 GB
+in float16 with flips: it never has to fit in a process's memory, nor on a device.
 
 With random flips, both the images and their mirror images are encoded, so a flip in latent
 space is the encoding of the flipped image, exactly. A batch draws z = mean + std * eps with
@@ -18,26 +25,29 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import zipfile
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol, get_args
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 
-from ddp_utils.data.batches import Batch, BatchSource, MemoryBatches
+from ddp_utils.data.batches import Batch, BatchSource
 from ddp_utils.data.decode import default_cache_dir
 from ddp_utils.data.load import ImageData
 from ddp_utils.errors import InputError
-from ddp_utils.files import atomic_file
+from ddp_utils.files import atomic_dir, write_json
 
 logger = logging.getLogger("ddp_diffusion")
 
-LATENT_CACHE_VERSION = 1
+LATENT_CACHE_VERSION = 2  # 1: one .npz of float32 arrays, loaded whole (now ignored)
 PIXEL_RANGE = (-1.0, 1.0)  # what encoders are given
 ENCODE_ROWS = 4096  # images converted to float and handed to the encoder at a time
+CacheDtype = Literal["float16", "float32"]
+MANIFEST = "manifest.json"
 
 
 class Encoder(Protocol):
@@ -50,78 +60,143 @@ class Encoder(Protocol):
 
 @dataclass
 class LatentData:
-    """Posterior mean and std of every image (float32 (N, c, h, w)), of the mirror images too
-    when flips are on; and the affine map a batch applies: z = (sample - shift) * scale."""
+    """Posterior mean and std of every image ((N, c, h, w) arrays mapped from the cache, in its
+    dtype), of the mirror images too when flips are on; the variance of a posterior sample over
+    the data (Var(mean) + E[std^2], measured in float32 while encoding); and the affine map a
+    batch applies: z = (sample - shift) * scale."""
 
-    mean: torch.Tensor
-    std: torch.Tensor
-    flipped_mean: torch.Tensor | None
-    flipped_std: torch.Tensor | None
-    cache_file: Path
+    mean: np.ndarray
+    std: np.ndarray
+    flipped_mean: np.ndarray | None
+    flipped_std: np.ndarray | None
+    folder: Path
+    variance: float
     scale: float = 1.0
     shift: float = 0.0
 
+    def means(self, num: int) -> torch.Tensor:
+        """The posterior means of the first `num` images, float32 on the CPU."""
+        return torch.from_numpy(np.asarray(self.mean[:num], dtype=np.float32))
 
-def latent_cache_key(data: ImageData, encoder: Encoder, random_flip: bool) -> str:
+
+def latent_cache_key(
+    data: ImageData, encoder: Encoder, random_flip: bool, dtype: CacheDtype = "float16"
+) -> str:
     key = {
         "version": LATENT_CACHE_VERSION,
         "data": data.fingerprint,
         "num_images": data.num_images,
         "encoder": encoder.fingerprint,
         "flips": random_flip,
+        "dtype": dtype,
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def read_latent_cache(path: Path, key: str) -> dict[str, np.ndarray] | None:
-    """The cached arrays, or None when missing, stale or damaged (then it is rebuilt)."""
-    if not path.is_file():
+def array_names(random_flip: bool) -> list[str]:
+    return ["mean", "std"] + (["flipped_mean", "flipped_std"] if random_flip else [])
+
+
+def read_latent_cache(folder: Path, key: str, warn: bool = True) -> LatentData | None:
+    """The cached arrays, memory-mapped, or None when missing, stale or damaged (then it is
+    rebuilt). Checks the manifest against each file's header (shape, dtype) and size, never
+    the values: reading 42 GB at every start would cost minutes."""
+    if not (folder / MANIFEST).is_file():
         return None
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            if str(npz["key"]) != key:
-                return None
-            arrays = {name: npz[name] for name in npz.files if name != "key"}
-        if not all(np.isfinite(a).all() for a in arrays.values()):
-            raise ValueError("non-finite values")
-        return arrays
-    except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as err:
-        logger.warning("latent cache %s is damaged (%s); rebuilding it", path, err)
+        manifest = json.loads((folder / MANIFEST).read_text())
+        if manifest.get("key") != key:
+            return None
+        shape, dtype = tuple(manifest["shape"]), np.dtype(manifest["dtype"])
+        arrays = {}
+        for name, size in manifest["sizes"].items():
+            path = folder / f"{name}.npy"
+            if path.stat().st_size != size:
+                raise ValueError(f"{path.name} has {path.stat().st_size} bytes, not {size}")
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+            if array.shape != shape or array.dtype != dtype:
+                raise ValueError(
+                    f"{path.name} holds {array.dtype} {array.shape}, not {dtype} {shape}"
+                )
+            arrays[name] = array
+        return LatentData(
+            arrays["mean"],
+            arrays["std"],
+            arrays.get("flipped_mean"),
+            arrays.get("flipped_std"),
+            folder,
+            float(manifest["variance"]),
+        )
+    except (OSError, KeyError, TypeError, ValueError) as err:
+        if warn:
+            logger.warning("latent cache %s is damaged (%s); rebuilding it", folder, err)
         return None
 
 
-def encode_images(images: torch.Tensor, encoder: Encoder, random_flip: bool) -> dict:
-    """Encode uint8 images (N, C, H, W) (and their mirror images with flips), ENCODE_ROWS at a
-    time: the float copy of a whole dataset never sits in memory."""
+def disk_free(folder: Path) -> int:
+    """Bytes free for a new file in `folder` (made if missing)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return shutil.disk_usage(folder).free
+
+
+def check_cache_space(num_bytes: int, folder: Path) -> None:
+    """Refuse a cache the disk cannot hold, before encoding any of it."""
+    free = disk_free(folder)
+    if num_bytes > free:
+        gb = 1e9
+        raise InputError(
+            f"the latent cache needs {num_bytes / gb:,.1f} GB in {folder} and only "
+            f"{free / gb:,.1f} GB are free: set DDP_DIFFUSION_CACHE to a folder on a larger "
+            "disk (a node-local SSD: every node writes its own copy), or train on fewer images"
+        )
+
+
+def to_pixels(images: torch.Tensor) -> torch.Tensor:
     low, high = PIXEL_RANGE
-    parts: dict[str, list[torch.Tensor]] = {}
+    return images.to(torch.float32) * ((high - low) / 255.0) + low
+
+
+def encode_into(
+    tmp: Path, key: str, images: torch.Tensor, encoder: Encoder, random_flip: bool,
+    dtype: CacheDtype, latent_shape: tuple[int, ...],
+) -> None:  # fmt: skip
+    """Encode uint8 images (N, C, H, W) (and their mirror images with flips), ENCODE_ROWS at a
+    time, straight into .npy arrays in `tmp`: neither the float pixels nor the latents of the
+    whole dataset ever sit in memory. The manifest is written last."""
+    shape = (len(images), *latent_shape)
+    arrays = {
+        name: np.lib.format.open_memmap(tmp / f"{name}.npy", "w+", np.dtype(dtype), shape)
+        for name in array_names(random_flip)
+    }
+    # Var(mean) + E[std^2] over the data, summed in float64 from the float32 encodings.
+    total, total_sq, total_var = 0.0, 0.0, 0.0
+    began = reported = time.monotonic()
     for start in range(0, len(images), ENCODE_ROWS):
-        pixels = images[start : start + ENCODE_ROWS].to(torch.float32)
-        pixels = pixels * ((high - low) / 255.0) + low
+        if time.monotonic() - reported > 60:  # ImageNet takes a while: say how far it is
+            reported = time.monotonic()
+            logger.info("latents: %d of %d images encoded (%.0f images/s)", start,
+                        len(images), start / (reported - began))  # fmt: skip
+        pixels = to_pixels(images[start : start + ENCODE_ROWS])
         views = {"": pixels, "flipped_": pixels.flip(3)} if random_flip else {"": pixels}
         for prefix, view in views.items():
             mean, std = encoder.encode(view)
-            parts.setdefault(f"{prefix}mean", []).append(mean)
-            parts.setdefault(f"{prefix}std", []).append(std)
-    return {name: torch.cat(chunks).numpy() for name, chunks in parts.items()}
-
-
-def check_latents_fit(
-    num_images: int, latent_shape: tuple[int, ...], random_flip: bool, memory: int
-) -> None:
-    """Refuse latents that cannot sit in memory (mean and std, of the mirror images too with
-    flips, float32) before encoding any, naming what would fit."""
-    per_image = 4 * 2 * (2 if random_flip else 1) * int(np.prod(latent_shape))
-    if num_images * per_image > memory // 2:
-        gib = 2**30
-        fits = max(1, memory // 2 // per_image)
-        raise InputError(
-            f"the latents of {num_images:,} images take {num_images * per_image / gib:,.1f} "
-            f"GiB (posterior mean and std{', both flips' if random_flip else ''}), more than "
-            f"half of the {memory / gib:,.1f} GiB here: at most --max-images {fits:,} with "
-            "this VAE and resolution",
-            "max_images",
-        )
+            arrays[f"{prefix}mean"][start : start + len(mean)] = mean.numpy()
+            arrays[f"{prefix}std"][start : start + len(std)] = std.numpy()
+            if not prefix:
+                total += mean.double().sum().item()
+                total_sq += mean.double().square().sum().item()
+                total_var += std.double().square().sum().item()
+    count = len(images) * int(np.prod(latent_shape))
+    variance = (total_sq - total**2 / count) / max(1, count - 1) + total_var / count
+    sizes = {}
+    for name, array in arrays.items():
+        array.flush()
+        sizes[name] = (tmp / f"{name}.npy").stat().st_size
+    arrays.clear()  # unmapped: the files are complete
+    write_json(tmp / MANIFEST, {
+        "key": key, "version": LATENT_CACHE_VERSION, "shape": list(shape), "dtype": dtype,
+        "sizes": sizes, "variance": variance,
+    })  # fmt: skip
 
 
 def load_latents(
@@ -130,21 +205,30 @@ def load_latents(
     random_flip: bool,
     accelerator: Accelerator | None = None,
     cache_dir: Path | None = None,
+    dtype: CacheDtype = "float16",
 ) -> LatentData:
-    """The data's latents: encoded once per node (the local main process writes the cache,
-    the others wait and read it), or read from the cache."""
-    key = latent_cache_key(data, encoder, random_flip)
-    folder = default_cache_dir() if cache_dir is None else cache_dir
-    cache_file = folder / f"latents-{key}.npz"
+    """The data's latents, memory-mapped: encoded once per node (the local main process writes
+    the cache, the others wait and map it), or mapped from the cache."""
+    assert dtype in get_args(CacheDtype), dtype
+    key = latent_cache_key(data, encoder, random_flip, dtype)
+    folder = (default_cache_dir() if cache_dir is None else cache_dir) / f"latents-{key}"
+    local_main = accelerator is None or accelerator.is_local_main_process
+
+    def latent_shape() -> tuple[int, ...]:
+        return tuple(encoder.encode(to_pixels(data.images[:1]))[0].shape[1:])  # one image
+
+    if read_latent_cache(folder, key, warn=local_main) is None:
+        # Every process refuses alike, before any of them waits on the writer.
+        per_array = data.num_images * int(np.prod(latent_shape())) * np.dtype(dtype).itemsize
+        check_cache_space(per_array * len(array_names(random_flip)), folder.parent)
 
     def build() -> None:
-        if read_latent_cache(cache_file, key) is not None:
-            logger.info("latents: reading %s", cache_file)
+        if read_latent_cache(folder, key, warn=False) is not None:
+            logger.info("latents: reading %s", folder)
             return
-        logger.info("latents: encoding %d images once into %s", data.num_images, cache_file)
-        arrays = encode_images(data.images, encoder, random_flip)
-        with atomic_file(cache_file) as f:
-            np.savez(f, key=key, **arrays)
+        logger.info("latents: encoding %d images once into %s", data.num_images, folder)
+        with atomic_dir(folder) as tmp:
+            encode_into(tmp, key, data.images, encoder, random_flip, dtype, latent_shape())
 
     if accelerator is None:
         build()
@@ -152,47 +236,54 @@ def load_latents(
         with accelerator.local_main_process_first():
             if accelerator.is_local_main_process:
                 build()
-    arrays = read_latent_cache(cache_file, key)
-    if arrays is None:
-        raise RuntimeError(f"latent cache {cache_file} could not be read after it was written")
-    tensors = {name: torch.from_numpy(a) for name, a in arrays.items()}
-    return LatentData(
-        tensors["mean"],
-        tensors["std"],
-        tensors.get("flipped_mean"),
-        tensors.get("flipped_std"),
-        cache_file,
-    )
+    latents = read_latent_cache(folder, key)
+    if latents is None:
+        raise RuntimeError(f"latent cache {folder} could not be read after it was written")
+    return latents
 
 
-class LatentBatches(MemoryBatches):
-    """Batches of latents: the posterior of every image on the device, one gather per batch,
-    then z = (mean + std * eps - shift) * scale with the micro-step's generator. The pixels
-    stay on the host (`ImageData.images`: grids of real data, the FID reference)."""
+class LatentBatches(BatchSource):
+    """Batches of latents: each batch's rows gathered on the host from the mapped cache (only
+    those pages are read), converted to float32 and copied to the device (through pinned
+    memory on a GPU, without waiting for it), then z = (mean + std * eps - shift) * scale with
+    the micro-step's generator. The pixels stay on the host (`ImageData.images`: grids of real
+    data, the FID reference)."""
 
     def __init__(self, data: ImageData, latents: LatentData, *args, **kwargs) -> None:
-        # MemoryBatches' batch order (its epoch permutations on the device), not its pixels.
-        BatchSource.__init__(self, *args, **kwargs)
-        self.images = None
-        self.num_images = len(latents.mean)
-        self.labels = None if data.labels is None else data.labels.to(self.device)
-        self._orders: dict[int, torch.Tensor] = {}
+        super().__init__(*args, **kwargs)
         self.latents = latents
-        self.mean, self.std = latents.mean.to(self.device), latents.std.to(self.device)
-        self.flipped = None
+        self.num_images = len(latents.mean)
+        self.labels = data.labels
         if self.random_flip:
             assert latents.flipped_mean is not None, "flips need the mirror images' latents"
-            self.flipped = (latents.flipped_mean.to(self.device),
-                            latents.flipped_std.to(self.device))  # fmt: skip
+        if self.num_images < self.per_device_batch_size * self.world_size:
+            logger.warning(
+                "the dataset (%d images) is smaller than one global batch (%d): "
+                "images repeat within a batch",
+                self.num_images,
+                self.per_device_batch_size * self.world_size,
+            )
+
+    def to_device(self, rows: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            rows = rows.pin_memory()
+        return rows.to(self.device, non_blocking=True)
+
+    def gather(self, array: np.ndarray, index: np.ndarray) -> torch.Tensor:
+        """Rows `index` of a mapped array, float32, on the device."""
+        return self.to_device(torch.from_numpy(np.asarray(array[index], dtype=np.float32)))
 
     def get(self, micro_step: int, generator: torch.Generator) -> Batch:
-        index = self.indices(micro_step, self.num_images)
-        mean, std = self.mean[index], self.std[index]
-        if self.flipped is not None:  # drawn first, as the pixel path's flip
+        rows = self.indices(micro_step, self.num_images)  # the pixel path's order, on the CPU
+        index = rows.numpy()
+        latents = self.latents
+        mean, std = self.gather(latents.mean, index), self.gather(latents.std, index)
+        if self.random_flip:  # drawn first, as the pixel path's flip
             flip = torch.rand(len(index), generator=generator, device=self.device) < 0.5
             flip = flip[:, None, None, None]
-            mean = torch.where(flip, self.flipped[0][index], mean)
-            std = torch.where(flip, self.flipped[1][index], std)
+            mean = torch.where(flip, self.gather(latents.flipped_mean, index), mean)
+            std = torch.where(flip, self.gather(latents.flipped_std, index), std)
         eps = torch.randn(mean.shape, generator=generator, device=self.device)
-        z = (mean + std * eps - self.latents.shift) * self.latents.scale
-        return Batch(z, None if self.labels is None else self.labels[index])
+        z = (mean + std * eps - latents.shift) * latents.scale
+        labels = None if self.labels is None else self.to_device(self.labels[rows])
+        return Batch(z, labels)

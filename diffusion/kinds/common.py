@@ -190,7 +190,7 @@ class NetworkMethod:
         if self.codec is None:
             return to_float(self.run.data.images[:num].to(self.device), VALUE_RANGE, None)
         latents = self.run.latents
-        return ((latents.mean[:num] - latents.shift) * latents.scale).to(self.device)
+        return ((latents.means(num) - latents.shift) * latents.scale).to(self.device)
 
     def shown(self, x: torch.Tensor) -> torch.Tensor:
         """What a picture shows of x: the images (decoded, for a latent model)."""
