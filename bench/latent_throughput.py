@@ -13,9 +13,10 @@ disk, both built in a scratch folder so nothing of yours is read or overwritten.
 AdamW) on a batch of latents z = (mean + std * eps - shift) * scale, as the latent batches
 draw them, and on a batch of pixels in [-1, 1]: forward, backward, optimizer step. Warm-up
 steps, then the timed ones, latents and pixels alternating round by round so a shared machine
-slows both alike; the median round is reported, at one torch thread and at the default.
+slows both alike; the median round is reported.
 (c) Decoding: what sampling adds per image on top of the network's steps (`LatentCodec.decode`,
 the exported pipeline's chunked decode).
+Every timing is taken at each of --threads (one torch thread and the default).
 """
 
 from __future__ import annotations
@@ -45,15 +46,15 @@ from diffusion.networks.unet import build_ddpm_unet  # noqa: E402
 DEFAULT_VAE = "runs/ae-digits/model"
 
 
-def tree_clean() -> str:
-    """'clean', or what the figures cannot be tied to: uncommitted changes to tracked files."""
+def tree_state() -> str:
+    """'clean tree', or 'uncommitted changes' (to tracked files): what the figures belong to."""
     try:
         dirty = subprocess.check_output(
             ["git", "status", "--porcelain", "--untracked-files=no"], text=True
         ).strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-    return "uncommitted changes" if dirty else "clean"
+    return "uncommitted changes" if dirty else "clean tree"
 
 
 def disk_bytes(folder: Path, pattern: str) -> int:
@@ -135,20 +136,20 @@ def main() -> None:
     parser.add_argument("--preset", default="digits-small", help="UNet preset of both runs")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--warmup-steps", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", default="1,default", help="torch threads to time, comma list")
     parser.add_argument("--num-decode", type=int, default=256, help="images to decode")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16"])
     parser.add_argument(
-        "--quick", action="store_true", help="a smoke run: 256 images, 1 round of 2 steps"
+        "--quick", action="store_true", help="a smoke run: 256 images, 1 thread, 1 round of 2 steps"
     )
     args = parser.parse_args()
     if args.quick:
         args.max_images = min(args.max_images or 256, 256)
         args.warmup_steps, args.steps, args.rounds = 1, 2, 1
-        args.threads, args.num_decode = "default", 16
+        args.threads, args.num_decode = "1", 16
     device = torch.device(args.device)
     default_threads = torch.get_num_threads()
     threads = [default_threads if t == "default" else int(t) for t in args.threads.split(",")]
@@ -169,7 +170,7 @@ def run(args, device: torch.device, threads: list[int], scratch: Path) -> None:
     pixels = to_pixels(data.images)
     latent_channels, latent_side = codec.latent_shape(args.resolution)
     print(
-        f"machine: {machine()}; git {git_revision()} ({tree_clean()} tree); "
+        f"machine: {machine()}; git {git_revision()} ({tree_state()}); "
         f"{time.strftime('%Y-%m-%d %H:%M %Z')}"
     )
     print(
@@ -180,8 +181,11 @@ def run(args, device: torch.device, threads: list[int], scratch: Path) -> None:
     )
 
     # (a) Encode, and the caches on disk.
-    torch.set_num_threads(threads[-1])
-    encode_rate = time_encode(codec, pixels, device)
+    encode_rows = []
+    for num_threads in threads:
+        torch.set_num_threads(num_threads)
+        rate = time_encode(codec, pixels, device)
+        encode_rows.append([num_threads, f"{num_images:,}", f"{rate:,.1f}"])
     image_cache = disk_bytes(scratch, "images-*")
     latent_cache = {}
     for flip in (False, True):
@@ -189,12 +193,12 @@ def run(args, device: torch.device, threads: list[int], scratch: Path) -> None:
         latents = load_latents(data, codec, flip, cache_dir=folder)
         latent_cache[flip] = disk_bytes(folder, "*")
     scale = codec.scaling_factor or measured_scale(latents.mean, latents.std)
-    print(f"(a) encoding, {threads[-1]} threads, the whole dataset in the codec's chunks")
+    print("(a) encoding: posterior mean and std of the whole dataset, in the codec's chunks")
+    print_table(["threads", "images", "encode img/s"], encode_rows)
+    print("\nthe caches on disk, as train_ddpm.py writes them")
     print_table(
-        ["images", "encode img/s", "image cache", "latent cache", "latent cache, flips",
-         "latents / images"],
-        [[f"{num_images:,}", f"{encode_rate:,.1f}", f"{image_cache:,} B",
-          f"{latent_cache[False]:,} B", f"{latent_cache[True]:,} B",
+        ["decoded images", "latents", "latents, flips", "latents / images"],
+        [[f"{image_cache:,} B", f"{latent_cache[False]:,} B", f"{latent_cache[True]:,} B",
           f"{latent_cache[False] / image_cache:.2f}x"]],
     )  # fmt: skip
 
@@ -245,15 +249,15 @@ def run(args, device: torch.device, threads: list[int], scratch: Path) -> None:
     )  # fmt: skip
 
     # (c) Decoding: what a sampled image costs on top of the network's steps.
-    torch.set_num_threads(threads[-1])
     z = draw_latents(torch.Generator(device).manual_seed(1))
     z = torch.cat([z] * (args.num_decode // len(z) + 1))[: args.num_decode]
-    decode_rate = time_decode(codec, z, device)
-    print(f"\n(c) decoding, {threads[-1]} threads, {args.num_decode} images")
-    print_table(
-        ["images", "decode img/s", "ms per image"],
-        [[args.num_decode, f"{decode_rate:,.1f}", f"{1000 / decode_rate:.2f}"]],
-    )
+    decode_rows = []
+    for num_threads in threads:
+        torch.set_num_threads(num_threads)
+        rate = time_decode(codec, z, device)
+        decode_rows.append([num_threads, args.num_decode, f"{rate:,.1f}", f"{1000 / rate:.2f}"])
+    print("\n(c) decoding scaled latents to images (the exported pipeline's chunked decode)")
+    print_table(["threads", "images", "decode img/s", "ms per image"], decode_rows)
 
 
 if __name__ == "__main__":
