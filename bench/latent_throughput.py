@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -94,7 +95,14 @@ def time_decode(codec: LatentCodec, z: torch.Tensor, device: torch.device) -> fl
 class Trainer:
     """One DDPM training step of a UNet preset on batches drawn by `draw(generator)`."""
 
-    def __init__(self, preset: str, shape: tuple[int, int, int], draw, args, device) -> None:
+    def __init__(
+        self,
+        preset: str,
+        shape: tuple[int, int, int],
+        draw: Callable[[torch.Generator], torch.Tensor],
+        args: argparse.Namespace,
+        device: torch.device,
+    ) -> None:
         torch.manual_seed(0)
         self.model = build_ddpm_unet(preset, shape[1], shape[0]).to(device).train()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
@@ -160,7 +168,7 @@ def main() -> None:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def run(args, device: torch.device, threads: list[int], scratch: Path) -> None:
+def run(args: argparse.Namespace, device: torch.device, threads: list[int], scratch: Path) -> None:
     codec = load_codec(Path(args.vae), dtype=DTYPES[args.mixed_precision]).to(device)
     data = load_image_data(
         args.dataset, args.resolution, codec.channels, max_images=args.max_images,
@@ -192,7 +200,10 @@ def run(args, device: torch.device, threads: list[int], scratch: Path) -> None:
         folder = scratch / f"latents-flip-{flip}"
         latents = load_latents(data, codec, flip, cache_dir=folder)
         latent_cache[flip] = disk_bytes(folder, "*")
-    scale = codec.scaling_factor or measured_scale(latents.mean, latents.std)
+    # as_tensor: the cache may hand back memory-mapped (float16) arrays instead of tensors
+    mean = torch.as_tensor(latents.mean).to(device, torch.float32)
+    std = torch.as_tensor(latents.std).to(device, torch.float32)
+    scale = codec.scaling_factor or measured_scale(mean.cpu(), std.cpu())
     print("(a) encoding: posterior mean and std of the whole dataset, in the codec's chunks")
     print_table(["threads", "images", "encode img/s"], encode_rows)
     print("\nthe caches on disk, as train_ddpm.py writes them")
@@ -203,7 +214,6 @@ def run(args, device: torch.device, threads: list[int], scratch: Path) -> None:
     )  # fmt: skip
 
     # (b) Training steps, latents vs pixels.
-    mean, std = latents.mean.to(device), latents.std.to(device)
     shift = codec.shift_factor
     images_on_device = data.images.to(device)
 
