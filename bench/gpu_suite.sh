@@ -14,7 +14,8 @@
 # (--compile, then --compile-mode reduce-overhead: CUDA graphs); 4. the default digits run,
 # eager and compiled; 5. sampling DDIM-50 at batch 1024 bf16, eager and compiled; 6. a profile
 # of the eager step; 7. correctness in fp32/bf16/fp16 and an fp16 resume; 8. diffusers'
-# train_unconditional.py on the same UNet and data (when gpu_wheels.sh was given the script).
+# train_unconditional.py on the same UNet and data (when gpu_wheels.sh was given the script);
+# 9. latent diffusion: encode, train on latents vs pixels, decode (bench/latent_throughput.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_suite}
@@ -77,5 +78,10 @@ section 6-profile 45 $PY bench/profile_step.py --preset ddpm-cifar10 --batch-siz
 section 7-correctness 80 $PY bench/gpu_checks.py --out /tmp/gpu_suite_checks --steps 100
 if [ -f .whl/train_unconditional.py ]; then
     section 8-diffusers-example 125 bash bench/diffusers_example.sh /tmp/gpu_suite_example
+fi
+# The digits autoencoder travels with carry=["runs/ae-digits/model"] (train_autoencoder.py makes it).
+if [ -d runs/ae-digits/model ]; then
+    section 9-latent-throughput 40 $PY bench/latent_throughput.py runs/ae-digits/model \
+        --device cuda --mixed-precision bf16 --steps 50 --threads default --num-decode 1024
 fi
 echo; echo "== done in $((SECONDS - start)) s; figures in $OUT (summary.txt)"

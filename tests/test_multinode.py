@@ -20,11 +20,14 @@ from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 
+import train_ddpm
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "accelerate_configs"
 SLURM_RECIPE = REPO / "recipes" / "slurm_multinode.sbatch"
 FAULTS = REPO / "tests" / "scripts" / "faults.py"
 TORCHRUN_RECIPE = REPO / "recipes" / "torchrun_multinode.sh"
+IMAGENET_RECIPE = REPO / "recipes" / "imagenet256_dit_xl2.sh"
 
 # --------------------------------------------------------------------------- configs
 
@@ -274,6 +277,35 @@ def test_torchrun_recipe_explicit_variables_win(tmp_path: Path) -> None:
     ]
     assert flag(argv, "--nproc_per_node") == "4"
     assert argv[-1] == "train_basic.py"
+
+
+def test_imagenet_recipe_dry_run_is_the_dit_papers_setup_and_parses() -> None:
+    env = {**os.environ, "DRY_RUN": "1", "OUTPUT_DIR": "/shared/runs/dit xl"}
+    out = subprocess.run(
+        ["bash", str(IMAGENET_RECIPE), "--save-on-each-node"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    argv = shlex.split(out)
+    config_file = "accelerate_configs/1node_8gpu_bf16.yaml"
+    assert argv[:5] == ["accelerate", "launch", "--config_file", config_file, "train_ddpm.py"]
+    # Every flag exists and parses (the hub ids are resolved only when a run starts).
+    cfg = train_ddpm.parse_config(train_ddpm.DDPMConfig, argv[5:])
+    num_processes = load_config_from_file(str(REPO / config_file)).num_processes
+    assert num_processes * cfg.batch_size == 256  # the paper's global batch
+    assert (cfg.dataset, cfg.vae, cfg.preset, cfg.resolution, cfg.channels) == (
+        "ILSVRC/imagenet-1k", "stabilityai/sd-vae-ft-ema", "dit-xl-2", 256, 3,
+    )  # fmt: skip
+    assert cfg.class_conditional and cfg.random_flip and cfg.use_ema
+    assert (cfg.learning_rate, cfg.weight_decay, cfg.lr_schedule, cfg.lr_warmup_steps) == (
+        1e-4, 0.0, "constant", 0,
+    )  # fmt: skip
+    assert (cfg.ema_max_decay, cfg.max_steps, cfg.mixed_precision) == (0.9999, 400_000, "bf16")
+    assert cfg.max_grad_norm is None
+    # Variables and appended flags reach the command.
+    assert str(cfg.output_dir) == "/shared/runs/dit xl" and cfg.save_on_each_node
 
 
 # --------------------------------------------------------------------------- loopback
