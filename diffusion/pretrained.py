@@ -238,12 +238,6 @@ def run_codec(run: Run) -> LatentCodec | None:
                 "vae",
             )
         return None
-    if run.data.stream is not None:
-        raise InputError(
-            "the latents are encoded from the decoded images in memory: use --data-loading "
-            "memory (or a smaller --max-images) with --vae",
-            "data_loading",
-        )
     source = main_process_first(
         run.accelerator,
         lambda: resolve_model_source(cfg.vae, "vae", VAE_HUB_FILES),

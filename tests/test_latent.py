@@ -176,6 +176,58 @@ def test_the_latent_cache_is_mapped_reused_and_rebuilt_when_damaged(root, tmp_pa
     assert full.mean.dtype == np.float32 and full.folder != plain.folder
 
 
+def test_a_streamed_dataset_is_encoded_row_for_row_as_in_memory(
+    root, tmp_path, monkeypatch, caplog
+) -> None:
+    """--data-loading stream: the cache is encoded in one pass over the source, a chunk at a
+    time, decoded as in memory: the same arrays, an unreadable file left out (and named) with
+    its label, every other label on its latent's row."""
+    monkeypatch.setattr(latent_cache, "ENCODE_ROWS", 4)  # chunks that cross the bad file
+    folder = tmp_path / "folder"
+    for c in range(2):
+        for k in range(5):
+            rng = np.random.default_rng(10 * c + k)  # texture: latents that differ per image
+            pixels = rng.integers(0, 60, (12, 12)) + 150 * c  # class 1 is the bright one
+            (folder / f"c{c}").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels.astype(np.uint8), "L").save(folder / f"c{c}" / f"{k}.png")
+    (folder / "c0" / "2a.png").write_bytes(b"not a png")  # source row 3: in the first chunk
+
+    def load(mode: str):
+        return load_image_data(str(folder), RESOLUTION, 1, data_loading=mode, with_labels=True,
+                               cache_dir=tmp_path / mode)  # fmt: skip
+
+    codec = load_codec(root / "vae")
+    memory, streamed = load("memory"), load("stream")
+    assert streamed.stream is not None and memory.num_skipped == 1
+    ours = load_latents(streamed, codec, True, cache_dir=tmp_path / "stream")
+    theirs = load_latents(memory, codec, True, cache_dir=tmp_path / "memory")
+    assert "2a.png" in caplog.text and ours.mean.shape == (10, 4, 4, 4)
+    for name in latent_cache.array_names(True):
+        assert np.array_equal(getattr(ours, name), getattr(theirs, name)), name
+    assert ours.variance == pytest.approx(theirs.variance, rel=1e-9)
+    assert torch.equal(ours.labels, memory.labels)
+    assert torch.equal(ours.labels, (memory.images.float().mean(dim=(1, 2, 3)) > 128).long())
+
+
+def test_a_cache_encoded_in_memory_serves_the_stream(root, tmp_path) -> None:
+    """The key does not depend on how the data is loaded: the stream maps the cache the
+    in-memory path wrote (every image readable), and encodes nothing."""
+    codec = load_codec(root / "vae")
+    memory = load_image_data("digits", RESOLUTION, 1, max_images=32, cache_dir=tmp_path,
+                             with_labels=True)  # fmt: skip
+    first = load_latents(memory, codec, False, cache_dir=tmp_path)
+
+    def no_encoding(images):
+        raise AssertionError("encoded again")
+
+    codec.encode = no_encoding
+    streamed = load_image_data("digits", RESOLUTION, 1, max_images=32, cache_dir=tmp_path,
+                               with_labels=True, data_loading="stream")  # fmt: skip
+    again = load_latents(streamed, codec, False, cache_dir=tmp_path)
+    assert again.folder == first.folder and np.array_equal(again.mean, first.mean)
+    assert torch.equal(again.labels, memory.labels)
+
+
 def test_float16_latents_give_the_float32_samples_up_to_rounding(root, tmp_path) -> None:
     """float16 keeps 11 significant bits: each of mean and std is within 2^-11 of itself
     (2^-24 absolute below 2^-14, the subnormals), so z = mean + std * eps is within
@@ -199,19 +251,19 @@ def test_latent_batches_gather_the_stateless_order_and_split_it_across_ranks() -
     """Rows gathered on the host follow `batch_indices`; two ranks' batches of a step are the
     one-process batch cut in two (std 0: z is the mean itself)."""
     mean = np.arange(10 * 4, dtype=np.float16).reshape(10, 4, 1, 1)
-    latents = LatentData(mean, np.zeros_like(mean), None, None, Path("unused"), 1.0)
-    data = SimpleNamespace(labels=torch.arange(10) % 3)
+    labels = torch.arange(10) % 3
+    latents = LatentData(mean, np.zeros_like(mean), None, None, Path("unused"), 1.0, labels)
 
     def source(world: int, rank: int, batch: int) -> LatentBatches:
         accelerator = SimpleNamespace(num_processes=world, process_index=rank,
                                       device=torch.device("cpu"))  # fmt: skip
-        return LatentBatches(data, latents, batch, accelerator, 0, (-1.0, 1.0), False)
+        return LatentBatches(latents, batch, accelerator, 0, (-1.0, 1.0), False)
 
     for step in range(4):  # 24 images of a 10-image epoch: crosses epochs
         one = source(1, 0, 6).get(step, torch.Generator().manual_seed(step))
         rows = batch_indices(step, 10, 6, 1, 0, 0).numpy()
         assert torch.equal(one.images, torch.from_numpy(mean[rows].astype(np.float32)))
-        assert torch.equal(one.labels, data.labels[rows])
+        assert torch.equal(one.labels, labels[rows])
         parts = [source(2, rank, 3).get(step, torch.Generator()) for rank in range(2)]
         assert torch.equal(torch.cat([part.images for part in parts]), one.images)
         assert torch.equal(torch.cat([part.labels for part in parts]), one.labels)
