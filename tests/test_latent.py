@@ -356,6 +356,29 @@ def test_a_resumed_latent_run_ends_bit_identical(root: Path, latent_run: Path, t
         assert all(torch.equal(ours[k], theirs[k]) for k in ours), name
 
 
+def test_a_streamed_latent_run_encodes_its_own_cache_and_trains_as_in_memory(
+    root: Path, latent_run: Path, tmp_path, monkeypatch
+) -> None:
+    """--data-loading stream --vae, in a cache of its own: the stream encodes the latents the
+    in-memory run did, so a run stopped at step 2 and resumed ends with that run's weights
+    (labels and flips included); its grid and FID read the stream's first images."""
+    monkeypatch.setenv("DDP_DIFFUSION_CACHE", str(tmp_path / "cache"))
+    out, preset = tmp_path / "streamed", root / "tiny_dit.json"
+    stream = ("--data-loading", "stream")
+    train(
+        latent_args(out, preset, root / "vae", *stream, "--max-steps", "2", "--sample-every", "0")
+    )
+    assert len(list((tmp_path / "cache").glob("latents-*/manifest.json"))) == 1
+    assert not list((tmp_path / "cache").glob("images-*"))  # no decoded dataset on disk
+    train(latent_args(out, preset, root / "vae", *stream, "--eval-every", "4",
+                      "--eval-num-samples", "8"))  # fmt: skip
+    assert (out / "samples" / "samples-0000004.png").is_file()
+    for name in ("model", "ema"):
+        ours = load_file(out / "checkpoints" / "checkpoint-4" / f"{name}.safetensors")
+        theirs = load_file(latent_run / "checkpoints" / "checkpoint-4" / f"{name}.safetensors")
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs), name
+
+
 def test_resume_refuses_a_vae_the_checkpoint_was_not_trained_with(root, latent_run, tmp_path):
     preset = root / "tiny_dit.json"
     pixels = tmp_path / "pixels"
