@@ -12,6 +12,7 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -226,6 +227,21 @@ def test_a_cache_encoded_in_memory_serves_the_stream(root, tmp_path) -> None:
     again = load_latents(streamed, codec, False, cache_dir=tmp_path)
     assert again.folder == first.folder and np.array_equal(again.mean, first.mean)
     assert torch.equal(again.labels, memory.labels)
+
+
+def test_the_other_processes_wait_for_the_files_not_at_a_barrier(root, tmp_path, monkeypatch):
+    """Encoding ImageNet outlasts a barrier's timeout: a process that does not encode polls
+    for the finished cache (no collective is called) and maps what the writer wrote."""
+    monkeypatch.setattr(latent_cache, "WAIT_SECONDS", 0.05)
+    data = load_image_data("digits", RESOLUTION, 1, max_images=32, cache_dir=tmp_path)
+    codec = load_codec(root / "vae")
+    other = SimpleNamespace(is_local_main_process=False)  # no wait_for_everyone to call
+    writer = threading.Timer(0.3, load_latents, (data, codec, False), {"cache_dir": tmp_path})
+    writer.start()
+    waited = load_latents(data, codec, False, other, cache_dir=tmp_path)
+    writer.join()
+    written = load_latents(data, codec, False, cache_dir=tmp_path)
+    assert waited.folder == written.folder and np.array_equal(waited.mean, written.mean)
 
 
 def test_float16_latents_give_the_float32_samples_up_to_rounding(root, tmp_path) -> None:

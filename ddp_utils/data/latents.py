@@ -49,6 +49,7 @@ PIXEL_RANGE = (-1.0, 1.0)  # what encoders are given
 ENCODE_ROWS = 4096  # images converted to float and handed to the encoder at a time
 CacheDtype = Literal["float16", "float32"]
 MANIFEST = "manifest.json"
+WAIT_SECONDS = 5.0  # how often the processes that do not encode look for the finished cache
 
 
 class Encoder(Protocol):
@@ -251,7 +252,8 @@ def load_latents(
     dtype: CacheDtype = "float16",
 ) -> LatentData:
     """The data's latents, memory-mapped: encoded once per node (the local main process writes
-    the cache, the others wait and map it), or mapped from the cache.
+    the cache, the others wait for its files, not at a barrier, and map it), or mapped from the
+    cache.
 
     Decoded data is encoded from its images in memory; streamed data (`data.stream`) in one
     pass over the source in dataset order, decoded ENCODE_ROWS rows at a time, so only a
@@ -296,12 +298,10 @@ def load_latents(
             encode_into(tmp, key, chunks, data.num_images, encoder, random_flip, dtype,
                         latent_shape(), skipped_rows)  # fmt: skip
 
-    if accelerator is None:
+    if local_main:
         build()
     else:
-        with accelerator.local_main_process_first():
-            if accelerator.is_local_main_process:
-                build()
+        wait_for_cache(folder, key)
     latents = read_latent_cache(folder, key)
     if latents is None:
         raise RuntimeError(f"latent cache {folder} could not be read after it was written")
@@ -309,6 +309,19 @@ def load_latents(
     if data.stream is not None:
         latents.labels = stream_labels(data.stream, folder, len(latents.mean))
     return latents
+
+
+def wait_for_cache(folder: Path, key: str) -> None:
+    """Wait, without any collective, until this node's local main process has written the
+    cache: encoding ImageNet takes hours, and a barrier (NCCL's) gives up after its timeout
+    (10 minutes by default). Should the writer die, the launcher stops this process."""
+    began = reported = time.monotonic()
+    while read_latent_cache(folder, key, warn=False) is None:
+        if time.monotonic() - reported > 600:
+            reported = time.monotonic()
+            logger.info("latents: waited %.0f min for the local main process to encode %s",
+                        (reported - began) / 60, folder)  # fmt: skip
+        time.sleep(WAIT_SECONDS)
 
 
 def stream_labels(stream: StreamSource, folder: Path, num_rows: int) -> torch.Tensor | None:
