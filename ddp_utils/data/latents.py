@@ -235,8 +235,9 @@ def decoded_chunks(
     for start in range(0, len(ds), ENCODE_ROWS):
         rows = ds.select(range(start, min(len(ds), start + ENCODE_ROWS)))
         images, names, _, index = decode_all(
-            rows, stream.image_column, stream.resolution, stream.channels, stream.center_crop
-        )
+            rows, stream.image_column, stream.resolution, stream.channels, stream.center_crop,
+            first_row=start,
+        )  # fmt: skip
         skipped.extend(names)
         kept.append(index + start)
         if len(images):
@@ -345,8 +346,9 @@ class LatentBatches(BatchSource):
     """Batches of latents: each batch's rows gathered on the host from the mapped cache (only
     those pages are read), converted to float32 and copied to the device (through pinned
     memory on a GPU, without waiting for it), then z = (mean + std * eps - shift) * scale with
-    the micro-step's generator. The pixels stay on the host (`ImageData.images`: grids of real
-    data, the FID reference)."""
+    the micro-step's generator; the labels are the latents' own (`LatentData.labels`, row for
+    row). The pixels stay on the host (`ImageData.images`, of a streamed dataset its first rows
+    only: grids of real data, the FID reference)."""
 
     def __init__(self, latents: LatentData, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
