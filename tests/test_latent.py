@@ -180,10 +180,12 @@ def test_the_latent_cache_is_mapped_reused_and_rebuilt_when_damaged(root, tmp_pa
 def test_a_streamed_dataset_is_encoded_row_for_row_as_in_memory(
     root, tmp_path, monkeypatch, caplog
 ) -> None:
-    """--data-loading stream: the cache is encoded in one pass over the source, a chunk at a
-    time, decoded as in memory: the same arrays, an unreadable file left out (and named) with
-    its label, every other label on its latent's row."""
+    """--data-loading stream: the cache is encoded in one pass over the source, decoded in
+    order by workers as in memory and encoded in the same chunks: the same arrays, an
+    unreadable file left out (and named) with its label, every other label on its latent's
+    row."""
     monkeypatch.setattr(latent_cache, "ENCODE_ROWS", 4)  # chunks that cross the bad file
+    monkeypatch.setattr(latent_cache, "DECODE_ROWS", 3)  # workers' items that do not align
     folder = tmp_path / "folder"
     for c in range(2):
         for k in range(5):
@@ -200,7 +202,7 @@ def test_a_streamed_dataset_is_encoded_row_for_row_as_in_memory(
     codec = load_codec(root / "vae")
     memory, streamed = load("memory"), load("stream")
     assert streamed.stream is not None and memory.num_skipped == 1
-    ours = load_latents(streamed, codec, True, cache_dir=tmp_path / "stream")
+    ours = load_latents(streamed, codec, True, cache_dir=tmp_path / "stream", num_workers=2)
     theirs = load_latents(memory, codec, True, cache_dir=tmp_path / "memory")
     assert "2a.png" in caplog.text and ours.mean.shape == (10, 4, 4, 4)
     for name in latent_cache.array_names(True):

@@ -47,6 +47,7 @@ logger = logging.getLogger("ddp_diffusion")
 LATENT_CACHE_VERSION = 2  # 1: one .npz of float32 arrays, loaded whole (now ignored)
 PIXEL_RANGE = (-1.0, 1.0)  # what encoders are given
 ENCODE_ROWS = 4096  # images converted to float and handed to the encoder at a time
+DECODE_ROWS = 256  # rows a DataLoader worker decodes at a time, for a streamed dataset
 CacheDtype = Literal["float16", "float32"]
 MANIFEST = "manifest.json"
 WAIT_SECONDS = 5.0  # how often the processes that do not encode look for the finished cache
@@ -224,24 +225,60 @@ def cut_rows(path: Path, array: np.memmap, num_rows: int) -> np.memmap:
     return out
 
 
-def decoded_chunks(
-    stream: StreamSource, skipped: list[str], kept: list[np.ndarray]
-) -> Iterator[np.ndarray]:
-    """The streamed dataset decoded ENCODE_ROWS rows at a time, in order, with the function
-    the in-memory path decodes with (`decode_all`: the same pixels, so the same latents).
-    Unreadable rows are left out, as there, their names appended to `skipped`, and the source
-    row of every image kept appended to `kept` (their labels go with them)."""
-    ds = stream.dataset
-    for start in range(0, len(ds), ENCODE_ROWS):
-        rows = ds.select(range(start, min(len(ds), start + ENCODE_ROWS)))
+class _DecodedRows(torch.utils.data.Dataset):
+    """Item k: rows k*DECODE_ROWS.. of a streamed dataset decoded (`decode_all`), with the names
+    of those skipped and the source row of each image kept; for DataLoader workers."""
+
+    def __init__(self, stream: StreamSource) -> None:
+        self.stream = stream
+
+    def __len__(self) -> int:
+        return -(-len(self.stream.dataset) // DECODE_ROWS)
+
+    def __getitem__(self, item: int) -> tuple[np.ndarray, list[str], np.ndarray]:
+        stream, start = self.stream, item * DECODE_ROWS
+        rows = stream.dataset.select(range(start, min(len(stream.dataset), start + DECODE_ROWS)))
         images, names, _, index = decode_all(
             rows, stream.image_column, stream.resolution, stream.channels, stream.center_crop,
             first_row=start,
         )  # fmt: skip
+        return images, names, index + start
+
+
+def _as_is(item: Any) -> Any:
+    return item
+
+
+def decoded_chunks(
+    stream: StreamSource, skipped: list[str], kept: list[np.ndarray], num_workers: int = 0
+) -> Iterator[np.ndarray]:
+    """The streamed dataset decoded in order by `num_workers` DataLoader workers, with the
+    function the in-memory path decodes with (`decode_all`: the same pixels), and handed on
+    ENCODE_ROWS images at a time: the chunks the in-memory path encodes, so the same latents.
+    Unreadable rows are left out, as there, their names appended to `skipped`, and the source
+    row of every image kept appended to `kept` (their labels go with them)."""
+    loader = torch.utils.data.DataLoader(
+        _DecodedRows(stream),
+        batch_size=None,  # an item is DECODE_ROWS rows already
+        num_workers=num_workers,
+        collate_fn=_as_is,  # numpy arrays stay numpy arrays
+        # Its workers' seed from a generator of its own: the global RNG, which builds the
+        # network next, is the same whether the cache was encoded or found.
+        generator=torch.Generator(),
+    )
+    pending: list[np.ndarray] = []
+    num_pending = 0
+    for images, names, rows in loader:
         skipped.extend(names)
-        kept.append(index + start)
-        if len(images):
-            yield images
+        kept.append(rows)
+        pending.append(images)
+        num_pending += len(images)
+        while num_pending >= ENCODE_ROWS:
+            joined = np.concatenate(pending)
+            yield joined[:ENCODE_ROWS]
+            pending, num_pending = [joined[ENCODE_ROWS:]], num_pending - ENCODE_ROWS
+    if num_pending:
+        yield np.concatenate(pending)
 
 
 def load_latents(
@@ -251,17 +288,19 @@ def load_latents(
     accelerator: Accelerator | None = None,
     cache_dir: Path | None = None,
     dtype: CacheDtype = "float16",
+    num_workers: int = 0,
 ) -> LatentData:
     """The data's latents, memory-mapped: encoded once per node (the local main process writes
     the cache, the others wait for its files, not at a barrier, and map it), or mapped from the
     cache.
 
     Decoded data is encoded from its images in memory; streamed data (`data.stream`) in one
-    pass over the source in dataset order, decoded ENCODE_ROWS rows at a time, so only a
-    chunk's pixels are ever in memory. Both decode alike and skip unreadable rows alike, and
-    the key is the same: a cache built either way serves the other. (Except when rows were
-    skipped: the in-memory key counts the images kept, which a stream only knows once it has
-    decoded them all, so its key counts the source's rows and the two caches differ.)"""
+    pass over the source in dataset order, decoded by `num_workers` DataLoader workers (the
+    node's other processes are idle meanwhile), so only a chunk's pixels are ever in memory.
+    Both decode alike, skip unreadable rows alike and encode the same chunks, and the key is
+    the same: a cache built either way serves the other. (Except when rows were skipped: the
+    in-memory key counts the images kept, which a stream only knows once it has decoded them
+    all, so its key counts the source's rows and the two caches differ.)"""
     assert dtype in get_args(CacheDtype), dtype
     key = latent_cache_key(data, encoder, random_flip, dtype)
     folder = (default_cache_dir() if cache_dir is None else cache_dir) / f"latents-{key}"
@@ -295,7 +334,7 @@ def load_latents(
                 missing = np.setdiff1d(np.arange(data.num_images), rows)
                 return {"skipped": skipped, "skipped_rows": missing.tolist()}
 
-            chunks = decoded_chunks(data.stream, skipped, kept)
+            chunks = decoded_chunks(data.stream, skipped, kept, num_workers)
             encode_into(tmp, key, chunks, data.num_images, encoder, random_flip, dtype,
                         latent_shape(), skipped_rows)  # fmt: skip
 
