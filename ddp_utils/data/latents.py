@@ -74,7 +74,7 @@ class LatentData:
     flipped_std: np.ndarray | None
     folder: Path
     variance: float
-    labels: torch.Tensor | None = None  # int64 (N,): the class of each row, with the data's
+    labels: torch.Tensor | None = None  # int64 (N,): each row's class (class-conditional)
     scale: float = 1.0
     shift: float = 0.0
 
