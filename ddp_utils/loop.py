@@ -359,7 +359,7 @@ def model_card(
     card = method.card()
     precision = cfg.mixed_precision or run.accelerator.mixed_precision
     run_facts = [
-        ("data", f"{cfg.dataset} ({len(data.images):,} images, {cfg.resolution}x"
+        ("data", f"{cfg.dataset} ({data.num_images:,} images, {cfg.resolution}x"
                  f"{cfg.resolution}, {cfg.channels} channel(s))"),
         ("parameters", f"{sum(p.numel() for p in net.parameters()):,}"),
         ("optimizer steps", f"{step:,}"),

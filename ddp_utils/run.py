@@ -93,7 +93,7 @@ class Run:
         cfg = self.cfg
         if self.latents is not None:
             common = (cfg.batch_size, self.accelerator, cfg.seed, value_range, cfg.random_flip)
-            return LatentBatches(self.data, self.latents, *common)
+            return LatentBatches(self.latents, *common)
         return make_batches(
             self.data,
             cfg.batch_size,

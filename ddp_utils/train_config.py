@@ -193,7 +193,9 @@ class TrainConfig:
         "DataLoader workers; auto: memory when the decoded set is at most 4 GiB",
     )
     num_workers: int | None = option(
-        None, "DataLoader workers per process for --data-loading stream (default: cores/procs)"
+        None,
+        "DataLoader workers per process for --data-loading stream, and decoding its --vae "
+        "latent cache (default: cores/procs)",
     )
     # Speed (bench/train_step.py measures them).
     channels_last: bool = option(False, "channels-last memory format for the network (GPUs)")

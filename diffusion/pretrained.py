@@ -28,6 +28,7 @@ from huggingface_hub.errors import (
 from torch import nn
 
 from ddp_utils.data import load_latents
+from ddp_utils.data.batches import default_num_workers
 from ddp_utils.distributed import all_finite, main_process_first
 from ddp_utils.errors import InputError
 from ddp_utils.run import Run
@@ -238,12 +239,6 @@ def run_codec(run: Run) -> LatentCodec | None:
                 "vae",
             )
         return None
-    if run.data.stream is not None:
-        raise InputError(
-            "the latents are encoded from the decoded images in memory: use --data-loading "
-            "memory (or a smaller --max-images) with --vae",
-            "data_loading",
-        )
     source = main_process_first(
         run.accelerator,
         lambda: resolve_model_source(cfg.vae, "vae", VAE_HUB_FILES),
@@ -278,7 +273,9 @@ def run_codec(run: Run) -> LatentCodec | None:
                 "vae",
             )
     codec.to(run.accelerator.device)
-    latents = load_latents(run.data, codec, cfg.random_flip, run.accelerator)
+    # A streamed dataset is decoded by workers while the node's other processes wait.
+    workers = default_num_workers(1) if cfg.num_workers is None else cfg.num_workers
+    latents = load_latents(run.data, codec, cfg.random_flip, run.accelerator, num_workers=workers)
     measured = measured_scale(latents.variance)
     if saved is not None:  # a resumed run keeps the scale it was trained with
         codec.set_scale(saved["scaling_factor"])

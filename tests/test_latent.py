@@ -12,6 +12,7 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -176,6 +177,75 @@ def test_the_latent_cache_is_mapped_reused_and_rebuilt_when_damaged(root, tmp_pa
     assert full.mean.dtype == np.float32 and full.folder != plain.folder
 
 
+def test_a_streamed_dataset_is_encoded_row_for_row_as_in_memory(
+    root, tmp_path, monkeypatch, caplog
+) -> None:
+    """--data-loading stream: the cache is encoded in one pass over the source, decoded in
+    order by workers as in memory and encoded in the same chunks: the same arrays, an
+    unreadable file left out (and named) with its label, every other label on its latent's
+    row."""
+    monkeypatch.setattr(latent_cache, "ENCODE_ROWS", 4)  # chunks that cross the bad file
+    monkeypatch.setattr(latent_cache, "DECODE_ROWS", 3)  # workers' items that do not align
+    folder = tmp_path / "folder"
+    for c in range(2):
+        for k in range(5):
+            rng = np.random.default_rng(10 * c + k)  # texture: latents that differ per image
+            pixels = rng.integers(0, 60, (12, 12)) + 150 * c  # class 1 is the bright one
+            (folder / f"c{c}").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels.astype(np.uint8), "L").save(folder / f"c{c}" / f"{k}.png")
+    (folder / "c0" / "2a.png").write_bytes(b"not a png")  # source row 3: in the first chunk
+
+    def load(mode: str):
+        return load_image_data(str(folder), RESOLUTION, 1, data_loading=mode, with_labels=True,
+                               cache_dir=tmp_path / mode)  # fmt: skip
+
+    codec = load_codec(root / "vae")
+    memory, streamed = load("memory"), load("stream")
+    assert streamed.stream is not None and memory.num_skipped == 1
+    ours = load_latents(streamed, codec, True, cache_dir=tmp_path / "stream", num_workers=2)
+    theirs = load_latents(memory, codec, True, cache_dir=tmp_path / "memory")
+    assert "2a.png" in caplog.text and ours.mean.shape == (10, 4, 4, 4)
+    for name in latent_cache.array_names(True):
+        assert np.array_equal(getattr(ours, name), getattr(theirs, name)), name
+    assert ours.variance == pytest.approx(theirs.variance, rel=1e-9)
+    assert torch.equal(ours.labels, memory.labels)
+    assert torch.equal(ours.labels, (memory.images.float().mean(dim=(1, 2, 3)) > 128).long())
+
+
+def test_a_cache_encoded_in_memory_serves_the_stream(root, tmp_path) -> None:
+    """The key does not depend on how the data is loaded: the stream maps the cache the
+    in-memory path wrote (every image readable), and encodes nothing."""
+    codec = load_codec(root / "vae")
+    memory = load_image_data("digits", RESOLUTION, 1, max_images=32, cache_dir=tmp_path,
+                             with_labels=True)  # fmt: skip
+    first = load_latents(memory, codec, False, cache_dir=tmp_path)
+
+    def no_encoding(images):
+        raise AssertionError("encoded again")
+
+    codec.encode = no_encoding
+    streamed = load_image_data("digits", RESOLUTION, 1, max_images=32, cache_dir=tmp_path,
+                               with_labels=True, data_loading="stream")  # fmt: skip
+    again = load_latents(streamed, codec, False, cache_dir=tmp_path)
+    assert again.folder == first.folder and np.array_equal(again.mean, first.mean)
+    assert torch.equal(again.labels, memory.labels)
+
+
+def test_the_other_processes_wait_for_the_files_not_at_a_barrier(root, tmp_path, monkeypatch):
+    """Encoding ImageNet outlasts a barrier's timeout: a process that does not encode polls
+    for the finished cache (no collective is called) and maps what the writer wrote."""
+    monkeypatch.setattr(latent_cache, "WAIT_SECONDS", 0.05)
+    data = load_image_data("digits", RESOLUTION, 1, max_images=32, cache_dir=tmp_path)
+    codec = load_codec(root / "vae")
+    other = SimpleNamespace(is_local_main_process=False)  # no wait_for_everyone to call
+    writer = threading.Timer(0.3, load_latents, (data, codec, False), {"cache_dir": tmp_path})
+    writer.start()
+    waited = load_latents(data, codec, False, other, cache_dir=tmp_path)
+    writer.join()
+    written = load_latents(data, codec, False, cache_dir=tmp_path)
+    assert waited.folder == written.folder and np.array_equal(waited.mean, written.mean)
+
+
 def test_float16_latents_give_the_float32_samples_up_to_rounding(root, tmp_path) -> None:
     """float16 keeps 11 significant bits: each of mean and std is within 2^-11 of itself
     (2^-24 absolute below 2^-14, the subnormals), so z = mean + std * eps is within
@@ -199,19 +269,19 @@ def test_latent_batches_gather_the_stateless_order_and_split_it_across_ranks() -
     """Rows gathered on the host follow `batch_indices`; two ranks' batches of a step are the
     one-process batch cut in two (std 0: z is the mean itself)."""
     mean = np.arange(10 * 4, dtype=np.float16).reshape(10, 4, 1, 1)
-    latents = LatentData(mean, np.zeros_like(mean), None, None, Path("unused"), 1.0)
-    data = SimpleNamespace(labels=torch.arange(10) % 3)
+    labels = torch.arange(10) % 3
+    latents = LatentData(mean, np.zeros_like(mean), None, None, Path("unused"), 1.0, labels)
 
     def source(world: int, rank: int, batch: int) -> LatentBatches:
         accelerator = SimpleNamespace(num_processes=world, process_index=rank,
                                       device=torch.device("cpu"))  # fmt: skip
-        return LatentBatches(data, latents, batch, accelerator, 0, (-1.0, 1.0), False)
+        return LatentBatches(latents, batch, accelerator, 0, (-1.0, 1.0), False)
 
     for step in range(4):  # 24 images of a 10-image epoch: crosses epochs
         one = source(1, 0, 6).get(step, torch.Generator().manual_seed(step))
         rows = batch_indices(step, 10, 6, 1, 0, 0).numpy()
         assert torch.equal(one.images, torch.from_numpy(mean[rows].astype(np.float32)))
-        assert torch.equal(one.labels, data.labels[rows])
+        assert torch.equal(one.labels, labels[rows])
         parts = [source(2, rank, 3).get(step, torch.Generator()) for rank in range(2)]
         assert torch.equal(torch.cat([part.images for part in parts]), one.images)
         assert torch.equal(torch.cat([part.labels for part in parts]), one.labels)
@@ -302,6 +372,29 @@ def test_a_resumed_latent_run_ends_bit_identical(root: Path, latent_run: Path, t
         theirs = load_file(latent_run / "checkpoints" / "checkpoint-4" / f"{name}.safetensors")
         assert ours.keys() == theirs.keys()
         assert all(torch.equal(ours[k], theirs[k]) for k in ours), name
+
+
+def test_a_streamed_latent_run_encodes_its_own_cache_and_trains_as_in_memory(
+    root: Path, latent_run: Path, tmp_path, monkeypatch
+) -> None:
+    """--data-loading stream --vae, in a cache of its own: the stream encodes the latents the
+    in-memory run did, so a run stopped at step 2 and resumed ends with that run's weights
+    (labels and flips included); its grid and FID read the stream's first images."""
+    monkeypatch.setenv("DDP_DIFFUSION_CACHE", str(tmp_path / "cache"))
+    out, preset = tmp_path / "streamed", root / "tiny_dit.json"
+    stream = ("--data-loading", "stream")
+    train(
+        latent_args(out, preset, root / "vae", *stream, "--max-steps", "2", "--sample-every", "0")
+    )
+    assert len(list((tmp_path / "cache").glob("latents-*/manifest.json"))) == 1
+    assert not list((tmp_path / "cache").glob("images-*"))  # no decoded dataset on disk
+    train(latent_args(out, preset, root / "vae", *stream, "--eval-every", "4",
+                      "--eval-num-samples", "8"))  # fmt: skip
+    assert (out / "samples" / "samples-0000004.png").is_file()
+    for name in ("model", "ema"):
+        ours = load_file(out / "checkpoints" / "checkpoint-4" / f"{name}.safetensors")
+        theirs = load_file(latent_run / "checkpoints" / "checkpoint-4" / f"{name}.safetensors")
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs), name
 
 
 def test_resume_refuses_a_vae_the_checkpoint_was_not_trained_with(root, latent_run, tmp_path):

@@ -164,10 +164,16 @@ def _is_gray(image: Image.Image) -> bool:
 
 
 def decode_all(
-    ds: Any, image_column: str, resolution: int, channels: int, center_crop: bool
+    ds: Any,
+    image_column: str,
+    resolution: int,
+    channels: int,
+    center_crop: bool,
+    first_row: int = 0,
 ) -> tuple[np.ndarray, list[str], int, np.ndarray]:
     """Decode every row; return (uint8 N,C,H,W array, names of skipped rows, # upscaled, the
-    row index of each kept image)."""
+    row index of each kept image). `first_row`: where `ds` starts in the whole dataset, for
+    the names of skipped rows without a file path."""
     ds = raw_images(ds, image_column)
     out = np.empty((len(ds), channels, resolution, resolution), dtype=np.uint8)
     rows = np.empty(len(ds), dtype=np.int64)
@@ -183,7 +189,8 @@ def decode_all(
             except Exception as err:  # noqa: BLE001 - malformed files raise all sorts of types
                 # (OSError, SyntaxError, struct.error, IndexError from broken EXIF, ...): one
                 # bad file is skipped and named, never a crash.
-                skipped.append(f"{row_name(value, index)} ({type(err).__name__}: {err})")
+                name = row_name(value, first_row + index)
+                skipped.append(f"{name} ({type(err).__name__}: {err})")
                 continue
             num_upscaled += min(image.size) < resolution
             rows[kept] = index

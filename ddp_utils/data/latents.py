@@ -27,17 +27,18 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol, get_args
+from typing import Any, Literal, Protocol, get_args
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 
 from ddp_utils.data.batches import Batch, BatchSource
-from ddp_utils.data.decode import default_cache_dir
-from ddp_utils.data.load import ImageData
+from ddp_utils.data.decode import decode_all, default_cache_dir
+from ddp_utils.data.load import ImageData, StreamSource, first_errors
 from ddp_utils.errors import InputError
 from ddp_utils.files import atomic_dir, write_json
 
@@ -46,8 +47,10 @@ logger = logging.getLogger("ddp_diffusion")
 LATENT_CACHE_VERSION = 2  # 1: one .npz of float32 arrays, loaded whole (now ignored)
 PIXEL_RANGE = (-1.0, 1.0)  # what encoders are given
 ENCODE_ROWS = 4096  # images converted to float and handed to the encoder at a time
+DECODE_ROWS = 256  # rows a DataLoader worker decodes at a time, for a streamed dataset
 CacheDtype = Literal["float16", "float32"]
 MANIFEST = "manifest.json"
+WAIT_SECONDS = 5.0  # how often the processes that do not encode look for the finished cache
 
 
 class Encoder(Protocol):
@@ -71,6 +74,7 @@ class LatentData:
     flipped_std: np.ndarray | None
     folder: Path
     variance: float
+    labels: torch.Tensor | None = None  # int64 (N,): each row's class (class-conditional)
     scale: float = 1.0
     shift: float = 0.0
 
@@ -157,13 +161,16 @@ def to_pixels(images: torch.Tensor) -> torch.Tensor:
 
 
 def encode_into(
-    tmp: Path, key: str, images: torch.Tensor, encoder: Encoder, random_flip: bool,
-    dtype: CacheDtype, latent_shape: tuple[int, ...],
+    tmp: Path, key: str, chunks: Iterable[np.ndarray | torch.Tensor], num_rows: int,
+    encoder: Encoder, random_flip: bool, dtype: CacheDtype, latent_shape: tuple[int, ...],
+    extra: Callable[[], dict[str, Any]] | None = None,
 ) -> None:  # fmt: skip
-    """Encode uint8 images (N, C, H, W) (and their mirror images with flips), ENCODE_ROWS at a
-    time, straight into .npy arrays in `tmp`: neither the float pixels nor the latents of the
-    whole dataset ever sit in memory. The manifest is written last."""
-    shape = (len(images), *latent_shape)
+    """Encode chunks of uint8 images (n, C, H, W), in dataset order (and their mirror images
+    with flips), straight into .npy arrays in `tmp` of `num_rows` rows: neither the float
+    pixels nor the latents of the whole dataset ever sit in memory. When the chunks hold fewer
+    rows (unreadable images skipped while decoding), the arrays are cut to the rows written.
+    The manifest (with what `extra()` returns then) is written last."""
+    shape = (num_rows, *latent_shape)
     arrays = {
         name: np.lib.format.open_memmap(tmp / f"{name}.npy", "w+", np.dtype(dtype), shape)
         for name in array_names(random_flip)
@@ -171,12 +178,13 @@ def encode_into(
     # Var(mean) + E[std^2] over the data, summed in float64 from the float32 encodings.
     total, total_sq, total_var = 0.0, 0.0, 0.0
     began = reported = time.monotonic()
-    for start in range(0, len(images), ENCODE_ROWS):
+    start = 0
+    for chunk in chunks:
         if time.monotonic() - reported > 60:  # ImageNet takes a while: say how far it is
             reported = time.monotonic()
             logger.info("latents: %d of %d images encoded (%.0f images/s)", start,
-                        len(images), start / (reported - began))  # fmt: skip
-        pixels = to_pixels(images[start : start + ENCODE_ROWS])
+                        num_rows, start / (reported - began))  # fmt: skip
+        pixels = to_pixels(torch.as_tensor(chunk))
         views = {"": pixels, "flipped_": pixels.flip(3)} if random_flip else {"": pixels}
         for prefix, view in views.items():
             mean, std = encoder.encode(view)
@@ -186,7 +194,12 @@ def encode_into(
                 total += mean.double().sum().item()
                 total_sq += mean.double().square().sum().item()
                 total_var += std.double().square().sum().item()
-    count = len(images) * int(np.prod(latent_shape))
+        start += len(pixels)
+    if start < num_rows:  # rows were skipped: keep the first `start` rows
+        shape = (start, *latent_shape)
+        for name, array in list(arrays.items()):
+            arrays[name] = cut_rows(tmp / f"{name}.npy", array, start)
+    count = shape[0] * int(np.prod(latent_shape))
     variance = (total_sq - total**2 / count) / max(1, count - 1) + total_var / count
     sizes = {}
     for name, array in arrays.items():
@@ -195,8 +208,77 @@ def encode_into(
     arrays.clear()  # unmapped: the files are complete
     write_json(tmp / MANIFEST, {
         "key": key, "version": LATENT_CACHE_VERSION, "shape": list(shape), "dtype": dtype,
-        "sizes": sizes, "variance": variance,
+        "sizes": sizes, "variance": variance, **(extra() if extra else {}),
     })  # fmt: skip
+
+
+def cut_rows(path: Path, array: np.memmap, num_rows: int) -> np.memmap:
+    """The .npy file at `path` holding only the first `num_rows` rows of `array` (its map),
+    copied ENCODE_ROWS at a time into a new file that replaces it."""
+    short = path.with_name(f"short-{path.name}")
+    out = np.lib.format.open_memmap(short, "w+", array.dtype, (num_rows, *array.shape[1:]))
+    for start in range(0, num_rows, ENCODE_ROWS):
+        out[start : start + ENCODE_ROWS] = array[start : min(num_rows, start + ENCODE_ROWS)]
+    out.flush()
+    del array
+    short.replace(path)
+    return out
+
+
+class _DecodedRows(torch.utils.data.Dataset):
+    """Item k: rows k*DECODE_ROWS.. of a streamed dataset decoded (`decode_all`), with the names
+    of those skipped and the source row of each image kept; for DataLoader workers."""
+
+    def __init__(self, stream: StreamSource) -> None:
+        self.stream = stream
+
+    def __len__(self) -> int:
+        return -(-len(self.stream.dataset) // DECODE_ROWS)
+
+    def __getitem__(self, item: int) -> tuple[np.ndarray, list[str], np.ndarray]:
+        stream, start = self.stream, item * DECODE_ROWS
+        rows = stream.dataset.select(range(start, min(len(stream.dataset), start + DECODE_ROWS)))
+        images, names, _, index = decode_all(
+            rows, stream.image_column, stream.resolution, stream.channels, stream.center_crop,
+            first_row=start,
+        )  # fmt: skip
+        return images, names, index + start
+
+
+def _as_is(item: Any) -> Any:
+    return item
+
+
+def decoded_chunks(
+    stream: StreamSource, skipped: list[str], kept: list[np.ndarray], num_workers: int = 0
+) -> Iterator[np.ndarray]:
+    """The streamed dataset decoded in order by `num_workers` DataLoader workers, with the
+    function the in-memory path decodes with (`decode_all`: the same pixels), and handed on
+    ENCODE_ROWS images at a time: the chunks the in-memory path encodes, so the same latents.
+    Unreadable rows are left out, as there, their names appended to `skipped`, and the source
+    row of every image kept appended to `kept` (their labels go with them)."""
+    loader = torch.utils.data.DataLoader(
+        _DecodedRows(stream),
+        batch_size=None,  # an item is DECODE_ROWS rows already
+        num_workers=num_workers,
+        collate_fn=_as_is,  # numpy arrays stay numpy arrays
+        # Its workers' seed from a generator of its own: the global RNG, which builds the
+        # network next, is the same whether the cache was encoded or found.
+        generator=torch.Generator(),
+    )
+    pending: list[np.ndarray] = []
+    num_pending = 0
+    for images, names, rows in loader:
+        skipped.extend(names)
+        kept.append(rows)
+        pending.append(images)
+        num_pending += len(images)
+        while num_pending >= ENCODE_ROWS:
+            joined = np.concatenate(pending)
+            yield joined[:ENCODE_ROWS]
+            pending, num_pending = [joined[ENCODE_ROWS:]], num_pending - ENCODE_ROWS
+    if num_pending:
+        yield np.concatenate(pending)
 
 
 def load_latents(
@@ -206,9 +288,19 @@ def load_latents(
     accelerator: Accelerator | None = None,
     cache_dir: Path | None = None,
     dtype: CacheDtype = "float16",
+    num_workers: int = 0,
 ) -> LatentData:
     """The data's latents, memory-mapped: encoded once per node (the local main process writes
-    the cache, the others wait and map it), or mapped from the cache."""
+    the cache, the others wait for its files, not at a barrier, and map it), or mapped from the
+    cache.
+
+    Decoded data is encoded from its images in memory; streamed data (`data.stream`) in one
+    pass over the source in dataset order, decoded by `num_workers` DataLoader workers (the
+    node's other processes are idle meanwhile), so only a chunk's pixels are ever in memory.
+    Both decode alike, skip unreadable rows alike and encode the same chunks, and the key is
+    the same: a cache built either way serves the other. (Except when rows were skipped: the
+    in-memory key counts the images kept, which a stream only knows once it has decoded them
+    all, so its key counts the source's rows and the two caches differ.)"""
     assert dtype in get_args(CacheDtype), dtype
     key = latent_cache_key(data, encoder, random_flip, dtype)
     folder = (default_cache_dir() if cache_dir is None else cache_dir) / f"latents-{key}"
@@ -228,32 +320,80 @@ def load_latents(
             return
         logger.info("latents: encoding %d images once into %s", data.num_images, folder)
         with atomic_dir(folder) as tmp:
-            encode_into(tmp, key, data.images, encoder, random_flip, dtype, latent_shape())
+            if data.stream is None:
+                chunks = (data.images[k : k + ENCODE_ROWS]
+                          for k in range(0, data.num_images, ENCODE_ROWS))  # fmt: skip
+                encode_into(tmp, key, chunks, data.num_images, encoder, random_flip, dtype,
+                            latent_shape())  # fmt: skip
+                return
+            skipped: list[str] = []
+            kept: list[np.ndarray] = []
 
-    if accelerator is None:
+            def skipped_rows() -> dict[str, Any]:  # once the pass is over
+                rows = np.concatenate(kept) if kept else np.empty(0, np.int64)
+                missing = np.setdiff1d(np.arange(data.num_images), rows)
+                return {"skipped": skipped, "skipped_rows": missing.tolist()}
+
+            chunks = decoded_chunks(data.stream, skipped, kept, num_workers)
+            encode_into(tmp, key, chunks, data.num_images, encoder, random_flip, dtype,
+                        latent_shape(), skipped_rows)  # fmt: skip
+
+    if local_main:
         build()
     else:
-        with accelerator.local_main_process_first():
-            if accelerator.is_local_main_process:
-                build()
+        wait_for_cache(folder, key)
     latents = read_latent_cache(folder, key)
     if latents is None:
         raise RuntimeError(f"latent cache {folder} could not be read after it was written")
+    latents.labels = data.labels
+    if data.stream is not None:
+        latents.labels = stream_labels(data.stream, folder, len(latents.mean))
     return latents
+
+
+def wait_for_cache(folder: Path, key: str) -> None:
+    """Wait, without any collective, until this node's local main process has written the
+    cache: encoding ImageNet takes hours, and a barrier (NCCL's) gives up after its timeout
+    (10 minutes by default). Should the writer die, the launcher stops this process."""
+    began = reported = time.monotonic()
+    while read_latent_cache(folder, key, warn=False) is None:
+        if time.monotonic() - reported > 600:
+            reported = time.monotonic()
+            logger.info("latents: waited %.0f min for the local main process to encode %s",
+                        (reported - began) / 60, folder)  # fmt: skip
+        time.sleep(WAIT_SECONDS)
+
+
+def stream_labels(stream: StreamSource, folder: Path, num_rows: int) -> torch.Tensor | None:
+    """The labels of the rows a streamed encoding kept (the manifest names those it skipped,
+    logged here), row for row with the latents."""
+    manifest = json.loads((folder / MANIFEST).read_text())
+    skipped_rows = manifest.get("skipped_rows", [])  # none in a cache encoded from memory
+    if manifest.get("skipped"):
+        logger.warning("latents: %d unreadable image(s) left out: %s",
+                       len(manifest["skipped"]), first_errors(manifest["skipped"]))  # fmt: skip
+    if stream.labels is None:
+        return None
+    keep = torch.ones(len(stream.labels), dtype=torch.bool)
+    keep[torch.tensor(skipped_rows, dtype=torch.int64)] = False
+    labels = stream.labels[keep]
+    assert len(labels) == num_rows, (len(labels), num_rows)
+    return labels
 
 
 class LatentBatches(BatchSource):
     """Batches of latents: each batch's rows gathered on the host from the mapped cache (only
     those pages are read), converted to float32 and copied to the device (through pinned
     memory on a GPU, without waiting for it), then z = (mean + std * eps - shift) * scale with
-    the micro-step's generator. The pixels stay on the host (`ImageData.images`: grids of real
-    data, the FID reference)."""
+    the micro-step's generator; the labels are the latents' own (`LatentData.labels`, row for
+    row). The pixels stay on the host (`ImageData.images`, of a streamed dataset its first rows
+    only: grids of real data, the FID reference)."""
 
-    def __init__(self, data: ImageData, latents: LatentData, *args, **kwargs) -> None:
+    def __init__(self, latents: LatentData, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.latents = latents
         self.num_images = len(latents.mean)
-        self.labels = data.labels
+        self.labels = latents.labels
         if self.random_flip:
             assert latents.flipped_mean is not None, "flips need the mirror images' latents"
         if self.num_images < self.per_device_batch_size * self.world_size:
