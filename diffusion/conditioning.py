@@ -41,7 +41,7 @@ class ConditioningOptions:
         1.5,
         "guidance w of the grids and --eval-every, stored in the export "
         "(0: unconditional, 1: conditional, > 1: more like the class; 1.5 measured best on "
-        "digits: FID as w = 1, the asked class 99.8% of the time)",
+        "digits: FID as w = 1, the asked class 99.6% of the time)",
         section=SECTION,
     )
 

@@ -27,7 +27,7 @@ DRY_RUN=${DRY_RUN:-0}
 # The training flags, one place: the README's 8-GPU and SLURM commands are these.
 flags=(
     --dataset "$DATASET" --split train --resolution 256 --channels 3 --random-flip
-    --vae stabilityai/sd-vae-ft-ema --data-loading memory
+    --vae stabilityai/sd-vae-ft-ema --data-loading stream
     --preset dit-xl-2 --class-conditional
     --beta-schedule linear --prediction-type epsilon
     --batch-size 32 --learning-rate 1e-4 --weight-decay 0 --lr-schedule constant
