@@ -15,7 +15,8 @@ No perceptual (LPIPS) or adversarial term: no package here ships LPIPS weights o
     ACCELERATE_USE_CPU=true accelerate launch --config_file accelerate_configs/cpu_2proc.yaml \
         train_autoencoder.py --resolution 32 --max-steps 200
     # the export (runs/ae-digits/model) is a diffusers AutoencoderKL folder:
-    #   AutoencoderKL.from_pretrained("runs/ae-digits/model"), or a latent run's --vae
+    #   AutoencoderKL.from_pretrained("runs/ae-digits/model", use_safetensors=True),
+    #   or a latent run's --vae
 
 Rerunning the same command resumes from the latest complete checkpoint.
 """

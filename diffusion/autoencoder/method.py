@@ -190,7 +190,7 @@ class AutoencoderMethod:
             ),
             how_to_load=(
                 "from diffusers import AutoencoderKL\n"
-                'vae = AutoencoderKL.from_pretrained("path/to/this/folder")\n'
+                'vae = AutoencoderKL.from_pretrained("path/to/this/folder", use_safetensors=True)\n'
                 "latents = vae.encode(x).latent_dist.mode() * vae.config.scaling_factor"
             ),
             facts=[
