@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import git_revision, machine, print_table, synchronize  # noqa: E402
 from ddp_utils.data import load_image_data, load_latents  # noqa: E402
-from diffusion.codecs import DTYPES, LatentCodec, load_codec, measured_scale  # noqa: E402
+from diffusion.codecs import DTYPES, load_codec, measured_scale  # noqa: E402
 from diffusion.ddpm import make_train_scheduler  # noqa: E402
 from diffusion.networks import count_parameters  # noqa: E402
 from diffusion.networks.unet import build_ddpm_unet  # noqa: E402
@@ -72,24 +72,17 @@ def to_pixels(images: torch.Tensor) -> torch.Tensor:
     return images.to(torch.float32) * (2.0 / 255.0) - 1.0
 
 
-def time_encode(codec: LatentCodec, pixels: torch.Tensor, device: torch.device) -> float:
-    """Images/s of the posterior (mean, std) of every image, after a one-chunk warm-up."""
-    codec.encode(pixels[:8])
+def images_per_s(
+    fn: Callable[[torch.Tensor], object], inputs: torch.Tensor, device: torch.device
+) -> float:
+    """Images/s of `fn` (the codec's encode or decode) over all of `inputs`, after a warm-up
+    on 8 of them."""
+    fn(inputs[:8])
     synchronize(device)
     start = time.perf_counter()
-    codec.encode(pixels)
+    fn(inputs)
     synchronize(device)
-    return len(pixels) / (time.perf_counter() - start)
-
-
-def time_decode(codec: LatentCodec, z: torch.Tensor, device: torch.device) -> float:
-    """Images/s of decoding scaled latents to images, after a warm-up."""
-    codec.decode(z[:8])
-    synchronize(device)
-    start = time.perf_counter()
-    codec.decode(z)
-    synchronize(device)
-    return len(z) / (time.perf_counter() - start)
+    return len(inputs) / (time.perf_counter() - start)
 
 
 class Trainer:
@@ -192,7 +185,7 @@ def run(args: argparse.Namespace, device: torch.device, threads: list[int], scra
     encode_rows = []
     for num_threads in threads:
         torch.set_num_threads(num_threads)
-        rate = time_encode(codec, pixels, device)
+        rate = images_per_s(codec.encode, pixels, device)
         encode_rows.append([num_threads, f"{num_images:,}", f"{rate:,.1f}"])
     image_cache = disk_bytes(scratch, "images-*")
     latent_cache = {}
@@ -264,7 +257,7 @@ def run(args: argparse.Namespace, device: torch.device, threads: list[int], scra
     decode_rows = []
     for num_threads in threads:
         torch.set_num_threads(num_threads)
-        rate = time_decode(codec, z, device)
+        rate = images_per_s(codec.decode, z, device)
         decode_rows.append([num_threads, args.num_decode, f"{rate:,.1f}", f"{1000 / rate:.2f}"])
     print("\n(c) decoding scaled latents to images (the exported pipeline's chunked decode)")
     print_table(["threads", "images", "decode img/s", "ms per image"], decode_rows)

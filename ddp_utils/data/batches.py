@@ -111,6 +111,16 @@ class BatchSource:
         self.value_range = value_range
         self.random_flip = random_flip
 
+    def warn_if_smaller_than_a_batch(self, num_images: int) -> None:
+        global_batch = self.per_device_batch_size * self.world_size
+        if num_images < global_batch:
+            logger.warning(
+                "the dataset (%d images) is smaller than one global batch (%d): "
+                "images repeat within a batch",
+                num_images,
+                global_batch,
+            )
+
     def indices(self, micro_step: int, num_images: int) -> torch.Tensor:
         return batch_indices(
             micro_step,
@@ -140,13 +150,7 @@ class MemoryBatches(BatchSource):
 
     def __init__(self, data: ImageData, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        if data.num_images < self.per_device_batch_size * self.world_size:
-            logger.warning(
-                "the dataset (%d images) is smaller than one global batch (%d): "
-                "images repeat within a batch",
-                data.num_images,
-                self.per_device_batch_size * self.world_size,
-            )
+        self.warn_if_smaller_than_a_batch(data.num_images)
         self.images = data.images.to(self.device)
         self.num_images = int(self.images.shape[0])
         self.labels = None if data.labels is None else data.labels.to(self.device)

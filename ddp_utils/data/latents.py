@@ -396,13 +396,7 @@ class LatentBatches(BatchSource):
         self.labels = latents.labels
         if self.random_flip:
             assert latents.flipped_mean is not None, "flips need the mirror images' latents"
-        if self.num_images < self.per_device_batch_size * self.world_size:
-            logger.warning(
-                "the dataset (%d images) is smaller than one global batch (%d): "
-                "images repeat within a batch",
-                self.num_images,
-                self.per_device_batch_size * self.world_size,
-            )
+        self.warn_if_smaller_than_a_batch(self.num_images)
 
     def to_device(self, rows: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":
