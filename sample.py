@@ -57,7 +57,7 @@ from diffusion.drawing import (
 )
 from diffusion.kinds import kind_named
 from diffusion.loading import load_for_sampling
-from diffusion.pretrained import resolve_model_source
+from diffusion.sources import resolve_model_source
 from evaluation import load_fid_inception
 from evaluation.during_sampling import fid_metrics, fid_reference
 

@@ -28,8 +28,8 @@ from diffusion.conditioning import parse_guidance_interval
 from diffusion.kinds import SamplerChoice, kind_named
 from diffusion.loading import LoadedModel, Weights
 from diffusion.networks import sample_shape
-from diffusion.pretrained import is_hub_id
 from diffusion.sampling import DEFAULT_DDIM_ETA, DEFAULT_SAMPLER, SamplerName
+from diffusion.sources import is_hub_id
 
 logger = logging.getLogger("ddp_diffusion.sample")
 

@@ -32,6 +32,7 @@ from ddp_utils.export import TASK_FILE, check_value_range, read_task_file, verif
 from diffusion.codecs import LatentCodec, codec_changes, codec_from_export, load_codec
 from diffusion.kinds.registry import kind_named
 from diffusion.networks import BACKBONE_CLASSES, prepare_loaded, sample_shape
+from diffusion.sources import VAE_HUB_FILES, resolve_model_source
 
 logger = logging.getLogger(__name__)
 Weights = Literal["ema", "raw"]
@@ -171,24 +172,22 @@ def _with_codec(loaded: LoadedModel, codec: LatentCodec | None) -> None:
 
 
 def _checkpoint_codec(state: dict[str, Any], where: Path) -> LatentCodec | None:
-    """A latent run's checkpoint names its VAE (--vae): a local folder, read again and
-    compared by the hash of its weights."""
+    """A latent run's checkpoint names its VAE (--vae): a local folder or a hub id (resolved
+    through the hub cache as --vae was), read again and compared by the hash of its weights."""
     saved = state.get("latent")
     if saved is None:
         return None
-    folder = Path(saved["vae"])
-    if not folder.is_dir():
-        raise ValueError(
-            f"{where} is a latent model and its VAE {saved['vae']} is not a local folder: "
-            "sample the run's export (pipeline/, which holds the VAE) instead"
-        )
     try:
+        folder = resolve_model_source(saved["vae"], None, VAE_HUB_FILES)
         codec = load_codec(folder, saved["vae"])
     except InputError as err:
-        raise ValueError(f"{where}'s VAE {saved['vae']} cannot be used: {err}") from None
+        raise ValueError(
+            f"{where} is a latent model and its VAE {saved['vae']} cannot be used: {err}; or "
+            "sample the run's export (pipeline/, which holds the VAE)"
+        ) from None
     changed = codec_changes(saved, codec)
     if changed:
-        raise ValueError(f"{where}: {changed[0]} (the VAE folder changed since training)")
+        raise ValueError(f"{where}: {changed[0]} (the VAE changed since training)")
     codec.set_scale(saved["scaling_factor"])
     return codec
 

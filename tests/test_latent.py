@@ -9,6 +9,7 @@ scaling_factor, so the run measures one on the data."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -493,6 +494,12 @@ def test_a_hub_id_names_a_vae_through_the_hub_cache(root: Path, tmp_path, monkey
     latent = json.loads((out / "pipeline" / "task.json").read_text())["latent"]
     assert latent["vae"] == "someone/tiny-sd"
     assert latent["sha256"] == load_codec(root / "vae").sha256
+    # Its checkpoint names the hub id, and sampling it resolves the VAE the same way.
+    loaded = load_for_sampling(out / "checkpoints")
+    assert loaded.codec.sha256 == latent["sha256"] and loaded.resolution == RESOLUTION
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="not in the local cache.*sample the run's export"):
+        load_for_sampling(out / "checkpoints")
 
 
 def test_latent_scale_measure_replaces_the_configs_default(latent_run: Path, tmp_path) -> None:
@@ -510,3 +517,69 @@ def test_latent_scale_measure_replaces_the_configs_default(latent_run: Path, tmp
     assert json.loads((out / "pipeline" / "vae" / "config.json").read_text())[
         "scaling_factor"
     ] == pytest.approx(scale)
+
+
+def write_class_folders(folder: Path, per_class: int = 12) -> Path:
+    """The first `per_class` digits of 0, 1 and 2 as RGB PNGs in one subfolder per class (an
+    image folder as the ImageNet recipe reads one)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for label in range(3):
+        (folder / str(label)).mkdir(parents=True)
+        images = digits.images[digits.target == label][:per_class]
+        for k, image in enumerate(images):
+            pixels = (image * (255 / 16)).astype(np.uint8)
+            Image.fromarray(pixels).convert("RGB").resize((24, 24)).save(
+                folder / str(label) / f"{k}.png"
+            )
+    return folder
+
+
+def test_the_imagenet_recipe_runs_on_two_processes_and_resumes(root: Path, tmp_path) -> None:
+    """recipes/imagenet256_dit_xl2.sh itself, with 2 CPU processes over gloo, an image folder
+    of 3 classes and a tiny VAE and DiT in place of ImageNet, sd-vae-ft-ema and DiT-XL/2 (the
+    flags the recipe lets a user append): the node's latent cache is encoded once from the
+    stream, both processes train on it, and the same command with more steps resumes from the
+    last checkpoint and reads the cache instead of encoding again."""
+    data = write_class_folders(tmp_path / "images")
+    make_vae(tmp_path / "vae3", in_channels=3, scale=True)
+    cache = tmp_path / "cache"
+    env = {
+        **os.environ,
+        "ACCELERATE_USE_CPU": "true",
+        "HF_HOME": str(tmp_path / "hf_home"),
+        "OMP_NUM_THREADS": "1",
+        "DDP_DIFFUSION_CACHE": str(cache),
+        "DATASET": str(data),
+        "OUTPUT_DIR": str(tmp_path / "run"),
+        "CONFIG": str(REPO / "accelerate_configs" / "cpu_2proc.yaml"),
+        "ACCELERATE": str(Path(sys.executable).with_name("accelerate")),
+    }
+    small = [
+        "--resolution", "16", "--vae", str(tmp_path / "vae3"), "--backbone", "dit",
+        "--preset", str(root / "tiny_dit.json"), "--batch-size", "4",
+        "--checkpoint-every", "2", "--sample-every", "0", "--num-sample-images", "4",
+        "--sample-steps", "2", "--report-to", "none",
+    ]  # fmt: skip
+    logs = []
+    for max_steps in ("4", "6"):
+        proc = subprocess.run(
+            ["bash", str(REPO / "recipes" / "imagenet256_dit_xl2.sh"), *small,
+             "--max-steps", max_steps],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        logs.append(proc.stdout + proc.stderr)
+        assert proc.returncode == 0, logs[-1][-4000:]
+    first, second = logs
+    assert "per device 4 x 2 processes x 1 accumulation = global 8" in first
+    assert "latents: encoding 36 images once" in first
+    assert "latents: encoding" not in second and "resumed from" in second
+    assert [p.name for p in cache.glob("latents-*")] == [next(cache.glob("latents-*")).name]
+    run = tmp_path / "run"
+    state = json.loads((run / "checkpoints" / "checkpoint-6" / "state.json").read_text())
+    assert state["num_processes"] == 2 and state["step"] == 6
+    assert state["latent"]["vae"] == str(tmp_path / "vae3")
+    task = json.loads((run / "pipeline" / "task.json").read_text())
+    assert task["class_names"] == ["0", "1", "2"]
+    assert (run / "pipeline" / "vae" / "config.json").is_file()
