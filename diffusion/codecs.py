@@ -2,7 +2,9 @@
 
 A model is a backbone, a formulation (its kind) and a codec. Pixel models have none; a latent
 model (`train_ddpm.py --vae`) has a frozen diffusers `AutoencoderKL`: training batches carry
-its latents z = (posterior sample - shift) * scale, the samplers draw latents, and a draw
+its latents z = (posterior sample - shift) * scale (per channel, (x - latents_mean) *
+scaling_factor / latents_std, where the VAE's config has those: Playground v2.5's and other
+SDXL-family VAEs'), the samplers draw latents, and a draw
 decodes them (`decoding`), so the grids, `sample.py`, `--eval-every` FID and the model card all
 show images. The export ships the VAE as its `vae/` component, whose config holds the scale
 that training used (measured on the data when the VAE's own config has none).
@@ -18,7 +20,7 @@ import json
 import logging
 import math
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,7 +92,9 @@ def weights_sha256(folder: Path) -> str:
 @dataclass
 class LatentCodec:
     """A frozen AutoencoderKL in eval mode, and the affine map its latents are trained in:
-    z = (latent - shift_factor) * scaling_factor (Rombach et al. 2022, sec. 4.3.2)."""
+    z = (latent - shift_factor) * scaling_factor (Rombach et al. 2022, sec. 4.3.2), or per
+    channel z = (latent - latents_mean) * scaling_factor / latents_std when its config has
+    those (as diffusers' SDXL pipelines read them; shift_factor is then unused)."""
 
     vae: AutoencoderKL
     source: str  # what --vae named (a folder or a hub id)
@@ -98,6 +102,27 @@ class LatentCodec:
     sha256: str  # of the weights file (as --vae gave it: a copy in an export keeps it)
     scaling_factor: float | None  # None until measured on the data (`set_scale`)
     shift_factor: float = 0.0
+    latents_mean: tuple[float, ...] | None = None  # per latent channel, from the config
+    latents_std: tuple[float, ...] | None = None
+
+    @property
+    def per_channel(self) -> bool:
+        return self.latents_mean is not None
+
+    @property
+    def plain_scale(self) -> bool:
+        """z = latent * scaling_factor, the map diffusers' DiTPipeline decodes with."""
+        return not self.per_channel and not self.shift_factor
+
+    def affine(self, device: torch.device | str) -> tuple[Any, Any]:
+        """(shift, scale) with z = (latent - shift) * scale: floats, or (C, 1, 1) float32
+        tensors on `device` for per-channel statistics."""
+        assert self.scaling_factor is not None, "the scale is measured before training"
+        if not self.per_channel:
+            return self.shift_factor, self.scaling_factor
+        mean = torch.tensor(self.latents_mean, dtype=torch.float32, device=device)
+        std = torch.tensor(self.latents_std, dtype=torch.float32, device=device)
+        return mean.view(-1, 1, 1), (self.scaling_factor / std).view(-1, 1, 1)
 
     @property
     def downsampling(self) -> int:
@@ -146,6 +171,18 @@ class LatentCodec:
         self.vae.register_to_config(scaling_factor=self.scaling_factor)
         self.vae.register_to_config(shift_factor=self.shift_factor or None)
 
+    def set_channel_statistics(
+        self, mean: Sequence[float] | None, std: Sequence[float] | None
+    ) -> None:
+        """Use (and record in the VAE's config) these per-channel statistics, or none: what a
+        checkpoint was trained with, whatever the config says now."""
+        self.latents_mean = None if mean is None else tuple(float(v) for v in mean)
+        self.latents_std = None if std is None else tuple(float(v) for v in std)
+        self.vae.register_to_config(
+            latents_mean=None if mean is None else list(self.latents_mean),
+            latents_std=None if std is None else list(self.latents_std),
+        )
+
     def ship(self, folder: Path) -> None:
         """Make an export's `vae/` (written by the pipeline's save_pretrained, with the scale
         in its config) hold the weights file --vae gave, byte for byte: not the copy in the
@@ -159,6 +196,8 @@ class LatentCodec:
             "sha256": self.sha256,
             "scaling_factor": self.scaling_factor,
             "shift_factor": self.shift_factor,
+            "latents_mean": self.latents_mean,
+            "latents_std": self.latents_std,
             "latent_channels": int(self.vae.config.latent_channels),
             "downsampling": self.downsampling,
             "image_channels": self.channels,
@@ -191,7 +230,33 @@ def load_codec(
         weights_sha256(folder),
         None if scale is None else float(scale),
         float(config.get("shift_factor") or 0.0),
+        *channel_statistics(config, folder),
     )
+
+
+def channel_statistics(
+    config: Mapping[str, Any], folder: Path
+) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+    """The config's per-channel `latents_mean` and `latents_std` (both or neither), checked:
+    one positive std and one mean per latent channel."""
+    mean, std = config.get("latents_mean"), config.get("latents_std")
+    if mean is None and std is None:
+        return None, None
+    channels = config.get("latent_channels")
+    problem = None
+    if mean is None or std is None:
+        problem = "has one of latents_mean and latents_std without the other"
+    elif len(mean) != channels or len(std) != channels:
+        problem = (f"has {len(mean)} latents_mean and {len(std)} latents_std values for "
+                   f"{channels} latent channels")  # fmt: skip
+    elif min(std) <= 0:
+        problem = "has a latents_std that is not positive"
+    if problem:
+        raise InputError(
+            f"{folder / 'config.json'} {problem}: give one value per latent channel in both "
+            "(the posterior's mean and standard deviation over the data), or remove both"
+        )
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
 def codec_from_export(folder: Path, facts: Mapping[str, Any] | None = None) -> LatentCodec | None:

@@ -189,6 +189,7 @@ def _checkpoint_codec(state: dict[str, Any], where: Path) -> LatentCodec | None:
     if changed:
         raise ValueError(f"{where}: {changed[0]} (the VAE changed since training)")
     codec.set_scale(saved["scaling_factor"])
+    codec.set_channel_statistics(saved.get("latents_mean"), saved.get("latents_std"))
     return codec
 
 

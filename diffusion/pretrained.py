@@ -160,7 +160,8 @@ def run_codec(run: Run) -> LatentCodec | None:
     and downsampling against the data, the network's preset against the latent grid) and
     compared with a resumed checkpoint's. Then the data is encoded once per node (or read from
     the latent cache), and the latent scale is the VAE config's, a resumed run's, or measured
-    on the latents when the config has none.
+    on the latents when the config has none (never over per-channel latents_mean/latents_std,
+    which the config's scale follows).
     """
     cfg = run.cfg
     saved = None if run.checkpoint is None else run.checkpoint.state.get("latent")
@@ -207,13 +208,22 @@ def run_codec(run: Run) -> LatentCodec | None:
                 "the --vae it was trained with, or --resume none / another --output-dir",
                 "vae",
             )
+    if codec.per_channel and cfg.latent_scale == "measure" and saved is None:
+        raise InputError(
+            f"{cfg.vae}'s config normalizes each latent channel (latents_mean, latents_std), "
+            "which a scale measured on the raw latents would undo: pass --latent-scale config",
+            "latent_scale",
+        )
     codec.to(run.accelerator.device)
     # A streamed dataset is decoded by workers while the node's other processes wait.
     workers = default_num_workers(1) if cfg.num_workers is None else cfg.num_workers
     latents = load_latents(run.data, codec, cfg.random_flip, run.accelerator, num_workers=workers)
     measured = measured_scale(latents.variance)
-    if saved is not None:  # a resumed run keeps the scale it was trained with
+    if saved is not None:  # a resumed run keeps the map it was trained with
         codec.set_scale(saved["scaling_factor"])
+        codec.set_channel_statistics(saved.get("latents_mean"), saved.get("latents_std"))
+    elif codec.per_channel:
+        codec.set_scale(codec.scaling_factor or 1.0)  # the statistics make them unit already
     elif cfg.latent_scale == "measure" or codec.scaling_factor is None:
         reason = "--latent-scale measure" if codec.scaling_factor else "its config has none"
         codec.set_scale(measured)
@@ -236,7 +246,7 @@ def run_codec(run: Run) -> LatentCodec | None:
                 spread,
                 measured,
             )
-    latents.scale, latents.shift = codec.scaling_factor, codec.shift_factor
+    latents.shift, latents.scale = codec.affine(run.accelerator.device)
     run.latents = latents
     logger.info(
         "latents: %d x %dx%d per image (VAE %s, downsampling %d, scale %.5g)",

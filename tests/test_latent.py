@@ -583,3 +583,53 @@ def test_the_imagenet_recipe_runs_on_two_processes_and_resumes(root: Path, tmp_p
     task = json.loads((run / "pipeline" / "task.json").read_text())
     assert task["class_names"] == ["0", "1", "2"]
     assert (run / "pipeline" / "vae" / "config.json").is_file()
+
+
+def with_channel_statistics(folder: Path, mean: list, std: list) -> Path:
+    config = json.loads((folder / "config.json").read_text())
+    config.update(latents_mean=mean, latents_std=std, scaling_factor=0.5)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_per_channel_latent_statistics_are_trained_in_and_decoded(root: Path, tmp_path) -> None:
+    """A VAE whose config has latents_mean and latents_std (Playground v2.5's kind): batches
+    are (x - mean) * scale / std per channel, decoding inverts exactly that, the export and
+    task.json carry them, and diffusers' DiTPipeline (which ignores them) is not offered."""
+    from diffusion.pipeline_code.pipelines import decode_latents
+
+    mean, std = [0.5, -1.0, 0.0, 2.0], [2.0, 0.5, 1.0, 4.0]
+    folder = with_channel_statistics(make_vae(tmp_path / "vae"), mean, std)
+    codec = load_codec(folder)
+    shift, scale = codec.affine("cpu")
+    x = torch.randn(3, 4, 4, 4)
+    expected = (x - torch.tensor(mean).view(-1, 1, 1)) * 0.5 / torch.tensor(std).view(-1, 1, 1)
+    assert torch.allclose((x - shift) * scale, expected)
+    with torch.no_grad():
+        direct = codec.vae.decode(x, return_dict=False)[0]
+        assert torch.allclose(decode_latents(codec.vae, expected), direct, atol=1e-5)
+
+    out = tmp_path / "run"
+    train(latent_args(out, root / "tiny_dit.json", folder, "--max-steps", "2",
+                      "--checkpoint-every", "2", "--sample-every", "2"))  # fmt: skip
+    latent = json.loads((out / "pipeline" / "task.json").read_text())["latent"]
+    assert (latent["latents_mean"], latent["latents_std"]) == (mean, std)
+    config = json.loads((out / "pipeline" / "vae" / "config.json").read_text())
+    assert (config["latents_mean"], config["latents_std"], config["scaling_factor"]) == (
+        mean, std, 0.5,
+    )  # fmt: skip
+    assert "DiTPipeline(" not in (out / "pipeline" / "README.md").read_text()
+    # The export and the checkpoint decode a draw alike (both apply the statistics).
+    exported = load_for_sampling(out / "pipeline").codec
+    resumed = load_for_sampling(out / "checkpoints").codec
+    assert exported.latents_mean == resumed.latents_mean == tuple(mean)
+
+    # A scale measured on raw latents would undo the statistics: refused before any work.
+    refused = tmp_path / "measure"
+    with pytest.raises(InputError, match="normalizes each latent channel.*--latent-scale config"):
+        train(latent_args(refused, root / "tiny_dit.json", folder, "--latent-scale", "measure"))
+    assert not refused.exists()
+    bad = with_channel_statistics(make_vae(tmp_path / "bad"), [0.0] * 3, [1.0] * 3)
+    with pytest.raises(InputError, match="3 latents_mean and 3 latents_std values for 4 latent"):
+        train(latent_args(tmp_path / "bad-run", root / "tiny_dit.json", bad))
+    assert not (tmp_path / "bad-run").exists()

@@ -66,7 +66,8 @@ class LatentData:
     """Posterior mean and std of every image ((N, c, h, w) arrays mapped from the cache, in its
     dtype), of the mirror images too when flips are on; the variance of a posterior sample over
     the data (Var(mean) + E[std^2], measured in float32 while encoding); and the affine map a
-    batch applies: z = (sample - shift) * scale."""
+    batch applies: z = (sample - shift) * scale (floats, or per-channel (c, 1, 1) tensors on
+    the batches' device)."""
 
     mean: np.ndarray
     std: np.ndarray
@@ -75,8 +76,8 @@ class LatentData:
     folder: Path
     variance: float
     labels: torch.Tensor | None = None  # int64 (N,): each row's class (class-conditional)
-    scale: float = 1.0
-    shift: float = 0.0
+    scale: float | torch.Tensor = 1.0
+    shift: float | torch.Tensor = 0.0
 
     def means(self, num: int) -> torch.Tensor:
         """The posterior means of the first `num` images, float32 on the CPU."""

@@ -61,7 +61,9 @@ def codec_facts(codec: LatentCodec | None) -> list[tuple[str, str]]:
     return [
         ("autoencoder", f"AutoencoderKL {codec.source} (frozen; in vae/), {channels} latent "
                         f"channels at 1/{codec.downsampling} of the image size, latents scaled by "
-                        f"{codec.scaling_factor:.5g}"),
+                        f"{codec.scaling_factor:.5g}"
+                        + (" after per-channel normalization (latents_mean, latents_std)"
+                           if codec.per_channel else "")),
     ]  # fmt: skip
 
 
@@ -190,7 +192,7 @@ class NetworkMethod:
         if self.codec is None:
             return to_float(self.run.data.images[:num].to(self.device), VALUE_RANGE, None)
         latents = self.run.latents
-        return ((latents.means(num) - latents.shift) * latents.scale).to(self.device)
+        return (latents.means(num).to(self.device) - latents.shift) * latents.scale
 
     def shown(self, x: torch.Tensor) -> torch.Tensor:
         """What a picture shows of x: the images (decoded, for a latent model)."""

@@ -95,7 +95,8 @@ class DDPMOptions:
 # diffusers' own DiTPipeline, from the components of a class-conditional latent DiT's export.
 # It fits at guidance_scale 1 only: for w > 1 it feeds class id 1000 as "no class" (this
 # model's is its number of classes) and does not project the guided estimate; its
-# `1 / scaling_factor` decode ignores a shift_factor (AutoencoderKLs that have one: SD3's).
+# `1 / scaling_factor` decode ignores a shift_factor (SD3's VAE has one) and per-channel
+# latents_mean/latents_std (Playground v2.5's): not offered for those.
 DIT_PIPELINE_LINES = (
     "# or diffusers' own DiTPipeline (no code of ours), at guidance_scale=1:\n"
     "from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel\n"
@@ -220,7 +221,12 @@ class DDPMMethod(NetworkMethod):
     def _dit_pipeline_fits(self) -> bool:
         """diffusers' DiTPipeline runs a class-conditional DiT on latents (at guidance 1: its
         guidance uses class 1000 as "no class" and does not project; DIT_PIPELINE_LINES)."""
-        return bool(self.codec and self.conditioning.num_classes and self.backbone == "dit")
+        return bool(
+            self.codec
+            and self.codec.plain_scale  # it decodes latents / scaling_factor, nothing else
+            and self.conditioning.num_classes
+            and self.backbone == "dit"
+        )
 
     def _stock_pipeline(self) -> bool:
         """An unconditional pixel UNet loads in diffusers' own DDPMPipeline; the rest ship code."""

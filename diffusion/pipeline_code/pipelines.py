@@ -373,10 +373,18 @@ DECODE_CHUNK = 8  # latents per VAE decode; the last chunk is padded to it
 
 def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
     """Images (float32, about [-1, 1]) of latents z = (latent - shift) * scale, the scale and
-    shift of the VAE's config. Decoded in chunks of DECODE_CHUNK, the last padded with zeros,
-    so every decode runs at one batch size and an image does not depend on its batch."""
+    shift of the VAE's config (per channel where it has latents_mean and latents_std: z =
+    (latent - mean) * scale / std, as diffusers' SDXL pipelines read them). Decoded in chunks
+    of DECODE_CHUNK, the last padded with zeros, so every decode runs at one batch size and an
+    image does not depend on its batch."""
     config = vae.config
-    z = latents.float() / config.scaling_factor + (config.shift_factor or 0.0)
+    mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+    if mean is not None and std is not None:
+        mean, std = (torch.tensor(v, dtype=torch.float32, device=latents.device).view(-1, 1, 1)
+                     for v in (mean, std))  # fmt: skip
+        z = latents.float() * std / config.scaling_factor + mean
+    else:
+        z = latents.float() / config.scaling_factor + (config.shift_factor or 0.0)
     images = []
     for start in range(0, len(z), DECODE_CHUNK):
         part = z[start : start + DECODE_CHUNK]
