@@ -46,7 +46,7 @@ from diffusion.networks import (
     check_preset,
     preset_backbone,
 )
-from diffusion.pretrained import initial_network, run_codec
+from diffusion.pretrained import initial_network, resolve_sigma_data, run_codec
 from diffusion.sampling import (
     DEFAULT_DDIM_ETA,
     DEFAULT_SAMPLER,
@@ -187,6 +187,7 @@ def train(cfg: DDPMConfig) -> Run:
     run = start_run(cfg, with_labels=cfg.class_conditional)
     codec = run_codec(run)  # --vae: checked, the data encoded (or read from its cache)
     model = initial_network(run, codec)
+    resolve_sigma_data(run, codec)  # EDM: the data's standard deviation, pixels or latents
     cfg.freeze()
     kind = kind_named(cfg.objective, "--objective")
     scheduler = kind.train_scheduler(cfg)

@@ -39,6 +39,7 @@ from diffusion.networks import (
 from diffusion.sources import VAE_HUB_FILES, resolve_model_source
 
 logger = logging.getLogger("ddp_diffusion")
+PIXEL_SIGMA_DATA = 0.5  # EDM's, for pixels in [-1, 1] (Karras et al. 2022)
 
 
 def check_init_model(
@@ -304,8 +305,10 @@ def initial_network(run: Run, codec: LatentCodec | None = None) -> nn.Module:
             f"{cfg.init_from} is a {backbone} network: drop --backbone {cfg.backbone}", "backbone"
         )
     if cfg.objective == "edm":
-        sigma_data = (loaded.scheduler_config or {}).get("sigma_data", cfg.sigma_data)
-        if sigma_data != cfg.sigma_data:
+        sigma_data = (loaded.scheduler_config or {}).get("sigma_data", PIXEL_SIGMA_DATA)
+        if cfg.sigma_data is None:
+            cfg.sigma_data = sigma_data
+        elif sigma_data != cfg.sigma_data:
             raise InputError(
                 f"{cfg.init_from} was trained with --sigma-data {sigma_data}: pass it",
                 "init_from",
@@ -319,3 +322,31 @@ def initial_network(run: Run, codec: LatentCodec | None = None) -> nn.Module:
     model = prepare_loaded(type(loaded.model).from_config(config))
     model.load_state_dict(loaded.model.state_dict())
     return model
+
+
+def resolve_sigma_data(run: Run, codec: LatentCodec | None) -> None:
+    """EDM's sigma_data when --sigma-data is not given (nor filled by --init-from): what a
+    resumed checkpoint was trained with; for latents the standard deviation of the scaled
+    latents, measured on the data (1 when the scale is measured too; EDM's 0.5 assumes pixels
+    in [-1, 1], and on unit-variance latents it would skew every preconditioning
+    coefficient); else 0.5 (also for the other objectives, which do not read it: their
+    configs and checkpoints have always recorded 0.5)."""
+    cfg = run.cfg
+    if cfg.sigma_data is not None:
+        return
+    if cfg.objective != "edm":
+        cfg.sigma_data = PIXEL_SIGMA_DATA
+        return
+    saved = None if run.checkpoint is None else run.checkpoint.state.get("scheduler_config")
+    if saved and "sigma_data" in saved:
+        cfg.sigma_data = float(saved["sigma_data"])
+        return
+    if codec is None:
+        cfg.sigma_data = PIXEL_SIGMA_DATA
+        return
+    if codec.per_channel:  # the statistics make each channel unit, then the scale applies
+        spread = codec.scaling_factor
+    else:
+        spread = codec.scaling_factor * math.sqrt(run.latents.variance)
+    cfg.sigma_data = float(f"{spread:.4g}")
+    logger.info("EDM: sigma_data %g, the scaled latents' standard deviation", cfg.sigma_data)

@@ -465,6 +465,16 @@ def test_an_edm_unet_on_latents_exports_a_pipeline_that_decodes(root: Path, tmp_
                   generator=[torch.Generator().manual_seed(sample_seed(0, k)) for k in range(2)],
                   ).images  # fmt: skip
     assert np.abs(np.round(theirs * 255) - images).max() <= 1
+    # sigma_data is the scaled latents' standard deviation: 1 with a measured scale (EDM's
+    # 0.5 is for pixels in [-1, 1]); a fine-tune from the export takes the export's.
+    scheduler = json.loads((pipeline / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["sigma_data"] == 1.0
+    tuned = tmp_path / "tuned-with-vae"
+    train(["--objective", "edm", "--init-from", str(pipeline), "--vae", str(root / "vae"),
+           "--resolution", str(RESOLUTION), "--max-images", "32", "--max-steps", "1",
+           "--batch-size", "8", "--sample-every", "0", "--num-sample-images", "2",
+           "--sample-steps", "2", "--report-to", "none", "--output-dir", str(tuned)])  # fmt: skip
+    assert "sigma_data: 1.0" in (tuned / "config.yaml").read_text()
     # Fine-tuning it needs its VAE: without --vae, refused naming it.
     with pytest.raises(InputError, match="--init-from: .*trained on the latents of --vae"):
         train(["--objective", "edm", "--init-from", str(pipeline), "--resolution",

@@ -58,8 +58,11 @@ class EDMOptions:
         -1.2, "training noise levels have ln(sigma) ~ N(p_mean, p_std^2)", section=EDM_SECTION
     )
     p_std: float = option(1.2, "see --p-mean", section=EDM_SECTION)
-    sigma_data: float = option(
-        0.5, "standard deviation of the data (pixels in [-1, 1])", section=EDM_SECTION
+    sigma_data: float | None = option(
+        None,
+        "standard deviation of the data; default: 0.5 for pixels in [-1, 1], with --vae the "
+        "measured standard deviation of the scaled latents, with --init-from its model's",
+        section=EDM_SECTION,
     )
     sigma_min: float = option(0.002, "the sampler's lowest noise level", section=EDM_SECTION)
     sigma_max: float = option(
@@ -71,7 +74,10 @@ class EDMOptions:
 
     def check_edm_options(self) -> None:
         require(self.p_std > 0, f"--p-std must be > 0, got {self.p_std}")
-        require(self.sigma_data > 0, f"--sigma-data must be > 0, got {self.sigma_data}")
+        require(
+            self.sigma_data is None or self.sigma_data > 0,
+            f"--sigma-data must be > 0, got {self.sigma_data}",
+        )
         require(
             0 < self.sigma_min < self.sigma_max,
             f"--sigma-min and --sigma-max need 0 < min < max, got {self.sigma_min}, "
