@@ -10,11 +10,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from huggingface_hub import constants
 from safetensors.torch import load_file, save_file
 
+import sample
+from ddp_utils.config import parse_config
 from ddp_utils.errors import InputError
 from tests.tiny_runs import (
     CPU_2PROC,
@@ -168,7 +172,10 @@ def test_an_edm_export_fine_tunes_as_edm(tmp_path_factory, tmp_path):
     assert all(torch.allclose(after[k], start[k], atol=1e-6) for k in start)
 
 
-def test_sample_reads_diffusers_folders_and_cached_hub_ids_offline(tmp_path):
+def test_sample_reads_diffusers_folders_and_cached_hub_ids_offline(tmp_path, monkeypatch):
+    """sample.py on a pipeline folder, a UNet2DModel folder, an early flat repo and a hub id
+    in the cache (in this process: the same code as the command), and the command's refusals
+    (exit 2, no traceback) of a pickle and of a hub id missing offline."""
     pipeline = diffusers_pipeline(tmp_path / "pipeline")
     unet_only = tmp_path / "unet-only"
     UNet2DModel.from_pretrained(pipeline / "unet", use_safetensors=True).save_pretrained(unet_only)
@@ -180,14 +187,15 @@ def test_sample_reads_diffusers_folders_and_cached_hub_ids_offline(tmp_path):
     as_hub_cache(pipeline, cache, "someone/tiny-ddpm")
     outputs = {}
     sources = {"folder": pipeline, "unet": unet_only, "flat": flat, "hub": "someone/tiny-ddpm"}
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     for name, source in sources.items():
         out = tmp_path / f"out-{name}"
-        result = python(
-            "sample.py", str(source), "--num-samples=2", "--num-inference-steps=3",
-            f"--output-dir={out}", HF_HUB_CACHE=str(cache),
-        )  # fmt: skip
-        assert result.returncode == 0, result.stderr[-3000:]
-        outputs[name] = (out / "samples.npz").read_bytes()
+        fresh_accelerate_state()
+        sample.sample(parse_config(sample.SampleConfig, [
+            str(source), "--num-samples=2", "--num-inference-steps=3", f"--output-dir={out}",
+        ]))  # fmt: skip
+        with np.load(out / "samples.npz") as npz:
+            outputs[name] = npz["arr_0"].tobytes()
     assert outputs["folder"] == outputs["hub"]  # the same files, found through the cache
     assert outputs["folder"] == outputs["flat"]  # the same network and schedule
     pickled = tmp_path / "pickled"  # weights only as diffusion_pytorch_model.bin
