@@ -29,7 +29,7 @@ from torch import nn
 
 from ddp_utils.data import load_latents
 from ddp_utils.data.batches import default_num_workers
-from ddp_utils.distributed import all_finite, main_process_first
+from ddp_utils.distributed import all_finite, local_world_size, main_process_first
 from ddp_utils.errors import InputError
 from ddp_utils.run import Run
 from diffusion.codecs import (
@@ -223,9 +223,9 @@ def run_codec(run: Run) -> LatentCodec | None:
     Before any work: the VAE is resolved (a folder, or a hub id through the cache and offline
     rules of --init-from), checked (an AutoencoderKL with safetensors weights, its channels
     and downsampling against the data, the network's preset against the latent grid) and
-    compared with a resumed checkpoint's. Then the data is encoded once per node (or read from
-    the latent cache), and the latent scale is the VAE config's, a resumed run's, or measured
-    on the latents when the config has none.
+    compared with a resumed checkpoint's. Then the data is encoded once per node, shared by
+    its processes (or read from the latent cache), and the latent scale is the VAE config's, a
+    resumed run's, or measured on the latents when the config has none.
     """
     cfg = run.cfg
     saved = None if run.checkpoint is None else run.checkpoint.state.get("latent")
@@ -273,8 +273,11 @@ def run_codec(run: Run) -> LatentCodec | None:
                 "vae",
             )
     codec.to(run.accelerator.device)
-    # A streamed dataset is decoded by workers while the node's other processes wait.
-    workers = default_num_workers(1) if cfg.num_workers is None else cfg.num_workers
+    # The node's processes share the encoding, each decoding its own chunks of a streamed
+    # dataset with its workers: the node's cores split among them.
+    workers = (
+        default_num_workers(local_world_size()) if cfg.num_workers is None else cfg.num_workers
+    )
     latents = load_latents(run.data, codec, cfg.random_flip, run.accelerator, num_workers=workers)
     measured = measured_scale(latents.variance)
     if saved is not None:  # a resumed run keeps the scale it was trained with
