@@ -83,13 +83,13 @@ def local_world_size(default: int = 1) -> int:
 
 def local_share(accelerator: Accelerator | None) -> tuple[int, int]:
     """(r, L): this process is the r-th of the L processes on its node; (0, 1) without an
-    accelerator. Node-local work (a cache on the node's disk) is split by these."""
+    accelerator. Node-local work (a cache on the node's disk) is split by these. r >= L where
+    a launcher did not export LOCAL_WORLD_SIZE (L is then 1): such a process takes no share."""
     if accelerator is None:
         return 0, 1
-    rank, size = accelerator.local_process_index, local_world_size()
-    assert 0 <= rank < size, f"local process {rank} of LOCAL_WORLD_SIZE={size}"
+    rank = accelerator.local_process_index
     assert accelerator.is_local_main_process == (rank == 0), rank
-    return rank, size
+    return rank, local_world_size()
 
 
 def make_accelerator(

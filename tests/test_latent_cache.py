@@ -26,6 +26,7 @@ from PIL import Image
 
 from ddp_utils.data import ImageData, LatentData, load_image_data, load_latents
 from ddp_utils.data import latents as latent_cache
+from ddp_utils.errors import InputError
 from diffusion.codecs import LatentCodec, load_codec
 from tests.test_latent import RESOLUTION, make_vae
 
@@ -74,11 +75,14 @@ def digits(folder: Path) -> ImageData:
 
 
 def on_processes(
-    monkeypatch, num: int, work: Callable[[SimpleNamespace], Any], timeout: float = 120
+    monkeypatch, num: int, work: Callable[[SimpleNamespace], Any], exported: bool = True
 ) -> list[Any]:
     """`work(accelerator)` on `num` threads as the node's processes (local ranks 0..num-1,
-    LOCAL_WORLD_SIZE=num); what each returned or raised."""
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(num))
+    LOCAL_WORLD_SIZE=num unless not `exported`); what each returned or raised."""
+    if exported:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(num))
+    else:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     results: list[Any] = [None] * num
 
     def run(rank: int) -> None:
@@ -92,7 +96,7 @@ def on_processes(
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(timeout)
+        thread.join(120)
         assert not thread.is_alive(), "a process is still waiting"
     return results
 
@@ -137,6 +141,22 @@ def test_two_processes_share_the_encoding_and_write_the_one_process_cache(
     assert ours[0].folder == ours[1].folder and ours[0].variance == one.variance
     assert_same_cache(ours[0].folder, one.folder)
     assert not list((tmp_path / "two").glob("*.partial"))  # the build folder was published
+
+
+def test_without_local_world_size_the_local_main_process_encodes_alone(
+    codec, tmp_path, monkeypatch
+) -> None:
+    """A launcher that does not export LOCAL_WORLD_SIZE: the other process only waits."""
+    data = digits(tmp_path)
+    encoders = [CountingEncoder(codec), CountingEncoder(codec)]
+
+    def build(node: SimpleNamespace) -> LatentData:
+        encoder = encoders[node.local_process_index]
+        return load_latents(data, encoder, True, node, cache_dir=tmp_path)
+
+    ours = on_processes(monkeypatch, 2, build, exported=False)
+    assert [encoder.calls for encoder in encoders] == [calls_for(NUM_CHUNKS), 1]
+    assert np.array_equal(ours[0].mean, ours[1].mean)
 
 
 PROCESS = """
@@ -236,6 +256,24 @@ def test_an_interrupted_build_continues_on_another_number_of_processes(
     expected = [calls_for(len([k for k in left if k % after == r])) for r in range(after)]
     assert [encoder.calls for encoder in encoders] == expected
     assert_same_cache(results[0].folder, whole.folder)
+
+
+def test_the_rows_an_interrupted_build_wrote_count_as_space_already_taken(
+    codec, tmp_path, monkeypatch
+) -> None:
+    """The disk check before any work: a build that filled the disk to the last chunk it
+    recorded continues on what is left; a new one is refused."""
+    data = digits(tmp_path)
+    with pytest.raises(Interrupted):  # three chunks written
+        load_latents(data, CountingEncoder(codec, stop_at=calls_for(3) + 1), True,
+                     cache_dir=tmp_path / "cache")  # fmt: skip
+    written = latent_cache.bytes_on_disk(partial_of(tmp_path / "cache"))  # whole disk blocks
+    needed = 4 * 32 * 4 * 4 * 4 * 2  # four float16 arrays
+    assert written > 0
+    monkeypatch.setattr(latent_cache, "disk_free", lambda folder: needed - written)
+    with pytest.raises(InputError, match="the latent cache needs"):
+        load_latents(data, codec, True, cache_dir=tmp_path / "new")
+    load_latents(data, codec, True, cache_dir=tmp_path / "cache")
 
 
 def test_a_build_folder_that_does_not_fit_is_started_over(

@@ -233,10 +233,13 @@ class ChunkImages:
 
 
 def bytes_on_disk(folder: Path) -> int:
-    """Bytes the arrays in `folder` hold on disk (an interrupted build's: its arrays are sparse
+    """Bytes the arrays in `folder` hold on disk (a build folder's: its arrays are sparse
     files, filled as chunks are written)."""
-    paths = folder.glob("*.npy") if folder.is_dir() else []
-    return sum(path.stat().st_blocks * 512 for path in paths)
+    total = 0
+    for path in folder.glob("*.npy"):
+        with contextlib.suppress(FileNotFoundError):  # the folder was published meanwhile
+            total += path.stat().st_blocks * 512
+    return total
 
 
 def encode_share(build: LatentBuild, accelerator: Accelerator | None, num_workers: int) -> None:
@@ -245,11 +248,13 @@ def encode_share(build: LatentBuild, accelerator: Accelerator | None, num_worker
     the folder out, then publishes the cache. Returns once the cache is published. Nothing
     here is a collective: encoding ImageNet outlasts a barrier's timeout."""
     rank, num_local = local_share(accelerator)
-    mine = list(range(rank, build.num_chunks, num_local))
+    # A process the launcher left out of LOCAL_WORLD_SIZE (rank >= L) has no share: it waits.
+    mine = list(range(rank, build.num_chunks, num_local)) if rank < num_local else []
     if rank != 0:
         arrays = join_build(build, mine) if mine else None
         if arrays is not None:
             encode_chunks(build, arrays, pending(build, mine), num_workers)
+        del arrays  # unmapped: its rows are flushed, the files about to be published
         wait_for_cache(build.folder, build.key)
         return
     # A second job on this node building the same cache waits here for the first, instead of
@@ -608,8 +613,11 @@ def load_latents(
         image = to_pixels(data.images[:1])
         shape = tuple(encoder.encode(image)[0].shape[1:])
         build = LatentBuild(data, encoder, random_flip, dtype, key, folder, shape)
-        # Every process refuses alike, before any work (an interrupted build's rows count).
-        check_cache_space(build.num_bytes() - bytes_on_disk(build.partial), folder.parent)
+        # Every process refuses alike, before any work: the rows a build folder holds count
+        # (read first: once it is gone, the cache was published and its bytes are no news).
+        needed = build.num_bytes() - bytes_on_disk(build.partial)
+        if read_latent_cache(folder, key, warn=False) is None:
+            check_cache_space(needed, folder.parent)
         encode_share(build, accelerator, num_workers)
     latents = read_latent_cache(folder, key)
     if latents is None:
