@@ -159,6 +159,27 @@ def test_without_local_world_size_the_local_main_process_encodes_alone(
     assert np.array_equal(ours[0].mean, ours[1].mean)
 
 
+def test_a_second_job_building_the_same_cache_waits_for_the_first(codec, tmp_path) -> None:
+    """Two one-process jobs on the node, the same cache: one encodes it, the other waits for
+    the lock (it neither shares nor removes the first's build folder) and maps the cache."""
+    data = digits(tmp_path)
+    encoders = [CountingEncoder(codec), CountingEncoder(codec)]
+    results: list[Any] = [None, None]
+
+    def job(k: int) -> None:
+        results[k] = load_latents(data, encoders[k], True, cache_dir=tmp_path)
+
+    threads = [threading.Thread(target=job, args=(k,), daemon=True) for k in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+        assert not thread.is_alive()
+    assert sorted(encoder.calls for encoder in encoders) == [1, calls_for(NUM_CHUNKS)]
+    assert results[0].folder == results[1].folder
+    assert np.array_equal(results[0].mean, results[1].mean)
+
+
 PROCESS = """
 import json, sys
 from pathlib import Path

@@ -21,10 +21,12 @@ node), on its own device, straight into full-size arrays in a build folder besid
 sums for the variance, the rows it skipped). The local main process lays the folder out
 (`layout.json` last; the others poll for it), waits for every chunk's record, then publishes
 the cache: the kept rows in source order, the manifest last, the folder renamed into place.
+(It holds `latents-<key>.lock` meanwhile: a second job on the node waits for the first.)
 A build that was interrupted is continued by the next run with the same key, on any number
 of processes: recorded chunks are not encoded again. One whose layout does not fit this build
 (another ENCODE_ROWS, a damaged array) is started over, with a warning. The chunks, and the
-order their sums are added in, do not depend on the number of processes: nor does the cache.
+order their sums are added in, do not depend on the number of processes: nor does the cache,
+where every device encodes a chunk to the same bits (the same kind of device and kernels).
 
 With random flips, both the images and their mirror images are encoded, so a flip in latent
 space is the encoding of the flipped image, exactly. A batch draws z = mean + std * eps with
