@@ -376,3 +376,39 @@ def test_a_streamed_dataset_sharded_over_two_processes_gives_the_one_process_cac
         assert torch.equal(ours.labels, memory.labels)
     in_memory = load_latents(memory, codec, True, cache_dir=tmp_path / "memory")
     assert np.array_equal(two[1].mean, in_memory.mean)
+
+
+def test_a_finish_interrupted_while_compacting_continues_without_encoding(
+    codec, tmp_path, monkeypatch
+) -> None:
+    """Rows skipped: the arrays are cut to the kept rows one at a time (each removed from the
+    build folder once its copy is in place, so the disk holds one array twice at most). A
+    process killed in the second copy leaves the first; the next run copies the rest."""
+    monkeypatch.setattr(latent_cache, "ENCODE_ROWS", 4)
+    monkeypatch.setattr(latent_cache, "DECODE_ROWS", 2)
+    write_images(tmp_path / "images")
+    streamed = load_image_data(str(tmp_path / "images"), RESOLUTION, 1, data_loading="stream",
+                               with_labels=True, cache_dir=tmp_path / "data")  # fmt: skip
+    whole = load_latents(streamed, codec, True, cache_dir=tmp_path / "whole")
+    copy_rows, copies = latent_cache.copy_rows, []
+
+    def killed_in_the_second(*args: Any) -> None:
+        copies.append(args)
+        if len(copies) == 2:
+            raise Interrupted
+        copy_rows(*args)
+
+    monkeypatch.setattr(latent_cache, "copy_rows", killed_in_the_second)
+    cache = tmp_path / "cache"
+    with pytest.raises(Interrupted):
+        load_latents(streamed, codec, True, cache_dir=cache)
+    partial = partial_of(cache)
+    assert [p.name for p in (partial / "compacted").iterdir()] == ["mean.npy"]  # the first
+    assert not (partial / "mean.npy").exists()
+    monkeypatch.setattr(latent_cache, "copy_rows", copy_rows)
+    again = CountingEncoder(codec)
+    resumed = load_latents(streamed, again, True, cache_dir=cache)
+    assert again.calls == 1  # the latent shape only: every chunk was recorded
+    assert_same_cache(resumed.folder, whole.folder)
+    assert not list(cache.glob("*.partial"))
+    assert torch.equal(resumed.labels, whole.labels)

@@ -57,7 +57,7 @@ from ddp_utils.data.decode import decode_all, default_cache_dir
 from ddp_utils.data.load import ImageData, StreamSource, first_errors
 from ddp_utils.distributed import local_share
 from ddp_utils.errors import InputError
-from ddp_utils.files import atomic_dir, publish_dir, temp_path, write_json
+from ddp_utils.files import publish_dir, temp_path, write_json
 
 logger = logging.getLogger("ddp_diffusion")
 
@@ -72,6 +72,7 @@ MANIFEST = "manifest.json"
 PARTIAL = ".partial"  # the build folder: `latents-<key>.partial`, beside the cache
 LAYOUT = "layout.json"  # in the build folder, written once its arrays exist
 CHUNKS = "chunks"  # in the build folder: one record per chunk encoded
+COMPACTED = "compacted"  # in the build folder: the arrays cut to the kept rows (rows skipped)
 WAIT_SECONDS = 5.0  # how often processes poll for the build folder, chunk records, the cache
 
 
@@ -236,9 +237,9 @@ class ChunkImages:
 
 def bytes_on_disk(folder: Path) -> int:
     """Bytes the arrays in `folder` hold on disk (a build folder's: its arrays are sparse
-    files, filled as chunks are written)."""
+    files, filled as chunks are written; those compacted already)."""
     total = 0
-    for path in folder.glob("*.npy"):
+    for path in folder.rglob("*.npy"):
         with contextlib.suppress(FileNotFoundError):  # the folder was published meanwhile
             total += path.stat().st_blocks * 512
     return total
@@ -299,6 +300,8 @@ def build_problem(build: LatentBuild) -> str | None:
         return f"its layout is {layout}, this build's {build.layout()}"
     shape, dtype = tuple(layout["shape"]), np.dtype(build.dtype)
     for name in layout["arrays"]:
+        if (build.partial / COMPACTED / f"{name}.npy").is_file():  # every chunk was recorded
+            continue
         path = build.partial / f"{name}.npy"
         try:
             array = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -311,11 +314,13 @@ def build_problem(build: LatentBuild) -> str | None:
 
 
 def map_build(build: LatentBuild) -> dict[str, np.memmap]:
-    """The build folder's arrays, mapped for writing (every process maps the same files)."""
+    """The build folder's arrays, mapped for writing (every process maps the same files); not
+    those compacted already (every chunk is recorded then: nothing is left to write)."""
+    paths = {name: build.partial / f"{name}.npy" for name in array_names(build.random_flip)}
     return {
-        name: np.lib.format.open_memmap(build.partial / f"{name}.npy", "r+")
-        for name in array_names(build.random_flip)
-    }
+        name: np.lib.format.open_memmap(path, "r+") for name, path in paths.items()
+        if path.is_file()
+    }  # fmt: skip
 
 
 def open_build(build: LatentBuild) -> dict[str, np.memmap]:
@@ -490,12 +495,29 @@ def finish_build(build: LatentBuild, progress: EncodeProgress) -> None:
     # Rows were skipped: each chunk's kept rows (the first of its place), in chunk order.
     kept = [range(k * ENCODE_ROWS, k * ENCODE_ROWS + record["rows"])
             for k, record in enumerate(records)]  # fmt: skip
-    with atomic_dir(build.folder) as tmp:
-        for name in array_names(build.random_flip):
-            source = np.load(build.partial / f"{name}.npy", mmap_mode="r", allow_pickle=False)
-            copy_rows(source, kept, tmp / f"{name}.npy")
-        write_manifest(build, tmp, num_kept, extra)
+    compacted = build.partial / COMPACTED
+    compacted.mkdir(exist_ok=True)
+    for leftover in compacted.glob(".*"):  # a killed finish's half copy (we hold the lock)
+        leftover.unlink()
+    for name in array_names(build.random_flip):
+        compact_array(build.partial / f"{name}.npy", kept, compacted / f"{name}.npy")
+    write_manifest(build, compacted, num_kept, extra)
+    publish_dir(compacted, build.folder)
     discard(build.partial)
+
+
+def compact_array(path: Path, rows: list[range], target: Path) -> None:
+    """`target`: `rows` of the array at `path`, which is then removed (the disk holds one
+    array twice at most). Renamed into place once complete: an interrupted finish continues
+    with the arrays not yet compacted."""
+    if not target.is_file():
+        tmp = temp_path(target)
+        try:
+            copy_rows(np.load(path, mmap_mode="r", allow_pickle=False), rows, tmp)
+            tmp.rename(target)
+        finally:
+            tmp.unlink(missing_ok=True)
+    path.unlink(missing_ok=True)
 
 
 def write_manifest(build: LatentBuild, folder: Path, num_rows: int, extra: dict[str, Any]) -> None:
