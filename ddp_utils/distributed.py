@@ -75,6 +75,23 @@ def check_world_size(num_processes: int) -> None:
         )
 
 
+def local_world_size(default: int = 1) -> int:
+    """The number of processes on this node: LOCAL_WORLD_SIZE, which torchrun and accelerate
+    launch export; `default` without a launcher."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", default))
+
+
+def local_share(accelerator: Accelerator | None) -> tuple[int, int]:
+    """(r, L): this process is the r-th of the L processes on its node; (0, 1) without an
+    accelerator. Node-local work (a cache on the node's disk) is split by these. r >= L where
+    a launcher did not export LOCAL_WORLD_SIZE (L is then 1): such a process takes no share."""
+    if accelerator is None:
+        return 0, 1
+    rank = accelerator.local_process_index
+    assert accelerator.is_local_main_process == (rank == 0), rank
+    return rank, local_world_size()
+
+
 def make_accelerator(
     mixed_precision: str | None,
     gradient_accumulation_steps: int,

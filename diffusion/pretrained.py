@@ -16,7 +16,7 @@ from torch import nn
 
 from ddp_utils.data import load_latents
 from ddp_utils.data.batches import default_num_workers
-from ddp_utils.distributed import all_finite, main_process_first
+from ddp_utils.distributed import all_finite, local_world_size, main_process_first
 from ddp_utils.errors import InputError
 from ddp_utils.run import Run
 from diffusion.codecs import (
@@ -159,10 +159,10 @@ def run_codec(run: Run) -> LatentCodec | None:
     Before any work: the VAE is resolved (a folder, or a hub id through the cache and offline
     rules of --init-from), checked (an AutoencoderKL with safetensors weights, its channels
     and downsampling against the data, the network's preset against the latent grid) and
-    compared with a resumed checkpoint's. Then the data is encoded once per node (or read from
-    the latent cache), and the latent scale is the VAE config's, a resumed run's, or measured
-    on the latents when the config has none (never over per-channel latents_mean/latents_std,
-    which the config's scale follows).
+    compared with a resumed checkpoint's. Then the data is encoded once per node, shared by
+    its processes (or read from the latent cache), and the latent scale is the VAE config's, a
+    resumed run's, or measured on the latents when the config has none (never over per-channel
+    latents_mean/latents_std, which the config's scale follows).
     """
     cfg = run.cfg
     saved = None if run.checkpoint is None else run.checkpoint.state.get("latent")
@@ -216,8 +216,11 @@ def run_codec(run: Run) -> LatentCodec | None:
             "latent_scale",
         )
     codec.to(run.accelerator.device)
-    # A streamed dataset is decoded by workers while the node's other processes wait.
-    workers = default_num_workers(1) if cfg.num_workers is None else cfg.num_workers
+    # The node's processes share the encoding, each decoding its own chunks of a streamed
+    # dataset with its workers: the node's cores split among them.
+    workers = (
+        default_num_workers(local_world_size()) if cfg.num_workers is None else cfg.num_workers
+    )
     latents = load_latents(run.data, codec, cfg.random_flip, run.accelerator, num_workers=workers)
     measured = measured_scale(latents.variance)
     if saved is not None:  # a resumed run keeps the map it was trained with

@@ -181,12 +181,12 @@ def test_the_latent_cache_is_mapped_reused_and_rebuilt_when_damaged(root, tmp_pa
 def test_a_streamed_dataset_is_encoded_row_for_row_as_in_memory(
     root, tmp_path, monkeypatch, caplog
 ) -> None:
-    """--data-loading stream: the cache is encoded in one pass over the source, decoded in
-    order by workers as in memory and encoded in the same chunks: the same arrays, an
-    unreadable file left out (and named) with its label, every other label on its latent's
-    row."""
-    monkeypatch.setattr(latent_cache, "ENCODE_ROWS", 4)  # chunks that cross the bad file
-    monkeypatch.setattr(latent_cache, "DECODE_ROWS", 3)  # workers' items that do not align
+    """--data-loading stream: the cache is encoded from the source, decoded by workers as in
+    memory (a chunk of source rows with an unreadable file holds an image fewer): the same
+    arrays, the unreadable file left out (and named) with its label, every other label on its
+    latent's row."""
+    monkeypatch.setattr(latent_cache, "ENCODE_ROWS", 4)  # the first chunk holds the bad file
+    monkeypatch.setattr(latent_cache, "DECODE_ROWS", 2)  # chunks of two workers' items
     folder = tmp_path / "folder"
     for c in range(2):
         for k in range(5):
@@ -233,13 +233,17 @@ def test_a_cache_encoded_in_memory_serves_the_stream(root, tmp_path) -> None:
 
 
 def test_the_other_processes_wait_for_the_files_not_at_a_barrier(root, tmp_path, monkeypatch):
-    """Encoding ImageNet outlasts a barrier's timeout: a process that does not encode polls
-    for the finished cache (no collective is called) and maps what the writer wrote."""
+    """Encoding ImageNet outlasts a barrier's timeout: a process with no chunk to encode (one
+    chunk here, two processes) polls for the finished cache (no collective is called) and
+    maps what the writer wrote."""
     monkeypatch.setattr(latent_cache, "WAIT_SECONDS", 0.05)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     data = load_image_data("digits", RESOLUTION, 1, max_images=32, cache_dir=tmp_path)
     codec = load_codec(root / "vae")
-    other = SimpleNamespace(is_local_main_process=False)  # no wait_for_everyone to call
-    writer = threading.Timer(0.3, load_latents, (data, codec, False), {"cache_dir": tmp_path})
+    # No wait_for_everyone to call.
+    main = SimpleNamespace(is_local_main_process=True, local_process_index=0)
+    other = SimpleNamespace(is_local_main_process=False, local_process_index=1)
+    writer = threading.Timer(0.3, load_latents, (data, codec, False, main), {"cache_dir": tmp_path})
     writer.start()
     waited = load_latents(data, codec, False, other, cache_dir=tmp_path)
     writer.join()

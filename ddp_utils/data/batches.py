@@ -26,7 +26,7 @@ from accelerate import Accelerator
 
 from ddp_utils.data.decode import decode_row, raw_images
 from ddp_utils.data.load import ImageData, StreamSource
-from ddp_utils.distributed import derive_seed
+from ddp_utils.distributed import derive_seed, local_world_size
 
 logger = logging.getLogger("ddp_diffusion")
 
@@ -264,9 +264,8 @@ class StreamingBatches(BatchSource):
             source.labels,
         )
         if num_workers is None:
-            # torchrun/accelerate export LOCAL_WORLD_SIZE: the processes sharing this node's cores.
-            local = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
-            num_workers = default_num_workers(local)
+            # The processes sharing this node's cores.
+            num_workers = default_num_workers(local_world_size(self.world_size))
         self.next_micro_step = start_micro_step
         self.seen_skipped: set[str] = set()
         loader = torch.utils.data.DataLoader(

@@ -4,15 +4,29 @@ the training batches drawn from them.
 Generic over an `Encoder` (what has a fingerprint and turns float images into a posterior's
 mean and standard deviation; `diffusion.codecs.LatentCodec` is one). The cache is keyed by the
 data's fingerprint (source, resolution, channels, crop), the encoder's (its weights), the flip
-policy and the stored dtype; it is written once per node by the local main process, atomically,
-checked by every process, and rebuilt (with a warning) when it is damaged or stale.
+policy and the stored dtype; it is checked by every process and rebuilt (with a warning) when
+it is damaged or stale.
 
 The cache is a folder of raw `.npy` arrays (`mean.npy`, `std.npy`, with flips
 `flipped_mean.npy`, `flipped_std.npy`) and a `manifest.json` (key, shape, dtype, file sizes).
-It is encoded in chunks straight into the arrays on disk, and every process maps the files
-read-only (`np.load(mmap_mode="r")`): the page cache holds one copy per node, shared by its
-processes, and only the rows a batch touches are read. ImageNet-256 through an 8x VAE is 42 GB
-in float16 with flips: it never has to fit in a process's memory, nor on a device.
+Every process maps the files read-only (`np.load(mmap_mode="r")`): the page cache holds one
+copy per node, shared by its processes, and only the rows a batch touches are read.
+ImageNet-256 through an 8x VAE is 42 GB in float16 with flips: it never has to fit in a
+process's memory, nor on a device.
+
+The node's processes share the encoding, without a collective (it outlasts a barrier's
+timeout): chunk k of ENCODE_ROWS source rows is encoded by local process k % L (of the L on the
+node), on its own device, straight into full-size arrays in a build folder beside the cache,
+`latents-<key>.partial/`, and recorded there once flushed (`chunks/<k>.json`: its float64
+sums for the variance, the rows it skipped). The local main process lays the folder out
+(`layout.json` last; the others poll for it), waits for every chunk's record, then publishes
+the cache: the kept rows in source order, the manifest last, the folder renamed into place.
+(It holds `latents-<key>.lock` meanwhile: a second job on the node waits for the first.)
+A build that was interrupted is continued by the next run with the same key, on any number
+of processes: recorded chunks are not encoded again. One whose layout does not fit this build
+(another ENCODE_ROWS, a damaged array) is started over, with a warning. The chunks, and the
+order their sums are added in, do not depend on the number of processes: nor does the cache,
+where every device encodes a chunk to the same bits (the same kind of device and kernels).
 
 With random flips, both the images and their mirror images are encoded, so a flip in latent
 space is the encoding of the flipped image, exactly. A batch draws z = mean + std * eps with
@@ -22,12 +36,14 @@ flip): resume stays exact and a sample of the posterior is fresh at every step.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol, get_args
@@ -39,18 +55,25 @@ from accelerate import Accelerator
 from ddp_utils.data.batches import Batch, BatchSource
 from ddp_utils.data.decode import decode_all, default_cache_dir
 from ddp_utils.data.load import ImageData, StreamSource, first_errors
+from ddp_utils.distributed import local_share
 from ddp_utils.errors import InputError
-from ddp_utils.files import atomic_dir, write_json
+from ddp_utils.files import publish_dir, temp_path, write_json
 
 logger = logging.getLogger("ddp_diffusion")
 
 LATENT_CACHE_VERSION = 2  # 1: one .npz of float32 arrays, loaded whole (now ignored)
 PIXEL_RANGE = (-1.0, 1.0)  # what encoders are given
-ENCODE_ROWS = 4096  # images converted to float and handed to the encoder at a time
+# Source rows per chunk: the unit of work shared among the node's processes, recorded and
+# resumed; also the images converted to float and handed to the encoder at a time.
+ENCODE_ROWS = 4096
 DECODE_ROWS = 256  # rows a DataLoader worker decodes at a time, for a streamed dataset
 CacheDtype = Literal["float16", "float32"]
 MANIFEST = "manifest.json"
-WAIT_SECONDS = 5.0  # how often the processes that do not encode look for the finished cache
+PARTIAL = ".partial"  # the build folder: `latents-<key>.partial`, beside the cache
+LAYOUT = "layout.json"  # in the build folder, written once its arrays exist
+CHUNKS = "chunks"  # in the build folder: one record per chunk encoded
+COMPACTED = "compacted"  # in the build folder: the arrays cut to the kept rows (rows skipped)
+WAIT_SECONDS = 5.0  # how often processes poll for the build folder, chunk records, the cache
 
 
 class Encoder(Protocol):
@@ -161,69 +184,366 @@ def to_pixels(images: torch.Tensor) -> torch.Tensor:
     return images.to(torch.float32) * ((high - low) / 255.0) + low
 
 
-def encode_into(
-    tmp: Path, key: str, chunks: Iterable[np.ndarray | torch.Tensor], num_rows: int,
-    encoder: Encoder, random_flip: bool, dtype: CacheDtype, latent_shape: tuple[int, ...],
-    extra: Callable[[], dict[str, Any]] | None = None,
+@dataclass
+class LatentBuild:
+    """One cache being encoded by the node's processes: what goes in, where it is built
+    (`partial`, beside the cache, kept when the build is interrupted) and its layout."""
+
+    data: ImageData
+    encoder: Encoder
+    random_flip: bool
+    dtype: CacheDtype
+    key: str
+    folder: Path  # the cache, once published
+    latent_shape: tuple[int, ...]
+
+    @property
+    def partial(self) -> Path:
+        return self.folder.with_name(f"{self.folder.name}{PARTIAL}")
+
+    @property
+    def num_rows(self) -> int:  # source rows: the arrays' rows while building
+        return self.data.num_images
+
+    @property
+    def num_chunks(self) -> int:
+        return -(-self.num_rows // ENCODE_ROWS)
+
+    def chunk_rows(self, chunk: int) -> range:
+        return range(chunk * ENCODE_ROWS, min(self.num_rows, (chunk + 1) * ENCODE_ROWS))
+
+    def num_bytes(self) -> int:
+        per_array = self.num_rows * int(np.prod(self.latent_shape)) * np.dtype(self.dtype).itemsize
+        return per_array * len(array_names(self.random_flip))
+
+    def layout(self) -> dict[str, Any]:
+        """What the layout marker records: a build folder is continued only by a build of the
+        same layout (chunks mean the same rows only for the same ENCODE_ROWS)."""
+        return {
+            "key": self.key, "version": LATENT_CACHE_VERSION,
+            "shape": [self.num_rows, *self.latent_shape], "dtype": self.dtype,
+            "arrays": array_names(self.random_flip), "encode_rows": ENCODE_ROWS,
+        }  # fmt: skip
+
+
+@dataclass
+class ChunkImages:
+    """The readable images of one chunk of source rows, and the rows left out of it."""
+
+    index: int
+    images: np.ndarray | torch.Tensor  # uint8 (n, C, H, W), n <= ENCODE_ROWS
+    skipped: list[str]  # the unreadable rows' names, with the error
+    skipped_rows: list[int]  # and their source rows
+
+
+def bytes_on_disk(folder: Path) -> int:
+    """Bytes the arrays in `folder` hold on disk (a build folder's: its arrays are sparse
+    files, filled as chunks are written; those compacted already)."""
+    total = 0
+    for path in folder.rglob("*.npy"):
+        with contextlib.suppress(FileNotFoundError):  # the folder was published meanwhile
+            total += path.stat().st_blocks * 512
+    return total
+
+
+def encode_share(build: LatentBuild, accelerator: Accelerator | None, num_workers: int) -> None:
+    """This process's share of the node's encoding: chunk k (source rows k*ENCODE_ROWS..) is
+    encoded by local process k % L into the build folder's arrays; the local main process lays
+    the folder out, then publishes the cache. Returns once the cache is published. Nothing
+    here is a collective: encoding ImageNet outlasts a barrier's timeout."""
+    rank, num_local = local_share(accelerator)
+    # A process the launcher left out of LOCAL_WORLD_SIZE (rank >= L) has no share: it waits.
+    mine = list(range(rank, build.num_chunks, num_local)) if rank < num_local else []
+    if rank != 0:
+        arrays = join_build(build, mine) if mine else None
+        if arrays is not None:
+            encode_chunks(build, arrays, pending(build, mine), num_workers)
+        del arrays  # unmapped: its rows are flushed, the files about to be published
+        wait_for_cache(build.folder, build.key)
+        return
+    # A second job on this node building the same cache waits here for the first, instead of
+    # publishing (and removing) the folder the first is still building in.
+    with build_lock(build.folder):
+        if read_latent_cache(build.folder, build.key, warn=False) is not None:
+            logger.info("latents: reading %s", build.folder)
+            return
+        logger.info("latents: encoding %d images once into %s, shared by %d process(es)",
+                    build.num_rows, build.folder, num_local)  # fmt: skip
+        arrays = open_build(build)
+        progress = EncodeProgress(build)
+        encode_chunks(build, arrays, pending(build, mine), num_workers, progress)
+        del arrays  # unmapped: this process's rows are flushed
+        finish_build(build, progress)
+
+
+@contextlib.contextmanager
+def build_lock(folder: Path) -> Iterator[None]:
+    """Hold the lock on building `folder` (flock: the kernel releases it when the holder
+    exits, SIGKILL included, so an interrupted build never leaves it held)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.with_name(f"{folder.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def build_problem(build: LatentBuild) -> str | None:
+    """Why the build folder cannot be continued by this build (None when it can): no layout
+    marker, another layout, or an array of another shape, dtype or size. Every process reads
+    the same files, so they all agree."""
+    marker = build.partial / LAYOUT
+    if not marker.is_file():
+        return "no layout marker"
+    try:
+        layout = json.loads(marker.read_text())
+    except (OSError, ValueError) as err:
+        return f"its layout marker is unreadable ({err})"
+    if layout != build.layout():
+        return f"its layout is {layout}, this build's {build.layout()}"
+    shape, dtype = tuple(layout["shape"]), np.dtype(build.dtype)
+    for name in layout["arrays"]:
+        if (build.partial / COMPACTED / f"{name}.npy").is_file():  # every chunk was recorded
+            continue
+        path = build.partial / f"{name}.npy"
+        try:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+            size = path.stat().st_size
+        except (OSError, ValueError) as err:
+            return f"{path.name} is unreadable ({err})"
+        if array.shape != shape or array.dtype != dtype or size != array.offset + array.nbytes:
+            return f"{path.name} holds {array.dtype} {array.shape} in {size} bytes"
+    return None
+
+
+def map_build(build: LatentBuild) -> dict[str, np.memmap]:
+    """The build folder's arrays, mapped for writing (every process maps the same files); not
+    those compacted already (every chunk is recorded then: nothing is left to write)."""
+    paths = {name: build.partial / f"{name}.npy" for name in array_names(build.random_flip)}
+    return {
+        name: np.lib.format.open_memmap(path, "r+") for name, path in paths.items()
+        if path.is_file()
+    }  # fmt: skip
+
+
+def open_build(build: LatentBuild) -> dict[str, np.memmap]:
+    """For the local main process: the arrays of an interrupted build of this cache (its
+    recorded chunks are kept), else of a new build folder, which replaces one that does not
+    fit (with a warning)."""
+    problem = build_problem(build)
+    if problem is None:
+        logger.info("latents: continuing the interrupted encoding in %s (%d of %d chunks done)",
+                    build.partial, len(recorded_chunks(build)), build.num_chunks)  # fmt: skip
+        return map_build(build)
+    if build.partial.exists():
+        logger.warning("latents: %s cannot be continued (%s); starting it over",
+                       build.partial, problem)  # fmt: skip
+        discard(build.partial)
+    # Filled under a temporary name and renamed: a waiting process never meets half of it.
+    tmp = temp_path(build.partial)
+    tmp.mkdir()
+    shape = (build.num_rows, *build.latent_shape)
+    for name in array_names(build.random_flip):  # sparse files: the disk fills as rows come
+        np.lib.format.open_memmap(tmp / f"{name}.npy", "w+", np.dtype(build.dtype), shape)
+    (tmp / CHUNKS).mkdir()
+    write_json(tmp / LAYOUT, build.layout())
+    tmp.rename(build.partial)
+    return map_build(build)
+
+
+def discard(folder: Path) -> None:
+    """Remove `folder`, renamed aside first: nobody meets a half-removed one."""
+    aside = temp_path(folder, "old")
+    folder.rename(aside)
+    shutil.rmtree(aside)
+
+
+def join_build(build: LatentBuild, mine: list[int]) -> dict[str, np.memmap] | None:
+    """For the other processes: wait (polling) until the local main process has laid out the
+    build folder, then map its arrays; None when the cache was published meanwhile or none of
+    `mine` is left to encode."""
+    while read_latent_cache(build.folder, build.key, warn=False) is None:
+        if build_problem(build) is None:
+            # All recorded (an interrupted build): the main process may be publishing it.
+            return map_build(build) if pending(build, mine) else None
+        time.sleep(WAIT_SECONDS)
+    return None
+
+
+def recorded_chunks(build: LatentBuild) -> set[int]:
+    """The chunks whose rows are in the build folder's arrays (flushed before recording)."""
+    folder = build.partial / CHUNKS
+    names = [path.name for path in folder.iterdir()] if folder.is_dir() else []
+    # Temporary names of records being written are hidden (".000012.json.tmp-...").
+    return {int(name[: -len(".json")]) for name in names if name.endswith(".json")
+            and not name.startswith(".")}  # fmt: skip
+
+
+def pending(build: LatentBuild, chunks: list[int]) -> list[int]:
+    done = recorded_chunks(build)
+    return [k for k in chunks if k not in done]
+
+
+def chunk_record_path(build: LatentBuild, chunk: int) -> Path:
+    return build.partial / CHUNKS / f"{chunk:06d}.json"
+
+
+def chunk_images(
+    data: ImageData, build: LatentBuild, chunks: list[int], num_workers: int
+) -> Iterator[ChunkImages]:
+    """The images of `chunks`, in that order: sliced from memory, or decoded from the stream."""
+    if data.stream is not None:
+        yield from decoded_chunks(data.stream, chunks, num_workers)
+        return
+    for k in chunks:
+        rows = build.chunk_rows(k)
+        yield ChunkImages(k, data.images[rows.start : rows.stop], [], [])
+
+
+def encode_chunks(
+    build: LatentBuild, arrays: dict[str, np.memmap], chunks: list[int], num_workers: int,
+    progress: EncodeProgress | None = None,
 ) -> None:  # fmt: skip
-    """Encode chunks of uint8 images (n, C, H, W), in dataset order (and their mirror images
-    with flips), straight into .npy arrays in `tmp` of `num_rows` rows: neither the float
-    pixels nor the latents of the whole dataset ever sit in memory. When the chunks hold fewer
-    rows (unreadable images skipped while decoding), the arrays are cut to the rows written.
-    The manifest (with what `extra()` returns then) is written last."""
-    shape = (num_rows, *latent_shape)
-    arrays = {
-        name: np.lib.format.open_memmap(tmp / f"{name}.npy", "w+", np.dtype(dtype), shape)
-        for name in array_names(random_flip)
-    }
-    # Var(mean) + E[std^2] over the data, summed in float64 from the float32 encodings.
-    total, total_sq, total_var = 0.0, 0.0, 0.0
-    began = reported = time.monotonic()
-    start = 0
-    for chunk in chunks:
-        if time.monotonic() - reported > 60:  # ImageNet takes a while: say how far it is
-            reported = time.monotonic()
-            logger.info("latents: %d of %d images encoded (%.0f images/s)", start,
-                        num_rows, start / (reported - began))  # fmt: skip
-        pixels = to_pixels(torch.as_tensor(chunk))
-        views = {"": pixels, "flipped_": pixels.flip(3)} if random_flip else {"": pixels}
-        for prefix, view in views.items():
-            mean, std = encoder.encode(view)
-            arrays[f"{prefix}mean"][start : start + len(mean)] = mean.numpy()
-            arrays[f"{prefix}std"][start : start + len(std)] = std.numpy()
-            if not prefix:
-                total += mean.double().sum().item()
-                total_sq += mean.double().square().sum().item()
-                total_var += std.double().square().sum().item()
-        start += len(pixels)
-    if start < num_rows:  # rows were skipped: keep the first `start` rows
-        shape = (start, *latent_shape)
-        for name, array in list(arrays.items()):
-            arrays[name] = cut_rows(tmp / f"{name}.npy", array, start)
-    count = shape[0] * int(np.prod(latent_shape))
-    variance = (total_sq - total**2 / count) / max(1, count - 1) + total_var / count
-    sizes = {}
-    for name, array in arrays.items():
+    """Encode `chunks` into the arrays and record each, once its rows are flushed, with its
+    float64 sums (combined in chunk order at the end: the variance is the same bits whatever
+    the number of processes) and the rows it left out."""
+    if not chunks:
+        return
+    for chunk in chunk_images(build.data, build, chunks, num_workers):
+        sums = encode_chunk(build, arrays, chunk)
+        write_json(chunk_record_path(build, chunk.index), {
+            "rows": len(chunk.images), **sums,
+            "skipped": chunk.skipped, "skipped_rows": chunk.skipped_rows,
+        })  # fmt: skip
+        if progress is not None:
+            progress.log()
+
+
+def encode_chunk(
+    build: LatentBuild, arrays: dict[str, np.memmap], chunk: ChunkImages
+) -> dict[str, float]:
+    """Encode a chunk's images (and mirror images, with flips) into the first rows of its place
+    in the arrays, flushed to disk; its sums of mean, mean^2 and std^2 (in float64, from the
+    float32 encodings) for Var(mean) + E[std^2] over the data."""
+    sums = {"sum": 0.0, "sum_sq": 0.0, "sum_var": 0.0}
+    if len(chunk.images) == 0:  # every row unreadable
+        return sums
+    start = chunk.index * ENCODE_ROWS
+    pixels = to_pixels(torch.as_tensor(chunk.images))
+    views = {"": pixels, "flipped_": pixels.flip(3)} if build.random_flip else {"": pixels}
+    for prefix, view in views.items():
+        mean, std = build.encoder.encode(view)
+        arrays[f"{prefix}mean"][start : start + len(mean)] = mean.numpy()
+        arrays[f"{prefix}std"][start : start + len(std)] = std.numpy()
+        if not prefix:
+            sums = {
+                "sum": mean.double().sum().item(),
+                "sum_sq": mean.double().square().sum().item(),
+                "sum_var": std.double().square().sum().item(),
+            }
+    for array in arrays.values():
         array.flush()
-        sizes[name] = (tmp / f"{name}.npy").stat().st_size
-    arrays.clear()  # unmapped: the files are complete
-    write_json(tmp / MANIFEST, {
-        "key": key, "version": LATENT_CACHE_VERSION, "shape": list(shape), "dtype": dtype,
-        "sizes": sizes, "variance": variance, **(extra() if extra else {}),
+    return sums
+
+
+class EncodeProgress:
+    """The local main process's log of the node's progress (every process's recorded chunks),
+    at most once a minute: ImageNet takes a while."""
+
+    def __init__(self, build: LatentBuild) -> None:
+        self.build = build
+        self.began = self.reported = time.monotonic()
+        self.rows_before = self.rows_done()  # an interrupted build's
+
+    def rows_done(self) -> int:
+        return sum(len(self.build.chunk_rows(k)) for k in recorded_chunks(self.build))
+
+    def log(self) -> None:
+        if time.monotonic() - self.reported < 60:
+            return
+        self.reported = time.monotonic()
+        done = self.rows_done()
+        rate = (done - self.rows_before) / (self.reported - self.began)
+        logger.info("latents: %d of %d images encoded (%.0f images/s)", done,
+                    self.build.num_rows, rate)  # fmt: skip
+
+
+def finish_build(build: LatentBuild, progress: EncodeProgress) -> None:
+    """Once every chunk is recorded (polled: the other processes' too), the cache: the kept
+    rows in source order, the manifest last, published in place of the cache folder."""
+    while len(recorded_chunks(build)) < build.num_chunks:
+        progress.log()
+        time.sleep(WAIT_SECONDS)
+    records = [json.loads(chunk_record_path(build, k).read_text())
+               for k in range(build.num_chunks)]  # fmt: skip
+    num_kept = sum(record["rows"] for record in records)
+    # Var(mean) + E[std^2], the sums added in chunk order: the same bits on 1 or N processes.
+    total = total_sq = total_var = 0.0
+    for record in records:
+        total += record["sum"]
+        total_sq += record["sum_sq"]
+        total_var += record["sum_var"]
+    count = num_kept * int(np.prod(build.latent_shape))
+    variance = (total_sq - total**2 / count) / max(1, count - 1) + total_var / count
+    extra: dict[str, Any] = {"variance": variance}
+    if build.data.stream is not None:  # a cache encoded from memory names none
+        extra["skipped"] = [name for record in records for name in record["skipped"]]
+        extra["skipped_rows"] = [row for record in records for row in record["skipped_rows"]]
+    if num_kept == build.num_rows:  # the build folder is the cache
+        write_manifest(build, build.partial, num_kept, extra)
+        publish_dir(build.partial, build.folder)
+        shutil.rmtree(build.folder / CHUNKS)  # the build's bookkeeping, no longer needed
+        (build.folder / LAYOUT).unlink()
+        return
+    # Rows were skipped: each chunk's kept rows (the first of its place), in chunk order.
+    kept = [range(k * ENCODE_ROWS, k * ENCODE_ROWS + record["rows"])
+            for k, record in enumerate(records)]  # fmt: skip
+    compacted = build.partial / COMPACTED
+    compacted.mkdir(exist_ok=True)
+    for leftover in compacted.glob(".*"):  # a killed finish's half copy (we hold the lock)
+        leftover.unlink()
+    for name in array_names(build.random_flip):
+        compact_array(build.partial / f"{name}.npy", kept, compacted / f"{name}.npy")
+    write_manifest(build, compacted, num_kept, extra)
+    publish_dir(compacted, build.folder)
+    discard(build.partial)
+
+
+def compact_array(path: Path, rows: list[range], target: Path) -> None:
+    """`target`: `rows` of the array at `path`, which is then removed (the disk holds one
+    array twice at most). Renamed into place once complete: an interrupted finish continues
+    with the arrays not yet compacted."""
+    if not target.is_file():
+        tmp = temp_path(target)
+        try:
+            copy_rows(np.load(path, mmap_mode="r", allow_pickle=False), rows, tmp)
+            tmp.rename(target)
+        finally:
+            tmp.unlink(missing_ok=True)
+    path.unlink(missing_ok=True)
+
+
+def write_manifest(build: LatentBuild, folder: Path, num_rows: int, extra: dict[str, Any]) -> None:
+    """The manifest of the arrays in `folder`, written last: their shape and each file's size
+    (what a reader checks), the variance, what was skipped."""
+    names = array_names(build.random_flip)
+    write_json(folder / MANIFEST, {
+        "key": build.key, "version": LATENT_CACHE_VERSION,
+        "shape": [num_rows, *build.latent_shape], "dtype": build.dtype,
+        "sizes": {name: (folder / f"{name}.npy").stat().st_size for name in names}, **extra,
     })  # fmt: skip
 
 
-def cut_rows(path: Path, array: np.memmap, num_rows: int) -> np.memmap:
-    """The .npy file at `path` holding only the first `num_rows` rows of `array` (its map),
-    copied ENCODE_ROWS at a time into a new file that replaces it."""
-    short = path.with_name(f"short-{path.name}")
-    out = np.lib.format.open_memmap(short, "w+", array.dtype, (num_rows, *array.shape[1:]))
-    for start in range(0, num_rows, ENCODE_ROWS):
-        out[start : start + ENCODE_ROWS] = array[start : min(num_rows, start + ENCODE_ROWS)]
+def copy_rows(array: np.ndarray, rows: list[range], path: Path) -> None:
+    """A new .npy file at `path` holding `rows` of `array`, in order, copied at most
+    ENCODE_ROWS at a time: the whole array never sits in memory."""
+    shape = (sum(len(r) for r in rows), *array.shape[1:])
+    out = np.lib.format.open_memmap(path, "w+", array.dtype, shape)
+    at = 0
+    for part in rows:
+        for start in range(part.start, part.stop, ENCODE_ROWS):
+            stop = min(part.stop, start + ENCODE_ROWS)
+            out[at : at + stop - start] = array[start:stop]
+            at += stop - start
     out.flush()
-    del array
-    short.replace(path)
-    return out
 
 
 class _DecodedRows(torch.utils.data.Dataset):
@@ -251,15 +571,18 @@ def _as_is(item: Any) -> Any:
 
 
 def decoded_chunks(
-    stream: StreamSource, skipped: list[str], kept: list[np.ndarray], num_workers: int = 0
-) -> Iterator[np.ndarray]:
-    """The streamed dataset decoded in order by `num_workers` DataLoader workers, with the
-    function the in-memory path decodes with (`decode_all`: the same pixels), and handed on
-    ENCODE_ROWS images at a time: the chunks the in-memory path encodes, so the same latents.
-    Unreadable rows are left out, as there, their names appended to `skipped`, and the source
-    row of every image kept appended to `kept` (their labels go with them)."""
+    stream: StreamSource, chunks: list[int], num_workers: int = 0
+) -> Iterator[ChunkImages]:
+    """Chunks `chunks` of a streamed dataset (source rows k*ENCODE_ROWS..), in that order,
+    decoded by `num_workers` DataLoader workers DECODE_ROWS rows an item, with the function
+    the in-memory path decodes with (`decode_all`: the same pixels). Unreadable rows are left
+    out, as there, and named with their source rows (their labels go with them)."""
+    assert ENCODE_ROWS % DECODE_ROWS == 0, (ENCODE_ROWS, DECODE_ROWS)  # a chunk is whole items
+    per_chunk = ENCODE_ROWS // DECODE_ROWS
+    rows = _DecodedRows(stream)
+    items = {k: range(k * per_chunk, min(len(rows), (k + 1) * per_chunk)) for k in chunks}
     loader = torch.utils.data.DataLoader(
-        _DecodedRows(stream),
+        torch.utils.data.Subset(rows, [item for k in chunks for item in items[k]]),
         batch_size=None,  # an item is DECODE_ROWS rows already
         num_workers=num_workers,
         collate_fn=_as_is,  # numpy arrays stay numpy arrays
@@ -267,19 +590,17 @@ def decoded_chunks(
         # network next, is the same whether the cache was encoded or found.
         generator=torch.Generator(),
     )
-    pending: list[np.ndarray] = []
-    num_pending = 0
-    for images, names, rows in loader:
-        skipped.extend(names)
-        kept.append(rows)
-        pending.append(images)
-        num_pending += len(images)
-        while num_pending >= ENCODE_ROWS:
-            joined = np.concatenate(pending)
-            yield joined[:ENCODE_ROWS]
-            pending, num_pending = [joined[ENCODE_ROWS:]], num_pending - ENCODE_ROWS
-    if num_pending:
-        yield np.concatenate(pending)
+    decoded = iter(loader)
+    for k in chunks:
+        parts = [next(decoded) for _ in items[k]]
+        source = range(k * ENCODE_ROWS, min(len(stream.dataset), (k + 1) * ENCODE_ROWS))
+        kept = np.concatenate([part[2] for part in parts])
+        yield ChunkImages(
+            k,
+            np.concatenate([part[0] for part in parts]),
+            [name for part in parts for name in part[1]],
+            np.setdiff1d(np.asarray(source), kept).tolist(),
+        )
 
 
 def load_latents(
@@ -291,58 +612,38 @@ def load_latents(
     dtype: CacheDtype = "float16",
     num_workers: int = 0,
 ) -> LatentData:
-    """The data's latents, memory-mapped: encoded once per node (the local main process writes
-    the cache, the others wait for its files, not at a barrier, and map it), or mapped from the
-    cache.
+    """The data's latents, memory-mapped: encoded once per node, or mapped from the cache.
 
-    Decoded data is encoded from its images in memory; streamed data (`data.stream`) in one
-    pass over the source in dataset order, decoded by `num_workers` DataLoader workers (the
-    node's other processes are idle meanwhile), so only a chunk's pixels are ever in memory.
-    Both decode alike, skip unreadable rows alike and encode the same chunks, and the key is
-    the same: a cache built either way serves the other. (Except when rows were skipped: the
-    in-memory key counts the images kept, which a stream only knows once it has decoded them
-    all, so its key counts the source's rows and the two caches differ.)"""
+    The node's processes share the encoding, each on its own device: chunk k of ENCODE_ROWS
+    source rows is encoded by local process k % LOCAL_WORLD_SIZE, straight into the arrays of
+    a build folder beside the cache (`latents-<key>.partial`) and recorded there; the local
+    main process then publishes the cache (the kept rows in order, the manifest last, renamed
+    into place). Nobody waits at a barrier: processes poll for the files. An interrupted build
+    is continued by the next run with the same key (on any number of processes): recorded
+    chunks are not encoded again. The cache is the same bytes however many processes built it.
+
+    Decoded data is encoded from its images in memory; streamed data (`data.stream`) is
+    decoded by each process's `num_workers` DataLoader workers, its own chunks only, so only
+    a chunk's pixels are ever in memory. Both decode alike and skip unreadable rows alike, and
+    the key is the same: a cache built either way serves the other. (Except when rows were
+    skipped: the in-memory key counts the images kept, which a stream only knows once it has
+    decoded them all, so its key counts the source's rows and the two caches differ. A chunk
+    of the stream then holds fewer images than the in-memory path's: their latents are the
+    same wherever the encoder's batch does not change an image's encoding, as on the CPU.)"""
     assert dtype in get_args(CacheDtype), dtype
     key = latent_cache_key(data, encoder, random_flip, dtype)
     folder = (default_cache_dir() if cache_dir is None else cache_dir) / f"latents-{key}"
     local_main = accelerator is None or accelerator.is_local_main_process
-
-    def latent_shape() -> tuple[int, ...]:
-        return tuple(encoder.encode(to_pixels(data.images[:1]))[0].shape[1:])  # one image
-
     if read_latent_cache(folder, key, warn=local_main) is None:
-        # Every process refuses alike, before any of them waits on the writer.
-        per_array = data.num_images * int(np.prod(latent_shape())) * np.dtype(dtype).itemsize
-        check_cache_space(per_array * len(array_names(random_flip)), folder.parent)
-
-    def build() -> None:
-        if read_latent_cache(folder, key, warn=False) is not None:
-            logger.info("latents: reading %s", folder)
-            return
-        logger.info("latents: encoding %d images once into %s", data.num_images, folder)
-        with atomic_dir(folder) as tmp:
-            if data.stream is None:
-                chunks = (data.images[k : k + ENCODE_ROWS]
-                          for k in range(0, data.num_images, ENCODE_ROWS))  # fmt: skip
-                encode_into(tmp, key, chunks, data.num_images, encoder, random_flip, dtype,
-                            latent_shape())  # fmt: skip
-                return
-            skipped: list[str] = []
-            kept: list[np.ndarray] = []
-
-            def skipped_rows() -> dict[str, Any]:  # once the pass is over
-                rows = np.concatenate(kept) if kept else np.empty(0, np.int64)
-                missing = np.setdiff1d(np.arange(data.num_images), rows)
-                return {"skipped": skipped, "skipped_rows": missing.tolist()}
-
-            chunks = decoded_chunks(data.stream, skipped, kept, num_workers)
-            encode_into(tmp, key, chunks, data.num_images, encoder, random_flip, dtype,
-                        latent_shape(), skipped_rows)  # fmt: skip
-
-    if local_main:
-        build()
-    else:
-        wait_for_cache(folder, key)
+        image = to_pixels(data.images[:1])
+        shape = tuple(encoder.encode(image)[0].shape[1:])
+        build = LatentBuild(data, encoder, random_flip, dtype, key, folder, shape)
+        # Every process refuses alike, before any work: the rows a build folder holds count
+        # (read first: once it is gone, the cache was published and its bytes are no news).
+        needed = build.num_bytes() - bytes_on_disk(build.partial)
+        if read_latent_cache(folder, key, warn=False) is None:
+            check_cache_space(needed, folder.parent)
+        encode_share(build, accelerator, num_workers)
     latents = read_latent_cache(folder, key)
     if latents is None:
         raise RuntimeError(f"latent cache {folder} could not be read after it was written")
@@ -353,14 +654,14 @@ def load_latents(
 
 
 def wait_for_cache(folder: Path, key: str) -> None:
-    """Wait, without any collective, until this node's local main process has written the
+    """Wait, without any collective, until this node's local main process has published the
     cache: encoding ImageNet takes hours, and a barrier (NCCL's) gives up after its timeout
-    (10 minutes by default). Should the writer die, the launcher stops this process."""
+    (10 minutes by default). Should a process die, the launcher stops this one."""
     began = reported = time.monotonic()
     while read_latent_cache(folder, key, warn=False) is None:
         if time.monotonic() - reported > 600:
             reported = time.monotonic()
-            logger.info("latents: waited %.0f min for the local main process to encode %s",
+            logger.info("latents: waited %.0f min for the node to encode %s",
                         (reported - began) / 60, folder)  # fmt: skip
         time.sleep(WAIT_SECONDS)
 
