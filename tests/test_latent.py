@@ -589,7 +589,7 @@ def test_the_imagenet_recipe_runs_on_two_processes_and_resumes(root: Path, tmp_p
     assert "per device 4 x 2 processes x 1 accumulation = global 8" in first
     assert "latents: encoding 36 images once" in first
     assert "latents: encoding" not in second and "resumed from" in second
-    assert [p.name for p in cache.glob("latents-*")] == [next(cache.glob("latents-*")).name]
+    assert len(list(cache.glob("latents-*/manifest.json"))) == 1
     run = tmp_path / "run"
     state = json.loads((run / "checkpoints" / "checkpoint-6" / "state.json").read_text())
     assert state["num_processes"] == 2 and state["step"] == 6
