@@ -84,7 +84,7 @@ class Run:
     tracker: Tracker = field(init=False)  # opened by `begin`
     step: int = field(init=False, default=0)  # as of the last boundary
     lock: RunLock | None = field(init=False, default=None)  # the writer's, taken by `begin`
-    # A latent model's data: the images encoded once (`ddp_utils.data.latents`); batches then
+    # A latent model's data: the images encoded once (`ddp_utils.data.latent_cache`); batches then
     # carry latents, and `data` keeps the pixels (grids of real data, FID reference).
     latents: LatentData | None = field(init=False, default=None)
 

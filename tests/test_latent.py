@@ -27,8 +27,14 @@ from safetensors.torch import load_file
 import sample
 import train_ddpm
 from ddp_utils.config import parse_config
-from ddp_utils.data import LatentBatches, LatentData, batch_indices, load_image_data, load_latents
-from ddp_utils.data import latents as latent_cache
+from ddp_utils.data import (
+    LatentBatches,
+    LatentData,
+    batch_indices,
+    latent_cache,
+    load_image_data,
+    load_latents,
+)
 from ddp_utils.errors import InputError
 from ddp_utils.images import make_grid, upscale
 from ddp_utils.tracking import MIN_PICTURE_SIDE

@@ -24,8 +24,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ddp_utils.data import ImageData, LatentData, load_image_data, load_latents
-from ddp_utils.data import latents as latent_cache
+from ddp_utils.data import ImageData, LatentData, latent_cache, load_image_data, load_latents
 from ddp_utils.errors import InputError
 from diffusion.codecs import LatentCodec, load_codec
 from tests.test_latent import RESOLUTION, make_vae
@@ -185,7 +184,7 @@ import json, sys
 from pathlib import Path
 from types import SimpleNamespace
 import torch
-from ddp_utils.data import latents as latent_cache, load_image_data, load_latents
+from ddp_utils.data import latent_cache, load_image_data, load_latents
 from diffusion.codecs import load_codec
 torch.set_num_threads(1)
 rank, vae, cache = int(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])

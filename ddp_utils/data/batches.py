@@ -25,6 +25,7 @@ import torch
 from accelerate import Accelerator
 
 from ddp_utils.data.decode import decode_row, raw_images
+from ddp_utils.data.latent_cache import LatentData
 from ddp_utils.data.load import ImageData, StreamSource
 from ddp_utils.distributed import derive_seed, local_world_size
 
@@ -324,3 +325,45 @@ def make_batches(
     return StreamingBatches(
         data.stream, *common, start_micro_step=start_micro_step, num_workers=num_workers
     )
+
+
+class LatentBatches(BatchSource):
+    """Batches of latents: each batch's rows gathered on the host from the mapped cache (only
+    those pages are read), converted to float32 and copied to the device (through pinned
+    memory on a GPU, without waiting for it), then z = (mean + std * eps - shift) * scale with
+    the micro-step's generator; the labels are the latents' own (`LatentData.labels`, row for
+    row). The pixels stay on the host (`ImageData.images`, of a streamed dataset its first rows
+    only: grids of real data, the FID reference)."""
+
+    def __init__(self, latents: LatentData, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.latents = latents
+        self.num_images = len(latents.mean)
+        self.labels = latents.labels
+        if self.random_flip:
+            assert latents.flipped_mean is not None, "flips need the mirror images' latents"
+        self.warn_if_smaller_than_a_batch(self.num_images)
+
+    def to_device(self, rows: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            rows = rows.pin_memory()
+        return rows.to(self.device, non_blocking=True)
+
+    def gather(self, array: np.ndarray, index: np.ndarray) -> torch.Tensor:
+        """Rows `index` of a mapped array, float32, on the device."""
+        return self.to_device(torch.from_numpy(np.asarray(array[index], dtype=np.float32)))
+
+    def get(self, micro_step: int, generator: torch.Generator) -> Batch:
+        rows = self.indices(micro_step, self.num_images)  # the pixel path's order, on the CPU
+        index = rows.numpy()
+        latents = self.latents
+        mean, std = self.gather(latents.mean, index), self.gather(latents.std, index)
+        if self.random_flip:  # drawn first, as the pixel path's flip
+            flip = torch.rand(len(index), generator=generator, device=self.device) < 0.5
+            flip = flip[:, None, None, None]
+            mean = torch.where(flip, self.gather(latents.flipped_mean, index), mean)
+            std = torch.where(flip, self.gather(latents.flipped_std, index), std)
+        eps = torch.randn(mean.shape, generator=generator, device=self.device)
+        z = (mean + std * eps - latents.shift) * latents.scale
+        labels = None if self.labels is None else self.to_device(self.labels[rows])
+        return Batch(z, labels)

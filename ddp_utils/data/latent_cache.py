@@ -1,5 +1,5 @@
-"""A decoded dataset encoded once per node into latents, cached like the decoded images, and
-the training batches drawn from them.
+"""The latent cache: a decoded dataset encoded once per node into latents, cached like the
+decoded images (its batches: `ddp_utils.data.batches.LatentBatches`).
 
 Generic over an `Encoder` (what has a fingerprint and turns float images into a posterior's
 mean and standard deviation; `diffusion.codecs.LatentCodec` is one). The cache is keyed by the
@@ -52,7 +52,6 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from ddp_utils.data.batches import Batch, BatchSource
 from ddp_utils.data.decode import decode_all, default_cache_dir
 from ddp_utils.data.load import ImageData, StreamSource, first_errors
 from ddp_utils.distributed import local_share
@@ -681,45 +680,3 @@ def stream_labels(stream: StreamSource, folder: Path, num_rows: int) -> torch.Te
     labels = stream.labels[keep]
     assert len(labels) == num_rows, (len(labels), num_rows)
     return labels
-
-
-class LatentBatches(BatchSource):
-    """Batches of latents: each batch's rows gathered on the host from the mapped cache (only
-    those pages are read), converted to float32 and copied to the device (through pinned
-    memory on a GPU, without waiting for it), then z = (mean + std * eps - shift) * scale with
-    the micro-step's generator; the labels are the latents' own (`LatentData.labels`, row for
-    row). The pixels stay on the host (`ImageData.images`, of a streamed dataset its first rows
-    only: grids of real data, the FID reference)."""
-
-    def __init__(self, latents: LatentData, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.latents = latents
-        self.num_images = len(latents.mean)
-        self.labels = latents.labels
-        if self.random_flip:
-            assert latents.flipped_mean is not None, "flips need the mirror images' latents"
-        self.warn_if_smaller_than_a_batch(self.num_images)
-
-    def to_device(self, rows: torch.Tensor) -> torch.Tensor:
-        if self.device.type == "cuda":
-            rows = rows.pin_memory()
-        return rows.to(self.device, non_blocking=True)
-
-    def gather(self, array: np.ndarray, index: np.ndarray) -> torch.Tensor:
-        """Rows `index` of a mapped array, float32, on the device."""
-        return self.to_device(torch.from_numpy(np.asarray(array[index], dtype=np.float32)))
-
-    def get(self, micro_step: int, generator: torch.Generator) -> Batch:
-        rows = self.indices(micro_step, self.num_images)  # the pixel path's order, on the CPU
-        index = rows.numpy()
-        latents = self.latents
-        mean, std = self.gather(latents.mean, index), self.gather(latents.std, index)
-        if self.random_flip:  # drawn first, as the pixel path's flip
-            flip = torch.rand(len(index), generator=generator, device=self.device) < 0.5
-            flip = flip[:, None, None, None]
-            mean = torch.where(flip, self.gather(latents.flipped_mean, index), mean)
-            std = torch.where(flip, self.gather(latents.flipped_std, index), std)
-        eps = torch.randn(mean.shape, generator=generator, device=self.device)
-        z = (mean + std * eps - latents.shift) * latents.scale
-        labels = None if self.labels is None else self.to_device(self.labels[rows])
-        return Batch(z, labels)
