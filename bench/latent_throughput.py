@@ -4,6 +4,11 @@ pixels: encoding, the cache on disk, training steps, decoding.
     python bench/latent_throughput.py runs/ae-digits/model            # digits at 32x32, CPU
     python bench/latent_throughput.py runs/ae-digits/model --quick    # seconds: a smoke run
     python bench/latent_throughput.py runs/ae-digits/model --device cuda --mixed-precision bf16
+    python bench/latent_throughput.py --untrained ae-digits     # no trained folder at hand
+
+`--untrained PRESET` times a freshly initialised AutoencoderKL of a train_autoencoder.py preset
+instead of a trained folder: the same shapes and operations, so the same images/s (what a GPU
+lease can run on a clean checkout, where runs/ does not exist); its scale is the config's.
 
 (a) Encoding: the posterior mean and std of the whole dataset through the codec's encode path
 (`LatentCodec.encode`, in its chunks), in images/s; then the latent cache the training script
@@ -39,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import git_revision, machine, print_table, synchronize  # noqa: E402
 from ddp_utils.data import load_image_data, load_latents  # noqa: E402
+from diffusion.autoencoder.presets import build_autoencoder  # noqa: E402
 from diffusion.codecs import DTYPES, load_codec, measured_scale  # noqa: E402
 from diffusion.ddpm import make_train_scheduler  # noqa: E402
 from diffusion.networks import count_parameters  # noqa: E402
@@ -131,6 +137,10 @@ class Trainer:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("vae", nargs="?", default=DEFAULT_VAE, help="AutoencoderKL folder")
+    parser.add_argument(
+        "--untrained", metavar="PRESET", help="an untrained AutoencoderKL of this preset"
+    )
+    parser.add_argument("--channels", type=int, default=1, help="image channels (--untrained)")
     parser.add_argument("--dataset", default="digits")
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--max-images", type=int, default=None)
@@ -156,6 +166,11 @@ def main() -> None:
     threads = [default_threads if t == "default" else int(t) for t in args.threads.split(",")]
     scratch = Path(tempfile.mkdtemp(prefix="bench-latent-"))
     try:
+        if args.untrained:
+            torch.manual_seed(0)
+            vae = build_autoencoder(args.untrained, args.resolution, args.channels)
+            vae.save_pretrained(scratch / "vae", safe_serialization=True)
+            args.vae = str(scratch / "vae")
         run(args, device, threads, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -175,7 +190,8 @@ def run(args: argparse.Namespace, device: torch.device, threads: list[int], scra
         f"{time.strftime('%Y-%m-%d %H:%M %Z')}"
     )
     print(
-        f"VAE {args.vae} ({count_parameters(codec.vae):,} params, {codec.vae.dtype}); "
+        f"VAE {f'untrained {args.untrained}' if args.untrained else args.vae} "
+        f"({count_parameters(codec.vae):,} params, {codec.vae.dtype}); "
         f"{args.dataset}: {num_images:,} images {codec.channels}x{args.resolution}x"
         f"{args.resolution} -> latents {latent_channels}x{latent_side}x{latent_side}; "
         f"device {device}, precision {args.mixed_precision}\n"
