@@ -37,6 +37,7 @@ from ddp_utils.data import (
 )
 from ddp_utils.errors import InputError
 from ddp_utils.images import make_grid, upscale
+from ddp_utils.run import Run
 from ddp_utils.tracking import MIN_PICTURE_SIDE
 from diffusion.codecs import load_codec
 from diffusion.loading import load_for_sampling
@@ -77,13 +78,14 @@ def latent_args(out: Path, preset: Path, vae: Path | None, *extra: str) -> list[
     ]  # fmt: skip
 
 
-def train(args: list[str]) -> None:
-    """In-process on one thread (module fixtures run before conftest's one-thread fixture)."""
+def train(args: list[str]) -> Run:
+    """In-process on one thread (module fixtures run before conftest's one-thread fixture);
+    what `train_ddpm.main(args)` does, returning the run."""
     fresh_accelerate_state()
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        train_ddpm.main(args)
+        return train_ddpm.train(parse_config(train_ddpm.DDPMConfig, args))
     finally:
         torch.set_num_threads(previous)
 
@@ -630,8 +632,9 @@ def test_per_channel_latent_statistics_are_trained_in_and_decoded(root: Path, tm
         assert torch.allclose(decode_latents(codec.vae, expected), direct, atol=1e-5)
 
     out = tmp_path / "run"
-    train(latent_args(out, root / "tiny_dit.json", folder, "--max-steps", "2",
-                      "--checkpoint-every", "2", "--sample-every", "2"))  # fmt: skip
+    run = train(latent_args(out, root / "tiny_dit.json", folder, "--max-steps", "2",
+                            "--checkpoint-every", "2", "--sample-every", "2"))  # fmt: skip
+    assert torch.equal(run.latents.shift, shift) and torch.equal(run.latents.scale, scale)
     latent = json.loads((out / "pipeline" / "task.json").read_text())["latent"]
     assert (latent["latents_mean"], latent["latents_std"]) == (mean, std)
     config = json.loads((out / "pipeline" / "vae" / "config.json").read_text())
@@ -653,3 +656,24 @@ def test_per_channel_latent_statistics_are_trained_in_and_decoded(root: Path, tm
     with pytest.raises(InputError, match="3 latents_mean and 3 latents_std values for 4 latent"):
         train(latent_args(tmp_path / "bad-run", root / "tiny_dit.json", bad))
     assert not (tmp_path / "bad-run").exists()
+
+
+def test_edm_sigma_data_is_kept_by_a_resume_and_by_a_fine_tune(root: Path, tmp_path) -> None:
+    """--sigma-data given once (0.7, not the latents' measured 1): the same command without it
+    resumes with 0.7 (the checkpoint's), and --init-from the export without it trains with 0.7."""
+    out, tuned = tmp_path / "edm", tmp_path / "tuned"
+
+    def edm_args(output_dir: Path, *extra: str) -> list[str]:
+        return ["--objective", "edm", "--vae", str(root / "vae"), "--resolution",
+                str(RESOLUTION), "--max-images", "32",
+                "--batch-size", "8", "--checkpoint-every", "1", "--sample-every", "0",
+                "--num-sample-images", "2", "--sample-steps", "2", "--report-to", "none",
+                "--output-dir", str(output_dir), *extra]  # fmt: skip
+
+    preset = ["--preset", str(tiny_preset(tmp_path))]
+    train(edm_args(out, *preset, "--max-steps", "1", "--sigma-data", "0.7"))
+    assert train(edm_args(out, *preset, "--max-steps", "2")).cfg.sigma_data == 0.7  # resumed
+    assert train(edm_args(tuned, "--max-steps", "1", "--init-from", str(out / "pipeline"))
+                 ).cfg.sigma_data == 0.7  # fmt: skip
+    scheduler = json.loads((tuned / "pipeline" / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["sigma_data"] == 0.7
