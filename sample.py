@@ -47,15 +47,15 @@ from ddp_utils.sample_output import check_finite_samples, check_output, write_ou
 from diffusion.drawing import (
     SampleConfig,
     choose_classes,
-    choose_sampler,
     count_calls,
     describe_source,
     guidance_interval,
     make_chunk_fn,
     sample_classes,
+    sampler_choice,
     warn_if_resized,
 )
-from diffusion.kinds import kind_named
+from diffusion.kinds.registry import all_knobs
 from diffusion.loading import load_for_sampling
 from diffusion.sources import resolve_model_source
 from evaluation import load_fid_inception
@@ -90,7 +90,7 @@ def sample(cfg: SampleConfig) -> np.ndarray:
             f"the weights in {loaded.source} hold non-finite values (NaN/inf): that model "
             "diverged; sample an earlier checkpoint"
         )
-    choice = choose_sampler(cfg, loaded)
+    choice = sampler_choice(cfg, loaded)
     cycle, guidance = choose_classes(cfg, loaded)
     if accelerator.is_main_process:
         describe_source(cfg, loaded)
@@ -116,8 +116,8 @@ def sample(cfg: SampleConfig) -> np.ndarray:
             "num_steps": choice.steps,
             # Network evaluations per image (a guided step runs two, batched).
             "num_evaluations": calls[0] // max(1, num_local),
-            "eta": choice.eta if choice.name == "ddim" else None,
-            "churn": choice.churn if "churn" in kind_named(loaded.task, "").knobs else None,
+            # Every knob of any sampler: the chosen sampler's values, None for the others.
+            **{name: choice.knobs.get(name) for name in all_knobs()},
             "class_names": loaded.class_names,
             "guidance_scale": guidance if cycle is not None else None,
             "guidance_interval": guidance_interval(cfg, loaded) if cycle is not None else None,

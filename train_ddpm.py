@@ -1,7 +1,8 @@
-r"""Train a diffusion model: DDPM (v- or noise prediction over 1000 timesteps) or EDM (Karras et al.
-2022's preconditioned denoiser), with EMA, sample grids and an export diffusers loads.
+r"""Train a diffusion model of any kind in diffusion/kinds/ (`--objective`): DDPM (v- or noise
+prediction over 1000 timesteps), EDM (Karras et al. 2022's preconditioned denoiser), with EMA,
+sample grids and an export diffusers loads.
 
-    # built-in digits on a CPU (the README's main job, ~12 minutes on 2 cores):
+    # built-in digits on a CPU (the README's main job, ~11 minutes on 2 cores):
     python train_ddpm.py
     # the same data and budget with the EDM objective (Heun sampler, 18 steps):
     python train_ddpm.py --objective edm --output-dir runs/edm
@@ -34,44 +35,37 @@ from ddp_utils.cli import cli_main
 from ddp_utils.config import option, parse_config, require
 from ddp_utils.run import Run, start_run
 from ddp_utils.train_config import TrainConfig
-from diffusion.conditioning import ConditioningOptions
-from diffusion.ddpm import SCHEDULE_DEFAULTS
-from diffusion.kinds import kind_named
-from diffusion.kinds.ddpm import DDPMOptions
-from diffusion.kinds.edm import EDMOptions
-from diffusion.networks import (
-    DEFAULT_PRESETS,
-    Backbone,
-    backbone_of,
-    check_preset,
-    preset_backbone,
-)
-from diffusion.pretrained import initial_network, resolve_sigma_data, run_codec
-from diffusion.sampling import (
-    DEFAULT_DDIM_ETA,
-    DEFAULT_SAMPLER,
-    DEFAULT_STEPS,
-    SAMPLERS_BY_TASK,
-    SamplerName,
-)
+from diffusion.conditioning.guidance import ConditioningOptions
+from diffusion.kinds import choose_sampler, kind_named, kinds_trained_by
+from diffusion.kinds.registry import DEFAULT_OBJECTIVE, all_knobs, all_samplers, knob_options
+from diffusion.networks import BACKBONES, BackboneName, backbone_of, check_preset, preset_backbone
+from diffusion.pretrained import initial_network, resolve_kind_options, run_codec
 from evaluation.during_training import training_evaluator
 
-Objective = Literal["ddpm", "edm"]
+KINDS = kinds_trained_by("train_ddpm.py")
+Objective = Literal[tuple(kind.name for kind in KINDS)]  # type: ignore[valid-type]
+SamplerName = Literal[tuple(all_samplers())]  # type: ignore[valid-type]
 LatentScale = Literal["config", "measure"]
+# The sampler knobs of the grids (--sample-eta, --sample-churn, ...): every kind's samplers'.
+SampleKnobs = knob_options("sample_", "of the grids and --eval-every")
 
 
 @dataclass
-class DDPMConfig(ConditioningOptions, EDMOptions, DDPMOptions, TrainConfig):
-    """DDPM or EDM training; defaults make readable digits in ~12 minutes on a 2-core CPU. Each
-    objective's own options are its kind's section (diffusion/kinds/), as is class
-    conditioning's (diffusion/conditioning.py)."""
+class DDPMConfig(
+    ConditioningOptions,
+    SampleKnobs,
+    *(kind.options for kind in reversed(KINDS) if kind.options is not None),
+    TrainConfig,
+):
+    """DDPM, EDM or another kind of train_ddpm.py; defaults make readable digits in ~11 minutes
+    on a 2-core CPU. Each kind's options are its section (diffusion/kinds/<name>/options.py),
+    as is class conditioning's (diffusion/conditioning/guidance.py)."""
 
     objective: Objective = option(
-        "ddpm",
-        "ddpm: predict the noise of T discrete timesteps (Ho et al. 2020); edm: the "
-        "preconditioned denoiser on log-normal noise levels (Karras et al. 2022)",
+        DEFAULT_OBJECTIVE,
+        "what the network learns: " + "; ".join(f"{kind.name}: {kind.summary}" for kind in KINDS),
     )
-    backbone: Backbone | None = option(
+    backbone: BackboneName | None = option(
         None,
         "the network: unet (UNet2DModel) or dit (a diffusion transformer, "
         "DiTTransformer2DModel); default: what --preset implies, else unet (with --init-from: "
@@ -81,8 +75,8 @@ class DDPMConfig(ConditioningOptions, EDMOptions, DDPMOptions, TrainConfig):
         None,
         "network preset: UNets digits-small, unet-4.7m, unet-18.5m, ddpm-cifar10; DiTs "
         "dit-digits, dit-s-2, dit-b-2, dit-l-2, dit-xl-2 (the DiT paper's sizes); or a JSON "
-        f"file of the network's arguments; default: {DEFAULT_PRESETS['unet']} (unet), "
-        f"{DEFAULT_PRESETS['dit']} (dit), none with --init-from (the network is its)",
+        f"file of the network's arguments; default: {BACKBONES['unet'].default_preset} (unet), "
+        f"{BACKBONES['dit'].default_preset} (dit), none with --init-from (the network is its)",
     )
     init_from: str | None = option(
         None,
@@ -113,16 +107,11 @@ class DDPMConfig(ConditioningOptions, EDMOptions, DDPMOptions, TrainConfig):
     # Pictures and evaluation.
     sample_scheduler: SamplerName | None = option(
         None,
-        "sampler of the logged grids and --eval-every (sample.py's --scheduler); "
-        f"default: {DEFAULT_SAMPLER['ddpm']} (ddpm), {DEFAULT_SAMPLER['edm']} (edm)",
+        "sampler of the logged grids and --eval-every (sample.py's --scheduler); default: "
+        + ", ".join(f"{kind.default_sampler} ({kind.name})" for kind in KINDS),
     )
     sample_steps: int | None = option(
         None, "sampler steps of the grids and --eval-every (default: the sampler's, as sample.py)"
-    )
-    sample_eta: float | None = option(
-        None,
-        f"DDIM noise scale of the grids and --eval-every (default with ddim: {DEFAULT_DDIM_ETA}, "
-        "as sample.py; 0: deterministic)",
     )
     sample_every: int = option(1000, "log a sample grid every N steps (0: only at the end)")
 
@@ -130,29 +119,30 @@ class DDPMConfig(ConditioningOptions, EDMOptions, DDPMOptions, TrainConfig):
     # --init-from (a resumed run reads its checkpoint, not that model); --vae's path, whose
     # weights are compared instead (diffusion.pretrained.run_codec).
     may_change_on_resume = TrainConfig.may_change_on_resume | {
-        "sample_scheduler", "sample_eta", "sample_guidance_scale", "sample_guidance_interval",
-        "init_from", "vae",
+        "sample_scheduler", "sample_guidance_scale", "sample_guidance_interval", "init_from",
+        "vae", *(f"sample_{name}" for name in all_knobs()),
     }  # fmt: skip
 
     def __post_init__(self) -> None:
-        if self.sample_scheduler is None and self.objective in DEFAULT_SAMPLER:
-            self.sample_scheduler = DEFAULT_SAMPLER[self.objective]
-        if self.sample_steps is None and self.sample_scheduler in DEFAULT_STEPS:
-            self.sample_steps = DEFAULT_STEPS[self.sample_scheduler]
-        if self.sample_eta is None:
-            self.sample_eta = DEFAULT_DDIM_ETA if self.sample_scheduler == "ddim" else 0.0
+        kind = kind_named(self.objective, "--objective")
+        # The grids' sampler: checked against the kind, its steps and knobs filled.
+        knobs = {name: getattr(self, f"sample_{name}") for name in all_knobs()}
+        choice = choose_sampler(
+            kind, self.sample_scheduler, self.sample_steps, knobs, source=f"--objective {kind.name}",
+            flag=lambda name: f"--sample-{name.replace('_', '-')}",
+            scheduler_flag="--sample-scheduler", steps_flag="--sample-steps",
+        )  # fmt: skip
+        self.sample_scheduler, self.sample_steps = choice.name, choice.steps
+        for name, value in choice.knobs.items():
+            setattr(self, f"sample_{name}", value)
         super().__post_init__()
-        if self.objective == "edm":
-            for name, value in {**SCHEDULE_DEFAULTS, "min_snr_gamma": None}.items():
-                require(
-                    getattr(self, name) in (None, value),
-                    f"--{name.replace('_', '-')} applies to --objective ddpm only",
-                )
-            self.check_edm_options()
+        for other in KINDS:
+            if other is not kind:
+                other.leave_unused(self)
         if self.init_from is None:
             implied = None if self.preset is None else preset_backbone(self.preset)
             self.backbone = self.backbone or implied or "unet"
-            self.preset = self.preset or DEFAULT_PRESETS[self.backbone]
+            self.preset = self.preset or BACKBONES[self.backbone].default_preset
             check_preset(self.backbone, self.preset, self.resolution)  # stops --dry-run too
         else:
             require(
@@ -160,22 +150,7 @@ class DDPMConfig(ConditioningOptions, EDMOptions, DDPMOptions, TrainConfig):
                 "--preset and --init-from both choose the network: drop --preset (the "
                 "network, its size and its weights come from --init-from)",
             )
-        if self.init_from is None or self.objective == "edm":
-            for name, value in SCHEDULE_DEFAULTS.items():
-                if getattr(self, name) is None:
-                    setattr(self, name, value)
-        self.check_ddpm_options()
-        samplers = SAMPLERS_BY_TASK[self.objective]
-        require(
-            self.sample_scheduler in samplers,
-            f"--sample-scheduler {self.sample_scheduler} does not sample --objective "
-            f"{self.objective} models; use one of {', '.join(samplers)}",
-        )
-        require(self.sample_eta >= 0, f"--sample-eta must be >= 0, got {self.sample_eta}")
-        require(
-            self.sample_eta == 0 or self.sample_scheduler == "ddim",
-            f"--sample-eta applies to --sample-scheduler ddim only, got {self.sample_scheduler}",
-        )
+        kind.check_options(self)
         self.check_conditioning_options()
         require(
             self.vae is not None or self.latent_scale == "config",
@@ -185,11 +160,11 @@ class DDPMConfig(ConditioningOptions, EDMOptions, DDPMOptions, TrainConfig):
 
 def train(cfg: DDPMConfig) -> Run:
     run = start_run(cfg, with_labels=cfg.class_conditional)
-    codec = run_codec(run)  # --vae: checked, the data encoded (or read from its cache)
-    model = initial_network(run, codec)
-    resolve_sigma_data(run, codec)  # EDM: the data's standard deviation, pixels or latents
-    cfg.freeze()
     kind = kind_named(cfg.objective, "--objective")
+    codec = run_codec(run)  # --vae: checked, the data encoded (or read from its cache)
+    model = initial_network(run, kind, codec)
+    resolve_kind_options(run, kind, codec)  # e.g. EDM's sigma_data: the data's, or the model's
+    cfg.freeze()
     scheduler = kind.train_scheduler(cfg)
     if codec is not None and "clip_sample" in scheduler.config:
         # Latents are not in [-1, 1]; from_config (not register_to_config) so that a sampler

@@ -19,9 +19,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import digit_accuracy  # noqa: E402
 from ddp_utils.images import make_grid, rows_by_label, save_png, to_uint8, upscale  # noqa: E402
+from diffusion.kinds.ddpm.samplers import make_inference_scheduler, network_denoiser, sample_ddpm  # noqa: E402
 from diffusion.loading import load_for_sampling  # noqa: E402
 from diffusion.networks import sample_shape  # noqa: E402
-from diffusion.sampling import make_inference_scheduler, network_denoiser, sample_ddpm  # noqa: E402
+from diffusion.pipeline_code.core import class_condition  # noqa: E402
 
 
 def main() -> None:
@@ -43,7 +44,9 @@ def main() -> None:
 
     def draw(indices: range, guidance: float) -> torch.Tensor:
         labels = torch.tensor([k % num_classes for k in indices])
-        denoiser = network_denoiser(loaded.model, labels, guidance, scheduler=scheduler)
+        null = torch.full_like(labels, num_classes)
+        denoiser = network_denoiser(loaded.model, class_condition(labels), class_condition(null),
+                                    guidance, scheduler=scheduler)  # fmt: skip
         images, _ = sample_ddpm(
             denoiser, scheduler, sample_shape(loaded.model), indices, args.seed, args.steps, 1.0
         )

@@ -21,10 +21,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import git_revision, machine, print_table, synchronize  # noqa: E402
-from diffusion.ddpm import make_train_scheduler  # noqa: E402
+from diffusion.kinds.ddpm.formulation import make_train_scheduler  # noqa: E402
+from diffusion.kinds.ddpm.samplers import make_inference_scheduler, network_denoiser, sample_ddpm  # noqa: E402
 from diffusion.networks import sample_shape  # noqa: E402
 from diffusion.networks.unet import build_ddpm_unet  # noqa: E402
-from diffusion.sampling import make_inference_scheduler, network_denoiser, sample_ddpm  # noqa: E402
+from diffusion.pipeline_code.core import class_condition  # noqa: E402
 
 
 def main() -> None:
@@ -48,7 +49,14 @@ def main() -> None:
         for w in rates:
             synchronize(device)
             start = time.perf_counter()
-            denoiser = network_denoiser(model, labels.to(device), w, scheduler=scheduler)
+            labels = labels.to(device)
+            denoiser = network_denoiser(
+                model,
+                class_condition(labels),
+                class_condition(torch.full_like(labels, 10)),
+                w,
+                scheduler=scheduler,
+            )
             sample_ddpm(
                 denoiser, scheduler, sample_shape(model), indices, 0, args.steps, 0.0, device
             )

@@ -33,16 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import digit_accuracy, git_revision, machine  # noqa: E402
 from ddp_utils.images import to_uint8  # noqa: E402
-from diffusion.edm import sample_edm  # noqa: E402
+from diffusion.kinds.ddpm.pipeline import ddpm_coefficients  # noqa: E402
+from diffusion.kinds.ddpm.samplers import make_inference_scheduler, sample_ddpm  # noqa: E402
+from diffusion.kinds.edm.formulation import sample_edm  # noqa: E402
+from diffusion.kinds.edm.pipeline import preconditioning  # noqa: E402
 from diffusion.loading import load_for_sampling  # noqa: E402
-from diffusion.networks import null_class, sample_shape  # noqa: E402
-from diffusion.pipeline_code.pipelines import (  # noqa: E402
-    ddpm_coefficients,
-    guide,
-    network_output,
-    preconditioning,
-)
-from diffusion.sampling import make_inference_scheduler, sample_ddpm  # noqa: E402
+from diffusion.networks import sample_shape  # noqa: E402
+from diffusion.pipeline_code.core import class_condition, guide, network_output, null_class  # noqa: E402
 from evaluation import compute_feature_stats, dataset_reference, fid_kid, load_fid_inception  # noqa: E402
 
 # A combination: (cond, uncond, w, x, c_skip, c_out, sigma) -> the output the sampler gets, where
@@ -142,7 +139,7 @@ def ddpm_draw(loaded: Any, variant: Variant, w: float, seed: int) -> Callable:
         def model_output(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             null = torch.full_like(labels, null_class(net))
             cond, uncond = network_output(net, torch.cat([x, x]), t,
-                                          torch.cat([labels, null])).chunk(2)  # fmt: skip
+                                          class_condition(torch.cat([labels, null]))).chunk(2)  # fmt: skip
             c_skip, c_out = ddpm_coefficients(scheduler, t)
             alpha_bar = scheduler.alphas_cumprod[int(t)]  # DDIM's timesteps are integers
             sigma = ((1 - alpha_bar) / alpha_bar).sqrt()
@@ -163,7 +160,7 @@ def edm_draw(loaded: Any, variant: Variant, w: float, seed: int) -> Callable:
             null = torch.full_like(labels, null_class(net))
             cond, uncond = network_output(net, torch.cat([c_in * x] * 2),
                                           c_noise.expand(2 * len(x)),
-                                          torch.cat([labels, null])).chunk(2)  # fmt: skip
+                                          class_condition(torch.cat([labels, null]))).chunk(2)  # fmt: skip
             output = variant.combine(cond, uncond, w, c_in * x, c_skip / c_in, c_out, sigma)
             return c_skip * x + c_out * output
 

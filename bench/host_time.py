@@ -37,8 +37,8 @@ import train_ddpm  # noqa: E402
 from bench.common import git_revision, machine, print_table  # noqa: E402
 from ddp_utils import loop  # noqa: E402
 from ddp_utils.ema import EMA  # noqa: E402
-from diffusion.ddpm import make_train_scheduler  # noqa: E402
 from diffusion.kinds.ddpm import DDPMMethod  # noqa: E402
+from diffusion.kinds.ddpm.formulation import make_train_scheduler  # noqa: E402
 from diffusion.networks.unet import build_ddpm_unet  # noqa: E402
 from tests.tiny_runs import fresh_accelerate_state  # noqa: E402
 

@@ -46,7 +46,7 @@ from bench.common import git_revision, machine, print_table, synchronize  # noqa
 from ddp_utils.data import load_image_data, load_latents  # noqa: E402
 from diffusion.autoencoder.presets import build_autoencoder  # noqa: E402
 from diffusion.codecs import DTYPES, load_codec, measured_scale  # noqa: E402
-from diffusion.ddpm import make_train_scheduler  # noqa: E402
+from diffusion.kinds.ddpm.formulation import make_train_scheduler  # noqa: E402
 from diffusion.networks import count_parameters  # noqa: E402
 from diffusion.networks.unet import build_ddpm_unet  # noqa: E402
 

@@ -38,9 +38,9 @@ from diffusers import (
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ddp_utils.images import to_uint8  # noqa: E402
+from diffusion.kinds.ddpm.samplers import SCHEDULE_KEYS, network_denoiser, sample_ddpm  # noqa: E402
 from diffusion.loading import load_for_sampling  # noqa: E402
 from diffusion.networks import sample_shape  # noqa: E402
-from diffusion.sampling import SCHEDULE_KEYS, network_denoiser, sample_ddpm  # noqa: E402
 from evaluation import compute_feature_stats, dataset_reference, fid_kid, load_fid_inception  # noqa: E402
 
 KARRAS = {"use_karras_sigmas": True}

@@ -23,13 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import git_revision, machine, print_table, synchronize  # noqa: E402
 from ddp_utils.compile import COMPILE_MODES, compile_network  # noqa: E402
-from diffusion.ddpm import make_train_scheduler  # noqa: E402
 from diffusion.drawing import count_calls  # noqa: E402
-from diffusion.edm import make_edm_scheduler  # noqa: E402
-from diffusion.kinds import KINDS, SamplerChoice  # noqa: E402
+from diffusion.kinds import KINDS, choose_sampler  # noqa: E402
+from diffusion.kinds.ddpm.formulation import make_train_scheduler  # noqa: E402
+from diffusion.kinds.edm.formulation import make_edm_scheduler  # noqa: E402
 from diffusion.networks import sample_shape  # noqa: E402
 from diffusion.networks.unet import build_ddpm_unet  # noqa: E402
-from diffusion.sampling import EDM_SAMPLERS  # noqa: E402
 
 DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SAMPLERS = (
@@ -46,12 +45,15 @@ def run(
     device: torch.device,
     dtype: torch.dtype,
 ) -> None:
-    if name in EDM_SAMPLERS:
-        kind, config = KINDS["edm"], make_edm_scheduler().config
-    else:
-        kind = KINDS["ddpm"]
-        config = make_train_scheduler("squaredcos_cap_v2", 1000, "epsilon").config
-    choice = SamplerChoice(name, steps)
+    # "KIND/NAME" picks a sampler name two kinds share (flow/dpm++2m); else the first kind's.
+    kind_name, _, name = name.rpartition("/")
+    kind = KINDS[kind_name] if kind_name else next(k for k in KINDS.values() if name in k.samplers)
+    configs = {
+        "ddpm": lambda: make_train_scheduler("squaredcos_cap_v2", 1000, "epsilon").config,
+        "edm": lambda: make_edm_scheduler().config,
+    }
+    config = configs[kind.name]() if kind.name in configs else {}
+    choice = choose_sampler(kind, name, steps, {}, source="bench", scheduler_config=config)
     shape = sample_shape(net)
     kind.sampler(net, config, choice, seed=0, shape=shape, device=device, dtype=dtype)(
         range(batch), None, None

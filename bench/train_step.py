@@ -41,8 +41,8 @@ from bench.common import (  # noqa: E402
     train_flops_per_image,
 )
 from ddp_utils.data import load_image_data  # noqa: E402
-from diffusion.basic import corrupt  # noqa: E402
-from diffusion.ddpm import make_train_scheduler  # noqa: E402
+from diffusion.kinds.basic.formulation import corrupt  # noqa: E402
+from diffusion.kinds.ddpm.formulation import make_train_scheduler  # noqa: E402
 from diffusion.networks import predict  # noqa: E402
 from diffusion.networks.basic import build_basic_model  # noqa: E402
 from diffusion.networks.unet import build_ddpm_unet  # noqa: E402

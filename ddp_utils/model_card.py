@@ -42,7 +42,7 @@ TEMPLATE = """---
 {{ how_to_load }}
 ```
 
-Made with ddp-diffusion (`train_{{ script }}.py`){% if generates %}; its `python sample.py <this folder>` samples it too{% endif %}.
+Made with ddp-diffusion (`{{ script }}`){% if generates %}; its `python sample.py <this folder>` samples it too{% endif %}.
 """
 
 
@@ -52,7 +52,7 @@ class CardFacts:
 
     title: str
     summary: str  # one paragraph: what the model is
-    script: str  # "ddpm" or "basic": which training script made it
+    script: str  # the training script that made it: train_ddpm.py, train_basic.py, ...
     sampler: str  # the sampler recommended for it, and why
     how_to_load: str  # Python lines that load and sample it
     facts: list[tuple[str, str]] = field(default_factory=list)  # training facts, a table

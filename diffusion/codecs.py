@@ -29,7 +29,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from ddp_utils.errors import InputError
-from diffusion.pipeline_code.pipelines import decode_latents
+from diffusion.pipeline_code.core import decode_latents
 
 logger = logging.getLogger("ddp_diffusion")
 

@@ -13,6 +13,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -24,18 +25,31 @@ from ddp_utils.errors import InputError
 from ddp_utils.images import to_uint8
 from ddp_utils.lock import lock_holder
 from ddp_utils.train_config import MixedPrecision
-from diffusion.conditioning import parse_guidance_interval
-from diffusion.kinds import SamplerChoice, kind_named
+from diffusion.conditioning.classes import ClassLabels
+from diffusion.conditioning.guidance import parse_guidance_interval
+from diffusion.kinds import KINDS, SamplerChoice, choose_sampler, kind_named
+from diffusion.kinds.registry import all_knobs, all_samplers, default_steps, knob_options
 from diffusion.loading import LoadedModel, Weights
 from diffusion.networks import sample_shape
-from diffusion.sampling import DEFAULT_DDIM_ETA, DEFAULT_SAMPLER, SamplerName
 from diffusion.sources import is_hub_id
 
 logger = logging.getLogger("ddp_diffusion.sample")
 
+SamplerName = Literal[tuple(all_samplers())]  # type: ignore[valid-type]
+# --eta, --churn, ...: every kind's samplers' knobs.
+Knobs = knob_options("", "")
+
+
+def _steps_help() -> str:
+    defaults = [
+        f"{kind.name} {default_steps(kind, None)}" for kind in KINDS.values() if not kind.samplers
+    ]
+    defaults += [f"{name} {sampler.default_steps}" for name, sampler in all_samplers().items()]
+    return f"sampler steps (default: {', '.join(defaults)})"
+
 
 @dataclass
-class SampleConfig:
+class SampleConfig(Knobs):
     """Sampling from an export folder, a pipeline folder, a checkpoint or a run directory."""
 
     model_path: str = option(
@@ -48,22 +62,14 @@ class SampleConfig:
     num_samples: int = option(64, "number of images")
     batch_size: int = option(64, "images per forward pass, per process")
     seed: int = option(0, "sample k is drawn from (seed, k)")
-    num_steps: int | None = option(
-        None,
-        "sampler steps (default: basic 40, ddpm 1000, ddim 50, edm-heun 18, heun-karras 10, "
-        "edm-euler 35, the others 20)",
-        aliases=("--num-inference-steps",),
-    )
+    num_steps: int | None = option(None, _steps_help(), aliases=("--num-inference-steps",))
     scheduler: SamplerName | None = option(
         None,
-        f"sampler (default: {DEFAULT_SAMPLER['ddpm']} for DDPM models, "
-        f"{DEFAULT_SAMPLER['edm']} for EDM models; basic models have their own)",
-    )
-    eta: float | None = option(
-        None, f"DDIM noise scale (default: {DEFAULT_DDIM_ETA}, DDPM-like; 0: deterministic DDIM)"
-    )
-    churn: float = option(
-        0.0, "EDM samplers: stochasticity S_churn (Karras et al. 2022; 0: deterministic)"
+        "sampler (default: "
+        + ", ".join(
+            f"{k.default_sampler} for {k.name} models" for k in KINDS.values() if k.samplers
+        )
+        + "; basic models have their own)",
     )
     class_labels: str | None = option(
         None,
@@ -121,12 +127,10 @@ class SampleConfig:
             f"--num-steps (--num-inference-steps) must be >= 1, got {self.num_steps}",
         )
         require(self.seed >= 0, f"--seed must be >= 0, got {self.seed}")
-        require(self.eta is None or self.eta >= 0, f"--eta must be >= 0, got {self.eta}")
-        require(
-            not self.eta or self.scheduler in (None, "ddim"),
-            f"--eta applies to --scheduler ddim only, got {self.scheduler}",
-        )
-        require(self.churn >= 0, f"--churn must be >= 0, got {self.churn}")
+        for name, knob in all_knobs().items():  # ranges now; which sampler takes it, once loaded
+            value = getattr(self, name)
+            if value is not None:
+                knob.check(value, f"--{name.replace('_', '-')}")
         try:
             check_compile_options(self.compile_backend, self.compile_mode)
         except ValueError as err:
@@ -152,27 +156,18 @@ class SampleConfig:
 DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def choose_sampler(cfg: SampleConfig, loaded: LoadedModel) -> SamplerChoice:
+def sampler_choice(cfg: SampleConfig, loaded: LoadedModel) -> SamplerChoice:
     """The sampler for the loaded model: `--scheduler` or its kind's default, with its steps
-    and knobs. A sampler of another kind is refused, and so are --eta and --churn where the
-    sampler has no such knob."""
+    and knobs. A sampler of another kind is refused, and so are knobs the sampler does not
+    have and more steps than the model allows."""
     kind = kind_named(loaded.task, loaded.source)
-    if not kind.samplers:  # a kind with one sampler (the basic model)
-        if cfg.scheduler is not None or cfg.eta or cfg.churn or cfg.weights != "ema":
-            logger.info("--scheduler/--eta/--churn/--weights apply to DDPM and EDM models; ignored")
-        return SamplerChoice(None, cfg.num_steps or kind.default_steps(None))
-    name = cfg.scheduler or kind.default_sampler
-    if name not in kind.samplers:
-        raise InputError(
-            f"--scheduler {name} is not for {kind.name.upper()} models ({loaded.source}); "
-            f"use one of {', '.join(kind.samplers)}"
-        )
-    if cfg.eta and name != "ddim":
-        raise InputError(f"--eta applies to --scheduler ddim only; the sampler is {name}")
-    if cfg.churn and "churn" not in kind.knobs:
-        raise InputError(f"--churn applies to EDM models only; {loaded.source} is {kind.name}")
-    eta = cfg.eta if cfg.eta is not None else DEFAULT_DDIM_ETA if name == "ddim" else 0.0
-    return SamplerChoice(name, cfg.num_steps or kind.default_steps(name), eta, cfg.churn)
+    knobs = {name: getattr(cfg, name) for name in all_knobs()}
+    if not kind.samplers and cfg.weights != "ema":
+        logger.info("--weights applies to pipeline exports and checkpoints; ignored")
+    return choose_sampler(
+        kind, cfg.scheduler, cfg.num_steps, knobs, source=loaded.source,
+        scheduler_config=loaded.scheduler_config,
+    )  # fmt: skip
 
 
 def choose_classes(cfg: SampleConfig, loaded: LoadedModel) -> tuple[list[int] | None, float]:
@@ -227,6 +222,7 @@ def make_chunk_fn(
     """(items -> uint8 NHWC samples, the progression filled by the chunk of item 0, the
     indices of samples that came out non-finite). With a class `cycle`, sample k has class
     cycle[k mod len(cycle)] and is guided with scale `guidance`."""
+    source = None if cycle is None else ClassLabels(tuple(loaded.class_names), cycle=tuple(cycle))
     draw = kind_named(loaded.task, loaded.source).sampler(
         loaded.model,
         loaded.scheduler_config,
@@ -235,6 +231,7 @@ def make_chunk_fn(
         shape=sample_shape(loaded.model, loaded.resolution),
         device=device,
         dtype=DTYPES[cfg.mixed_precision],
+        null=None if source is None else source.null,
         guidance_scale=guidance,
         guidance_interval=guidance_interval(cfg, loaded),
         compile=(cfg.compile_backend, cfg.compile_mode) if cfg.compile else None,
@@ -245,8 +242,8 @@ def make_chunk_fn(
 
     def chunk(indices: range) -> torch.Tensor:
         every = math.ceil(choice.steps / 10) if cfg.save_progression and 0 in indices else None
-        labels = None if cycle is None else sample_classes(indices, cycle)
-        x, snapshots = draw(indices, labels, every)
+        condition = None if source is None else source.for_samples(indices, device)
+        x, snapshots = draw(indices, condition, every)
         progression.extend(s[:8] for s in snapshots)
         finite = torch.isfinite(x).flatten(1).all(dim=1)
         nonfinite.extend(k for k, ok in zip(indices, finite.tolist()) if not ok)

@@ -24,14 +24,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from diffusers import DDPMScheduler, ModelMixin
+from diffusers import DDPMScheduler
 
 from ddp_utils.checkpoint import find_resume_checkpoint, read_checkpoint
 from ddp_utils.errors import InputError
 from ddp_utils.export import TASK_FILE, check_value_range, read_task_file, verify_checksums
 from diffusion.codecs import LatentCodec, codec_changes, codec_from_export, load_codec
-from diffusion.kinds.registry import kind_named
-from diffusion.networks import BACKBONE_CLASSES, prepare_loaded, sample_shape
+from diffusion.kinds.registry import DIFFUSERS_FOLDER_KIND, kind_named
+from diffusion.networks import backbone_of, network_class, prepare_loaded, sample_shape
 from diffusion.sources import VAE_HUB_FILES, resolve_model_source
 
 logger = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ _WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
 @dataclass
 class LoadedModel:
-    task: str  # "basic", "ddpm" or "edm"
+    task: str  # the kind's name (diffusion.kinds)
     model: torch.nn.Module
     scheduler_config: dict[str, Any] | None
     value_range: tuple[float, float]
@@ -58,14 +58,6 @@ class LoadedModel:
     @property
     def num_classes(self) -> int:
         return len(self.class_names or ())
-
-
-def _model_class(name: str) -> type[ModelMixin]:
-    if name not in BACKBONE_CLASSES:
-        raise ValueError(
-            f"unknown model class {name!r}; expected one of {sorted(BACKBONE_CLASSES)}"
-        )
-    return BACKBONE_CLASSES[name]
 
 
 def load_model(path: str | Path) -> torch.nn.Module:
@@ -88,7 +80,7 @@ def load_model(path: str | Path) -> torch.nn.Module:
         class_name = json.loads(config_path.read_text()).get("_class_name")
     except (json.JSONDecodeError, AttributeError) as err:
         raise ValueError(f"{config_path} is not a JSON object: {err}") from err
-    return prepare_loaded(_model_class(class_name).from_pretrained(folder, use_safetensors=True))
+    return prepare_loaded(network_class(class_name).from_pretrained(folder, use_safetensors=True))
 
 
 def _class_name(folder: Path) -> str | None:
@@ -149,7 +141,7 @@ def _from_pipeline(folder: Path, weights: Weights) -> LoadedModel:
     scheduler_config = json.loads(scheduler_file.read_text())
     channels, resolution = _describe(unet)
     info = read_task_file(folder) or {}
-    task = info.get("task", "ddpm")  # diffusers' own folders: DDPM
+    task = info.get("task", DIFFUSERS_FOLDER_KIND)  # diffusers' own folders
     loaded = LoadedModel(task, unet, scheduler_config, (-1.0, 1.0), channels, resolution, folder)
     _with_codec(loaded, _export_codec(folder, info.get("latent")))
     return _with_classes(loaded, info)
@@ -223,18 +215,16 @@ def _from_unet_folder(folder: Path) -> LoadedModel:
         )
         scheduler_config = dict(DDPMScheduler().config)
     channels, resolution = _describe(unet)
-    return LoadedModel("ddpm", unet, scheduler_config, (-1.0, 1.0), channels, resolution, folder)
+    return LoadedModel(
+        DIFFUSERS_FOLDER_KIND, unet, scheduler_config, (-1.0, 1.0), channels, resolution, folder
+    )
 
 
 def _with_classes(loaded: LoadedModel, info: dict[str, Any]) -> LoadedModel:
     """The classes a model was trained on (task.json or a checkpoint's state); a UNet with
     class embeddings but no names gets its class ids as names."""
     names = info.get("class_names")
-    config = loaded.model.config
-    num_classes = int(getattr(config, "num_class_embeds", None) or 1) - 1
-    if "num_embeds_ada_norm" in config:  # a DiT: one row past its classes; unconditional: 1
-        num_classes = int(config.num_embeds_ada_norm or 1)
-        num_classes = num_classes if num_classes > 1 else 0
+    num_classes = backbone_of(loaded.model).num_classes(loaded.model)
     if names is None and num_classes:
         names = [str(k) for k in range(num_classes)]
     loaded.class_names = list(names) if names else None
@@ -275,7 +265,7 @@ def _from_checkpoint(folder: Path, weights: Weights) -> LoadedModel:
     ckpt = read_checkpoint(folder)
     state = ckpt.state
     kind_named(state.get("task"), ckpt.path)  # an autoencoder's checkpoint: refused, saying why
-    cls = _model_class(state["model_class"])
+    cls = network_class(state["model_class"])
     model = prepare_loaded(cls.from_config(state["model_config"]))
     key = "ema" if weights == "ema" and "ema" in ckpt.tensors else "model"
     # The EMA also holds non-persistent buffers (a DiT's pos_embed), which state_dict leaves out.

@@ -1,6 +1,7 @@
-"""What a run starts from: the network of a DDPM or EDM run (`initial_network`: a new one of its
+"""What a run starts from: the network of a train_ddpm.py run (`initial_network`: a new one of its
 preset, or --init-from's, checked by `check_init_model` against the data size, channels,
-classes and objective) and its --vae (`run_codec`). Hub ids are resolved to local folders by
+classes and objective; its kind takes what it needs from that model), its --vae (`run_codec`),
+and the kind's options still unset once the data is known (`resolve_kind_options`). Hub ids are resolved to local folders by
 `diffusion.sources`; `diffusion.loading.load_for_sampling` reads the folders.
 """
 
@@ -8,10 +9,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, get_args
 
 import torch
-from diffusers import DDPMScheduler
 from torch import nn
 
 from ddp_utils.data import load_latents
@@ -27,19 +26,21 @@ from diffusion.codecs import (
     load_codec,
     measured_scale,
 )
-from diffusion.ddpm import SCHEDULE_DEFAULTS, BetaSchedule, PredictionType
+from diffusion.kinds import Kind, kinds_trained_by
 from diffusion.loading import LoadedModel, load_for_sampling
 from diffusion.networks import (
-    BACKBONE_CLASSES,
     backbone_of,
     build_backbone,
     check_preset,
+    network_class,
     prepare_loaded,
 )
 from diffusion.sources import VAE_HUB_FILES, resolve_model_source
 
 logger = logging.getLogger("ddp_diffusion")
-PIXEL_SIGMA_DATA = 0.5  # EDM's, for pixels in [-1, 1] (Karras et al. 2022)
+# The standard deviation of pixels in [-1, 1] as EDM assumes it (Karras et al. 2022), which a
+# kind whose options follow the data's spread takes for pixel data.
+PIXEL_DATA_STD = 0.5
 
 
 def check_init_model(
@@ -53,10 +54,11 @@ def check_init_model(
 ) -> None:
     """Refuse a model that cannot start this run, naming every mismatch and its fix."""
     problems = []
-    if loaded.task not in ("ddpm", "edm"):
+    trained_here = [kind.name for kind in kinds_trained_by("train_ddpm.py")]
+    if loaded.task not in trained_here:
         problems.append(
-            f"it is a {loaded.task} model; train_ddpm.py fine-tunes DDPM and EDM networks "
-            "(train_basic.py trains the basic model)"
+            f"it is a {loaded.task} model; train_ddpm.py fine-tunes {', '.join(trained_here)} "
+            "networks (train_basic.py trains the basic model)"
         )
     elif loaded.task != objective:
         problems.append(
@@ -64,7 +66,7 @@ def check_init_model(
             f"{objective}: pass --objective {loaded.task}"
         )
     config = loaded.model.config
-    if backbone_of(loaded.model) == "basic":
+    if backbone_of(loaded.model).default_preset is None:
         problems.append(
             f"its network is a {type(loaded.model).__name__}, not a UNet2DModel or a DiT"
         )
@@ -104,53 +106,6 @@ def check_init_model(
             problems.append(f"it knows {loaded.num_classes} classes and the data has {num_classes}")
     if problems:
         raise InputError(f"{spec} cannot start this run:\n  " + "\n  ".join(problems), "init_from")
-
-
-def training_schedule(
-    given: dict[str, Any], scheduler_config: dict[str, Any], source: str
-) -> dict[str, Any]:
-    """The schedule fields (`SCHEDULE_DEFAULTS`' keys) to train with: those given (not None),
-    the rest from a model's DDPM scheduler config (else the toolkit's defaults). Refuses a schedule
-    `make_train_scheduler` cannot rebuild, naming why."""
-    # A key the model's config lacks (configs older than the key) means diffusers' default,
-    # which is what the model was trained with; only a model without any schedule gets ours.
-    fallback = dict(DDPMScheduler().config) if scheduler_config else SCHEDULE_DEFAULTS
-    values = {
-        name: given[name] if given.get(name) is not None
-        else scheduler_config.get(name, fallback[name])
-        for name in SCHEDULE_DEFAULTS
-    }  # fmt: skip
-    problems = []
-    for name, allowed in (
-        ("beta_schedule", get_args(BetaSchedule)),
-        ("prediction_type", get_args(PredictionType)),
-    ):
-        if values[name] not in allowed:
-            problems.append(f"its {name} is {values[name]!r} (supported: {', '.join(allowed)})")
-    defaults = DDPMScheduler().config
-    for name in ("beta_start", "beta_end"):
-        value = scheduler_config.get(name, defaults[name])
-        if values["beta_schedule"] == "linear" and not math.isclose(value, defaults[name]):
-            problems.append(
-                f"its {name} is {value}, this toolkit's linear schedule uses {defaults[name]}"
-            )
-    if scheduler_config.get("trained_betas") is not None:
-        problems.append("it was trained with an explicit list of betas (trained_betas)")
-    if problems:
-        raise InputError(
-            f"the noise schedule of {source} cannot be rebuilt: "
-            + "; ".join(problems)
-            + ". Give --beta-schedule and --prediction-type to train with another schedule",
-            "init_from",
-        )
-    return values
-
-
-def take_schedule(cfg: Any, scheduler_config: dict[str, Any], source: str) -> None:
-    """Fill the schedule flags not given from a model's scheduler config."""
-    given = {name: getattr(cfg, name) for name in SCHEDULE_DEFAULTS}
-    for name, value in training_schedule(given, scheduler_config, source).items():
-        setattr(cfg, name, value)
 
 
 def run_codec(run: Run) -> LatentCodec | None:
@@ -260,11 +215,12 @@ def run_codec(run: Run) -> LatentCodec | None:
     return codec
 
 
-def initial_network(run: Run, codec: LatentCodec | None = None) -> nn.Module:
-    """A new network of --preset, or --init-from's trained one (checked against the data; its
-    noise schedule fills the schedule flags not given). A run that has checkpoints resumes:
-    the network and schedule are then the checkpoint's and --init-from is not read. With a
-    `codec`, the network denoises its latents: channels and size are the latent grid's."""
+def initial_network(run: Run, kind: Kind, codec: LatentCodec | None = None) -> nn.Module:
+    """A new network of --preset, or --init-from's trained one (checked against the data; the
+    kind takes what it needs from its scheduler config, e.g. the noise schedule for the flags
+    not given). A run that has checkpoints resumes: the network and schedule are then the
+    checkpoint's and --init-from is not read. With a `codec`, the network denoises its
+    latents: channels and size are the latent grid's."""
     cfg = run.cfg
     channels, resolution = cfg.channels, cfg.resolution
     if codec is not None:
@@ -273,11 +229,10 @@ def initial_network(run: Run, codec: LatentCodec | None = None) -> nn.Module:
         return build_backbone(cfg.backbone, cfg.preset, resolution, channels, run.data.num_classes)
     if run.checkpoint is not None:
         state = run.checkpoint.state
-        if cfg.objective == "ddpm":
-            take_schedule(cfg, state.get("scheduler_config") or {}, str(run.checkpoint.path))
+        kind.take_from_model(cfg, state.get("scheduler_config") or {}, str(run.checkpoint.path))
         logger.info("resuming %s: --init-from %s is not read", run.checkpoint.path, cfg.init_from)
-        network_class = BACKBONE_CLASSES[state.get("model_class", "UNet2DModel")]
-        return prepare_loaded(network_class.from_config(state["model_config"]))
+        cls = network_class(state.get("model_class", "UNet2DModel"))
+        return prepare_loaded(cls.from_config(state["model_config"]))
     source = main_process_first(
         run.accelerator,
         lambda: resolve_model_source(cfg.init_from, "init_from"),
@@ -302,22 +257,12 @@ def initial_network(run: Run, codec: LatentCodec | None = None) -> nn.Module:
         channels=cfg.channels,
         num_classes=run.data.num_classes,
     )
-    backbone = backbone_of(loaded.model)
+    backbone = backbone_of(loaded.model).name
     if cfg.backbone not in (None, backbone):
         raise InputError(
             f"{cfg.init_from} is a {backbone} network: drop --backbone {cfg.backbone}", "backbone"
         )
-    if cfg.objective == "edm":
-        sigma_data = (loaded.scheduler_config or {}).get("sigma_data", PIXEL_SIGMA_DATA)
-        if cfg.sigma_data is None:
-            cfg.sigma_data = sigma_data
-        elif sigma_data != cfg.sigma_data:
-            raise InputError(
-                f"{cfg.init_from} was trained with --sigma-data {sigma_data}: pass it",
-                "init_from",
-            )
-    else:
-        take_schedule(cfg, loaded.scheduler_config or {}, cfg.init_from)
+    kind.take_from_model(cfg, loaded.scheduler_config or {}, cfg.init_from)
     logger.info("starting from the weights of %s (%s)", cfg.init_from, source)
     # The same network as a fresh one would be (no loading metadata in its config), so the
     # checkpoints of this run describe it as resume rebuilds it.
@@ -327,29 +272,21 @@ def initial_network(run: Run, codec: LatentCodec | None = None) -> nn.Module:
     return model
 
 
-def resolve_sigma_data(run: Run, codec: LatentCodec | None) -> None:
-    """EDM's sigma_data when --sigma-data is not given (nor filled by --init-from): what a
-    resumed checkpoint was trained with; for latents the standard deviation of the scaled
-    latents, measured on the data (1 when the scale is measured too; EDM's 0.5 assumes pixels
-    in [-1, 1], and on unit-variance latents it would skew every preconditioning
-    coefficient); else 0.5 (also for the other objectives, which do not read it: their
-    configs and checkpoints have always recorded 0.5)."""
+def resolve_kind_options(run: Run, kind: Kind, codec: LatentCodec | None) -> None:
+    """The kind's options still unset once the data and the model are known (EDM's sigma_data,
+    say): what a resumed checkpoint was trained with, else what follows from the data's
+    standard deviation, PIXEL_DATA_STD for pixels in [-1, 1], for latents the scaled latents'
+    (measured on the data; 1 when the scale is measured too)."""
     cfg = run.cfg
-    if cfg.sigma_data is not None:
-        return
-    if cfg.objective != "edm":
-        cfg.sigma_data = PIXEL_SIGMA_DATA
-        return
-    saved = None if run.checkpoint is None else run.checkpoint.state.get("scheduler_config")
-    if saved and "sigma_data" in saved:
-        cfg.sigma_data = float(saved["sigma_data"])
-        return
-    if codec is None:
-        cfg.sigma_data = PIXEL_SIGMA_DATA
-        return
-    if codec.per_channel:  # the statistics make each channel unit, then the scale applies
-        spread = codec.scaling_factor
-    else:
-        spread = codec.scaling_factor * math.sqrt(run.latents.variance)
-    cfg.sigma_data = float(f"{spread:.4g}")
-    logger.info("EDM: sigma_data %g, the scaled latents' standard deviation", cfg.sigma_data)
+    data_std = PIXEL_DATA_STD
+    if codec is not None:
+        if codec.per_channel:  # the statistics make each channel unit, then the scale applies
+            data_std = codec.scaling_factor
+        else:
+            data_std = codec.scaling_factor * math.sqrt(run.latents.variance)
+    shape = (cfg.channels, cfg.resolution, cfg.resolution)
+    if codec is not None:
+        channels, size = codec.latent_shape(cfg.resolution)
+        shape = (channels, size, size)
+    state = None if run.checkpoint is None else run.checkpoint.state
+    kind.resolve(cfg, state, data_std, shape)

@@ -9,9 +9,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffusion.edm import edm_denoiser, sample_edm
+from diffusion.kinds.ddpm.samplers import network_denoiser, sample_ddpm
+from diffusion.kinds.edm.formulation import edm_denoiser, sample_edm
 from diffusion.networks import sample_shape
-from diffusion.sampling import network_denoiser, sample_ddpm
+from diffusion.pipeline_code.core import class_condition, null_class
+
+
+def classes(net: nn.Module, class_labels: torch.Tensor | None) -> tuple[Any, Any]:
+    """(condition, its "no condition") of class ids for `net`, or (None, None)."""
+    if class_labels is None:
+        return None, None
+    null = torch.full_like(class_labels, null_class(net))
+    return class_condition(class_labels), class_condition(null)
 
 
 def run_ddpm(
@@ -27,7 +36,8 @@ def run_ddpm(
     class_labels: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    denoiser = network_denoiser(net, class_labels, guidance_scale, dtype, scheduler=scheduler)
+    condition, null = classes(net, class_labels)
+    denoiser = network_denoiser(net, condition, null, guidance_scale, dtype, scheduler=scheduler)
     return sample_ddpm(
         denoiser, scheduler, sample_shape(net), indices, seed, num_inference_steps, eta, device,
         progression_every,
@@ -49,10 +59,12 @@ def run_edm(
     guidance_scale: float = 1.0,
     shape: tuple[int, int, int] | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    condition, null = classes(net, class_labels)
     denoiser = edm_denoiser(
-        net, float(scheduler_config["sigma_data"]), class_labels, guidance_scale, dtype
+        net, float(scheduler_config["sigma_data"]), condition, null, guidance_scale, dtype
     )
     return sample_edm(
         denoiser, scheduler_config, shape or sample_shape(net), indices, seed, num_steps,
-        second_order, churn, device, progression_every,
+        "heun" if second_order else "euler", churn, device=device,
+        progression_every=progression_every,
     )  # fmt: skip

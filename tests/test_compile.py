@@ -145,9 +145,10 @@ def test_the_compiled_denoiser_traces_guidance_once_and_gives_the_eager_images(
     """The sampler's denoiser (network, guidance's batched pair and their combination, EDM's
     preconditioning) compiles as one function: a second batch of other classes reuses the
     graphs (no recompile), and the images are the eager ones."""
-    from diffusion.ddpm import make_train_scheduler
-    from diffusion.edm import make_edm_scheduler
+    from diffusion.conditioning.classes import ClassLabels
     from diffusion.kinds import KINDS, SamplerChoice
+    from diffusion.kinds.ddpm.formulation import make_train_scheduler
+    from diffusion.kinds.edm.formulation import make_edm_scheduler
     from diffusion.networks.unet import build_ddpm_unet
 
     preset = tmp_path / "small_unet.json"
@@ -157,11 +158,14 @@ def test_the_compiled_denoiser_traces_guidance_once_and_gives_the_eager_images(
     kind = KINDS[objective]
     config = (make_edm_scheduler() if objective == "edm" else make_train_scheduler()).config
     choice = SamplerChoice("edm-heun" if objective == "edm" else "ddim", 3)
-    common = {"seed": 0, "shape": (1, 8, 8), "device": "cpu", "guidance_scale": 3.0}
+    classes = ClassLabels(tuple(map(str, range(10))))
+    common = {"seed": 0, "shape": (1, 8, 8), "device": "cpu", "guidance_scale": 3.0,
+              "null": classes.null}  # fmt: skip
     eager = kind.sampler(net, config, choice, **common)
     torch._dynamo.reset()
     compiled = kind.sampler(net, config, choice, **common, compile=("aot_eager", "default"))
-    first, second = torch.tensor([1, 2]), torch.tensor([7, 9])
+    first = {"class_labels": torch.tensor([1, 2])}
+    second = {"class_labels": torch.tensor([7, 9])}
     torch.testing.assert_close(compiled(range(2), first, None)[0], eager(range(2), first, None)[0])
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     torch.testing.assert_close(compiled(range(2, 4), second, None)[0],

@@ -494,6 +494,7 @@ def test_labels_travel_with_their_images_in_memory_and_streamed(tmp_path):
         StreamingBatches(streamed.stream, *common, num_workers=0),
     ]
     for step in range(6):  # crosses two epochs of 15 images
-        (a_images, a_labels), (b_images, b_labels) = (s.fetch(step) for s in sources)
+        (a_images, a_condition), (b_images, b_condition) = (s.fetch(step) for s in sources)
+        a_labels, b_labels = a_condition["class_labels"], b_condition["class_labels"]
         assert torch.equal(a_images, b_images) and torch.equal(a_labels, b_labels)
         assert torch.equal(a_labels, (a_images.float().mean(dim=(1, 2, 3)) // 60).long())

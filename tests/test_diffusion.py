@@ -10,8 +10,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ddp_utils.ema import EMA
-from diffusion.basic import corrupt
-from diffusion.ddpm import NoiseTables, diffusion_loss, make_train_scheduler
+from diffusion.kinds.basic.formulation import corrupt
+from diffusion.kinds.ddpm.formulation import NoiseTables, diffusion_loss, make_train_scheduler
 from diffusion.networks.unet import build_ddpm_unet
 
 

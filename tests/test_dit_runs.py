@@ -19,6 +19,7 @@ import sample
 import train_ddpm
 from ddp_utils.config import parse_config
 from ddp_utils.errors import InputError
+from diffusion.conditioning.classes import ClassLabels
 from diffusion.kinds import KINDS, SamplerChoice
 from diffusion.loading import load_for_sampling
 from diffusion.networks import sample_shape
@@ -109,13 +110,14 @@ def test_a_dit_run_exports_a_transformer_pipeline_with_its_card(dit_run: Path) -
 def test_every_sampler_of_the_objective_samples_the_dit(objective, dit_run, edm_dit_run) -> None:
     loaded = load_for_sampling((dit_run if objective == "ddpm" else edm_dit_run) / "pipeline")
     kind = KINDS[objective]
-    labels = torch.tensor([3, 7])
+    classes = ClassLabels(tuple(loaded.class_names))
     for name in kind.samplers:
         draw = kind.sampler(
             loaded.model.eval(), loaded.scheduler_config, SamplerChoice(name, 2),
             seed=0, shape=sample_shape(loaded.model), device="cpu", guidance_scale=2.0,
+            null=classes.null,
         )  # fmt: skip
-        images, _ = draw(range(2), labels, None)
+        images, _ = draw(range(2), {"class_labels": torch.tensor([3, 7])}, None)
         assert images.shape == (2, 1, 8, 8) and torch.isfinite(images).all(), name
 
 

@@ -12,18 +12,15 @@ from diffusers import EDMEulerScheduler, UNet2DModel
 from sampler_calls import run_edm
 from torch import nn
 
-from diffusion.edm import (
+from diffusion.kinds.edm.formulation import (
     edm_loss,
     loss_weight,
     make_edm_scheduler,
     sample_noise_levels,
 )
-from diffusion.pipeline_code.pipelines import (
-    denoise,
-    edm_sample,
-    karras_sigmas,
-    preconditioning,
-)
+from diffusion.kinds.edm.pipeline import denoise, karras_sigmas, preconditioning
+from diffusion.pipeline_code.core import class_condition
+from diffusion.pipeline_code.samplers import sample_heun
 from diffusion.sampling import make_sample_generators
 
 SIGMA_DATA = 0.5
@@ -151,7 +148,7 @@ def test_sampler_converges_to_the_exact_ode_solution_at_its_order(
     errors = []
     for num_steps in (16, 32, 64, 128):
         sigmas = karras_sigmas(num_steps, 0.002, SIGMA_MAX, 7.0)
-        x, _ = edm_sample(gaussian_denoiser, noise, sigmas, second_order=second_order)
+        x, _ = sample_heun(gaussian_denoiser, noise, sigmas, second_order=second_order)
         errors.append((x - exact).abs().max().item())
     # Doubling the steps divides the error by about 2^order (Heun: 4, Euler: 2).
     ratios = [a / b for a, b in zip(errors, errors[1:])]
@@ -172,7 +169,8 @@ class ExactNetwork(nn.Module):
             down_block_types=("DownBlock2D",), up_block_types=("UpBlock2D",), norm_num_groups=4,
         ).config  # fmt: skip
 
-    def forward(self, x_in: torch.Tensor, c_noise: torch.Tensor, return_dict: bool = False):
+    def forward(self, x_in: torch.Tensor, timestep: torch.Tensor, return_dict: bool = False):
+        c_noise = timestep
         sigma = torch.exp(4 * c_noise.double())
         ref = reference_coefficients(sigma, SIGMA_DATA)
         column = {k: v.reshape(-1, 1, 1, 1) for k, v in ref.items()}
@@ -217,7 +215,8 @@ def test_denoise_passes_class_labels_to_a_class_conditional_unet() -> None:
     with torch.no_grad():
         unet.class_embedding.weight.normal_()
     x, sigma = torch.randn(2, 1, 8, 8), torch.tensor([0.7, 0.7])
-    digit = denoise(unet, x, sigma, SIGMA_DATA, torch.tensor([3, 3]))
-    no_class = denoise(unet, x, sigma, SIGMA_DATA, torch.tensor([10, 10]))
+    three, null = class_condition(torch.tensor([3, 3])), class_condition(torch.tensor([10, 10]))
+    digit = denoise(unet, x, sigma, SIGMA_DATA, three, null)
+    no_class = denoise(unet, x, sigma, SIGMA_DATA, null, null)
     assert (digit - no_class).abs().mean() > 1e-3
-    assert torch.equal(digit, denoise(unet, x, sigma, SIGMA_DATA, torch.tensor([3, 3])))
+    assert torch.equal(digit, denoise(unet, x, sigma, SIGMA_DATA, three, null))

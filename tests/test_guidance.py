@@ -10,19 +10,14 @@ import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler, UNet2DModel
 
 from ddp_utils.errors import InputError
-from diffusion.conditioning import parse_guidance_interval
-from diffusion.ddpm import make_train_scheduler
-from diffusion.edm import edm_denoiser
-from diffusion.pipeline_code.pipelines import (
-    ddpm_coefficients,
-    ddpm_sigma,
-    denoise,
-    guidance_at,
-    guide,
-    guided_output,
-    network_output,
-)
-from diffusion.sampling import make_inference_scheduler, network_denoiser
+from diffusion.conditioning.guidance import parse_guidance_interval
+from diffusion.kinds.ddpm.formulation import make_train_scheduler
+from diffusion.kinds.ddpm.pipeline import ddpm_coefficients, ddpm_sigma
+from diffusion.kinds.ddpm.samplers import make_inference_scheduler, network_denoiser
+from diffusion.kinds.edm.formulation import edm_denoiser
+from diffusion.kinds.edm.pipeline import denoise
+from diffusion.pipeline_code.core import class_condition as cls
+from diffusion.pipeline_code.core import guidance_at, guide, guided_output, network_output
 
 
 @pytest.fixture(scope="module")
@@ -105,15 +100,15 @@ def test_ddim_steps_toward_the_clipped_image_it_computes_under_guidance() -> Non
 def test_w_0_and_1_are_the_networks_own_outputs_bit_for_bit(net: UNet2DModel, w: float) -> None:
     x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     labels = torch.tensor([2, 5, 7])
-    expected = network_output(net, x, 500, labels if w == 1 else torch.full_like(labels, 10))
+    asked, null = cls(labels), cls(torch.full_like(labels, 10))
+    expected = network_output(net, x, 500, asked if w == 1 else null)
     with torch.no_grad():
-        assert torch.equal(guided_output(net, x, 500, labels, w, 10, 0.5, -0.5), expected)
+        assert torch.equal(guided_output(net, x, 500, asked, null, w, 0.5, -0.5), expected)
         sigma = torch.tensor(3.0)
-        edm = denoise(net, x, sigma, 0.5, labels, w)
+        edm = denoise(net, x, sigma, 0.5, asked, null, w)
         c_in = 1 / (sigma**2 + 0.25).sqrt()
         c_noise = sigma.log() / 4
-        plain = network_output(net, c_in * x, c_noise.expand(3),
-                               labels if w == 1 else torch.full_like(labels, 10))  # fmt: skip
+        plain = network_output(net, c_in * x, c_noise.expand(3), asked if w == 1 else null)
         c_skip, c_out = 0.25 / (sigma**2 + 0.25), sigma * 0.5 / (sigma**2 + 0.25).sqrt()
         assert torch.equal(edm, c_skip * x + c_out * plain)
 
@@ -128,18 +123,19 @@ def test_guided_denoisers_stay_in_range_for_ddpm_and_edm(net: UNet2DModel) -> No
     x = 3 * torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     labels = torch.tensor([0, 1, 2, 3])
     with torch.no_grad():
-        assert denoise(loud, x, torch.tensor(3.0), 0.5, labels, 6.0).abs().max() <= 1 + 1e-5
+        asked, null = cls(labels), cls(torch.full_like(labels, 10))
+        assert denoise(loud, x, torch.tensor(3.0), 0.5, asked, null, 6.0).abs().max() <= 1 + 1e-5
         scheduler = make_inference_scheduler("ddim", make_train_scheduler().config)
         t = torch.tensor(700)
-        output = network_denoiser(loud, labels, 6.0, scheduler=scheduler)(x, t)
+        output = network_denoiser(loud, asked, null, 6.0, scheduler=scheduler)(x, t)
         c_skip, c_out = ddpm_coefficients(scheduler, t)
         assert (c_skip * x + c_out * output).abs().max() <= 1 + 1e-5
 
 
 def test_guidance_without_the_samplers_schedule_is_refused(net: UNet2DModel) -> None:
     with pytest.raises(ValueError, match="scheduler"):
-        network_denoiser(net, torch.tensor([1]), 3.0)
-    network_denoiser(net, torch.tensor([1]), 1.0)  # no guidance: nothing to read
+        network_denoiser(net, cls(torch.tensor([1])), cls(torch.tensor([10])), 3.0)
+    network_denoiser(net, cls(torch.tensor([1])), cls(torch.tensor([10])), 1.0)  # nothing to read
 
 
 def test_guidance_interval_keeps_w_inside_and_the_conditional_output_outside() -> None:
@@ -160,6 +156,7 @@ def test_outside_the_interval_a_guided_step_is_one_conditional_forward(
     conditional one bit for bit from a forward of the batch alone; inside it is guided."""
     x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(2))
     labels = torch.tensor([2, 5, 7])
+    asked, null = cls(labels), cls(torch.full_like(labels, 10))
     rows = []
     hook = net.register_forward_pre_hook(lambda module, args: rows.append(len(args[0])))
     interval = (0.28, 5.42)
@@ -170,15 +167,15 @@ def test_outside_the_interval_a_guided_step_is_one_conditional_forward(
             sigmas = {int(t): ddpm_sigma(scheduler, t) for t in scheduler.timesteps}
             outside = next(t for t, s in sigmas.items() if s > 5.42)
             inside = next(t for t, s in sigmas.items() if 0.28 < s <= 5.42)
-            guided = network_denoiser(net, labels, 3.0, scheduler=scheduler,
+            guided = network_denoiser(net, asked, null, 3.0, scheduler=scheduler,
                                       guidance_interval=interval)  # fmt: skip
-            always = network_denoiser(net, labels, 3.0, scheduler=scheduler)
-            conditional = network_denoiser(net, labels, 1.0)
+            always = network_denoiser(net, asked, null, 3.0, scheduler=scheduler)
+            conditional = network_denoiser(net, asked, null, 1.0)
             at = [torch.tensor(outside), torch.tensor(inside)]
         else:
-            guided = edm_denoiser(net, 0.5, labels, 3.0, guidance_interval=interval)
-            always = edm_denoiser(net, 0.5, labels, 3.0)
-            conditional = edm_denoiser(net, 0.5, labels, 1.0)
+            guided = edm_denoiser(net, 0.5, asked, null, 3.0, guidance_interval=interval)
+            always = edm_denoiser(net, 0.5, asked, null, 3.0)
+            conditional = edm_denoiser(net, 0.5, asked, null, 1.0)
             at = [torch.tensor(20.0), torch.tensor(2.0)]
         rows.clear()
         assert torch.equal(guided(x, at[0]), conditional(x, at[0]))

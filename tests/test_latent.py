@@ -294,10 +294,11 @@ def test_latent_batches_gather_the_stateless_order_and_split_it_across_ranks() -
         one = source(1, 0, 6).get(step, torch.Generator().manual_seed(step))
         rows = batch_indices(step, 10, 6, 1, 0, 0).numpy()
         assert torch.equal(one.images, torch.from_numpy(mean[rows].astype(np.float32)))
-        assert torch.equal(one.labels, labels[rows])
+        assert torch.equal(one.condition["class_labels"], labels[rows])
         parts = [source(2, rank, 3).get(step, torch.Generator()) for rank in range(2)]
         assert torch.equal(torch.cat([part.images for part in parts]), one.images)
-        assert torch.equal(torch.cat([part.labels for part in parts]), one.labels)
+        parts_labels = [part.condition["class_labels"] for part in parts]
+        assert torch.equal(torch.cat(parts_labels), one.condition["class_labels"])
 
 
 def test_a_cache_the_disk_cannot_hold_is_refused_before_encoding(root, tmp_path, monkeypatch):
@@ -618,7 +619,7 @@ def test_per_channel_latent_statistics_are_trained_in_and_decoded(root: Path, tm
     """A VAE whose config has latents_mean and latents_std (Playground v2.5's kind): batches
     are (x - mean) * scale / std per channel, decoding inverts exactly that, the export and
     task.json carry them, and diffusers' DiTPipeline (which ignores them) is not offered."""
-    from diffusion.pipeline_code.pipelines import decode_latents
+    from diffusion.pipeline_code.core import decode_latents
 
     mean, std = [0.5, -1.0, 0.0, 2.0], [2.0, 0.5, 1.0, 4.0]
     folder = with_channel_statistics(make_vae(tmp_path / "vae"), mean, std)

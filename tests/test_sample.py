@@ -180,18 +180,20 @@ def test_two_processes_give_the_one_process_edm_images(edm_run: Path, tmp_path: 
 def test_samplers_of_another_kind_and_their_knobs_are_refused(
     ddpm_run: Path, edm_run: Path, tmp_path: Path
 ) -> None:
-    with pytest.raises(BAD_INPUT, match="--scheduler ddim is not for EDM models"):
+    with pytest.raises(BAD_INPUT, match="--scheduler ddim does not sample edm models"):
         run_sample(edm_run / "pipeline", tmp_path / "a", "--scheduler=ddim")
-    with pytest.raises(BAD_INPUT, match="--scheduler edm-heun is not for DDPM models"):
+    with pytest.raises(BAD_INPUT, match="--scheduler edm-heun does not sample ddpm models"):
         run_sample(ddpm_run / "pipeline", tmp_path / "b", "--scheduler=edm-heun")
-    with pytest.raises(BAD_INPUT, match="--churn applies to EDM models only"):
+    with pytest.raises(BAD_INPUT, match="--churn applies to no sampler of this kind"):
         run_sample(ddpm_run / "pipeline", tmp_path / "c", "--churn=1")
-    with pytest.raises(BAD_INPUT, match="--eta applies to --scheduler ddim only"):
+    with pytest.raises(BAD_INPUT, match="--eta applies to --scheduler euler-ancestral; the"):
         run_sample(edm_run / "pipeline", tmp_path / "d", "--eta=1")
-    with pytest.raises(ValueError, match="--eta applies to --scheduler ddim only"):
-        sample.SampleConfig(model_path=str(ddpm_run), scheduler="unipc", eta=1.0)
+    with pytest.raises(BAD_INPUT, match="--eta applies to --scheduler ddim; the sampler is unipc"):
+        run_sample(ddpm_run / "pipeline", tmp_path / "e", "--scheduler=unipc", "--eta=1")
     with pytest.raises(ValueError, match="--churn must be >= 0"):
         sample.SampleConfig(model_path=str(edm_run), churn=-1.0)
+    with pytest.raises(ValueError, match=r"--eta must be in \[0, 1\]"):
+        sample.SampleConfig(model_path=str(ddpm_run), eta=5.0)
 
 
 def test_bad_flags_are_named(ddpm_run: Path) -> None:
@@ -224,7 +226,7 @@ def test_a_refused_sample_writes_nothing_and_the_config_comes_with_the_samples(
     run_sample(pipeline, done, "--num-samples=2", "--num-steps=2")
     assert "num_samples: 2" in (done / "sample_config.yaml").read_text()
     before = {p.name: p.read_bytes() for p in done.iterdir()}
-    with pytest.raises(ValueError, match="--scheduler edm-heun is not for DDPM models"):
+    with pytest.raises(ValueError, match="--scheduler edm-heun does not sample ddpm models"):
         run_sample(pipeline, done, "--num-samples=5", "--scheduler=edm-heun")
     with pytest.raises(ValueError, match="no-such-folder"):
         run_sample(pipeline, done, "--num-samples=5", "--fid", "--dataset=./no-such-folder")

@@ -23,16 +23,12 @@ from sampler_calls import run_ddpm
 from torch import nn
 
 from ddp_utils.images import make_grid, save_png, to_uint8
-from diffusion.basic import sample_basic
-from diffusion.ddpm import make_train_scheduler
+from diffusion.kinds.basic.formulation import sample_basic
+from diffusion.kinds.ddpm.formulation import make_train_scheduler
+from diffusion.kinds.ddpm.samplers import SCHEDULERS, make_inference_scheduler
 from diffusion.networks.basic import BasicUNet
 from diffusion.networks.unet import build_ddpm_unet
-from diffusion.sampling import (
-    DDPM_SAMPLERS,
-    make_inference_scheduler,
-    make_sample_generators,
-    sample_seed,
-)
+from diffusion.sampling import make_sample_generators, sample_seed
 
 
 @pytest.fixture(autouse=True)
@@ -117,7 +113,7 @@ def test_real_network_samples_agree_across_batchings_to_float_rounding(
     torch.testing.assert_close(together, torch.cat([first, rest]), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("name", list(DDPM_SAMPLERS))
+@pytest.mark.parametrize("name", list(SCHEDULERS))
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_every_sampler_produces_images_and_progression(
     unet: nn.Module, name: str, prediction_type: str
@@ -188,7 +184,7 @@ def diffusers_loop(
     return latents.clamp(-1, 1), evaluations
 
 
-@pytest.mark.parametrize("name", list(DDPM_SAMPLERS))
+@pytest.mark.parametrize("name", list(SCHEDULERS))
 def test_every_sampler_is_the_diffusers_scheduler_its_name_says(unet: nn.Module, name: str) -> None:
     config = make_train_scheduler().config
     steps = 6
@@ -226,7 +222,7 @@ def test_karras_samplers_span_sigma_max_80_to_the_schedules_floor_with_rho_7(
     assert len(sampler.timesteps.unique()) == len(sigmas)  # no two steps at one timestep
 
 
-@pytest.mark.parametrize("name", list(DDPM_SAMPLERS))
+@pytest.mark.parametrize("name", list(SCHEDULERS))
 def test_a_sampler_is_the_same_from_the_training_config_and_from_the_saved_one(
     name: str, tmp_path: Path
 ) -> None:
@@ -245,7 +241,7 @@ def test_a_sampler_is_the_same_from_the_training_config_and_from_the_saved_one(
     assert torch.equal(from_memory.timesteps, from_disk.timesteps)
 
 
-@pytest.mark.parametrize("name", [n for n in DDPM_SAMPLERS if n != "ddpm"])
+@pytest.mark.parametrize("name", [n for n in SCHEDULERS if n != "ddpm"])
 @pytest.mark.parametrize("num_steps", [4, 20, 50])
 def test_no_fast_sampler_starts_where_the_cosine_schedule_has_no_signal(
     name: str, num_steps: int
@@ -262,7 +258,7 @@ def test_no_fast_sampler_starts_where_the_cosine_schedule_has_no_signal(
 
 def test_inference_scheduler_inherits_the_training_schedule() -> None:
     train = make_train_scheduler(prediction_type="v_prediction")
-    for name in DDPM_SAMPLERS:
+    for name in SCHEDULERS:
         sampler = make_inference_scheduler(name, train.config)
         assert sampler.config.prediction_type == "v_prediction", name
         torch.testing.assert_close(sampler.alphas_cumprod, train.alphas_cumprod)

@@ -29,7 +29,8 @@ from tiny_runs import (
 
 import train_ddpm
 from ddp_utils.export import previous_best_fid
-from diffusion.sampling import make_inference_scheduler, sample_seed
+from diffusion.kinds.ddpm.samplers import make_inference_scheduler
+from diffusion.sampling import sample_seed
 from evaluation import inception as inception_module
 
 QUARTILES = [f"loss_t_q{q}" for q in range(4)]

@@ -30,9 +30,10 @@ import sample
 import train_ddpm
 from ddp_utils.checkpoint import CheckpointError
 from ddp_utils.config import parse_config
+from diffusion.kinds.edm import pipeline as edm_pipeline
+from diffusion.pipeline_code import shipped_source
 from diffusion.sampling import sample_seed
 
-PIPELINE_FILE = REPO / "diffusion" / "pipeline_code" / "pipelines.py"
 EXPORTED = REPO / "tests" / "scripts" / "exported_pipeline.py"
 
 
@@ -65,13 +66,13 @@ def test_edm_run_writes_checkpoints_pictures_losses_by_noise_level_and_a_pipelin
     assert index["_class_name"] == ["pipeline", "EDMPipeline"]
     assert index["unet"] == ["diffusers", "UNet2DModel"]
     assert index["scheduler"] == ["diffusers", "EDMEulerScheduler"]
-    assert (pipeline / "pipeline.py").read_bytes() == PIPELINE_FILE.read_bytes()
+    assert (pipeline / "pipeline.py").read_text() == shipped_source(edm_pipeline)
     assert json.loads((pipeline / "task.json").read_text())["task"] == "edm"
     for path in ("unet/diffusion_pytorch_model.safetensors", "unet_raw/config.json"):
         assert (pipeline / path).is_file(), path
     # --eval-every: FID of EDM samples logged, and the best export is a complete EDM pipeline.
     assert [r["step"] for r in read_jsonl(edm_run / "metrics.jsonl") if "fid" in r] == [6]
-    assert (edm_run / "best" / "pipeline.py").read_bytes() == PIPELINE_FILE.read_bytes()
+    assert (edm_run / "best" / "pipeline.py").read_text() == shipped_source(edm_pipeline)
     assert json.loads((edm_run / "best" / "fid.json").read_text())["num_samples"] == 8
 
 
@@ -119,7 +120,7 @@ def test_dry_run_resolves_each_objectives_sampler(capsys: pytest.CaptureFixture)
         (["--objective=edm"], ("objective: edm", "sample_scheduler: edm-heun", "sample_steps: 18")),
         (
             ["--sample-scheduler=heun-karras"],
-            ("sample_scheduler: heun-karras", "sample_steps: 10", "sample_eta: 0.0"),
+            ("sample_scheduler: heun-karras", "sample_steps: 10", "sample_eta: null"),
         ),
     ):
         with pytest.raises(SystemExit) as exit_info:

@@ -86,7 +86,15 @@ class Batch:
     """One rank's micro-batch, on its device."""
 
     images: torch.Tensor  # float (B, C, H, W) in the method's value range
-    labels: torch.Tensor | None = None  # int64 (B,) class ids, when the data has them
+    # Each image's condition: batch-first tensors by the network input they feed (the class
+    # id of a labelled dataset: class_labels); None when the data has none. The loop and the
+    # batch sources carry it without looking inside (diffusion.conditioning reads it).
+    condition: dict[str, torch.Tensor] | None = None
+
+
+def row_condition(labels: torch.Tensor | None) -> dict[str, torch.Tensor] | None:
+    """The condition of rows whose labels are `labels` (None: unlabelled data)."""
+    return None if labels is None else {"class_labels": labels}
 
 
 class BatchSource:
@@ -132,17 +140,17 @@ class BatchSource:
             self.seed,
         )
 
-    def fetch(self, micro_step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The uint8 images (and class ids) of `micro_step`, on the device."""
+    def fetch(self, micro_step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        """The uint8 images (and their condition) of `micro_step`, on the device."""
         raise NotImplementedError
 
     def uint8_images(self, micro_step: int) -> torch.Tensor:
         return self.fetch(micro_step)[0]
 
     def get(self, micro_step: int, generator: torch.Generator) -> Batch:
-        images, labels = self.fetch(micro_step)
+        images, condition = self.fetch(micro_step)
         flip_generator = generator if self.random_flip else None
-        return Batch(to_float(images, self.value_range, flip_generator), labels)
+        return Batch(to_float(images, self.value_range, flip_generator), condition)
 
 
 class MemoryBatches(BatchSource):
@@ -186,9 +194,11 @@ class MemoryBatches(BatchSource):
             self.epoch_order,
         )
 
-    def fetch(self, micro_step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def fetch(self, micro_step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
         index = self.indices(micro_step, self.images.shape[0])  # on the device already
-        return self.images[index], None if self.labels is None else self.labels[index]
+        return self.images[index], row_condition(
+            None if self.labels is None else self.labels[index]
+        )
 
 
 class _BatchDataset(torch.utils.data.Dataset):
@@ -285,7 +295,7 @@ class StreamingBatches(BatchSource):
             num_workers,
         )
 
-    def fetch(self, micro_step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def fetch(self, micro_step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
         if micro_step != self.next_micro_step:
             raise RuntimeError(
                 f"StreamingBatches serves consecutive micro-steps: expected "
@@ -304,7 +314,7 @@ class StreamingBatches(BatchSource):
         labels = item.get("labels")
         return (
             item["images"].to(self.device, non_blocking=True),
-            None if labels is None else labels.to(self.device, non_blocking=True),
+            row_condition(None if labels is None else labels.to(self.device, non_blocking=True)),
         )
 
 
@@ -331,8 +341,7 @@ class LatentBatches(BatchSource):
     """Batches of latents: each batch's rows gathered on the host from the mapped cache (only
     those pages are read), converted to float32 and copied to the device (through pinned
     memory on a GPU, without waiting for it), then z = (mean + std * eps - shift) * scale with
-    the micro-step's generator; the labels are the latents' own (`LatentData.labels`, row for
-    row). The pixels stay on the host (`ImageData.images`, of a streamed dataset its first rows
+    the micro-step's generator; the condition is the latents' rows' (`LatentData.labels`). The pixels stay on the host (`ImageData.images`, of a streamed dataset its first rows
     only: grids of real data, the FID reference)."""
 
     def __init__(self, latents: LatentData, *args, **kwargs) -> None:
@@ -366,4 +375,4 @@ class LatentBatches(BatchSource):
         eps = torch.randn(mean.shape, generator=generator, device=self.device)
         z = (mean + std * eps - latents.shift) * latents.scale
         labels = None if self.labels is None else self.to_device(self.labels[rows])
-        return Batch(z, labels)
+        return Batch(z, row_condition(labels))

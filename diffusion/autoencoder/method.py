@@ -182,7 +182,7 @@ class AutoencoderMethod:
                 "decodes them back; the codec of a latent diffusion model. It does not "
                 "generate images by itself."
             ),
-            script="autoencoder",
+            script="train_autoencoder.py",
             sampler=(
                 "Give the folder to a latent diffusion run as `--vae <folder>`. Latents are "
                 "`encode(x).latent_dist.sample() * config.scaling_factor`, images "

@@ -1,10 +1,28 @@
-"""Model kinds (basic, DDPM, EDM), one module each, looked up by the name task.json records.
-
-`registry.py` says what a kind is; `common.py` holds what the network-based kinds share.
-A new kind is a module here that registers itself, plus its import below.
+"""Model kinds, one package each (`diffusion/kinds/<name>/`), looked up by the name task.json
+records. `registry.py` says what a kind declares; `common.py` holds what the network kinds'
+training methods share. A new kind is a package here that registers itself, and its name in
+the import below (the order is --objective's and --help's).
 """
 
 from diffusion.kinds import basic, ddpm, edm  # noqa: F401  (each registers itself)
-from diffusion.kinds.registry import KINDS, Draw, Kind, SamplerChoice, kind_named
+from diffusion.kinds.registry import (
+    KINDS,
+    Kind,
+    Knob,
+    Sampler,
+    SamplerChoice,
+    choose_sampler,
+    kind_named,
+    kinds_trained_by,
+)
 
-__all__ = ["KINDS", "Draw", "Kind", "SamplerChoice", "kind_named"]
+__all__ = [
+    "KINDS",
+    "Kind",
+    "Knob",
+    "Sampler",
+    "SamplerChoice",
+    "choose_sampler",
+    "kind_named",
+    "kinds_trained_by",
+]

@@ -1,11 +1,12 @@
-"""What the network-based kinds (DDPM, EDM) share in training: the classes, the grids, the
-loss-by-noise-level report, and an export folder holding the pipeline's own code."""
+"""What the network kinds share in training: the method's frame (conditions, grids drawn as
+sample.py draws, task.json), the loss-by-noise-level report, model-card facts, and an export
+folder holding the pipeline's own code."""
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -14,20 +15,20 @@ from diffusers import DiffusionPipeline
 from torch import nn
 
 from ddp_utils.data import to_float
-from ddp_utils.files import write_json
-from ddp_utils.images import make_grid, rows_by_label, to_uint8
+from ddp_utils.files import write_json, write_text
+from ddp_utils.images import make_grid, to_uint8
 from ddp_utils.metrics import MetricWindow
 from ddp_utils.run import Run
 from diffusion.codecs import LatentCodec
-from diffusion.conditioning import Conditioning, parse_guidance_interval
-from diffusion.ddpm import VALUE_RANGE
-from diffusion.kinds.registry import Draw, Kind, SamplerChoice
-from diffusion.networks import backbone_of, sample_shape, unwrap
-from diffusion.pipeline_code import pipelines
+from diffusion.conditioning import ConditionSource, condition_source
+from diffusion.conditioning.guidance import Guidance
+from diffusion.kinds.registry import Kind, SamplerChoice, all_knobs, choose_sampler
+from diffusion.networks import Backbone, sample_shape, unwrap
+from diffusion.pipeline_code import shipped_source
+from diffusion.pipeline_code.core import VALUE_RANGE
+from diffusion.sampling import Draw
 
-PIPELINE_FILE = Path(pipelines.__file__)  # shipped as pipeline.py
 NUM_LOSS_BINS = 4  # the loss is also logged per quarter of the noise levels: loss_t_q0..3
-NETWORK_CLASSES = {"unet": "UNet2DModel", "dit": "DiTTransformer2DModel"}
 
 
 def report_by_bin(
@@ -47,8 +48,8 @@ def denoising_strip(snapshots: list[torch.Tensor]) -> dict[str, np.ndarray]:
     return {"denoising": grid}
 
 
-def network_fact(cfg: Any, backbone: str) -> tuple[str, str]:
-    name = NETWORK_CLASSES[backbone]
+def network_fact(cfg: Any, backbone: Backbone) -> tuple[str, str]:
+    name = backbone.network_class.__name__
     return ("network", f"{name}, fine-tuned from {cfg.init_from}" if cfg.init_from
             else f"{name}, preset {cfg.preset}")  # fmt: skip
 
@@ -67,26 +68,17 @@ def codec_facts(codec: LatentCodec | None) -> list[tuple[str, str]]:
     ]  # fmt: skip
 
 
-def classes_facts(conditioning: Conditioning) -> list[tuple[str, str]]:
-    if not conditioning.num_classes:
+def condition_facts(source: ConditionSource, guidance: Guidance) -> list[tuple[str, str]]:
+    """The condition and its guidance, for the model card (nothing for an unconditional one)."""
+    if not source.conditional:
         return []
-    interval = conditioning.guidance_interval
-    where = (
-        "every step"
-        if interval is None
-        else f"noise levels sigma in ({interval[0]:g}, {interval[1]:g}]"
-    )
-    return [
-        ("classes", ", ".join(conditioning.class_names)),
-        ("guidance", f"classifier-free, label dropout {conditioning.label_dropout}, default "
-                     f"scale {conditioning.guidance_scale} at {where}"),
-    ]  # fmt: skip
+    return source.card_facts() + [("guidance", f"classifier-free, {source.dropout_fact()}, "
+                                               f"{guidance.describe()}")]  # fmt: skip
 
 
-def card_tags(kind: str, conditioning: Conditioning, backbone: str) -> list[str]:
-    """The hub tags of a model card: the kind, the transformer, class conditioning."""
-    tags = [kind] + (["dit", "transformer"] if backbone == "dit" else [])
-    return tags + (["class-conditional"] if conditioning.num_classes else [])
+def card_tags(kind: str, source: ConditionSource, backbone: Backbone) -> list[str]:
+    """The hub tags of a model card: the kind, the backbone's, the condition's."""
+    return [kind, *backbone.tags, *(source.tags() if source.conditional else [])]
 
 
 def remote_code_lines(folder_hint: str, call: str) -> str:
@@ -98,80 +90,80 @@ def remote_code_lines(folder_hint: str, call: str) -> str:
     )
 
 
-def network_component(net: nn.Module) -> str:
-    """The pipeline component holding the network: `unet`, or `transformer` for a DiT (as
-    diffusers names them)."""
-    return "transformer" if backbone_of(net) == "dit" else "unet"
-
-
-def ship_pipeline(pipeline: DiffusionPipeline, folder: Path, class_name: str) -> None:
-    """save_pretrained, plus the pipeline's own code as `pipeline.py`: diffusers looks
-    `_class_name` up in its own module unless it names a file beside it (and then needs
-    `trust_remote_code=True` to run it)."""
+def ship_pipeline(pipeline: DiffusionPipeline, folder: Path, code: ModuleType) -> None:
+    """save_pretrained, plus the pipeline's own code as `pipeline.py` (`code`: the kind's
+    pipeline module, assembled with the shared runtime): diffusers looks `_class_name` up in its
+    own module unless it names a file beside it (and then needs `trust_remote_code=True` to
+    run it)."""
     pipeline.save_pretrained(folder, safe_serialization=True)
     index = json.loads((folder / "model_index.json").read_text())
+    class_name = type(pipeline).__name__
     write_json(folder / "model_index.json", {**index, "_class_name": ["pipeline", class_name]})
-    shutil.copyfile(PIPELINE_FILE, folder / "pipeline.py")
+    write_text(folder / "pipeline.py", shipped_source(code))
 
 
-def save_raw(folder: Path, raw: nn.Module) -> None:
+def save_raw(folder: Path, raw: nn.Module, backbone: Backbone) -> None:
     """The raw (non-EMA) weights beside the pipeline, in `<component>_raw/`."""
-    unwrap(raw).save_pretrained(folder / f"{network_component(raw)}_raw", safe_serialization=True)
+    unwrap(raw).save_pretrained(folder / f"{backbone.component}_raw", safe_serialization=True)
+
+
+def training_choice(cfg: Any, kind: Kind) -> SamplerChoice:
+    """The sampler of a run's grids and --eval-every: --sample-scheduler, --sample-steps and the
+    --sample-<knob> values (the config resolved and checked them)."""
+    knobs = {name: getattr(cfg, f"sample_{name}", None) for name in all_knobs()}
+    return choose_sampler(
+        kind, cfg.sample_scheduler, cfg.sample_steps, knobs, source="this run",
+        flag=lambda name: f"--sample-{name.replace('_', '-')}",
+        scheduler_flag="--sample-scheduler", steps_flag="--sample-steps",
+    )  # fmt: skip
 
 
 class NetworkMethod:
-    """What the DDPM and EDM methods share: a network in [-1, 1], exported as a pipeline folder,
-    optionally class-conditional (grids one class per row, guided samples), sampled by its
-    kind's sampler: the grids are drawn as sample.py draws."""
+    """What the network kinds' methods share: a network in [-1, 1], exported as a pipeline
+    folder, optionally conditional (its condition source: the grids' layout, the samples'
+    conditions, the "no condition" of guidance), sampled by its kind's sampler: the grids are
+    drawn as sample.py draws."""
 
     value_range = VALUE_RANGE
     export_name = "pipeline"
-    kind: Kind
+    pipeline_code: ModuleType  # the kind's shipped pipeline module
 
     def __init__(
-        self, run: Run, scheduler: Any, backbone: str, codec: LatentCodec | None = None
+        self,
+        kind: Kind,
+        run: Run,
+        scheduler: Any,
+        backbone: Backbone,
+        codec: LatentCodec | None = None,
     ) -> None:
+        self.kind = kind
         self.run, self.cfg, self.scheduler, self.backbone = run, run.cfg, scheduler, backbone
         self.codec = codec  # a latent model's: the samples are decoded, the export ships it
         self.device = run.accelerator.device
-        cfg = run.cfg
-        if cfg.class_conditional:
-            names = tuple(run.data.class_names or ())
-            interval = parse_guidance_interval(
-                cfg.sample_guidance_interval, "sample_guidance_interval"
-            )
-            self.conditioning = Conditioning(
-                names, cfg.label_dropout, cfg.sample_guidance_scale, interval
-            )
-        else:
-            self.conditioning = Conditioning()
-        self.choice = SamplerChoice(cfg.sample_scheduler, cfg.sample_steps, cfg.sample_eta)
+        self.source = condition_source(run.cfg, run.data.class_names)
+        self.guidance = run.cfg.guidance()
+        self.choice = training_choice(run.cfg, self.kind)
 
     def task_info(self) -> dict[str, Any]:
-        """The task, value range and scheduler, and what sample.py needs of the classes."""
+        """The task, value range and scheduler, and what sample.py needs of the condition."""
         info = {
             "task": self.kind.name,
-            "backbone": self.backbone,
+            "backbone": self.backbone.name,
             "value_range": list(VALUE_RANGE),
             "scheduler_config": dict(self.scheduler.config),
         }
-        if self.conditioning.num_classes:
-            info["class_names"] = list(self.conditioning.class_names)
-            info["guidance_scale"] = self.conditioning.guidance_scale
-            interval = self.conditioning.guidance_interval
+        if self.source.conditional:
+            info.update(self.source.task_info())
+            info["guidance_scale"] = self.guidance.scale
+            interval = self.guidance.interval
             info["guidance_interval"] = None if interval is None else list(interval)
         if self.codec is not None:
             info["latent"] = self.codec.facts()
         return info
 
     def grid_layout(self, images: np.ndarray) -> tuple[np.ndarray, int]:
-        """Unconditional: 8 per row. Class-conditional: one class per row (sample k: class k
-        mod C)."""
-        conditioning = self.conditioning
-        if not conditioning.num_classes:
-            return images, 8
-        labels = conditioning.sample_labels(range(len(images)))
-        return rows_by_label(images, labels.tolist(), conditioning.num_classes)
+        """Unconditional: 8 per row. Class-conditional: one class per row."""
+        return self.source.grid_layout(images)
 
     def draw(self, net: nn.Module) -> Draw:
         return self.kind.sampler(
@@ -181,8 +173,9 @@ class NetworkMethod:
             seed=self.cfg.seed,
             shape=sample_shape(net),
             device=self.device,
-            guidance_scale=self.conditioning.guidance_scale,
-            guidance_interval=self.conditioning.guidance_interval,
+            null=self.source.null,
+            guidance_scale=self.guidance.scale,
+            guidance_interval=self.guidance.interval,
             codec=self.codec,
         )
 
@@ -198,16 +191,43 @@ class NetworkMethod:
         """What a picture shows of x: the images (decoded, for a latent model)."""
         return x if self.codec is None else self.codec.decode(x)
 
-    def vae_component(self) -> dict[str, Any]:
-        """The export's `vae` component of a latent model (none for a pixel one)."""
-        return {} if self.codec is None else {"vae": self.codec.vae}
-
     def _sample(
         self, net: nn.Module, indices: range, every: int | None = None
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Samples `indices` of the run's seeds with the grids' sampler (and the x's every
         `every` steps)."""
-        return self.draw(net)(indices, self.conditioning.sample_labels(indices), every)
+        return self.draw(net)(indices, self.source.for_samples(indices, self.device), every)
 
     def sample(self, net: nn.Module, indices: range) -> torch.Tensor:
         return self._sample(net, indices)[0]
+
+    def export_pipeline(
+        self, folder: Path, net: nn.Module, raw: nn.Module, pipeline_class: type
+    ) -> None:
+        """A pipeline folder of the kind's `pipeline_class` that diffusers runs with
+        `trust_remote_code=True`: the EMA network, the scheduler, the condition's names and
+        guidance, `pipeline.py`, the raw weights in `<component>_raw/` and a latent model's
+        VAE in `vae/`."""
+        pipeline = pipeline_class(
+            self.scheduler,
+            **{self.backbone.component: net},
+            **self.pipeline_conditions(),
+            **({} if self.codec is None else {"vae": self.codec.vae}),
+        )
+        ship_pipeline(pipeline, folder, self.pipeline_code)
+        self.finish_export(folder, raw)
+
+    def pipeline_conditions(self) -> dict[str, Any]:
+        """The pipeline's arguments about the condition: the classes and the default guidance."""
+        conditional = self.source.conditional
+        return {
+            "class_names": list(self.source.task_info().get("class_names") or []) or None,
+            "guidance_scale": self.guidance.scale if conditional else 1.0,
+            "guidance_interval": self.guidance.interval,
+        }
+
+    def finish_export(self, folder: Path, raw: nn.Module) -> None:
+        """The raw weights and a latent model's VAE beside any export's pipeline."""
+        save_raw(folder, raw, self.backbone)
+        if self.codec is not None:
+            self.codec.ship(folder / "vae")

@@ -1,20 +1,24 @@
-"""The networks a model can use (its backbone), behind the one call losses and samplers make.
+"""The networks a model can use (its backbone), each described by one `Backbone` spec.
 
 Every backbone is a diffusers `ModelMixin`, so it exports as a folder (`config.json` +
 safetensors) and loads from it alone:
-- `BasicUNet` (basic.py): the basic model's small UNet; no time input, predicts the clean image;
-- `UNet2DModel` presets (unet.py): DDPM and EDM, class-conditional through a class embedding;
-- `DiTTransformer2DModel` presets (dit.py): a transformer on patches, conditioned by adaLN.
+- `unet`: `UNet2DModel` presets (unet.py), class-conditional through a class embedding;
+- `dit`: `DiTTransformer2DModel` presets (dit.py), a transformer on patches, conditioned by
+  adaLN;
+- `basic`: the basic model's small `BasicUNet` (basic.py): no time input, predicts the image.
 
-`predict(net, x, t, labels)` is the denoiser interface: a tensor shaped like x, whatever the
-backbone. With `sample_shape` and `null_class` it is all a sampler needs to know of a network,
-so every sampler works with every backbone. (The shipped pipelines call the same
-`network_output`, from `pipeline_code/pipelines.py`, which may import only diffusers.)
+A spec says what the rest of the toolkit needs of a backbone: its class, the export component
+holding it, its presets and how to check and build them, what a network read from disk needs,
+and its call. `predict(net, x, t, condition)` is the denoiser interface: a tensor shaped like
+x, whatever the backbone; with `sample_shape` it is all a sampler needs to know of a network.
+A new backbone is a module here and a spec in `BACKBONES`.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from diffusers import DiTTransformer2DModel, ModelMixin, UNet2DModel
@@ -24,48 +28,98 @@ from ddp_utils.errors import InputError
 from diffusion.networks.basic import BasicUNet
 from diffusion.networks.dit import DIT_PRESETS, build_dit, check_dit_preset, prepare_dit
 from diffusion.networks.unet import DDPM_PRESETS, build_ddpm_unet, check_ddpm_preset
-from diffusion.pipeline_code.pipelines import network_output, null_class, unwrap
+from diffusion.pipeline_code.core import Condition, network_output, unwrap
 
-Backbone = Literal["unet", "dit"]  # what --backbone chooses for DDPM and EDM models
+Call = Callable[[nn.Module, torch.Tensor, Any, Condition | None], torch.Tensor]
+
+
+def _unet_classes(net: nn.Module) -> int:
+    """A UNet's classes: its class embeddings but the last ("no class"); none without."""
+    return int(getattr(unwrap(net).config, "num_class_embeds", None) or 1) - 1
+
+
+def _dit_classes(net: nn.Module) -> int:
+    """A DiT's classes: its label table's rows but the last; an unconditional one has 1."""
+    num = int(unwrap(net).config.num_embeds_ada_norm or 1)
+    return num if num > 1 else 0
+
+
+def _basic_call(
+    net: nn.Module, x: torch.Tensor, t: Any, condition: Condition | None
+) -> torch.Tensor:
+    """The BasicUNet has no time or condition input: net(x)."""
+    return net(x, t)
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A network family: what building, exporting, loading and calling it takes."""
+
+    name: str  # --backbone's value, and what task.json records
+    network_class: type[ModelMixin]
+    component: str  # the pipeline component holding it (diffusers' name: unet, transformer)
+    presets: Mapping[str, Any]  # named sizes (a JSON file of the class's arguments works too)
+    default_preset: str | None  # of a new train_ddpm.py run; None: not trained by it
+    # (preset, resolution) -> the preset's arguments, checked without building anything
+    check_preset: Callable[[str, int | None], Any] | None = None
+    # (preset, resolution, channels, num_classes) -> a new network
+    build: Callable[[str, int, int, int], nn.Module] | None = None
+    prepare: Callable[[nn.Module], nn.Module] = lambda net: net  # after a load from disk
+    call: Call = network_output  # (net, x, t, condition) -> the output, shaped like x
+    num_classes: Callable[[nn.Module], int] = lambda net: 0  # the classes it was built for
+    tags: tuple[str, ...] = ()  # the model card's hub tags
+
+
+BACKBONES: dict[str, Backbone] = {
+    backbone.name: backbone
+    for backbone in (
+        Backbone("unet", UNet2DModel, "unet", DDPM_PRESETS, "digits-small", check_ddpm_preset,
+                 build_ddpm_unet, num_classes=_unet_classes),
+        Backbone("dit", DiTTransformer2DModel, "transformer", DIT_PRESETS, "dit-digits",
+                 check_dit_preset, build_dit, prepare_dit, num_classes=_dit_classes,
+                 tags=("dit", "transformer")),
+        Backbone("basic", BasicUNet, "unet", {}, None, call=_basic_call),
+    )
+}  # fmt: skip
+BY_CLASS = {backbone.network_class.__name__: backbone for backbone in BACKBONES.values()}
+# What --backbone chooses: the backbones train_ddpm.py builds.
+BackboneName = Literal[tuple(n for n, b in BACKBONES.items() if b.default_preset)]  # type: ignore[misc]
 BACKBONE_CLASSES: dict[str, type[ModelMixin]] = {
-    "BasicUNet": BasicUNet,
-    "UNet2DModel": UNet2DModel,
-    "DiTTransformer2DModel": DiTTransformer2DModel,
+    name: backbone.network_class for name, backbone in BY_CLASS.items()
 }
-DEFAULT_PRESETS: dict[str, str] = {"unet": "digits-small", "dit": "dit-digits"}
-
-__all__ = [
-    "BACKBONE_CLASSES",
-    "Backbone",
-    "backbone_of",
-    "build_backbone",
-    "check_preset",
-    "count_parameters",
-    "null_class",
-    "predict",
-    "prepare_loaded",
-    "sample_shape",
-    "unwrap",
-]
 
 
-def backbone_of(net: nn.Module) -> str:
-    """ "basic", "unet" or "dit": which kind of network `net` (maybe wrapped) is; any network
-    other than diffusers' two is called as the basic one is, net(x, t)."""
-    model = unwrap(net)
-    if isinstance(model, DiTTransformer2DModel):
-        return "dit"
-    return "unet" if isinstance(model, UNet2DModel) else "basic"
+def backbone_of(net: nn.Module) -> Backbone:
+    """The backbone of `net` (maybe wrapped); any other module is called as the basic model
+    is, net(x, t)."""
+    return BY_CLASS.get(type(unwrap(net)).__name__, BACKBONES["basic"])
 
 
-def preset_backbone(preset: str) -> Backbone | None:
+def backbone_named(name: str) -> Backbone:
+    return BACKBONES[name]
+
+
+def network_class(name: str) -> type[ModelMixin]:
+    """The class a config's or checkpoint's `_class_name` names."""
+    if name not in BY_CLASS:
+        raise ValueError(f"unknown model class {name!r}; expected one of {sorted(BY_CLASS)}")
+    return BY_CLASS[name].network_class
+
+
+def preset_backbone(preset: str) -> str | None:
     """The backbone a preset name implies (None: a JSON file, which says it by its keys)."""
-    if preset in DIT_PRESETS:
-        return "dit"
-    return "unet" if preset in DDPM_PRESETS else None
+    for backbone in BACKBONES.values():
+        if preset in backbone.presets:
+            return backbone.name
+    return None
 
 
-def check_preset(backbone: Backbone, preset: str, resolution: int | None) -> None:
+def all_presets() -> str:
+    """Every named preset, by backbone, for messages."""
+    return "; ".join(f"{b.name}: {', '.join(b.presets)}" for b in BACKBONES.values() if b.presets)
+
+
+def check_preset(backbone: str, preset: str, resolution: int | None) -> None:
     """A preset (name or JSON file) of the backbone, checked against the resolution (None: not
     known yet) without building anything."""
     implied = preset_backbone(preset)
@@ -75,45 +129,36 @@ def check_preset(backbone: Backbone, preset: str, resolution: int | None) -> Non
             f"(the preset implies it) or choose a {backbone} preset",
             "preset",
         )
-    if backbone == "dit":
-        check_dit_preset(preset, resolution)
-    else:
-        check_ddpm_preset(preset, resolution)
+    BACKBONES[backbone].check_preset(preset, resolution)
 
 
 def build_backbone(
-    backbone: Backbone, preset: str, resolution: int, channels: int, num_classes: int = 0
+    backbone: str, preset: str, resolution: int, channels: int, num_classes: int = 0
 ) -> nn.Module:
     """A new network of `preset` for images of `channels` x `resolution`^2; class-conditional
     with a "no class" entry when `num_classes` > 0."""
-    if backbone == "dit":
-        return build_dit(preset, resolution, channels, num_classes)
-    return build_ddpm_unet(preset, resolution, channels, num_classes)
+    return BACKBONES[backbone].build(preset, resolution, channels, num_classes)
 
 
 def prepare_loaded(net: nn.Module) -> nn.Module:
     """What a network read from disk needs before training or sampling (a DiT: diffusers' own
     label dropout off, as the toolkit drops labels itself)."""
-    if isinstance(net, DiTTransformer2DModel):
-        prepare_dit(net)
-    return net
+    return backbone_of(net).prepare(net)
 
 
 def predict(
     net: nn.Module,
     x: torch.Tensor,
     t: torch.Tensor | float | int | None,
-    class_labels: torch.Tensor | None = None,
+    condition: Condition | None = None,
 ) -> torch.Tensor:
     """The network's output for x at time/noise input t, shaped like x, whatever the backbone.
 
     `net` may be wrapped (DDP, torch.compile): it is called as given so gradients synchronise.
     The basic model has no time input (t is ignored); the others take t as a scalar or (B,).
-    `class_labels` (B,) go to a class-conditional network.
+    `condition` (keyword inputs, batch-first) goes to a conditional network.
     """
-    if backbone_of(net) == "basic":
-        return net(x, t)
-    return network_output(net, x, 0 if t is None else t, class_labels)
+    return backbone_of(net).call(net, x, 0 if t is None else t, condition)
 
 
 def sample_shape(net: nn.Module, resolution: int | None = None) -> tuple[int, int, int]:

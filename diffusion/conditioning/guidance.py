@@ -1,19 +1,13 @@
-"""Class labels for class-conditional training and sampling with classifier-free guidance.
+"""Classifier-free guidance's settings (any condition source), and conditioning's section of
+the training config.
 
-Training (Ho & Salimans 2022): each label is replaced by the "no class" index C with
-probability `label_dropout`, so one network learns p(x | c) and p(x); sampling then guides
-with eps(x, null) + w (eps(x, c) - eps(x, null)) (`pipeline_code.pipelines`).
-
-Sample k of a class-balanced set has class k mod C: any number of samples covers the classes
-evenly, and image k does not depend on how many images are drawn or on which process.
+The guidance itself (one batched forward of [condition, "no condition"], the projection of the
+clean estimate) is in `diffusion/pipeline_code/core.py`, shipped with exports.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
-
-import torch
 
 from ddp_utils.config import option, require
 from ddp_utils.errors import InputError
@@ -24,9 +18,28 @@ DEFAULT_GUIDANCE_INTERVAL = "0.28,5.42"
 SECTION = "Class-conditional generation (classifier-free guidance, Ho & Salimans 2022)"
 
 
+@dataclass(frozen=True)
+class Guidance:
+    """The guidance scale w of a model's samples and the noise levels where w > 1 applies."""
+
+    scale: float = 1.0
+    interval: tuple[float, float] | None = None  # None: every step
+
+    def describe(self) -> str:
+        where = (
+            "every step"
+            if self.interval is None
+            else f"noise levels sigma in ({self.interval[0]:g}, {self.interval[1]:g}]"
+        )
+        return f"default scale {self.scale} at {where}"
+
+
+NO_GUIDANCE = Guidance()
+
+
 @dataclass
 class ConditioningOptions:
-    """Class conditioning's section of the training config."""
+    """Conditioning's section of the training config."""
 
     class_conditional: bool = option(
         False,
@@ -44,7 +57,6 @@ class ConditioningOptions:
         "digits: FID as w = 1, the asked class 99.6% of the time)",
         section=SECTION,
     )
-
     sample_guidance_interval: str = option(
         DEFAULT_GUIDANCE_INTERVAL,
         "noise levels 'LOW,HIGH' (sigma in (LOW, HIGH]) where w > 1 applies, the conditional "
@@ -63,40 +75,14 @@ class ConditioningOptions:
             f"--sample-guidance-scale must be >= 0, got {self.sample_guidance_scale}",
         )
 
-
-@dataclass(frozen=True)
-class Conditioning:
-    """The classes of a class-conditional model (`num_classes` 0: unconditional)."""
-
-    class_names: tuple[str, ...] = ()
-    label_dropout: float = 0.0
-    guidance_scale: float = 1.0
-    guidance_interval: tuple[float, float] | None = None  # None: guidance at every step
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def null_label(self) -> int:
-        """The "no class" index, the UNet's last class embedding."""
-        return self.num_classes
-
-    def training_labels(
-        self, labels: torch.Tensor | None, generator: torch.Generator
-    ) -> torch.Tensor | None:
-        """The batch's labels with a `label_dropout` share replaced by "no class"."""
-        if not self.num_classes:
-            return None
-        assert labels is not None, "a class-conditional method needs batches with labels"
-        drop = torch.rand(labels.shape, generator=generator, device=labels.device)
-        return torch.where(drop < self.label_dropout, self.null_label, labels)
-
-    def sample_labels(self, indices: Sequence[int]) -> torch.Tensor | None:
-        """Class k mod C for sample k: class-balanced, whatever the number of samples."""
-        if not self.num_classes:
-            return None
-        return torch.tensor([k % self.num_classes for k in indices], dtype=torch.long)
+    def guidance(self) -> Guidance:
+        """The guidance of the run's grids and export (none for an unconditional run)."""
+        if not self.class_conditional:
+            return NO_GUIDANCE
+        interval = parse_guidance_interval(
+            self.sample_guidance_interval, "sample_guidance_interval"
+        )
+        return Guidance(self.sample_guidance_scale, interval)
 
 
 def parse_guidance_interval(text: str, flag: str) -> tuple[float, float] | None:

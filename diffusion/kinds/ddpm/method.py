@@ -1,96 +1,39 @@
-"""DDPM (Ho et al. 2020): a network regresses the noise (or x0, or v) added at one of T
-timesteps; sampled by diffusers' schedulers (DDPM, DDIM, DPM-Solver, UniPC, Euler, Heun)."""
+"""DDPM's training method: the loss of Algorithm 1, its pictures, model card and export."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from diffusers import DDPMPipeline, DDPMScheduler
+from diffusers import DDPMPipeline, DDPMScheduler, DiTTransformer2DModel, UNet2DModel
 from torch import nn
 
-from ddp_utils.config import option, require
 from ddp_utils.data import Batch
 from ddp_utils.images import make_grid, to_uint8
 from ddp_utils.metrics import MetricWindow
 from ddp_utils.model_card import CardFacts
 from ddp_utils.run import Run
 from diffusion.codecs import LatentCodec
-from diffusion.ddpm import (
-    SCHEDULE_DEFAULTS,
-    VALUE_RANGE,
-    BetaSchedule,
-    NoiseTables,
-    PredictionType,
-    diffusion_loss,
-    make_train_scheduler,
-)
+from diffusion.conditioning.classes import ClassLabels
 from diffusion.kinds.common import (
-    NETWORK_CLASSES,
     NUM_LOSS_BINS,
     NetworkMethod,
     card_tags,
-    classes_facts,
     codec_facts,
+    condition_facts,
     denoising_strip,
-    network_component,
     network_fact,
     remote_code_lines,
     report_by_bin,
-    save_raw,
-    ship_pipeline,
 )
-from diffusion.kinds.registry import Draw, SamplerChoice, decoding, register
-from diffusion.pipeline_code.pipelines import GuidedDDPMPipeline
-from diffusion.sampling import (
-    DDPM_SAMPLERS,
-    DEFAULT_STEPS,
-    make_inference_scheduler,
-    network_denoiser,
-    sample_ddpm,
-)
-
-DDPM_SECTION = "DDPM objective (--objective ddpm; unset: --init-from's, else the defaults)"
-
-
-@dataclass
-class DDPMOptions:
-    """The DDPM objective's section of the training config."""
-
-    prediction_type: PredictionType | None = option(
-        None,
-        f"network target (default: {SCHEDULE_DEFAULTS['prediction_type']})",
-        section=DDPM_SECTION,
-    )
-    beta_schedule: BetaSchedule | None = option(
-        None,
-        f"noise schedule (default: {SCHEDULE_DEFAULTS['beta_schedule']})",
-        section=DDPM_SECTION,
-    )
-    num_train_timesteps: int | None = option(
-        None,
-        f"diffusion timesteps T (default: {SCHEDULE_DEFAULTS['num_train_timesteps']})",
-        section=DDPM_SECTION,
-    )
-    min_snr_gamma: float | None = option(
-        None, "min-SNR-gamma loss weighting (e.g. 5); none: off", section=DDPM_SECTION
-    )
-
-    def check_ddpm_options(self) -> None:
-        require(
-            self.num_train_timesteps is None or self.num_train_timesteps >= 2,
-            f"--num-train-timesteps must be >= 2, got {self.num_train_timesteps}",
-        )
-        require(
-            self.min_snr_gamma is None or self.min_snr_gamma > 0,
-            f"--min-snr-gamma must be > 0 or none, got {self.min_snr_gamma}",
-        )
-
+from diffusion.kinds.ddpm import pipeline
+from diffusion.kinds.ddpm.formulation import VALUE_RANGE, NoiseTables, diffusion_loss
+from diffusion.kinds.ddpm.pipeline import GuidedDDPMPipeline
+from diffusion.kinds.ddpm.samplers import make_inference_scheduler
+from diffusion.kinds.registry import Kind
+from diffusion.networks import Backbone
 
 # diffusers' own DiTPipeline, from the components of a class-conditional latent DiT's export.
 # It fits at guidance_scale 1 only: for w > 1 it feeds class id 1000 as "no class" (this
@@ -116,70 +59,20 @@ TARGETS = {  # what a DDPM network is trained to predict, in words
 }
 
 
-class DDPMKind:
-    name = "ddpm"
-    value_range = VALUE_RANGE
-    samplers = tuple(DDPM_SAMPLERS)
-    default_sampler = "ddim"
-    knobs = frozenset({"eta"})  # DDIM's noise scale
-
-    def default_steps(self, sampler: str | None) -> int:
-        return DEFAULT_STEPS[sampler or self.default_sampler]
-
-    def sampler(
-        self,
-        net: nn.Module,
-        scheduler_config: Mapping[str, Any] | None,
-        choice: SamplerChoice,
-        *,
-        seed: int,
-        shape: tuple[int, int, int],
-        device: torch.device | str,
-        dtype: torch.dtype = torch.float32,
-        guidance_scale: float = 1.0,
-        guidance_interval: tuple[float, float] | None = None,
-        compile: tuple[str, str] | None = None,
-        codec: LatentCodec | None = None,
-    ) -> Draw:
-        pixels = codec is None  # latents are neither clipped nor clamped to [-1, 1]
-        scheduler = make_inference_scheduler(choice.name, scheduler_config or {}, pixels)
-
-        def draw(indices, labels, every):
-            labels = None if labels is None else labels.to(device)
-            model_output = network_denoiser(
-                net, labels, guidance_scale, dtype, scheduler=scheduler,
-                data_range=VALUE_RANGE if pixels else None,
-                guidance_interval=guidance_interval, compile=compile,
-            )  # fmt: skip
-            return sample_ddpm(
-                model_output, scheduler, shape, indices, seed, choice.steps, choice.eta, device,
-                every, clamp=pixels,
-            )  # fmt: skip
-
-        return decoding(draw, codec, device)
-
-    def train_scheduler(self, cfg: Any) -> DDPMScheduler:
-        """The noise schedule of a run's config (the flags resolved, --init-from's filled)."""
-        return make_train_scheduler(cfg.beta_schedule, cfg.num_train_timesteps, cfg.prediction_type)
-
-    def method(
-        self, run: Run, scheduler: DDPMScheduler, backbone: str, codec: LatentCodec | None = None
-    ) -> DDPMMethod:
-        return DDPMMethod(run, scheduler, backbone, codec)
-
-
-DDPM = register(DDPMKind())
-
-
 class DDPMMethod(NetworkMethod):
     """Ho et al. 2020: regress the noise (or x0, or v) added at a random timestep."""
 
-    kind = DDPM
+    pipeline_code = pipeline
 
     def __init__(
-        self, run: Run, scheduler: DDPMScheduler, backbone: str, codec: LatentCodec | None = None
+        self,
+        kind: Kind,
+        run: Run,
+        scheduler: DDPMScheduler,
+        backbone: Backbone,
+        codec: LatentCodec | None = None,
     ) -> None:
-        super().__init__(run, scheduler, backbone, codec)
+        super().__init__(kind, run, scheduler, backbone, codec)
         # Every per-timestep table on the device now: a step copies nothing from the host.
         self.tables = NoiseTables.build(scheduler, self.device)
 
@@ -190,9 +83,9 @@ class DDPMMethod(NetworkMethod):
         x0, num_timesteps = batch.images, self.cfg.num_train_timesteps
         noise = torch.randn(x0.shape, generator=generator, device=x0.device)
         t = torch.randint(0, num_timesteps, (x0.shape[0],), generator=generator, device=x0.device)
-        labels = self.conditioning.training_labels(batch.labels, generator)
+        condition = self.source.training(batch.condition, generator)
         loss, per_sample = diffusion_loss(
-            model, self.tables, x0, t, noise, self.cfg.min_snr_gamma, labels
+            model, self.tables, x0, t, noise, self.cfg.min_snr_gamma, condition
         )
         report_by_bin(stats, "loss_t_q", t * NUM_LOSS_BINS // num_timesteps, per_sample)
         return loss
@@ -224,18 +117,23 @@ class DDPMMethod(NetworkMethod):
         return bool(
             self.codec
             and self.codec.plain_scale  # it decodes latents / scaling_factor, nothing else
-            and self.conditioning.num_classes
-            and self.backbone == "dit"
+            and self.source.conditional
+            and isinstance(self.source, ClassLabels)
+            and self.backbone.network_class is DiTTransformer2DModel
         )
 
     def _stock_pipeline(self) -> bool:
         """An unconditional pixel UNet loads in diffusers' own DDPMPipeline; the rest ship code."""
-        return not self.conditioning.num_classes and self.backbone == "unet" and not self.codec
+        return (
+            not self.source.conditional
+            and self.backbone.network_class is UNet2DModel
+            and not self.codec
+        )
 
     def card(self) -> CardFacts:
-        cfg, conditioning = self.cfg, self.conditioning
-        kind = "class-conditional DDPM" if conditioning.num_classes else "DDPM"
-        eta = f", eta {cfg.sample_eta:g}" if cfg.sample_scheduler == "ddim" else ""
+        cfg, source = self.cfg, self.source
+        kind = "class-conditional DDPM" if source.conditional else "DDPM"
+        eta = f", eta {self.choice.knob('eta'):g}" if "eta" in self.choice.knobs else ""
         if self._stock_pipeline():
             load = (
                 "from diffusers import DDPMPipeline\n"
@@ -243,7 +141,7 @@ class DDPMMethod(NetworkMethod):
                 "use_safetensors=True)\n"
                 "images = pipeline(batch_size=16, num_inference_steps=1000).images  # PIL images"
             )
-        elif conditioning.num_classes:
+        elif source.conditional:
             load = remote_code_lines(
                 "path/to/this/folder", "class_labels=[0, 1, 2], guidance_scale=1.5"
             )
@@ -251,7 +149,7 @@ class DDPMMethod(NetworkMethod):
             load = remote_code_lines("path/to/this/folder", "batch_size=16")
         if self._dit_pipeline_fits():
             load += "\n\n" + DIT_PIPELINE_LINES
-        network = NETWORK_CLASSES[self.backbone]
+        network = self.backbone.network_class.__name__
         return CardFacts(
             title=f"{kind} on {cfg.dataset}",
             summary=(
@@ -260,7 +158,7 @@ class DDPMMethod(NetworkMethod):
                 f"predict {TARGETS[cfg.prediction_type]} at one of {cfg.num_train_timesteps} noise "
                 f"levels of the {cfg.beta_schedule} schedule."
             ),
-            script="ddpm",
+            script=self.kind.trained_by,
             sampler=(
                 f"`{cfg.sample_scheduler}` with {cfg.sample_steps} steps{eta} made the grid "
                 "above (`python sample.py <folder> --scheduler ...` lists the others); "
@@ -275,30 +173,19 @@ class DDPMMethod(NetworkMethod):
                 ),
                 network_fact(cfg, self.backbone),
                 *codec_facts(self.codec),
-                *classes_facts(conditioning),
+                *condition_facts(source, self.guidance),
             ],  # fmt: skip
-            tags=card_tags("ddpm", conditioning, self.backbone),
-            class_conditional=bool(conditioning.num_classes),
+            tags=card_tags("ddpm", source, self.backbone),
+            class_conditional=source.conditional,
         )
 
     def export(self, folder: Path, net: nn.Module, raw: nn.Module) -> None:
         """A diffusers DDPMPipeline folder (EMA weights) for an unconditional UNet, else a
         GuidedDDPMPipeline with its `pipeline.py`; the raw weights in `<component>_raw/`."""
-        conditioning = self.conditioning
         if self._stock_pipeline():
             DDPMPipeline(unet=net, scheduler=self.scheduler).save_pretrained(
                 folder, safe_serialization=True
             )
+            self.finish_export(folder, raw)
         else:
-            pipeline = GuidedDDPMPipeline(
-                self.scheduler,
-                **{network_component(net): net},
-                class_names=list(conditioning.class_names) or None,
-                guidance_scale=conditioning.guidance_scale if conditioning.num_classes else 1.0,
-                guidance_interval=conditioning.guidance_interval,
-                **self.vae_component(),
-            )
-            ship_pipeline(pipeline, folder, "GuidedDDPMPipeline")
-        save_raw(folder, raw)
-        if self.codec is not None:
-            self.codec.ship(folder / "vae")
+            self.export_pipeline(folder, net, raw, GuidedDDPMPipeline)

@@ -1,8 +1,8 @@
 """EDM training math (Karras et al. 2022, sec. 5), and EDM sampling from per-sample seeds.
 
-The denoiser, its preconditioning and the sampler live in `diffusion/pipeline_code/
-pipelines.py`, the file every EDM export ships as `pipeline.py`; this module adds what only
-the toolkit needs: the training loss and sampling from the seeds (seed, k) of `sample_seed`.
+The denoiser and its preconditioning live in `pipeline.py`, shipped in every EDM export, the
+sampler in `diffusion/pipeline_code/samplers.py`; this module adds what only the toolkit needs:
+the training loss and sampling from the seeds (seed, k) of `sample_seed`.
 
 Training (Table 1, "Training"): ln(sigma) ~ N(P_mean, P_std^2), x = y + sigma n, and the loss
 lambda(sigma) ||D(x; sigma) - y||^2 with lambda(sigma) = (sigma^2 + sigma_data^2) /
@@ -20,15 +20,10 @@ import torch
 from diffusers import EDMEulerScheduler
 
 from ddp_utils.compile import compile_function
+from diffusion.kinds.edm.pipeline import denoise, karras_sigmas, preconditioning
 from diffusion.networks import predict, unwrap
-from diffusion.pipeline_code.pipelines import (
-    Denoiser,
-    denoise,
-    edm_sample,
-    guidance_at,
-    karras_sigmas,
-    preconditioning,
-)
+from diffusion.pipeline_code.core import Condition, Denoiser, guidance_at
+from diffusion.pipeline_code.samplers import VARIANCE_EXPLODING, sample_with
 from diffusion.sampling import make_sample_generators, model_autocast
 
 VALUE_RANGE = (-1.0, 1.0)  # the paper's CIFAR-10 range; sigma_data = 0.5 assumes it
@@ -68,7 +63,7 @@ def edm_loss(
     sigma: torch.Tensor,
     noise: torch.Tensor,
     sigma_data: float,
-    class_labels: torch.Tensor | None = None,
+    condition: Condition | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean loss, detached per-sample loss (B,)) of clean images y at noise levels sigma (B,).
 
@@ -79,7 +74,7 @@ def edm_loss(
     column = sigma.float().reshape(-1, *([1] * (y.ndim - 1)))
     c_skip, c_out, c_in, c_noise = preconditioning(column, sigma_data)
     x = y + column * noise
-    output = predict(model, c_in * x, c_noise.flatten(), class_labels)
+    output = predict(model, c_in * x, c_noise.flatten(), condition)
     target = (y - c_skip * x) / c_out
     per_sample = (output.float() - target).square().mean(dim=tuple(range(1, y.ndim)))
     return per_sample.mean(), per_sample.detach()
@@ -88,7 +83,8 @@ def edm_loss(
 def edm_denoiser(
     net: torch.nn.Module,
     sigma_data: float,
-    class_labels: torch.Tensor | None = None,
+    condition: Condition | None = None,
+    null: Condition | None = None,
     guidance_scale: float = 1.0,
     dtype: torch.dtype = torch.float32,
     data_range: tuple[float, float] | None = VALUE_RANGE,
@@ -96,8 +92,8 @@ def edm_denoiser(
     guidance_interval: tuple[float, float] | None = None,
     compile: tuple[str, str] | None = None,
 ) -> Denoiser:
-    """D(x, sigma) around any backbone, guided with scale w when given `class_labels` (B,) on
-    the network's device, w > 1 only for sigma in `guidance_interval` (`guidance_at`; None:
+    """D(x, sigma) around any backbone, guided with scale w against `null` when given a
+    `condition` on the network's device, w > 1 only for sigma in `guidance_interval` (`guidance_at`; None:
     every step); only the network runs in `dtype` (autocast). `data_range` None: a latent
     model's (guidance projects nothing). `compile`: (backend, mode) to torch.compile D with
     (preconditioning, network and guidance: one graph per scale used)."""
@@ -105,7 +101,7 @@ def edm_denoiser(
 
     def step_denoiser(x: torch.Tensor, sigma: torch.Tensor, w: float) -> torch.Tensor:
         with model_autocast(device, dtype):
-            return denoise(net, x, sigma, sigma_data, class_labels, w, data_range)
+            return denoise(net, x, sigma, sigma_data, condition, null, w, data_range)
 
     if compile is not None:
         step_denoiser = compile_function(step_denoiser, *compile)
@@ -113,7 +109,7 @@ def edm_denoiser(
     def denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         # The sampler's noise levels are host numbers: the step's scale costs no device sync.
         w = guidance_scale
-        if class_labels is not None:
+        if condition is not None:
             w = guidance_at(guidance_scale, float(sigma), guidance_interval)
         return step_denoiser(x, sigma, w)
 
@@ -128,8 +124,9 @@ def sample_edm(
     sample_indices: Sequence[int],
     seed: int,
     num_steps: int,
-    second_order: bool = True,
+    method: str = "heun",
     churn: float = 0.0,
+    eta: float = 1.0,
     device: torch.device | str = "cpu",
     progression_every: int | None = None,
     clamp: bool = True,
@@ -137,9 +134,10 @@ def sample_edm(
     """Samples `sample_indices` of run `seed`: the export's sampler from the seeds of sample.py.
 
     `denoiser` is D(x, sigma) (`edm_denoiser`: any backbone, guided or not), `shape` (C, H, W)
-    one sample's. Returns (images, progression) like `sample_ddpm`: float32 NCHW on the CPU in
-    [-1, 1]. Image k's initial noise and churn noise come from its own generator, as in the
-    pipeline when it is given the same list of generators. `clamp` False: latents, unclipped.
+    one sample's, `method` a sampler of `samplers.METHODS` over the rho-spaced noise levels of
+    the scheduler config. Returns (images, progression): float32 NCHW on the CPU in [-1, 1].
+    Image k's initial noise and any fresh noise come from its own generator, as in the pipeline
+    when it is given the same list of generators. `clamp` False: latents, unclipped.
     """
     if churn < 0:
         raise ValueError(f"churn must be >= 0; got {churn}")
@@ -151,13 +149,8 @@ def sample_edm(
         float(scheduler_config["sigma_max"]),
         float(scheduler_config["rho"]),
     )
-    x, progression = edm_sample(
-        denoiser,
-        noise,
-        sigmas,
-        second_order=second_order,
-        churn=churn,
-        generator=generators,
-        progression_every=progression_every,
-    )
+    x, progression = sample_with(
+        method, denoiser, noise, sigmas, VARIANCE_EXPLODING, churn=churn, eta=eta,
+        generator=generators, progression_every=progression_every,
+    )  # fmt: skip
     return (x.clamp(-1.0, 1.0) if clamp else x).cpu(), progression

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from diffusion.networks import predict
+from diffusion.pipeline_code.core import Condition
 
 VALUE_RANGE = (-1.0, 1.0)  # images are normalised to [-1, 1], the range of the Gaussian noise
 BetaSchedule = Literal["squaredcos_cap_v2", "linear"]
@@ -40,8 +41,8 @@ def make_train_scheduler(
     The default is the cosine schedule of Nichol & Dhariwal 2021, which destroys information
     more evenly than DDPM's linear betas at small resolutions, with v-prediction (Salimans &
     Ho 2022): on the default digits run it matches epsilon-prediction with DDPM-1000 and
-    stochastic DDIM, and halves the FID of the deterministic samplers (README, "Quality per
-    sampling step"): near t = T the cosine schedule's alpha_bar is ~1e-9, where an epsilon
+    stochastic DDIM, and halves the FID of the deterministic samplers (BENCHMARKS.md, "Quality
+    per sampling step"): near t = T the cosine schedule's alpha_bar is ~1e-9, where an epsilon
     network's x0 estimate amplifies its error ~1e4 times and v's does not.
     """
     if num_train_timesteps < 2:
@@ -145,7 +146,7 @@ def diffusion_loss(
     timesteps: torch.Tensor,
     noise: torch.Tensor,
     min_snr_gamma: float | None,
-    class_labels: torch.Tensor | None = None,
+    condition: Condition | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """DDPM Algorithm 1's loss: MSE between the network output at x_t and the target.
 
@@ -155,7 +156,7 @@ def diffusion_loss(
     copies: `tables` and every input are on x0's device.
     """
     noisy = tables.add_noise(x0, noise, timesteps)
-    output = predict(model, noisy, timesteps, class_labels)
+    output = predict(model, noisy, timesteps, condition)
     target = tables.target(x0, noise, timesteps)
     per_sample = F.mse_loss(output.float(), target.float(), reduction="none")
     per_sample = per_sample.mean(dim=tuple(range(1, per_sample.ndim)))

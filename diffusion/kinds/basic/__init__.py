@@ -1,5 +1,6 @@
 """The basic model: a network predicts the clean image from a blend with uniform noise, and
-sampling steps from noise toward its prediction (no timesteps, no noise schedule)."""
+sampling steps from noise toward its prediction (no timesteps, no noise schedule). Trained by
+train_basic.py; its math is in formulation.py."""
 
 from __future__ import annotations
 
@@ -18,23 +19,24 @@ from ddp_utils.images import make_grid, to_uint8
 from ddp_utils.metrics import MetricWindow
 from ddp_utils.model_card import CardFacts
 from ddp_utils.run import Run
-from diffusion.basic import VALUE_RANGE, corrupt, sample_basic
 from diffusion.codecs import LatentCodec
-from diffusion.kinds.registry import Draw, SamplerChoice, register
+from diffusion.kinds.basic.formulation import VALUE_RANGE, corrupt, sample_basic
+from diffusion.kinds.registry import NullCondition, SamplerChoice, register
 from diffusion.networks import predict
+from diffusion.sampling import Draw
 
 DEFAULT_STEPS = 40  # steps toward the prediction when none are given (5 to 50 work)
 
 
 class BasicKind:
     name = "basic"
+    summary = "predict the clean image from a blend with uniform noise"
+    trained_by = "train_basic.py"
     value_range = VALUE_RANGE
-    samplers: tuple[str, ...] = ()  # one sampler, without a name
+    samplers: dict = {}  # one sampler, without a name or knobs
     default_sampler = None
-    knobs = frozenset[str]()
-
-    def default_steps(self, sampler: str | None) -> int:
-        return DEFAULT_STEPS
+    default_steps = DEFAULT_STEPS
+    options = None
 
     def sampler(
         self,
@@ -46,6 +48,7 @@ class BasicKind:
         shape: tuple[int, int, int],
         device: torch.device | str,
         dtype: torch.dtype = torch.float32,
+        null: NullCondition | None = None,
         guidance_scale: float = 1.0,
         guidance_interval: tuple[float, float] | None = None,
         compile: tuple[str, str] | None = None,
@@ -56,7 +59,7 @@ class BasicKind:
         if compile is not None:  # the network is the whole denoiser
             compile_network(net, *compile)
 
-        def draw(indices, labels, every):
+        def draw(indices, condition, every):
             return sample_basic(net, choice.steps, shape, indices, seed, device, dtype), []
 
         return draw
@@ -133,7 +136,7 @@ class BasicMethod:
                 f"{cfg.resolution} image blended with uniform noise by an amount in [0, 1]; it "
                 "generates images from pure noise by stepping toward its prediction."
             ),
-            script="basic",
+            script=self.kind.trained_by,
             sampler=(
                 f"{cfg.sample_steps} steps toward the prediction made the grid above "
                 "(`python sample.py <folder> --num-steps N`; 5 to 50 work)."
