@@ -4,7 +4,7 @@ training methods share. A new kind is a package here that registers itself, and 
 the import below (the order is --objective's and --help's).
 """
 
-from diffusion.kinds import basic, ddpm, edm  # noqa: F401  (each registers itself)
+from diffusion.kinds import basic, ddpm, edm, flow  # noqa: F401  (each registers itself)
 from diffusion.kinds.registry import (
     KINDS,
     Kind,
