@@ -1,11 +1,14 @@
 r"""Train a diffusion model of any kind in diffusion/kinds/ (`--objective`): DDPM (v- or noise
-prediction over 1000 timesteps), EDM (Karras et al. 2022's preconditioned denoiser), with EMA,
-sample grids and an export diffusers loads.
+prediction over 1000 timesteps), EDM (Karras et al. 2022's preconditioned denoiser) or rectified
+flow (a velocity along the straight path from image to noise), with EMA, sample grids and an
+export diffusers loads.
 
     # built-in digits on a CPU (the README's main job, ~11 minutes on 2 cores):
     python train_ddpm.py
     # the same data and budget with the EDM objective (Heun sampler, 18 steps):
     python train_ddpm.py --objective edm --output-dir runs/edm
+    # rectified flow (Euler over diffusers' flow-matching schedule, 50 steps):
+    python train_ddpm.py --objective flow --output-dir runs/flow
     # CIFAR-10 on N GPUs in bf16 (edit the config for your machine):
     accelerate launch --config_file accelerate_configs/1node_8gpu_bf16.yaml train_ddpm.py \
         --dataset cifar10 --preset unet-18.5m --random-flip --mixed-precision bf16 \
@@ -15,6 +18,7 @@ sample grids and an export diffusers loads.
     #     use_safetensors=True)):
     python sample.py runs/ddpm/pipeline --scheduler ddim --num-inference-steps 50
     python sample.py runs/edm/pipeline
+    python sample.py runs/flow/pipeline --scheduler heun --num-steps 10
 
 Rerunning the same command resumes from the latest complete checkpoint.
 """

@@ -284,9 +284,12 @@ def knob_options(prefix: str, what: str) -> type:
     its flag in every script. None: the chosen sampler's default."""
     fields = []
     for knob in all_knobs().values():
-        takers = [s.name for s in all_samplers().values() if knob.name in {k.name for k in s.knobs}]
+        takers = []
+        for kind in KINDS.values():
+            names = [n for n, s in kind.samplers.items() if knob.name in {k.name for k in s.knobs}]
+            takers += [f"{kind.name}'s {', '.join(names)}"] if names else []
         own = "the model's" if knob.default is None else f"{knob.default:g}"
         where = f" {what}" if what else ""
-        help = f"{knob.help}{where}; samplers {', '.join(takers)}; none: {own}"
+        help = f"{knob.help}{where}; samplers: {'; '.join(takers)}; none: {own}"
         fields.append((prefix + knob.name, float | None, option(None, help)))
     return dataclasses.make_dataclass("SamplerKnobs", fields)

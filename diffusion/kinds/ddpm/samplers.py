@@ -27,7 +27,13 @@ from diffusion.sampling import make_sample_generators, model_autocast
 # DDIM's noise scale: on the default digits run DDIM-50 with eta 1 (fresh noise each step,
 # like DDPM) matches DDPM-1000's FID where eta 0 does not (BENCHMARKS.md, "Quality per sampling
 # step"); above 1 the step's noise would exceed the posterior's.
-ETA = Knob("eta", 1.0, "DDIM's noise scale (0: deterministic DDIM; 1: DDPM-like)", 0.0, 1.0)
+ETA = Knob(
+    "eta",
+    1.0,
+    "the step's noise scale (0: deterministic; 1: DDPM-like, drawn from the posterior)",
+    0.0,
+    1.0,
+)
 
 # Samplers: a diffusers scheduler class and what changes from its own defaults. None may start
 # at t = 999: the cosine schedule's capped last beta leaves alpha_bar_999 = 2.4e-9 there, so an

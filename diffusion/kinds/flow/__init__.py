@@ -32,7 +32,9 @@ from diffusion.kinds.registry import Knob, NullCondition, Sampler, SamplerChoice
 from diffusion.networks import Backbone
 from diffusion.sampling import Draw, decoding, on_device
 
-SHIFT = Knob("shift", None, "time shift of the sampler's levels (default: the model's)", 1e-3, 1e3)
+SHIFT = Knob(
+    "shift", None, "time shift s of the sampler's levels, t' = s t / (1 + (s - 1) t)", 1e-3, 1e3
+)
 CHURN = Knob("churn", 0.0, "stochasticity S_churn (Karras et al. 2022; 0: deterministic)")
 ETA = Knob("eta", 1.0, "the ancestral step's noise scale (0: Euler; 1: the reverse SDE)", 0, 1)
 # name -> (the sampler's spec, the shared sampler it runs)
