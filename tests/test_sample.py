@@ -64,6 +64,10 @@ def test_basic_export_gives_npz_and_grid(basic_run: Path, tmp_path: Path) -> Non
     # The run directory resolves to the same export; the batch size changes nothing.
     again = run_sample(basic_run, tmp_path / "b", "--num-samples=5", "--batch-size=5")
     assert np.array_equal(images, again)
+    # Its one sampler has no name and no knobs: naming one is refused, not ignored.
+    with pytest.raises(BAD_INPUT, match="basic models .* have one sampler, without knobs: drop "
+                       "--scheduler, --eta"):  # fmt: skip
+        run_sample(basic_run, tmp_path / "c", "--scheduler=ddim", "--eta=1")
 
 
 def test_ddpm_pipeline_and_checkpoint_give_the_same_images_per_weights(
@@ -194,6 +198,9 @@ def test_samplers_of_another_kind_and_their_knobs_are_refused(
         sample.SampleConfig(model_path=str(edm_run), churn=-1.0)
     with pytest.raises(ValueError, match=r"--eta must be in \[0, 1\]"):
         sample.SampleConfig(model_path=str(ddpm_run), eta=5.0)
+    with pytest.raises(BAD_INPUT, match="--num-steps 5000 is more than ddim can take: the model "
+                       "was trained with 1000 timesteps"):  # fmt: skip
+        run_sample(ddpm_run / "pipeline", tmp_path / "f", "--num-steps=5000")
 
 
 def test_bad_flags_are_named(ddpm_run: Path) -> None:

@@ -193,6 +193,14 @@ def test_dry_run_prints_the_default_digits_recipe(capsys: pytest.CaptureFixture)
         ("--eval-num-samples=1", "--eval-num-samples must be >= 2"),
         ("--eval-num-reference=0", "--eval-num-reference must be >= 2"),
         ("--sample-steps=0", "--sample-steps must be >= 1"),
+        # More sampler steps than training timesteps: refused before any step is lost.
+        ("--sample-steps=5000", "--sample-steps 5000 is more than the 1000 training timesteps"),
+        ("--sample-eta=5", "--sample-eta must be in [0, 1], got 5.0"),
+        # Flags that would do nothing in this run.
+        ("--sample-guidance-scale=3", "--sample-guidance-scale applies to --class-conditional"),
+        ("--label-dropout=0.2", "--label-dropout applies to --class-conditional runs only"),
+        ("--sample-guidance-interval=all", "--sample-guidance-interval applies to --class-cond"),
+        ("--preset=huge", "'huge' is neither a preset nor a JSON file; the presets: unet: "),
     ],
 )
 def test_bad_eval_flags_are_named(flag: str, message: str, capsys) -> None:

@@ -149,6 +149,8 @@ for sampler in ("euler", "heun"):
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
+    # The saved guidance interval (a list in JSON) matches the pipeline's signature: no warning.
+    assert "Expected types" not in done.stderr, done.stderr[-3000:]
     for sampler, (images, _) in ours.items():
         theirs = np.round(np.load(tmp_path / f"{sampler}.npy") * 255)
         assert theirs.shape == images.shape == (4, 8, 8, 1)

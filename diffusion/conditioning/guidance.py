@@ -65,6 +65,16 @@ class ConditioningOptions:
     )
 
     def check_conditioning_options(self) -> None:
+        if not self.class_conditional:  # flags that would do nothing are refused
+            for name, default in (
+                ("label_dropout", 0.1), ("sample_guidance_scale", 1.5),
+                ("sample_guidance_interval", DEFAULT_GUIDANCE_INTERVAL),
+            ):  # fmt: skip
+                require(
+                    getattr(self, name) == default,
+                    f"--{name.replace('_', '-')} applies to --class-conditional runs only: add "
+                    "--class-conditional, or drop it",
+                )
         parse_guidance_interval(self.sample_guidance_interval, "sample_guidance_interval")
         require(
             0 <= self.label_dropout < 1,

@@ -107,14 +107,16 @@ def save_raw(folder: Path, raw: nn.Module, backbone: Backbone) -> None:
     unwrap(raw).save_pretrained(folder / f"{backbone.component}_raw", safe_serialization=True)
 
 
-def training_choice(cfg: Any, kind: Kind) -> SamplerChoice:
+def training_choice(cfg: Any, kind: Kind, scheduler_config: dict[str, Any]) -> SamplerChoice:
     """The sampler of a run's grids and --eval-every: --sample-scheduler, --sample-steps and the
-    --sample-<knob> values (the config resolved and checked them)."""
+    --sample-<knob> values (the config resolved and checked them), checked against the
+    training schedule (known only now for an --init-from model's)."""
     knobs = {name: getattr(cfg, f"sample_{name}", None) for name in all_knobs()}
     return choose_sampler(
         kind, cfg.sample_scheduler, cfg.sample_steps, knobs, source="this run",
         flag=lambda name: f"--sample-{name.replace('_', '-')}",
         scheduler_flag="--sample-scheduler", steps_flag="--sample-steps",
+        scheduler_config=scheduler_config,
     )  # fmt: skip
 
 
@@ -142,7 +144,7 @@ class NetworkMethod:
         self.device = run.accelerator.device
         self.source = condition_source(run.cfg, run.data.class_names)
         self.guidance = run.cfg.guidance()
-        self.choice = training_choice(run.cfg, self.kind)
+        self.choice = training_choice(run.cfg, self.kind, dict(scheduler.config))
 
     def task_info(self) -> dict[str, Any]:
         """The task, value range and scheduler, and what sample.py needs of the condition."""

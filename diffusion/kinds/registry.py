@@ -235,8 +235,8 @@ def choose_sampler(
         if name is not None or given:
             asked = [scheduler_flag] * (name is not None) + [flag(k) for k in given]
             raise InputError(
-                f"{', '.join(asked)} do(es) not apply to {kind.name} models ({source}): they "
-                "have one sampler, without knobs; only the number of steps can be set"
+                f"{kind.name} models ({source}) have one sampler, without knobs: drop "
+                f"{', '.join(asked)} (only the number of steps can be set)"
             )
         return SamplerChoice(None, steps or default_steps(kind, None))
     name = name or kind.default_sampler

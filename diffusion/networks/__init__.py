@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -27,7 +28,12 @@ from torch import nn
 from ddp_utils.errors import InputError
 from diffusion.networks.basic import BasicUNet
 from diffusion.networks.dit import DIT_PRESETS, build_dit, check_dit_preset, prepare_dit
-from diffusion.networks.unet import DDPM_PRESETS, build_ddpm_unet, check_ddpm_preset
+from diffusion.networks.unet import (
+    DDPM_PRESETS,
+    RENAMED_PRESETS,
+    build_ddpm_unet,
+    check_ddpm_preset,
+)
 from diffusion.pipeline_code.core import Condition, network_output, unwrap
 
 Call = Callable[[nn.Module, torch.Tensor, Any, Condition | None], torch.Tensor]
@@ -123,6 +129,13 @@ def check_preset(backbone: str, preset: str, resolution: int | None) -> None:
     """A preset (name or JSON file) of the backbone, checked against the resolution (None: not
     known yet) without building anything."""
     implied = preset_backbone(preset)
+    looks_like_a_name = not preset.endswith(".json") and "/" not in preset
+    if implied is None and looks_like_a_name and not Path(preset).exists():
+        if preset not in RENAMED_PRESETS:
+            raise InputError(
+                f"{preset!r} is neither a preset nor a JSON file; the presets: {all_presets()}",
+                "preset",
+            )
     if implied is not None and implied != backbone:
         raise InputError(
             f"{preset!r} is a {implied} preset, but --backbone is {backbone}: drop --backbone "

@@ -54,6 +54,13 @@ def check_options(cfg: Any) -> None:
         cfg.min_snr_gamma is None or cfg.min_snr_gamma > 0,
         f"--min-snr-gamma must be > 0 or none, got {cfg.min_snr_gamma}",
     )
+    # A sampler of more steps than the training timesteps fails at the first grid (after
+    # training steps that the last checkpoint does not hold): refused here.
+    require(
+        cfg.num_train_timesteps is None or cfg.sample_steps <= cfg.num_train_timesteps,
+        f"--sample-steps {cfg.sample_steps} is more than the {cfg.num_train_timesteps} training "
+        f"timesteps; give at most {cfg.num_train_timesteps}",
+    )
 
 
 def leave_unused(cfg: Any, objective: str) -> None:
