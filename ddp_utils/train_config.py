@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 from ddp_utils.compile import CompileBackend, CompileMode, check_compile_options
-from ddp_utils.config import ForeignFlag, check_choices, option, require
+from ddp_utils.config import ForeignFlag, check_fields, option, require
 from ddp_utils.data.load import DataLoading
 from ddp_utils.data.source import check_dataset_name
 from ddp_utils.errors import InputError, flag_name
@@ -295,7 +295,7 @@ class TrainConfig:
         object.__setattr__(self, name, value)
 
     def __post_init__(self) -> None:
-        check_choices(self)
+        check_fields(self)
         check_dataset_name(self.dataset)
         if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
             raise InputError(f"{self.output_dir} is a file, not a folder", "output_dir")

@@ -1,0 +1,120 @@
+"""What a hostile (or unlucky) user gives the scripts, refused where it enters with a message
+naming the input and the fix: non-finite numbers, damaged checkpoints and caches, full or
+read-only disks, folders without images, bad preset files, flags that would do nothing."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+
+import pytest
+
+import train_autoencoder
+import train_basic
+import train_ddpm
+from ddp_utils.config import _unwrap_optional, parse_config
+from diffusion.drawing import SampleConfig
+from evaluation.image_sets import EvalConfig
+
+CONFIGS = {
+    "train_ddpm.py": train_ddpm.DDPMConfig,
+    "train_basic.py": train_basic.BasicConfig,
+    "train_autoencoder.py": train_autoencoder.AutoencoderConfig,
+    "sample.py": SampleConfig,
+    "evaluate.py": EvalConfig,
+}
+REQUIRED = {"sample.py": ["."], "evaluate.py": ["--samples", "s.npz", "--dataset", "digits"]}
+
+
+def float_fields(cls: type) -> list[str]:
+    hints = typing.get_type_hints(cls)
+    return [f.name for f in dataclasses.fields(cls) if _unwrap_optional(hints[f.name])[0] is float]
+
+
+def parse_error(cls: type, argv: list[str], capsys) -> str:
+    """Parse `argv`, which must be refused with exit 2; what was printed on stderr."""
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(cls, argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- 1. finite numbers
+
+
+def test_every_float_field_of_every_script_is_found() -> None:
+    """The check is by type: these are among the fields it covers (not a list kept by hand)."""
+    fields = {script: float_fields(cls) for script, cls in CONFIGS.items()}
+    for name in ("p_mean", "weight_decay", "sigma_data", "p_std", "rho", "min_snr_gamma",
+                 "sigma_max", "sample_guidance_scale", "sample_eta", "max_grad_norm"):  # fmt: skip
+        assert name in fields["train_ddpm.py"], name
+    assert "kl_weight" in fields["train_autoencoder.py"]
+    assert {"guidance_scale", "eta", "churn"} <= set(fields["sample.py"])
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-inf"])
+@pytest.mark.parametrize("script", list(CONFIGS))
+def test_non_finite_numbers_are_refused_from_flags_and_config_files(
+    script: str, value: str, tmp_path: Path, capsys
+) -> None:
+    cls = CONFIGS[script]
+    for name in float_fields(cls):
+        flag = "--" + name.replace("_", "-")
+        expected = f"{flag} must be a finite number, got {float(value)}"
+        assert expected in parse_error(cls, [*REQUIRED.get(script, []), flag, value], capsys)
+        config = tmp_path / "config.yaml"
+        config.write_text(f"{name}: {value}\n")  # YAML reads the word as a string
+        argv = [*REQUIRED.get(script, []), "--config", str(config)]
+        assert expected in parse_error(cls, argv, capsys)
+        config = tmp_path / "config.json"
+        config.write_text(
+            "{" + f'"{name}": {"NaN" if value == "nan" else value.replace("inf", "Infinity")}' + "}"
+        )
+        argv = [*REQUIRED.get(script, []), "--config", str(config)]
+        assert expected in parse_error(cls, argv, capsys)
+
+
+def test_a_config_built_in_code_is_checked_too() -> None:
+    with pytest.raises(ValueError, match="--sigma-max must be a finite number, got inf"):
+        train_ddpm.DDPMConfig(objective="edm", sigma_max=float("inf"))
+
+
+# ----------------------------------------------------------------------------- 11. the CLI layer
+
+
+@pytest.mark.parametrize(
+    ("cls", "argv", "expected"),
+    [
+        (train_ddpm.DDPMConfig, ["--sample-guidance-interval", "-1,2"], "needs 0 <= LOW < HIGH"),
+        (SampleConfig, [".", "--guidance-interval", "-1,2"], "needs 0 <= LOW < HIGH"),
+        (train_basic.BasicConfig, ["--weight-decay", "-0.5"], "--weight-decay must be >= 0"),
+        (train_basic.BasicConfig, ["--max-grad-norm", "-inf"], "must be a finite number"),
+    ],
+)
+def test_a_value_starting_with_a_dash_is_taken_as_the_value(cls, argv, expected, capsys) -> None:
+    err = parse_error(cls, argv, capsys)
+    assert expected in err and "expected one argument" not in err
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("c.yaml", "max_steps: 10\nbatch_size: 4\nmax_steps: 20\n"),
+        ("c.yaml", "max_steps: 10\nmax-steps: 20\n"),
+        ("c.json", '{"max_steps": 10, "max_steps": 20}'),
+    ],
+)
+def test_a_key_given_twice_in_a_config_file_is_refused(name, text, tmp_path, capsys) -> None:
+    (tmp_path / name).write_text(text)
+    err = parse_error(train_basic.BasicConfig, ["--config", str(tmp_path / name)], capsys)
+    assert "'max_steps' is given twice" in err or "'max-steps'" in err
+
+
+def test_a_config_file_takes_none_as_the_flag_does(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text("max_grad_norm: none\ncheckpoints_total_limit: None\n")
+    cfg = parse_config(train_basic.BasicConfig, ["--config", str(tmp_path / "c.yaml")])
+    assert cfg.max_grad_norm is None and cfg.checkpoints_total_limit is None
+    assert cfg == parse_config(
+        train_basic.BasicConfig, ["--max-grad-norm", "none", "--checkpoints-total-limit", "none"]
+    )
