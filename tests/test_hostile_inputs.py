@@ -5,14 +5,23 @@ read-only disks, folders without images, bad preset files, flags that would do n
 from __future__ import annotations
 
 import dataclasses
+import logging
 import typing
 from pathlib import Path
 
 import pytest
+import torch
 
 import train_autoencoder
 import train_basic
 import train_ddpm
+from ddp_utils.checkpoint import (
+    find_resume_checkpoint,
+    list_checkpoints,
+    prune,
+    read_checkpoint,
+    write_checkpoint,
+)
 from ddp_utils.config import _unwrap_optional, parse_config
 from diffusion.drawing import SampleConfig
 from evaluation.image_sets import EvalConfig
@@ -118,3 +127,37 @@ def test_a_config_file_takes_none_as_the_flag_does(tmp_path: Path) -> None:
     assert cfg == parse_config(
         train_basic.BasicConfig, ["--max-grad-norm", "none", "--checkpoints-total-limit", "none"]
     )
+
+
+# ----------------------------------------------------------------------------- 2. damaged checkpoints
+
+
+def _checkpoint(folder: Path, step: int, total_limit: int | None = None) -> Path:
+    tensors = {"model": {"w": torch.full((4, 4), float(step))}, "optimizer": {}}
+    return write_checkpoint(folder, step, tensors, {"config": {}}, total_limit)
+
+
+def _names(folder: Path) -> list[str]:
+    return [p.name for p in list_checkpoints(folder)]
+
+
+def test_a_damaged_checkpoint_does_not_count_toward_the_limit(tmp_path: Path, caplog) -> None:
+    folder = tmp_path / "checkpoints"
+    _checkpoint(folder, 5)
+    _checkpoint(folder, 10)
+    damaged = _checkpoint(folder, 1000)
+    model = damaged / "model.safetensors"
+    model.write_bytes(model.read_bytes()[:-40])  # truncated
+    (folder / "checkpoint-5" / "state.json").unlink()  # an old one, damaged too
+    # A run starting here (--checkpoints-total-limit 1) resumes checkpoint-10: it stays.
+    assert find_resume_checkpoint(folder, "latest").step == 10
+    with caplog.at_level(logging.WARNING, logger="ddp_utils.checkpoint"):
+        prune(folder, total_limit=1)
+    assert _names(folder) == ["checkpoint-10", "checkpoint-1000"]
+    assert "removing damaged checkpoint-5" in caplog.text
+    # Its next save is kept in its place; the damaged newer one is left until passed.
+    _checkpoint(folder, 20, total_limit=1)
+    assert _names(folder) == ["checkpoint-20", "checkpoint-1000"]
+    _checkpoint(folder, 1000, total_limit=1)  # the save of its step replaces it
+    assert _names(folder) == ["checkpoint-1000"]
+    assert read_checkpoint(folder / "checkpoint-1000").step == 1000
