@@ -8,7 +8,9 @@ import dataclasses
 import logging
 import typing
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -23,6 +25,9 @@ from ddp_utils.checkpoint import (
     write_checkpoint,
 )
 from ddp_utils.config import _unwrap_optional, parse_config
+from ddp_utils.data import latent_cache, load_image_data, load_latents
+from ddp_utils.data.batches import LatentBatches
+from ddp_utils.errors import InputError
 from diffusion.drawing import SampleConfig
 from evaluation.image_sets import EvalConfig
 
@@ -161,3 +166,72 @@ def test_a_damaged_checkpoint_does_not_count_toward_the_limit(tmp_path: Path, ca
     _checkpoint(folder, 1000, total_limit=1)  # the save of its step replaces it
     assert _names(folder) == ["checkpoint-1000"]
     assert read_checkpoint(folder / "checkpoint-1000").step == 1000
+
+
+# ----------------------------------------------------------------------------- 3. latent cache
+
+
+class HalvingEncoder:
+    """A stand-in VAE: 2x2 average pooling; `nan_from` poisons the encodings of that image on."""
+
+    fingerprint = "halving-encoder-v1"
+
+    def __init__(self, nan_from: int | None = None) -> None:
+        self.nan_from, self.calls = nan_from, 0
+
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.calls += 1
+        mean = torch.nn.functional.avg_pool2d(images.float(), 2)
+        if self.nan_from is not None and len(mean) > 1:
+            mean[self.nan_from :] = float("nan")
+        return mean, torch.full_like(mean, 0.1)
+
+
+def _digits(cache: Path):
+    return load_image_data("digits", 8, 1, max_images=16, cache_dir=cache)
+
+
+def test_a_latent_cache_holding_nan_is_found_when_read_and_encoded_anew(
+    tmp_path: Path, caplog
+) -> None:
+    data = _digits(tmp_path)
+    first = load_latents(data, HalvingEncoder(), False, cache_dir=tmp_path)
+    assert np.isfinite(first.mean).all()
+    mean_file = first.folder / "mean.npy"
+    damaged = np.load(mean_file, mmap_mode="r+")
+    damaged[3, 0, 0, 0] = np.nan  # the file keeps its size: only its values say it
+    damaged.flush()
+    del damaged, first
+    encoder = HalvingEncoder()
+    with caplog.at_level(logging.WARNING, logger="ddp_diffusion"):
+        again = load_latents(data, encoder, False, cache_dir=tmp_path)
+    assert "mean.npy holds non-finite values (NaN/inf) in row 3" in caplog.text
+    assert "rebuilding it" in caplog.text and encoder.calls > 1  # encoded anew
+    assert np.isfinite(again.mean).all()
+
+
+def test_an_encoder_giving_nan_is_refused_and_nothing_is_cached(tmp_path: Path) -> None:
+    data = _digits(tmp_path)
+    with pytest.raises(
+        InputError, match=r"gave non-finite latents \(NaN/inf\) in mean for image 5"
+    ):
+        load_latents(data, HalvingEncoder(nan_from=5), False, cache_dir=tmp_path)
+    assert not list(tmp_path.glob("latents-*/manifest.json"))
+
+
+def test_a_large_cache_damaged_on_disk_is_named_by_the_batch_that_reads_it(
+    tmp_path: Path, monkeypatch
+) -> None:
+    data = _digits(tmp_path)
+    latents = load_latents(data, HalvingEncoder(), False, cache_dir=tmp_path)
+    damaged = np.load(latents.folder / "std.npy", mmap_mode="r+")
+    damaged[:] = np.inf
+    damaged.flush()
+    monkeypatch.setattr(latent_cache, "SCAN_BYTES", 0)  # as a cache too large to scan
+    latents = load_latents(data, HalvingEncoder(), False, cache_dir=tmp_path)
+    accelerator = SimpleNamespace(num_processes=1, process_index=0, device=torch.device("cpu"))
+    batches = LatentBatches(latents, 4, accelerator, 0, (-1.0, 1.0), False)
+    with pytest.raises(
+        InputError, match=rf"latent cache {latents.folder} holds non-finite .* std\.npy"
+    ):
+        batches.get(0, torch.Generator().manual_seed(0))

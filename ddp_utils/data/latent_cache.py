@@ -14,6 +14,12 @@ copy per node, shared by its processes, and only the rows a batch touches are re
 ImageNet-256 through an 8x VAE is 42 GB in float16 with flips: it never has to fit in a
 process's memory, nor on a device.
 
+Non-finite latents are never trained on (they would end the run as "diverged"): an encoding
+that holds NaN/inf (a VAE overflowing in float16, or beyond float16's range once stored) is
+refused as it is written; a cache damaged on disk since is found when it is read, by its
+values up to SCAN_BYTES (then rebuilt, like any damaged cache), and beyond that by the batches
+(`ddp_utils.data.batches.LatentBatches`), which check the rows they gather and name the cache.
+
 The node's processes share the encoding, without a collective (it outlasts a barrier's
 timeout): chunk k of ENCODE_ROWS source rows is encoded by local process k % L (of the L on the
 node), on its own device, straight into full-size arrays in a build folder beside the cache,
@@ -41,6 +47,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import shutil
 import time
 from collections.abc import Iterator
@@ -73,6 +80,9 @@ LAYOUT = "layout.json"  # in the build folder, written once its arrays exist
 CHUNKS = "chunks"  # in the build folder: one record per chunk encoded
 COMPACTED = "compacted"  # in the build folder: the arrays cut to the kept rows (rows skipped)
 WAIT_SECONDS = 5.0  # how often processes poll for the build folder, chunk records, the cache
+# A cache up to this size has its values checked at every read (about a second); a larger one
+# by the rows each batch gathers (reading 42 GB at every start would cost minutes).
+SCAN_BYTES = 2 * 2**30
 
 
 class Encoder(Protocol):
@@ -126,8 +136,8 @@ def array_names(random_flip: bool) -> list[str]:
 
 def read_latent_cache(folder: Path, key: str, warn: bool = True) -> LatentData | None:
     """The cached arrays, memory-mapped, or None when missing, stale or damaged (then it is
-    rebuilt). Checks the manifest against each file's header (shape, dtype) and size, never
-    the values: reading 42 GB at every start would cost minutes."""
+    rebuilt). Checks the manifest against each file's header (shape, dtype) and size, and the
+    values for NaN/inf when the arrays hold at most SCAN_BYTES (larger ones: their batches)."""
     if not (folder / MANIFEST).is_file():
         return None
     try:
@@ -146,6 +156,13 @@ def read_latent_cache(folder: Path, key: str, warn: bool = True) -> LatentData |
                     f"{path.name} holds {array.dtype} {array.shape}, not {dtype} {shape}"
                 )
             arrays[name] = array
+        if not math.isfinite(float(manifest["variance"])):
+            raise ValueError(f"its variance is {manifest['variance']}: the latents hold NaN/inf")
+        if sum(array.nbytes for array in arrays.values()) <= SCAN_BYTES:
+            for name, array in arrays.items():
+                row = first_nonfinite_row(array)
+                if row is not None:
+                    raise ValueError(f"{name}.npy holds non-finite values (NaN/inf) in row {row}")
         return LatentData(
             arrays["mean"],
             arrays["std"],
@@ -158,6 +175,16 @@ def read_latent_cache(folder: Path, key: str, warn: bool = True) -> LatentData |
         if warn:
             logger.warning("latent cache %s is damaged (%s); rebuilding it", folder, err)
         return None
+
+
+def first_nonfinite_row(array: np.ndarray) -> int | None:
+    """The first row of `array` holding NaN/inf, or None; read ENCODE_ROWS rows at a time."""
+    for start in range(0, len(array), ENCODE_ROWS):
+        part = np.asarray(array[start : start + ENCODE_ROWS])
+        finite = np.isfinite(part).reshape(len(part), -1).all(axis=1)
+        if not finite.all():
+            return start + int(np.argmin(finite))
+    return None
 
 
 def disk_free(folder: Path) -> int:
@@ -430,8 +457,19 @@ def encode_chunk(
     views = {"": pixels, "flipped_": pixels.flip(3)} if build.random_flip else {"": pixels}
     for prefix, view in views.items():
         mean, std = build.encoder.encode(view)
-        arrays[f"{prefix}mean"][start : start + len(mean)] = mean.numpy()
-        arrays[f"{prefix}std"][start : start + len(std)] = std.numpy()
+        for name, values in ((f"{prefix}mean", mean), (f"{prefix}std", std)):
+            stored = arrays[name][start : start + len(values)]
+            stored[:] = values.numpy()
+            row = first_nonfinite_row(stored)  # as stored: float16 overflows beyond 65504
+            if row is not None:
+                source = getattr(build.encoder, "source", None)  # a codec's --vae
+                raise InputError(
+                    f"the encoder{f' {source}' if source else ''} gave non-finite "
+                    f"latents (NaN/inf) in {name} for image {start + row} of the data, in "
+                    f"{build.dtype}: nothing of it is cached. A VAE overflowing in float16 "
+                    "does this (train in bf16 or fp32: --mixed-precision), or its weights are "
+                    "broken"
+                )
         if not prefix:
             sums = {
                 "sum": mean.double().sum().item(),
