@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from ddp_utils import hub
@@ -422,7 +423,7 @@ def export(
                 for name, content in (json_files or {}).items():
                     write_json(tmp / name, content)
                 write_checksums(tmp)
-        except OSError as err:
+        except (OSError, SafetensorError) as err:  # disk full, read-only: exit 74
             error = run.output_error(f"the export {folder.name}/", folder.parent, err)
     raise_together(run.accelerator, error, OutputError("the main process could not export"))
     run.accelerator.wait_for_everyone()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -337,8 +338,7 @@ class Run:
             if newest
             else "No checkpoint was written yet."
         )
-        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
-        return OutputError(f"could not write {what} in {where}: {reason}. {intact}")
+        return OutputError(f"could not write {what} in {where}: {write_failure(err)}. {intact}")
 
     def fail_nonfinite(self, what: str) -> NoReturn:
         """End a diverged run: close it and raise `NonFiniteError` naming the last good
@@ -532,6 +532,15 @@ def check_resumed_flags(cfg: TrainConfig, checkpoint: Checkpoint, checkpoints_di
         "or another --output-dir. These may change on resume: "
         + ", ".join(flag_name(n) for n in sorted(cfg.may_change_on_resume))
     )
+
+
+def write_failure(err: BaseException) -> str:
+    """Why a write failed, in the system's words ("No space left on device"): an OSError's
+    own, or the one safetensors' Rust code wraps in its SafetensorError's text."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    found = re.search(r"I/O error: (.+?) \(os error \d+\)", str(err))
+    return found.group(1) if found else str(err)
 
 
 def is_writer(accelerator: Accelerator, cfg: TrainConfig) -> bool:

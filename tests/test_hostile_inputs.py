@@ -4,9 +4,14 @@ read-only disks, folders without images, bad preset files, flags that would do n
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
+import shutil
+import subprocess
 import typing
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,6 +22,7 @@ import torch
 import train_autoencoder
 import train_basic
 import train_ddpm
+from ddp_utils import loop
 from ddp_utils.checkpoint import (
     find_resume_checkpoint,
     list_checkpoints,
@@ -24,12 +30,14 @@ from ddp_utils.checkpoint import (
     read_checkpoint,
     write_checkpoint,
 )
+from ddp_utils.cli import cli_main
 from ddp_utils.config import _unwrap_optional, parse_config
 from ddp_utils.data import latent_cache, load_image_data, load_latents
 from ddp_utils.data.batches import LatentBatches
 from ddp_utils.errors import InputError
 from diffusion.drawing import SampleConfig
 from evaluation.image_sets import EvalConfig
+from tests.tiny_runs import fresh_accelerate_state
 
 CONFIGS = {
     "train_ddpm.py": train_ddpm.DDPMConfig,
@@ -235,3 +243,62 @@ def test_a_large_cache_damaged_on_disk_is_named_by_the_batch_that_reads_it(
         InputError, match=rf"latent cache {latents.folder} holds non-finite .* std\.npy"
     ):
         batches.get(0, torch.Generator().manual_seed(0))
+
+
+# ----------------------------------------------------------------------------- 4, 5. full disks
+
+TINY_BASIC = ["--resolution", "8", "--max-images", "32", "--max-steps", "2", "--batch-size", "8",
+              "--sample-every", "0", "--num-sample-images", "4", "--sample-steps", "2",
+              "--report-to", "none"]  # fmt: skip
+
+
+@contextlib.contextmanager
+def tmpfs(folder: Path, size: str, read_only: bool = False) -> Iterator[Path]:
+    """A small filesystem of its own at `folder` (root only: FIELD_NOTES), unmounted after."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    folder.mkdir(parents=True, exist_ok=True)
+    options = f"{'ro,' if read_only else ''}size={size}"
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)]).returncode:
+        pytest.skip("could not mount a tmpfs")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def fill(folder: Path, leave: int) -> None:
+    """Take all but `leave` bytes of the filesystem holding `folder`."""
+    free = shutil.disk_usage(folder).free
+    with open(folder / "filler", "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, max(0, free - leave))
+
+
+def exit_code_and_stderr(main: Callable[[], None], capsys) -> tuple[int, str]:
+    """`main` as the console script runs it (cli_main: known endings -> exit codes)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(main)
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def test_a_disk_that_fills_during_the_export_exits_74_with_a_message(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    with tmpfs(tmp_path / "disk", "30m") as disk:
+        out = disk / "run"
+        real_card = loop.model_card
+
+        def fill_then_card(*args, **kwargs):  # the last thing before the export
+            fill(disk, leave=64 * 1024)
+            return real_card(*args, **kwargs)
+
+        monkeypatch.setattr(loop, "model_card", fill_then_card)
+        fresh_accelerate_state()
+        argv = [*TINY_BASIC, "--output-dir", str(out)]
+        code, err = exit_code_and_stderr(lambda: train_basic.main(argv), capsys)
+        assert code == 74, err
+        assert f"could not write the export model/ in {out}: No space left on device" in err
+        assert "The earlier checkpoints are intact (newest: checkpoint-2)" in err
+        assert "Traceback" not in err and "SafetensorError" not in err
+        assert sorted(p.name for p in out.iterdir() if p.name.startswith(".model")) == []
