@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -37,6 +38,7 @@ from ddp_utils.data.batches import LatentBatches
 from ddp_utils.errors import InputError
 from diffusion.drawing import SampleConfig
 from evaluation.image_sets import EvalConfig
+from tests.test_latent import TINY_DIT, latent_args, make_vae
 from tests.tiny_runs import fresh_accelerate_state
 
 CONFIGS = {
@@ -302,3 +304,50 @@ def test_a_disk_that_fills_during_the_export_exits_74_with_a_message(
         assert "The earlier checkpoints are intact (newest: checkpoint-2)" in err
         assert "Traceback" not in err and "SafetensorError" not in err
         assert sorted(p.name for p in out.iterdir() if p.name.startswith(".model")) == []
+
+
+def test_a_pixel_run_with_a_read_only_cache_folder_trains_without_it_and_says_so(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    with tmpfs(tmp_path / "cache", "1m", read_only=True) as cache:
+        monkeypatch.setenv("DDP_DIFFUSION_CACHE", str(cache))
+        fresh_accelerate_state()
+        train_basic.main([*TINY_BASIC, "--output-dir", str(tmp_path / "run")])
+    assert (tmp_path / "run" / "model" / "checksums.json").is_file()
+    log = capsys.readouterr().out  # the run's log (setup_logging: stdout)
+    assert "could not write the decoded-image cache" in log and "Read-only file system" in log
+    assert f"set DDP_DIFFUSION_CACHE (now {cache}) to a writable folder" in log
+
+
+def test_a_full_cache_folder_is_no_error_for_the_decoded_images(tmp_path: Path, caplog) -> None:
+    with tmpfs(tmp_path / "cache", "64k") as cache:
+        fill(cache, leave=0)
+        with caplog.at_level(logging.WARNING, logger="ddp_diffusion"):
+            data = load_image_data("digits", 8, 1, max_images=16, cache_dir=cache)
+    assert data.num_images == 16 and "No space left on device" in caplog.text
+
+
+@pytest.mark.parametrize("problem", ["read-only", "full"])
+def test_a_latent_run_with_an_unwritable_cache_folder_says_which_and_how(
+    problem: str, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    (tmp_path / "tiny_dit.json").write_text(json.dumps(TINY_DIT))
+    vae = make_vae(tmp_path / "vae")
+    argv = latent_args(tmp_path / "run", tmp_path / "tiny_dit.json", vae)
+    with tmpfs(tmp_path / "cache", "64k", read_only=problem == "read-only") as cache:
+        if problem == "full":
+            fill(cache, leave=0)
+        monkeypatch.setenv("DDP_DIFFUSION_CACHE", str(cache))
+        fresh_accelerate_state()
+        code, err = exit_code_and_stderr(lambda: train_ddpm.main(argv), capsys)
+    assert "Traceback" not in err and err.count("error:") == 1, err
+    if problem == "read-only":
+        assert code == 74
+        assert f"could not write the latent cache {cache}/latents-" in err
+        assert "Read-only file system. A latent run reads its batches from it" in err
+        assert f"set DDP_DIFFUSION_CACHE (now {cache}) to a writable folder" in err
+    else:
+        assert code == 2
+        assert f"the latent cache needs 16.4 kB in {cache} and only 0 bytes are free" in err
+        assert "set DDP_DIFFUSION_CACHE to a folder on a larger disk" in err
+    assert not (tmp_path / "run").exists()

@@ -43,6 +43,7 @@ flip): resume stays exact and a sample of the posterior is fresh at every step.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -59,11 +60,11 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from ddp_utils.data.decode import decode_all, default_cache_dir
+from ddp_utils.data.decode import CACHE_VARIABLE, cache_fix, decode_all, default_cache_dir
 from ddp_utils.data.load import ImageData, StreamSource, first_errors
 from ddp_utils.distributed import local_share
-from ddp_utils.errors import InputError
-from ddp_utils.files import publish_dir, temp_path, write_json
+from ddp_utils.errors import InputError, OutputError
+from ddp_utils.files import format_bytes, publish_dir, temp_path, write_json
 
 logger = logging.getLogger("ddp_diffusion")
 
@@ -83,6 +84,7 @@ WAIT_SECONDS = 5.0  # how often processes poll for the build folder, chunk recor
 # A cache up to this size has its values checked at every read (about a second); a larger one
 # by the rows each batch gathers (reading 42 GB at every start would cost minutes).
 SCAN_BYTES = 2 * 2**30
+CANNOT_WRITE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 class Encoder(Protocol):
@@ -197,10 +199,9 @@ def check_cache_space(num_bytes: int, folder: Path) -> None:
     """Refuse a cache the disk cannot hold, before encoding any of it."""
     free = disk_free(folder)
     if num_bytes > free:
-        gb = 1e9
         raise InputError(
-            f"the latent cache needs {num_bytes / gb:,.1f} GB in {folder} and only "
-            f"{free / gb:,.1f} GB are free: set DDP_DIFFUSION_CACHE to a folder on a larger "
+            f"the latent cache needs {format_bytes(num_bytes)} in {folder} and only "
+            f"{format_bytes(free)} are free: set {CACHE_VARIABLE} to a folder on a larger "
             "disk (a node-local SSD: every node writes its own copy), or train on fewer images"
         )
 
@@ -678,9 +679,19 @@ def load_latents(
         # Every process refuses alike, before any work: the rows a build folder holds count
         # (read first: once it is gone, the cache was published and its bytes are no news).
         needed = build.num_bytes() - bytes_on_disk(build.partial)
-        if read_latent_cache(folder, key, warn=False) is None:
-            check_cache_space(needed, folder.parent)
-        encode_share(build, accelerator, num_workers)
+        try:
+            if read_latent_cache(folder, key, warn=False) is None:
+                check_cache_space(needed, folder.parent)
+            encode_share(build, accelerator, num_workers)
+        except OSError as err:
+            if err.errno not in CANNOT_WRITE:
+                raise
+            raise OutputError(
+                f"could not write the latent cache {folder}: {err.strerror}. A latent run reads "
+                f"its batches from it (it is not optional): {cache_fix()} (it needs "
+                f"{format_bytes(build.num_bytes())}; a node-local disk), then run the same "
+                "command again"
+            ) from None
     latents = read_latent_cache(folder, key)
     if latents is None:
         raise RuntimeError(f"latent cache {folder} could not be read after it was written")

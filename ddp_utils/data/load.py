@@ -22,6 +22,7 @@ from accelerate import Accelerator
 
 from ddp_utils.data.decode import (
     CACHE_VERSION,
+    cache_fix,
     common_shape,
     decode_all,
     default_cache_dir,
@@ -193,21 +194,32 @@ def load_image_data(
         f"images-{fingerprint}.npz"
     )
 
-    def build() -> None:
+    def build() -> tuple | None:
+        """Decode into the cache; the decode itself when the cache cannot be written."""
         if read_cache(cache_file, fingerprint) is not None:
-            return
+            return None
         decoded = decode_all(ds, column, resolution, channels, center_crop)
-        write_cache(cache_file, fingerprint, *decoded)
+        try:
+            write_cache(cache_file, fingerprint, *decoded)
+        except OSError as err:  # full or read-only: the cache is a saving, not a need
+            logger.warning(
+                "could not write the decoded-image cache %s (%s): going on without it, so "
+                "every run (and every process) decodes the images itself; to keep it, %s",
+                cache_file, err.strerror or err, cache_fix(),
+            )  # fmt: skip
+            return decoded
+        return None
 
+    decoded = None
     if accelerator is None:
-        build()
+        decoded = build()
     else:
         with accelerator.local_main_process_first():
             if accelerator.is_local_main_process:
-                build()
-    cached = read_cache(cache_file, fingerprint)
-    if cached is None:
-        raise RuntimeError(f"image cache {cache_file} could not be read after it was written")
+                decoded = build()
+    cached = decoded or read_cache(cache_file, fingerprint)
+    if cached is None:  # the local main process could not write it (and said so)
+        cached = decode_all(ds, column, resolution, channels, center_crop)
     images, skipped, num_upscaled, rows = cached
     _report(skipped, num_upscaled, resolution)
     if len(images) == 0:
