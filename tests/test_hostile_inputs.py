@@ -351,3 +351,19 @@ def test_a_latent_run_with_an_unwritable_cache_folder_says_which_and_how(
         assert f"the latent cache needs 16.4 kB in {cache} and only 0 bytes are free" in err
         assert "set DDP_DIFFUSION_CACHE to a folder on a larger disk" in err
     assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- 6. no images
+
+
+def test_a_dataset_folder_without_images_is_refused_naming_it(tmp_path: Path, capsys) -> None:
+    folder = tmp_path / "texts"
+    (folder / "sub").mkdir(parents=True)
+    for name in ("a.txt", "b.txt", "sub/c.txt"):
+        (folder / name).write_text("not an image")
+    expected = f"--dataset: the folder {folder} holds no image files"
+    err = parse_error(train_basic.BasicConfig, ["--dataset", str(folder), "--dry-run"], capsys)
+    assert expected in err and "it holds 3 .txt file(s)" in err
+    with pytest.raises(InputError) as refused:  # sample.py --fid, evaluate.py: the same loader
+        load_image_data(str(folder), 8, 1, cache_dir=tmp_path)
+    assert expected in str(refused.value) and "corresponds to no data" not in str(refused.value)
