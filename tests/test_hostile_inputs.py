@@ -39,7 +39,7 @@ from ddp_utils.errors import InputError
 from diffusion.drawing import SampleConfig
 from evaluation.image_sets import EvalConfig
 from tests.test_latent import TINY_DIT, latent_args, make_vae
-from tests.tiny_runs import fresh_accelerate_state
+from tests.tiny_runs import TINY_UNET, fresh_accelerate_state
 
 CONFIGS = {
     "train_ddpm.py": train_ddpm.DDPMConfig,
@@ -367,3 +367,48 @@ def test_a_dataset_folder_without_images_is_refused_naming_it(tmp_path: Path, ca
     with pytest.raises(InputError) as refused:  # sample.py --fid, evaluate.py: the same loader
         load_image_data(str(folder), 8, 1, cache_dir=tmp_path)
     assert expected in str(refused.value) and "corresponds to no data" not in str(refused.value)
+
+
+# ----------------------------------------------------------------------------- 7. preset files
+
+
+@pytest.mark.parametrize(
+    ("backbone", "edit", "expected"),
+    [
+        ("dit", {"num_layers": "abc"}, "'num_layers' must be a whole number, got 'abc'"),
+        ("dit", {"num_layers": -1}, "'num_layers' must be a whole number, each >= 1, got -1"),
+        ("dit", {"num_attention_heads": 0}, "'num_attention_heads' must be a whole number, each"),
+        ("dit", {"dropout": 1.5}, "'dropout' must be a number in [0, 1), got 1.5"),
+        ("dit", {"activation_fn": "nope"}, "DiTTransformer2DModel cannot be built and run"),
+        (
+            "unet",
+            {"block_out_channels": [0]},
+            "'block_out_channels' must be a non-empty list of whole numbers, each >= 1, got [0]",
+        ),  # fmt: skip
+        ("unet", {"block_out_channels": []}, "'block_out_channels' must be a non-empty list"),
+        ("unet", {"layers_per_block": "2"}, "'layers_per_block' must be a whole number, got '2'"),
+        ("unet", {"norm_eps": 0}, "'norm_eps' must be a number > 0, got 0"),
+        ("unet", {"block_out_channels": [16, 32, 64]}, "need one entry per level each, got 3"),
+        ("unet", {"down_block_types": ["Nope", "AttnDownBlock2D"]}, "UNet2DModel cannot be built"),
+        ("unet", {"norm_num_groups": 5}, "must be divisible by num_groups (5)"),
+    ],
+)
+def test_a_bad_preset_file_is_refused_at_the_dry_run_naming_the_field(
+    backbone: str, edit: dict, expected: str, tmp_path: Path, capsys
+) -> None:
+    preset = tmp_path / "preset.json"
+    base = TINY_DIT if backbone == "dit" else TINY_UNET
+    preset.write_text(json.dumps({**base, **edit}))
+    out = tmp_path / "run"
+    argv = ["--backbone", backbone, "--preset", str(preset), "--output-dir", str(out), "--dry-run"]
+    err = parse_error(train_ddpm.DDPMConfig, argv, capsys)
+    assert f"--preset: {preset}" in err and expected in err, err
+    assert not out.exists()
+
+
+def test_a_good_preset_file_passes_and_builds(tmp_path: Path) -> None:
+    for backbone, base in (("dit", TINY_DIT), ("unet", TINY_UNET)):
+        preset = tmp_path / f"{backbone}.json"
+        preset.write_text(json.dumps(base))
+        cfg = parse_config(train_ddpm.DDPMConfig, ["--backbone", backbone, "--preset", str(preset)])
+        assert cfg.preset == str(preset)
