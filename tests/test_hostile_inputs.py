@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+import evaluate
 import train_autoencoder
 import train_basic
 import train_ddpm
@@ -37,7 +38,7 @@ from ddp_utils.data import latent_cache, load_image_data, load_latents
 from ddp_utils.data.batches import LatentBatches
 from ddp_utils.errors import InputError
 from diffusion.drawing import SampleConfig
-from evaluation.image_sets import EvalConfig
+from evaluation.image_sets import EvalConfig, load_image_set
 from tests.test_latent import TINY_DIT, latent_args, make_vae
 from tests.tiny_runs import TINY_UNET, fresh_accelerate_state
 
@@ -412,3 +413,34 @@ def test_a_good_preset_file_passes_and_builds(tmp_path: Path) -> None:
         preset.write_text(json.dumps(base))
         cfg = parse_config(train_ddpm.DDPMConfig, ["--backbone", backbone, "--preset", str(preset)])
         assert cfg.preset == str(preset)
+
+
+# ----------------------------------------------------------------------------- 8. evaluate.py
+
+
+def test_evaluate_refuses_one_image(tmp_path: Path, capsys) -> None:
+    np.savez(tmp_path / "one.npz", np.zeros((1, 8, 8, 3), dtype=np.uint8))
+    np.savez(tmp_path / "two.npz", np.zeros((2, 8, 8, 3), dtype=np.uint8))
+    for samples, reference in (("one", "two"), ("two", "one")):
+        argv = ["--samples", str(tmp_path / f"{samples}.npz"), "--reference",
+                str(tmp_path / f"{reference}.npz")]  # fmt: skip
+        code, err = exit_code_and_stderr(lambda argv=argv: evaluate.main(argv), capsys)
+        flag = "--samples" if samples == "one" else "--reference"
+        assert code == 2 and "Traceback" not in err
+        assert (
+            f"{flag}: {tmp_path / 'one.npz'} holds 1 image(s): FID and KID need at least 2" in err
+        )
+
+
+def test_evaluate_says_an_autoencoder_export_has_no_samples(tmp_path: Path) -> None:
+    run = tmp_path / "ae"  # what train_autoencoder.py leaves (the files evaluate.py looks at)
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "model").mkdir()
+    (run / "config.yaml").write_text("preset: ae-digits\n")
+    (run / "model" / "task.json").write_text(json.dumps({"task": "autoencoder"}))
+    for folder in (run / "model", run):
+        with pytest.raises(InputError) as refused:
+            load_image_set(str(folder), "--samples")
+        message = str(refused.value)
+        assert "of an autoencoder (train_autoencoder.py)" in message, message
+        assert "no samples to score" in message and "grids" not in message
