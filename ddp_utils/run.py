@@ -467,8 +467,15 @@ def start_run(cfg: TrainConfig, with_labels: bool = False) -> Run:
             "1node_8gpu_bf16.yaml); every preset here fits one GPU with room to spare."
         )
     output_dir = Path(cfg.output_dir)  # not a file: TrainConfig checked it
-    if cfg.push_to_hub:  # offline or no token: refused now, not after training
-        check_can_push(hub_repo_id(cfg.hub_model_id, cfg.output_dir))
+    if cfg.push_to_hub:  # offline, no token, a token the hub refuses: now, not after training
+        error = None
+        if accelerator.is_main_process:  # one question to the hub, not one per process
+            try:
+                check_can_push(hub_repo_id(cfg.hub_model_id, cfg.output_dir))
+            except InputError as err:
+                error = err
+        others = InputError("cannot be done (the main process says why)", "push_to_hub")
+        raise_together(accelerator, error, others)
     data = load_image_data(
         cfg.dataset,
         cfg.resolution,

@@ -24,7 +24,7 @@ import evaluate
 import train_autoencoder
 import train_basic
 import train_ddpm
-from ddp_utils import loop
+from ddp_utils import hub, loop
 from ddp_utils.checkpoint import (
     find_resume_checkpoint,
     list_checkpoints,
@@ -444,3 +444,45 @@ def test_evaluate_says_an_autoencoder_export_has_no_samples(tmp_path: Path) -> N
         message = str(refused.value)
         assert "of an autoencoder (train_autoencoder.py)" in message, message
         assert "no samples to score" in message and "grids" not in message
+
+
+# ----------------------------------------------------------------------------- 9. --push-to-hub
+
+
+@pytest.fixture
+def unreachable_hub(monkeypatch, tmp_path: Path) -> None:
+    """Not offline by its variables, a token set, and no hub to be reached (a closed port on
+    this machine: refused at once, as on a machine without a network)."""
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("HF_TOKEN", "hf_a_token_nobody_checked")
+    fresh_accelerate_state()
+
+
+def test_a_token_that_cannot_be_checked_refuses_the_push_before_training(
+    unreachable_hub, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    with pytest.raises(InputError) as refused:
+        train_basic.main([*TINY_BASIC, "--push-to-hub", "--output-dir", str(out)])
+    message = str(refused.value)
+    assert message.startswith("--push-to-hub: the Hugging Face token could not be checked")
+    assert "ConnectError" in message and "upload the export later with `hf upload" in message
+    assert not out.exists()
+
+
+def test_a_token_the_hub_does_not_allow_to_push_is_refused(monkeypatch) -> None:
+    identity: dict = {"name": "me", "orgs": [{"name": "lab"}]}
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    monkeypatch.setattr(hub, "HfApi", lambda: SimpleNamespace(whoami=lambda token: identity))
+    for repo in ("x", "me/x", "lab/x"):
+        hub.check_can_push(repo)
+    with pytest.raises(InputError, match=r"me's, who cannot create repositories in 'other'"):
+        hub.check_can_push("other/x")
+    identity["auth"] = {"accessToken": {"role": "read"}}
+    with pytest.raises(InputError, match="the Hugging Face token can only read"):
+        hub.check_can_push("x")
