@@ -344,11 +344,27 @@ class TrainConfig:
                 parse_duration(self.max_train_time)
             except ValueError as err:
                 raise InputError(f"--max-train-time {err}") from None
+        # Flags that would do nothing where given are refused, not ignored: the user meant
+        # something by them (a warning would scroll by in the log of a run that ignores them).
         for name in ("hub_model_id", "hub_private"):
             require(
                 self.push_to_hub or not getattr(self, name),
                 f"{flag_name(name)} applies with --push-to-hub only; add it, or drop "
                 f"{flag_name(name)}",
+            )
+        for name, default in (("compile_backend", "inductor"), ("compile_mode", "default")):
+            require(
+                self.compile or getattr(self, name) == default,
+                f"{flag_name(name)} applies with --compile only; add it, or drop {flag_name(name)}",
+            )
+        # Only a class-conditional run (train_ddpm.py --class-conditional) reads labels.
+        if self.label_column is not None and not getattr(self, "class_conditional", False):
+            raise InputError(
+                "names the class labels of --class-conditional training: add "
+                "--class-conditional, or drop --label-column"
+                if hasattr(self, "class_conditional")
+                else "names class labels, and this script trains on images alone: drop it",
+                "label_column",
             )
         require(
             self.max_nonfinite_steps >= 1,

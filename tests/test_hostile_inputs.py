@@ -486,3 +486,31 @@ def test_a_token_the_hub_does_not_allow_to_push_is_refused(monkeypatch) -> None:
     identity["auth"] = {"accessToken": {"role": "read"}}
     with pytest.raises(InputError, match="the Hugging Face token can only read"):
         hub.check_can_push("x")
+
+
+# ----------------------------------------------------------------------------- 10. flags doing nothing
+
+
+@pytest.mark.parametrize(
+    ("cls", "argv", "expected"),
+    [
+        (train_ddpm.DDPMConfig, ["--label-column", "label"],
+         "--label-column: names the class labels of --class-conditional training: add"),
+        (train_basic.BasicConfig, ["--label-column", "label"],
+         "--label-column: names class labels, and this script trains on images alone"),
+        (train_autoencoder.AutoencoderConfig, ["--label-column", "label"], "images alone"),
+        (train_ddpm.DDPMConfig, ["--compile-mode", "max-autotune"],
+         "--compile-mode applies with --compile only"),
+        (train_basic.BasicConfig, ["--compile-backend", "aot_eager"],
+         "--compile-backend applies with --compile only"),
+    ],
+)  # fmt: skip
+def test_a_flag_that_would_do_nothing_is_refused(cls, argv, expected, capsys) -> None:
+    assert expected in parse_error(cls, argv, capsys)
+
+
+def test_the_same_flags_where_they_do_something_pass() -> None:
+    cfg = parse_config(train_ddpm.DDPMConfig, ["--class-conditional", "--label-column", "label"])
+    assert cfg.label_column == "label"
+    cfg = parse_config(train_ddpm.DDPMConfig, ["--compile", "--compile-mode", "max-autotune"])
+    assert cfg.compile_mode == "max-autotune"
