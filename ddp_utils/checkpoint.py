@@ -133,7 +133,7 @@ def prune(checkpoints_dir: Path, total_limit: int, keep: tuple[Path, ...] = ()) 
     problems = {p: None if p in kept else damage(p) for p in found}
     intact = [p for p in found if p not in kept and problems[p] is None]
     room = max(0, total_limit - len(kept))
-    kept |= set(intact[len(intact) - room :] if room else [])
+    kept |= set(intact[max(0, len(intact) - room) :] if room else [])
     if not kept:
         return []
     oldest_kept = min(_step_of(p) for p in kept)
