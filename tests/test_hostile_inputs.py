@@ -37,6 +37,7 @@ from ddp_utils.config import _unwrap_optional, parse_config
 from ddp_utils.data import latent_cache, load_image_data, load_latents
 from ddp_utils.data.batches import LatentBatches
 from ddp_utils.errors import InputError
+from ddp_utils.lock import RunLock
 from diffusion.drawing import SampleConfig
 from evaluation.image_sets import EvalConfig, load_image_set
 from tests.test_latent import TINY_DIT, latent_args, make_vae
@@ -161,7 +162,8 @@ def test_a_damaged_checkpoint_does_not_count_toward_the_limit(tmp_path: Path, ca
     folder = tmp_path / "checkpoints"
     _checkpoint(folder, 5)
     _checkpoint(folder, 10)
-    damaged = _checkpoint(folder, 1000)
+    damaged = _checkpoint(folder, 1000, total_limit=5)  # below the limit: all are kept
+    assert _names(folder) == ["checkpoint-5", "checkpoint-10", "checkpoint-1000"]
     model = damaged / "model.safetensors"
     model.write_bytes(model.read_bytes()[:-40])  # truncated
     (folder / "checkpoint-5" / "state.json").unlink()  # an old one, damaged too
@@ -277,12 +279,14 @@ def fill(folder: Path, leave: int) -> None:
         os.posix_fallocate(f.fileno(), 0, max(0, free - leave))
 
 
-def exit_code_and_stderr(main: Callable[[], None], capsys) -> tuple[int, str]:
-    """`main` as the console script runs it (cli_main: known endings -> exit codes)."""
+def run_script(main: Callable[[], None], capsys) -> tuple[int, str, str]:
+    """`main` as the console script runs it (cli_main: known endings -> exit codes): its exit
+    code, its stderr and its log (stdout)."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         cli_main(main)
-    return exit_info.value.code, capsys.readouterr().err
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.err, captured.out
 
 
 def test_a_disk_that_fills_during_the_export_exits_74_with_a_message(
@@ -299,7 +303,7 @@ def test_a_disk_that_fills_during_the_export_exits_74_with_a_message(
         monkeypatch.setattr(loop, "model_card", fill_then_card)
         fresh_accelerate_state()
         argv = [*TINY_BASIC, "--output-dir", str(out)]
-        code, err = exit_code_and_stderr(lambda: train_basic.main(argv), capsys)
+        code, err, _ = run_script(lambda: train_basic.main(argv), capsys)
         assert code == 74, err
         assert f"could not write the export model/ in {out}: No space left on device" in err
         assert "The earlier checkpoints are intact (newest: checkpoint-2)" in err
@@ -340,7 +344,7 @@ def test_a_latent_run_with_an_unwritable_cache_folder_says_which_and_how(
             fill(cache, leave=0)
         monkeypatch.setenv("DDP_DIFFUSION_CACHE", str(cache))
         fresh_accelerate_state()
-        code, err = exit_code_and_stderr(lambda: train_ddpm.main(argv), capsys)
+        code, err, _ = run_script(lambda: train_ddpm.main(argv), capsys)
     assert "Traceback" not in err and err.count("error:") == 1, err
     if problem == "read-only":
         assert code == 74
@@ -424,7 +428,7 @@ def test_evaluate_refuses_one_image(tmp_path: Path, capsys) -> None:
     for samples, reference in (("one", "two"), ("two", "one")):
         argv = ["--samples", str(tmp_path / f"{samples}.npz"), "--reference",
                 str(tmp_path / f"{reference}.npz")]  # fmt: skip
-        code, err = exit_code_and_stderr(lambda argv=argv: evaluate.main(argv), capsys)
+        code, err, _ = run_script(lambda argv=argv: evaluate.main(argv), capsys)
         flag = "--samples" if samples == "one" else "--reference"
         assert code == 2 and "Traceback" not in err
         assert (
@@ -514,3 +518,25 @@ def test_the_same_flags_where_they_do_something_pass() -> None:
     assert cfg.label_column == "label"
     cfg = parse_config(train_ddpm.DDPMConfig, ["--compile", "--compile-mode", "max-autotune"])
     assert cfg.compile_mode == "max-autotune"
+
+
+# ----------------------------------------------------------------------------- 12. a busy directory
+
+
+def test_a_run_into_a_busy_directory_is_refused_before_it_says_it_resumes(
+    tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "run"
+    fresh_accelerate_state()
+    train_basic.main([*TINY_BASIC, "--output-dir", str(out)])  # checkpoint-2 to resume from
+    lock = RunLock.acquire(out)  # another run training there (flock: per open file)
+    try:
+        capsys.readouterr()
+        fresh_accelerate_state()
+        argv = [*TINY_BASIC, "--max-steps", "4", "--output-dir", str(out)]
+        code, err, log = run_script(lambda: train_basic.main(argv), capsys)
+    finally:
+        lock.release()
+    assert code == 2 and f"--output-dir: {out} is in use by another run (pid" in err
+    assert "resumed" not in log + err and "checkpoint-2" not in log + err
+    assert not (out / "checkpoints" / "checkpoint-4").exists()
