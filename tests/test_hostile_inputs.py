@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import typing
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -41,7 +42,14 @@ from ddp_utils.lock import RunLock
 from diffusion.drawing import SampleConfig
 from evaluation.image_sets import EvalConfig, load_image_set
 from tests.test_latent import TINY_DIT, latent_args, make_vae
-from tests.tiny_runs import TINY_UNET, fresh_accelerate_state
+from tests.tiny_runs import (
+    GLOBAL_BATCH,
+    REPO,
+    TINY_UNET,
+    ddpm_args,
+    fresh_accelerate_state,
+    trained_ddpm,
+)
 
 CONFIGS = {
     "train_ddpm.py": train_ddpm.DDPMConfig,
@@ -540,3 +548,29 @@ def test_a_run_into_a_busy_directory_is_refused_before_it_says_it_resumes(
     assert code == 2 and f"--output-dir: {out} is in use by another run (pid" in err
     assert "resumed" not in log + err and "checkpoint-2" not in log + err
     assert not (out / "checkpoints" / "checkpoint-4").exists()
+
+
+# ----------------------------------------------------------------------------- 14. reproducible exports
+
+
+def test_two_identical_runs_export_the_same_bytes(tmp_path_factory, tmp_path: Path) -> None:
+    """The session's tiny DDPM run, and the same command in a process whose string hashing
+    differs (set order: the scheduler config's `_use_default_values`)."""
+    first = trained_ddpm(tmp_path_factory)
+    preset = first.parent / "tiny_unet.json"  # the same preset path: the model card names it
+    argv = [*ddpm_args(tmp_path / "run", preset, GLOBAL_BATCH // 2, 2), "--report-to=none"]
+    seed = str(int(os.environ.get("PYTHONHASHSEED", "0") or 0) + 1)
+    env = {**os.environ, "PYTHONHASHSEED": seed, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "train_ddpm.py", *argv], cwd=REPO, env=env, capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    second = tmp_path / "run"
+    files = sorted(p.relative_to(first / "pipeline") for p in (first / "pipeline").rglob("*"))
+    assert files == sorted(
+        p.relative_to(second / "pipeline") for p in (second / "pipeline").rglob("*")
+    )
+    differ = [f for f in files if (first / "pipeline" / f).is_file()
+              and (first / "pipeline" / f).read_bytes() != (second / "pipeline" / f).read_bytes()]  # fmt: skip
+    assert differ == []
