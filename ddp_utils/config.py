@@ -353,12 +353,27 @@ def parse_config(cls: type[C], argv: list[str] | None = None, description: str |
         values = read_config_file(config_file) if config_file else {}
         values.update(args)
         cfg = config_from_dict(cls, values, f"--config {config_file}" if config_file else "config")
+        text = dry_run_yaml(cfg) if dry_run else ""
     except InputError as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     if dry_run:
-        print(to_yaml(cfg), end="")
+        print(text, end="")
         sys.exit(0)
     return cfg
+
+
+def dry_run_yaml(cfg: Any) -> str:
+    """What `--dry-run` prints: the resolved config as YAML, where the fields a run takes from
+    its data (a config's `taken_from_the_data()`: --resolution, --channels) hold the values it
+    will use, each with a comment saying where it comes from (null: only the run can tell)."""
+    notes = cfg.taken_from_the_data() if hasattr(cfg, "taken_from_the_data") else {}
+    values = to_dict(cfg)
+    values.update({name: value for name, (value, _) in notes.items()})
+    lines = []
+    for line in yaml.safe_dump(values, sort_keys=False).splitlines():
+        name = line.split(":", 1)[0]
+        lines.append(f"{line}  # {notes[name][1]}" if name in notes else line)
+    return "\n".join(lines) + "\n"
 
 
 def _unknown_arguments_message(unknown: list[str], parser: argparse.ArgumentParser) -> str:

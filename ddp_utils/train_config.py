@@ -15,7 +15,7 @@ from typing import ClassVar, Literal
 
 from ddp_utils.compile import CompileBackend, CompileMode, check_compile_options
 from ddp_utils.config import ForeignFlag, check_fields, option, require
-from ddp_utils.data.load import DataLoading
+from ddp_utils.data.load import DataLoading, peek_image_size
 from ddp_utils.data.source import check_dataset_name
 from ddp_utils.errors import InputError, flag_name
 from ddp_utils.tracking import ReportTo
@@ -379,6 +379,25 @@ class TrainConfig:
             self.resume in ("latest", "none") or Path(self.resume).is_dir(),
             f"--resume must be latest, none or an existing checkpoint folder, got {self.resume!r}",
         )
+
+    def taken_from_the_data(self) -> dict[str, tuple[int | None, str]]:
+        """For --dry-run: --resolution and --channels not given, as the run will take them
+        from the images (their headers, read now for local data) and where they come from;
+        None for a hub dataset, which only the run reads."""
+        missing = [name for name in ("resolution", "channels") if getattr(self, name) is None]
+        if not missing:
+            return {}
+        shape = peek_image_size(
+            self.dataset, self.resolution, self.channels, self.dataset_config, self.split,
+            self.image_column, self.max_images,
+        )  # fmt: skip
+        if shape is None:
+            return {name: (None, "from the images, when the run loads them") for name in missing}
+        found = dict(zip(("resolution", "channels"), shape, strict=True))
+        return {
+            name: (found[name], f"what the run takes from the data; {flag_name(name)} to choose")
+            for name in missing
+        }
 
     def check_image_size(self) -> None:
         """--resolution and --channels, as given or once taken from the data (`start_run`)."""

@@ -20,6 +20,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import yaml
+from PIL import Image
 
 import evaluate
 import train_autoencoder
@@ -574,3 +576,27 @@ def test_two_identical_runs_export_the_same_bytes(tmp_path_factory, tmp_path: Pa
     differ = [f for f in files if (first / "pipeline" / f).is_file()
               and (first / "pipeline" / f).read_bytes() != (second / "pipeline" / f).read_bytes()]  # fmt: skip
     assert differ == []
+
+
+# ----------------------------------------------------------------------------- 13. --dry-run
+
+
+def dry_run(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        train_ddpm.main([*argv, "--dry-run"])
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_the_dry_run_prints_the_size_the_run_takes_from_the_data(tmp_path: Path, capsys) -> None:
+    printed = dry_run([], capsys)  # the built-in digits: 8x8, trained at 16x16
+    assert "resolution: 16  # what the run takes from the data; --resolution to choose" in printed
+    assert "channels: 1  # what the run takes from the data; --channels to choose" in printed
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for k in range(5):
+        Image.new("RGB", (24 if k else 40, 20)).save(folder / f"{k}.png")
+    printed = yaml.safe_load(dry_run(["--dataset", str(folder), "--resolution", "16"], capsys))
+    assert printed["resolution"] == 16 and printed["channels"] == 3
+    printed = dry_run(["--dataset", "cifar10"], capsys)  # a hub dataset: the run reads it
+    assert "resolution: null  # from the images, when the run loads them" in printed

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+import datasets
 import torch
 from accelerate import Accelerator
 
@@ -171,7 +172,9 @@ def load_image_data(
     if max_images is not None:
         ds = ds.select(range(min(max_images, len(ds))))
     if resolution is None or channels is None:
-        resolution, channels = _shape_from_images(ds, column, source, resolution, channels)
+        # Nothing readable: decoding says so, naming the files.
+        shape = _shape_from_images(ds, column, source, resolution, channels)
+        resolution, channels = shape or (resolution or source.resolution or 32, channels or 3)
     row_labels, class_names = _read_labels(ds, label_column) if with_labels else (None, None)
     key = {
         "version": CACHE_VERSION,
@@ -240,13 +243,45 @@ def load_image_data(
     )
 
 
+def peek_image_size(
+    dataset: str,
+    resolution: int | None,
+    channels: int | None,
+    dataset_config: str | None = None,
+    split: str = "train",
+    image_column: str | None = None,
+    max_images: int | None = None,
+) -> tuple[int, int] | None:
+    """The (resolution, channels) `load_image_data` will train at, from the images' headers
+    (no pixel decoded), for the sources on this machine: the built-in digits, an image folder,
+    a save_to_disk folder. None for a hub dataset (reading it may mean a download) and when
+    no image can be read. What `--dry-run` prints."""
+    if dataset != "digits" and not Path(dataset).expanduser().is_dir():
+        return None
+    progress_bars = datasets.utils.logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # a dry run prints the config alone
+    try:
+        source = load_source(dataset, dataset_config, split)
+        ds = source.dataset
+        if len(ds) == 0:
+            return None
+        column = detect_image_column(ds, image_column)
+        if max_images is not None:
+            ds = ds.select(range(min(max_images, len(ds))))
+        return _shape_from_images(ds, column, source, resolution, channels)
+    finally:
+        if progress_bars:
+            datasets.enable_progress_bars()
+
+
 def _shape_from_images(
     ds: Any, column: str, source: Source, resolution: int | None, channels: int | None
-) -> tuple[int, int]:
-    """Fill the size and channels not given from the images (logged); at least 4 pixels."""
+) -> tuple[int, int] | None:
+    """Fill the size and channels not given from the images (logged); at least 4 pixels.
+    None when no image's header can be read."""
     found = common_shape(ds, column)
-    if found is None:  # nothing readable: decoding says so, naming the files
-        return resolution or source.resolution or 32, channels or 3
+    if found is None:
+        return None
     size, num_channels, line = found
     if resolution is None:
         resolution = source.resolution or max(size, 4)
