@@ -79,6 +79,19 @@ def read_task_file(folder: Path) -> dict[str, Any] | None:
     return info
 
 
+def check_task_finite(folder: Path) -> None:
+    """A CheckpointError when the folder's task.json holds NaN or Infinity (an export of a run
+    given a non-finite flag before flags were checked: its samples would be black)."""
+    path = folder / TASK_FILE
+    found: list[str] = []
+    try:
+        json.loads(path.read_text(), parse_constant=found.append)
+    except (OSError, ValueError):
+        return  # missing or unreadable: verify_checksums and read_task_file say so
+    if found:
+        raise CheckpointError(f"{path} holds non-finite values ({', '.join(found)})")
+
+
 def write_checksums(folder: Path) -> None:
     """checksums.json: the size and checksum of every other file under `folder`."""
     files = {}

@@ -37,6 +37,7 @@ from ddp_utils.export import (
     BEST_DIR,
     BEST_FILE,
     CHECKSUMS_FILE,
+    check_task_finite,
     read_best_record,
     verify_checksums,
     write_checksums,
@@ -339,9 +340,11 @@ def log_pictures(run: Run, method: Method, net: nn.Module, step: int) -> np.ndar
 
 def export_intact(run: Run, folder: Path) -> bool:
     """Whether the export matches its checksums.json, on every rank (collective). One without
-    checksums (older code) or damaged is made again; a warning says why."""
+    checksums (older code), damaged, or with NaN/inf in its task.json is made again; a
+    warning says why."""
     ok = False
     try:
+        check_task_finite(folder)
         ok = verify_checksums(folder)
     except ValueError as err:
         if run.accelerator.is_main_process:

@@ -40,6 +40,7 @@ from ddp_utils.config import _unwrap_optional, parse_config
 from ddp_utils.data import latent_cache, load_image_data, load_latents
 from ddp_utils.data.batches import LatentBatches
 from ddp_utils.errors import InputError
+from ddp_utils.export import write_checksums
 from ddp_utils.lock import RunLock
 from diffusion.drawing import SampleConfig
 from evaluation.image_sets import EvalConfig, load_image_set
@@ -600,3 +601,22 @@ def test_the_dry_run_prints_the_size_the_run_takes_from_the_data(tmp_path: Path,
     assert printed["resolution"] == 16 and printed["channels"] == 3
     printed = dry_run(["--dataset", "cifar10"], capsys)  # a hub dataset: the run reads it
     assert "resolution: null  # from the images, when the run loads them" in printed
+
+
+def test_an_export_holding_infinity_is_made_again_by_a_rerun(
+    tmp_path_factory, tmp_path: Path, capsys
+) -> None:
+    """A run given --sample-guidance-scale inf before flags were checked exported Infinity in
+    task.json; the same command run again exports anew instead of keeping it as intact."""
+    first = trained_ddpm(tmp_path_factory)
+    run = tmp_path / "run"
+    shutil.copytree(first, run)
+    task_file = run / "pipeline" / "task.json"
+    task = json.loads(task_file.read_text())
+    task_file.write_text(json.dumps({**task, "guidance_scale": float("inf")}))
+    write_checksums(run / "pipeline")  # as that run wrote it: its checksums match
+    argv = [*ddpm_args(run, first.parent / "tiny_unet.json", GLOBAL_BATCH // 2, 2)]
+    fresh_accelerate_state()
+    train_ddpm.main([*argv, "--report-to=none"])
+    assert "Infinity" not in task_file.read_text()
+    assert "holds non-finite values (Infinity)" in capsys.readouterr().out
