@@ -199,9 +199,12 @@ def check_cache_space(num_bytes: int, folder: Path) -> None:
     """Refuse a cache the disk cannot hold, before encoding any of it."""
     free = disk_free(folder)
     if num_bytes > free:
+        needed, available = format_bytes(num_bytes), format_bytes(free)
+        if needed == available:  # 8.19 kB and 8.19 kB: the bytes say which is more
+            needed, available = f"{num_bytes:,} bytes", f"{free:,} bytes"
         raise InputError(
-            f"the latent cache needs {format_bytes(num_bytes)} in {folder} and only "
-            f"{format_bytes(free)} are free: set {CACHE_VARIABLE} to a folder on a larger "
+            f"the latent cache needs {needed} in {folder} and only {available} are free: "
+            f"set {CACHE_VARIABLE} to a folder on a larger "
             "disk (a node-local SSD: every node writes its own copy), or train on fewer images"
         )
 
