@@ -31,6 +31,8 @@ from ddp_utils.data.decode import (
     write_cache,
 )
 from ddp_utils.data.source import (
+    DIGITS_CHANNELS,
+    DIGITS_RESOLUTION,
     Source,
     detect_image_column,
     detect_label_column,
@@ -256,7 +258,9 @@ def peek_image_size(
     (no pixel decoded), for the sources on this machine: the built-in digits, an image folder,
     a save_to_disk folder. None for a hub dataset (reading it may mean a download) and when
     no image can be read. What `--dry-run` prints."""
-    if dataset != "digits" and not Path(dataset).expanduser().is_dir():
+    if dataset == "digits":  # known without building it: 8x8 grayscale, trained at 16
+        return resolution or DIGITS_RESOLUTION, channels or DIGITS_CHANNELS
+    if not Path(dataset).expanduser().is_dir():
         return None
     progress_bars = datasets.utils.logging.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # a dry run prints the config alone

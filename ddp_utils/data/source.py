@@ -37,6 +37,7 @@ HUB_ALIASES = {
 # The built-in digits are 8x8: trained at 16 (upscaled 2x) unless --resolution says otherwise,
 # the size the presets and the README's figures assume. Other sources: the images' own size.
 DIGITS_RESOLUTION = 16
+DIGITS_CHANNELS = 1  # 8-bit grayscale
 # The size a model trained on these sources has by default, known without reading them: what
 # sample.py --fid and evaluate.py compare the samples' size with, to warn about resizing.
 NATIVE_RESOLUTION = {"digits": DIGITS_RESOLUTION, "mnist": 28, "fashion_mnist": 28, "cifar10": 32}
