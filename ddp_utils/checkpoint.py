@@ -8,7 +8,8 @@ Layout of `<output-dir>/checkpoints/checkpoint-<step>/`:
 
 A checkpoint is written to a temporary folder and renamed into place only when complete, so
 a crash mid-save leaves the previous one loadable and `latest` never names a partial one;
-pruning (`--checkpoints-total-limit`) happens after the rename. Nothing is unpickled:
+pruning (`--checkpoints-total-limit`) happens after the rename and counts intact checkpoints
+only (a damaged one never takes a good one's place). Nothing is unpickled:
 Accelerate's `save_state` would write pickles (`optimizer.bin`, `custom_checkpoint_*.pkl`,
 the latter loaded with `weights_only=False`), which is why it is not used here.
 """
@@ -117,14 +118,53 @@ def state_checksum(state: dict[str, Any]) -> str:
 
 
 def prune(checkpoints_dir: Path, total_limit: int, keep: tuple[Path, ...] = ()) -> list[Path]:
-    """Delete the oldest complete checkpoints beyond `total_limit` (never those in `keep`)."""
-    candidates = [p for p in list_checkpoints(checkpoints_dir) if p not in keep]
-    excess = len(candidates) + len([k for k in keep if k.parent == checkpoints_dir]) - total_limit
+    """Keep the newest `total_limit` intact checkpoints (those in `keep` among them, never
+    removed) and delete the older ones; return what was deleted.
+
+    A damaged checkpoint (`damage`: what can be seen without reading the tensors) does not
+    count toward the limit, so it never costs a good one its place; it is deleted once it is
+    older than every checkpoint kept (nothing would resume from it then), and left alone while
+    it is newer: a file may be damaged for a while only (a copy in progress) or worth a look,
+    and the save of its step, or later ones, replaces it or moves past it. With no intact
+    checkpoint at all nothing is deleted.
+    """
+    found = list_checkpoints(checkpoints_dir)
+    kept = {k for k in keep if k.parent == checkpoints_dir}
+    problems = {p: None if p in kept else damage(p) for p in found}
+    intact = [p for p in found if p not in kept and problems[p] is None]
+    room = max(0, total_limit - len(kept))
+    kept |= set(intact[max(0, len(intact) - room) :] if room else [])
+    if not kept:
+        return []
+    oldest_kept = min(_step_of(p) for p in kept)
     removed = []
-    for path in candidates[: max(0, excess)]:
+    for path in found:
+        if path in kept or (problems[path] is not None and _step_of(path) > oldest_kept):
+            continue
+        if problems[path] is not None:
+            logger.warning("removing damaged %s, older than the checkpoints kept: %s",
+                           path.name, problems[path])  # fmt: skip
         shutil.rmtree(path)
         removed.append(path)
     return removed
+
+
+def _step_of(path: Path) -> int:
+    match = CHECKPOINT_RE.match(path.name)
+    assert match, path
+    return int(match.group(1))
+
+
+def damage(path: Path) -> str | None:
+    """What is wrong with a checkpoint that can be seen without reading its tensors (None:
+    nothing): state.json missing, unparsable, edited, or a file missing or of another size than
+    written. Cheap (one small read and a stat per file): pruning asks it at every save."""
+    try:
+        state = _read_state(path)
+        _check_file_sizes(path, state)
+    except CheckpointError as err:
+        return str(err)
+    return None
 
 
 def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
@@ -147,29 +187,10 @@ def read_checkpoint(path: Path) -> Checkpoint:
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist or is not a folder")
-    state_file = path / STATE_FILE
-    if not state_file.is_file():
-        raise CheckpointError(f"{state_file} is missing: the checkpoint is incomplete")
-    try:
-        state = json.loads(state_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{state_file} does not parse as JSON: {err}") from None
-    _check_state(state, state_file)
-    # Checkpoints written before state.json carried its own checksum load without one.
-    if STATE_CHECKSUM in state and state[STATE_CHECKSUM] != state_checksum(state):
-        raise CheckpointError(
-            f"{state_file} does not match the checksum recorded when it was written: it was "
-            "edited or damaged on disk"
-        )
+    state = _read_state(path)
     tensors = {}
-    for name, record in state["files"].items():
+    for name, (size, digest) in _check_file_sizes(path, state).items():
         file = path / name
-        if not file.is_file():
-            raise CheckpointError(f"{file} is missing")
-        # Checkpoints written before checksums were recorded hold the size alone.
-        size, digest = (
-            (record, None) if isinstance(record, int) else (record["bytes"], record[CHECKSUM])
-        )
         data = file.read_bytes()
         if len(data) != size:
             raise CheckpointError(f"{file} has {len(data)} bytes, {size} were written: truncated?")
@@ -192,6 +213,44 @@ def read_checkpoint(path: Path) -> Checkpoint:
             )
         tensors[name.removesuffix(".safetensors")] = named
     return Checkpoint(path=path, step=state["step"], state=state, tensors=tensors)
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's state.json, checked (its structure and its own checksum)."""
+    state_file = path / STATE_FILE
+    if not state_file.is_file():
+        raise CheckpointError(f"{state_file} is missing: the checkpoint is incomplete")
+    try:
+        state = json.loads(state_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{state_file} does not parse as JSON: {err}") from None
+    _check_state(state, state_file)
+    # Checkpoints written before state.json carried its own checksum load without one.
+    if STATE_CHECKSUM in state and state[STATE_CHECKSUM] != state_checksum(state):
+        raise CheckpointError(
+            f"{state_file} does not match the checksum recorded when it was written: it was "
+            "edited or damaged on disk"
+        )
+    return state
+
+
+def _check_file_sizes(path: Path, state: dict[str, Any]) -> dict[str, tuple[int, str | None]]:
+    """Every file state.json lists is there with the size written: {name: (size, checksum)}
+    (checkpoints written before checksums were recorded hold the size alone)."""
+    records = {}
+    for name, record in state["files"].items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing")
+        size, digest = (
+            (record, None) if isinstance(record, int) else (record["bytes"], record[CHECKSUM])
+        )
+        if file.stat().st_size != size:
+            raise CheckpointError(
+                f"{file} has {file.stat().st_size} bytes, {size} were written: truncated?"
+            )
+        records[name] = (size, digest)
+    return records
 
 
 def _check_state(state: Any, state_file: Path) -> None:

@@ -7,7 +7,10 @@ the run directory so a run can be reproduced from its folder alone.
 
 Validation lives in each config's `__post_init__` and raises `InputError` naming the flag, so
 a bad value stops the run before any compute; `parse_config` turns it into argparse's exit 2.
-A plain `ValueError` there is a bug and keeps its traceback.
+A plain `ValueError` there is a bug and keeps its traceback. What holds for every field of a
+type is checked here, once, for every script: a choice is one of its `Literal`'s values, and a
+float is finite (nan and inf are refused as they enter, from a flag or a config file, unless
+the field says `option(..., finite=False)`), so a kind added later gets both for free.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import math
 import os
 import re
 import sys
@@ -40,15 +44,19 @@ def option(
     aliases: typing.Sequence[str] = (),
     positional: bool = False,
     section: str | None = None,
+    finite: bool = True,
 ) -> Any:
     """A dataclass field carrying its CLI help (and alias flags). Choices come from the
     field's `Literal[...]` type. `section` titles the group `--help` lists it in (a model
-    kind's own options: "DDPM objective", "EDM objective", ...)."""
+    kind's own options: "DDPM objective", "EDM objective", ...). `finite` False: a float
+    field that means something by inf or nan (none does so far); every other float field
+    refuses them."""
     metadata: dict[str, Any] = {
         "help": help,
         "aliases": tuple(aliases),
         "positional": positional,
         "section": section,
+        "finite": finite,
     }
     if isinstance(default, list | dict):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
@@ -95,9 +103,15 @@ def _parse_scalar(tp: Any, optional: bool) -> Callable[[str], Any]:
     return parse
 
 
-def _coerce(name: str, tp: Any, value: Any) -> Any:
-    """Coerce a value read from a config file to the field's type, or raise an InputError."""
+_NONE_WORDS = ("none", "null", "")  # what an optional field's flag takes for "not set"
+
+
+def _coerce(name: str, tp: Any, value: Any, finite: bool = True) -> Any:
+    """Coerce a value read from a config file to the field's type, or raise an InputError.
+    `finite`: a float must be a finite number (the field's `option(finite=...)`)."""
     base, optional = _unwrap_optional(tp)
+    if optional and isinstance(value, str) and value.strip().lower() in _NONE_WORDS:
+        value = None  # `max_grad_norm: none` in a file means what `--max-grad-norm none` does
     if value is None:
         if optional:
             return None
@@ -106,7 +120,7 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
         (item_type, *_) = typing.get_args(base) or (str,)
         if not isinstance(value, list | tuple):
             raise InputError(f"{flag_name(name)}: expected a list, got {value!r}")
-        return [_coerce(name, item_type, v) for v in value]
+        return [_coerce(name, item_type, v, finite) for v in value]
     choices = _choices(base)
     if choices is not None:
         if value not in choices:
@@ -119,19 +133,28 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
     if base in (int, float) and isinstance(value, bool):  # YAML's `yes` is not a number
         raise InputError(f"{flag_name(name)}: expected {base.__name__}, got {value!r}")
     if base is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
     if base is int and isinstance(value, float):
         if not value.is_integer():  # 3.7 -> 3 would be a silent change of the user's value
             raise InputError(f"{flag_name(name)}: expected a whole number, got {value!r}")
         return int(value)
     if base in (int, float, str) and not isinstance(value, base):
         try:
-            return base(value)
+            value = base(value)
         except (TypeError, ValueError):
             raise InputError(
                 f"{flag_name(name)}: expected {base.__name__}, got {value!r}"
             ) from None
+    if base is float and finite:
+        check_finite(name, value)
     return value
+
+
+def check_finite(name: str, value: float) -> None:
+    """nan or inf in a float field: refused where it enters, naming the flag (never trained on
+    and later reported as a diverged run)."""
+    if not math.isfinite(value):
+        raise InputError(f"{flag_name(name)} must be a finite number, got {value}")
 
 
 @dataclass(frozen=True)
@@ -211,24 +234,66 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
     return parser
 
 
+class DuplicateKeyError(ValueError):
+    """A key given twice in one mapping of a config file (YAML and JSON would keep the last)."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: merged on purpose
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise DuplicateKeyError(
+                    f"{key!r} is given twice (line {key_node.start_mark.line + 1})"
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json's object_pairs_hook: a JSON object with a key given twice is refused."""
+    keys = [key for key, _ in pairs]
+    for key in keys:
+        if keys.count(key) > 1:
+            raise DuplicateKeyError(f"{key!r} is given twice")
+    return dict(pairs)
+
+
 def read_config_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise InputError(f"--config: file {path} does not exist")
     text = path.read_text()
     try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        if path.suffix == ".json":
+            data = json.loads(text, object_pairs_hook=_unique_pairs)
+        else:
+            data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+    except DuplicateKeyError as err:
+        raise InputError(f"--config: {path}: {err}; keep one") from None
     except (json.JSONDecodeError, yaml.YAMLError) as err:
         raise InputError(f"--config: {path} does not parse: {err}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise InputError(f"--config: {path} must hold a mapping of field names to values")
-    # Accept both `batch_size` and `batch-size` spellings.
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
+    # Accept both `batch_size` and `batch-size` spellings (but not both at once).
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name in values:
+            raise InputError(f"--config: {path}: {name!r} is given twice ({key!r}); keep one")
+        values[name] = value
+    return values
 
 
-def check_choices(cfg: Any) -> None:
-    """Values set from a file or in code get the same choice check as argparse gives flags."""
+def check_fields(cfg: Any) -> None:
+    """Values set from a file or in code get the checks flags get as they enter: a choice
+    is one of its `Literal`'s values; a float is finite (unless its field allows otherwise)."""
     hints = typing.get_type_hints(type(cfg))
     for field in dataclasses.fields(cfg):
         choices = _choices(hints[field.name])
@@ -238,6 +303,10 @@ def check_choices(cfg: Any) -> None:
                 f"{flag_name(field.name)} must be one of {', '.join(map(str, choices))}, "
                 f"got {value!r}"
             )
+        if field.metadata.get("finite", True):
+            for item in value if isinstance(value, list | tuple) else (value,):
+                if isinstance(item, float):
+                    check_finite(field.name, item)
 
 
 def config_from_dict(cls: type[C], values: dict[str, Any], source: str = "config") -> C:
@@ -254,8 +323,9 @@ def config_from_dict(cls: type[C], values: dict[str, Any], source: str = "config
             f"{source}: unknown field(s) {', '.join(hints_text)}; "
             f"known fields: {', '.join(sorted(names))}"
         )
-    cfg = cls(**{k: _coerce(k, hints[k], v) for k, v in values.items()})
-    check_choices(cfg)
+    finite = {f.name: f.metadata.get("finite", True) for f in dataclasses.fields(cls)}
+    cfg = cls(**{k: _coerce(k, hints[k], v, finite[k]) for k, v in values.items()})
+    check_fields(cfg)
     return cfg
 
 
@@ -272,7 +342,8 @@ def parse_config(cls: type[C], argv: list[str] | None = None, description: str |
         argv = _translate_foreign_flags(argv, cls, parser)
     except InputError as err:
         parser.error(str(err))
-    namespace, unknown = parser.parse_known_args(_hyphenate_flags(argv, parser))
+    argv = _attach_dash_values(_hyphenate_flags(argv, parser), parser)
+    namespace, unknown = parser.parse_known_args(argv)
     if unknown:
         parser.error(_unknown_arguments_message(unknown, parser))
     args = vars(namespace)
@@ -282,12 +353,27 @@ def parse_config(cls: type[C], argv: list[str] | None = None, description: str |
         values = read_config_file(config_file) if config_file else {}
         values.update(args)
         cfg = config_from_dict(cls, values, f"--config {config_file}" if config_file else "config")
+        text = dry_run_yaml(cfg) if dry_run else ""
     except InputError as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     if dry_run:
-        print(to_yaml(cfg), end="")
+        print(text, end="")
         sys.exit(0)
     return cfg
+
+
+def dry_run_yaml(cfg: Any) -> str:
+    """What `--dry-run` prints: the resolved config as YAML, where the fields a run takes from
+    its data (a config's `taken_from_the_data()`: --resolution, --channels) hold the values it
+    will use, each with a comment saying where it comes from (null: only the run can tell)."""
+    notes = cfg.taken_from_the_data() if hasattr(cfg, "taken_from_the_data") else {}
+    values = to_dict(cfg)
+    values.update({name: value for name, (value, _) in notes.items()})
+    lines = []
+    for line in yaml.safe_dump(values, sort_keys=False).splitlines():
+        name = line.split(":", 1)[0]
+        lines.append(f"{line}  # {notes[name][1]}" if name in notes else line)
+    return "\n".join(lines) + "\n"
 
 
 def _unknown_arguments_message(unknown: list[str], parser: argparse.ArgumentParser) -> str:
@@ -367,6 +453,32 @@ def _hyphenate_flags(argv: list[str], parser: argparse.ArgumentParser) -> list[s
             hyphenated = "--" + name[2:].replace("_", "-")
             if hyphenated in known:
                 arg = hyphenated + sep + value
+        out.append(arg)
+    return out
+
+
+# A value that starts with a dash but is no flag: `-1,2`, `-0.5`, `-inf` (argparse takes only
+# `-1` and `-0.5` for numbers, and stops at the others with "expected one argument").
+_DASH_VALUE = re.compile(r"^-(\d|\.\d|inf|nan)", re.IGNORECASE)
+
+
+def _attach_dash_values(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """`--flag -1,2` -> `--flag=-1,2` for a flag that takes one value, so that the value
+    reaches the field's own check ("needs 0 <= LOW < HIGH; got '-1,2'")."""
+    out, rest = [], list(argv)
+    while rest:
+        arg = rest.pop(0)
+        if arg == "--":
+            return [*out, arg, *rest]
+        action = parser._option_string_actions.get(arg)
+        takes_one = action is not None and action.nargs is None and action.option_strings
+        if (
+            takes_one
+            and rest
+            and _DASH_VALUE.match(rest[0])
+            and rest[0] not in parser._option_string_actions
+        ):
+            arg = f"{arg}={rest.pop(0)}"
         out.append(arg)
     return out
 

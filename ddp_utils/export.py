@@ -41,8 +41,26 @@ def check_value_range(value: Any, where: Path) -> tuple[float, float]:
 
 
 def write_task_file(folder: Path, resolution: int, task_info: dict[str, Any]) -> None:
-    """`task_info` holds at least `task` and `value_range`; the resolution is added."""
-    write_json(folder / TASK_FILE, {**task_info, "resolution": resolution})
+    """`task_info` holds at least `task` and `value_range`; the resolution is added. Written
+    canonically (`canonical`): two identical runs write the same bytes (and checksums.json)."""
+    write_json(folder / TASK_FILE, canonical({**task_info, "resolution": resolution}))
+
+
+# Lists diffusers fills from a set (a config's arguments left at their defaults): their order
+# changes with Python's string hashing from one process to the next.
+SET_VALUED_KEYS = frozenset({"_use_default_values"})
+
+
+def canonical(value: Any) -> Any:
+    """`value` with the lists of SET_VALUED_KEYS sorted, in every nested mapping."""
+    if isinstance(value, dict):
+        return {
+            k: sorted(v) if k in SET_VALUED_KEYS and isinstance(v, list) else canonical(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [canonical(v) for v in value]
+    return value
 
 
 def read_task_file(folder: Path) -> dict[str, Any] | None:
@@ -59,6 +77,19 @@ def read_task_file(folder: Path) -> dict[str, Any] | None:
     if "value_range" in info:
         info["value_range"] = list(check_value_range(info["value_range"], path))
     return info
+
+
+def check_task_finite(folder: Path) -> None:
+    """A CheckpointError when the folder's task.json holds NaN or Infinity (an export of a run
+    given a non-finite flag before flags were checked: its samples would be black)."""
+    path = folder / TASK_FILE
+    found: list[str] = []
+    try:
+        json.loads(path.read_text(), parse_constant=found.append)
+    except (OSError, ValueError):
+        return  # missing or unreadable: verify_checksums and read_task_file say so
+    if found:
+        raise CheckpointError(f"{path} holds non-finite values ({', '.join(found)})")
 
 
 def write_checksums(folder: Path) -> None:

@@ -31,6 +31,15 @@ import xxhash
 CHECKSUM = "xxh3_128"  # the checksum recorded for checkpoint and export files
 
 
+def format_bytes(num_bytes: float) -> str:
+    """A size for people, in decimal units to three figures: 0 bytes, 512 kB, 1.5 MB, 42 GB."""
+    for unit in ("bytes", "kB", "MB", "GB", "TB"):
+        if abs(num_bytes) < 999.5 or unit == "TB":
+            return f"{num_bytes:.0f} {unit}" if unit == "bytes" else f"{num_bytes:.3g} {unit}"
+        num_bytes /= 1000
+    raise AssertionError("unreachable")
+
+
 def checksum(data: bytes) -> str:
     return xxhash.xxh3_128_hexdigest(data)
 
@@ -91,7 +100,10 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        # Not there when the open failed; a read-only folder refuses even that: the error to
+        # report is the open's, not the cleanup's.
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

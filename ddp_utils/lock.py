@@ -37,12 +37,7 @@ class RunLock:
         except BlockingIOError:
             holder = _describe(_read_holder(fd))
             os.close(fd)
-            raise InputError(
-                f"{folder} is in use by another run ({holder}): two runs would overwrite each "
-                "other's checkpoints and logs. Wait for it to end, stop it, or choose another "
-                "output directory",
-                "output_dir",
-            ) from None
+            raise in_use(folder, holder) from None
         os.ftruncate(fd, 0)
         record = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
         os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
@@ -53,6 +48,24 @@ class RunLock:
         if self.fd >= 0:
             os.close(self.fd)  # closing the last descriptor drops the flock
             self.fd = -1
+
+
+def in_use(folder: Path, holder: str) -> InputError:
+    return InputError(
+        f"{folder} is in use by another run ({holder}): two runs would overwrite each "
+        "other's checkpoints and logs. Wait for it to end, stop it, or choose another "
+        "output directory",
+        "output_dir",
+    )
+
+
+def check_not_in_use(folder: Path) -> None:
+    """Refuse a folder another run holds, taking and writing nothing: a run says so before
+    it reads the folder's checkpoints (and says it resumes from one). The lock itself is taken
+    later (`RunLock.acquire`), and refuses a run that started in between."""
+    holder = lock_holder(folder)
+    if holder is not None:
+        raise in_use(folder, holder)
 
 
 def lock_holder(folder: Path) -> str | None:

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from ddp_utils import hub
@@ -36,6 +37,7 @@ from ddp_utils.export import (
     BEST_DIR,
     BEST_FILE,
     CHECKSUMS_FILE,
+    check_task_finite,
     read_best_record,
     verify_checksums,
     write_checksums,
@@ -338,9 +340,11 @@ def log_pictures(run: Run, method: Method, net: nn.Module, step: int) -> np.ndar
 
 def export_intact(run: Run, folder: Path) -> bool:
     """Whether the export matches its checksums.json, on every rank (collective). One without
-    checksums (older code) or damaged is made again; a warning says why."""
+    checksums (older code), damaged, or with NaN/inf in its task.json is made again; a
+    warning says why."""
     ok = False
     try:
+        check_task_finite(folder)
         ok = verify_checksums(folder)
     except ValueError as err:
         if run.accelerator.is_main_process:
@@ -422,7 +426,7 @@ def export(
                 for name, content in (json_files or {}).items():
                     write_json(tmp / name, content)
                 write_checksums(tmp)
-        except OSError as err:
+        except (OSError, SafetensorError) as err:  # disk full, read-only: exit 74
             error = run.output_error(f"the export {folder.name}/", folder.parent, err)
     raise_together(run.accelerator, error, OutputError("the main process could not export"))
     run.accelerator.wait_for_everyone()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,7 +66,7 @@ from ddp_utils.errors import (
 )
 from ddp_utils.guard import StepGuard, Verdict, watch_launcher
 from ddp_utils.hub import check_can_push, hub_repo_id
-from ddp_utils.lock import RunLock
+from ddp_utils.lock import RunLock, check_not_in_use
 from ddp_utils.optim import make_optimizer
 from ddp_utils.tracking import Tracker
 from ddp_utils.train_config import TrainConfig, parse_duration
@@ -149,6 +150,8 @@ class Run:
                 error = InputError(f"cannot write into {self.output_dir}: {reason}", "output_dir")
         others = InputError("cannot be used (the main process says why)", "output_dir")
         raise_together(acc, error, others)
+        if self.checkpoint is not None:
+            logger.info("resumed from %s (step %d)", self.checkpoint.path, self.checkpoint.step)
         self.tracker = Tracker(
             acc,
             self.output_dir,
@@ -244,8 +247,7 @@ class Run:
         if scaler is not None and ckpt.state.get("grad_scaler"):
             scaler.load_state_dict(ckpt.state["grad_scaler"])
         self.guard.num_nonfinite_steps = int(ckpt.state.get("num_nonfinite_steps", 0))
-        logger.info("resumed from %s (step %d)", ckpt.path, ckpt.step)
-        return ckpt.step
+        return ckpt.step  # logged by `begin`, once the directory is this run's
 
     def _warn_if_world_changed(self, ckpt: Checkpoint) -> None:
         saved_cfg = ckpt.state.get("config", {})
@@ -337,8 +339,7 @@ class Run:
             if newest
             else "No checkpoint was written yet."
         )
-        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
-        return OutputError(f"could not write {what} in {where}: {reason}. {intact}")
+        return OutputError(f"could not write {what} in {where}: {write_failure(err)}. {intact}")
 
     def fail_nonfinite(self, what: str) -> NoReturn:
         """End a diverged run: close it and raise `NonFiniteError` naming the last good
@@ -467,8 +468,24 @@ def start_run(cfg: TrainConfig, with_labels: bool = False) -> Run:
             "1node_8gpu_bf16.yaml); every preset here fits one GPU with room to spare."
         )
     output_dir = Path(cfg.output_dir)  # not a file: TrainConfig checked it
-    if cfg.push_to_hub:  # offline or no token: refused now, not after training
-        check_can_push(hub_repo_id(cfg.hub_model_id, cfg.output_dir))
+    # A directory another run holds is refused at once: before the data loads, and before
+    # its checkpoints are read (or one is named in the log as the one this run resumes from).
+    error = None
+    if is_writer(accelerator, cfg):
+        try:
+            check_not_in_use(output_dir)
+        except InputError as err:
+            error = err
+    raise_together(accelerator, error, InputError("is in use by another run", "output_dir"))
+    if cfg.push_to_hub:  # offline, no token, a token the hub refuses: now, not after training
+        error = None
+        if accelerator.is_main_process:  # one question to the hub, not one per process
+            try:
+                check_can_push(hub_repo_id(cfg.hub_model_id, cfg.output_dir))
+            except InputError as err:
+                error = err
+        others = InputError("cannot be done (the main process says why)", "push_to_hub")
+        raise_together(accelerator, error, others)
     data = load_image_data(
         cfg.dataset,
         cfg.resolution,
@@ -532,6 +549,15 @@ def check_resumed_flags(cfg: TrainConfig, checkpoint: Checkpoint, checkpoints_di
         "or another --output-dir. These may change on resume: "
         + ", ".join(flag_name(n) for n in sorted(cfg.may_change_on_resume))
     )
+
+
+def write_failure(err: BaseException) -> str:
+    """Why a write failed, in the system's words ("No space left on device"): an OSError's
+    own, or the one safetensors' Rust code wraps in its SafetensorError's text."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    found = re.search(r"I/O error: (.+?) \(os error \d+\)", str(err))
+    return found.group(1) if found else str(err)
 
 
 def is_writer(accelerator: Accelerator, cfg: TrainConfig) -> bool:

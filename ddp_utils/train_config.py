@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 from ddp_utils.compile import CompileBackend, CompileMode, check_compile_options
-from ddp_utils.config import ForeignFlag, check_choices, option, require
-from ddp_utils.data.load import DataLoading
+from ddp_utils.config import ForeignFlag, check_fields, option, require
+from ddp_utils.data.load import DataLoading, peek_image_size
 from ddp_utils.data.source import check_dataset_name
 from ddp_utils.errors import InputError, flag_name
 from ddp_utils.tracking import ReportTo
@@ -295,7 +295,7 @@ class TrainConfig:
         object.__setattr__(self, name, value)
 
     def __post_init__(self) -> None:
-        check_choices(self)
+        check_fields(self)
         check_dataset_name(self.dataset)
         if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
             raise InputError(f"{self.output_dir} is a file, not a folder", "output_dir")
@@ -344,11 +344,27 @@ class TrainConfig:
                 parse_duration(self.max_train_time)
             except ValueError as err:
                 raise InputError(f"--max-train-time {err}") from None
+        # Flags that would do nothing where given are refused, not ignored: the user meant
+        # something by them (a warning would scroll by in the log of a run that ignores them).
         for name in ("hub_model_id", "hub_private"):
             require(
                 self.push_to_hub or not getattr(self, name),
                 f"{flag_name(name)} applies with --push-to-hub only; add it, or drop "
                 f"{flag_name(name)}",
+            )
+        for name, default in (("compile_backend", "inductor"), ("compile_mode", "default")):
+            require(
+                self.compile or getattr(self, name) == default,
+                f"{flag_name(name)} applies with --compile only; add it, or drop {flag_name(name)}",
+            )
+        # Only a class-conditional run (train_ddpm.py --class-conditional) reads labels.
+        if self.label_column is not None and not getattr(self, "class_conditional", False):
+            raise InputError(
+                "names the class labels of --class-conditional training: add "
+                "--class-conditional, or drop --label-column"
+                if hasattr(self, "class_conditional")
+                else "names class labels, and this script trains on images alone: drop it",
+                "label_column",
             )
         require(
             self.max_nonfinite_steps >= 1,
@@ -363,6 +379,25 @@ class TrainConfig:
             self.resume in ("latest", "none") or Path(self.resume).is_dir(),
             f"--resume must be latest, none or an existing checkpoint folder, got {self.resume!r}",
         )
+
+    def taken_from_the_data(self) -> dict[str, tuple[int | None, str]]:
+        """For --dry-run: --resolution and --channels not given, as the run will take them
+        from the images (their headers, read now for local data) and where they come from;
+        None for a hub dataset, which only the run reads."""
+        missing = [name for name in ("resolution", "channels") if getattr(self, name) is None]
+        if not missing:
+            return {}
+        shape = peek_image_size(
+            self.dataset, self.resolution, self.channels, self.dataset_config, self.split,
+            self.image_column, self.max_images,
+        )  # fmt: skip
+        if shape is None:
+            return {name: (None, "from the images, when the run loads them") for name in missing}
+        found = dict(zip(("resolution", "channels"), shape, strict=True))
+        return {
+            name: (found[name], f"what the run takes from the data; {flag_name(name)} to choose")
+            for name in missing
+        }
 
     def check_image_size(self) -> None:
         """--resolution and --channels, as given or once taken from the data (`start_run`)."""

@@ -3,6 +3,7 @@ an image folder, `sample.py`'s output folder, or a dataset at the samples' size)
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from accelerate import Accelerator
 from ddp_utils.config import option
 from ddp_utils.data.source import NATIVE_RESOLUTION
 from ddp_utils.errors import InputError
+from ddp_utils.export import TASK_FILE
 from evaluation.images import load_images
 from evaluation.reference import Reference, dataset_reference
 
@@ -95,38 +97,84 @@ def default_output(samples: str) -> Path:
     return path.with_name(f"{path.stem}_metrics.json")
 
 
+AUTOENCODER_TASK = "autoencoder"  # what train_autoencoder.py's export records in task.json
+EXPORT_NAMES = ("pipeline", "model")  # a run directory's export folder (diffusion, the others)
+
+
 def image_set_path(path: str, flag: str) -> Path:
     """The file or folder to read for `path`: sample.py's output folder means its samples.npz
-    (not its grid.png); a training run directory, or its folder of grids, is refused (a grid
-    holds many samples per picture: a silently wrong FID)."""
+    (not its grid.png); a training run directory, its folder of grids, a model (an export, a
+    pipeline, a checkpoint) are refused, saying what they are (a grid holds many samples per
+    picture: a silently wrong FID) and how to make samples, or that there are none to make."""
     folder = Path(path)
     if not folder.is_dir():
         return folder
     if (folder / "samples.npz").is_file():
         return folder / "samples.npz"
-    run_dir = next((d for d in (folder, folder.parent) if _is_run_directory(d)), None)
-    if run_dir is not None:
-        what = "a training run directory" if run_dir == folder else "a training run's grids"
+    if _is_run_directory(folder):
+        what, source, task = "a training run directory", folder, _run_task(folder)
+    elif _is_run_directory(folder.parent) and folder.name == "samples":
+        what, source, task = "a training run's grids", folder.parent, _run_task(folder.parent)
+    elif any((folder / name).is_file() for name in (TASK_FILE, "model_index.json", "state.json")):
+        what, source, task = "a model (an export, pipeline or checkpoint)", folder, _task(folder)
+    else:
+        return folder
+    if task == AUTOENCODER_TASK:
         raise InputError(
-            f"{flag}: {path} is {what}, not a set of samples: draw samples first, e.g. "
-            f"`python sample.py {run_dir} --num-samples 1000 --output-dir "
-            f"{run_dir / 'samples-1000'}`, then {flag} {run_dir / 'samples-1000'}"
+            f"{flag}: {path} is {what} of an autoencoder (train_autoencoder.py): it encodes and "
+            "decodes images but generates none, so there are no samples to score (its "
+            "held-out reconstructions are scored in its export's reconstruction.json, PSNR and "
+            "SSIM); samples come from a diffusion model, e.g. a latent run trained on it (--vae)"
         )
-    return folder
+    samples = (source if source.name not in EXPORT_NAMES else source.parent) / "samples-1000"
+    raise InputError(
+        f"{flag}: {path} is {what}, not a set of samples: draw samples first, e.g. "
+        f"`python sample.py {source} --num-samples 1000 --output-dir {samples}`, then "
+        f"{flag} {samples}"
+    )
 
 
 def _is_run_directory(folder: Path) -> bool:
     return (folder / "config.yaml").is_file() and any(
-        (folder / name).is_dir() for name in ("checkpoints", "pipeline", "model")
+        (folder / name).is_dir() for name in ("checkpoints", *EXPORT_NAMES)
     )
 
 
-def load_image_set(path: str, flag: str) -> torch.Tensor:
-    """`load_images`, its errors naming the flag the path came from."""
+def _task(folder: Path) -> str | None:
+    """The task a model folder's task.json records (None: none, or unreadable)."""
     try:
-        return load_images(image_set_path(path, flag))
+        return str(json.loads((folder / TASK_FILE).read_text())["task"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _run_task(run_dir: Path) -> str | None:
+    """The task of a run directory's model: its export's, else its newest checkpoint's."""
+    for name in EXPORT_NAMES:
+        if (task := _task(run_dir / name)) is not None:
+            return task
+    checkpoints = sorted(run_dir.glob("checkpoints/checkpoint-*/state.json"))
+    for state in checkpoints:
+        try:
+            return str(json.loads(state.read_text())["task"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
+def load_image_set(path: str, flag: str) -> torch.Tensor:
+    """`load_images`, its errors naming the flag the path came from; a set of fewer than two
+    images is refused (FID's covariance needs two)."""
+    try:
+        images = load_images(image_set_path(path, flag))
     except InputError as err:
         raise InputError(str(err) if str(err).startswith(flag) else f"{flag}: {err}") from None
+    if len(images) < 2:
+        raise InputError(
+            f"{flag}: {path} holds {len(images)} image(s): FID and KID need at least 2 (a "
+            "covariance of their features; thousands for a number worth comparing)"
+        )
+    return images
 
 
 def reference_dataset(

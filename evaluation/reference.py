@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from ddp_utils.data import load_image_data
+from ddp_utils.data.decode import cache_fix
 from ddp_utils.data.decode import default_cache_dir as data_cache_dir
 from evaluation.features import compute_feature_stats
 from evaluation.inception import EXTRACTOR_ID
@@ -29,6 +31,8 @@ from evaluation.stats import (
     FeatureStats,
     canonical_json,
 )
+
+logger = logging.getLogger("ddp_diffusion")
 
 
 def default_cache_dir() -> Path:
@@ -118,7 +122,14 @@ def reference_stats(
     )
     stats.key = full_key
     if is_main:
-        stats.save(path)
+        try:
+            stats.save(path)
+        except OSError as err:  # full or read-only: the cache is a saving, not a need
+            logger.warning(
+                "could not cache the reference statistics at %s (%s): they are computed again "
+                "next time; to keep them, %s",
+                path, err.strerror or err, cache_fix(),
+            )  # fmt: skip
     if accelerator is not None:
         # Every rank computed the same statistics; waiting only keeps later readers of the
         # file (the next evaluation) from racing the rename.

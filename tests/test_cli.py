@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from ddp_utils.config import build_parser, parse_config
 
@@ -134,6 +135,7 @@ def test_diffusers_example_flags_set_the_toolkits_field(argv, field, expected, t
     from tests.tiny_runs import tiny_preset
 
     subs = {"{dir}": str(tmp_path), "{preset}": str(tiny_preset(tmp_path))}
+    Image.new("L", (8, 8)).save(tmp_path / "image.png")  # {dir} as a --dataset: a folder of images
 
     def fill(text):
         return subs.get(text, text) if isinstance(text, str) else text

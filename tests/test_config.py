@@ -156,9 +156,8 @@ def test_dry_run_prints_resolved_yaml_and_creates_nothing(tmp_path, capsys):
     assert exit_info.value.code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     expected = to_dict(BasicConfig(max_steps=11, output_dir=str(out_dir), seed=5))
-    assert printed == expected
-    # Not given: taken from the images when the run loads them (not read by --dry-run).
-    assert printed["resolution"] is None and printed["channels"] is None
+    # Not given: what the run takes from the data (the built-in digits: 16x16, grayscale).
+    assert printed == {**expected, "resolution": 16, "channels": 1}
     assert not out_dir.exists()
 
 

@@ -25,6 +25,13 @@ class RecordingHfApi:
 
     calls: list[tuple] = []
 
+    def whoami(self, token: str) -> dict:  # the start's check of the token
+        return {
+            "name": "me",
+            "orgs": [{"name": "my-lab"}],
+            "auth": {"accessToken": {"role": "write"}},
+        }
+
     def create_repo(self, repo_id: str, *, private: bool, exist_ok: bool, repo_type: str):
         self.calls.append(("create_repo", repo_id, private, exist_ok))
         full_id = repo_id if "/" in repo_id else f"me/{repo_id}"  # the token's namespace

@@ -28,6 +28,7 @@ from ddp_utils.data.decode import decode_row, raw_images
 from ddp_utils.data.latent_cache import LatentData
 from ddp_utils.data.load import ImageData, StreamSource
 from ddp_utils.distributed import derive_seed, local_world_size
+from ddp_utils.errors import InputError
 
 logger = logging.getLogger("ddp_diffusion")
 
@@ -359,8 +360,23 @@ class LatentBatches(BatchSource):
         return rows.to(self.device, non_blocking=True)
 
     def gather(self, array: np.ndarray, index: np.ndarray) -> torch.Tensor:
-        """Rows `index` of a mapped array, float32, on the device."""
-        return self.to_device(torch.from_numpy(np.asarray(array[index], dtype=np.float32)))
+        """Rows `index` of a mapped array, float32, on the device. Rows holding NaN/inf (a
+        cache damaged on disk after it was written, too large to be checked when read) are
+        refused here, naming the cache, before they could pass for a diverged run."""
+        rows = np.asarray(array[index], dtype=np.float32)
+        finite = np.isfinite(rows).reshape(len(rows), -1).all(axis=1)
+        if not finite.all():
+            name = next(
+                (f"{n}.npy" for n in ("mean", "std", "flipped_mean", "flipped_std")
+                 if getattr(self.latents, n) is array), "an array"
+            )  # fmt: skip
+            folder = self.latents.folder
+            raise InputError(
+                f"the latent cache {folder} holds non-finite values (NaN/inf) in {name}, row "
+                f"{int(index[np.argmin(finite)])}: it was damaged on disk after it was written. "
+                f"Delete {folder} and run the same command again (it is encoded anew)"
+            )
+        return self.to_device(torch.from_numpy(rows))
 
     def get(self, micro_step: int, generator: torch.Generator) -> Batch:
         rows = self.indices(micro_step, self.num_images)  # the pixel path's order, on the CPU

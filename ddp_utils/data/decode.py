@@ -227,12 +227,22 @@ def decode_row(
 # --------------------------------------------------------------------------- the cache
 
 
+CACHE_VARIABLE = "DDP_DIFFUSION_CACHE"
+
+
 def default_cache_dir() -> Path:
     """$DDP_DIFFUSION_CACHE, else $XDG_CACHE_HOME/ddp-diffusion, else ~/.cache/ddp-diffusion."""
-    if os.environ.get("DDP_DIFFUSION_CACHE"):
-        return Path(os.environ["DDP_DIFFUSION_CACHE"])
+    if os.environ.get(CACHE_VARIABLE):
+        return Path(os.environ[CACHE_VARIABLE])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "ddp-diffusion"
+
+
+def cache_fix() -> str:
+    """How to move the toolkit's cache, for a message about one that cannot be written."""
+    value = os.environ.get(CACHE_VARIABLE)
+    now = f"now {value}" if value else f"unset: {default_cache_dir()}"
+    return f"set {CACHE_VARIABLE} ({now}) to a writable folder with free space"
 
 
 def read_cache(

@@ -14,6 +14,12 @@ copy per node, shared by its processes, and only the rows a batch touches are re
 ImageNet-256 through an 8x VAE is 42 GB in float16 with flips: it never has to fit in a
 process's memory, nor on a device.
 
+Non-finite latents are never trained on (they would end the run as "diverged"): an encoding
+that holds NaN/inf (a VAE overflowing in float16, or beyond float16's range once stored) is
+refused as it is written; a cache damaged on disk since is found when it is read, by its
+values up to SCAN_BYTES (then rebuilt, like any damaged cache), and beyond that by the batches
+(`ddp_utils.data.batches.LatentBatches`), which check the rows they gather and name the cache.
+
 The node's processes share the encoding, without a collective (it outlasts a barrier's
 timeout): chunk k of ENCODE_ROWS source rows is encoded by local process k % L (of the L on the
 node), on its own device, straight into full-size arrays in a build folder beside the cache,
@@ -37,10 +43,12 @@ flip): resume stays exact and a sample of the posterior is fresh at every step.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
 import logging
+import math
 import shutil
 import time
 from collections.abc import Iterator
@@ -52,11 +60,11 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from ddp_utils.data.decode import decode_all, default_cache_dir
+from ddp_utils.data.decode import CACHE_VARIABLE, cache_fix, decode_all, default_cache_dir
 from ddp_utils.data.load import ImageData, StreamSource, first_errors
 from ddp_utils.distributed import local_share
-from ddp_utils.errors import InputError
-from ddp_utils.files import publish_dir, temp_path, write_json
+from ddp_utils.errors import InputError, OutputError
+from ddp_utils.files import format_bytes, publish_dir, temp_path, write_json
 
 logger = logging.getLogger("ddp_diffusion")
 
@@ -73,6 +81,10 @@ LAYOUT = "layout.json"  # in the build folder, written once its arrays exist
 CHUNKS = "chunks"  # in the build folder: one record per chunk encoded
 COMPACTED = "compacted"  # in the build folder: the arrays cut to the kept rows (rows skipped)
 WAIT_SECONDS = 5.0  # how often processes poll for the build folder, chunk records, the cache
+# A cache up to this size has its values checked at every read (about a second); a larger one
+# by the rows each batch gathers (reading 42 GB at every start would cost minutes).
+SCAN_BYTES = 2 * 2**30
+CANNOT_WRITE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 class Encoder(Protocol):
@@ -126,8 +138,8 @@ def array_names(random_flip: bool) -> list[str]:
 
 def read_latent_cache(folder: Path, key: str, warn: bool = True) -> LatentData | None:
     """The cached arrays, memory-mapped, or None when missing, stale or damaged (then it is
-    rebuilt). Checks the manifest against each file's header (shape, dtype) and size, never
-    the values: reading 42 GB at every start would cost minutes."""
+    rebuilt). Checks the manifest against each file's header (shape, dtype) and size, and the
+    values for NaN/inf when the arrays hold at most SCAN_BYTES (larger ones: their batches)."""
     if not (folder / MANIFEST).is_file():
         return None
     try:
@@ -146,6 +158,13 @@ def read_latent_cache(folder: Path, key: str, warn: bool = True) -> LatentData |
                     f"{path.name} holds {array.dtype} {array.shape}, not {dtype} {shape}"
                 )
             arrays[name] = array
+        if not math.isfinite(float(manifest["variance"])):
+            raise ValueError(f"its variance is {manifest['variance']}: the latents hold NaN/inf")
+        if sum(array.nbytes for array in arrays.values()) <= SCAN_BYTES:
+            for name, array in arrays.items():
+                row = first_nonfinite_row(array)
+                if row is not None:
+                    raise ValueError(f"{name}.npy holds non-finite values (NaN/inf) in row {row}")
         return LatentData(
             arrays["mean"],
             arrays["std"],
@@ -160,6 +179,16 @@ def read_latent_cache(folder: Path, key: str, warn: bool = True) -> LatentData |
         return None
 
 
+def first_nonfinite_row(array: np.ndarray) -> int | None:
+    """The first row of `array` holding NaN/inf, or None; read ENCODE_ROWS rows at a time."""
+    for start in range(0, len(array), ENCODE_ROWS):
+        part = np.asarray(array[start : start + ENCODE_ROWS])
+        finite = np.isfinite(part).reshape(len(part), -1).all(axis=1)
+        if not finite.all():
+            return start + int(np.argmin(finite))
+    return None
+
+
 def disk_free(folder: Path) -> int:
     """Bytes free for a new file in `folder` (made if missing)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -170,10 +199,12 @@ def check_cache_space(num_bytes: int, folder: Path) -> None:
     """Refuse a cache the disk cannot hold, before encoding any of it."""
     free = disk_free(folder)
     if num_bytes > free:
-        gb = 1e9
+        needed, available = format_bytes(num_bytes), format_bytes(free)
+        if needed == available:  # 8.19 kB and 8.19 kB: the bytes say which is more
+            needed, available = f"{num_bytes:,} bytes", f"{free:,} bytes"
         raise InputError(
-            f"the latent cache needs {num_bytes / gb:,.1f} GB in {folder} and only "
-            f"{free / gb:,.1f} GB are free: set DDP_DIFFUSION_CACHE to a folder on a larger "
+            f"the latent cache needs {needed} in {folder} and only {available} are free: "
+            f"set {CACHE_VARIABLE} to a folder on a larger "
             "disk (a node-local SSD: every node writes its own copy), or train on fewer images"
         )
 
@@ -430,8 +461,19 @@ def encode_chunk(
     views = {"": pixels, "flipped_": pixels.flip(3)} if build.random_flip else {"": pixels}
     for prefix, view in views.items():
         mean, std = build.encoder.encode(view)
-        arrays[f"{prefix}mean"][start : start + len(mean)] = mean.numpy()
-        arrays[f"{prefix}std"][start : start + len(std)] = std.numpy()
+        for name, values in ((f"{prefix}mean", mean), (f"{prefix}std", std)):
+            stored = arrays[name][start : start + len(values)]
+            stored[:] = values.numpy()
+            row = first_nonfinite_row(stored)  # as stored: float16 overflows beyond 65504
+            if row is not None:
+                source = getattr(build.encoder, "source", None)  # a codec's --vae
+                raise InputError(
+                    f"the encoder{f' {source}' if source else ''} gave non-finite "
+                    f"latents (NaN/inf) in {name} for image {start + row} of the data, in "
+                    f"{build.dtype}: nothing of it is cached. A VAE overflowing in float16 "
+                    "does this (train in bf16 or fp32: --mixed-precision), or its weights are "
+                    "broken"
+                )
         if not prefix:
             sums = {
                 "sum": mean.double().sum().item(),
@@ -640,9 +682,19 @@ def load_latents(
         # Every process refuses alike, before any work: the rows a build folder holds count
         # (read first: once it is gone, the cache was published and its bytes are no news).
         needed = build.num_bytes() - bytes_on_disk(build.partial)
-        if read_latent_cache(folder, key, warn=False) is None:
-            check_cache_space(needed, folder.parent)
-        encode_share(build, accelerator, num_workers)
+        try:
+            if read_latent_cache(folder, key, warn=False) is None:
+                check_cache_space(needed, folder.parent)
+            encode_share(build, accelerator, num_workers)
+        except OSError as err:
+            if err.errno not in CANNOT_WRITE:
+                raise
+            raise OutputError(
+                f"could not write the latent cache {folder}: {err.strerror}. A latent run reads "
+                f"its batches from it (it is not optional): {cache_fix()} (it needs "
+                f"{format_bytes(build.num_bytes())}; a node-local disk), then run the same "
+                "command again"
+            ) from None
     latents = read_latent_cache(folder, key)
     if latents is None:
         raise RuntimeError(f"latent cache {folder} could not be read after it was written")

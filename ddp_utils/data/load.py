@@ -17,11 +17,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+import datasets
 import torch
 from accelerate import Accelerator
 
 from ddp_utils.data.decode import (
     CACHE_VERSION,
+    cache_fix,
     common_shape,
     decode_all,
     default_cache_dir,
@@ -29,6 +31,8 @@ from ddp_utils.data.decode import (
     write_cache,
 )
 from ddp_utils.data.source import (
+    DIGITS_CHANNELS,
+    DIGITS_RESOLUTION,
     Source,
     detect_image_column,
     detect_label_column,
@@ -170,7 +174,9 @@ def load_image_data(
     if max_images is not None:
         ds = ds.select(range(min(max_images, len(ds))))
     if resolution is None or channels is None:
-        resolution, channels = _shape_from_images(ds, column, source, resolution, channels)
+        # Nothing readable: decoding says so, naming the files.
+        shape = _shape_from_images(ds, column, source, resolution, channels)
+        resolution, channels = shape or (resolution or source.resolution or 32, channels or 3)
     row_labels, class_names = _read_labels(ds, label_column) if with_labels else (None, None)
     key = {
         "version": CACHE_VERSION,
@@ -193,21 +199,32 @@ def load_image_data(
         f"images-{fingerprint}.npz"
     )
 
-    def build() -> None:
+    def build() -> tuple | None:
+        """Decode into the cache; the decode itself when the cache cannot be written."""
         if read_cache(cache_file, fingerprint) is not None:
-            return
+            return None
         decoded = decode_all(ds, column, resolution, channels, center_crop)
-        write_cache(cache_file, fingerprint, *decoded)
+        try:
+            write_cache(cache_file, fingerprint, *decoded)
+        except OSError as err:  # full or read-only: the cache is a saving, not a need
+            logger.warning(
+                "could not write the decoded-image cache %s (%s): going on without it, so "
+                "every run (and every process) decodes the images itself; to keep it, %s",
+                cache_file, err.strerror or err, cache_fix(),
+            )  # fmt: skip
+            return decoded
+        return None
 
+    decoded = None
     if accelerator is None:
-        build()
+        decoded = build()
     else:
         with accelerator.local_main_process_first():
             if accelerator.is_local_main_process:
-                build()
-    cached = read_cache(cache_file, fingerprint)
-    if cached is None:
-        raise RuntimeError(f"image cache {cache_file} could not be read after it was written")
+                decoded = build()
+    cached = decoded or read_cache(cache_file, fingerprint)
+    if cached is None:  # the local main process could not write it (and said so)
+        cached = decode_all(ds, column, resolution, channels, center_crop)
     images, skipped, num_upscaled, rows = cached
     _report(skipped, num_upscaled, resolution)
     if len(images) == 0:
@@ -228,13 +245,47 @@ def load_image_data(
     )
 
 
+def peek_image_size(
+    dataset: str,
+    resolution: int | None,
+    channels: int | None,
+    dataset_config: str | None = None,
+    split: str = "train",
+    image_column: str | None = None,
+    max_images: int | None = None,
+) -> tuple[int, int] | None:
+    """The (resolution, channels) `load_image_data` will train at, from the images' headers
+    (no pixel decoded), for the sources on this machine: the built-in digits, an image folder,
+    a save_to_disk folder. None for a hub dataset (reading it may mean a download) and when
+    no image can be read. What `--dry-run` prints."""
+    if dataset == "digits":  # known without building it: 8x8 grayscale, trained at 16
+        return resolution or DIGITS_RESOLUTION, channels or DIGITS_CHANNELS
+    if not Path(dataset).expanduser().is_dir():
+        return None
+    progress_bars = datasets.utils.logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # a dry run prints the config alone
+    try:
+        source = load_source(dataset, dataset_config, split)
+        ds = source.dataset
+        if len(ds) == 0:
+            return None
+        column = detect_image_column(ds, image_column)
+        if max_images is not None:
+            ds = ds.select(range(min(max_images, len(ds))))
+        return _shape_from_images(ds, column, source, resolution, channels)
+    finally:
+        if progress_bars:
+            datasets.enable_progress_bars()
+
+
 def _shape_from_images(
     ds: Any, column: str, source: Source, resolution: int | None, channels: int | None
-) -> tuple[int, int]:
-    """Fill the size and channels not given from the images (logged); at least 4 pixels."""
+) -> tuple[int, int] | None:
+    """Fill the size and channels not given from the images (logged); at least 4 pixels.
+    None when no image's header can be read."""
     found = common_shape(ds, column)
-    if found is None:  # nothing readable: decoding says so, naming the files
-        return resolution or source.resolution or 32, channels or 3
+    if found is None:
+        return None
     size, num_channels, line = found
     if resolution is None:
         resolution = source.resolution or max(size, 4)

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import datasets
 import numpy as np
+from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 from PIL import Image
 from sklearn.datasets import load_digits
 
@@ -34,6 +37,7 @@ HUB_ALIASES = {
 # The built-in digits are 8x8: trained at 16 (upscaled 2x) unless --resolution says otherwise,
 # the size the presets and the README's figures assume. Other sources: the images' own size.
 DIGITS_RESOLUTION = 16
+DIGITS_CHANNELS = 1  # 8-bit grayscale
 # The size a model trained on these sources has by default, known without reading them: what
 # sample.py --fid and evaluate.py compare the samples' size with, to warn about resizing.
 NATIVE_RESOLUTION = {"digits": DIGITS_RESOLUTION, "mnist": 28, "fashion_mnist": 28, "cifar10": 32}
@@ -50,10 +54,14 @@ class Source:
 
 
 def check_dataset_name(dataset: str) -> None:
-    """What `load_source` refuses without reading anything: a file, or a path that is not
-    there. Configs call it, so `--dry-run` refuses it too."""
+    """What `load_source` refuses without reading any image: a file, a path that is not
+    there, a folder without images. Configs call it, so `--dry-run` refuses it too."""
     path = Path(dataset).expanduser()
-    if dataset == "digits" or path.is_dir():
+    if dataset == "digits":
+        return
+    if path.is_dir():
+        if not _is_saved_to_disk(path):
+            check_holds_images(path)
         return
     if path.exists():
         raise InputError(f"{dataset} is a file; give a folder of images or a hub id", "dataset")
@@ -71,18 +79,55 @@ def load_source(dataset: str, dataset_config: str | None = None, split: str = "t
     check_dataset_name(dataset)
     path = Path(dataset).expanduser()
     if path.is_dir():
-        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+        if _is_saved_to_disk(path):
             return _saved_to_disk(path, split)
         try:
             ds = datasets.load_dataset("imagefolder", data_dir=str(path), split=split)
         except datasets.data_files.EmptyDatasetError:
+            raise InputError(_no_images(path), "dataset") from None
+        except ValueError as err:  # images, but none in this split ("train/", "test/" folders)
+            if "corresponds to no data" not in str(err):
+                raise
             raise InputError(
-                f"the folder {dataset} holds no image files "
-                "(looked for .png, .jpg, .jpeg, .webp, ... in it and its subfolders)",
-                "dataset",
+                f"the image folder {path} has no images in split {split!r}", "split"
             ) from None
         return Source(ds, folder_fingerprint(path), f"image folder {path}")
     return _from_hub(dataset, dataset_config, split)
+
+
+IMAGE_EXTENSIONS = frozenset(ImageFolder.EXTENSIONS)  # what `imagefolder` reads
+
+
+def _is_saved_to_disk(path: Path) -> bool:
+    return (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
+
+
+def check_holds_images(path: Path) -> None:
+    """Refuse a folder without a single image file (datasets would say 'Instruction "train"
+    corresponds to no data!'), saying what it holds instead. Stops at the first image."""
+
+    def files() -> Iterator[Path]:
+        return (p for p in path.rglob("*") if p.is_file() and not _hidden(p.relative_to(path)))
+
+    if not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in files()):
+        raise InputError(_no_images(path, list(files())), "dataset")
+
+
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
+
+
+def _no_images(path: Path, files: list[Path] | None = None) -> str:
+    found = ""
+    if files is not None:
+        kinds = Counter(p.suffix.lower() or "(no extension)" for p in files)
+        held = ", ".join(f"{n} {kind}" for kind, n in kinds.most_common(5))
+        found = f"; it holds {held} file(s)" if files else "; it is empty"
+    return (
+        f"the folder {path} holds no image files (looked for .png, .jpg, .jpeg, .webp, ... in "
+        f"it and its subfolders{found}): give a folder of images (one subfolder per class "
+        "for --class-conditional), a save_to_disk folder, or a hub dataset id"
+    )
 
 
 def _digits() -> datasets.Dataset:

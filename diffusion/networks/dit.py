@@ -19,7 +19,6 @@ without labels. Whether a run is conditional is recorded in the toolkit's task.j
 from __future__ import annotations
 
 import inspect
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from diffusers import DiTTransformer2DModel
 from torch import nn
 
 from ddp_utils.errors import InputError
+from diffusion.networks.preset_files import check_builds, read_preset_file
 
 
 def _size(depth: int, hidden: int, heads: int, patch_size: int = 2) -> dict[str, Any]:
@@ -66,9 +66,7 @@ PAPER_PARAMETERS: dict[str, int] = {
     "dit-xl-2": 675_000_000,
 }
 
-# Arguments DiTTransformer2DModel accepts; a JSON preset may use only these (plus "_" keys).
 _DIT_SIGNATURE = inspect.signature(DiTTransformer2DModel.__init__).parameters
-_DIT_ARGS = frozenset(_DIT_SIGNATURE) - {"self"}
 
 
 def _read_preset(preset: str) -> dict[str, Any]:
@@ -82,31 +80,30 @@ def _read_preset(preset: str) -> dict[str, Any]:
             f"DiTTransformer2DModel arguments; got {preset!r} (no such file)",
             "preset",
         )
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise InputError(f"{path} is not valid JSON: {err}", "preset") from None
-    if not isinstance(config, dict):
-        raise InputError(
-            f"{path} must hold a JSON object of DiTTransformer2DModel arguments", "preset"
-        )
-    # Keys starting with "_" are diffusers metadata (_class_name, _diffusers_version).
-    config = {k: v for k, v in config.items() if not k.startswith("_")}
-    unknown = sorted(set(config) - _DIT_ARGS)
-    if unknown:
-        raise InputError(
-            f"{path} has keys DiTTransformer2DModel does not accept: {unknown}; "
-            f"allowed: {sorted(_DIT_ARGS)}",
-            "preset",
-        )
-    return config
+    return read_preset_file(path, DiTTransformer2DModel)
 
 
 def check_dit_preset(preset: str, resolution: int | None) -> dict[str, Any]:
     """The DiTTransformer2DModel arguments of a preset (a name or a JSON file), checked against
-    the resolution (None: not known yet) without building anything."""
+    the resolution (None: not known yet). A JSON file's network is also built, on the meta
+    device."""
+    kwargs = _checked_preset(preset, resolution)
+    if preset not in DIT_PRESETS:
+        data = {  # what the data and the classes set, later
+            "sample_size": resolution or _patch_size(kwargs) * 4, "in_channels": 1,
+            "out_channels": 1, "num_embeds_ada_norm": 1,
+        }  # fmt: skip
+        check_builds(Path(preset), DiTTransformer2DModel, {**kwargs, **data})
+    return kwargs
+
+
+def _patch_size(kwargs: dict[str, Any]) -> int:
+    return kwargs.get("patch_size", _DIT_SIGNATURE["patch_size"].default)
+
+
+def _checked_preset(preset: str, resolution: int | None) -> dict[str, Any]:
     kwargs = _read_preset(preset)
-    patch_size = kwargs.get("patch_size", _DIT_SIGNATURE["patch_size"].default)
+    patch_size = _patch_size(kwargs)
     if resolution is not None and (resolution <= 0 or resolution % patch_size != 0):
         raise InputError(
             f"must be a positive multiple of the patch size {patch_size} for this model "
@@ -137,7 +134,7 @@ def build_dit(
         raise ValueError(f"channels must be >= 1; got {channels}")
     if num_classes < 0:
         raise ValueError(f"num_classes must be >= 0; got {num_classes}")
-    kwargs = check_dit_preset(preset, resolution)
+    kwargs = _checked_preset(preset, resolution)
     kwargs.update(
         sample_size=resolution,
         in_channels=channels,

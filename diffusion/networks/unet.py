@@ -1,15 +1,16 @@
-"""UNet2DModel presets for DDPM and EDM, checked against the data before anything is built."""
+"""UNet2DModel presets for DDPM and EDM, checked against the data before anything is built
+(a JSON preset file: its values too, and a build on the meta device, `preset_files`)."""
 
 from __future__ import annotations
 
 import inspect
-import json
 from pathlib import Path
 from typing import Any
 
 from diffusers import UNet2DModel
 
 from ddp_utils.errors import InputError
+from diffusion.networks.preset_files import check_builds, read_preset_file
 
 # UNet2DModel kwargs without sample_size / in_channels / out_channels (those come from the data).
 DDPM_PRESETS: dict[str, dict[str, Any]] = {
@@ -57,9 +58,7 @@ DDPM_PRESETS: dict[str, dict[str, Any]] = {
 
 RENAMED_PRESETS = {"seed-small": "unet-4.7m", "seed-large": "unet-18.5m"}
 
-# Arguments UNet2DModel accepts; a JSON preset may use only these (plus diffusers' "_" keys).
 _UNET_SIGNATURE = inspect.signature(UNet2DModel.__init__).parameters
-_UNET_ARGS = frozenset(_UNET_SIGNATURE) - {"self"}
 _UNET_DEFAULT_DOWN_BLOCKS = _UNET_SIGNATURE["down_block_types"].default
 
 
@@ -92,19 +91,15 @@ def _read_preset(preset: str) -> dict[str, Any]:
             f"with UNet2DModel arguments; got {preset!r} (no such file)",
             "preset",
         )
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise InputError(f"{path} is not valid JSON: {err}", "preset") from None
-    if not isinstance(config, dict):
-        raise InputError(f"{path} must hold a JSON object of UNet2DModel arguments", "preset")
-    # Keys starting with "_" are diffusers metadata (_class_name, _diffusers_version).
-    config = {k: v for k, v in config.items() if not k.startswith("_")}
-    unknown = sorted(set(config) - _UNET_ARGS)
-    if unknown:
+    config = read_preset_file(path, UNet2DModel)
+    lengths = {
+        key: len(config.get(key, _UNET_SIGNATURE[key].default))
+        for key in ("block_out_channels", "down_block_types", "up_block_types")
+    }
+    if len(set(lengths.values())) > 1:
         raise InputError(
-            f"{path} has keys UNet2DModel does not accept: {unknown}; "
-            f"allowed: {sorted(_UNET_ARGS)}",
+            f"{path}: block_out_channels, down_block_types and up_block_types need one entry "
+            f"per level each, got {', '.join(f'{n} {k}' for k, n in lengths.items())}",
             "preset",
         )
     # JSON has no tuples; diffusers stores them as tuples, so keep configs comparable.
@@ -113,14 +108,26 @@ def _read_preset(preset: str) -> dict[str, Any]:
 
 def check_ddpm_preset(preset: str, resolution: int | None) -> dict[str, Any]:
     """The UNet2DModel arguments of a preset (a name or a JSON file), checked against the
-    resolution (None: not known yet, taken from the data later) without building anything:
-    what a config validates before any compute."""
+    resolution (None: not known yet, taken from the data later): what a config validates
+    before any compute. A JSON file's network is also built, on the meta device."""
+    kwargs = _checked_preset(preset, resolution)
+    if preset not in DDPM_PRESETS:
+        size = resolution or 2 ** _num_downsamples(kwargs) * 2
+        data = {"sample_size": size, "in_channels": 1, "out_channels": 1}  # the data's, later
+        check_builds(Path(preset), UNet2DModel, {**kwargs, **data})
+    return kwargs
+
+
+def _checked_preset(preset: str, resolution: int | None) -> dict[str, Any]:
     kwargs = _read_preset(preset)
     if resolution is not None:
-        # UNet2DModel downsamples after every down block but the last.
-        num_blocks = len(kwargs.get("down_block_types", _UNET_DEFAULT_DOWN_BLOCKS))
-        check_resolution(resolution, num_downsamples=max(num_blocks - 1, 0))
+        check_resolution(resolution, num_downsamples=_num_downsamples(kwargs))
     return kwargs
+
+
+def _num_downsamples(kwargs: dict[str, Any]) -> int:
+    """UNet2DModel downsamples after every down block but the last."""
+    return max(len(kwargs.get("down_block_types", _UNET_DEFAULT_DOWN_BLOCKS)) - 1, 0)
 
 
 def build_ddpm_unet(
@@ -135,7 +142,7 @@ def build_ddpm_unet(
     embedding.
     """
     check_channels(channels)
-    kwargs = check_ddpm_preset(preset, resolution)
+    kwargs = _checked_preset(preset, resolution)
     kwargs.update(sample_size=resolution, in_channels=channels, out_channels=channels)
     if num_classes:
         kwargs["num_class_embeds"] = num_classes + 1
