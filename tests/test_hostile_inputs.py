@@ -123,7 +123,11 @@ def test_a_config_built_in_code_is_checked_too() -> None:
 @pytest.mark.parametrize(
     ("cls", "argv", "expected"),
     [
-        (train_ddpm.DDPMConfig, ["--sample-guidance-interval", "-1,2"], "needs 0 <= LOW < HIGH"),
+        (
+            train_ddpm.DDPMConfig,
+            ["--class-conditional", "--sample-guidance-interval", "-1,2"],
+            "needs 0 <= LOW < HIGH",
+        ),
         (SampleConfig, [".", "--guidance-interval", "-1,2"], "needs 0 <= LOW < HIGH"),
         (train_basic.BasicConfig, ["--weight-decay", "-0.5"], "--weight-decay must be >= 0"),
         (train_basic.BasicConfig, ["--max-grad-norm", "-inf"], "must be a finite number"),
