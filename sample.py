@@ -80,7 +80,7 @@ def sample(cfg: SampleConfig) -> np.ndarray:
         InputError(f"{cfg.model_path} could not be found (the main process says why)"),
     )
     try:
-        loaded = load_for_sampling(source, cfg.weights)
+        loaded = load_for_sampling(source, cfg.weights, cfg.vae)
     except (InputError, CheckpointError):
         raise
     except (FileNotFoundError, ValueError) as err:  # what loading refuses is MODEL_PATH's fault

@@ -90,6 +90,11 @@ class SampleConfig(Knobs):
         False, "with --fid on a class-conditional model: FID/KID of each class too"
     )
     weights: Weights = option("ema", "EMA or raw weights (exports without raw weights: EMA)")
+    vae: str | None = option(
+        None,
+        "a latent run's checkpoint: where its VAE is now, when the place it recorded is gone "
+        "(checked against the hash of the weights it was trained with); exports hold theirs",
+    )
     mixed_precision: MixedPrecision = option("no", "autocast dtype of the network")
     compile: bool = option(
         False,
@@ -131,6 +136,10 @@ class SampleConfig(Knobs):
             value = getattr(self, name)
             if value is not None:
                 knob.check(value, f"--{name.replace('_', '-')}")
+        require(
+            self.compile or (self.compile_backend, self.compile_mode) == ("inductor", "default"),
+            "--compile-mode and --compile-backend apply with --compile only: add --compile",
+        )
         try:
             check_compile_options(self.compile_backend, self.compile_mode)
         except ValueError as err:

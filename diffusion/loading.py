@@ -32,7 +32,7 @@ from ddp_utils.export import TASK_FILE, check_value_range, read_task_file, verif
 from diffusion.codecs import LatentCodec, codec_changes, codec_from_export, load_codec
 from diffusion.kinds.registry import DIFFUSERS_FOLDER_KIND, kind_named
 from diffusion.networks import backbone_of, network_class, prepare_loaded, sample_shape
-from diffusion.sources import VAE_HUB_FILES, resolve_model_source
+from diffusion.sources import VAE_HUB_FILES, VAE_SOURCES, resolve_model_source
 
 logger = logging.getLogger(__name__)
 Weights = Literal["ema", "raw"]
@@ -163,19 +163,27 @@ def _with_codec(loaded: LoadedModel, codec: LatentCodec | None) -> None:
     loaded.resolution = loaded.resolution * codec.downsampling
 
 
-def _checkpoint_codec(state: dict[str, Any], where: Path) -> LatentCodec | None:
+def _checkpoint_codec(
+    state: dict[str, Any], where: Path, vae: str | None = None
+) -> LatentCodec | None:
     """A latent run's checkpoint names its VAE (--vae): a local folder or a hub id (resolved
-    through the hub cache as --vae was), read again and compared by the hash of its weights."""
+    through the hub cache as --vae was), read again and compared by the hash of its weights.
+    `vae`: another place of the same VAE (sample.py --vae: moved, or a relative path recorded
+    by an older run), compared the same way."""
     saved = state.get("latent")
     if saved is None:
+        if vae is not None:
+            raise ValueError(f"{where} is not a latent model: it takes no --vae")
         return None
+    spec = saved["vae"] if vae is None else vae
     try:
-        folder = resolve_model_source(saved["vae"], None, VAE_HUB_FILES)
-        codec = load_codec(folder, saved["vae"])
+        folder = resolve_model_source(spec, None, VAE_HUB_FILES, what=VAE_SOURCES)
+        codec = load_codec(folder, spec)
     except InputError as err:
         raise ValueError(
-            f"{where} is a latent model and its VAE {saved['vae']} cannot be used: {err}; or "
-            "sample the run's export (pipeline/, which holds the VAE)"
+            f"{where} is a latent model and its VAE {spec} cannot be used: {err}; give "
+            "sample.py --vae with the autoencoder it was trained with, or sample the run's "
+            "export (pipeline/, which holds the VAE)"
         ) from None
     changed = codec_changes(saved, codec)
     if changed:
@@ -261,7 +269,7 @@ def _from_export(folder: Path) -> LoadedModel:
     return _with_classes(loaded, task)
 
 
-def _from_checkpoint(folder: Path, weights: Weights) -> LoadedModel:
+def _from_checkpoint(folder: Path, weights: Weights, vae: str | None = None) -> LoadedModel:
     ckpt = read_checkpoint(folder)
     state = ckpt.state
     kind_named(state.get("task"), ckpt.path)  # an autoencoder's checkpoint: refused, saying why
@@ -281,16 +289,28 @@ def _from_checkpoint(folder: Path, weights: Weights) -> LoadedModel:
         int(cfg["resolution"]),
         folder,
     )
-    loaded.codec = _checkpoint_codec(state, ckpt.path)  # channels, resolution: the images'
+    loaded.codec = _checkpoint_codec(state, ckpt.path, vae)  # channels, resolution: the images'
     return _with_classes(loaded, state)
 
 
-def load_for_sampling(path: Path, weights: Weights = "ema") -> LoadedModel:
+def load_for_sampling(path: Path, weights: Weights = "ema", vae: str | None = None) -> LoadedModel:
+    """The model in `path` (module doc). `vae`: where a latent checkpoint's VAE is now, when
+    the place it recorded is gone (exports hold theirs)."""
     path = Path(path)
+    loaded = _load(path, weights, vae)
+    if vae is not None and not (loaded.source / "state.json").is_file():
+        raise ValueError(
+            f"--vae applies to checkpoints of latent runs; {loaded.source} is an export, which "
+            "holds its own VAE (vae/) if it has one: drop --vae"
+        )
+    return loaded
+
+
+def _load(path: Path, weights: Weights, vae: str | None) -> LoadedModel:
     if (path / "model_index.json").is_file():
         return _from_pipeline(path, weights)
     if (path / "state.json").is_file():
-        return _from_checkpoint(path, weights)
+        return _from_checkpoint(path, weights, vae)
     if (path / "config.json").is_file():
         return _from_export(path)
     if (path / "pipeline" / "model_index.json").is_file():
@@ -302,7 +322,7 @@ def load_for_sampling(path: Path, weights: Weights = "ema") -> LoadedModel:
         path, "latest"
     )
     if ckpt is not None:
-        return _from_checkpoint(ckpt.path, weights)
+        return _from_checkpoint(ckpt.path, weights, vae)
     raise ValueError(
         f"{path} is not a model: expected a pipeline folder (model_index.json), an export "
         "(config.json + task.json), a checkpoint (state.json) or a run directory holding one"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -35,7 +36,7 @@ from diffusion.networks import (
     network_class,
     prepare_loaded,
 )
-from diffusion.sources import VAE_HUB_FILES, resolve_model_source
+from diffusion.sources import VAE_HUB_FILES, VAE_SOURCES, resolve_model_source
 
 logger = logging.getLogger("ddp_diffusion")
 # The standard deviation of pixels in [-1, 1] as EDM assumes it (Karras et al. 2022), which a
@@ -133,12 +134,15 @@ def run_codec(run: Run) -> LatentCodec | None:
         return None
     source = main_process_first(
         run.accelerator,
-        lambda: resolve_model_source(cfg.vae, "vae", VAE_HUB_FILES),
+        lambda: resolve_model_source(cfg.vae, "vae", VAE_HUB_FILES, what=VAE_SOURCES),
         InputError(f"{cfg.vae} could not be found (the main process says why)", "vae"),
     )
     precision = cfg.mixed_precision or run.accelerator.mixed_precision
     try:
-        codec = load_codec(source, cfg.vae, DTYPES.get(precision or "no", torch.float32))
+        # A local folder is recorded by its absolute path, so that the run's checkpoints sample
+        # from any directory; a hub id as it is.
+        recorded = str(source.resolve()) if Path(cfg.vae).expanduser().exists() else cfg.vae
+        codec = load_codec(source, recorded, DTYPES.get(precision or "no", torch.float32))
     except InputError as err:
         raise InputError(str(err), "vae") from None
     problems = check_against(codec, cfg.channels, cfg.resolution)

@@ -38,20 +38,28 @@ def is_hub_id(text: str) -> bool:
     return bool(HUB_ID.match(text)) and not text.startswith((".", "~"))
 
 
-def resolve_model_source(spec: str, field: str | None, patterns: list[str] | None = None) -> Path:
+MODEL_SOURCES = (
+    "a local folder (an export, a diffusers pipeline or UNet2DModel folder, a checkpoint, a run "
+    "directory) or a hub id such as google/ddpm-cifar10-32"
+)
+VAE_SOURCES = (
+    "a local folder holding an AutoencoderKL (a folder it wrote, train_autoencoder.py's export, "
+    "a pipeline's vae/) or a hub id such as stabilityai/sd-vae-ft-ema"
+)
+
+
+def resolve_model_source(
+    spec: str, field: str | None, patterns: list[str] | None = None, what: str = MODEL_SOURCES
+) -> Path:
     """A local folder for `spec`: the path itself if it exists, else the hub snapshot of the
     repository `spec` names (from the cache when offline; its files of `patterns`, default
-    HUB_FILES). `field` is the flag's config field, named by the errors."""
+    HUB_FILES). `field` is the flag's config field, named by the errors; `what` says what may
+    be given."""
     path = Path(spec).expanduser()
     if path.exists():
         return path
     if not is_hub_id(spec):
-        raise InputError(
-            f"{spec} does not exist: give a local folder (an export, a diffusers pipeline or "
-            "UNet2DModel folder, a checkpoint, a run directory) or a hub id such as "
-            "google/ddpm-cifar10-32",
-            field,
-        )
+        raise InputError(f"{spec} does not exist: give {what}", field)
     try:
         return Path(snapshot_download(spec, allow_patterns=patterns or HUB_FILES))
     except LocalEntryNotFoundError as err:

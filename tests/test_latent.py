@@ -680,3 +680,43 @@ def test_edm_sigma_data_is_kept_by_a_resume_and_by_a_fine_tune(root: Path, tmp_p
                  ).cfg.sigma_data == 0.7  # fmt: skip
     scheduler = json.loads((tuned / "pipeline" / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["sigma_data"] == 0.7
+
+
+def test_a_latent_checkpoint_samples_from_anywhere_and_takes_a_moved_vae(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relative --vae is recorded by its absolute path (the checkpoint samples from another
+    directory); once the VAE is moved, sample.py --vae names its new place, checked by the
+    weights' hash; another VAE, or --vae for an export, is refused."""
+    make_vae(tmp_path / "vae")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    train(["--preset", str(tiny_preset(tmp_path)), "--vae", "vae", "--resolution", "16",
+           "--max-images", "8", "--max-steps", "1", "--batch-size", "4", "--sample-every", "0",
+           "--num-sample-images", "2", "--sample-steps", "2", "--report-to", "none",
+           "--output-dir", str(out)])  # fmt: skip
+    checkpoint = out / "checkpoints" / "checkpoint-1"
+    state = json.loads((checkpoint / "state.json").read_text())
+    assert state["latent"]["vae"] == str(tmp_path / "vae")
+    monkeypatch.chdir(REPO)
+    first, _ = sample_export(checkpoint, tmp_path / "a", "--num-samples=2", "--num-steps=2")
+    (tmp_path / "vae").rename(tmp_path / "moved")
+    with pytest.raises(InputError, match="give sample.py --vae with the autoencoder"):
+        sample_export(checkpoint, tmp_path / "b", "--num-samples=2", "--num-steps=2")
+    moved, _ = sample_export(checkpoint, tmp_path / "c", "--num-samples=2", "--num-steps=2",
+                             f"--vae={tmp_path / 'moved'}")  # fmt: skip
+    assert np.array_equal(first, moved)
+    make_vae(tmp_path / "other", seed=1)
+    with pytest.raises(InputError, match="the VAE changed since training"):
+        sample_export(checkpoint, tmp_path / "d", "--num-samples=2", f"--vae={tmp_path / 'other'}")
+    with pytest.raises(InputError, match="--vae applies to checkpoints of latent runs"):
+        sample_export(out / "pipeline", tmp_path / "e", "--num-samples=2",
+                      f"--vae={tmp_path / 'moved'}")  # fmt: skip
+
+
+def test_a_missing_vae_is_named_as_a_vae(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="holding an AutoencoderKL") as refused:
+        train(["--vae", str(tmp_path / "no-such-vae"), "--max-steps", "1", "--report-to", "none",
+               "--output-dir", str(tmp_path / "run")])  # fmt: skip
+    assert "UNet2DModel folder, a checkpoint" not in str(refused.value)
+    assert not (tmp_path / "run").exists()

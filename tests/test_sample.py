@@ -196,6 +196,8 @@ def test_samplers_of_another_kind_and_their_knobs_are_refused(
         run_sample(ddpm_run / "pipeline", tmp_path / "e", "--scheduler=unipc", "--eta=1")
     with pytest.raises(ValueError, match="--churn must be >= 0"):
         sample.SampleConfig(model_path=str(edm_run), churn=-1.0)
+    with pytest.raises(ValueError, match="--compile-mode and --compile-backend apply with"):
+        sample.SampleConfig(model_path=str(edm_run), compile_mode="reduce-overhead")
     with pytest.raises(ValueError, match=r"--eta must be in \[0, 1\]"):
         sample.SampleConfig(model_path=str(ddpm_run), eta=5.0)
     with pytest.raises(BAD_INPUT, match="--num-steps 5000 is more than ddim can take: the model "
