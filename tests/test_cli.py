@@ -270,7 +270,7 @@ def test_typos_and_abbreviations_are_refused_with_the_closest_flag(argv, suggest
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
-        (["--preset", "huge"], "--preset: must be one of digits-small"),
+        (["--preset", "huge"], "--preset: 'huge' is neither a preset nor a JSON file"),
         (
             ["--preset", "unet-18.5m", "--resolution", "12"],
             "--resolution: must be a positive multiple of 8",
@@ -324,7 +324,7 @@ def test_the_python_api_trains_a_run_validated_like_the_cli(tmp_path):
     from tests.tiny_runs import NUM_IMAGES, RESOLUTION, fresh_accelerate_state, tiny_preset
     from train_ddpm import DDPMConfig, train
 
-    with pytest.raises(ValueError, match="--preset: must be one of digits-small"):
+    with pytest.raises(ValueError, match="--preset: 'huge' is neither a preset nor a JSON"):
         DDPMConfig(preset="huge")
     with pytest.raises(ValueError, match="--report-to must be one of"):
         DDPMConfig(report_to="tensorbord")

@@ -127,7 +127,7 @@ def test_underscore_flags_are_accepted_like_diffusers_examples():
         ("train_ddpm", ["--beta-schedule", "cosine"], "'squaredcos_cap_v2', 'linear'"),
         ("train_ddpm", ["--prediction-type", "x0"], "'epsilon', 'v_prediction', 'sample'"),
         ("train_ddpm", ["--data-loading", "disk"], "'auto', 'memory', 'stream'"),
-        ("sample", ["runs", "--scheduler", "euler"], "'ddpm', 'ddim', 'dpm-solver'"),
+        ("sample", ["runs", "--scheduler", "euler-karras-x"], "'ddpm', 'ddim', 'dpm-solver'"),
     ],
 )
 def test_choices_of_every_script_are_checked_at_the_command_line(script, argv, expected, capsys):

@@ -65,6 +65,15 @@ class ConditioningOptions:
     )
 
     def check_conditioning_options(self) -> None:
+        parse_guidance_interval(self.sample_guidance_interval, "sample_guidance_interval")
+        require(
+            0 <= self.label_dropout < 1,
+            f"--label-dropout must be in [0, 1), got {self.label_dropout}",
+        )
+        require(
+            self.sample_guidance_scale >= 0,
+            f"--sample-guidance-scale must be >= 0, got {self.sample_guidance_scale}",
+        )
         if not self.class_conditional:  # flags that would do nothing are refused
             for name, default in (
                 ("label_dropout", 0.1), ("sample_guidance_scale", 1.5),
@@ -75,15 +84,6 @@ class ConditioningOptions:
                     f"--{name.replace('_', '-')} applies to --class-conditional runs only: add "
                     "--class-conditional, or drop it",
                 )
-        parse_guidance_interval(self.sample_guidance_interval, "sample_guidance_interval")
-        require(
-            0 <= self.label_dropout < 1,
-            f"--label-dropout must be in [0, 1), got {self.label_dropout}",
-        )
-        require(
-            self.sample_guidance_scale >= 0,
-            f"--sample-guidance-scale must be >= 0, got {self.sample_guidance_scale}",
-        )
 
     def guidance(self) -> Guidance:
         """The guidance of the run's grids and export (none for an unconditional run)."""
