@@ -4,10 +4,11 @@
     python bench/sampling.py --preset ddpm-cifar10 --resolution 32 --channels 3 \
         --batch-sizes 64,256,1024 --mixed-precision bf16     # on a GPU
     python bench/sampling.py --samplers ddim:50,edm-heun:18   # a subset, steps of your choice
+    python bench/sampling.py --samplers flow/dpm++2m:20       # KIND/NAME: a name kinds share
 
-The network is freshly initialised: cost per evaluation does not depend on the weights. DDPM
-samplers run `diffusion.sampling.sample_ddpm` and EDM ones `diffusion.edm.sample_edm`, the
-code `sample.py` and the training grids use; "evals" counts the network evaluations.
+The network is freshly initialised: cost per evaluation does not depend on the weights. Each
+sampler runs through its kind's `sampler` (diffusion/kinds/<name>/), the code `sample.py` and
+the training grids use; "evals" counts the network evaluations.
 """
 
 from __future__ import annotations
@@ -27,13 +28,15 @@ from diffusion.drawing import count_calls  # noqa: E402
 from diffusion.kinds import KINDS, choose_sampler  # noqa: E402
 from diffusion.kinds.ddpm.formulation import make_train_scheduler  # noqa: E402
 from diffusion.kinds.edm.formulation import make_edm_scheduler  # noqa: E402
+from diffusion.kinds.flow.formulation import make_flow_scheduler  # noqa: E402
 from diffusion.networks import sample_shape  # noqa: E402
 from diffusion.networks.unet import build_ddpm_unet  # noqa: E402
 
 DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SAMPLERS = (
     "ddpm:1000,ddim:50,dpm-solver:20,dpm-solver-2m-karras:20,dpm-solver-3m-karras:20,"
-    "unipc:20,euler-karras:20,heun-karras:10,edm-heun:18,edm-euler:35"
+    "unipc:20,euler-karras:20,heun-karras:10,edm-heun:18,edm-euler:35,edm/dpm++2m:20,"
+    "flow/euler:50,flow/heun:25,flow/dpm++2m:20,flow/euler-ancestral:50"
 )
 
 
@@ -51,6 +54,7 @@ def run(
     configs = {
         "ddpm": lambda: make_train_scheduler("squaredcos_cap_v2", 1000, "epsilon").config,
         "edm": lambda: make_edm_scheduler().config,
+        "flow": lambda: make_flow_scheduler().config,
     }
     config = configs[kind.name]() if kind.name in configs else {}
     choice = choose_sampler(kind, name, steps, {}, source="bench", scheduler_config=config)
