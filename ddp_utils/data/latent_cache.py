@@ -109,7 +109,8 @@ class LatentData:
     flipped_std: np.ndarray | None
     folder: Path
     variance: float
-    labels: torch.Tensor | None = None  # int64 (N,): each row's class (class-conditional)
+    labels: torch.Tensor | None = None  # int64 (N,): each row's class (or caption row)
+    condition_name: str = "class_labels"  # the name batches give `labels` in their condition
     scale: float | torch.Tensor = 1.0
     shift: float | torch.Tensor = 0.0
 
@@ -698,7 +699,7 @@ def load_latents(
     latents = read_latent_cache(folder, key)
     if latents is None:
         raise RuntimeError(f"latent cache {folder} could not be read after it was written")
-    latents.labels = data.labels
+    latents.labels, latents.condition_name = data.labels, data.condition_name
     if data.stream is not None:
         latents.labels = stream_labels(data.stream, folder, len(latents.mean))
     return latents
