@@ -5,6 +5,8 @@ source (one caption drawn per step, caption dropout to the empty prompt, reprodu
 from __future__ import annotations
 
 import json
+import shutil
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -208,6 +210,60 @@ def test_an_interrupted_text_build_continues_without_encoding_its_chunks_again(
     assert resumed.encoded[1:] == [*captions.texts, ""][32:]  # chunks 0 and 1 were recorded
     whole = load_text_embeddings(captions, encoder, cache_dir=tmp_path / "whole")
     assert np.array_equal(cached.hidden, whole.hidden)
+
+
+def test_two_processes_share_the_text_encoding_and_write_the_one_process_cache(
+    encoder, digits, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(text_cache_module, "TEXT_ROWS", 16)  # 61 rows: 4 chunks
+    monkeypatch.setattr(text_cache_module, "WAIT_SECONDS", 0.02)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    counters = [Counting(encoder), Counting(encoder)]
+    results: list = [None, None]
+
+    def process(rank: int) -> None:  # a thread as the node's process `rank`
+        node = SimpleNamespace(local_process_index=rank, is_local_main_process=rank == 0)
+        try:
+            results[rank] = load_text_embeddings(
+                digits.captions, counters[rank], node, cache_dir=tmp_path / "two"
+            )
+        except Exception as err:  # noqa: BLE001 - handed to the test
+            results[rank] = err
+
+    threads = [threading.Thread(target=process, args=(r,), daemon=True) for r in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    rows = [*digits.captions.texts, ""]
+    # Chunks 0 and 2 by the main process, 1 and 3 by the other (after each one's shape call).
+    assert counters[0].encoded[1:] == rows[0:16] + rows[32:48]
+    assert counters[1].encoded[1:] == rows[16:32] + rows[48:]
+    one = load_text_embeddings(digits.captions, encoder, cache_dir=tmp_path / "one")
+    for result in results:
+        for name in ("hidden", "pooled", "mask"):
+            assert np.array_equal(getattr(result, name), getattr(one, name)), name
+    manifests = [(r.folder / "manifest.json").read_text() for r in (results[0], one)]
+    assert manifests[0] == manifests[1]
+
+
+def test_a_hub_id_names_a_text_encoder_through_the_hub_cache(encoder, tmp_path, monkeypatch):
+    """--text-encoder owner/name: the cached snapshot (offline), a pipeline repository with
+    text_encoder/ and tokenizer/ as Stable Diffusion's."""
+    from huggingface_hub import constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    storage = tmp_path / "hub" / "models--someone--tiny-sd"
+    save_tiny_clip(storage / "snapshots" / commit, "pipeline")
+    (storage / "refs").mkdir(parents=True)
+    (storage / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    loaded = load_text_encoder("someone/tiny-sd")
+    assert loaded.fingerprint == encoder.fingerprint and loaded.source == "someone/tiny-sd"
+    shutil.rmtree(tmp_path / "hub")
+    with pytest.raises(ValueError, match="--text-encoder: someone/tiny-sd is a hub id, the hub "
+                                         "is offline"):  # fmt: skip
+        load_text_encoder("someone/tiny-sd")
 
 
 # --------------------------------------------------------------------------- the condition
