@@ -20,8 +20,10 @@ from ddp_utils.data import text_cache as text_cache_module
 from ddp_utils.data.source import DIGIT_HELD_OUT_PHRASINGS, digit_captions
 from ddp_utils.data.text_cache import load_text_embeddings
 from ddp_utils.distributed import step_generator
+from diffusion.conditioning import condition_source
 from diffusion.conditioning import text as text_module
-from diffusion.conditioning.text import TextCondition
+from diffusion.conditioning.text import TextCondition, TextOptions
+from diffusion.pretrained import run_text
 from diffusion.text_encoders import (
     TINY_CLIP,
     check_resumed_text_encoder,
@@ -56,6 +58,9 @@ class Counting:
             raise KeyboardInterrupt
         self.encoded += texts
         return self.encoder.encode(texts)
+
+    def facts(self):
+        return self.encoder.facts()
 
 
 def save_tiny_clip(folder: Path, layout: str = "flat") -> Path:
@@ -273,7 +278,7 @@ def test_a_hub_id_names_a_text_encoder_through_the_hub_cache(encoder, tmp_path, 
 def source(encoder, digits, tmp_path_factory):
     cache = tmp_path_factory.mktemp("text")
     embeddings = load_text_embeddings(digits.captions, encoder, cache_dir=cache)
-    return TextCondition(embeddings, digits.captions, 0.25, "cpu", encoder.facts())
+    return TextCondition(embeddings, digits.captions, 0.25, "cpu")
 
 
 def test_the_training_condition_is_what_a_cross_attention_network_takes(source, digits):
@@ -323,3 +328,55 @@ def test_a_cache_too_large_for_the_device_is_read_from_the_host_alike(source, di
     b = on_host.training(condition, step_generator(1, 2, 0, torch.device("cpu")))
     for name in a:
         assert torch.equal(a[name], b[name])
+
+
+# --------------------------------------------------------------------------- a run's text
+
+
+def test_a_run_encodes_its_captions_once_and_a_resume_needs_the_same_encoder(
+    encoder, digits, tmp_path, monkeypatch
+):
+    from accelerate import Accelerator
+
+    monkeypatch.setenv("DDP_DIFFUSION_CACHE", str(tmp_path / "cache"))
+    cfg = SimpleNamespace(text_encoder=TINY_CLIP, text_encoder_max_length=None,
+                          mixed_precision="no", caption_dropout=0.1)  # fmt: skip
+    run = SimpleNamespace(cfg=cfg, accelerator=Accelerator(cpu=True), data=digits,
+                          checkpoint=None, text=None)  # fmt: skip
+    returned = run_text(run)
+    assert returned.fingerprint == encoder.fingerprint
+    assert run.text.folder.parent == tmp_path / "cache" and run.text.empty_row == 60
+    # The condition source of the run: the captions' encodings, dropped with its rate.
+    source = condition_source(cfg, None, run.text, digits.captions, "cpu")
+    assert isinstance(source, TextCondition) and source.caption_dropout == 0.1
+    assert source.task_info()["text_encoder"] == encoder.facts()
+    assert ("text encoder", "tiny-clip (frozen, 16 tokens per caption)") in source.card_facts()
+
+    saved = {**encoder.facts(), "fingerprint": "f" * 32}  # trained with other weights
+    run.checkpoint = SimpleNamespace(path=tmp_path / "checkpoint-8",
+                                     state={"text_encoder": saved})  # fmt: skip
+    with pytest.raises(ValueError, match=r"--text-encoder: .*checkpoint-8 cannot be resumed "
+                                         r"with this --text-encoder: .*other weights"):  # fmt: skip
+        run_text(run)
+    cfg.text_encoder = None
+    with pytest.raises(ValueError, match="cannot be resumed without --text-encoder"):
+        run_text(run)
+    run.checkpoint.state = {}  # a class-conditional or unconditional run's: nothing to check
+    assert run_text(run) is None
+
+
+def test_the_text_flags_are_checked_and_refused_where_they_would_do_nothing():
+    TextOptions(text_encoder=TINY_CLIP, caption_dropout=0.0).check_text_options()
+    with pytest.raises(ValueError, match=r"--caption-dropout must be in \[0, 1\), got 1.0"):
+        TextOptions(text_encoder=TINY_CLIP, caption_dropout=1.0).check_text_options()
+    with pytest.raises(ValueError, match="--text-encoder-max-length must be >= 1"):
+        TextOptions(text_encoder=TINY_CLIP, text_encoder_max_length=0).check_text_options()
+    for flag, value in (("caption_column", "text"), ("caption_dropout", 0.2),
+                        ("text_encoder_max_length", 8)):  # fmt: skip
+        with pytest.raises(ValueError, match="applies to text-to-image runs only: add "
+                                             "--text-encoder"):  # fmt: skip
+            TextOptions(**{flag: value}).check_text_options()
+    both = TextOptions(text_encoder=TINY_CLIP)
+    both.class_conditional = True  # as a config holding both sections
+    with pytest.raises(ValueError, match="--text-encoder and --class-conditional"):
+        both.check_text_options()

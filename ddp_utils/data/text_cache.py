@@ -23,7 +23,7 @@ import hashlib
 import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, get_args
 
@@ -66,6 +66,10 @@ class TextEncoder(Protocol):
         """(sequence embeddings (n, L, D), pooled (n, P), attention mask (n, L)) on the CPU."""
         ...
 
+    def facts(self) -> dict[str, Any]:
+        """What a checkpoint records of the encoder (its source, class, length, fingerprint)."""
+        ...
+
 
 @dataclass
 class TextEmbeddings:
@@ -76,6 +80,7 @@ class TextEmbeddings:
     pooled: np.ndarray  # (N + 1, P)
     mask: np.ndarray  # (N + 1, L)
     folder: Path
+    encoder: dict[str, Any] = field(default_factory=dict)  # the encoder's facts
 
     @property
     def empty_row(self) -> int:
@@ -251,6 +256,7 @@ def load_text_embeddings(
     embeddings = read_text_cache(folder, key)
     if embeddings is None:
         raise RuntimeError(f"text cache {folder} could not be read after it was written")
+    embeddings.encoder = encoder.facts()
     per_caption = sum(a.nbytes for a in (embeddings.hidden, embeddings.pooled, embeddings.mask))
     logger.info(
         "text: %d captions and the empty prompt, %s per caption, in %s",

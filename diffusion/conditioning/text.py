@@ -20,11 +20,13 @@ drawn rows back to the host: one device sync per step).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from ddp_utils.config import option, require
 from ddp_utils.data.captions import Captions
 from ddp_utils.data.load import CAPTION_ROWS
 from ddp_utils.data.text_cache import TextEmbeddings
@@ -33,6 +35,62 @@ from diffusion.pipeline_code.core import Condition
 
 DEVICE_BYTES = 256 * 2**20  # a text cache up to this size is copied to the device
 HIDDEN, MASK = "encoder_hidden_states", "encoder_attention_mask"
+SECTION = "Text-to-image (captions encoded once by a frozen text encoder)"
+DEFAULT_CAPTION_DROPOUT = 0.1  # Stable Diffusion's
+
+
+@dataclass
+class TextOptions:
+    """Text conditioning's section of the training config."""
+
+    text_encoder: str | None = option(
+        None,
+        "train on captions: the frozen text encoder that encodes them once (cached): a folder "
+        "holding a CLIP text model or T5 encoder and its tokenizer (or a pipeline folder with "
+        "text_encoder/ and tokenizer/), a hub id (as --vae), or tiny-clip (built in, random "
+        "weights, for --dataset digits-captioned)",
+        section=SECTION,
+    )
+    text_encoder_max_length: int | None = option(
+        None,
+        "tokens per caption, padded or truncated (default: CLIP's positions, 77; T5: 120)",
+        section=SECTION,
+    )
+    caption_column: str | None = option(
+        None,
+        "caption column (a string or a list of strings per image: one is drawn per step); "
+        "auto-detected: the only text column, or the one named text/caption/captions/prompt",
+        section=SECTION,
+    )
+    caption_dropout: float = option(
+        DEFAULT_CAPTION_DROPOUT,
+        "share of captions replaced by the empty prompt (what guidance needs; SD's 0.1)",
+        section=SECTION,
+    )
+
+    def check_text_options(self) -> None:
+        require(
+            0 <= self.caption_dropout < 1,
+            f"--caption-dropout must be in [0, 1), got {self.caption_dropout}",
+        )
+        length = self.text_encoder_max_length
+        require(
+            length is None or length >= 1,
+            f"--text-encoder-max-length must be >= 1 or none, got {length}",
+        )
+        if self.text_encoder is None:  # flags that would do nothing are refused
+            for name, default in (("text_encoder_max_length", None), ("caption_column", None),
+                                  ("caption_dropout", DEFAULT_CAPTION_DROPOUT)):  # fmt: skip
+                require(
+                    getattr(self, name) == default,
+                    f"--{name.replace('_', '-')} applies to text-to-image runs only: add "
+                    "--text-encoder, or drop it",
+                )
+        require(
+            self.text_encoder is None or not getattr(self, "class_conditional", False),
+            "--text-encoder and --class-conditional: a model is conditioned on captions or on "
+            "class labels; drop one",
+        )
 
 
 class TextCondition:
@@ -46,7 +104,6 @@ class TextCondition:
         captions: Captions,
         caption_dropout: float,
         device: torch.device | str,
-        encoder_facts: dict[str, Any] | None = None,
         prompts: Sequence[str] = (),
         prompt_encoding: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
@@ -58,7 +115,7 @@ class TextCondition:
         self.embeddings, self.captions = embeddings, captions
         self.caption_dropout = caption_dropout
         self.device = torch.device(device)
-        self.encoder_facts = encoder_facts or {}
+        self.encoder_facts = embeddings.encoder  # what task.json and the card say of it
         self.prompts = tuple(prompts)
         self.prompt_encoding = prompt_encoding
         self.offsets = captions.offsets.to(self.device)
