@@ -13,6 +13,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from accelerate import Accelerator
+from huggingface_hub import constants
 from transformers import T5Config, T5EncoderModel
 
 from ddp_utils.data import MemoryBatches, load_image_data
@@ -255,8 +257,6 @@ def test_two_processes_share_the_text_encoding_and_write_the_one_process_cache(
 def test_a_hub_id_names_a_text_encoder_through_the_hub_cache(encoder, tmp_path, monkeypatch):
     """--text-encoder owner/name: the cached snapshot (offline), a pipeline repository with
     text_encoder/ and tokenizer/ as Stable Diffusion's."""
-    from huggingface_hub import constants
-
     commit = "0123456789abcdef0123456789abcdef01234567"
     storage = tmp_path / "hub" / "models--someone--tiny-sd"
     save_tiny_clip(storage / "snapshots" / commit, "pipeline")
@@ -299,6 +299,20 @@ def test_the_training_condition_is_what_a_cross_attention_network_takes(source, 
         "encoder_hidden_states"][0])  # fmt: skip
 
 
+def test_samples_take_the_prompts_in_turn_and_grids_put_one_prompt_per_row(source, encoder, digits):
+    prompts = [digit_captions(d)[0] for d in range(3)]
+    hidden, _, mask = encoder.encode(prompts)
+    prompted = TextCondition(source.embeddings, digits.captions, 0.1, "cpu", prompts,
+                             (hidden, mask))  # fmt: skip
+    drawn = prompted.for_samples(range(2, 9), "cpu")
+    for k in range(2, 9):
+        assert torch.equal(drawn["encoder_hidden_states"][k - 2], hidden[k % 3])
+    assert prompted.task_info()["prompts"] == prompts
+    images = np.arange(7, dtype=np.uint8)[:, None, None, None].repeat(2, axis=1)  # sample k: k
+    grid, per_row = prompted.grid_layout(images)
+    assert per_row == 3 and grid[:, 0, 0, 0].tolist() == [0, 3, 6, 1, 4, 0, 2, 5, 0]
+
+
 def test_one_caption_per_image_and_dropout_drawn_from_the_steps_generator(source, digits):
     rows = torch.arange(40).repeat(50)  # every image 50 times
     draw = source.draw_captions
@@ -336,8 +350,6 @@ def test_a_cache_too_large_for_the_device_is_read_from_the_host_alike(source, di
 def test_a_run_encodes_its_captions_once_and_a_resume_needs_the_same_encoder(
     encoder, digits, tmp_path, monkeypatch
 ):
-    from accelerate import Accelerator
-
     monkeypatch.setenv("DDP_DIFFUSION_CACHE", str(tmp_path / "cache"))
     cfg = SimpleNamespace(text_encoder=TINY_CLIP, text_encoder_max_length=None,
                           mixed_precision="no", caption_dropout=0.1)  # fmt: skip

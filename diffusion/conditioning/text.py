@@ -122,14 +122,12 @@ class TextCondition:
         self.counts = captions.counts.to(self.device)
         self.ids = captions.ids.to(self.device)
         self.empty_row = embeddings.empty_row
-        on_device = embeddings.hidden.nbytes + embeddings.mask.nbytes <= DEVICE_BYTES
-        # Copies (np.array): the mapped arrays are read-only.
-        self.hidden = torch.from_numpy(np.array(embeddings.hidden)).to(self.device) if (
-            on_device
-        ) else None  # fmt: skip
-        self.mask = torch.from_numpy(np.array(embeddings.mask)).to(self.device) if (
-            on_device
-        ) else None  # fmt: skip
+        self.hidden: torch.Tensor | None = None  # on the device, where the cache is small
+        self.mask: torch.Tensor | None = None
+        if embeddings.hidden.nbytes + embeddings.mask.nbytes <= DEVICE_BYTES:
+            # Copies (np.array): the mapped arrays are read-only.
+            self.hidden = torch.from_numpy(np.array(embeddings.hidden)).to(self.device)
+            self.mask = torch.from_numpy(np.array(embeddings.mask)).to(self.device)
 
     def encoded(self, rows: torch.Tensor) -> Condition:
         """The condition of cache rows `rows` (captions' indices; `empty_row`: the empty
