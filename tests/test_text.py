@@ -197,6 +197,12 @@ def test_the_cache_is_encoded_once_reused_and_keyed_by_the_encoder(encoder, digi
     theirs = load_text_embeddings(captions, counted, cache_dir=tmp_path)
     assert counted.calls > 0 and theirs.folder != cached.folder
     assert theirs.hidden.shape[1] == 12 and len(list(tmp_path.glob("text-*"))) == 4  # + locks
+    # Another encoder's cache where this one's belongs is never read as this one's.
+    shutil.rmtree(theirs.folder)
+    shutil.copytree(cached.folder, theirs.folder)
+    counted = Counting(other)
+    assert load_text_embeddings(captions, counted, cache_dir=tmp_path).hidden.shape[1] == 12
+    assert counted.calls > 0
 
     # A damaged cache is found and encoded anew.
     (cached.folder / "hidden.npy").write_bytes(b"broken")

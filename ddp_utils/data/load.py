@@ -209,9 +209,8 @@ def load_image_data(
         "num_rows": len(ds),
     }
     fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    stream = StreamSource(ds, column, resolution, channels, center_crop, row_labels)
-    if captions is not None:
-        stream.condition_name = CAPTION_ROWS
+    condition_name = "class_labels" if captions is None else CAPTION_ROWS
+    stream = StreamSource(ds, column, resolution, channels, center_crop, row_labels, condition_name)
     mode = choose_data_loading(data_loading, len(ds), resolution, channels)
     check_fits(len(ds), resolution, channels, batch_size, mode, memory_bytes(accelerator))
     if mode == "stream":
