@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
+from diffusers import UNet2DConditionModel
 from huggingface_hub import constants
 from transformers import T5Config, T5EncoderModel
 
@@ -25,6 +26,7 @@ from ddp_utils.distributed import step_generator
 from diffusion.conditioning import condition_source
 from diffusion.conditioning import text as text_module
 from diffusion.conditioning.text import TextCondition, TextOptions
+from diffusion.pipeline_code.core import guided_output, network_output
 from diffusion.pretrained import run_text
 from diffusion.text_encoders import (
     TINY_CLIP,
@@ -303,6 +305,40 @@ def test_the_training_condition_is_what_a_cross_attention_network_takes(source, 
     assert samples["encoder_hidden_states"].shape == (4, 16, 32)
     assert torch.equal(samples["encoder_hidden_states"][0], source.for_samples([5], "cpu")[
         "encoder_hidden_states"][0])  # fmt: skip
+
+
+def test_a_cross_attention_unet_trains_and_is_guided_on_the_condition_as_it_is(source, digits):
+    """diffusers' UNet2DConditionModel takes the condition as the source gives it, through
+    the shared network call and guidance (untouched), and ignores the padded tokens."""
+    torch.manual_seed(0)
+    net = UNet2DConditionModel(
+        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
+    )  # fmt: skip
+    x, t = torch.randn(4, 1, 8, 8), torch.tensor([10, 200, 500, 900])
+    condition = source.training({"caption_rows": torch.arange(4)}, torch.Generator().manual_seed(1))
+    network_output(net, x, t, condition).square().mean().backward()
+    assert net.conv_in.weight.grad is not None
+    with torch.no_grad():
+        guided = guided_output(net, x, t, source.for_samples(range(4), "cpu"),
+                               source.null(4, "cpu"), 2.0, 1.0, 1.0)  # fmt: skip
+        assert guided.shape == x.shape and torch.isfinite(guided).all()
+        padded = condition["encoder_attention_mask"] == 0
+        assert padded.any()
+        changed = dict(condition)
+        changed["encoder_hidden_states"] = torch.where(
+            padded[..., None], 100.0, condition["encoder_hidden_states"]
+        )
+        assert torch.allclose(network_output(net, x, t, condition),
+                              network_output(net, x, t, changed), atol=1e-5)  # fmt: skip
+        unmasked = torch.ones_like(condition["encoder_attention_mask"])  # the same, read whole
+        assert not torch.allclose(
+            network_output(net, x, t, {**condition, "encoder_attention_mask": unmasked}),
+            network_output(net, x, t, {**changed, "encoder_attention_mask": unmasked}),
+            atol=1e-3,
+        )
 
 
 def test_samples_take_the_prompts_in_turn_and_grids_put_one_prompt_per_row(source, encoder, digits):
