@@ -96,11 +96,6 @@ class TextEncoder:
     fingerprint: str  # weights, config, tokenizer, length, dtype
 
     @property
-    def hidden_size(self) -> int:
-        config = self.model.config
-        return int(getattr(config, "hidden_size", None) or config.d_model)
-
-    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
