@@ -30,6 +30,7 @@ from torch import nn
 
 from ddp_utils import hub
 from ddp_utils.data import Batch, BatchSource
+from ddp_utils.data.source import is_built_in
 from ddp_utils.distributed import all_finite, map_sharded, raise_together, step_generator
 from ddp_utils.ema import EMA
 from ddp_utils.errors import OutputError
@@ -389,7 +390,7 @@ def model_card(
 
 def is_hub_dataset(name: str) -> bool:
     """A hub dataset id (cifar10, owner/name), not a local folder or the built-in digits."""
-    return name != "digits" and not Path(name).exists()
+    return not is_built_in(name) and not Path(name).exists()
 
 
 def export(

@@ -53,6 +53,7 @@ from ddp_utils.data import (
     load_image_data,
     make_batches,
 )
+from ddp_utils.data.text_cache import TextEmbeddings
 from ddp_utils.distributed import all_finite, make_accelerator, raise_together
 from ddp_utils.ema import EMA
 from ddp_utils.errors import (
@@ -88,6 +89,9 @@ class Run:
     # A latent model's data: the images encoded once (`ddp_utils.data.latent_cache`); batches then
     # carry latents, and `data` keeps the pixels (grids of real data, FID reference).
     latents: LatentData | None = field(init=False, default=None)
+    # A text-conditional run's captions encoded once (`ddp_utils.data.text_cache`): batches
+    # carry each image's caption row, the condition source reads the encodings from here.
+    text: TextEmbeddings | None = field(init=False, default=None)
 
     def batches(self, start_micro_step: int, value_range: tuple[float, float]) -> BatchSource:
         """This rank's batches from `start_micro_step` on (in memory, streamed, or latents)."""
@@ -435,13 +439,14 @@ class Run:
         )
 
 
-def start_run(cfg: TrainConfig, with_labels: bool = False) -> Run:
+def start_run(cfg: TrainConfig, with_labels: bool = False, with_captions: bool = False) -> Run:
     """The Accelerator, the data and the checkpoint to resume from; nothing is written yet.
 
     A run that is going to be refused (a dataset typo, a checkpoint of another model) must
     fail before it touches the run directory: `Run.begin` takes the directory and writes into
     it once the model is built and the checkpoint restored. `with_labels`: the data must
-    carry class labels (class-conditional training).
+    carry class labels (class-conditional training); `with_captions`: captions (text, from
+    the config's `caption_column`, else the one detected).
     """
     accelerator = make_accelerator(
         cfg.mixed_precision,
@@ -500,6 +505,8 @@ def start_run(cfg: TrainConfig, with_labels: bool = False) -> Run:
         batch_size=cfg.batch_size,
         with_labels=with_labels,
         label_column=cfg.label_column,
+        with_captions=with_captions,
+        caption_column=getattr(cfg, "caption_column", None),
     )
     # Not given: the images' own size and channels (logged by the loading).
     cfg.channels, cfg.resolution = data.images.shape[1], data.images.shape[-1]

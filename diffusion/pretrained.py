@@ -1,7 +1,8 @@
 """What a run starts from: the network of a train_ddpm.py run (`initial_network`: a new one of its
 preset, or --init-from's, checked by `check_init_model` against the data size, channels,
 classes and objective; its kind takes what it needs from that model), its --vae (`run_codec`),
-and the kind's options still unset once the data is known (`resolve_kind_options`). Hub ids are resolved to local folders by
+its --text-encoder (`run_text`), and the kind's options still unset once the data is known
+(`resolve_kind_options`). Hub ids are resolved to local folders by
 `diffusion.sources`; `diffusion.loading.load_for_sampling` reads the folders.
 """
 
@@ -16,6 +17,7 @@ from torch import nn
 
 from ddp_utils.data import load_latents
 from ddp_utils.data.batches import default_num_workers
+from ddp_utils.data.text_cache import load_text_embeddings
 from ddp_utils.distributed import all_finite, local_world_size, main_process_first
 from ddp_utils.errors import InputError
 from ddp_utils.run import Run
@@ -37,6 +39,7 @@ from diffusion.networks import (
     prepare_loaded,
 )
 from diffusion.sources import VAE_HUB_FILES, VAE_SOURCES, resolve_model_source
+from diffusion.text_encoders import TextEncoder, check_resumed_text_encoder, load_text_encoder
 
 logger = logging.getLogger("ddp_diffusion")
 # The standard deviation of pixels in [-1, 1] as EDM assumes it (Karras et al. 2022), which a
@@ -217,6 +220,41 @@ def run_codec(run: Run) -> LatentCodec | None:
         codec.scaling_factor,
     )  # fmt: skip
     return codec
+
+
+def run_text(run: Run) -> TextEncoder | None:
+    """--text-encoder's encoder for this run (None without it), and the run's text cache.
+
+    Before any work: the encoder is loaded (a folder, a hub id through the cache and offline
+    rules of --vae, or a built-in name; frozen, in eval mode, in the run's precision) and
+    compared with a resumed checkpoint's (its fingerprint: weights, tokenizer, length). Then
+    every distinct caption and the empty prompt are encoded once per node on the device,
+    shared by its processes (or read from the text cache: `run.text`), and the encoder
+    leaves the device: training reads the cache. The encoder is returned on the CPU (to
+    encode the samples' prompts)."""
+    cfg = run.cfg
+    saved = None if run.checkpoint is None else run.checkpoint.state.get("text_encoder")
+    if cfg.text_encoder is None:
+        if run.checkpoint is not None:  # one trained on captions needs its encoder
+            check_resumed_text_encoder(saved, None, str(run.checkpoint.path))
+        return None
+    assert run.data.captions is not None, "start_run(with_captions=True) reads the captions"
+    precision = cfg.mixed_precision or run.accelerator.mixed_precision
+    dtype = DTYPES.get(precision or "no", torch.float32)
+    encoder = main_process_first(
+        run.accelerator,
+        lambda: load_text_encoder(cfg.text_encoder, cfg.text_encoder_max_length, dtype),
+        InputError(f"{cfg.text_encoder} could not be loaded (the main process says why)",
+                   "text_encoder"),
+    )  # fmt: skip
+    if Path(cfg.text_encoder).expanduser().exists():  # by its absolute path, as --vae
+        encoder.source = str(Path(cfg.text_encoder).expanduser().resolve())
+    if run.checkpoint is not None:
+        check_resumed_text_encoder(saved, encoder, str(run.checkpoint.path))
+    encoder.model.to(run.accelerator.device)
+    run.text = load_text_embeddings(run.data.captions, encoder, run.accelerator)
+    encoder.model.to("cpu")  # training reads the cache
+    return encoder
 
 
 def initial_network(run: Run, kind: Kind, codec: LatentCodec | None = None) -> nn.Module:

@@ -93,9 +93,12 @@ class Batch:
     condition: dict[str, torch.Tensor] | None = None
 
 
-def row_condition(labels: torch.Tensor | None) -> dict[str, torch.Tensor] | None:
-    """The condition of rows whose labels are `labels` (None: unlabelled data)."""
-    return None if labels is None else {"class_labels": labels}
+def row_condition(
+    labels: torch.Tensor | None, name: str = "class_labels"
+) -> dict[str, torch.Tensor] | None:
+    """The condition of rows whose labels are `labels` (None: unlabelled data): their classes,
+    or for text their rows among the captions (`name`: `ImageData.condition_name`)."""
+    return None if labels is None else {name: labels}
 
 
 class BatchSource:
@@ -164,6 +167,7 @@ class MemoryBatches(BatchSource):
         self.images = data.images.to(self.device)
         self.num_images = int(self.images.shape[0])
         self.labels = None if data.labels is None else data.labels.to(self.device)
+        self.condition_name = data.condition_name
         self._orders: dict[int, torch.Tensor] = {}  # epoch -> its permutation on the device
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
@@ -198,7 +202,7 @@ class MemoryBatches(BatchSource):
     def fetch(self, micro_step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
         index = self.indices(micro_step, self.images.shape[0])  # on the device already
         return self.images[index], row_condition(
-            None if self.labels is None else self.labels[index]
+            None if self.labels is None else self.labels[index], self.condition_name
         )
 
 
@@ -274,11 +278,13 @@ class StreamingBatches(BatchSource):
             source.channels,
             source.center_crop,
             source.labels,
+            source.condition_name,
         )
         if num_workers is None:
             # The processes sharing this node's cores.
             num_workers = default_num_workers(local_world_size(self.world_size))
         self.next_micro_step = start_micro_step
+        self.condition_name = source.condition_name
         self.seen_skipped: set[str] = set()
         loader = torch.utils.data.DataLoader(
             _BatchDataset(source, start_micro_step, self),
@@ -315,7 +321,10 @@ class StreamingBatches(BatchSource):
         labels = item.get("labels")
         return (
             item["images"].to(self.device, non_blocking=True),
-            row_condition(None if labels is None else labels.to(self.device, non_blocking=True)),
+            row_condition(
+                None if labels is None else labels.to(self.device, non_blocking=True),
+                self.condition_name,
+            ),
         )
 
 
@@ -391,4 +400,4 @@ class LatentBatches(BatchSource):
         eps = torch.randn(mean.shape, generator=generator, device=self.device)
         z = (mean + std * eps - latents.shift) * latents.scale
         labels = None if self.labels is None else self.to_device(self.labels[rows])
-        return Batch(z, row_condition(labels))
+        return Batch(z, row_condition(labels, self.latents.condition_name))

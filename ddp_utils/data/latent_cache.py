@@ -33,6 +33,8 @@ of processes: recorded chunks are not encoded again. One whose layout does not f
 (another ENCODE_ROWS, a damaged array) is started over, with a warning. The chunks, and the
 order their sums are added in, do not depend on the number of processes: nor does the cache,
 where every device encodes a chunk to the same bits (the same kind of device and kernels).
+That machinery, shared with the text cache, is `ddp_utils.data.node_cache`; what is the
+latents' own is here (the images of a chunk, the variance, rows skipped and compacted).
 
 With random flips, both the images and their mirror images are encoded, so a flip in latent
 space is the encoding of the flipped image, exactly. A batch draws z = mean + std * eps with
@@ -42,15 +44,10 @@ flip): resume stays exact and a sample of the posterior is fresh at every step.
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import fcntl
 import hashlib
 import json
 import logging
 import math
-import shutil
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,7 +59,21 @@ from accelerate import Accelerator
 
 from ddp_utils.data.decode import CACHE_VARIABLE, cache_fix, decode_all, default_cache_dir
 from ddp_utils.data.load import ImageData, StreamSource, first_errors
-from ddp_utils.distributed import local_share
+from ddp_utils.data.node_cache import (
+    CANNOT_WRITE,
+    COMPACTED,
+    MANIFEST,
+    EncodeProgress,
+    NodeBuild,
+    bytes_on_disk,
+    chunk_records,
+    discard,
+    disk_free,
+    first_nonfinite_row,
+    publish_build,
+    record_chunk,
+    share_build,
+)
 from ddp_utils.errors import InputError, OutputError
 from ddp_utils.files import format_bytes, publish_dir, temp_path, write_json
 
@@ -75,16 +86,10 @@ PIXEL_RANGE = (-1.0, 1.0)  # what encoders are given
 ENCODE_ROWS = 4096
 DECODE_ROWS = 256  # rows a DataLoader worker decodes at a time, for a streamed dataset
 CacheDtype = Literal["float16", "float32"]
-MANIFEST = "manifest.json"
-PARTIAL = ".partial"  # the build folder: `latents-<key>.partial`, beside the cache
-LAYOUT = "layout.json"  # in the build folder, written once its arrays exist
-CHUNKS = "chunks"  # in the build folder: one record per chunk encoded
-COMPACTED = "compacted"  # in the build folder: the arrays cut to the kept rows (rows skipped)
 WAIT_SECONDS = 5.0  # how often processes poll for the build folder, chunk records, the cache
 # A cache up to this size has its values checked at every read (about a second); a larger one
 # by the rows each batch gathers (reading 42 GB at every start would cost minutes).
 SCAN_BYTES = 2 * 2**30
-CANNOT_WRITE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 class Encoder(Protocol):
@@ -109,7 +114,8 @@ class LatentData:
     flipped_std: np.ndarray | None
     folder: Path
     variance: float
-    labels: torch.Tensor | None = None  # int64 (N,): each row's class (class-conditional)
+    labels: torch.Tensor | None = None  # int64 (N,): each row's class (or caption row)
+    condition_name: str = "class_labels"  # the name batches give `labels` in their condition
     scale: float | torch.Tensor = 1.0
     shift: float | torch.Tensor = 0.0
 
@@ -162,7 +168,7 @@ def read_latent_cache(folder: Path, key: str, warn: bool = True) -> LatentData |
             raise ValueError(f"its variance is {manifest['variance']}: the latents hold NaN/inf")
         if sum(array.nbytes for array in arrays.values()) <= SCAN_BYTES:
             for name, array in arrays.items():
-                row = first_nonfinite_row(array)
+                row = first_nonfinite_row(array, ENCODE_ROWS)
                 if row is not None:
                     raise ValueError(f"{name}.npy holds non-finite values (NaN/inf) in row {row}")
         return LatentData(
@@ -177,22 +183,6 @@ def read_latent_cache(folder: Path, key: str, warn: bool = True) -> LatentData |
         if warn:
             logger.warning("latent cache %s is damaged (%s); rebuilding it", folder, err)
         return None
-
-
-def first_nonfinite_row(array: np.ndarray) -> int | None:
-    """The first row of `array` holding NaN/inf, or None; read ENCODE_ROWS rows at a time."""
-    for start in range(0, len(array), ENCODE_ROWS):
-        part = np.asarray(array[start : start + ENCODE_ROWS])
-        finite = np.isfinite(part).reshape(len(part), -1).all(axis=1)
-        if not finite.all():
-            return start + int(np.argmin(finite))
-    return None
-
-
-def disk_free(folder: Path) -> int:
-    """Bytes free for a new file in `folder` (made if missing)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    return shutil.disk_usage(folder).free
 
 
 def check_cache_space(num_bytes: int, folder: Path) -> None:
@@ -215,9 +205,10 @@ def to_pixels(images: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class LatentBuild:
-    """One cache being encoded by the node's processes: what goes in, where it is built
-    (`partial`, beside the cache, kept when the build is interrupted) and its layout."""
+class LatentBuild(NodeBuild):
+    """One latent cache being encoded by the node's processes (`ddp_utils.data.node_cache`):
+    what goes in, where it is built (`partial`, beside the cache, kept when the build is
+    interrupted) and its layout."""
 
     data: ImageData
     encoder: Encoder
@@ -226,34 +217,34 @@ class LatentBuild:
     key: str
     folder: Path  # the cache, once published
     latent_shape: tuple[int, ...]
-
-    @property
-    def partial(self) -> Path:
-        return self.folder.with_name(f"{self.folder.name}{PARTIAL}")
+    what = "latents"
+    unit = "images"
 
     @property
     def num_rows(self) -> int:  # source rows: the arrays' rows while building
         return self.data.num_images
 
     @property
-    def num_chunks(self) -> int:
-        return -(-self.num_rows // ENCODE_ROWS)
+    def chunk_size(self) -> int:
+        return ENCODE_ROWS
 
-    def chunk_rows(self, chunk: int) -> range:
-        return range(chunk * ENCODE_ROWS, min(self.num_rows, (chunk + 1) * ENCODE_ROWS))
+    @property
+    def wait_seconds(self) -> float:
+        return WAIT_SECONDS
 
-    def num_bytes(self) -> int:
-        per_array = self.num_rows * int(np.prod(self.latent_shape)) * np.dtype(self.dtype).itemsize
-        return per_array * len(array_names(self.random_flip))
+    def arrays(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        shape = (self.num_rows, *self.latent_shape)
+        return {name: (shape, np.dtype(self.dtype)) for name in array_names(self.random_flip)}
 
     def layout(self) -> dict[str, Any]:
-        """What the layout marker records: a build folder is continued only by a build of the
-        same layout (chunks mean the same rows only for the same ENCODE_ROWS)."""
         return {
             "key": self.key, "version": LATENT_CACHE_VERSION,
             "shape": [self.num_rows, *self.latent_shape], "dtype": self.dtype,
             "arrays": array_names(self.random_flip), "encode_rows": ENCODE_ROWS,
         }  # fmt: skip
+
+    def is_published(self) -> bool:
+        return read_latent_cache(self.folder, self.key, warn=False) is not None
 
 
 @dataclass
@@ -266,154 +257,19 @@ class ChunkImages:
     skipped_rows: list[int]  # and their source rows
 
 
-def bytes_on_disk(folder: Path) -> int:
-    """Bytes the arrays in `folder` hold on disk (a build folder's: its arrays are sparse
-    files, filled as chunks are written; those compacted already)."""
-    total = 0
-    for path in folder.rglob("*.npy"):
-        with contextlib.suppress(FileNotFoundError):  # the folder was published meanwhile
-            total += path.stat().st_blocks * 512
-    return total
-
-
 def encode_share(build: LatentBuild, accelerator: Accelerator | None, num_workers: int) -> None:
-    """This process's share of the node's encoding: chunk k (source rows k*ENCODE_ROWS..) is
-    encoded by local process k % L into the build folder's arrays; the local main process lays
-    the folder out, then publishes the cache. Returns once the cache is published. Nothing
-    here is a collective: encoding ImageNet outlasts a barrier's timeout."""
-    rank, num_local = local_share(accelerator)
-    # A process the launcher left out of LOCAL_WORLD_SIZE (rank >= L) has no share: it waits.
-    mine = list(range(rank, build.num_chunks, num_local)) if rank < num_local else []
-    if rank != 0:
-        arrays = join_build(build, mine) if mine else None
-        if arrays is not None:
-            encode_chunks(build, arrays, pending(build, mine), num_workers)
-        del arrays  # unmapped: its rows are flushed, the files about to be published
-        wait_for_cache(build.folder, build.key)
-        return
-    # A second job on this node building the same cache waits here for the first, instead of
-    # publishing (and removing) the folder the first is still building in.
-    with build_lock(build.folder):
-        if read_latent_cache(build.folder, build.key, warn=False) is not None:
-            logger.info("latents: reading %s", build.folder)
-            return
-        logger.info("latents: encoding %d images once into %s, shared by %d process(es)",
-                    build.num_rows, build.folder, num_local)  # fmt: skip
-        arrays = open_build(build)
-        progress = EncodeProgress(build)
-        encode_chunks(build, arrays, pending(build, mine), num_workers, progress)
-        del arrays  # unmapped: this process's rows are flushed
-        finish_build(build, progress)
-
-
-@contextlib.contextmanager
-def build_lock(folder: Path) -> Iterator[None]:
-    """Hold the lock on building `folder` (flock: the kernel releases it when the holder
-    exits, SIGKILL included, so an interrupted build never leaves it held)."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.with_name(f"{folder.name}.lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-
-
-def build_problem(build: LatentBuild) -> str | None:
-    """Why the build folder cannot be continued by this build (None when it can): no layout
-    marker, another layout, or an array of another shape, dtype or size. Every process reads
-    the same files, so they all agree."""
-    marker = build.partial / LAYOUT
-    if not marker.is_file():
-        return "no layout marker"
-    try:
-        layout = json.loads(marker.read_text())
-    except (OSError, ValueError) as err:
-        return f"its layout marker is unreadable ({err})"
-    if layout != build.layout():
-        return f"its layout is {layout}, this build's {build.layout()}"
-    shape, dtype = tuple(layout["shape"]), np.dtype(build.dtype)
-    for name in layout["arrays"]:
-        if (build.partial / COMPACTED / f"{name}.npy").is_file():  # every chunk was recorded
-            continue
-        path = build.partial / f"{name}.npy"
-        try:
-            array = np.load(path, mmap_mode="r", allow_pickle=False)
-            size = path.stat().st_size
-        except (OSError, ValueError) as err:
-            return f"{path.name} is unreadable ({err})"
-        if array.shape != shape or array.dtype != dtype or size != array.offset + array.nbytes:
-            return f"{path.name} holds {array.dtype} {array.shape} in {size} bytes"
-    return None
-
-
-def map_build(build: LatentBuild) -> dict[str, np.memmap]:
-    """The build folder's arrays, mapped for writing (every process maps the same files); not
-    those compacted already (every chunk is recorded then: nothing is left to write)."""
-    paths = {name: build.partial / f"{name}.npy" for name in array_names(build.random_flip)}
-    return {
-        name: np.lib.format.open_memmap(path, "r+") for name, path in paths.items()
-        if path.is_file()
-    }  # fmt: skip
-
-
-def open_build(build: LatentBuild) -> dict[str, np.memmap]:
-    """For the local main process: the arrays of an interrupted build of this cache (its
-    recorded chunks are kept), else of a new build folder, which replaces one that does not
-    fit (with a warning)."""
-    problem = build_problem(build)
-    if problem is None:
-        logger.info("latents: continuing the interrupted encoding in %s (%d of %d chunks done)",
-                    build.partial, len(recorded_chunks(build)), build.num_chunks)  # fmt: skip
-        return map_build(build)
-    if build.partial.exists():
-        logger.warning("latents: %s cannot be continued (%s); starting it over",
-                       build.partial, problem)  # fmt: skip
-        discard(build.partial)
-    # Filled under a temporary name and renamed: a waiting process never meets half of it.
-    tmp = temp_path(build.partial)
-    tmp.mkdir()
-    shape = (build.num_rows, *build.latent_shape)
-    for name in array_names(build.random_flip):  # sparse files: the disk fills as rows come
-        np.lib.format.open_memmap(tmp / f"{name}.npy", "w+", np.dtype(build.dtype), shape)
-    (tmp / CHUNKS).mkdir()
-    write_json(tmp / LAYOUT, build.layout())
-    tmp.rename(build.partial)
-    return map_build(build)
-
-
-def discard(folder: Path) -> None:
-    """Remove `folder`, renamed aside first: nobody meets a half-removed one."""
-    aside = temp_path(folder, "old")
-    folder.rename(aside)
-    shutil.rmtree(aside)
-
-
-def join_build(build: LatentBuild, mine: list[int]) -> dict[str, np.memmap] | None:
-    """For the other processes: wait (polling) until the local main process has laid out the
-    build folder, then map its arrays; None when the cache was published meanwhile or none of
-    `mine` is left to encode."""
-    while read_latent_cache(build.folder, build.key, warn=False) is None:
-        if build_problem(build) is None:
-            # All recorded (an interrupted build): the main process may be publishing it.
-            return map_build(build) if pending(build, mine) else None
-        time.sleep(WAIT_SECONDS)
-    return None
-
-
-def recorded_chunks(build: LatentBuild) -> set[int]:
-    """The chunks whose rows are in the build folder's arrays (flushed before recording)."""
-    folder = build.partial / CHUNKS
-    names = [path.name for path in folder.iterdir()] if folder.is_dir() else []
-    # Temporary names of records being written are hidden (".000012.json.tmp-...").
-    return {int(name[: -len(".json")]) for name in names if name.endswith(".json")
-            and not name.startswith(".")}  # fmt: skip
-
-
-def pending(build: LatentBuild, chunks: list[int]) -> list[int]:
-    done = recorded_chunks(build)
-    return [k for k in chunks if k not in done]
-
-
-def chunk_record_path(build: LatentBuild, chunk: int) -> Path:
-    return build.partial / CHUNKS / f"{chunk:06d}.json"
+    """This process's share of the node's encoding (`node_cache.share_build`): chunk k
+    (source rows k*ENCODE_ROWS..) is encoded by local process k % L into the build folder's
+    arrays; the local main process lays the folder out, then publishes the cache. Returns once
+    the cache is published."""
+    share_build(
+        build,
+        accelerator,
+        lambda arrays, chunks, progress: encode_chunks(
+            build, arrays, chunks, num_workers, progress
+        ),
+        lambda progress: finish_build(build, progress),
+    )
 
 
 def chunk_images(
@@ -439,7 +295,7 @@ def encode_chunks(
         return
     for chunk in chunk_images(build.data, build, chunks, num_workers):
         sums = encode_chunk(build, arrays, chunk)
-        write_json(chunk_record_path(build, chunk.index), {
+        record_chunk(build, chunk.index, {
             "rows": len(chunk.images), **sums,
             "skipped": chunk.skipped, "skipped_rows": chunk.skipped_rows,
         })  # fmt: skip
@@ -464,7 +320,8 @@ def encode_chunk(
         for name, values in ((f"{prefix}mean", mean), (f"{prefix}std", std)):
             stored = arrays[name][start : start + len(values)]
             stored[:] = values.numpy()
-            row = first_nonfinite_row(stored)  # as stored: float16 overflows beyond 65504
+            # As stored: float16 overflows beyond 65504.
+            row = first_nonfinite_row(stored, ENCODE_ROWS)
             if row is not None:
                 source = getattr(build.encoder, "source", None)  # a codec's --vae
                 raise InputError(
@@ -485,36 +342,10 @@ def encode_chunk(
     return sums
 
 
-class EncodeProgress:
-    """The local main process's log of the node's progress (every process's recorded chunks),
-    at most once a minute: ImageNet takes a while."""
-
-    def __init__(self, build: LatentBuild) -> None:
-        self.build = build
-        self.began = self.reported = time.monotonic()
-        self.rows_before = self.rows_done()  # an interrupted build's
-
-    def rows_done(self) -> int:
-        return sum(len(self.build.chunk_rows(k)) for k in recorded_chunks(self.build))
-
-    def log(self) -> None:
-        if time.monotonic() - self.reported < 60:
-            return
-        self.reported = time.monotonic()
-        done = self.rows_done()
-        rate = (done - self.rows_before) / (self.reported - self.began)
-        logger.info("latents: %d of %d images encoded (%.0f images/s)", done,
-                    self.build.num_rows, rate)  # fmt: skip
-
-
 def finish_build(build: LatentBuild, progress: EncodeProgress) -> None:
     """Once every chunk is recorded (polled: the other processes' too), the cache: the kept
     rows in source order, the manifest last, published in place of the cache folder."""
-    while len(recorded_chunks(build)) < build.num_chunks:
-        progress.log()
-        time.sleep(WAIT_SECONDS)
-    records = [json.loads(chunk_record_path(build, k).read_text())
-               for k in range(build.num_chunks)]  # fmt: skip
+    records = chunk_records(build, progress)
     num_kept = sum(record["rows"] for record in records)
     # Var(mean) + E[std^2], the sums added in chunk order: the same bits on 1 or N processes.
     total = total_sq = total_var = 0.0
@@ -529,10 +360,7 @@ def finish_build(build: LatentBuild, progress: EncodeProgress) -> None:
         extra["skipped"] = [name for record in records for name in record["skipped"]]
         extra["skipped_rows"] = [row for record in records for row in record["skipped_rows"]]
     if num_kept == build.num_rows:  # the build folder is the cache
-        write_manifest(build, build.partial, num_kept, extra)
-        publish_dir(build.partial, build.folder)
-        shutil.rmtree(build.folder / CHUNKS)  # the build's bookkeeping, no longer needed
-        (build.folder / LAYOUT).unlink()
+        publish_build(build, manifest_of(build, build.partial, num_kept, extra))
         return
     # Rows were skipped: each chunk's kept rows (the first of its place), in chunk order.
     kept = [range(k * ENCODE_ROWS, k * ENCODE_ROWS + record["rows"])
@@ -543,7 +371,7 @@ def finish_build(build: LatentBuild, progress: EncodeProgress) -> None:
         leftover.unlink()
     for name in array_names(build.random_flip):
         compact_array(build.partial / f"{name}.npy", kept, compacted / f"{name}.npy")
-    write_manifest(build, compacted, num_kept, extra)
+    write_json(compacted / MANIFEST, manifest_of(build, compacted, num_kept, extra))
     publish_dir(compacted, build.folder)
     discard(build.partial)
 
@@ -562,15 +390,17 @@ def compact_array(path: Path, rows: list[range], target: Path) -> None:
     path.unlink(missing_ok=True)
 
 
-def write_manifest(build: LatentBuild, folder: Path, num_rows: int, extra: dict[str, Any]) -> None:
+def manifest_of(
+    build: LatentBuild, folder: Path, num_rows: int, extra: dict[str, Any]
+) -> dict[str, Any]:
     """The manifest of the arrays in `folder`, written last: their shape and each file's size
     (what a reader checks), the variance, what was skipped."""
     names = array_names(build.random_flip)
-    write_json(folder / MANIFEST, {
+    return {
         "key": build.key, "version": LATENT_CACHE_VERSION,
         "shape": [num_rows, *build.latent_shape], "dtype": build.dtype,
         "sizes": {name: (folder / f"{name}.npy").stat().st_size for name in names}, **extra,
-    })  # fmt: skip
+    }  # fmt: skip
 
 
 def copy_rows(array: np.ndarray, rows: list[range], path: Path) -> None:
@@ -698,23 +528,10 @@ def load_latents(
     latents = read_latent_cache(folder, key)
     if latents is None:
         raise RuntimeError(f"latent cache {folder} could not be read after it was written")
-    latents.labels = data.labels
+    latents.labels, latents.condition_name = data.labels, data.condition_name
     if data.stream is not None:
         latents.labels = stream_labels(data.stream, folder, len(latents.mean))
     return latents
-
-
-def wait_for_cache(folder: Path, key: str) -> None:
-    """Wait, without any collective, until this node's local main process has published the
-    cache: encoding ImageNet takes hours, and a barrier (NCCL's) gives up after its timeout
-    (10 minutes by default). Should a process die, the launcher stops this one."""
-    began = reported = time.monotonic()
-    while read_latent_cache(folder, key, warn=False) is None:
-        if time.monotonic() - reported > 600:
-            reported = time.monotonic()
-            logger.info("latents: waited %.0f min for the node to encode %s",
-                        (reported - began) / 60, folder)  # fmt: skip
-        time.sleep(WAIT_SECONDS)
 
 
 def stream_labels(stream: StreamSource, folder: Path, num_rows: int) -> torch.Tensor | None:

@@ -21,6 +21,7 @@ import datasets
 import torch
 from accelerate import Accelerator
 
+from ddp_utils.data.captions import Captions, read_captions
 from ddp_utils.data.decode import (
     CACHE_VERSION,
     cache_fix,
@@ -36,6 +37,7 @@ from ddp_utils.data.source import (
     Source,
     detect_image_column,
     detect_label_column,
+    is_built_in,
     load_source,
 )
 from ddp_utils.errors import InputError
@@ -44,6 +46,7 @@ logger = logging.getLogger("ddp_diffusion")
 
 DataLoading = Literal["auto", "memory", "stream"]
 
+CAPTION_ROWS = "caption_rows"  # a text-conditional batch's condition: its images' caption rows
 # Decoded uint8 size above which `auto` streams instead of decoding to memory
 # (CIFAR-10 at 32x32 is 150 MB; ImageNet at 64x64 is 15.7 GB).
 MEMORY_LIMIT_BYTES = 4 * 2**30
@@ -59,7 +62,9 @@ class StreamSource:
     resolution: int
     channels: int
     center_crop: bool
-    labels: torch.Tensor | None = None  # every row's class id (int64), when training on them
+    # Every row's class id (int64), when training on them; its row of the captions, for text.
+    labels: torch.Tensor | None = None
+    condition_name: str = "class_labels"  # the name batches give `labels` in their condition
 
 
 @dataclass
@@ -74,8 +79,16 @@ class ImageData:
     num_upscaled: int = 0  # images smaller than the resolution, upscaled to it
     # Streaming: the rows to decode per batch; `images` then holds only the first rows.
     stream: StreamSource | None = None
-    labels: torch.Tensor | None = None  # int64 (N,): the class of each image in `images`
+    # int64 (N,), per image in `images`: its class (class-conditional), or its source row
+    # in `captions` (text-conditional); batches carry it as their condition (`condition_name`).
+    labels: torch.Tensor | None = None
     class_names: list[str] | None = None
+    captions: Captions | None = None  # every source row's captions (text-conditional)
+
+    @property
+    def condition_name(self) -> str:
+        """The name batches give `labels` in their condition."""
+        return "class_labels" if self.captions is None else CAPTION_ROWS
 
     @property
     def num_classes(self) -> int:
@@ -152,12 +165,16 @@ def load_image_data(
     batch_size: int = 1,
     with_labels: bool = False,
     label_column: str | None = None,
+    with_captions: bool = False,
+    caption_column: str | None = None,
 ) -> ImageData:
     """Load, validate and decode a dataset once per node (collective-safe: see the module doc).
 
     `batch_size` (per device) only serves the check that a batch fits in memory. With
     `with_labels`, the class of every image comes along (`label_column`, else the dataset's
-    one ClassLabel column), and a dataset without labels is an error.
+    one ClassLabel column), and a dataset without labels is an error. With `with_captions`,
+    every row's captions (`caption_column`, else detected: `ddp_utils.data.captions`); each
+    image's condition is then its row among them.
 
     `resolution` / `channels` None: the images' most common size and mode (logged); the
     decoded images' shape says what was chosen.
@@ -177,7 +194,11 @@ def load_image_data(
         # Nothing readable: decoding says so, naming the files.
         shape = _shape_from_images(ds, column, source, resolution, channels)
         resolution, channels = shape or (resolution or source.resolution or 32, channels or 3)
+    assert not (with_labels and with_captions), "a model is conditioned on classes or on text"
     row_labels, class_names = _read_labels(ds, label_column) if with_labels else (None, None)
+    captions = read_captions(ds, caption_column) if with_captions else None
+    if captions is not None:  # an image's condition: its row's captions
+        row_labels = torch.arange(len(ds), dtype=torch.int64)
     key = {
         "version": CACHE_VERSION,
         "fingerprint": source.fingerprint,
@@ -188,12 +209,13 @@ def load_image_data(
         "num_rows": len(ds),
     }
     fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    stream = StreamSource(ds, column, resolution, channels, center_crop, row_labels)
+    condition_name = "class_labels" if captions is None else CAPTION_ROWS
+    stream = StreamSource(ds, column, resolution, channels, center_crop, row_labels, condition_name)
     mode = choose_data_loading(data_loading, len(ds), resolution, channels)
     check_fits(len(ds), resolution, channels, batch_size, mode, memory_bytes(accelerator))
     if mode == "stream":
         data = _stream_preview(stream, fingerprint, source)
-        data.class_names = class_names
+        data.class_names, data.captions = class_names, captions
         return data
     cache_file = (default_cache_dir() if cache_dir is None else cache_dir) / (
         f"images-{fingerprint}.npz"
@@ -242,6 +264,7 @@ def load_image_data(
         num_upscaled=num_upscaled,
         labels=None if row_labels is None else row_labels[torch.from_numpy(rows)],
         class_names=class_names,
+        captions=captions,
     )
 
 
@@ -258,7 +281,7 @@ def peek_image_size(
     (no pixel decoded), for the sources on this machine: the built-in digits, an image folder,
     a save_to_disk folder. None for a hub dataset (reading it may mean a download) and when
     no image can be read. What `--dry-run` prints."""
-    if dataset == "digits":  # known without building it: 8x8 grayscale, trained at 16
+    if is_built_in(dataset):  # known without building it: 8x8 grayscale, trained at 16
         return resolution or DIGITS_RESOLUTION, channels or DIGITS_CHANNELS
     if not Path(dataset).expanduser().is_dir():
         return None

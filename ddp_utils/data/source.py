@@ -2,6 +2,8 @@
 
 Sources:
 - `digits`: scikit-learn's bundled 8x8 handwritten digits (1,797 images, no download);
+- `digits-captioned`: the same images with a `text` column: several phrasings of each digit
+  ("a handwritten seven", "the number 7, written by hand"), some kept out for evaluation;
 - a local folder of images (HF `imagefolder`; nested folders allowed);
 - a folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`;
 - a hub dataset id (with a config name and a split), with the aliases `mnist`,
@@ -40,7 +42,34 @@ DIGITS_RESOLUTION = 16
 DIGITS_CHANNELS = 1  # 8-bit grayscale
 # The size a model trained on these sources has by default, known without reading them: what
 # sample.py --fid and evaluate.py compare the samples' size with, to warn about resizing.
-NATIVE_RESOLUTION = {"digits": DIGITS_RESOLUTION, "mnist": 28, "fashion_mnist": 28, "cifar10": 32}
+NATIVE_RESOLUTION = {
+    "digits": DIGITS_RESOLUTION, "digits-captioned": DIGITS_RESOLUTION,
+    "mnist": 28, "fashion_mnist": 28, "cifar10": 32,
+}  # fmt: skip
+BUILT_IN = ("digits", "digits-captioned")  # datasets made here, from scikit-learn's digits
+
+# The captions of `digits-captioned`: each image carries every training phrasing of its digit
+# (one is drawn per step); the held-out phrasings are never trained on (evaluation prompts).
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+DIGIT_PHRASINGS = (
+    "a handwritten {word}",
+    "the number {digit}, written by hand",
+    "the digit {word}",
+    "a picture of the number {word}",
+    "{word}, drawn by hand",
+    "a small gray image of a {digit}",
+)
+DIGIT_HELD_OUT_PHRASINGS = ("an image of the digit {digit}", "a {word} written by hand")
+
+
+def digit_captions(digit: int, phrasings: tuple[str, ...] = DIGIT_PHRASINGS) -> list[str]:
+    """The phrasings of `digit` ("a handwritten seven", "the number 7, written by hand", ...)."""
+    return [p.format(word=DIGIT_WORDS[digit], digit=digit) for p in phrasings]
+
+
+def is_built_in(dataset: str) -> bool:
+    """A dataset made here (no file, no download): what a local folder or hub id is not."""
+    return dataset in BUILT_IN
 
 
 @dataclass
@@ -57,7 +86,7 @@ def check_dataset_name(dataset: str) -> None:
     """What `load_source` refuses without reading any image: a file, a path that is not
     there, a folder without images. Configs call it, so `--dry-run` refuses it too."""
     path = Path(dataset).expanduser()
-    if dataset == "digits":
+    if is_built_in(dataset):
         return
     if path.is_dir():
         if not _is_saved_to_disk(path):
@@ -75,6 +104,15 @@ def load_source(dataset: str, dataset_config: str | None = None, split: str = "t
     if dataset == "digits":
         return Source(
             _digits(), "sklearn-digits-v1", "scikit-learn digits (built in)", DIGITS_RESOLUTION
+        )
+    if dataset == "digits-captioned":
+        # The phrasings are part of the identity: new ones are a new dataset to the caches.
+        phrasings = hashlib.sha256("\n".join(DIGIT_PHRASINGS).encode()).hexdigest()[:12]
+        return Source(
+            _digits(captioned=True),
+            f"sklearn-digits-captioned-{phrasings}",
+            "scikit-learn digits with captions (built in)",
+            DIGITS_RESOLUTION,
         )
     check_dataset_name(dataset)
     path = Path(dataset).expanduser()
@@ -130,20 +168,19 @@ def _no_images(path: Path, files: list[Path] | None = None) -> str:
     )
 
 
-def _digits() -> datasets.Dataset:
+def _digits(captioned: bool = False) -> datasets.Dataset:
     digits = load_digits()
     # Values are 0..16: scale to 0..255 as 8-bit grayscale.
     pixels = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
-    features = datasets.Features(
-        {
-            "image": datasets.Image(),
-            "label": datasets.ClassLabel(names=[str(d) for d in range(10)]),
-        }
-    )
-    return datasets.Dataset.from_dict(
-        {"image": [Image.fromarray(p, mode="L") for p in pixels], "label": digits.target},
-        features=features,
-    )
+    features = {
+        "image": datasets.Image(),
+        "label": datasets.ClassLabel(names=[str(d) for d in range(10)]),
+    }
+    columns = {"image": [Image.fromarray(p, mode="L") for p in pixels], "label": digits.target}
+    if captioned:
+        features["text"] = datasets.List(datasets.Value("string"))
+        columns["text"] = [digit_captions(int(d)) for d in digits.target]
+    return datasets.Dataset.from_dict(columns, features=datasets.Features(features))
 
 
 def _saved_to_disk(path: Path, split: str) -> Source:

@@ -7,11 +7,13 @@ through without looking inside; what a condition means is its source's business:
 - `ConditionSource` (below): turns the data's per-row condition into the training condition
   (dropping some to "no condition", for guidance), gives sample k's condition, and the "no
   condition" value guidance needs, and describes itself for task.json and the model card;
-- `classes.ClassLabels`: class labels, today's source; `Unconditional`: none.
+- `classes.ClassLabels`: class labels; `text.TextCondition`: captions encoded once by a
+  frozen text encoder (`encoder_hidden_states`, `encoder_attention_mask`); `Unconditional`:
+  none.
 
 `guidance.py` holds classifier-free guidance's scale and interval (any source), and the config
-section of conditioning. A new source (text embeddings) is a module here and a line in
-`condition_source`; the loop, the samplers and guidance do not change.
+section of conditioning. A new source is a module here and a line in `condition_source`; the
+loop, the samplers and guidance do not change.
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from ddp_utils.data.captions import Captions
+from ddp_utils.data.text_cache import TextEmbeddings
 from diffusion.conditioning.classes import ClassLabels
+from diffusion.conditioning.text import TextCondition
 from diffusion.pipeline_code.core import Condition
 
 
@@ -98,8 +103,18 @@ class Unconditional:
 UNCONDITIONAL = Unconditional()
 
 
-def condition_source(cfg: Any, class_names: Sequence[str] | None) -> ConditionSource:
-    """A training run's source: class labels with --class-conditional, else none."""
+def condition_source(
+    cfg: Any,
+    class_names: Sequence[str] | None,
+    text: TextEmbeddings | None = None,
+    captions: Captions | None = None,
+    device: torch.device | str = "cpu",
+) -> ConditionSource:
+    """A training run's source: the captions' encodings (`text`, the run's text cache, with
+    --text-encoder), class labels with --class-conditional, else none."""
+    if text is not None:
+        assert captions is not None, "the text cache encodes the data's captions"
+        return TextCondition(text, captions, cfg.caption_dropout, device)
     if getattr(cfg, "class_conditional", False):
         return ClassLabels(tuple(class_names or ()), cfg.label_dropout)
     return UNCONDITIONAL

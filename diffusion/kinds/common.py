@@ -142,7 +142,9 @@ class NetworkMethod:
         self.run, self.cfg, self.scheduler, self.backbone = run, run.cfg, scheduler, backbone
         self.codec = codec  # a latent model's: the samples are decoded, the export ships it
         self.device = run.accelerator.device
-        self.source = condition_source(run.cfg, run.data.class_names)
+        self.source = condition_source(
+            run.cfg, run.data.class_names, run.text, run.data.captions, self.device
+        )
         self.guidance = run.cfg.guidance()
         self.choice = training_choice(run.cfg, self.kind, dict(scheduler.config))
 
