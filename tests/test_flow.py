@@ -66,12 +66,34 @@ def test_ode_samplers_converge_to_the_exact_map_at_their_order(method: str, orde
     exact = exact_solution(noise)
     errors = []
     for num_steps in (8, 16, 32, 64):
-        levels = flow_levels(make_flow_scheduler(), num_steps)
+        levels = flow_levels(make_flow_scheduler(), num_steps, method)
         x, _ = sample_with(method, exact_denoiser, noise, levels, LINEAR)
         errors.append((x - exact).abs().max().item())
     ratios = [a / b for a, b in zip(errors, errors[1:])]
     assert all(2**order * 0.7 < r < 2**order * 1.6 for r in ratios[1:]), (errors, ratios)
-    assert errors[-1] < (1e-3 if order == 2 else 0.15), errors
+    # Heun's last step, to t = 0, is Euler's (EDM's Algorithm 2): it bounds the error at 64
+    assert errors[-1] < (2.5e-3 if order == 2 else 0.15), errors
+
+
+def test_heun_does_not_read_the_velocity_at_the_schedulers_last_level() -> None:
+    """A network whose velocity is wrong near t = 0 (where logit-normal training hardly
+    reaches) leaves Heun's output as good as with the exact one; the scheduler's own levels
+    end at 1/T, where Heun's correction would take that velocity at full weight."""
+
+    def untrained_near_zero(x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        # D = x - t v with v off by 3 (a velocity as large as the noise) below t = 0.01
+        return exact_denoiser(x, t) - (3 * float(t) if float(t) < 0.01 else 0.0)
+
+    noise = torch.randn(256, 1, 2, 2, generator=torch.Generator().manual_seed(2))
+    exact = exact_solution(noise)
+    levels = flow_levels(make_flow_scheduler(), 10, "heun")
+    assert len(levels) == 11 and levels[-1] == 0 and levels[-2] > 0.05, levels
+    x, _ = sample_with("heun", untrained_near_zero, noise, levels, LINEAR)
+    x_exact, _ = sample_with("heun", exact_denoiser, noise, levels, LINEAR)
+    assert (x - x_exact).abs().max() < 1e-6
+    euler_levels = flow_levels(make_flow_scheduler(), 10)  # the scheduler's: ... 0.112, 1/T, 0
+    x, _ = sample_with("heun", untrained_near_zero, noise, euler_levels, LINEAR)
+    assert (x - exact).abs().max() > 0.1  # what the fix avoids
 
 
 def test_dpm_solver_beats_euler_at_the_same_evaluations() -> None:

@@ -143,7 +143,7 @@ def sample_flow(
     progression): float32 NCHW on the CPU, in [-1, 1] unless `clamp` is False (latents)."""
     generators = make_sample_generators(seed, sample_indices)
     noise = torch.cat([torch.randn((1, *shape), generator=g) for g in generators]).to(device)
-    levels = flow_levels(scheduler, num_steps)
+    levels = flow_levels(scheduler, num_steps, method)
     x, progression = sample_with(
         method, denoiser, noise, levels, LINEAR, churn=churn, eta=eta, generator=generators,
         progression_every=progression_every,
