@@ -53,15 +53,12 @@ if [[ $WHAT == unet || $WHAT == all ]]; then
     fid ddpm ddim-50-eta1 --scheduler ddim --num-steps 50 --eta 1
     for n in 10 20 50; do
         fid ddpm "dpm2m-karras-$n" --scheduler dpm-solver-2m-karras --num-steps $n
-        fid ddpm "ddim-$n-eta0" --scheduler ddim --num-steps $n --eta 0
         fid edm "dpm++2m-$n" --scheduler dpm++2m --num-steps $n
         fid flow "euler-$n" --scheduler euler --num-steps $n
         fid flow "dpm++2m-$n" --scheduler dpm++2m --num-steps $n
     done
-    for n in 5 10 25; do
-        fid edm "heun-$n" --scheduler edm-heun --num-steps $n
-        fid flow "heun-$n" --scheduler heun --num-steps $n
-    done
+    fid edm heun-10 --scheduler edm-heun --num-steps 10
+    fid flow heun-10 --scheduler heun --num-steps 10
     fid edm heun-18-churn10 --scheduler edm-heun --num-steps 18 --churn 10
     fid flow ancestral-50 --scheduler euler-ancestral --num-steps 50
     table ddpm edm flow
@@ -72,11 +69,8 @@ if [[ $WHAT == dit-cond || $WHAT == all ]]; then
     train edm-dit-cond "${common[@]}" --objective edm
     train flow-dit-cond "${common[@]}" --objective flow
     sweep() { $PY bench/guidance_sweep.py "$OUT/$1/pipeline" "$OUT/$1/sweep-$2" --guidance 1.5 "${@:3}"; }
-    sweep ddpm-dit-cond ddim-50 --scheduler ddim --num-steps 50
+    sweep ddpm-dit-cond ddim-50-eta1 --scheduler ddim --num-steps 50 --eta 1
     sweep ddpm-dit-cond dpm2m-karras-20 --scheduler dpm-solver-2m-karras --num-steps 20
-    sweep edm-dit-cond heun-18 --scheduler edm-heun --num-steps 18
     sweep edm-dit-cond dpm++2m-20 --scheduler dpm++2m --num-steps 20
-    sweep flow-dit-cond euler-50 --scheduler euler --num-steps 50
     sweep flow-dit-cond dpm++2m-20 --scheduler dpm++2m --num-steps 20
-    sweep flow-dit-cond heun-10 --scheduler heun --num-steps 10
 fi

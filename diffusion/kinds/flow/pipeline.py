@@ -76,7 +76,7 @@ def flow_levels(
     and at t = 1/T the network has hardly been trained (logit-normal times put almost no
     mass there), where the other samplers read only x - t v with its error scaled by t (the
     learned digits model's Heun-10 scored FID 100 with a speckled background with that level,
-    21 without)."""
+    20.8 without)."""
     if sampler != "heun":
         scheduler.set_timesteps(num_steps, device="cpu")
         return scheduler.sigmas.double()
