@@ -25,7 +25,7 @@ from torch import nn
 from ddp_utils.images import make_grid, save_png, to_uint8
 from diffusion.kinds.basic.formulation import sample_basic
 from diffusion.kinds.ddpm.formulation import make_train_scheduler
-from diffusion.kinds.ddpm.samplers import SCHEDULERS, make_inference_scheduler
+from diffusion.kinds.ddpm.samplers import SCHEDULERS, make_inference_scheduler, sample_ddpm
 from diffusion.networks.basic import BasicUNet
 from diffusion.networks.unet import build_ddpm_unet
 from diffusion.sampling import make_sample_generators, sample_seed
@@ -220,6 +220,27 @@ def test_karras_samplers_span_sigma_max_80_to_the_schedules_floor_with_rho_7(
         root.diff(), root.diff().mean().expand(len(root) - 1), rtol=1e-3, atol=0
     )
     assert len(sampler.timesteps.unique()) == len(sigmas)  # no two steps at one timestep
+
+
+@pytest.mark.parametrize("name", ["dpm-solver-2m-karras", "dpm-solver-3m-karras"])
+def test_dpm_solver_over_karras_levels_runs_every_step_where_its_first_timestep_repeats(
+    unet: nn.Module, name: str
+) -> None:
+    """From 47 steps on, DPM-Solver's first Karras levels round to one timestep; diffusers then
+    began at the second level and failed with an IndexError at the last step (50 steps:
+    `sample.py --scheduler dpm-solver-2m-karras --num-steps 50`)."""
+    scheduler = make_inference_scheduler(name, make_train_scheduler().config)
+    scheduler.set_timesteps(50)
+    assert (scheduler.timesteps == scheduler.timesteps[0]).sum() > 1  # the case
+    calls = []
+
+    def counting(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        calls.append(int(t))
+        return unet(x, t).sample
+
+    images, _ = sample_ddpm(counting, scheduler, (1, 16, 16), range(2), 0, 50)
+    assert len(calls) == 50 and calls == scheduler.timesteps.tolist()
+    assert torch.isfinite(images).all()
 
 
 @pytest.mark.parametrize("name", list(SCHEDULERS))

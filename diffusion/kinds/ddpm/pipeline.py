@@ -98,6 +98,8 @@ class GuidedDDPMPipeline(NetworkPipeline):
         if "generator" in accepted:
             kwargs["generator"] = generator
         self.scheduler.set_timesteps(num_inference_steps)
+        if hasattr(self.scheduler, "set_begin_index"):  # a repeated first timestep
+            self.scheduler.set_begin_index(0)
         for t in self.progress_bar(self.scheduler.timesteps):
             model_input = self.scheduler.scale_model_input(x, t)
             if condition is None:

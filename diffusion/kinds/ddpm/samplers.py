@@ -113,6 +113,16 @@ def make_inference_scheduler(
     return scheduler
 
 
+def start_at_first_step(scheduler: SchedulerMixin) -> None:
+    """Start the scheduler's steps at its first level. diffusers otherwise finds the first step
+    by looking its timestep up, and takes the second match when the timestep repeats: DPM-Solver
+    over Karras levels from sigma 80 rounds its first levels to the same timestep from 47 steps
+    on (the cosine schedule's sigma climbs steeply near t = T), so it skipped a level and failed
+    with an IndexError at the last step."""
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(0)
+
+
 ModelOutput = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> the prediction
 
 
@@ -206,6 +216,7 @@ def sample_ddpm(
     # Timesteps stay on the CPU: the scheduler indexes its CPU tables with them (no device sync)
     # and the networks copy the scalar to their device themselves.
     scheduler.set_timesteps(num_inference_steps)
+    start_at_first_step(scheduler)
     # x_T ~ N(0, I), one generator per sample (init_noise_sigma is 1 for these samplers).
     x = torch.cat([torch.randn((1, *shape), generator=g) for g in generators]).to(device)
     x = x * scheduler.init_noise_sigma
