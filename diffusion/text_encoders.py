@@ -99,6 +99,11 @@ class TextEncoder:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def width(self) -> int:
+        """The width D of its sequence embeddings (T5's d_model is its hidden_size too)."""
+        return int(self.model.config.hidden_size)
+
     @torch.no_grad()
     def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(sequence embeddings (n, L, D), pooled (n, P), attention mask (n, L)): float32 and

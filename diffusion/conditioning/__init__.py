@@ -27,7 +27,7 @@ import torch
 from ddp_utils.data.captions import Captions
 from ddp_utils.data.text_cache import TextEmbeddings
 from diffusion.conditioning.classes import ClassLabels
-from diffusion.conditioning.text import TextCondition
+from diffusion.conditioning.text import EncodedPrompts, TextCondition
 from diffusion.pipeline_code.core import Condition
 
 
@@ -109,12 +109,13 @@ def condition_source(
     text: TextEmbeddings | None = None,
     captions: Captions | None = None,
     device: torch.device | str = "cpu",
+    prompts: EncodedPrompts | None = None,
 ) -> ConditionSource:
     """A training run's source: the captions' encodings (`text`, the run's text cache, with
-    --text-encoder), class labels with --class-conditional, else none."""
+    --text-encoder; `prompts`: its grids'), class labels with --class-conditional, else none."""
     if text is not None:
         assert captions is not None, "the text cache encodes the data's captions"
-        return TextCondition(text, captions, cfg.caption_dropout, device)
+        return TextCondition(text, captions, cfg.caption_dropout, device, prompts)
     if getattr(cfg, "class_conditional", False):
         return ClassLabels(tuple(class_names or ()), cfg.label_dropout)
     return UNCONDITIONAL

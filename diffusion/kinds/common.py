@@ -143,8 +143,9 @@ class NetworkMethod:
         self.codec = codec  # a latent model's: the samples are decoded, the export ships it
         self.device = run.accelerator.device
         self.source = condition_source(
-            run.cfg, run.data.class_names, run.text, run.data.captions, self.device
-        )
+            run.cfg, run.data.class_names, run.text, run.data.captions, self.device,
+            run.validation_prompts,
+        )  # fmt: skip
         self.guidance = run.cfg.guidance()
         self.choice = training_choice(run.cfg, self.kind, dict(scheduler.config))
 
