@@ -212,6 +212,10 @@ class PromptCondition:
     def rows(self, indices: Sequence[int]) -> list[int]:
         return [k % len(self.prompts.texts) for k in indices]
 
+    def labels(self, indices: Sequence[int]) -> torch.Tensor:
+        """Sample k's prompt's index (what samples.npz records as its label)."""
+        return torch.tensor(self.rows(indices), dtype=torch.long)
+
     def for_samples(self, indices: Sequence[int], device: torch.device | str) -> Condition:
         rows = torch.tensor(self.rows(indices), dtype=torch.long)
         condition = text_condition(self.prompts.hidden[rows], self.prompts.mask[rows],
