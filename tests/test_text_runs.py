@@ -22,8 +22,12 @@ from safetensors.torch import load_file
 import sample
 import train_ddpm
 from ddp_utils.config import parse_config
+from ddp_utils.data import load_image_data
+from ddp_utils.data.text_cache import load_text_embeddings
 from ddp_utils.errors import InputError
+from diffusion.conditioning.text import TextCondition, encode_prompts
 from diffusion.drawing import SampleConfig, choose_condition
+from diffusion.loading import load_for_sampling
 from diffusion.networks import build_backbone, count_parameters, predict
 from diffusion.networks.text_unet import SD15_PARAMETERS
 from diffusion.text_encoders import TINY_CLIP, load_text_encoder
@@ -162,6 +166,18 @@ def test_sample_py_draws_the_training_grid_for_the_same_prompts_and_seed(text_ru
         with Image.open(tmp_path / model.name / "grid.png") as grid:
             assert np.array_equal(np.asarray(grid), expected), model
         assert labels.tolist() == [0, 1, 0, 1, 0, 1]
+    # Below the images' rounding too: sample.py's conditions are the training grid's, bit for
+    # bit (the prompts rounded as the cache stores captions, "no condition" the cache's).
+    loaded = load_for_sampling(text_run)
+    drawn, _ = choose_condition(SampleConfig(model_path=str(text_run), prompt=PROMPTS), loaded)
+    data = load_image_data("digits-captioned", 8, 1, max_images=32, with_captions=True)
+    encoder = load_text_encoder(TINY_CLIP)
+    embeddings = load_text_embeddings(data.captions, encoder)
+    grids = TextCondition(embeddings, data.captions, 0.1, "cpu", encode_prompts(encoder, PROMPTS))
+    for ours, theirs in ((drawn.for_samples(range(6), "cpu"), grids.for_samples(range(6), "cpu")),
+                         (drawn.null(6, "cpu"), grids.null(6, "cpu"))):  # fmt: skip
+        assert ours.keys() == theirs.keys() == {"encoder_hidden_states"}
+        assert torch.equal(ours["encoder_hidden_states"], theirs["encoder_hidden_states"])
     info = json.loads((tmp_path / "checkpoint-4" / "sample_info.json").read_text())
     assert info["prompts"] == PROMPTS and info["negative_prompt"] == ""
     # Without --prompt: the training grids' prompts. A negative prompt and the guidance scale
