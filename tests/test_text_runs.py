@@ -149,6 +149,11 @@ def test_a_text_run_records_its_encoder_and_grids_one_prompt_per_row(text_run: P
     assert "ema.safetensors" in {
         p.name for p in (text_run / "checkpoints" / "checkpoint-4").iterdir()
     }
+    # The export's card calls it what it is, and says how to sample it (sample.py, for now).
+    card = (text_run / "pipeline" / "README.md").read_text()
+    assert "# text-to-image DDPM on digits-captioned" in card and "- text-to-image" in card
+    assert "class" not in card.replace("classifier-free", "")
+    assert "python sample.py path/to/this/folder --prompt" in card
     # 6 samples, 2 prompts: 2 rows of 3 images of 8 pixels and 2 of padding, upscaled.
     with Image.open(text_run / "samples" / "samples-0000004.png") as grid:
         width, height = grid.size

@@ -35,6 +35,7 @@ class ConditionSource(Protocol):
     """Where a model's conditions come from, and what "no condition" is."""
 
     conditional: bool  # False: an unconditional model (no condition, no guidance)
+    title: str  # what the model card calls such a model: "class-conditional", "text-to-image"
 
     def training(self, condition: Condition | None, generator: torch.Generator) -> Condition | None:
         """The batch's condition as the network trains on it (a share dropped to "no
@@ -74,6 +75,7 @@ class Unconditional:
     """No condition: every call of the network is unconditional."""
 
     conditional = False
+    title = ""
 
     def training(self, condition, generator):
         return None

@@ -40,6 +40,13 @@ DEVICE_BYTES = 256 * 2**20  # a text cache up to this size is copied to the devi
 HIDDEN, MASK = "encoder_hidden_states", "encoder_attention_mask"
 SECTION = "Text-to-image (captions encoded once by a frozen text encoder)"
 DEFAULT_CAPTION_DROPOUT = 0.1  # Stable Diffusion's
+TEXT_TO_IMAGE = "text-to-image"  # a text-conditional model's title (and hub tag)
+# How a text model's card says to sample it, until its export's pipeline takes prompts.
+SAMPLING_LINES = (
+    "# This folder's pipeline.py does not take prompts yet; sample.py does (its text encoder\n"
+    "# is loaded from where training recorded it):\n"
+    "#   python sample.py path/to/this/folder --prompt 'a handwritten seven' --guidance-scale 2"
+)
 NUM_DEFAULT_PROMPTS = 4  # the grids' prompts without --validation-prompts: captions of the data
 
 
@@ -201,6 +208,7 @@ class PromptCondition:
     and a text run's grids."""
 
     conditional = True
+    title = TEXT_TO_IMAGE
 
     def __init__(self, prompts: EncodedPrompts, negative: EncodedPrompts, with_mask: bool) -> None:
         assert len(prompts.texts) >= 1 and len(negative.texts) == 1
@@ -237,7 +245,7 @@ class PromptCondition:
         return ""
 
     def tags(self) -> list[str]:
-        return ["text-to-image"]
+        return [TEXT_TO_IMAGE]
 
     def grid_layout(self, images: np.ndarray) -> tuple[np.ndarray, int]:
         """One prompt per row (sample k: prompt k mod P)."""
@@ -248,6 +256,7 @@ class TextCondition:
     """Captions' encodings as the condition, the empty prompt as "no condition"."""
 
     conditional = True
+    title = TEXT_TO_IMAGE
 
     def __init__(
         self,
@@ -343,7 +352,7 @@ class TextCondition:
         return f"caption dropout {self.caption_dropout} (to the empty prompt)"
 
     def tags(self) -> list[str]:
-        return ["text-to-image"]
+        return [TEXT_TO_IMAGE]
 
     def grid_layout(self, images: np.ndarray) -> tuple[np.ndarray, int]:
         """One prompt per row (sample k: prompt k mod P); without prompts, 8 per row."""

@@ -22,6 +22,7 @@ from ddp_utils.run import Run
 from diffusion.codecs import LatentCodec
 from diffusion.conditioning import ConditionSource, condition_source
 from diffusion.conditioning.guidance import Guidance
+from diffusion.conditioning.text import SAMPLING_LINES, TEXT_TO_IMAGE
 from diffusion.kinds.registry import Kind, SamplerChoice, all_knobs, choose_sampler
 from diffusion.networks import Backbone, sample_shape, unwrap
 from diffusion.pipeline_code import shipped_source
@@ -88,6 +89,14 @@ def remote_code_lines(folder_hint: str, call: str) -> str:
         "use_safetensors=True)  # runs this folder's pipeline.py\n"
         f"images = pipeline({call}).images  # PIL images"
     )
+
+
+def load_lines(source: ConditionSource, call: str) -> str:
+    """How a card says to load and sample its export: the pipeline with `call`, or for a
+    text-to-image model sample.py (its export's pipeline takes no prompts yet)."""
+    if source.title == TEXT_TO_IMAGE:
+        return SAMPLING_LINES
+    return remote_code_lines("path/to/this/folder", call)
 
 
 def ship_pipeline(pipeline: DiffusionPipeline, folder: Path, code: ModuleType) -> None:
