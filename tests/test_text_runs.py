@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from transformers import T5Config, T5EncoderModel
 
 import sample
 import train_ddpm
@@ -241,27 +242,53 @@ def test_a_resumed_text_run_ends_bit_identical_and_needs_its_encoder(text_run, t
 # --------------------------------------------------------------------------- every kind
 
 
+def save_tiny_t5(folder: Path) -> Path:
+    """A T5 encoder of width 16 with tiny-clip's tokenizer (whose mask the network is given)."""
+    tokenizer = load_text_encoder(TINY_CLIP).tokenizer
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=tokenizer.vocab_size, d_model=16, d_kv=4, d_ff=32,
+                      num_layers=1, num_heads=2, decoder_start_token_id=0)  # fmt: skip
+    T5EncoderModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.mark.parametrize(
-    ("objective", "backbone", "latent"),
-    [("edm", "pixart", True), ("flow", "text-unet", True), ("flow", "pixart", False)],
-)
-def test_every_kind_trains_on_text_with_each_backbone(objective, backbone, latent, tmp_path):
+    ("objective", "backbone", "latent", "t5"),
+    [("edm", "pixart", True, False), ("flow", "text-unet", True, False),
+     ("flow", "pixart", False, False), ("ddpm", "pixart", False, True)],
+)  # fmt: skip
+def test_every_kind_trains_on_text_with_each_backbone(objective, backbone, latent, t5, tmp_path):
     """With the DDPM text-unet in pixels (`text_run`): every kind, both backbones, pixels and
-    latents (a tiny VAE: 16x16 digits -> 4x4x4 latents), with EMA; sample.py draws them."""
+    latents (a tiny VAE: 16x16 digits -> 4x4x4 latents), with EMA, and a T5 encoder whose
+    mask goes with its embeddings; sample.py draws them."""
     out = tmp_path / "run"
     extra = ["--objective", objective, "--backbone", backbone, "--max-steps", "2",
-             "--checkpoint-every", "2", "--sample-every", "0", "--sample-steps", "2"]  # fmt: skip
+             "--checkpoint-every", "2", "--sample-every", "2", "--sample-steps", "2"]  # fmt: skip
     if latent:
         extra += ["--vae", str(make_vae(tmp_path / "vae")), "--resolution", "16"]
+    if t5:
+        extra += ["--text-encoder", str(save_tiny_t5(tmp_path / "t5")),
+                  "--text-encoder-max-length", "12"]  # fmt: skip
     train([*text_args(out), *extra])
     state = json.loads((out / "checkpoints" / "checkpoint-2" / "state.json").read_text())
     assert state["task"] == objective and state["backbone"] == backbone
-    assert ("latent" in state) == latent and state["text_encoder"]["source"] == TINY_CLIP
+    assert ("latent" in state) == latent
+    assert state["text_encoder"]["class"] == ("T5EncoderModel" if t5 else "CLIPTextModel")
+    width = "caption_channels" if backbone == "pixart" else "cross_attention_dim"
+    assert state["model_config"][width] == (16 if t5 else 32)  # the encoder's
     assert (out / "checkpoints" / "checkpoint-2" / "ema.safetensors").is_file()
     images, labels = sample_py(out, tmp_path / "samples", "--num-samples=2", "--num-steps=2",
                                "--prompt", "a handwritten seven")  # fmt: skip
     size = 16 if latent else 8
     assert images.shape == (2, size, size, 1) and labels.tolist() == [0, 0]
+    if t5:  # the training grid drew the prompts with their mask, as sample.py does
+        with Image.open(out / "samples" / "samples-0000002.png") as grid:
+            expected = np.asarray(grid)
+        sample_py(out, tmp_path / "grid", "--num-samples=6", "--scheduler=ddim",
+                  "--num-steps=2", "--prompt", *PROMPTS)  # fmt: skip
+        with Image.open(tmp_path / "grid" / "grid.png") as grid:
+            assert np.array_equal(np.asarray(grid), expected)
 
 
 # --------------------------------------------------------------------------- processes
