@@ -94,7 +94,12 @@ def sample(cfg: SampleConfig) -> np.ndarray:
         )
     choice = sampler_choice(cfg, loaded)
     # Sample k's class or prompt (a text model's prompts encoded once, its encoder let go).
-    condition, guidance = choose_condition(cfg, loaded, accelerator.device)
+    # A hub id's encoder is downloaded once (by the main process), then read from the cache.
+    condition, guidance = main_process_first(
+        accelerator,
+        lambda: choose_condition(cfg, loaded, accelerator.device),
+        InputError("the prompts could not be encoded (the main process says why)", "prompt"),
+    )
     if accelerator.is_main_process:
         describe_source(cfg, loaded)
         if cfg.fid:

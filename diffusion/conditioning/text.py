@@ -192,14 +192,8 @@ def encode_prompts(encoder: TextEncoder, texts: Sequence[str]) -> EncodedPrompts
 
 def default_validation_prompts(captions: Captions, num: int = NUM_DEFAULT_PROMPTS) -> list[str]:
     """A few captions of the data: the first caption of each row, the first `num` distinct."""
-    prompts: list[str] = []
-    for row in range(captions.num_rows):
-        caption = captions.of_row(row)[0]
-        if caption not in prompts:
-            prompts.append(caption)
-        if len(prompts) == num:
-            break
-    return prompts
+    firsts = captions.ids[captions.offsets[:-1]].tolist()  # each row's first caption
+    return [captions.texts[i] for i in dict.fromkeys(firsts)][:num]
 
 
 class PromptCondition:
@@ -287,9 +281,9 @@ class TextCondition:
             self.mask = torch.from_numpy(np.array(embeddings.mask)).to(self.device)
         self.prompted: PromptCondition | None = None
         if prompts is not None:  # the empty prompt as the cache holds it
-            empty = self.encoded(torch.tensor([self.empty_row], device=self.device))
-            mask = empty.get(MASK, torch.from_numpy(np.array(embeddings.mask[-1:])))
-            negative = EncodedPrompts(("",), empty[HIDDEN].cpu(), mask.long().cpu())
+            empty = self.encoded(torch.tensor([self.empty_row], device=self.device))[HIDDEN]
+            mask = torch.from_numpy(np.array(embeddings.mask[-1:])).long()
+            negative = EncodedPrompts(("",), empty.cpu(), mask)
             self.prompted = PromptCondition(prompts, negative, self.with_mask)
 
     def encoded(self, rows: torch.Tensor) -> Condition:
