@@ -93,6 +93,11 @@ class SampleConfig(Knobs):
     prompts_file: str | None = option(
         None, "text-to-image models: a text file of prompts, one per line (as --prompt)"
     )
+    text_encoder: str | None = option(
+        None,
+        "text-to-image models: where their text encoder is now, when the place their run "
+        "recorded is gone (checked against the fingerprint it was trained with)",
+    )
     negative_prompt: str | None = option(
         None,
         "text-to-image models: what guidance steers away from, in place of the empty prompt "
@@ -220,7 +225,9 @@ def choose_condition(
     scale: prompts for a text-to-image model, a class cycle for a class-conditional one, none
     (scale 1) for an unconditional one. Flags of another kind of model are refused."""
     text = loaded.text_encoder is not None
-    prompt_flags = cfg.prompt or cfg.prompts_file or cfg.negative_prompt is not None
+    prompt_flags = (
+        cfg.prompt or cfg.prompts_file or cfg.negative_prompt is not None or cfg.text_encoder
+    )
     if prompt_flags and not text:
         raise InputError(
             f"{loaded.source} is not a text-to-image model: it takes no prompts", "prompt"
@@ -252,18 +259,21 @@ def prompt_condition(
         prompts = cfg.prompt or loaded.prompts
     if not prompts:
         raise InputError(f"{loaded.source} is a text-to-image model: give --prompt", "prompt")
+    spec = cfg.text_encoder or facts["source"]
     try:
-        encoder = load_text_encoder(facts["source"], facts.get("max_length"))
+        encoder = load_text_encoder(spec, facts.get("max_length"))
     except InputError as err:
         raise InputError(
-            f"{loaded.source} was trained on text encoded by {facts['source']}, which cannot "
-            f"be loaded now: {err}",
-            "prompt",
+            f"{loaded.source} was trained on text encoded by {facts['source']}, and {spec} "
+            f"cannot be loaded now: {err}; give sample.py --text-encoder with where that "
+            "encoder is now",
+            "text_encoder",
         ) from None
     changed = text_encoder_changes(facts, encoder)
     if changed:
         raise InputError(
-            f"{loaded.source}: {changed[0]} (the text encoder changed since training)", "prompt"
+            f"{loaded.source}: {changed[0]} (the text encoder changed since training)",
+            "text_encoder",
         )
     encoder.model.to(device)
     condition = PromptCondition(

@@ -214,6 +214,14 @@ def test_sample_py_refuses_what_a_model_does_not_take(text_run) -> None:
         **text.text_encoder, "fingerprint": "0" * 32}})  # fmt: skip
     with pytest.raises(InputError, match="the text encoder changed since training"):
         choose_condition(SampleConfig(model_path=str(text_run), prompt=["a seven"]), moved)
+    # An encoder folder that moved: --text-encoder says where it is now (the same weights).
+    gone = SimpleNamespace(**{**vars(text), "text_encoder": {
+        **text.text_encoder, "source": str(text_run / "gone")}})  # fmt: skip
+    with pytest.raises(InputError, match="cannot be loaded now: .* give sample.py --text-encoder"):
+        choose_condition(SampleConfig(model_path=str(text_run), prompt=["a seven"]), gone)
+    flags = SampleConfig(model_path=str(text_run), prompt=["a seven"], text_encoder=TINY_CLIP)
+    condition, guidance = choose_condition(flags, gone)
+    assert condition.prompts.texts == ("a seven",) and guidance == 2.0
 
 
 def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
