@@ -168,6 +168,13 @@ class DDPMConfig(
             if other is not kind:
                 other.leave_unused(self)
         self.check_text_options()
+        prompts = self.validation_prompt_texts()
+        require(
+            prompts is None or len(prompts) <= self.num_sample_images,
+            f"{len(prompts or ())} validation prompts and --num-sample-images "
+            f"{self.num_sample_images}: each prompt is a row of the grids; give at most "
+            f"{self.num_sample_images} prompts, or more images",
+        )
         text = self.text_encoder is not None
         if self.init_from is None:
             implied = None if self.preset is None else preset_backbone(self.preset)

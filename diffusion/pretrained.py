@@ -261,7 +261,7 @@ def run_text(run: Run, prompts: Sequence[str] | None = None) -> TextEncoder | No
         check_resumed_text_encoder(saved, encoder, str(run.checkpoint.path))
     encoder.model.to(run.accelerator.device)
     run.text = load_text_embeddings(captions, encoder, run.accelerator)
-    texts = list(prompts) if prompts else default_validation_prompts(captions)
+    texts = list(prompts or default_validation_prompts(captions, cfg.num_sample_images))
     run.validation_prompts = encode_prompts(encoder, texts)
     encoder.model.to("cpu")  # training reads the cache
     return encoder

@@ -405,7 +405,8 @@ def test_a_run_encodes_its_captions_once_and_a_resume_needs_the_same_encoder(
     monkeypatch.setenv("DDP_DIFFUSION_CACHE", str(tmp_path / "cache"))
     cfg = SimpleNamespace(text_encoder=TINY_CLIP, text_encoder_max_length=None,
                           mixed_precision="no", caption_dropout=0.1, init_from=None,
-                          backbone="text-unet", preset="digits-text")  # fmt: skip
+                          backbone="text-unet", preset="digits-text",
+                          num_sample_images=64)  # fmt: skip
     run = SimpleNamespace(cfg=cfg, accelerator=Accelerator(cpu=True), data=digits,
                           checkpoint=None, text=None, validation_prompts=None)  # fmt: skip
     returned = run_text(run)

@@ -119,6 +119,8 @@ def test_text_flags_are_refused_where_they_cannot_work(tmp_path, capsys) -> None
          "--validation-prompts-file: cannot read"),
         (["--text-encoder", TINY_CLIP, "--label-dropout", "0.2"],
          "--label-dropout applies to --class-conditional runs only"),
+        (["--text-encoder", TINY_CLIP, "--validation-prompts", "a", "b", "c",
+          "--num-sample-images", "2"], "3 validation prompts and --num-sample-images 2"),
     ):  # fmt: skip
         with pytest.raises(SystemExit) as stopped:
             train_ddpm.main([*argv, "--dry-run"])

@@ -190,10 +190,13 @@ def encode_prompts(encoder: TextEncoder, texts: Sequence[str]) -> EncodedPrompts
     return EncodedPrompts(tuple(texts), hidden.to(EMBEDDING_DTYPE).float(), mask)
 
 
-def default_validation_prompts(captions: Captions, num: int = NUM_DEFAULT_PROMPTS) -> list[str]:
-    """A few captions of the data: the first caption of each row, the first `num` distinct."""
+def default_validation_prompts(captions: Captions, num_images: int) -> list[str]:
+    """A few captions of the data for grids of `num_images`: the first caption of each row,
+    the first NUM_DEFAULT_PROMPTS distinct ones (at most one per image)."""
     firsts = captions.ids[captions.offsets[:-1]].tolist()  # each row's first caption
-    return [captions.texts[i] for i in dict.fromkeys(firsts)][:num]
+    return [captions.texts[i] for i in dict.fromkeys(firsts)][
+        : min(NUM_DEFAULT_PROMPTS, num_images)
+    ]
 
 
 class PromptCondition:
