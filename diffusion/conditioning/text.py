@@ -194,9 +194,8 @@ def default_validation_prompts(captions: Captions, num_images: int) -> list[str]
     """A few captions of the data for grids of `num_images`: the first caption of each row,
     the first NUM_DEFAULT_PROMPTS distinct ones (at most one per image)."""
     firsts = captions.ids[captions.offsets[:-1]].tolist()  # each row's first caption
-    return [captions.texts[i] for i in dict.fromkeys(firsts)][
-        : min(NUM_DEFAULT_PROMPTS, num_images)
-    ]
+    distinct = list(dict.fromkeys(firsts))[: min(NUM_DEFAULT_PROMPTS, num_images)]
+    return [captions.texts[i] for i in distinct]
 
 
 class PromptCondition:
