@@ -261,7 +261,8 @@ def prompt_condition(
         raise InputError(f"{loaded.source} is a text-to-image model: give --prompt", "prompt")
     spec = cfg.text_encoder or facts["source"]
     try:
-        encoder = load_text_encoder(spec, facts.get("max_length"))
+        dtype = getattr(torch, facts.get("dtype", "float32"))  # the run's precision
+        encoder = load_text_encoder(spec, facts.get("max_length"), dtype)
     except InputError as err:
         raise InputError(
             f"{loaded.source} was trained on text encoded by {facts['source']}, and {spec} "

@@ -128,11 +128,13 @@ class TextEncoder:
         return hidden.cpu(), pooled.float().cpu(), mask.to(torch.int64).cpu()
 
     def facts(self) -> dict[str, Any]:
-        """What a checkpoint records of its text encoder (resume compares it)."""
+        """What a checkpoint records of its text encoder (resume compares it; sample.py loads
+        it again in its dtype, which the fingerprint covers)."""
         return {
             "source": self.source,
             "class": type(self.model).__name__,
             "max_length": self.max_length,
+            "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
             "fingerprint": self.fingerprint,
         }
 

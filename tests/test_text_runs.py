@@ -224,6 +224,14 @@ def test_sample_py_refuses_what_a_model_does_not_take(text_run) -> None:
     flags = SampleConfig(model_path=str(text_run), prompt=["a seven"], text_encoder=TINY_CLIP)
     condition, guidance = choose_condition(flags, gone)
     assert condition.prompts.texts == ("a seven",) and guidance == 2.0
+    # A run in bf16 encoded in bf16: sample.py loads the encoder so again.
+    bf16 = load_text_encoder(TINY_CLIP, dtype=torch.bfloat16)
+    assert bf16.facts()["dtype"] == "bfloat16" and bf16.fingerprint != text.text_encoder[
+        "fingerprint"]  # fmt: skip
+    half = SimpleNamespace(**{**vars(text), "text_encoder": bf16.facts()})
+    condition, _ = choose_condition(SampleConfig(model_path=str(text_run), prompt=["a seven"]),
+                                    half)  # fmt: skip
+    assert torch.equal(condition.prompts.hidden, encode_prompts(bf16, ["a seven"]).hidden)
 
 
 def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
