@@ -246,7 +246,8 @@ def read_folder(folder: Path) -> tuple[PreTrainedModel, Any]:
             "text_encoder",
         )
     model = cls.from_pretrained(model_folder, use_safetensors=True)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
+    # A tokenizer holds no weights (vocabulary and merges files); no code of the folder's runs.
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder, trust_remote_code=False)
     return model, tokenizer
 
 
