@@ -12,6 +12,9 @@ r"""Images from any model this toolkit trains: an export, a checkpoint, or a run
         runs/ddpm/pipeline --num-samples 10000 --batch-size 250 --output-dir out/ddim50
     # ... and score them: FID/KID against the training data, printed and in fid.json
     python sample.py runs/ddpm/pipeline --num-samples 1000 --fid --dataset digits
+    # a text-to-image model: prompts (one row of grid.png each), guided away from a negative one
+    python sample.py runs/text --prompt "a handwritten seven" "the digit two" \
+        --negative-prompt "a handwritten one" --guidance-scale 3
 
 Writes `<output-dir>/samples.npz` (uint8 (N, H, W, C) as `arr_0`, the format evaluation tools
 read) and `<output-dir>/grid.png`; `--save-images` adds one PNG per sample and
@@ -46,12 +49,11 @@ from ddp_utils.files import write_json
 from ddp_utils.sample_output import check_finite_samples, check_output, write_outputs
 from diffusion.drawing import (
     SampleConfig,
-    choose_classes,
+    choose_condition,
     count_calls,
     describe_source,
     guidance_interval,
     make_chunk_fn,
-    sample_classes,
     sampler_choice,
     warn_if_resized,
 )
@@ -91,7 +93,13 @@ def sample(cfg: SampleConfig) -> np.ndarray:
             "diverged; sample an earlier checkpoint"
         )
     choice = sampler_choice(cfg, loaded)
-    cycle, guidance = choose_classes(cfg, loaded)
+    # Sample k's class or prompt (a text model's prompts encoded once, its encoder let go).
+    # A hub id's encoder is downloaded once (by the main process), then read from the cache.
+    condition, guidance = main_process_first(
+        accelerator,
+        lambda: choose_condition(cfg, loaded, accelerator.device),
+        InputError("the prompts could not be encoded (the main process says why)", "prompt"),
+    )
     if accelerator.is_main_process:
         describe_source(cfg, loaded)
         if cfg.fid:
@@ -99,12 +107,12 @@ def sample(cfg: SampleConfig) -> np.ndarray:
     reference = None if extractor is None else fid_reference(cfg, loaded, extractor, accelerator)
     loaded.model.to(accelerator.device).eval()
     chunk, progression, nonfinite = make_chunk_fn(
-        cfg, loaded, accelerator.device, choice, cycle, guidance
+        cfg, loaded, accelerator.device, choice, condition, guidance
     )
     calls = count_calls(loaded.model)
     images = map_sharded(accelerator, cfg.num_samples, cfg.batch_size, chunk, "sampling").numpy()
     check_finite_samples(accelerator, nonfinite, cfg.num_samples)
-    labels = None if cycle is None else sample_classes(range(cfg.num_samples), cycle).numpy()
+    labels = None if condition is None else condition.labels(range(cfg.num_samples)).numpy()
     world, rank = accelerator.num_processes, accelerator.process_index
     num_local = sum(map(len, local_chunks(cfg.num_samples, cfg.batch_size, world, rank)))
     error = None
@@ -119,8 +127,10 @@ def sample(cfg: SampleConfig) -> np.ndarray:
             # Every knob of any sampler: the chosen sampler's values, None for the others.
             **{name: choice.knobs.get(name) for name in all_knobs()},
             "class_names": loaded.class_names,
-            "guidance_scale": guidance if cycle is not None else None,
-            "guidance_interval": guidance_interval(cfg, loaded) if cycle is not None else None,
+            # A text model's: its prompts (samples.npz's labels index them), the negative one.
+            **({} if loaded.text_encoder is None else condition.task_info()),
+            "guidance_scale": guidance if condition is not None else None,
+            "guidance_interval": guidance_interval(cfg, loaded) if condition is not None else None,
             "num_processes": accelerator.num_processes,
         }
         try:

@@ -9,6 +9,10 @@ export diffusers loads.
     python train_ddpm.py --objective edm --output-dir runs/edm
     # rectified flow (Euler over diffusers' flow-matching schedule, 50 steps):
     python train_ddpm.py --objective flow --output-dir runs/flow
+    # text to image: the captioned digits, the built-in tiny-clip encoder, a UNet that attends
+    # to the text (--backbone pixart: PixArt-alpha's transformer):
+    python train_ddpm.py --dataset digits-captioned --text-encoder tiny-clip \
+        --output-dir runs/text --validation-prompts "a handwritten seven" "the digit two"
     # CIFAR-10 on N GPUs in bf16 (edit the config for your machine):
     accelerate launch --config_file accelerate_configs/1node_8gpu_bf16.yaml train_ddpm.py \
         --dataset cifar10 --preset unet-18.5m --random-flip --mixed-precision bf16 \
@@ -19,6 +23,7 @@ export diffusers loads.
     python sample.py runs/ddpm/pipeline --scheduler ddim --num-inference-steps 50
     python sample.py runs/edm/pipeline
     python sample.py runs/flow/pipeline --scheduler heun --num-steps 10
+    python sample.py runs/text --prompt "a handwritten seven" --guidance-scale 3
 
 Rerunning the same command resumes from the latest complete checkpoint.
 """
@@ -40,10 +45,19 @@ from ddp_utils.config import option, parse_config, require
 from ddp_utils.run import Run, start_run
 from ddp_utils.train_config import TrainConfig
 from diffusion.conditioning.guidance import ConditioningOptions
+from diffusion.conditioning.text import TextOptions
 from diffusion.kinds import choose_sampler, kind_named, kinds_trained_by
 from diffusion.kinds.registry import DEFAULT_OBJECTIVE, all_knobs, all_samplers, knob_options
-from diffusion.networks import BACKBONES, BackboneName, backbone_of, check_preset, preset_backbone
-from diffusion.pretrained import initial_network, resolve_kind_options, run_codec
+from diffusion.networks import (
+    BACKBONES,
+    BackboneName,
+    backbone_of,
+    check_preset,
+    preset_backbone,
+    takes_text,
+    text_backbones,
+)
+from diffusion.pretrained import initial_network, resolve_kind_options, run_codec, run_text
 from evaluation.during_training import training_evaluator
 
 KINDS = kinds_trained_by("train_ddpm.py")
@@ -56,6 +70,7 @@ SampleKnobs = knob_options("sample_", "of the grids and --eval-every")
 
 @dataclass
 class DDPMConfig(
+    TextOptions,
     ConditioningOptions,
     SampleKnobs,
     *(kind.options for kind in reversed(KINDS) if kind.options is not None),
@@ -63,7 +78,8 @@ class DDPMConfig(
 ):
     """DDPM, EDM or another kind of train_ddpm.py; defaults make readable digits in ~11 minutes
     on a 2-core CPU. Each kind's options are its section (diffusion/kinds/<name>/options.py),
-    as is class conditioning's (diffusion/conditioning/guidance.py)."""
+    as are class conditioning's (diffusion/conditioning/guidance.py) and text's
+    (diffusion/conditioning/text.py)."""
 
     objective: Objective = option(
         DEFAULT_OBJECTIVE,
@@ -72,15 +88,21 @@ class DDPMConfig(
     backbone: BackboneName | None = option(
         None,
         "the network: unet (UNet2DModel) or dit (a diffusion transformer, "
-        "DiTTransformer2DModel); default: what --preset implies, else unet (with --init-from: "
-        "its network's)",
+        "DiTTransformer2DModel); with --text-encoder, text-unet (UNet2DConditionModel, Stable "
+        "Diffusion's) or pixart (PixArtTransformer2DModel, PixArt-alpha's): both attend to the "
+        "text; default: what --preset implies, else unet (text-unet with --text-encoder; with "
+        "--init-from: its network's)",
     )
     preset: str | None = option(
         None,
         "network preset: UNets digits-small, unet-4.7m, unet-18.5m, ddpm-cifar10; DiTs "
-        "dit-digits, dit-s-2, dit-b-2, dit-l-2, dit-xl-2 (the DiT paper's sizes); or a JSON "
-        f"file of the network's arguments; default: {BACKBONES['unet'].default_preset} (unet), "
-        f"{BACKBONES['dit'].default_preset} (dit), none with --init-from (the network is its)",
+        "dit-digits, dit-s-2, dit-b-2, dit-l-2, dit-xl-2 (the DiT paper's sizes); text UNets "
+        "digits-text, sd15 (Stable Diffusion 1.x's, for a 768-wide encoder); PixArt "
+        "pixart-digits; or a JSON file of the network's arguments; default: "
+        + ", ".join(
+            f"{b.default_preset} ({b.name})" for b in BACKBONES.values() if b.default_preset
+        )
+        + ", none with --init-from (the network is its)",
     )
     init_from: str | None = option(
         None,
@@ -119,12 +141,14 @@ class DDPMConfig(
     )
     sample_every: int = option(1000, "log a sample grid every N steps (0: only at the end)")
 
-    # Also free on resume: how the grids are sampled, the export's default guidance, and
-    # --init-from (a resumed run reads its checkpoint, not that model); --vae's path, whose
-    # weights are compared instead (diffusion.pretrained.run_codec).
+    # Also free on resume: how the grids are sampled and their prompts, the export's default
+    # guidance, and --init-from (a resumed run reads its checkpoint, not that model); --vae's
+    # and --text-encoder's paths, whose weights are compared instead
+    # (diffusion.pretrained.run_codec, run_text).
     may_change_on_resume = TrainConfig.may_change_on_resume | {
         "sample_scheduler", "sample_guidance_scale", "sample_guidance_interval", "init_from",
-        "vae", *(f"sample_{name}" for name in all_knobs()),
+        "vae", "text_encoder", "validation_prompts", "validation_prompts_file",
+        *(f"sample_{name}" for name in all_knobs()),
     }  # fmt: skip
 
     def __post_init__(self) -> None:
@@ -143,12 +167,34 @@ class DDPMConfig(
         for other in KINDS:
             if other is not kind:
                 other.leave_unused(self)
+        self.check_text_options()
+        prompts = self.validation_prompt_texts()
+        require(
+            prompts is None or len(prompts) <= self.num_sample_images,
+            f"{len(prompts or ())} validation prompts and --num-sample-images "
+            f"{self.num_sample_images}: each prompt is a row of the grids; give at most "
+            f"{self.num_sample_images} prompts, or more images",
+        )
+        text = self.text_encoder is not None
         if self.init_from is None:
             implied = None if self.preset is None else preset_backbone(self.preset)
-            self.backbone = self.backbone or implied or "unet"
+            self.backbone = self.backbone or implied or ("text-unet" if text else "unet")
             self.preset = self.preset or BACKBONES[self.backbone].default_preset
             check_preset(self.backbone, self.preset, self.resolution)  # stops --dry-run too
+            require(
+                takes_text(self.backbone) == text,
+                f"--text-encoder needs a backbone that attends to text: --backbone "
+                f"{' or '.join(text_backbones())} (--backbone {self.backbone} takes none)"
+                if text else
+                f"--backbone {self.backbone} is conditioned on text: add --text-encoder (the "
+                "captions' encoder), or choose unet or dit",
+            )  # fmt: skip
         else:
+            require(
+                not text,
+                "--init-from with --text-encoder: fine-tuning a text-to-image model is not "
+                "supported yet; train one from --preset",
+            )
             require(
                 self.preset is None,
                 "--preset and --init-from both choose the network: drop --preset (the "
@@ -163,9 +209,13 @@ class DDPMConfig(
 
 
 def train(cfg: DDPMConfig) -> Run:
-    run = start_run(cfg, with_labels=cfg.class_conditional)
+    run = start_run(
+        cfg, with_labels=cfg.class_conditional, with_captions=cfg.text_encoder is not None
+    )
     kind = kind_named(cfg.objective, "--objective")
     codec = run_codec(run)  # --vae: checked, the data encoded (or read from its cache)
+    # --text-encoder: checked, the captions and the grids' prompts encoded once (or read)
+    run_text(run, cfg.validation_prompt_texts())
     model = initial_network(run, kind, codec)
     resolve_kind_options(run, kind, codec)  # e.g. EDM's sigma_data: the data's, or the model's
     cfg.freeze()

@@ -228,7 +228,10 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
             group.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
         elif typing.get_origin(tp) in (list, tuple):
             (item_type, *_) = typing.get_args(tp) or (str,)
-            group.add_argument(*flags, nargs="*", type=_parse_scalar(item_type, False), **kwargs)
+            # Several values, and the flag repeated: --prompt a b --prompt c gives [a, b, c].
+            group.add_argument(
+                *flags, nargs="+", action="extend", type=_parse_scalar(item_type, False), **kwargs
+            )
         else:
             group.add_argument(*flags, type=_parse_scalar(tp, optional), **kwargs)
     return parser

@@ -92,6 +92,9 @@ class Run:
     # A text-conditional run's captions encoded once (`ddp_utils.data.text_cache`): batches
     # carry each image's caption row, the condition source reads the encodings from here.
     text: TextEmbeddings | None = field(init=False, default=None)
+    # ... and its grids' prompts, encoded once at the start (the encoder does not stay loaded):
+    # `diffusion.conditioning.text.EncodedPrompts`.
+    validation_prompts: Any = field(init=False, default=None)
 
     def batches(self, start_micro_step: int, value_range: tuple[float, float]) -> BatchSource:
         """This rank's batches from `start_micro_step` on (in memory, streamed, or latents)."""

@@ -68,8 +68,8 @@ def write_outputs(
     loaded: Any,
     info: dict[str, Any],
 ) -> None:
-    """samples.npz (images at their native size, and their classes), grid.png (one class per
-    row for a class-conditional model), images/, progression.png, sample_info.json, and last
+    """samples.npz (images at their native size, and their classes or prompts' indices),
+    grid.png (one class or prompt per row for a conditional model), images/, progression.png, sample_info.json, and last
     sample_config.yaml, so that it always describes the samples beside it. A fid.json of
     earlier samples is removed (--fid writes a new one)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -79,7 +79,8 @@ def write_outputs(
         np.savez(f, **arrays)
     shown, per_row = images[: cfg.grid_size], None
     if labels is not None:
-        shown, per_row = rows_by_label(shown, labels[: cfg.grid_size].tolist(), loaded.num_classes)
+        num_rows = len(info.get("prompts") or ()) or loaded.num_classes  # a label per row
+        shown, per_row = rows_by_label(shown, labels[: cfg.grid_size].tolist(), num_rows)
     # The grid and strip upscaled (nearest) to a viewable size; samples.npz stays native.
     save_png(upscale(make_grid(shown, nrow=per_row), MIN_PICTURE_SIDE), out / "grid.png")
     if cfg.save_images:

@@ -51,7 +51,6 @@ _STEPS_NOT_EPOCHS = (
     "batch steps; a run prints both at its start)"
 )
 _NOT_CONFIGURABLE = "not configurable here (torch's defaults: betas (0.9, 0.999), eps 1e-8)"
-_TEXT_TO_IMAGE = "text-to-image training is not part of this toolkit"
 # The flags of diffusers' examples/unconditional_image_generation/train_unconditional.py and
 # examples/text_to_image/train_text_to_image.py that are not already this toolkit's flags with
 # `_` for `-` (--output_dir, --resolution, --learning_rate, --use_ema, --mixed_precision, ...).
@@ -130,10 +129,8 @@ DIFFUSERS_FLAGS: dict[str, ForeignFlag] = {
     "--image_interpolation_mode": ForeignFlag(None, "images are resized with bicubic filtering"),
     "--offload_ema": ForeignFlag(None, "the EMA stays on the device (--use-ema)"),
     "--foreach_ema": ForeignFlag(None, "the EMA update is always foreach (--use-ema)"),
-    "--dream_training": ForeignFlag(None, _TEXT_TO_IMAGE),
-    "--dream_detail_preservation": ForeignFlag(None, _TEXT_TO_IMAGE),
-    "--caption_column": ForeignFlag(None, _TEXT_TO_IMAGE),
-    "--validation_prompts": ForeignFlag(None, _TEXT_TO_IMAGE),
+    "--dream_training": ForeignFlag(None, "no DREAM training"),
+    "--dream_detail_preservation": ForeignFlag(None, "no DREAM training"),
     "--revision": ForeignFlag(None, "--init-from takes a local folder or a hub id (main)"),
     "--variant": ForeignFlag(None, "--init-from loads the model's safetensors weights"),
     "--non_ema_revision": ForeignFlag(None, "--init-from takes the EMA weights of an export"),

@@ -1,9 +1,10 @@
 """What `sample.py` draws: its options, the sampler and classes they choose for a loaded model,
 and the function that turns a range of sample indices into uint8 images.
 
-Sample k comes from the seed (`--seed`, k) and, for a class-conditional model, has class
-cycle[k mod len(cycle)]: an image never depends on the batch it is drawn in or on the number of
-processes. Nothing here needs Accelerate; `sample.py` shards the work and writes the files.
+Sample k comes from the seed (`--seed`, k) and has class cycle[k mod len(cycle)] (a
+class-conditional model) or prompt k mod P (a text-to-image model): an image never depends on
+the batch it is drawn in or on the number of processes. Nothing here needs Accelerate;
+`sample.py` shards the work and writes the files.
 """
 
 from __future__ import annotations
@@ -27,11 +28,18 @@ from ddp_utils.lock import lock_holder
 from ddp_utils.train_config import MixedPrecision
 from diffusion.conditioning.classes import ClassLabels
 from diffusion.conditioning.guidance import parse_guidance_interval
+from diffusion.conditioning.text import (
+    PromptCondition,
+    encode_prompts,
+    read_prompts_file,
+    takes_attention_mask,
+)
 from diffusion.kinds import KINDS, SamplerChoice, choose_sampler, kind_named
 from diffusion.kinds.registry import all_knobs, all_samplers, default_steps, knob_options
 from diffusion.loading import LoadedModel, Weights
 from diffusion.networks import sample_shape
 from diffusion.sources import is_hub_id
+from diffusion.text_encoders import load_text_encoder, text_encoder_changes
 
 logger = logging.getLogger("ddp_diffusion.sample")
 
@@ -76,15 +84,36 @@ class SampleConfig(Knobs):
         "class-conditional models: 'all' (sample k gets class k mod C: every class evenly) or "
         "a comma list of class ids or names (sample k gets entry k mod n); default: all",
     )
+    prompt: list[str] | None = option(
+        None,
+        "text-to-image models: the prompts (each value one prompt; repeat the flag or give "
+        "several: --prompt 'a handwritten seven' 'the digit two'); sample k gets prompt k mod n; "
+        "default: the prompts of the model's training grids",
+    )
+    prompts_file: str | None = option(
+        None, "text-to-image models: a text file of prompts, one per line (as --prompt)"
+    )
+    text_encoder: str | None = option(
+        None,
+        "text-to-image models: where their text encoder is now, when the place their run "
+        "recorded is gone (checked against the fingerprint it was trained with)",
+    )
+    negative_prompt: str | None = option(
+        None,
+        "text-to-image models: what guidance steers away from, in place of the empty prompt "
+        "(with --guidance-scale > 1)",
+    )
     guidance_scale: float | None = option(
         None,
-        "class-conditional models: classifier-free guidance w (0: unconditional, 1: "
-        "conditional, > 1: more like the class); default: the one the model was exported with",
+        "class-conditional and text models: classifier-free guidance w (0: unconditional, 1: "
+        "conditional, > 1: more like the class or prompt); default: the one the model was "
+        "trained with",
     )
     guidance_interval: str | None = option(
         None,
-        "class-conditional models: noise levels 'LOW,HIGH' (sigma in (LOW, HIGH]) where w > 1 "
-        "applies, the conditional output elsewhere; 'all': every step; default: the model's",
+        "class-conditional and text models: noise levels 'LOW,HIGH' (sigma in (LOW, HIGH]) "
+        "where w > 1 applies, the conditional output elsewhere; 'all': every step; default: "
+        "the model's",
     )
     per_class_fid: bool = option(
         False, "with --fid on a class-conditional model: FID/KID of each class too"
@@ -151,6 +180,16 @@ class SampleConfig(Knobs):
         if self.guidance_interval is not None:
             parse_guidance_interval(self.guidance_interval, "guidance_interval")
         require(not self.per_class_fid or self.fid, "--per-class-fid needs --fid")
+        require(
+            self.prompt is None or self.prompts_file is None,
+            "--prompt and --prompts-file both give the prompts: keep one",
+        )
+        require(
+            self.prompt is None or all(p.strip() for p in self.prompt),
+            f"--prompt needs at least one prompt, none blank; got {self.prompt}",
+        )
+        if self.prompts_file is not None:
+            read_prompts_file(self.prompts_file, "prompts_file")
         require(self.grid_size >= 1, "--grid-size must be >= 1")
         require(not self.fid or bool(self.dataset), "--fid needs --dataset (the reference images)")
         require(
@@ -177,6 +216,74 @@ def sampler_choice(cfg: SampleConfig, loaded: LoadedModel) -> SamplerChoice:
         kind, cfg.scheduler, cfg.num_steps, knobs, source=loaded.source,
         scheduler_config=loaded.scheduler_config,
     )  # fmt: skip
+
+
+def choose_condition(
+    cfg: SampleConfig, loaded: LoadedModel, device: torch.device | str = "cpu"
+) -> tuple[ClassLabels | PromptCondition | None, float]:
+    """The samples' condition (sample k's class or prompt: `.labels([k])`) and the guidance
+    scale: prompts for a text-to-image model, a class cycle for a class-conditional one, none
+    (scale 1) for an unconditional one. Flags of another kind of model are refused."""
+    text = loaded.text_encoder is not None
+    prompt_flags = (
+        cfg.prompt or cfg.prompts_file or cfg.negative_prompt is not None or cfg.text_encoder
+    )
+    if prompt_flags and not text:
+        raise InputError(
+            f"{loaded.source} is not a text-to-image model: it takes no prompts", "prompt"
+        )
+    if text and (cfg.class_labels is not None or cfg.per_class_fid):
+        raise InputError(
+            f"{loaded.source} is a text-to-image model: it takes prompts (--prompt), not classes",
+            "class_labels",
+        )
+    if text:
+        guidance = loaded.guidance_scale if cfg.guidance_scale is None else cfg.guidance_scale
+        return prompt_condition(cfg, loaded, device), guidance
+    cycle, guidance = choose_classes(cfg, loaded)
+    if cycle is None:
+        return None, guidance
+    return ClassLabels(tuple(loaded.class_names or ()), cycle=tuple(cycle)), guidance
+
+
+def prompt_condition(
+    cfg: SampleConfig, loaded: LoadedModel, device: torch.device | str
+) -> PromptCondition:
+    """--prompt (or --prompts-file, else the model's training grids' prompts) and the negative
+    prompt (default: the empty prompt) encoded once by the model's text encoder, loaded from
+    where its run recorded it and checked against its fingerprint, then let go."""
+    facts = loaded.text_encoder or {}
+    if cfg.prompts_file is not None:
+        prompts = read_prompts_file(cfg.prompts_file, "prompts_file")
+    else:
+        prompts = cfg.prompt or loaded.prompts
+    if not prompts:
+        raise InputError(f"{loaded.source} is a text-to-image model: give --prompt", "prompt")
+    spec = cfg.text_encoder or facts["source"]
+    try:
+        dtype = getattr(torch, facts.get("dtype", "float32"))  # the run's precision
+        encoder = load_text_encoder(spec, facts.get("max_length"), dtype)
+    except InputError as err:
+        raise InputError(
+            f"{loaded.source} was trained on text encoded by {facts['source']}, and {spec} "
+            f"cannot be loaded now: {err}; give sample.py --text-encoder with where that "
+            "encoder is now",
+            "text_encoder",
+        ) from None
+    changed = text_encoder_changes(facts, encoder)
+    if changed:
+        raise InputError(
+            f"{loaded.source}: {changed[0]} (the text encoder changed since training)",
+            "text_encoder",
+        )
+    encoder.model.to(device)
+    condition = PromptCondition(
+        encode_prompts(encoder, prompts),
+        encode_prompts(encoder, [cfg.negative_prompt or ""]),
+        takes_attention_mask(facts),
+    )
+    encoder.model.to("cpu")
+    return condition
 
 
 def choose_classes(cfg: SampleConfig, loaded: LoadedModel) -> tuple[list[int] | None, float]:
@@ -225,13 +332,12 @@ def make_chunk_fn(
     loaded: LoadedModel,
     device: torch.device,
     choice: SamplerChoice,
-    cycle: list[int] | None = None,
+    source: ClassLabels | PromptCondition | None = None,
     guidance: float = 1.0,
 ) -> tuple[Callable[[range], torch.Tensor], list[torch.Tensor], list[int]]:
     """(items -> uint8 NHWC samples, the progression filled by the chunk of item 0, the
-    indices of samples that came out non-finite). With a class `cycle`, sample k has class
-    cycle[k mod len(cycle)] and is guided with scale `guidance`."""
-    source = None if cycle is None else ClassLabels(tuple(loaded.class_names), cycle=tuple(cycle))
+    indices of samples that came out non-finite). With a condition `source` (`choose_condition`),
+    sample k has its class or prompt k and is guided with scale `guidance`."""
     draw = kind_named(loaded.task, loaded.source).sampler(
         loaded.model,
         loaded.scheduler_config,
@@ -259,11 +365,6 @@ def make_chunk_fn(
         return torch.from_numpy(to_uint8(x, loaded.value_range))
 
     return chunk, progression, nonfinite
-
-
-def sample_classes(indices: range, cycle: list[int]) -> torch.Tensor:
-    """Sample k's class: cycle[k mod len(cycle)] (`all` cycles through every class)."""
-    return torch.tensor([cycle[k % len(cycle)] for k in indices], dtype=torch.long)
 
 
 def count_calls(model: torch.nn.Module) -> list[int]:

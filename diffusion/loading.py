@@ -54,6 +54,10 @@ class LoadedModel:
     # A latent model's autoencoder: the network denoises its latents, and `channels` and
     # `resolution` are the decoded images'.
     codec: LatentCodec | None = None
+    # A text-to-image model's text encoder (its facts: source, class, length, fingerprint) and
+    # the prompts of its training grids.
+    text_encoder: dict[str, Any] | None = None
+    prompts: list[str] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -229,8 +233,9 @@ def _from_unet_folder(folder: Path) -> LoadedModel:
 
 
 def _with_classes(loaded: LoadedModel, info: dict[str, Any]) -> LoadedModel:
-    """The classes a model was trained on (task.json or a checkpoint's state); a UNet with
-    class embeddings but no names gets its class ids as names."""
+    """The classes a model was trained on (task.json or a checkpoint's state), or its text
+    encoder and prompts, and its guidance; a UNet with class embeddings but no names gets its
+    class ids as names."""
     names = info.get("class_names")
     num_classes = backbone_of(loaded.model).num_classes(loaded.model)
     if names is None and num_classes:
@@ -241,6 +246,8 @@ def _with_classes(loaded: LoadedModel, info: dict[str, Any]) -> LoadedModel:
     loaded.guidance_interval = (
         None if interval is None else (float(interval[0]), float(interval[1]))
     )
+    loaded.text_encoder = info.get("text_encoder")
+    loaded.prompts = list(info.get("prompts") or []) or None
     return loaded
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -29,12 +30,14 @@ from diffusion.codecs import (
     load_codec,
     measured_scale,
 )
+from diffusion.conditioning.text import default_validation_prompts, encode_prompts
 from diffusion.kinds import Kind, kinds_trained_by
 from diffusion.loading import LoadedModel, load_for_sampling
 from diffusion.networks import (
     backbone_of,
     build_backbone,
     check_preset,
+    check_text_width,
     network_class,
     prepare_loaded,
 )
@@ -222,23 +225,26 @@ def run_codec(run: Run) -> LatentCodec | None:
     return codec
 
 
-def run_text(run: Run) -> TextEncoder | None:
-    """--text-encoder's encoder for this run (None without it), and the run's text cache.
+def run_text(run: Run, prompts: Sequence[str] | None = None) -> TextEncoder | None:
+    """--text-encoder's encoder for this run (None without it), the run's text cache and its
+    grids' prompts.
 
     Before any work: the encoder is loaded (a folder, a hub id through the cache and offline
-    rules of --vae, or a built-in name; frozen, in eval mode, in the run's precision) and
-    compared with a resumed checkpoint's (its fingerprint: weights, tokenizer, length). Then
-    every distinct caption and the empty prompt are encoded once per node on the device,
-    shared by its processes (or read from the text cache: `run.text`), and the encoder
-    leaves the device: training reads the cache. The encoder is returned on the CPU (to
-    encode the samples' prompts)."""
+    rules of --vae, or a built-in name; frozen, in eval mode, in the run's precision), its
+    width checked against the network's preset and compared with a resumed checkpoint's
+    (its fingerprint: weights, tokenizer, length). Then every distinct caption and the empty
+    prompt are encoded once per node on the device, shared by its processes (or read from the
+    text cache: `run.text`), the grids' `prompts` (default: a few captions of the data) are
+    encoded (`run.validation_prompts`), and the encoder leaves the device: training reads the
+    cache. The encoder is returned on the CPU."""
     cfg = run.cfg
     saved = None if run.checkpoint is None else run.checkpoint.state.get("text_encoder")
     if cfg.text_encoder is None:
         if run.checkpoint is not None:  # one trained on captions needs its encoder
             check_resumed_text_encoder(saved, None, str(run.checkpoint.path))
         return None
-    assert run.data.captions is not None, "start_run(with_captions=True) reads the captions"
+    captions = run.data.captions
+    assert captions is not None, "start_run(with_captions=True) reads the captions"
     precision = cfg.mixed_precision or run.accelerator.mixed_precision
     dtype = DTYPES.get(precision or "no", torch.float32)
     encoder = main_process_first(
@@ -249,10 +255,14 @@ def run_text(run: Run) -> TextEncoder | None:
     )  # fmt: skip
     if Path(cfg.text_encoder).expanduser().exists():  # by its absolute path, as --vae
         encoder.source = str(Path(cfg.text_encoder).expanduser().resolve())
+    if cfg.init_from is None:
+        check_text_width(cfg.backbone, cfg.preset, encoder.width)
     if run.checkpoint is not None:
         check_resumed_text_encoder(saved, encoder, str(run.checkpoint.path))
     encoder.model.to(run.accelerator.device)
-    run.text = load_text_embeddings(run.data.captions, encoder, run.accelerator)
+    run.text = load_text_embeddings(captions, encoder, run.accelerator)
+    texts = list(prompts or default_validation_prompts(captions, cfg.num_sample_images))
+    run.validation_prompts = encode_prompts(encoder, texts)
     encoder.model.to("cpu")  # training reads the cache
     return encoder
 
@@ -268,7 +278,9 @@ def initial_network(run: Run, kind: Kind, codec: LatentCodec | None = None) -> n
     if codec is not None:
         channels, resolution = codec.latent_shape(cfg.resolution)
     if cfg.init_from is None:
-        return build_backbone(cfg.backbone, cfg.preset, resolution, channels, run.data.num_classes)
+        text_width = None if run.text is None else int(run.text.hidden.shape[-1])
+        return build_backbone(cfg.backbone, cfg.preset, resolution, channels,
+                              run.data.num_classes, text_width)  # fmt: skip
     if run.checkpoint is not None:
         state = run.checkpoint.state
         kind.take_from_model(cfg, state.get("scheduler_config") or {}, str(run.checkpoint.path))

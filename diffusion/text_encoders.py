@@ -99,6 +99,11 @@ class TextEncoder:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def width(self) -> int:
+        """The width D of its sequence embeddings (T5's d_model is its hidden_size too)."""
+        return int(self.model.config.hidden_size)
+
     @torch.no_grad()
     def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(sequence embeddings (n, L, D), pooled (n, P), attention mask (n, L)): float32 and
@@ -123,11 +128,13 @@ class TextEncoder:
         return hidden.cpu(), pooled.float().cpu(), mask.to(torch.int64).cpu()
 
     def facts(self) -> dict[str, Any]:
-        """What a checkpoint records of its text encoder (resume compares it)."""
+        """What a checkpoint records of its text encoder (resume compares it; sample.py loads
+        it again in its dtype, which the fingerprint covers)."""
         return {
             "source": self.source,
             "class": type(self.model).__name__,
             "max_length": self.max_length,
+            "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
             "fingerprint": self.fingerprint,
         }
 

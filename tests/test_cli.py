@@ -121,6 +121,12 @@ DIFFUSERS_ALIASES = [
     (["--mixed_precision", "bf16"], "mixed_precision", "bf16"),
     (["--prediction_type", "epsilon"], "prediction_type", "epsilon"),
     (["--checkpoints_total_limit", "2"], "checkpoints_total_limit", 2),
+    (["--caption_column", "text", "--text_encoder", "tiny-clip"], "caption_column", "text"),
+    (
+        ["--validation_prompts", "a seven", "the number 7, by hand", "--text_encoder", "tiny-clip"],
+        "validation_prompts",
+        ["a seven", "the number 7, by hand"],
+    ),  # fmt: skip
     (["--seed", "3"], "seed", 3),
     (["--gradient_checkpointing"], "gradient_checkpointing", True),
     (["--max_grad_norm", "0.5"], "max_grad_norm", 0.5),

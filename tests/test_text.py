@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,7 +26,7 @@ from ddp_utils.data.text_cache import load_text_embeddings
 from ddp_utils.distributed import step_generator
 from diffusion.conditioning import condition_source
 from diffusion.conditioning import text as text_module
-from diffusion.conditioning.text import TextCondition, TextOptions
+from diffusion.conditioning.text import TextCondition, TextOptions, encode_prompts
 from diffusion.pipeline_code.core import guided_output, network_output
 from diffusion.pretrained import run_text
 from diffusion.text_encoders import (
@@ -294,22 +295,31 @@ def test_the_training_condition_is_what_a_cross_attention_network_takes(source, 
     batches = MemoryBatches(digits, 8, accelerator, 0, (-1.0, 1.0), False)
     batch = batches.get(3, step_generator(0, 3, 0, torch.device("cpu")))
     condition = source.training(batch.condition, step_generator(0, 3, 0, torch.device("cpu")))
-    assert set(condition) == {"encoder_hidden_states", "encoder_attention_mask"}
-    hidden, mask = condition["encoder_hidden_states"], condition["encoder_attention_mask"]
+    # A CLIP encoder's: the whole padded sequence and no mask, as Stable Diffusion trained.
+    assert set(condition) == {"encoder_hidden_states"}
+    hidden = condition["encoder_hidden_states"]
     assert hidden.shape == (8, 16, 32) and hidden.dtype == torch.float32
-    assert mask.shape == (8, 16) and mask.dtype == torch.int64
     null = source.null(8, "cpu")
+    assert set(null) == {"encoder_hidden_states"}
     assert null["encoder_hidden_states"].shape == (8, 16, 32)
-    assert torch.equal(null["encoder_attention_mask"][0, :3], torch.tensor([1, 1, 0]))
     samples = source.for_samples(range(5, 9), "cpu")
     assert samples["encoder_hidden_states"].shape == (4, 16, 32)
     assert torch.equal(samples["encoder_hidden_states"][0], source.for_samples([5], "cpu")[
         "encoder_hidden_states"][0])  # fmt: skip
+    # A T5 encoder's carries its mask (PixArt's), the empty prompt's one token valid.
+    t5 = TextCondition(replace(source.embeddings, encoder={"class": "T5EncoderModel"}),
+                       digits.captions, 0.25, "cpu")  # fmt: skip
+    condition = t5.training(batch.condition, step_generator(0, 3, 0, torch.device("cpu")))
+    assert set(condition) == {"encoder_hidden_states", "encoder_attention_mask"}
+    assert condition["encoder_attention_mask"].shape == (8, 16)
+    assert condition["encoder_attention_mask"].dtype == torch.int64
+    assert torch.equal(t5.null(8, "cpu")["encoder_attention_mask"][0, :3], torch.tensor([1, 1, 0]))
 
 
 def test_a_cross_attention_unet_trains_and_is_guided_on_the_condition_as_it_is(source, digits):
     """diffusers' UNet2DConditionModel takes the condition as the source gives it, through
-    the shared network call and guidance (untouched), and ignores the padded tokens."""
+    the shared network call and guidance (untouched); given no mask (CLIP's rule) it reads the
+    padded tokens too, as Stable Diffusion's UNet does; given the mask, it ignores them."""
     torch.manual_seed(0)
     net = UNet2DConditionModel(
         sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32),
@@ -325,30 +335,30 @@ def test_a_cross_attention_unet_trains_and_is_guided_on_the_condition_as_it_is(s
         guided = guided_output(net, x, t, source.for_samples(range(4), "cpu"),
                                source.null(4, "cpu"), 2.0, 1.0, 1.0)  # fmt: skip
         assert guided.shape == x.shape and torch.isfinite(guided).all()
-        padded = condition["encoder_attention_mask"] == 0
+        rows = source.draw_captions(torch.arange(4), torch.Generator().manual_seed(1))
+        padded = source.mask[rows] == 0
         assert padded.any()
-        changed = dict(condition)
-        changed["encoder_hidden_states"] = torch.where(
-            padded[..., None], 100.0, condition["encoder_hidden_states"]
-        )
-        assert torch.allclose(network_output(net, x, t, condition),
-                              network_output(net, x, t, changed), atol=1e-5)  # fmt: skip
-        unmasked = torch.ones_like(condition["encoder_attention_mask"])  # the same, read whole
-        assert not torch.allclose(
-            network_output(net, x, t, {**condition, "encoder_attention_mask": unmasked}),
-            network_output(net, x, t, {**changed, "encoder_attention_mask": unmasked}),
-            atol=1e-3,
-        )
+        changed = {"encoder_hidden_states": torch.where(
+            padded[..., None], 100.0, condition["encoder_hidden_states"])}  # fmt: skip
+        assert not torch.allclose(network_output(net, x, t, condition),
+                                  network_output(net, x, t, changed), atol=1e-3)  # fmt: skip
+        mask = {"encoder_attention_mask": source.mask[rows].long()}
+        assert torch.allclose(network_output(net, x, t, {**condition, **mask}),
+                              network_output(net, x, t, {**changed, **mask}), atol=1e-5)  # fmt: skip
 
 
 def test_samples_take_the_prompts_in_turn_and_grids_put_one_prompt_per_row(source, encoder, digits):
     prompts = [digit_captions(d)[0] for d in range(3)]
-    hidden, _, mask = encoder.encode(prompts)
-    prompted = TextCondition(source.embeddings, digits.captions, 0.1, "cpu", prompts,
-                             (hidden, mask))  # fmt: skip
+    encoded = encode_prompts(encoder, prompts)
+    hidden = encoder.encode(prompts)[0]
+    assert torch.equal(encoded.hidden, hidden.half().float())  # rounded as the cache stores
+    prompted = TextCondition(source.embeddings, digits.captions, 0.1, "cpu", encoded)
     drawn = prompted.for_samples(range(2, 9), "cpu")
     for k in range(2, 9):
-        assert torch.equal(drawn["encoder_hidden_states"][k - 2], hidden[k % 3])
+        assert torch.equal(drawn["encoder_hidden_states"][k - 2], encoded.hidden[k % 3])
+    # "No condition" stays the cache's empty prompt.
+    assert torch.equal(prompted.null(2, "cpu")["encoder_hidden_states"],
+                       source.null(2, "cpu")["encoder_hidden_states"])  # fmt: skip
     assert prompted.task_info()["prompts"] == prompts
     images = np.arange(7, dtype=np.uint8)[:, None, None, None].repeat(2, axis=1)  # sample k: k
     grid, per_row = prompted.grid_layout(images)
@@ -394,12 +404,24 @@ def test_a_run_encodes_its_captions_once_and_a_resume_needs_the_same_encoder(
 ):
     monkeypatch.setenv("DDP_DIFFUSION_CACHE", str(tmp_path / "cache"))
     cfg = SimpleNamespace(text_encoder=TINY_CLIP, text_encoder_max_length=None,
-                          mixed_precision="no", caption_dropout=0.1)  # fmt: skip
+                          mixed_precision="no", caption_dropout=0.1, init_from=None,
+                          backbone="text-unet", preset="digits-text",
+                          num_sample_images=64)  # fmt: skip
     run = SimpleNamespace(cfg=cfg, accelerator=Accelerator(cpu=True), data=digits,
-                          checkpoint=None, text=None)  # fmt: skip
+                          checkpoint=None, text=None, validation_prompts=None)  # fmt: skip
     returned = run_text(run)
     assert returned.fingerprint == encoder.fingerprint
     assert run.text.folder.parent == tmp_path / "cache" and run.text.empty_row == 60
+    # The grids' prompts, encoded at once: by default the first distinct captions of the data.
+    first = [digits.captions.of_row(r)[0] for r in range(digits.captions.num_rows)]
+    assert list(run.validation_prompts.texts) == list(dict.fromkeys(first))[:4]
+    assert returned.device == torch.device("cpu")  # training reads the cache
+    # An encoder of another width than the preset's is refused before any encoding.
+    cfg.preset = "sd15"
+    with pytest.raises(ValueError, match="--text-encoder: --preset sd15 attends to 768-wide "
+                                         "text embeddings .* this encoder's are 32-wide"):  # fmt: skip
+        run_text(run)
+    cfg.preset = "digits-text"
     # The condition source of the run: the captions' encodings, dropped with its rate.
     source = condition_source(cfg, None, run.text, digits.captions, "cpu")
     assert isinstance(source, TextCondition) and source.caption_dropout == 0.1

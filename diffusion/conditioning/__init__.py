@@ -27,7 +27,7 @@ import torch
 from ddp_utils.data.captions import Captions
 from ddp_utils.data.text_cache import TextEmbeddings
 from diffusion.conditioning.classes import ClassLabels
-from diffusion.conditioning.text import TextCondition
+from diffusion.conditioning.text import EncodedPrompts, TextCondition
 from diffusion.pipeline_code.core import Condition
 
 
@@ -35,6 +35,7 @@ class ConditionSource(Protocol):
     """Where a model's conditions come from, and what "no condition" is."""
 
     conditional: bool  # False: an unconditional model (no condition, no guidance)
+    title: str  # what the model card calls such a model: "class-conditional", "text-to-image"
 
     def training(self, condition: Condition | None, generator: torch.Generator) -> Condition | None:
         """The batch's condition as the network trains on it (a share dropped to "no
@@ -74,6 +75,7 @@ class Unconditional:
     """No condition: every call of the network is unconditional."""
 
     conditional = False
+    title = ""
 
     def training(self, condition, generator):
         return None
@@ -109,12 +111,13 @@ def condition_source(
     text: TextEmbeddings | None = None,
     captions: Captions | None = None,
     device: torch.device | str = "cpu",
+    prompts: EncodedPrompts | None = None,
 ) -> ConditionSource:
     """A training run's source: the captions' encodings (`text`, the run's text cache, with
-    --text-encoder), class labels with --class-conditional, else none."""
+    --text-encoder; `prompts`: its grids'), class labels with --class-conditional, else none."""
     if text is not None:
         assert captions is not None, "the text cache encodes the data's captions"
-        return TextCondition(text, captions, cfg.caption_dropout, device)
+        return TextCondition(text, captions, cfg.caption_dropout, device, prompts)
     if getattr(cfg, "class_conditional", False):
         return ClassLabels(tuple(class_names or ()), cfg.label_dropout)
     return UNCONDITIONAL

@@ -29,6 +29,7 @@ class ClassLabels:
     cycle: tuple[int, ...] | None = None  # sample k's class: cycle[k mod n]; None: every class
 
     conditional = True
+    title = "class-conditional"
 
     @property
     def num_classes(self) -> int:

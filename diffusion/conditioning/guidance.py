@@ -15,7 +15,7 @@ from ddp_utils.errors import InputError
 # Guidance (w > 1) only at noise levels sigma in (low, high]: EDM2's interval (Kynkaanniemi
 # et al. 2024). On the digits at w = 4 it took the DiT's FID from 1.67x w = 1's to 1.40x.
 DEFAULT_GUIDANCE_INTERVAL = "0.28,5.42"
-SECTION = "Class-conditional generation (classifier-free guidance, Ho & Salimans 2022)"
+SECTION = "Class-conditional generation, and guidance (classifier-free, Ho & Salimans 2022)"
 
 
 @dataclass(frozen=True)
@@ -52,9 +52,10 @@ class ConditioningOptions:
     )
     sample_guidance_scale: float = option(
         1.5,
-        "guidance w of the grids and --eval-every, stored in the export "
-        "(0: unconditional, 1: conditional, > 1: more like the class; 1.5 measured best on "
-        "digits: FID as w = 1, the asked class 99.6% of the time)",
+        "guidance w of the grids and --eval-every, stored in the export, of a "
+        "class-conditional or text run (0: unconditional, 1: conditional, > 1: more like the "
+        "class or prompt; 1.5 measured best on class-conditional digits: FID as w = 1, the "
+        "asked class 99.6% of the time)",
         section=SECTION,
     )
     sample_guidance_interval: str = option(
@@ -63,6 +64,10 @@ class ConditioningOptions:
         "output elsewhere (Kynkaanniemi et al. 2024), stored in the export; 'all': every step",
         section=SECTION,
     )
+
+    def is_conditional(self) -> bool:
+        """Class labels, or text (--text-encoder, the text section's, when the config has it)."""
+        return self.class_conditional or getattr(self, "text_encoder", None) is not None
 
     def check_conditioning_options(self) -> None:
         parse_guidance_interval(self.sample_guidance_interval, "sample_guidance_interval")
@@ -74,20 +79,26 @@ class ConditioningOptions:
             self.sample_guidance_scale >= 0,
             f"--sample-guidance-scale must be >= 0, got {self.sample_guidance_scale}",
         )
-        if not self.class_conditional:  # flags that would do nothing are refused
+        # Flags that would do nothing are refused.
+        require(
+            self.class_conditional or self.label_dropout == 0.1,
+            "--label-dropout applies to --class-conditional runs only (a text run drops "
+            "captions: --caption-dropout): add --class-conditional, or drop it",
+        )
+        if not self.is_conditional():
             for name, default in (
-                ("label_dropout", 0.1), ("sample_guidance_scale", 1.5),
+                ("sample_guidance_scale", 1.5),
                 ("sample_guidance_interval", DEFAULT_GUIDANCE_INTERVAL),
             ):  # fmt: skip
                 require(
                     getattr(self, name) == default,
-                    f"--{name.replace('_', '-')} applies to --class-conditional runs only: add "
-                    "--class-conditional, or drop it",
+                    f"--{name.replace('_', '-')} applies to --class-conditional and "
+                    "--text-encoder runs only: add one, or drop it",
                 )
 
     def guidance(self) -> Guidance:
         """The guidance of the run's grids and export (none for an unconditional run)."""
-        if not self.class_conditional:
+        if not self.is_conditional():
             return NO_GUIDANCE
         interval = parse_guidance_interval(
             self.sample_guidance_interval, "sample_guidance_interval"

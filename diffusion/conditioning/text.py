@@ -3,8 +3,9 @@
 A batch of captioned images carries each image's row among the captions (`caption_rows`,
 `ddp_utils.data.load.CAPTION_ROWS`); the training condition is what a cross-attention network
 takes, as diffusers' `UNet2DConditionModel` and `PixArtTransformer2DModel` name it:
-`{"encoder_hidden_states": (B, L, D) float32, "encoder_attention_mask": (B, L) int64}`, read
-from the text cache (`ddp_utils.data.text_cache`).
+`{"encoder_hidden_states": (B, L, D) float32}`, with `"encoder_attention_mask": (B, L) int64`
+for the encoders whose mask the network is given (T5's; not CLIP's: `ENCODERS_WITH_MASK`
+says why), read from the text cache (`ddp_utils.data.text_cache`).
 
 Per step, from the micro-step's seeded generator (so resume and 1 vs N processes stay exact):
 first one caption of each image (uniform among its captions), then caption dropout: with
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,7 +31,8 @@ import torch
 from ddp_utils.config import option, require
 from ddp_utils.data.captions import Captions
 from ddp_utils.data.load import CAPTION_ROWS
-from ddp_utils.data.text_cache import TextEmbeddings
+from ddp_utils.data.text_cache import TextEmbeddings, TextEncoder
+from ddp_utils.errors import InputError
 from ddp_utils.images import rows_by_label
 from diffusion.pipeline_code.core import Condition
 
@@ -37,6 +40,14 @@ DEVICE_BYTES = 256 * 2**20  # a text cache up to this size is copied to the devi
 HIDDEN, MASK = "encoder_hidden_states", "encoder_attention_mask"
 SECTION = "Text-to-image (captions encoded once by a frozen text encoder)"
 DEFAULT_CAPTION_DROPOUT = 0.1  # Stable Diffusion's
+TEXT_TO_IMAGE = "text-to-image"  # a text-conditional model's title (and hub tag)
+# How a text model's card says to sample it, until its export's pipeline takes prompts.
+SAMPLING_LINES = (
+    "# This folder's pipeline.py does not take prompts yet; sample.py does (its text encoder\n"
+    "# is loaded from where training recorded it):\n"
+    "#   python sample.py path/to/this/folder --prompt 'a handwritten seven' --guidance-scale 2"
+)
+NUM_DEFAULT_PROMPTS = 4  # the grids' prompts without --validation-prompts: captions of the data
 
 
 @dataclass
@@ -67,6 +78,17 @@ class TextOptions:
         "share of captions replaced by the empty prompt (what guidance needs; SD's 0.1)",
         section=SECTION,
     )
+    validation_prompts: list[str] | None = option(
+        None,
+        "the grids' prompts, one row each with the run's fixed seeds (each value one prompt: "
+        "--validation-prompts 'a handwritten seven' 'the digit two'); default: "
+        f"{NUM_DEFAULT_PROMPTS} captions of the data",
+        section=SECTION,
+    )
+    validation_prompts_file: str | None = option(
+        None, "a text file of the grids' prompts, one per line (blank lines skipped)",
+        section=SECTION,
+    )  # fmt: skip
 
     def check_text_options(self) -> None:
         require(
@@ -78,9 +100,23 @@ class TextOptions:
             length is None or length >= 1,
             f"--text-encoder-max-length must be >= 1 or none, got {length}",
         )
+        require(
+            self.validation_prompts is None or self.validation_prompts_file is None,
+            "--validation-prompts and --validation-prompts-file both give the grids' prompts: "
+            "keep one",
+        )
+        require(
+            self.validation_prompts is None or all(p.strip() for p in self.validation_prompts),
+            f"--validation-prompts needs at least one prompt, none blank; got "
+            f"{self.validation_prompts}",
+        )
+        if self.validation_prompts_file is not None:
+            read_prompts_file(self.validation_prompts_file, "validation_prompts_file")
         if self.text_encoder is None:  # flags that would do nothing are refused
             for name, default in (("text_encoder_max_length", None), ("caption_column", None),
-                                  ("caption_dropout", DEFAULT_CAPTION_DROPOUT)):  # fmt: skip
+                                  ("caption_dropout", DEFAULT_CAPTION_DROPOUT),
+                                  ("validation_prompts", None),
+                                  ("validation_prompts_file", None)):  # fmt: skip
                 require(
                     getattr(self, name) == default,
                     f"--{name.replace('_', '-')} applies to text-to-image runs only: add "
@@ -92,11 +128,131 @@ class TextOptions:
             "class labels; drop one",
         )
 
+    def validation_prompt_texts(self) -> list[str] | None:
+        """The grids' prompts the flags give (None: the default, captions of the data)."""
+        if self.validation_prompts_file is not None:
+            return read_prompts_file(self.validation_prompts_file, "validation_prompts_file")
+        return None if self.validation_prompts is None else list(self.validation_prompts)
+
+
+def read_prompts_file(path: str, flag: str) -> list[str]:
+    """The prompts of a text file, one per line, blank lines skipped; at least one."""
+    try:
+        lines = Path(path).expanduser().read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"cannot read {path}: {getattr(err, 'strerror', None) or err}",
+                         flag) from None  # fmt: skip
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise InputError(f"{path} holds no prompt (one per line)", flag)
+    return prompts
+
+
+# Whose attention mask the network is given: the rule, in one place. Stable Diffusion trained
+# its UNet on CLIP's whole padded sequence (77 tokens) with no mask, and StableDiffusionPipeline
+# passes none: a CLIP encoder's condition is the padded sequence alone, so that a network
+# trained here reads prompts as the stock pipelines give them. PixArt-alpha trained on T5's
+# sequence with its mask (PixArtAlphaPipeline passes prompt_attention_mask): a T5 encoder's
+# condition carries its mask, and the padded tokens are ignored.
+ENCODERS_WITH_MASK = frozenset({"T5EncoderModel"})
+# The dtype the text cache stores encodings in (`load_text_embeddings`' default): what the
+# network trains on, so prompts encoded for sampling are rounded to it too.
+EMBEDDING_DTYPE = torch.float16
+
+
+def takes_attention_mask(encoder: dict[str, Any]) -> bool:
+    """Whether the condition of text encoded by `encoder` (its facts) carries the mask."""
+    return encoder.get("class") in ENCODERS_WITH_MASK
+
+
+def text_condition(hidden: torch.Tensor, mask: torch.Tensor, with_mask: bool) -> Condition:
+    """What a cross-attention network takes: the sequence embeddings (B, L, D) float32, and
+    the attention mask (B, L) int64 where the encoder's family calls for it."""
+    condition = {HIDDEN: hidden.float()}
+    if with_mask:
+        condition[MASK] = mask.long()
+    return condition
+
+
+@dataclass(frozen=True)
+class EncodedPrompts:
+    """Prompts and their encoding by the run's text encoder, rounded to the cache's dtype as
+    the captions the network trained on were."""
+
+    texts: tuple[str, ...]
+    hidden: torch.Tensor  # (P, L, D) float32, on the CPU
+    mask: torch.Tensor  # (P, L) int64
+
+
+def encode_prompts(encoder: TextEncoder, texts: Sequence[str]) -> EncodedPrompts:
+    """`texts` encoded once by `encoder` (on its device), kept on the CPU."""
+    hidden, _, mask = encoder.encode(list(texts))
+    return EncodedPrompts(tuple(texts), hidden.to(EMBEDDING_DTYPE).float(), mask)
+
+
+def default_validation_prompts(captions: Captions, num_images: int) -> list[str]:
+    """A few captions of the data for grids of `num_images`: the first caption of each row,
+    the first NUM_DEFAULT_PROMPTS distinct ones (at most one per image)."""
+    firsts = captions.ids[captions.offsets[:-1]].tolist()  # each row's first caption
+    distinct = list(dict.fromkeys(firsts))[: min(NUM_DEFAULT_PROMPTS, num_images)]
+    return [captions.texts[i] for i in distinct]
+
+
+class PromptCondition:
+    """Prompts as the samples' condition (sample k: prompt k mod P) and a negative prompt (the
+    empty prompt: what caption dropout trained on) as "no condition": what sample.py draws,
+    and a text run's grids."""
+
+    conditional = True
+    title = TEXT_TO_IMAGE
+
+    def __init__(self, prompts: EncodedPrompts, negative: EncodedPrompts, with_mask: bool) -> None:
+        assert len(prompts.texts) >= 1 and len(negative.texts) == 1
+        self.prompts, self.negative, self.with_mask = prompts, negative, with_mask
+
+    def training(self, condition: Condition | None, generator: torch.Generator) -> Condition:
+        raise TypeError("prompts are a condition of samples; training draws captions")
+
+    def rows(self, indices: Sequence[int]) -> list[int]:
+        return [k % len(self.prompts.texts) for k in indices]
+
+    def labels(self, indices: Sequence[int]) -> torch.Tensor:
+        """Sample k's prompt's index (what samples.npz records as its label)."""
+        return torch.tensor(self.rows(indices), dtype=torch.long)
+
+    def for_samples(self, indices: Sequence[int], device: torch.device | str) -> Condition:
+        rows = torch.tensor(self.rows(indices), dtype=torch.long)
+        condition = text_condition(self.prompts.hidden[rows], self.prompts.mask[rows],
+                                   self.with_mask)  # fmt: skip
+        return {k: v.to(device) for k, v in condition.items()}
+
+    def null(self, batch_size: int, device: torch.device | str) -> Condition:
+        hidden = self.negative.hidden.expand(batch_size, -1, -1)
+        mask = self.negative.mask.expand(batch_size, -1)
+        return {k: v.to(device) for k, v in text_condition(hidden, mask, self.with_mask).items()}
+
+    def task_info(self) -> dict[str, Any]:
+        return {"prompts": list(self.prompts.texts), "negative_prompt": self.negative.texts[0]}
+
+    def card_facts(self) -> list[tuple[str, str]]:
+        return [("prompts", "; ".join(self.prompts.texts))]
+
+    def dropout_fact(self) -> str:
+        return ""
+
+    def tags(self) -> list[str]:
+        return [TEXT_TO_IMAGE]
+
+    def grid_layout(self, images: np.ndarray) -> tuple[np.ndarray, int]:
+        """One prompt per row (sample k: prompt k mod P)."""
+        return rows_by_label(images, self.rows(range(len(images))), len(self.prompts.texts))
+
 
 class TextCondition:
     """Captions' encodings as the condition, the empty prompt as "no condition"."""
 
     conditional = True
+    title = TEXT_TO_IMAGE
 
     def __init__(
         self,
@@ -104,20 +260,17 @@ class TextCondition:
         captions: Captions,
         caption_dropout: float,
         device: torch.device | str,
-        prompts: Sequence[str] = (),
-        prompt_encoding: tuple[torch.Tensor, torch.Tensor] | None = None,
+        prompts: EncodedPrompts | None = None,
     ) -> None:
-        """`prompts` and their (sequence embeddings, mask), as the text encoder gave them: the
-        conditions of the samples (sample k: prompt k mod P); none: the captions'."""
+        """`prompts`: the conditions of the samples (sample k: prompt k mod P, the grids' rows);
+        none: the captions' (k mod N)."""
         assert 0 <= caption_dropout < 1, caption_dropout
         assert len(embeddings.hidden) == len(captions.texts) + 1, "captions of another cache"
-        assert not prompts or prompt_encoding is not None, "prompts need their encoding"
         self.embeddings, self.captions = embeddings, captions
         self.caption_dropout = caption_dropout
         self.device = torch.device(device)
         self.encoder_facts = embeddings.encoder  # what task.json and the card say of it
-        self.prompts = tuple(prompts)
-        self.prompt_encoding = prompt_encoding
+        self.with_mask = takes_attention_mask(self.encoder_facts)
         self.offsets = captions.offsets.to(self.device)
         self.counts = captions.counts.to(self.device)
         self.ids = captions.ids.to(self.device)
@@ -128,6 +281,12 @@ class TextCondition:
             # Copies (np.array): the mapped arrays are read-only.
             self.hidden = torch.from_numpy(np.array(embeddings.hidden)).to(self.device)
             self.mask = torch.from_numpy(np.array(embeddings.mask)).to(self.device)
+        self.prompted: PromptCondition | None = None
+        if prompts is not None:  # the empty prompt as the cache holds it
+            empty = self.encoded(torch.tensor([self.empty_row], device=self.device))[HIDDEN]
+            mask = torch.from_numpy(np.array(embeddings.mask[-1:])).long()
+            negative = EncodedPrompts(("",), empty.cpu(), mask)
+            self.prompted = PromptCondition(prompts, negative, self.with_mask)
 
     def encoded(self, rows: torch.Tensor) -> Condition:
         """The condition of cache rows `rows` (captions' indices; `empty_row`: the empty
@@ -139,7 +298,7 @@ class TextCondition:
             hidden = torch.from_numpy(np.asarray(self.embeddings.hidden[index]))
             mask = torch.from_numpy(np.asarray(self.embeddings.mask[index]))
             hidden, mask = hidden.to(self.device), mask.to(self.device)
-        return {HIDDEN: hidden.float(), MASK: mask.long()}
+        return text_condition(hidden, mask, self.with_mask)
 
     def draw_captions(self, image_rows: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """One caption of each image, uniform among its captions, then a `caption_dropout`
@@ -156,26 +315,25 @@ class TextCondition:
         return self.encoded(self.draw_captions(condition[CAPTION_ROWS], generator))
 
     def sample_rows(self, indices: Sequence[int]) -> list[int]:
-        """Sample k's prompt (k mod P), or without prompts its caption (k mod N)."""
-        num = len(self.prompts) or len(self.captions.texts)
-        return [k % num for k in indices]
+        """Sample k's caption (k mod N), without prompts."""
+        return [k % len(self.captions.texts) for k in indices]
 
     def for_samples(self, indices: Sequence[int], device: torch.device | str) -> Condition:
+        if self.prompted is not None:
+            return self.prompted.for_samples(indices, device)
         rows = torch.tensor(self.sample_rows(indices), dtype=torch.long)
-        if not self.prompts:
-            return {k: v.to(device) for k, v in self.encoded(rows.to(self.device)).items()}
-        hidden, mask = self.prompt_encoding
-        return {HIDDEN: hidden[rows].float().to(device), MASK: mask[rows].long().to(device)}
+        return {k: v.to(device) for k, v in self.encoded(rows.to(self.device)).items()}
 
     def null(self, batch_size: int, device: torch.device | str) -> Condition:
         rows = torch.full((batch_size,), self.empty_row, dtype=torch.long, device=self.device)
         return {k: v.to(device) for k, v in self.encoded(rows).items()}
 
     def task_info(self) -> dict[str, Any]:
+        prompts = [] if self.prompted is None else list(self.prompted.prompts.texts)
         return {
             "text_encoder": self.encoder_facts,
             "caption_dropout": self.caption_dropout,
-            "prompts": list(self.prompts),
+            "prompts": prompts,
         }
 
     def card_facts(self) -> list[tuple[str, str]]:
@@ -190,10 +348,10 @@ class TextCondition:
         return f"caption dropout {self.caption_dropout} (to the empty prompt)"
 
     def tags(self) -> list[str]:
-        return ["text-to-image"]
+        return [TEXT_TO_IMAGE]
 
     def grid_layout(self, images: np.ndarray) -> tuple[np.ndarray, int]:
         """One prompt per row (sample k: prompt k mod P); without prompts, 8 per row."""
-        if not self.prompts:
+        if self.prompted is None:
             return images, 8
-        return rows_by_label(images, self.sample_rows(range(len(images))), len(self.prompts))
+        return self.prompted.grid_layout(images)

@@ -22,6 +22,7 @@ from ddp_utils.run import Run
 from diffusion.codecs import LatentCodec
 from diffusion.conditioning import ConditionSource, condition_source
 from diffusion.conditioning.guidance import Guidance
+from diffusion.conditioning.text import SAMPLING_LINES, TEXT_TO_IMAGE
 from diffusion.kinds.registry import Kind, SamplerChoice, all_knobs, choose_sampler
 from diffusion.networks import Backbone, sample_shape, unwrap
 from diffusion.pipeline_code import shipped_source
@@ -90,6 +91,14 @@ def remote_code_lines(folder_hint: str, call: str) -> str:
     )
 
 
+def load_lines(source: ConditionSource, call: str) -> str:
+    """How a card says to load and sample its export: the pipeline with `call`, or for a
+    text-to-image model sample.py (its export's pipeline takes no prompts yet)."""
+    if source.title == TEXT_TO_IMAGE:
+        return SAMPLING_LINES
+    return remote_code_lines("path/to/this/folder", call)
+
+
 def ship_pipeline(pipeline: DiffusionPipeline, folder: Path, code: ModuleType) -> None:
     """save_pretrained, plus the pipeline's own code as `pipeline.py` (`code`: the kind's
     pipeline module, assembled with the shared runtime): diffusers looks `_class_name` up in its
@@ -143,8 +152,9 @@ class NetworkMethod:
         self.codec = codec  # a latent model's: the samples are decoded, the export ships it
         self.device = run.accelerator.device
         self.source = condition_source(
-            run.cfg, run.data.class_names, run.text, run.data.captions, self.device
-        )
+            run.cfg, run.data.class_names, run.text, run.data.captions, self.device,
+            run.validation_prompts,
+        )  # fmt: skip
         self.guidance = run.cfg.guidance()
         self.choice = training_choice(run.cfg, self.kind, dict(scheduler.config))
 

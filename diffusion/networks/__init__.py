@@ -5,7 +5,10 @@ safetensors) and loads from it alone:
 - `unet`: `UNet2DModel` presets (unet.py), class-conditional through a class embedding;
 - `dit`: `DiTTransformer2DModel` presets (dit.py), a transformer on patches, conditioned by
   adaLN;
-- `basic`: the basic model's small `BasicUNet` (basic.py): no time input, predicts the image.
+- `basic`: the basic model's small `BasicUNet` (basic.py): no time input, predicts the image;
+- `text-unet`: `UNet2DConditionModel` presets (text_unet.py), Stable Diffusion's UNet, and
+  `pixart`: `PixArtTransformer2DModel` presets (pixart.py): text-conditional, through
+  cross-attention to a text encoder's sequence embeddings, whose width they take.
 
 A spec says what the rest of the toolkit needs of a backbone: its class, the export component
 holding it, its presets and how to check and build them, what a network read from disk needs,
@@ -22,12 +25,24 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from diffusers import DiTTransformer2DModel, ModelMixin, UNet2DModel
+from diffusers import (
+    DiTTransformer2DModel,
+    ModelMixin,
+    PixArtTransformer2DModel,
+    UNet2DConditionModel,
+    UNet2DModel,
+)
 from torch import nn
 
 from ddp_utils.errors import InputError
 from diffusion.networks.basic import BasicUNet
 from diffusion.networks.dit import DIT_PRESETS, build_dit, check_dit_preset, prepare_dit
+from diffusion.networks.pixart import PIXART_PRESETS, build_pixart, check_pixart_preset
+from diffusion.networks.text_unet import (
+    TEXT_UNET_PRESETS,
+    build_text_unet,
+    check_text_unet_preset,
+)
 from diffusion.networks.unet import (
     DDPM_PRESETS,
     RENAMED_PRESETS,
@@ -68,12 +83,16 @@ class Backbone:
     default_preset: str | None  # of a new train_ddpm.py run; None: not trained by it
     # (preset, resolution) -> the preset's arguments, checked without building anything
     check_preset: Callable[[str, int | None], Any] | None = None
-    # (preset, resolution, channels, num_classes) -> a new network
+    # (preset, resolution, channels, num_classes) -> a new network; a text-conditional
+    # backbone's takes the text encoder's width in place of the classes
     build: Callable[[str, int, int, int], nn.Module] | None = None
     prepare: Callable[[nn.Module], nn.Module] = lambda net: net  # after a load from disk
     call: Call = network_output  # (net, x, t, condition) -> the output, shaped like x
     num_classes: Callable[[nn.Module], int] = lambda net: 0  # the classes it was built for
     tags: tuple[str, ...] = ()  # the model card's hub tags
+    # A text-conditional backbone: the argument holding the width of the text embeddings it
+    # attends to (its preset's, else the encoder's); None: it takes no text
+    text_width_key: str | None = None
 
 
 BACKBONES: dict[str, Backbone] = {
@@ -84,6 +103,11 @@ BACKBONES: dict[str, Backbone] = {
         Backbone("dit", DiTTransformer2DModel, "transformer", DIT_PRESETS, "dit-digits",
                  check_dit_preset, build_dit, prepare_dit, num_classes=_dit_classes,
                  tags=("dit", "transformer")),
+        Backbone("text-unet", UNet2DConditionModel, "unet", TEXT_UNET_PRESETS, "digits-text",
+                 check_text_unet_preset, build_text_unet, text_width_key="cross_attention_dim"),
+        Backbone("pixart", PixArtTransformer2DModel, "transformer", PIXART_PRESETS,
+                 "pixart-digits", check_pixart_preset, build_pixart,
+                 tags=("pixart", "transformer"), text_width_key="caption_channels"),
         Backbone("basic", BasicUNet, "unet", {}, None, call=_basic_call),
     )
 }  # fmt: skip
@@ -146,11 +170,48 @@ def check_preset(backbone: str, preset: str, resolution: int | None) -> None:
 
 
 def build_backbone(
-    backbone: str, preset: str, resolution: int, channels: int, num_classes: int = 0
+    backbone: str,
+    preset: str,
+    resolution: int,
+    channels: int,
+    num_classes: int = 0,
+    text_width: int | None = None,
 ) -> nn.Module:
     """A new network of `preset` for images of `channels` x `resolution`^2; class-conditional
-    with a "no class" entry when `num_classes` > 0."""
-    return BACKBONES[backbone].build(preset, resolution, channels, num_classes)
+    with a "no class" entry when `num_classes` > 0; a text-conditional backbone attends to
+    `text_width`-wide text embeddings (required for it, refused for the others)."""
+    spec = BACKBONES[backbone]
+    assert (text_width is not None) == takes_text(backbone), (backbone, text_width)
+    if text_width is None:
+        return spec.build(preset, resolution, channels, num_classes)
+    assert not num_classes, "a model is conditioned on classes or on text"
+    check_text_width(backbone, preset, text_width)
+    return spec.build(preset, resolution, channels, text_width)
+
+
+def takes_text(backbone: str) -> bool:
+    """Whether the backbone is conditioned on text (cross-attention to a text encoder's
+    sequence embeddings)."""
+    return BACKBONES[backbone].text_width_key is not None
+
+
+def text_backbones() -> list[str]:
+    return [name for name in BACKBONES if takes_text(name)]
+
+
+def check_text_width(backbone: str, preset: str, width: int) -> None:
+    """A text-conditional preset that names the width of the embeddings it attends to (`sd15`:
+    768, CLIP ViT-L/14's) must be given an encoder of that width; one that names none takes
+    the encoder's."""
+    key = BACKBONES[backbone].text_width_key
+    stated = BACKBONES[backbone].check_preset(preset, None).get(key)
+    if stated is not None and int(stated) != width:
+        raise InputError(
+            f"--preset {preset} attends to {stated}-wide text embeddings ({key}) and this "
+            f"encoder's are {width}-wide: give the text encoder the preset was made for, or a "
+            f"preset without {key} (it then takes the encoder's width)",
+            "text_encoder",
+        )
 
 
 def prepare_loaded(net: nn.Module) -> nn.Module:

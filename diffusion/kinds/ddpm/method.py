@@ -17,6 +17,7 @@ from ddp_utils.model_card import CardFacts
 from ddp_utils.run import Run
 from diffusion.codecs import LatentCodec
 from diffusion.conditioning.classes import ClassLabels
+from diffusion.conditioning.text import SAMPLING_LINES, TEXT_TO_IMAGE
 from diffusion.kinds.common import (
     NUM_LOSS_BINS,
     NetworkMethod,
@@ -132,7 +133,7 @@ class DDPMMethod(NetworkMethod):
 
     def card(self) -> CardFacts:
         cfg, source = self.cfg, self.source
-        kind = "class-conditional DDPM" if source.conditional else "DDPM"
+        kind = f"{source.title} DDPM" if source.conditional else "DDPM"
         eta = f", eta {self.choice.knob('eta'):g}" if "eta" in self.choice.knobs else ""
         if self._stock_pipeline():
             load = (
@@ -141,6 +142,8 @@ class DDPMMethod(NetworkMethod):
                 "use_safetensors=True)\n"
                 "images = pipeline(batch_size=16, num_inference_steps=1000).images  # PIL images"
             )
+        elif source.title == TEXT_TO_IMAGE:
+            load = SAMPLING_LINES
         elif source.conditional:
             load = remote_code_lines(
                 "path/to/this/folder", "class_labels=[0, 1, 2], guidance_scale=1.5"
@@ -176,7 +179,7 @@ class DDPMMethod(NetworkMethod):
                 *condition_facts(source, self.guidance),
             ],  # fmt: skip
             tags=card_tags("ddpm", source, self.backbone),
-            class_conditional=source.conditional,
+            class_conditional=isinstance(source, ClassLabels),
         )
 
     def export(self, folder: Path, net: nn.Module, raw: nn.Module) -> None:

@@ -15,14 +15,15 @@ from ddp_utils.data import Batch
 from ddp_utils.images import make_grid, to_uint8
 from ddp_utils.metrics import MetricWindow
 from ddp_utils.model_card import CardFacts
+from diffusion.conditioning.classes import ClassLabels
 from diffusion.kinds.common import (
     NetworkMethod,
     card_tags,
     codec_facts,
     condition_facts,
     denoising_strip,
+    load_lines,
     network_fact,
-    remote_code_lines,
     report_by_bin,
 )
 from diffusion.kinds.edm import pipeline
@@ -77,7 +78,7 @@ class EDMMethod(NetworkMethod):
 
     def card(self) -> CardFacts:
         cfg, source = self.cfg, self.source
-        kind = "class-conditional EDM" if source.conditional else "EDM"
+        kind = f"{source.title} EDM" if source.conditional else "EDM"
         call = "batch_size=16, num_inference_steps=18"
         if source.conditional:
             call = "class_labels=[0, 1, 2], guidance_scale=1.5, num_inference_steps=18"
@@ -98,7 +99,7 @@ class EDMMethod(NetworkMethod):
                 + (second if cfg.sample_scheduler == "edm-heun" else "")
                 + " made the grid above; `churn=` > 0 makes it stochastic."
             ),
-            how_to_load=remote_code_lines("path/to/this/folder", call),
+            how_to_load=load_lines(source, call),
             facts=[
                 (
                     "objective",
@@ -109,7 +110,7 @@ class EDMMethod(NetworkMethod):
                 *condition_facts(source, self.guidance),
             ],  # fmt: skip
             tags=card_tags("edm", source, self.backbone),
-            class_conditional=source.conditional,
+            class_conditional=isinstance(source, ClassLabels),
         )
 
     def export(self, folder: Path, net: nn.Module, raw: nn.Module) -> None:

@@ -15,6 +15,7 @@ from ddp_utils.data import Batch
 from ddp_utils.images import make_grid, to_uint8
 from ddp_utils.metrics import MetricWindow
 from ddp_utils.model_card import CardFacts
+from diffusion.conditioning.classes import ClassLabels
 from diffusion.kinds.common import (
     NUM_LOSS_BINS,
     NetworkMethod,
@@ -22,8 +23,8 @@ from diffusion.kinds.common import (
     codec_facts,
     condition_facts,
     denoising_strip,
+    load_lines,
     network_fact,
-    remote_code_lines,
     report_by_bin,
 )
 from diffusion.kinds.flow import pipeline
@@ -86,7 +87,7 @@ class FlowMethod(NetworkMethod):
 
     def card(self) -> CardFacts:
         cfg, source, choice = self.cfg, self.source, self.choice
-        kind = "class-conditional rectified flow" if source.conditional else "Rectified flow"
+        kind = f"{source.title} rectified flow" if source.conditional else "Rectified flow"
         call = f"batch_size=16, num_inference_steps={choice.steps}, sampler={choice.name!r}"
         if source.conditional:
             call = (
@@ -113,7 +114,7 @@ class FlowMethod(NetworkMethod):
                 f"{self.shift:g}) made the grid above; `sampler=` names the others (heun, "
                 "dpm++2m, euler-ancestral)."
             ),
-            how_to_load=remote_code_lines("path/to/this/folder", call),
+            how_to_load=load_lines(source, call),
             facts=[
                 (
                     "objective",
@@ -124,7 +125,7 @@ class FlowMethod(NetworkMethod):
                 *condition_facts(source, self.guidance),
             ],  # fmt: skip
             tags=card_tags("rectified-flow", source, self.backbone),
-            class_conditional=source.conditional,
+            class_conditional=isinstance(source, ClassLabels),
         )
 
     def export(self, folder: Path, net: nn.Module, raw: nn.Module) -> None:

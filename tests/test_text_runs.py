@@ -1,0 +1,358 @@
+"""Text-to-image runs as a user meets them: `train_ddpm.py --text-encoder` with the backbones
+that attend to text (text-unet: UNet2DConditionModel; pixart: PixArtTransformer2DModel), every
+kind, in pixels and on latents; grids of the validation prompts; a resume that continues bit
+for bit; two processes; `sample.py --prompt` drawing the training grid's images.
+
+One tiny run (a DDPM text-unet on the 8x8 captioned digits, tiny-clip) is trained once and
+shared; the other runs are as small as the code paths allow."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import T5Config, T5EncoderModel
+
+import sample
+import train_ddpm
+from ddp_utils.config import parse_config
+from ddp_utils.data import load_image_data
+from ddp_utils.data.text_cache import load_text_embeddings
+from ddp_utils.errors import InputError
+from diffusion.conditioning.text import TextCondition, encode_prompts
+from diffusion.drawing import SampleConfig, choose_condition
+from diffusion.loading import load_for_sampling
+from diffusion.networks import build_backbone, count_parameters, predict
+from diffusion.networks.text_unet import SD15_PARAMETERS
+from diffusion.text_encoders import TINY_CLIP, load_text_encoder
+from tests.faulty_runs import run
+from tests.test_latent import make_vae
+from tests.test_resume import checkpoint_files
+from tests.tiny_runs import fresh_accelerate_state, launch_two_processes
+
+PROMPTS = ["a handwritten seven", "the number 2, written by hand"]
+
+
+def text_args(out: Path | None, *extra: str) -> list[str]:
+    """A 4-step DDPM text-unet run on 8x8 captioned digits: 1 process x accumulation 2 x 4;
+    grids of the two prompts, guided at every step."""
+    return [
+        "--dataset", "digits-captioned", "--text-encoder", TINY_CLIP, "--resolution", "8",
+        "--max-images", "32", "--max-steps", "4", "--batch-size", "4",
+        "--gradient-accumulation-steps", "2", "--lr-warmup-steps", "1", "--log-every", "1",
+        "--checkpoint-every", "2", "--sample-every", "4", "--num-sample-images", "6",
+        "--sample-steps", "3", "--sample-guidance-scale", "2", "--sample-guidance-interval",
+        "all", "--validation-prompts", *PROMPTS, "--ema-max-decay", "0.9", "--report-to", "none",
+        *([] if out is None else ["--output-dir", str(out)]), *extra,
+    ]  # fmt: skip
+
+
+def train(args: list[str]) -> None:
+    """In-process on one thread (module fixtures run before conftest's one-thread fixture)."""
+    fresh_accelerate_state()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_ddpm.train(parse_config(train_ddpm.DDPMConfig, args))
+    finally:
+        torch.set_num_threads(previous)
+
+
+def sample_py(model: Path, out: Path, *flags: str) -> tuple[np.ndarray, np.ndarray | None]:
+    fresh_accelerate_state()
+    sample.sample(parse_config(SampleConfig, [str(model), f"--output-dir={out}", *flags]))
+    with np.load(out / "samples.npz") as npz:
+        return npz["arr_0"], npz["labels"] if "labels" in npz.files else None
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("text") / "run"
+    train(text_args(out))
+    return out
+
+
+# --------------------------------------------------------------------------- backbones
+
+
+def test_the_cross_attention_backbones_take_the_encoders_width_and_sd15_is_sd15() -> None:
+    # Stable Diffusion 1.5's UNet, built from its layout on the meta device: its published size.
+    with torch.device("meta"):
+        sd15 = build_backbone("text-unet", "sd15", 64, 4, text_width=768)
+    assert count_parameters(sd15) == SD15_PARAMETERS == 859_520_964
+    with pytest.raises(InputError, match="--preset sd15 attends to 768-wide text embeddings "
+                                         r"\(cross_attention_dim\) and this encoder's are "
+                                         "1024-wide"):  # fmt: skip
+        build_backbone("text-unet", "sd15", 64, 4, text_width=1024)
+    # The tiny presets take the encoder's width, and answer the condition as a denoiser.
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([3, 700])
+    for backbone, preset in (("text-unet", "digits-text"), ("pixart", "pixart-digits")):
+        torch.manual_seed(0)
+        net = build_backbone(backbone, preset, 16, 1, text_width=24)
+        hidden = torch.randn(2, 5, 24)
+        out = predict(net, x, t, {"encoder_hidden_states": hidden})
+        assert out.shape == x.shape
+        other = predict(net, x, t, {"encoder_hidden_states": hidden.flip(0)})
+        assert not torch.allclose(out, other), backbone  # the text matters
+    # PixArt: the caption projection maps the encoder's width to the transformer's.
+    assert net.config.caption_channels == 24 and net.config.cross_attention_dim == 96
+
+
+def test_text_flags_are_refused_where_they_cannot_work(tmp_path, capsys) -> None:
+    for argv, message in (
+        (["--text-encoder", TINY_CLIP, "--backbone", "unet"],
+         "--text-encoder needs a backbone that attends to text: --backbone text-unet or pixart"),
+        (["--backbone", "pixart"], "--backbone pixart is conditioned on text: add --text-encoder"),
+        (["--text-encoder", TINY_CLIP, "--class-conditional"],
+         "--text-encoder and --class-conditional"),
+        (["--text-encoder", TINY_CLIP, "--validation-prompts", "a", "--validation-prompts-file",
+          str(tmp_path)], "--validation-prompts and --validation-prompts-file"),
+        (["--validation-prompts", "a"], "--validation-prompts applies to text-to-image runs"),
+        (["--text-encoder", TINY_CLIP, "--validation-prompts-file", str(tmp_path / "none")],
+         "--validation-prompts-file: cannot read"),
+        (["--text-encoder", TINY_CLIP, "--label-dropout", "0.2"],
+         "--label-dropout applies to --class-conditional runs only"),
+        (["--text-encoder", TINY_CLIP, "--validation-prompts", "a", "b", "c",
+          "--num-sample-images", "2"], "3 validation prompts and --num-sample-images 2"),
+    ):  # fmt: skip
+        with pytest.raises(SystemExit) as stopped:
+            train_ddpm.main([*argv, "--dry-run"])
+        assert stopped.value.code == 2
+        assert message in capsys.readouterr().err, argv
+    # Guidance applies to text runs as to class-conditional ones.
+    cfg = parse_config(train_ddpm.DDPMConfig, ["--text-encoder", TINY_CLIP,
+                                               "--sample-guidance-scale", "3"])  # fmt: skip
+    assert cfg.guidance().scale == 3 and cfg.backbone == "text-unet"
+    (tmp_path / "prompts.txt").write_text("a handwritten seven\n\nthe digit two\n")
+    cfg = parse_config(train_ddpm.DDPMConfig, ["--text-encoder", TINY_CLIP,
+                                               "--validation-prompts-file",
+                                               str(tmp_path / "prompts.txt")])  # fmt: skip
+    assert cfg.validation_prompt_texts() == ["a handwritten seven", "the digit two"]
+
+
+# --------------------------------------------------------------------------- a text run
+
+
+def test_a_text_run_records_its_encoder_and_grids_one_prompt_per_row(text_run: Path) -> None:
+    encoder = load_text_encoder(TINY_CLIP)
+    checkpoint = json.loads((text_run / "checkpoints" / "checkpoint-4" / "state.json").read_text())
+    task = json.loads((text_run / "pipeline" / "task.json").read_text())
+    for info in (checkpoint, task):
+        assert info["text_encoder"] == encoder.facts()  # source and fingerprint
+        assert info["prompts"] == PROMPTS and info["backbone"] == "text-unet"
+        assert info["guidance_scale"] == 2.0 and info["guidance_interval"] is None
+    assert checkpoint["model_class"] == "UNet2DConditionModel"
+    assert "ema.safetensors" in {
+        p.name for p in (text_run / "checkpoints" / "checkpoint-4").iterdir()
+    }
+    # The export's card calls it what it is, and says how to sample it (sample.py, for now).
+    card = (text_run / "pipeline" / "README.md").read_text()
+    assert "# text-to-image DDPM on digits-captioned" in card and "- text-to-image" in card
+    assert "class" not in card.replace("classifier-free", "")
+    assert "python sample.py path/to/this/folder --prompt" in card
+    # 6 samples, 2 prompts: 2 rows of 3 images of 8 pixels and 2 of padding, upscaled.
+    with Image.open(text_run / "samples" / "samples-0000004.png") as grid:
+        width, height = grid.size
+    assert width / height == pytest.approx((3 * 10 + 2) / (2 * 10 + 2))
+
+
+def test_sample_py_draws_the_training_grid_for_the_same_prompts_and_seed(text_run, tmp_path):
+    """The prompts encoded by the run's recorded encoder, the export's guidance: sample.py's
+    grid is the training grid, pixel for pixel, from the export and from the checkpoint."""
+    with Image.open(text_run / "samples" / "samples-0000004.png") as grid:
+        expected = np.asarray(grid)
+    flags = ["--num-samples=6", "--scheduler=ddim", "--num-steps=3", "--prompt", *PROMPTS]
+    for model in (text_run, text_run / "checkpoints" / "checkpoint-4"):
+        images, labels = sample_py(model, tmp_path / model.name, *flags)
+        with Image.open(tmp_path / model.name / "grid.png") as grid:
+            assert np.array_equal(np.asarray(grid), expected), model
+        assert labels.tolist() == [0, 1, 0, 1, 0, 1]
+    # Below the images' rounding too: sample.py's conditions are the training grid's, bit for
+    # bit (the prompts rounded as the cache stores captions, "no condition" the cache's).
+    loaded = load_for_sampling(text_run)
+    drawn, _ = choose_condition(SampleConfig(model_path=str(text_run), prompt=PROMPTS), loaded)
+    data = load_image_data("digits-captioned", 8, 1, max_images=32, with_captions=True)
+    encoder = load_text_encoder(TINY_CLIP)
+    embeddings = load_text_embeddings(data.captions, encoder)
+    grids = TextCondition(embeddings, data.captions, 0.1, "cpu", encode_prompts(encoder, PROMPTS))
+    for ours, theirs in ((drawn.for_samples(range(6), "cpu"), grids.for_samples(range(6), "cpu")),
+                         (drawn.null(6, "cpu"), grids.null(6, "cpu"))):  # fmt: skip
+        assert ours.keys() == theirs.keys() == {"encoder_hidden_states"}
+        assert torch.equal(ours["encoder_hidden_states"], theirs["encoder_hidden_states"])
+    info = json.loads((tmp_path / "checkpoint-4" / "sample_info.json").read_text())
+    assert info["prompts"] == PROMPTS and info["negative_prompt"] == ""
+    # Without --prompt: the training grids' prompts. A negative prompt and the guidance scale
+    # change the guided images, not the first prompt's at w = 1.
+    default, _ = sample_py(text_run, tmp_path / "default", *flags[:3])
+    assert np.array_equal(default, images)
+    negative, _ = sample_py(text_run, tmp_path / "neg", *flags, "--negative-prompt",
+                            "a handwritten one")  # fmt: skip
+    assert not np.array_equal(negative, images)
+    plain, _ = sample_py(text_run, tmp_path / "w1", *flags, "--guidance-scale=1")
+    plain_negative, _ = sample_py(text_run, tmp_path / "w1n", *flags, "--guidance-scale=1",
+                                  "--negative-prompt", "a handwritten one")  # fmt: skip
+    assert np.array_equal(plain, plain_negative) and not np.array_equal(plain, images)
+
+
+def test_sample_py_refuses_what_a_model_does_not_take(text_run) -> None:
+    text = SimpleNamespace(text_encoder=load_text_encoder(TINY_CLIP).facts(), source=text_run,
+                           prompts=None, guidance_scale=2.0)  # fmt: skip
+    flags = SampleConfig(model_path=str(text_run), class_labels="3")
+    with pytest.raises(InputError, match="is a text-to-image model: it takes prompts"):
+        choose_condition(flags, text)
+    with pytest.raises(InputError, match="is a text-to-image model: give --prompt"):
+        choose_condition(SampleConfig(model_path=str(text_run)), text)
+    classes = SimpleNamespace(text_encoder=None, source=text_run, num_classes=0)
+    with pytest.raises(InputError, match="is not a text-to-image model: it takes no prompts"):
+        choose_condition(SampleConfig(model_path=str(text_run), prompt=["a seven"]), classes)
+    moved = SimpleNamespace(**{**vars(text), "text_encoder": {
+        **text.text_encoder, "fingerprint": "0" * 32}})  # fmt: skip
+    with pytest.raises(InputError, match="the text encoder changed since training"):
+        choose_condition(SampleConfig(model_path=str(text_run), prompt=["a seven"]), moved)
+    # An encoder folder that moved: --text-encoder says where it is now (the same weights).
+    gone = SimpleNamespace(**{**vars(text), "text_encoder": {
+        **text.text_encoder, "source": str(text_run / "gone")}})  # fmt: skip
+    with pytest.raises(InputError, match="cannot be loaded now: .* give sample.py --text-encoder"):
+        choose_condition(SampleConfig(model_path=str(text_run), prompt=["a seven"]), gone)
+    flags = SampleConfig(model_path=str(text_run), prompt=["a seven"], text_encoder=TINY_CLIP)
+    condition, guidance = choose_condition(flags, gone)
+    assert condition.prompts.texts == ("a seven",) and guidance == 2.0
+    # A run in bf16 encoded in bf16: sample.py loads the encoder so again.
+    bf16 = load_text_encoder(TINY_CLIP, dtype=torch.bfloat16)
+    assert bf16.facts()["dtype"] == "bfloat16" and bf16.fingerprint != text.text_encoder[
+        "fingerprint"]  # fmt: skip
+    half = SimpleNamespace(**{**vars(text), "text_encoder": bf16.facts()})
+    condition, _ = choose_condition(SampleConfig(model_path=str(text_run), prompt=["a seven"]),
+                                    half)  # fmt: skip
+    assert torch.equal(condition.prompts.hidden, encode_prompts(bf16, ["a seven"]).hidden)
+
+
+def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return {**load_file(checkpoint / "model.safetensors"), **{
+        f"ema.{k}": v for k, v in load_file(checkpoint / "ema.safetensors").items()}}  # fmt: skip
+
+
+def test_a_resumed_text_run_ends_bit_identical_and_needs_its_encoder(text_run, tmp_path):
+    out = tmp_path / "resumed"
+    train(text_args(out, "--max-steps", "2", "--sample-every", "0"))
+    train(text_args(out, "--sample-every", "0"))  # the same command, longer: resumes
+    first = weights(text_run / "checkpoints" / "checkpoint-4")
+    second = weights(out / "checkpoints" / "checkpoint-4")
+    assert sorted(first) == sorted(second)
+    assert all(torch.equal(value, second[key]) for key, value in first.items())
+    # Without its encoder, a resume is refused before anything is written.
+    args = text_args(out, "--max-steps", "6")
+    for flag, num in (("--text-encoder", 1), ("--validation-prompts", 2),
+                      ("--sample-guidance-scale", 1), ("--sample-guidance-interval", 1)):  # fmt: skip
+        at = args.index(flag)
+        del args[at : at + 1 + num]
+    with pytest.raises(InputError, match="cannot be resumed without --text-encoder"):
+        train(args)
+
+
+# --------------------------------------------------------------------------- every kind
+
+
+def save_tiny_t5(folder: Path) -> Path:
+    """A T5 encoder of width 16 with tiny-clip's tokenizer (whose mask the network is given)."""
+    tokenizer = load_text_encoder(TINY_CLIP).tokenizer
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=tokenizer.vocab_size, d_model=16, d_kv=4, d_ff=32,
+                      num_layers=1, num_heads=2, decoder_start_token_id=0)  # fmt: skip
+    T5EncoderModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("objective", "backbone", "latent", "t5"),
+    [("edm", "pixart", True, False), ("flow", "text-unet", True, False),
+     ("flow", "pixart", False, False), ("ddpm", "pixart", False, True)],
+)  # fmt: skip
+def test_every_kind_trains_on_text_with_each_backbone(objective, backbone, latent, t5, tmp_path):
+    """With the DDPM text-unet in pixels (`text_run`): every kind, both backbones, pixels and
+    latents (a tiny VAE: 16x16 digits -> 4x4x4 latents), with EMA, and a T5 encoder whose
+    mask goes with its embeddings; sample.py draws them."""
+    out = tmp_path / "run"
+    extra = ["--objective", objective, "--backbone", backbone, "--max-steps", "2",
+             "--checkpoint-every", "2", "--sample-every", "2", "--sample-steps", "2"]  # fmt: skip
+    if latent:
+        extra += ["--vae", str(make_vae(tmp_path / "vae")), "--resolution", "16"]
+    if t5:
+        extra += ["--text-encoder", str(save_tiny_t5(tmp_path / "t5")),
+                  "--text-encoder-max-length", "12"]  # fmt: skip
+    train([*text_args(out), *extra])
+    state = json.loads((out / "checkpoints" / "checkpoint-2" / "state.json").read_text())
+    assert state["task"] == objective and state["backbone"] == backbone
+    assert ("latent" in state) == latent
+    assert state["text_encoder"]["class"] == ("T5EncoderModel" if t5 else "CLIPTextModel")
+    width = "caption_channels" if backbone == "pixart" else "cross_attention_dim"
+    assert state["model_config"][width] == (16 if t5 else 32)  # the encoder's
+    assert (out / "checkpoints" / "checkpoint-2" / "ema.safetensors").is_file()
+    images, labels = sample_py(out, tmp_path / "samples", "--num-samples=2", "--num-steps=2",
+                               "--prompt", "a handwritten seven")  # fmt: skip
+    size = 16 if latent else 8
+    assert images.shape == (2, size, size, 1) and labels.tolist() == [0, 0]
+    if t5:  # the training grid drew the prompts with their mask, as sample.py does
+        with Image.open(out / "samples" / "samples-0000002.png") as grid:
+            expected = np.asarray(grid)
+        sample_py(out, tmp_path / "grid", "--num-samples=6", "--scheduler=ddim",
+                  "--num-steps=2", "--prompt", *PROMPTS)  # fmt: skip
+        with Image.open(tmp_path / "grid" / "grid.png") as grid:
+            assert np.array_equal(np.asarray(grid), expected)
+
+
+# --------------------------------------------------------------------------- processes
+
+
+@pytest.mark.slow
+def test_a_killed_text_run_continues_bit_for_bit(text_run, tmp_path) -> None:
+    """SIGKILL mid-run (after checkpoint-2, mid accumulation), then the same command: its
+    checkpoint-4 is the uninterrupted run's (`text_run`), byte for byte."""
+    args = text_args(tmp_path / "run", "--sample-every", "0")
+    killed = run(tmp_path, "train_ddpm.py", args, 1, "kill@5")
+    assert killed.returncode == -signal.SIGKILL
+    final = run(tmp_path, "train_ddpm.py", args, 1)
+    assert final.returncode == 0, final.output[-3000:]
+    assert "resumed from" in final.output and "checkpoint-2 (step 2)" in final.output
+    reference, saved = checkpoint_files(text_run / "checkpoints" / "checkpoint-4")
+    resumed, state = checkpoint_files(tmp_path / "run" / "checkpoints" / "checkpoint-4")
+    assert sorted(reference) == sorted(resumed) and "ema.safetensors" in reference
+    for name, tensors in reference.items():
+        assert all(torch.equal(v, resumed[name][k]) for k, v in tensors.items()), name
+    assert state["optimizer"] == saved["optimizer"] and state["step"] == 4
+
+
+@pytest.mark.slow
+def test_two_processes_train_on_text_as_one_does(text_run, tmp_path) -> None:
+    """Global batch 8 either way (1 process x accumulation 2 x 4, or 2 processes x 4): the
+    same text encoder, learning rates and grids' prompts; the grid two processes draw is the
+    one one process draws."""
+    args = text_args(tmp_path / "two")
+    args[args.index("--gradient-accumulation-steps") + 1] = "1"
+    log = launch_two_processes(["train_ddpm.py", *args], tmp_path)
+    assert "per device 4 x 2 processes x 1 accumulation = global 8" in log
+    two = json.loads((tmp_path / "two" / "checkpoints" / "checkpoint-4" / "state.json").read_text())
+    one = json.loads((text_run / "checkpoints" / "checkpoint-4" / "state.json").read_text())
+    assert two["num_processes"] == 2 and two["text_encoder"] == one["text_encoder"]
+    lrs = {}
+    for name, folder in (("one", text_run), ("two", tmp_path / "two")):
+        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        lrs[name] = [r["lr"] for r in rows if "lr" in r]
+    assert len(lrs["one"]) == 4 and lrs["one"] == lrs["two"]
+    assert two["prompts"] == one["prompts"] == PROMPTS
+    # Its grid, drawn by the two processes (each sampling its share of the prompts' seeds),
+    # is what one process draws from its export.
+    with Image.open(tmp_path / "two" / "samples" / "samples-0000004.png") as grid:
+        expected = np.asarray(grid)
+    sample_py(tmp_path / "two", tmp_path / "one", "--num-samples=6", "--scheduler=ddim",
+              "--num-steps=3", "--prompt", *PROMPTS)  # fmt: skip
+    with Image.open(tmp_path / "one" / "grid.png") as grid:
+        assert np.array_equal(np.asarray(grid), expected)
