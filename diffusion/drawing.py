@@ -276,13 +276,13 @@ def prompt_condition(
             f"{loaded.source}: {changed[0]} (the text encoder changed since training)",
             "text_encoder",
         )
-    encoder.model.to(device)
+    encoder.to(device)
     condition = PromptCondition(
         encode_prompts(encoder, prompts),
         encode_prompts(encoder, [cfg.negative_prompt or ""]),
         takes_attention_mask(facts),
     )
-    encoder.model.to("cpu")
+    encoder.to("cpu")
     return condition
 
 

@@ -42,7 +42,7 @@ from diffusion.networks import (
     prepare_loaded,
 )
 from diffusion.sources import VAE_HUB_FILES, VAE_SOURCES, resolve_model_source
-from diffusion.text_encoders import TextEncoder, check_resumed_text_encoder, load_text_encoder
+from diffusion.text_encoders import AnyTextEncoder, check_resumed_text_encoder, load_text_encoder
 
 logger = logging.getLogger("ddp_diffusion")
 # The standard deviation of pixels in [-1, 1] as EDM assumes it (Karras et al. 2022), which a
@@ -225,7 +225,7 @@ def run_codec(run: Run) -> LatentCodec | None:
     return codec
 
 
-def run_text(run: Run, prompts: Sequence[str] | None = None) -> TextEncoder | None:
+def run_text(run: Run, prompts: Sequence[str] | None = None) -> AnyTextEncoder | None:
     """--text-encoder's encoder for this run (None without it), the run's text cache and its
     grids' prompts.
 
@@ -259,11 +259,11 @@ def run_text(run: Run, prompts: Sequence[str] | None = None) -> TextEncoder | No
         check_text_width(cfg.backbone, cfg.preset, encoder.width)
     if run.checkpoint is not None:
         check_resumed_text_encoder(saved, encoder, str(run.checkpoint.path))
-    encoder.model.to(run.accelerator.device)
+    encoder.to(run.accelerator.device)
     run.text = load_text_embeddings(captions, encoder, run.accelerator)
     texts = list(prompts or default_validation_prompts(captions, cfg.num_sample_images))
     run.validation_prompts = encode_prompts(encoder, texts)
-    encoder.model.to("cpu")  # training reads the cache
+    encoder.to("cpu")  # training reads the cache
     return encoder
 
 

@@ -35,6 +35,7 @@ from diffusion.text_encoders import TINY_CLIP, load_text_encoder
 from tests.faulty_runs import run
 from tests.test_latent import make_vae
 from tests.test_resume import checkpoint_files
+from tests.test_text import save_joint
 from tests.tiny_runs import fresh_accelerate_state, launch_two_processes
 
 PROMPTS = ["a handwritten seven", "the number 2, written by hand"]
@@ -272,35 +273,41 @@ def save_tiny_t5(folder: Path) -> Path:
 
 
 @pytest.mark.parametrize(
-    ("objective", "backbone", "latent", "t5"),
-    [("edm", "pixart", True, False), ("flow", "text-unet", True, False),
-     ("flow", "pixart", False, False), ("ddpm", "pixart", False, True)],
+    ("objective", "backbone", "latent", "encoder"),
+    [("edm", "pixart", True, None), ("flow", "text-unet", True, "sdxl"),
+     ("flow", "pixart", False, None), ("ddpm", "pixart", False, "t5")],
 )  # fmt: skip
-def test_every_kind_trains_on_text_with_each_backbone(objective, backbone, latent, t5, tmp_path):
+def test_every_kind_trains_on_text_with_each_backbone(
+    objective, backbone, latent, encoder, tmp_path
+):
     """With the DDPM text-unet in pixels (`text_run`): every kind, both backbones, pixels and
-    latents (a tiny VAE: 16x16 digits -> 4x4x4 latents), with EMA, and a T5 encoder whose
-    mask goes with its embeddings; sample.py draws them."""
+    latents (a tiny VAE: 16x16 digits -> 4x4x4 latents), with EMA, a T5 encoder whose mask
+    goes with its embeddings, and SDXL's two CLIPs read together; sample.py draws them."""
     out = tmp_path / "run"
     extra = ["--objective", objective, "--backbone", backbone, "--max-steps", "2",
              "--checkpoint-every", "2", "--sample-every", "2", "--sample-steps", "2"]  # fmt: skip
     if latent:
         extra += ["--vae", str(make_vae(tmp_path / "vae")), "--resolution", "16"]
-    if t5:
+    if encoder == "t5":
         extra += ["--text-encoder", str(save_tiny_t5(tmp_path / "t5")),
                   "--text-encoder-max-length", "12"]  # fmt: skip
+    elif encoder == "sdxl":
+        extra += ["--text-encoder", str(save_joint(tmp_path / "sdxl", ("clip", "clip")))]
     train([*text_args(out), *extra])
     state = json.loads((out / "checkpoints" / "checkpoint-2" / "state.json").read_text())
     assert state["task"] == objective and state["backbone"] == backbone
     assert ("latent" in state) == latent
-    assert state["text_encoder"]["class"] == ("T5EncoderModel" if t5 else "CLIPTextModel")
+    assert state["text_encoder"]["class"] == {
+        None: "CLIPTextModel", "t5": "T5EncoderModel",
+        "sdxl": "CLIPTextModel+CLIPTextModelWithProjection"}[encoder]  # fmt: skip
     width = "caption_channels" if backbone == "pixart" else "cross_attention_dim"
-    assert state["model_config"][width] == (16 if t5 else 32)  # the encoder's
+    assert state["model_config"][width] == {None: 32, "t5": 16, "sdxl": 16 + 24}[encoder]
     assert (out / "checkpoints" / "checkpoint-2" / "ema.safetensors").is_file()
     images, labels = sample_py(out, tmp_path / "samples", "--num-samples=2", "--num-steps=2",
                                "--prompt", "a handwritten seven")  # fmt: skip
     size = 16 if latent else 8
     assert images.shape == (2, size, size, 1) and labels.tolist() == [0, 0]
-    if t5:  # the training grid drew the prompts with their mask, as sample.py does
+    if encoder == "t5":  # the training grid drew the prompts with their mask, as sample.py does
         with Image.open(out / "samples" / "samples-0000002.png") as grid:
             expected = np.asarray(grid)
         sample_py(out, tmp_path / "grid", "--num-samples=6", "--scheduler=ddim",

@@ -58,7 +58,8 @@ class TextOptions:
         None,
         "train on captions: the frozen text encoder that encodes them once (cached): a folder "
         "holding a CLIP text model or T5 encoder and its tokenizer (or a pipeline folder with "
-        "text_encoder/ and tokenizer/), a hub id (as --vae), or tiny-clip (built in, random "
+        "text_encoder/ and tokenizer/; SDXL's, SD3's or Flux's gives its encoders together), "
+        "a hub id (as --vae), or tiny-clip (built in, random "
         "weights, for --dataset digits-captioned)",
         section=SECTION,
     )
@@ -153,7 +154,8 @@ def read_prompts_file(path: str, flag: str) -> list[str]:
 # passes none: a CLIP encoder's condition is the padded sequence alone, so that a network
 # trained here reads prompts as the stock pipelines give them. PixArt-alpha trained on T5's
 # sequence with its mask (PixArtAlphaPipeline passes prompt_attention_mask): a T5 encoder's
-# condition carries its mask, and the padded tokens are ignored.
+# condition carries its mask, and the padded tokens are ignored. Joint encoders (SDXL's,
+# SD3's, Flux's: "CLIPTextModel+...") carry none: their pipelines pass none to the network.
 ENCODERS_WITH_MASK = frozenset({"T5EncoderModel"})
 # The dtype the text cache stores encodings in (`load_text_embeddings`' default): what the
 # network trains on, so prompts encoded for sampling are rounded to it too.
