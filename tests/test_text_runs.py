@@ -162,6 +162,13 @@ def test_text_flags_are_refused_where_they_cannot_work(tmp_path, capsys) -> None
     cfg = parse_config(train_ddpm.DDPMConfig, ["--text-encoder", TINY_CLIP,
                                                "--sample-guidance-scale", "3"])  # fmt: skip
     assert cfg.guidance().scale == 3 and cfg.backbone == "text-unet"
+    # ... at every step by default, as diffusers' text pipelines; classes in EDM2's interval.
+    assert cfg.guidance().interval is None and cfg.sample_guidance_interval == "all"
+    classes = parse_config(train_ddpm.DDPMConfig, ["--class-conditional"])
+    assert classes.guidance().interval == (0.28, 5.42)
+    # An unconditional run's config file written before holds that interval: still read.
+    plain = parse_config(train_ddpm.DDPMConfig, ["--sample-guidance-interval", "0.28,5.42"])
+    assert plain.guidance().scale == 1.0 and plain.guidance().interval is None
     (tmp_path / "prompts.txt").write_text("a handwritten seven\n\nthe digit two\n")
     cfg = parse_config(train_ddpm.DDPMConfig, ["--text-encoder", TINY_CLIP,
                                                "--validation-prompts-file",
