@@ -39,7 +39,7 @@ from diffusion.kinds.registry import all_knobs, all_samplers, default_steps, kno
 from diffusion.loading import LoadedModel, Weights
 from diffusion.networks import sample_shape
 from diffusion.sources import is_hub_id
-from diffusion.text_encoders import load_text_encoder, text_encoder_changes
+from diffusion.text_encoders import load_as_recorded, text_encoder_changes
 
 logger = logging.getLogger("ddp_diffusion.sample")
 
@@ -250,8 +250,9 @@ def prompt_condition(
     cfg: SampleConfig, loaded: LoadedModel, device: torch.device | str
 ) -> PromptCondition:
     """--prompt (or --prompts-file, else the model's training grids' prompts) and the negative
-    prompt (default: the empty prompt) encoded once by the model's text encoder, loaded from
-    where its run recorded it and checked against its fingerprint, then let go."""
+    prompt (default: the empty prompt) encoded once by the model's text encoder, then let go:
+    --text-encoder's, else the export's own copy (`text_encoder/`, `tokenizer/`), else the one
+    its run recorded; checked against the fingerprint it was trained with."""
     facts = loaded.text_encoder or {}
     if cfg.prompts_file is not None:
         prompts = read_prompts_file(cfg.prompts_file, "prompts_file")
@@ -259,10 +260,9 @@ def prompt_condition(
         prompts = cfg.prompt or loaded.prompts
     if not prompts:
         raise InputError(f"{loaded.source} is a text-to-image model: give --prompt", "prompt")
-    spec = cfg.text_encoder or facts["source"]
+    spec = cfg.text_encoder or loaded.text_encoder_folder or facts["source"]
     try:
-        dtype = getattr(torch, facts.get("dtype", "float32"))  # the run's precision
-        encoder = load_text_encoder(spec, facts.get("max_length"), dtype)
+        encoder = load_as_recorded(facts, spec)
     except InputError as err:
         raise InputError(
             f"{loaded.source} was trained on text encoded by {facts['source']}, and {spec} "

@@ -58,6 +58,9 @@ class LoadedModel:
     # the prompts of its training grids.
     text_encoder: dict[str, Any] | None = None
     prompts: list[str] | None = None
+    # An export's own copy of its text encoder (text_encoder/ and tokenizer/), what sample.py
+    # encodes prompts with; None: the one its run recorded.
+    text_encoder_folder: str | None = None
 
     @property
     def num_classes(self) -> int:
@@ -148,6 +151,8 @@ def _from_pipeline(folder: Path, weights: Weights) -> LoadedModel:
     task = info.get("task", DIFFUSERS_FOLDER_KIND)  # diffusers' own folders
     loaded = LoadedModel(task, unet, scheduler_config, (-1.0, 1.0), channels, resolution, folder)
     _with_codec(loaded, _export_codec(folder, info.get("latent")))
+    if info.get("text_encoder") and (folder / "text_encoder").is_dir():
+        loaded.text_encoder_folder = str(folder)
     return _with_classes(loaded, info)
 
 

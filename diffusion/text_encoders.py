@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,7 @@ from ddp_utils.data.source import (
     digit_captions,
 )
 from ddp_utils.errors import InputError
+from diffusion.pipeline_code.core import encode_text
 from diffusion.sources import resolve_model_source
 
 ENCODER_CLASSES: dict[str, type[PreTrainedModel]] = {
@@ -89,8 +91,12 @@ TEXT_ENCODER_SOURCES = (
     "give their encoders together), a hub id such as openai/clip-vit-large-patch14, "
     "or tiny-clip (built in, for the captioned digits)"
 )
-# Config entries that say where a model came from, not how it encodes (saving adds them).
-CONFIG_NOT_ENCODING = ("architectures", "transformers_version", "dtype", "torch_dtype")
+# Config entries that say where a model came from, not how it encodes (saving adds them), and
+# use_attention_mask: what Stable Diffusion's pipelines read to give CLIP the mask, which
+# `encode` never gives it (exports unset it: `shipped`).
+CONFIG_NOT_ENCODING = ("architectures", "transformers_version", "dtype", "torch_dtype",
+                       "use_attention_mask")  # fmt: skip
+CLIP_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection")
 T5_MAX_LENGTH = 120  # tokens of a T5 caption by default (PixArt-alpha's)
 # How an encoding is computed beyond the weights (which model is given the mask, which layer is
 # read): in every fingerprint, so that a cache written by other rules is never read as this one.
@@ -133,20 +139,9 @@ class TextEncoder:
     def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(sequence embeddings (n, L, D), pooled (n, P), attention mask (n, L)): float32 and
         int64 on the CPU."""
-        tokens = self.tokenizer(
-            texts,
-            padding="max_length",
-            max_length=self.max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).to(self.device)
-        mask = tokens["attention_mask"]
-        out = self.model(
-            input_ids=tokens["input_ids"],
-            attention_mask=mask if self.model_mask else None,
-            output_hidden_states=self.penultimate,
-        )
-        hidden = (out.hidden_states[-2] if self.penultimate else out.last_hidden_state).float()
+        out, hidden, mask = encode_text(self.model, self.tokenizer, texts, self.max_length,
+                                        self.model_mask, self.penultimate)  # fmt: skip
+        hidden = hidden.float()
         if getattr(out, "text_embeds", None) is not None:  # CLIP with its projection
             pooled = out.text_embeds
         elif getattr(out, "pooler_output", None) is not None:  # CLIP: the end token's state
@@ -282,6 +277,23 @@ def load_joint(
     for part in parts:
         digest.update(part.fingerprint.encode())
     return JointTextEncoder(parts, rule, length, spec, digest.hexdigest()[:32])
+
+
+def shipped(encoder: TextEncoder) -> TextEncoder:
+    """`encoder` as an export ships it (`text_encoder/`, `tokenizer/`), still encoding the
+    same (its fingerprint unchanged): the tokenizer's `model_max_length` is the encoder's
+    length (what Stable Diffusion's pipelines pad to), with no padding or truncation left on
+    it from encoding (its saved definition would carry them), and a CLIP model's config says
+    no `use_attention_mask` (Stable Diffusion's pipelines then call it without the mask, as
+    `encode` does: with it the padded positions' embeddings differ from the ones trained on)."""
+    encoder.tokenizer.model_max_length = encoder.max_length
+    backend = getattr(encoder.tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        backend.no_padding()
+        backend.no_truncation()
+    if type(encoder.model).__name__ in CLIP_CLASSES:
+        encoder.model.config.use_attention_mask = False
+    return encoder
 
 
 def fingerprint_of(model: PreTrainedModel, tokenizer: Any, max_length: int, rules: str = "") -> str:
@@ -477,6 +489,15 @@ def tiny_clip() -> tuple[CLIPTextModel, CLIPTokenizer]:
         torch.manual_seed(TINY_CLIP_SEED)
         model = CLIPTextModel(config)
     return model, tokenizer
+
+
+def load_as_recorded(facts: Mapping[str, Any], spec: str | None = None) -> AnyTextEncoder:
+    """The text encoder a model records (`TextEncoder.facts()`), from `spec` (where it is
+    now) or the source it records, in the dtype and at the length it encoded with. An
+    InputError when it cannot be loaded; whether it is the same one is `text_encoder_changes`'
+    to say."""
+    dtype = getattr(torch, facts.get("dtype", "float32"))  # the run's precision
+    return load_text_encoder(spec or facts["source"], facts.get("max_length"), dtype)
 
 
 def text_encoder_changes(saved: dict[str, Any] | None, encoder: AnyTextEncoder | None) -> list[str]:

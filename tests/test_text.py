@@ -440,7 +440,8 @@ def test_a_run_encodes_its_captions_once_and_a_resume_needs_the_same_encoder(
     source = condition_source(cfg, None, run.text, digits.captions, "cpu")
     assert isinstance(source, TextCondition) and source.caption_dropout == 0.1
     assert source.task_info()["text_encoder"] == encoder.facts()
-    assert ("text encoder", "tiny-clip (frozen, 16 tokens per caption)") in source.card_facts()
+    shipped = "CLIPTextModel tiny-clip (frozen, 16 tokens per caption; in text_encoder/ and "
+    assert ("text encoder", shipped + "tokenizer/)") in source.card_facts()
 
     saved = {**encoder.facts(), "fingerprint": "f" * 32}  # trained with other weights
     run.checkpoint = SimpleNamespace(path=tmp_path / "checkpoint-8",

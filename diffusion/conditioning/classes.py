@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ddp_utils.images import rows_by_label
+from ddp_utils.model_card import GRID_CAPTION
 from diffusion.pipeline_code.core import Condition, class_condition
 
 
@@ -73,3 +74,6 @@ class ClassLabels:
         """One class per row (sample k: class k mod C)."""
         labels = self.labels(range(len(images)))
         return rows_by_label(images, labels.tolist(), self.num_classes)
+
+    def grid_caption(self) -> str:
+        return GRID_CAPTION

@@ -20,6 +20,7 @@ drawn rows back to the host: one device sync per step).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,19 +35,13 @@ from ddp_utils.data.load import CAPTION_ROWS
 from ddp_utils.data.text_cache import TextEmbeddings, TextEncoder
 from ddp_utils.errors import InputError
 from ddp_utils.images import rows_by_label
-from diffusion.pipeline_code.core import Condition
+from ddp_utils.model_card import GRID_CAPTION
+from diffusion.pipeline_code.core import HIDDEN, Condition, text_condition
 
 DEVICE_BYTES = 256 * 2**20  # a text cache up to this size is copied to the device
-HIDDEN, MASK = "encoder_hidden_states", "encoder_attention_mask"
 SECTION = "Text-to-image (captions encoded once by a frozen text encoder)"
 DEFAULT_CAPTION_DROPOUT = 0.1  # Stable Diffusion's
 TEXT_TO_IMAGE = "text-to-image"  # a text-conditional model's title (and hub tag)
-# How a text model's card says to sample it, until its export's pipeline takes prompts.
-SAMPLING_LINES = (
-    "# This folder's pipeline.py does not take prompts yet; sample.py does (its text encoder\n"
-    "# is loaded from where training recorded it):\n"
-    "#   python sample.py path/to/this/folder --prompt 'a handwritten seven' --guidance-scale 2"
-)
 NUM_DEFAULT_PROMPTS = 4  # the grids' prompts without --validation-prompts: captions of the data
 
 
@@ -167,15 +162,6 @@ def takes_attention_mask(encoder: dict[str, Any]) -> bool:
     return encoder.get("class") in ENCODERS_WITH_MASK
 
 
-def text_condition(hidden: torch.Tensor, mask: torch.Tensor, with_mask: bool) -> Condition:
-    """What a cross-attention network takes: the sequence embeddings (B, L, D) float32, and
-    the attention mask (B, L) int64 where the encoder's family calls for it."""
-    condition = {HIDDEN: hidden.float()}
-    if with_mask:
-        condition[MASK] = mask.long()
-    return condition
-
-
 @dataclass(frozen=True)
 class EncodedPrompts:
     """Prompts and their encoding by the run's text encoder, rounded to the cache's dtype as
@@ -190,6 +176,17 @@ def encode_prompts(encoder: TextEncoder, texts: Sequence[str]) -> EncodedPrompts
     """`texts` encoded once by `encoder` (on its device), kept on the CPU."""
     hidden, _, mask = encoder.encode(list(texts))
     return EncodedPrompts(tuple(texts), hidden.to(EMBEDDING_DTYPE).float(), mask)
+
+
+def quoted(prompts: Sequence[str]) -> str:
+    """Prompts for a model card's table: quoted, '|' escaped (it would end the cell)."""
+    return "; ".join(json.dumps(p, ensure_ascii=False).replace("|", "\\|") for p in prompts)
+
+
+def prompts_caption(prompts: Sequence[str]) -> str:
+    """What a model card says of a grid of one row per prompt."""
+    rows = ", ".join(f"{k + 1}. {json.dumps(p, ensure_ascii=False)}" for k, p in enumerate(prompts))
+    return f"{GRID_CAPTION[:-1]}, one row per validation prompt, top to bottom: {rows}."
 
 
 def default_validation_prompts(captions: Captions, num_images: int) -> list[str]:
@@ -237,7 +234,7 @@ class PromptCondition:
         return {"prompts": list(self.prompts.texts), "negative_prompt": self.negative.texts[0]}
 
     def card_facts(self) -> list[tuple[str, str]]:
-        return [("prompts", "; ".join(self.prompts.texts))]
+        return [("prompts", quoted(self.prompts.texts))]
 
     def dropout_fact(self) -> str:
         return ""
@@ -248,6 +245,9 @@ class PromptCondition:
     def grid_layout(self, images: np.ndarray) -> tuple[np.ndarray, int]:
         """One prompt per row (sample k: prompt k mod P)."""
         return rows_by_label(images, self.rows(range(len(images))), len(self.prompts.texts))
+
+    def grid_caption(self) -> str:
+        return prompts_caption(self.prompts.texts)
 
 
 class TextCondition:
@@ -339,12 +339,17 @@ class TextCondition:
         }
 
     def card_facts(self) -> list[tuple[str, str]]:
-        source = self.encoder_facts.get("source", "a text encoder")
-        length = self.encoder_facts.get("max_length")
+        facts = self.encoder_facts
+        length = facts.get("max_length")
         tokens = f", {length} tokens per caption" if length else ""
-        return [("text encoder", f"{source} (frozen{tokens})"),
+        encoder = (f"{facts.get('class', 'a text model')} {facts.get('source', '')} (frozen"
+                   f"{tokens}; in text_encoder/ and tokenizer/)")  # fmt: skip
+        rows = [("text encoder", encoder),
                 ("captions", f"{len(self.captions.texts)} distinct, from column "
                              f"{self.captions.column!r}")]  # fmt: skip
+        if self.prompted is not None:
+            rows.append(("validation prompts", quoted(self.prompted.prompts.texts)))
+        return rows
 
     def dropout_fact(self) -> str:
         return f"caption dropout {self.caption_dropout} (to the empty prompt)"
@@ -357,3 +362,14 @@ class TextCondition:
         if self.prompted is None:
             return images, 8
         return self.prompted.grid_layout(images)
+
+    def grid_caption(self) -> str:
+        if self.prompted is None:
+            return GRID_CAPTION
+        return self.prompted.grid_caption()
+
+    def prompt_texts(self) -> list[str]:
+        """The grids' prompts (the captions' first ones when none were given)."""
+        if self.prompted is not None:
+            return list(self.prompted.prompts.texts)
+        return list(self.captions.texts[:NUM_DEFAULT_PROMPTS])

@@ -15,6 +15,7 @@ from diffusers import DiffusionPipeline
 from torch import nn
 
 from ddp_utils.data import to_float
+from ddp_utils.errors import InputError
 from ddp_utils.files import write_json, write_text
 from ddp_utils.images import make_grid, to_uint8
 from ddp_utils.metrics import MetricWindow
@@ -22,12 +23,13 @@ from ddp_utils.run import Run
 from diffusion.codecs import LatentCodec
 from diffusion.conditioning import ConditionSource, condition_source
 from diffusion.conditioning.guidance import Guidance
-from diffusion.conditioning.text import SAMPLING_LINES, TEXT_TO_IMAGE
+from diffusion.conditioning.text import EMBEDDING_DTYPE, TextCondition
 from diffusion.kinds.registry import Kind, SamplerChoice, all_knobs, choose_sampler
 from diffusion.networks import Backbone, sample_shape, unwrap
 from diffusion.pipeline_code import shipped_source
 from diffusion.pipeline_code.core import VALUE_RANGE
 from diffusion.sampling import Draw
+from diffusion.text_encoders import TextEncoder, load_as_recorded, shipped, text_encoder_changes
 
 NUM_LOSS_BINS = 4  # the loss is also logged per quarter of the noise levels: loss_t_q0..3
 
@@ -91,12 +93,14 @@ def remote_code_lines(folder_hint: str, call: str) -> str:
     )
 
 
-def load_lines(source: ConditionSource, call: str) -> str:
-    """How a card says to load and sample its export: the pipeline with `call`, or for a
-    text-to-image model sample.py (its export's pipeline takes no prompts yet)."""
-    if source.title == TEXT_TO_IMAGE:
-        return SAMPLING_LINES
-    return remote_code_lines("path/to/this/folder", call)
+def condition_arguments(source: ConditionSource, guidance: Guidance) -> str:
+    """A card's pipeline call's arguments for the condition: a text model's grid prompts and
+    guidance, classes, or a batch of an unconditional model."""
+    if isinstance(source, TextCondition):
+        return f"prompt={source.prompt_texts()!r}, guidance_scale={guidance.scale:g}"
+    if source.conditional:
+        return "class_labels=[0, 1, 2], guidance_scale=1.5"
+    return "batch_size=16"
 
 
 def ship_pipeline(pipeline: DiffusionPipeline, folder: Path, code: ModuleType) -> None:
@@ -232,13 +236,48 @@ class NetworkMethod:
         self.finish_export(folder, raw)
 
     def pipeline_conditions(self) -> dict[str, Any]:
-        """The pipeline's arguments about the condition: the classes and the default guidance."""
+        """The pipeline's arguments about the condition: the classes, or a text model's
+        encoder, tokenizer and how prompts are encoded for its network; the default
+        guidance."""
         conditional = self.source.conditional
-        return {
+        conditions = {
             "class_names": list(self.source.task_info().get("class_names") or []) or None,
             "guidance_scale": self.guidance.scale if conditional else 1.0,
             "guidance_interval": self.guidance.interval,
         }
+        encoder = self.shipped_text_encoder()
+        if encoder is not None:
+            conditions.update(
+                text_encoder=encoder.model,
+                tokenizer=encoder.tokenizer,
+                max_sequence_length=encoder.max_length,
+                prompt_attention_mask=self.source.with_mask,
+                prompt_embeds_dtype=str(EMBEDDING_DTYPE).removeprefix("torch."),
+                text_model_mask=encoder.model_mask,
+            )
+        return conditions
+
+    def shipped_text_encoder(self) -> TextEncoder | None:
+        """A text model's encoder and tokenizer as its export ships them (`shipped`), loaded
+        again from where the run recorded it (training let it go once the captions were
+        encoded) and checked against the fingerprint it trained with; None for other models."""
+        if not isinstance(self.source, TextCondition):
+            return None
+        facts = self.source.encoder_facts
+        if "+" in facts["class"]:
+            # Several encoders read together (SDXL's, SD3's, Flux's): the export's own pipeline
+            # carries one text model, so it ships none and takes no prompts; sample.py samples
+            # the run, loading the encoders from where it recorded them.
+            return None
+        encoder = load_as_recorded(facts)
+        changed = text_encoder_changes(facts, encoder)
+        if changed:
+            raise InputError(
+                f"the export ships the text encoder this run trained with, and {changed[0]}: "
+                f"{facts['source']} changed while the run trained; put it back as it was",
+                "text_encoder",
+            )
+        return shipped(encoder)
 
     def finish_export(self, folder: Path, raw: nn.Module) -> None:
         """The raw weights and a latent model's VAE beside any export's pipeline."""
