@@ -135,7 +135,9 @@ class DDPMMethod(NetworkMethod):
         cfg, source = self.cfg, self.source
         kind = f"{source.title} DDPM" if source.conditional else "DDPM"
         eta = f", eta {self.choice.knob('eta'):g}" if "eta" in self.choice.knobs else ""
-        if self._stock_pipeline():
+        if self.run.base is not None:
+            load = self.base_load_lines()
+        elif self._stock_pipeline():
             load = (
                 "from diffusers import DDPMPipeline\n"
                 'pipeline = DDPMPipeline.from_pretrained("path/to/this/folder", '
@@ -175,6 +177,7 @@ class DDPMMethod(NetworkMethod):
                     f"schedule, T = {cfg.num_train_timesteps}",
                 ),
                 network_fact(cfg, self.backbone),
+                *self.base_facts(),
                 *codec_facts(self.codec),
                 *condition_facts(source, self.guidance),
             ],  # fmt: skip
@@ -183,9 +186,12 @@ class DDPMMethod(NetworkMethod):
         )
 
     def export(self, folder: Path, net: nn.Module, raw: nn.Module) -> None:
-        """A diffusers DDPMPipeline folder (EMA weights) for an unconditional UNet, else a
-        GuidedDDPMPipeline with its `pipeline.py`; the raw weights in `<component>_raw/`."""
-        if self._stock_pipeline():
+        """A diffusers DDPMPipeline folder (EMA weights) for an unconditional UNet, the base's
+        stock pipeline for a fine-tune of one, else a GuidedDDPMPipeline with its
+        `pipeline.py`; the raw weights in `<component>_raw/`."""
+        if self.run.base is not None:
+            self.export_base(folder, net, raw)
+        elif self._stock_pipeline():
             DDPMPipeline(unet=net, scheduler=self.scheduler).save_pretrained(
                 folder, safe_serialization=True
             )
