@@ -21,9 +21,13 @@ from torch import nn
 def _named_tensors(
     model: nn.Module,
 ) -> tuple[list[str], list[torch.Tensor], list[str], list[torch.Tensor]]:
-    """Parameter and buffer names/tensors in a fixed order (state_dict order)."""
+    """Parameter and buffer names/tensors in a fixed order (state_dict order). A model whose
+    parameters are partly frozen (an adapter on a pretrained base) averages what trains: its
+    trainable parameters, no buffers (the frozen base's never change)."""
     params = list(model.named_parameters())
     buffers = list(model.named_buffers())
+    if not all(p.requires_grad for _, p in params):
+        params, buffers = [(name, p) for name, p in params if p.requires_grad], []
     return (
         [name for name, _ in params],
         [p.detach() for _, p in params],

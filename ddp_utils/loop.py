@@ -31,7 +31,13 @@ from torch import nn
 from ddp_utils import hub
 from ddp_utils.data import Batch, BatchSource
 from ddp_utils.data.source import is_built_in
-from ddp_utils.distributed import all_finite, map_sharded, raise_together, step_generator
+from ddp_utils.distributed import (
+    all_finite,
+    derive_seed,
+    map_sharded,
+    raise_together,
+    step_generator,
+)
 from ddp_utils.ema import EMA
 from ddp_utils.errors import OutputError
 from ddp_utils.export import (
@@ -267,6 +273,8 @@ def optimizer_step(
         if cfg.compile:  # a new forward/backward: CUDA-graph outputs of the last one are free
             torch.compiler.cudagraph_mark_step_begin()
         generator = step_generator(cfg.seed, micro_step, acc.process_index, acc.device)
+        # Dropout (a LoRA adapter's) draws from the global RNG: seeded per micro-step too.
+        torch.manual_seed(derive_seed("dropout", cfg.seed, micro_step, acc.process_index))
         batch = batches.get(micro_step, generator)
         with acc.accumulate(model), acc.autocast():
             loss = method.loss(model, batch, generator, stats)

@@ -11,7 +11,8 @@ The loop itself is `ddp_utils.loop.train`.
 Resume is exact (bit-identical weights, EMA and optimizer state after a kill at any point,
 with 1 or N processes) without saving any sampler or RNG state: data order is a pure function
 of (seed, micro-step, rank) (`ddp_utils.data.batches`), noise and timesteps come from a
-generator seeded from (seed, micro-step, rank), and the LR from the step alone. Accelerate's
+generator seeded from (seed, micro-step, rank) (the global RNG, which dropout draws from, is
+seeded from them too), and the LR from the step alone. Accelerate's
 seedable sampler + `skip_first_batches` would also be exact, but replays the skipped batches
 through the loader and needs `save_state`, whose custom objects are pickles.
 """
@@ -37,9 +38,11 @@ from ddp_utils.checkpoint import (
     config_differences,
     find_resume_checkpoint,
     list_checkpoints,
+    load_trained_weights,
     optimizer_from_safetensors,
     optimizer_to_safetensors,
     prune,
+    trained_weights,
     write_checkpoint,
 )
 from ddp_utils.cli import setup_logging
@@ -95,6 +98,12 @@ class Run:
     # ... and its grids' prompts, encoded once at the start (the encoder does not stay loaded):
     # `diffusion.conditioning.text.EncodedPrompts`.
     validation_prompts: Any = field(init=False, default=None)
+    # A fine-tune of a text-to-image pipeline (--init-from): the pipeline it started from
+    # (`diffusion.pipelines.BasePipeline`), which its export extends.
+    base: Any = field(init=False, default=None)
+    # ... trained with LoRA: the adapter's shape (`diffusion.adapters.LoraSpec`); the network's
+    # trainable parameters are then the adapter's.
+    adapter: Any = field(init=False, default=None)
 
     def batches(self, start_micro_step: int, value_range: tuple[float, float]) -> BatchSource:
         """This rank's batches from `start_micro_step` on (in memory, streamed, or latents)."""
@@ -186,11 +195,10 @@ class Run:
             model.to(memory_format=torch.channels_last)
         if cfg.compile:
             compile_network(model, cfg.compile_backend, cfg.compile_mode)
-        optimizer = make_optimizer(
-            cfg.optimizer, model.parameters(), cfg.learning_rate, cfg.weight_decay
-        )
+        trained = [p for p in model.parameters() if p.requires_grad]  # all, or an adapter's
+        optimizer = make_optimizer(cfg.optimizer, trained, cfg.learning_rate, cfg.weight_decay)
         model, optimizer = acc.prepare(model, optimizer)
-        self.describe(sum(p.numel() for p in model.parameters()))
+        self.describe(sum(p.numel() for p in model.parameters()), sum(p.numel() for p in trained))
         return model, optimizer
 
     # ------------------------------------------------------------------ checkpoints
@@ -242,7 +250,7 @@ class Run:
             )
         check_resumed_flags(self.cfg, ckpt, self.checkpoints_dir)
         self._warn_if_world_changed(ckpt)
-        unwrapped.load_state_dict(ckpt.tensors["model"])
+        load_trained_weights(unwrapped, ckpt.tensors["model"], ckpt.path)
         optimizer.load_state_dict(
             optimizer_from_safetensors(ckpt.tensors["optimizer"], ckpt.state["optimizer"])
         )
@@ -303,7 +311,7 @@ class Run:
             return None
         unwrapped = accelerator.unwrap_model(model)
         opt_tensors, opt_meta = optimizer_to_safetensors(optimizer.state_dict())
-        tensors = {"model": unwrapped.state_dict(), "optimizer": opt_tensors}
+        tensors = {"model": trained_weights(unwrapped), "optimizer": opt_tensors}
         if ema is not None:
             tensors["ema"] = ema.state_dict()
         not_finite = [name for name, named in tensors.items() if not all_finite(named.values())]
@@ -403,7 +411,7 @@ class Run:
 
     # ------------------------------------------------------------------ reporting
 
-    def describe(self, num_parameters: int) -> None:
+    def describe(self, num_parameters: int, num_trained: int) -> None:
         cfg, acc = self.cfg, self.accelerator
         logger.info(
             "data: %s, %d images at %dx%d, %d channel(s)%s",
@@ -426,8 +434,9 @@ class Run:
             self.global_batch_size,
         )
         logger.info(
-            "model: %s parameters; device %s, mixed precision %s, %s",
+            "model: %s parameters%s; device %s, mixed precision %s, %s",
             f"{num_parameters:,}",
+            "" if num_trained == num_parameters else f", {num_trained:,} of them trained",
             acc.device,
             acc.mixed_precision,
             acc.distributed_type,

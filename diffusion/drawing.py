@@ -62,8 +62,9 @@ class SampleConfig(Knobs):
 
     model_path: str = option(
         "",
-        "export / pipeline / checkpoint-N / run directory, a diffusers DDPMPipeline or "
-        "UNet2DModel folder, or a hub id (google/ddpm-cifar10-32)",
+        "export / pipeline / checkpoint-N / run directory (a LoRA fine-tune's: its adapter on "
+        "its base), a diffusers DDPMPipeline, UNet2DModel or StableDiffusionPipeline folder, or "
+        "a hub id (google/ddpm-cifar10-32)",
         positional=True,
     )
     output_dir: str = option("samples", "where samples.npz and grid.png are written")

@@ -16,10 +16,12 @@ from torch import nn
 
 from ddp_utils.data import to_float
 from ddp_utils.errors import InputError
+from ddp_utils.export import write_task_file
 from ddp_utils.files import write_json, write_text
 from ddp_utils.images import make_grid, to_uint8
 from ddp_utils.metrics import MetricWindow
 from ddp_utils.run import Run
+from diffusion.adapters import FUSED_FOLDER, RAW_FOLDER, fused, save_adapter
 from diffusion.codecs import LatentCodec
 from diffusion.conditioning import ConditionSource, condition_source
 from diffusion.conditioning.guidance import Guidance
@@ -177,6 +179,10 @@ class NetworkMethod:
             info["guidance_interval"] = None if interval is None else list(interval)
         if self.codec is not None:
             info["latent"] = self.codec.facts()
+        if self.run.base is not None:
+            info["base"] = self.run.base.facts()
+        if self.run.adapter is not None:
+            info["adapter"] = self.run.adapter.facts()
         return info
 
     def grid_layout(self, images: np.ndarray) -> tuple[np.ndarray, int]:
@@ -278,6 +284,43 @@ class NetworkMethod:
                 "text_encoder",
             )
         return shipped(encoder)
+
+    def export_base(self, folder: Path, net: nn.Module, raw: nn.Module) -> None:
+        """A fine-tune of a text-to-image pipeline (`diffusion.pipelines`): that pipeline with
+        the trained denoiser, which diffusers' stock class loads, and the raw weights beside;
+        a LoRA's: the adapter in diffusers' LoRA format (the raw one in raw/), and with
+        --export-fused the pipeline with the adapter merged in fused/ (with its task.json)."""
+        base, schedule = self.run.base, dict(self.scheduler.config)
+        if self.run.adapter is None:
+            base.export(folder, net, schedule, self.codec)
+            save_raw(folder, raw, self.backbone)
+            return
+        save_adapter(folder, net, base.family.pipeline_class)
+        save_adapter(folder / RAW_FOLDER, raw, base.family.pipeline_class)
+        if self.cfg.export_fused:
+            base.export(folder / FUSED_FOLDER, fused(net), schedule, self.codec)
+            info = {k: v for k, v in self.task_info().items() if k != "adapter"}
+            write_task_file(folder / FUSED_FOLDER, self.cfg.resolution, info)
+
+    def base_load_lines(self) -> str:
+        """How a card says to sample a fine-tuned pipeline: its stock class (and the adapter
+        loaded onto the base), the first grid prompt, the grids' guidance."""
+        prompts = self.run.validation_prompts
+        return self.run.base.load_lines(
+            prompts.texts[0], self.guidance.scale, adapter=self.run.adapter is not None
+        )
+
+    def base_facts(self) -> list[tuple[str, str]]:
+        """A fine-tuned pipeline's base and adapter, for the model card."""
+        base, adapter = self.run.base, self.run.adapter
+        if base is None:
+            return []
+        facts = [("base pipeline", f"{base.family.title} ({base.family.class_name}) "
+                                   f"{base.source}")]  # fmt: skip
+        if adapter is not None:
+            facts.append(("adapter", f"{adapter.describe()} of the {base.family.denoiser}; the "
+                                     "base weights frozen"))  # fmt: skip
+        return facts
 
     def finish_export(self, folder: Path, raw: nn.Module) -> None:
         """The raw weights and a latent model's VAE beside any export's pipeline."""

@@ -225,8 +225,10 @@ class DDPMMethod(NetworkMethod):
         cfg, source = self.cfg, self.source
         kind = f"{source.title} DDPM" if source.conditional else "DDPM"
         eta = f", eta {self.choice.knob('eta'):g}" if "eta" in self.choice.knobs else ""
-        stock_text = self.stock_text_pipeline()
-        if self._stock_pipeline():
+        stock_text = None if self.run.base is not None else self.stock_text_pipeline()
+        if self.run.base is not None:
+            load = self.base_load_lines()
+        elif self._stock_pipeline():
             load = (
                 "from diffusers import DDPMPipeline\n"
                 'pipeline = DDPMPipeline.from_pretrained("path/to/this/folder", '
@@ -264,6 +266,7 @@ class DDPMMethod(NetworkMethod):
                     f"schedule, T = {cfg.num_train_timesteps}",
                 ),
                 network_fact(cfg, self.backbone),
+                *self.base_facts(),
                 *codec_facts(self.codec),
                 *condition_facts(source, self.guidance),
             ],  # fmt: skip
@@ -274,12 +277,14 @@ class DDPMMethod(NetworkMethod):
         )
 
     def export(self, folder: Path, net: nn.Module, raw: nn.Module) -> None:
-        """A diffusers DDPMPipeline folder (EMA weights) for an unconditional UNet, a
-        StableDiffusionPipeline or PixArtAlphaPipeline folder for a text model of their parts
-        (`stock_text_pipeline`), else a GuidedDDPMPipeline with its `pipeline.py`; the raw
-        weights in `<component>_raw/`."""
-        stock_text = self.stock_text_pipeline()
-        if self._stock_pipeline():
+        """A diffusers DDPMPipeline folder (EMA weights) for an unconditional UNet, the base's
+        stock pipeline for a fine-tune of one, a StableDiffusionPipeline or PixArtAlphaPipeline
+        folder for a text model of their parts (`stock_text_pipeline`), else a
+        GuidedDDPMPipeline with its `pipeline.py`; the raw weights in `<component>_raw/`."""
+        stock_text = None if self.run.base is not None else self.stock_text_pipeline()
+        if self.run.base is not None:
+            self.export_base(folder, net, raw)
+        elif self._stock_pipeline():
             DDPMPipeline(unet=net, scheduler=self.scheduler).save_pretrained(
                 folder, safe_serialization=True
             )
