@@ -1,10 +1,12 @@
 """Text-to-image runs as a user meets them: `train_ddpm.py --text-encoder` with the backbones
 that attend to text (text-unet: UNet2DConditionModel; pixart: PixArtTransformer2DModel), every
-kind, in pixels and on latents; grids of the validation prompts; a resume that continues bit
-for bit; two processes; `sample.py --prompt` drawing the training grid's images.
+kind, in pixels and on latents; grids of the validation prompts, captioned by them in wandb
+and TensorBoard; a resume that continues bit for bit; two processes; `sample.py --prompt`
+drawing the training grid's images.
 
-One tiny run (a DDPM text-unet on the 8x8 captioned digits, tiny-clip) is trained once and
-shared; the other runs are as small as the code paths allow."""
+One tiny run (a DDPM text-unet on the 8x8 captioned digits, tiny-clip, tracked by wandb and
+TensorBoard) is trained once and shared; the other runs are as small as the code paths
+allow."""
 
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from diffusion.text_encoders import TINY_CLIP, load_text_encoder
 from tests.faulty_runs import run
 from tests.test_latent import make_vae
 from tests.test_resume import checkpoint_files
+from tests.test_train_basic import wandb_history
 from tests.tiny_runs import fresh_accelerate_state, launch_two_processes
 
 PROMPTS = ["a handwritten seven", "the number 2, written by hand"]
@@ -74,8 +77,12 @@ def sample_py(model: Path, out: Path, *flags: str) -> tuple[np.ndarray, np.ndarr
 
 @pytest.fixture(scope="module")
 def text_run(tmp_path_factory) -> Path:
+    """The shared run, tracked by wandb (offline, its files in the run's wandb/) and
+    TensorBoard."""
     out = tmp_path_factory.mktemp("text") / "run"
-    train(text_args(out))
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("WANDB_DIR", str(out.parent))
+        train(text_args(out, "--report-to", "all"))
     return out
 
 
@@ -161,6 +168,31 @@ def test_a_text_run_records_its_encoder_and_grids_one_prompt_per_row(text_run: P
     with Image.open(text_run / "samples" / "samples-0000004.png") as grid:
         width, height = grid.size
     assert width / height == pytest.approx((3 * 10 + 2) / (2 * 10 + 2))
+
+
+def test_the_grids_are_captioned_by_their_prompts_in_wandb_and_tensorboard(text_run) -> None:
+    """wandb's image carries the rows' prompts as its caption; TensorBoard (whose images take
+    no caption) a text beside it at the same step; both read back from their own files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.util.tensor_util import make_ndarray
+
+    rows, _ = wandb_history(text_run.parent)
+    (grid,) = [row for row in rows if "samples/_type" in row]  # wandb's keys, flattened
+    assert grid["_step"] == 4 and grid["samples/_type"] == "image-file"
+    assert grid["samples/caption"] == (
+        "row 1: a handwritten seven | row 2: the number 2, written by hand"
+    )
+    (events_dir,) = (text_run / "tensorboard").iterdir()
+    events = EventAccumulator(str(events_dir), size_guidance={"images": 0, "tensors": 0})
+    events.Reload()
+    (picture,) = events.Images("samples")
+    with Image.open(text_run / "samples" / "samples-0000004.png") as png:
+        assert (picture.step, picture.width, picture.height) == (4, *png.size)
+    (text,) = events.Tensors("samples/rows/text_summary")  # torch's add_text adds the suffix
+    assert text.step == 4
+    assert make_ndarray(text.tensor_proto).item().decode() == (
+        "1. a handwritten seven\n2. the number 2, written by hand"
+    )
 
 
 def test_sample_py_draws_the_training_grid_for_the_same_prompts_and_seed(text_run, tmp_path):

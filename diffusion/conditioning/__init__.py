@@ -70,6 +70,11 @@ class ConditionSource(Protocol):
         """The grid's images (sample k: item k) in order, and images per row."""
         ...
 
+    def grid_rows(self, num_images: int) -> list[str]:
+        """What each row of the grid of `num_images` samples shows, top to bottom (its prompt,
+        its class): the grid's caption; [] where a row shows nothing in particular."""
+        ...
+
 
 class Unconditional:
     """No condition: every call of the network is unconditional."""
@@ -100,6 +105,9 @@ class Unconditional:
 
     def grid_layout(self, images: np.ndarray) -> tuple[np.ndarray, int]:
         return images, 8
+
+    def grid_rows(self, num_images: int) -> list[str]:
+        return []
 
 
 UNCONDITIONAL = Unconditional()

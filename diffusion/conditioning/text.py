@@ -33,7 +33,7 @@ from ddp_utils.data.captions import Captions
 from ddp_utils.data.load import CAPTION_ROWS
 from ddp_utils.data.text_cache import TextEmbeddings, TextEncoder
 from ddp_utils.errors import InputError
-from ddp_utils.images import rows_by_label
+from ddp_utils.images import labels_by_row, rows_by_label
 from diffusion.pipeline_code.core import Condition
 
 DEVICE_BYTES = 256 * 2**20  # a text cache up to this size is copied to the device
@@ -247,6 +247,11 @@ class PromptCondition:
         """One prompt per row (sample k: prompt k mod P)."""
         return rows_by_label(images, self.rows(range(len(images))), len(self.prompts.texts))
 
+    def grid_rows(self, num_images: int) -> list[str]:
+        """The prompt of each row of the grid of `num_images` samples."""
+        rows = labels_by_row(self.rows(range(num_images)), len(self.prompts.texts))
+        return [self.prompts.texts[k] for k in rows]
+
 
 class TextCondition:
     """Captions' encodings as the condition, the empty prompt as "no condition"."""
@@ -355,3 +360,7 @@ class TextCondition:
         if self.prompted is None:
             return images, 8
         return self.prompted.grid_layout(images)
+
+    def grid_rows(self, num_images: int) -> list[str]:
+        """The prompt of each row; without prompts, none (8 captions per row)."""
+        return [] if self.prompted is None else self.prompted.grid_rows(num_images)

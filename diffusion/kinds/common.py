@@ -179,6 +179,10 @@ class NetworkMethod:
         """Unconditional: 8 per row. Class-conditional: one class per row."""
         return self.source.grid_layout(images)
 
+    def grid_rows(self, num_images: int) -> list[str]:
+        """The prompt or class of each row of the grid, its caption ([] unconditional)."""
+        return self.source.grid_rows(num_images)
+
     def draw(self, net: nn.Module) -> Draw:
         return self.kind.sampler(
             net,
