@@ -389,6 +389,11 @@ def model_card(
             ("FID", f"{card.fid:.2f} at step {fid_record.get('step', '?')} "
                     f"({card.fid_samples} samples vs the training data)")
         )  # fmt: skip
+        if fid_record.get("clip_score") is not None:
+            card.facts.append(
+                ("CLIP score", f"{fid_record['clip_score']:.2f} (FID's samples against their "
+                               f"prompts, by {getattr(cfg, 'clip_model', None) or 'CLIP'})")
+            )  # fmt: skip
     if is_hub_dataset(cfg.dataset):
         card.dataset = cfg.dataset
     return card

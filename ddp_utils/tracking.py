@@ -62,6 +62,7 @@ def _reset_wandb() -> None:
 ReportTo = Literal["wandb", "tensorboard", "all", "none"]
 MIN_PICTURE_SIDE = 512  # pictures are upscaled (nearest) until their longer side reaches this
 SUMMARY_MIN = ("fid", "kid_mean")  # wandb summarises these by their best (lowest) value
+SUMMARY_MAX = ("clip_score",)  # ... and these by their best (highest)
 
 
 class Tracker:
@@ -202,6 +203,8 @@ class Tracker:
                 run = self.accelerator.get_tracker("wandb", unwrap=True)
                 for name in SUMMARY_MIN:  # the run's summary shows the best FID, not the last
                     run.define_metric(name, summary="min")
+                for name in SUMMARY_MAX:
+                    run.define_metric(name, summary="max")
         else:
             # Other ranks get Accelerate's no-op tracker stubs.
             self.accelerator.init_trackers(project, config=None)

@@ -22,7 +22,7 @@ from ddp_utils.run import Run
 from diffusion.codecs import LatentCodec
 from diffusion.conditioning import ConditionSource, condition_source
 from diffusion.conditioning.guidance import Guidance
-from diffusion.conditioning.text import SAMPLING_LINES, TEXT_TO_IMAGE
+from diffusion.conditioning.text import SAMPLING_LINES, TEXT_TO_IMAGE, TextCondition
 from diffusion.kinds.registry import Kind, SamplerChoice, all_knobs, choose_sampler
 from diffusion.networks import Backbone, sample_shape, unwrap
 from diffusion.pipeline_code import shipped_source
@@ -218,6 +218,12 @@ class NetworkMethod:
 
     def sample(self, net: nn.Module, indices: range) -> torch.Tensor:
         return self._sample(net, indices)[0]
+
+    def sample_prompts(self, indices: range) -> list[str]:
+        """The prompts samples `indices` are drawn with (a text-to-image model's: the
+        validation prompts in turn), what --clip-model scores them against."""
+        assert isinstance(self.source, TextCondition), "prompts are a text-to-image model's"
+        return self.source.prompts_of(indices)
 
     def export_pipeline(
         self, folder: Path, net: nn.Module, raw: nn.Module, pipeline_class: type
