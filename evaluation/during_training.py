@@ -2,7 +2,8 @@
 
 The loop (`ddp_utils.loop.train(..., evaluator=...)`) decides when to evaluate and keeps the
 lowest-FID export in `best/`; this module says how to score, so `ddp_utils` needs no FID code
-and the two packages do not import each other in a circle (evaluation -> ddp_utils only).
+and the packages do not import each other in a circle (evaluation imports ddp_utils, and
+diffusion.sources for --clip-model's hub ids; neither imports evaluation).
 
 The FID network and the statistics of the training images (the first `--eval-num-reference`,
 cached on disk under the data's fingerprint) are prepared once, before the first step, so a
