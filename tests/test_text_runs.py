@@ -62,8 +62,10 @@ def text_args(out: Path | None, *extra: str) -> list[str]:
 
 
 def eval_args(clip_model: Path) -> list[str]:
-    """FID and the CLIP score at the last step, of the 6 grid samples (2 chunks of 4)."""
-    return ["--eval-every", "4", "--eval-num-samples", "6", "--clip-model", str(clip_model)]
+    """FID (against 4 training images: the Inception features cost) and the CLIP score at the
+    last step, of the 6 grid samples (2 chunks of 4)."""
+    return ["--eval-every", "4", "--eval-num-samples", "6", "--eval-num-reference", "4",
+            "--clip-model", str(clip_model)]  # fmt: skip
 
 
 def train(args: list[str]) -> None:
