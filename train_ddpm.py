@@ -60,7 +60,7 @@ from diffusion.networks import (
 )
 from diffusion.pipelines import supported, text_pipeline_family
 from diffusion.pretrained import initial_network, resolve_kind_options, run_codec, run_text
-from evaluation.during_training import training_evaluator
+from evaluation.during_training import run_clip_scorer, training_evaluator
 
 KINDS = kinds_trained_by("train_ddpm.py")
 Objective = Literal[tuple(kind.name for kind in KINDS)]  # type: ignore[valid-type]
@@ -153,6 +153,7 @@ class DDPMConfig(
     may_change_on_resume = TrainConfig.may_change_on_resume | {
         "sample_scheduler", "sample_guidance_scale", "sample_guidance_interval", "init_from",
         "vae", "text_encoder", "validation_prompts", "validation_prompts_file", "export_fused",
+        "clip_model",
         *(f"sample_{name}" for name in all_knobs()),
     }  # fmt: skip
 
@@ -247,6 +248,7 @@ def train(cfg: DDPMConfig) -> Run:
         cfg, with_labels=cfg.class_conditional, with_captions=cfg.text_encoder is not None
     )
     kind = kind_named(cfg.objective, "--objective")
+    clip = run_clip_scorer(run)  # --clip-model: loaded and checked before any encoding
     codec = run_codec(run)  # --vae: checked, the data encoded (or read from its cache)
     # --text-encoder: checked, the captions and the grids' prompts encoded once (or read)
     run_text(run, cfg.validation_prompt_texts())
@@ -259,7 +261,8 @@ def train(cfg: DDPMConfig) -> Run:
         # made from the export's config (DDIMScheduler.from_config) inherits it too.
         scheduler = type(scheduler).from_config(scheduler.config, clip_sample=False)
     method = kind.method(run, scheduler, backbone_of(model), codec)
-    loop.train(run, method, model, evaluator=training_evaluator(run))
+    evaluator = training_evaluator(run, clip, method.sample_prompts)
+    loop.train(run, method, model, evaluator=evaluator)
     return run
 
 

@@ -100,6 +100,12 @@ class Method(Protocol):
         """The sample grid's images (NHWC uint8, items 0..n-1) in order, and images per row."""
         ...
 
+    def grid_rows(self, num_images: int) -> list[str]:
+        """What each row of the grid of `num_images` shows, top to bottom (a text model's
+        prompts, a class-conditional one's classes): the grid's caption in the trackers; []
+        where rows show nothing in particular."""
+        ...
+
     def export(self, folder: Path, net: nn.Module, raw: nn.Module) -> None:
         """Write the model folder: `net` holds the weights to ship (the EMA), `raw` the raw."""
         ...
@@ -340,7 +346,7 @@ def sample_grid(run: Run, method: Method, net: nn.Module) -> np.ndarray:
 def log_pictures(run: Run, method: Method, net: nn.Module, step: int) -> np.ndarray:
     """The sample grid and the method's pictures (collective); returns the grid."""
     grid = sample_grid(run, method, net)
-    run.tracker.log_image("samples", grid, step)
+    run.tracker.log_image("samples", grid, step, method.grid_rows(run.cfg.num_sample_images))
     if run.is_writer:
         for name, picture in method.pictures(net, step).items():
             run.tracker.log_image(name, picture, step)
@@ -391,6 +397,11 @@ def model_card(
             ("FID", f"{card.fid:.2f} at step {fid_record.get('step', '?')} "
                     f"({card.fid_samples} samples vs the training data)")
         )  # fmt: skip
+        if fid_record.get("clip_score") is not None:
+            card.facts.append(
+                ("CLIP score", f"{fid_record['clip_score']:.2f} (FID's samples against their "
+                               f"prompts, by {getattr(cfg, 'clip_model', None) or 'CLIP'})")
+            )  # fmt: skip
     if is_hub_dataset(cfg.dataset):
         card.dataset = cfg.dataset
     return card

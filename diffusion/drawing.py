@@ -147,6 +147,13 @@ class SampleConfig(Knobs):
     max_reference: int | None = option(
         None, "use at most N dataset images as the --fid reference (none: all)"
     )
+    clip_model: str | None = option(
+        None,
+        "text-to-image models: the CLIP score of the samples against their prompts "
+        "(clip_score.json; torchmetrics' 100 * max(cos, 0), mean): a folder holding a "
+        "transformers CLIPModel (safetensors) with its tokenizer and image processor, or a hub "
+        "id such as openai/clip-vit-large-patch14",
+    )
 
     def __post_init__(self) -> None:
         require(bool(self.model_path), "MODEL_PATH is required (an export, checkpoint or run dir)")
@@ -232,6 +239,12 @@ def choose_condition(
     if prompt_flags and not text:
         raise InputError(
             f"{loaded.source} is not a text-to-image model: it takes no prompts", "prompt"
+        )
+    if cfg.clip_model is not None and not text:
+        raise InputError(
+            f"{loaded.source} is not a text-to-image model: --clip-model scores images against "
+            "their prompts; drop it (--fid scores any model)",
+            "clip_model",
         )
     if text and (cfg.class_labels is not None or cfg.per_class_fid):
         raise InputError(

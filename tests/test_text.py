@@ -377,6 +377,10 @@ def test_samples_take_the_prompts_in_turn_and_grids_put_one_prompt_per_row(sourc
     images = np.arange(7, dtype=np.uint8)[:, None, None, None].repeat(2, axis=1)  # sample k: k
     grid, per_row = prompted.grid_layout(images)
     assert per_row == 3 and grid[:, 0, 0, 0].tolist() == [0, 3, 6, 1, 4, 0, 2, 5, 0]
+    # The trackers' caption: each row's prompt, top to bottom (the prompts with a sample).
+    assert prompted.grid_rows(7) == prompts and prompted.grid_rows(2) == prompts[:2]
+    assert prompted.prompts_of(range(2, 6)) == [prompts[k % 3] for k in range(2, 6)]
+    assert source.grid_rows(7) == []  # without prompts: 8 captions per row, no row's own text
 
 
 def test_one_caption_per_image_and_dropout_drawn_from_the_steps_generator(source, digits):

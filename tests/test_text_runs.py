@@ -1,12 +1,15 @@
 """Text-to-image runs as a user meets them: `train_ddpm.py --text-encoder` with the backbones
 that attend to text (text-unet: UNet2DConditionModel; pixart: PixArtTransformer2DModel), every
-kind, in pixels and on latents; grids of the validation prompts; a resume that continues bit
-for bit; two processes; `sample.py --prompt` drawing the training grid's images; exports that
-diffusers runs with prompts (its own StableDiffusionPipeline and PixArtAlphaPipeline for the
-runs of their parts, the export's own pipeline for the others) drawing sample.py's images.
+kind, in pixels and on latents; grids of the validation prompts, captioned by them in wandb
+and TensorBoard; the CLIP score beside FID (--clip-model, a tiny random CLIPModel); a resume
+that continues bit for bit; two processes; `sample.py --prompt` drawing the training grid's
+images (and `--clip-model` scoring them); exports that diffusers runs with prompts (its own
+StableDiffusionPipeline and PixArtAlphaPipeline for the runs of their parts, the export's own
+pipeline for the others) drawing sample.py's images.
 
-One tiny run (a DDPM text-unet on the 8x8 captioned digits, tiny-clip) is trained once and
-shared; the other runs are as small as the code paths allow."""
+One tiny run (a DDPM text-unet on the 8x8 captioned digits, tiny-clip, evaluated and tracked
+at its last step) is trained once and shared; the other runs are as small as the code paths
+allow."""
 
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ from ddp_utils.config import parse_config
 from ddp_utils.data import load_image_data
 from ddp_utils.data.text_cache import load_text_embeddings
 from ddp_utils.errors import InputError
+from ddp_utils.tracking import read_metrics
 from diffusion.conditioning.text import TextCondition, encode_prompts
 from diffusion.drawing import SampleConfig, choose_condition
 from diffusion.loading import load_for_sampling
@@ -44,10 +48,13 @@ from diffusion.networks import build_backbone, count_parameters, predict
 from diffusion.networks.text_unet import SD15_PARAMETERS
 from diffusion.sampling import sample_seed
 from diffusion.text_encoders import TINY_CLIP, load_text_encoder
+from evaluation.clip_score import clip_score, load_clip_scorer
 from tests.faulty_runs import run
+from tests.test_clip_score import save_tiny_clip_model
 from tests.test_latent import make_vae
 from tests.test_resume import checkpoint_files
 from tests.test_text import save_joint
+from tests.test_train_basic import wandb_history
 from tests.tiny_runs import fresh_accelerate_state, launch_two_processes
 
 PROMPTS = ["a handwritten seven", "the number 2, written by hand"]
@@ -65,6 +72,13 @@ def text_args(out: Path | None, *extra: str) -> list[str]:
         "all", "--validation-prompts", *PROMPTS, "--ema-max-decay", "0.9", "--report-to", "none",
         *([] if out is None else ["--output-dir", str(out)]), *extra,
     ]  # fmt: skip
+
+
+def eval_args(clip_model: Path) -> list[str]:
+    """FID (against 4 training images: the Inception features cost) and the CLIP score at the
+    last step, of the 6 grid samples (2 chunks of 4)."""
+    return ["--eval-every", "4", "--eval-num-samples", "6", "--eval-num-reference", "4",
+            "--clip-model", str(clip_model)]  # fmt: skip
 
 
 def train(args: list[str]) -> None:
@@ -106,9 +120,18 @@ def shipped_pipeline(folder: Path) -> DiffusionPipeline:
 
 
 @pytest.fixture(scope="module")
-def text_run(tmp_path_factory) -> Path:
+def clip_model(tmp_path_factory) -> Path:
+    return save_tiny_clip_model(tmp_path_factory.mktemp("clip") / "clip-model")
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory, clip_model) -> Path:
+    """The shared run, evaluated (FID, CLIP score) and tracked by wandb (offline, its files in
+    the run's wandb/) and TensorBoard."""
     out = tmp_path_factory.mktemp("text") / "run"
-    train(text_args(out))
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("WANDB_DIR", str(out.parent))
+        train(text_args(out, *eval_args(clip_model), "--report-to", "all"))
     return out
 
 
@@ -154,6 +177,9 @@ def test_text_flags_are_refused_where_they_cannot_work(tmp_path, capsys) -> None
          "--label-dropout applies to --class-conditional runs only"),
         (["--text-encoder", TINY_CLIP, "--validation-prompts", "a", "b", "c",
           "--num-sample-images", "2"], "3 validation prompts and --num-sample-images 2"),
+        (["--clip-model", "clip"], "--clip-model applies to text-to-image runs only"),
+        (["--text-encoder", TINY_CLIP, "--clip-model", "clip"],
+         "--clip-model scores the samples of each evaluation: give --eval-every N"),
     ):  # fmt: skip
         with pytest.raises(SystemExit) as stopped:
             train_ddpm.main([*argv, "--dry-run"])
@@ -211,6 +237,67 @@ def test_a_text_run_records_its_encoder_and_grids_one_prompt_per_row(text_run: P
     assert width / height == pytest.approx((3 * 10 + 2) / (2 * 10 + 2))
 
 
+def test_the_grids_are_captioned_by_their_prompts_in_wandb_and_tensorboard(text_run) -> None:
+    """wandb's image carries the rows' prompts as its caption; TensorBoard (whose images take
+    no caption) a text beside it at the same step; both read back from their own files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.util.tensor_util import make_ndarray
+
+    rows, _ = wandb_history(text_run.parent)
+    (grid,) = [row for row in rows if "samples/_type" in row]  # wandb's keys, flattened
+    assert grid["_step"] == 4 and grid["samples/_type"] == "image-file"
+    assert grid["samples/caption"] == (
+        "row 1: a handwritten seven | row 2: the number 2, written by hand"
+    )
+    (events_dir,) = (text_run / "tensorboard").iterdir()
+    events = EventAccumulator(str(events_dir), size_guidance={"images": 0, "tensors": 0})
+    events.Reload()
+    (picture,) = events.Images("samples")
+    with Image.open(text_run / "samples" / "samples-0000004.png") as png:
+        assert (picture.step, picture.width, picture.height) == (4, *png.size)
+    (text,) = events.Tensors("samples/rows/text_summary")  # torch's add_text adds the suffix
+    assert text.step == 4
+    assert make_ndarray(text.tensor_proto).item().decode() == (
+        "1. a handwritten seven\n2. the number 2, written by hand"
+    )
+
+
+def test_the_clip_score_of_the_evaluations_samples_is_logged_beside_fid(
+    text_run, clip_model, tmp_path
+) -> None:
+    """At --eval-every: the CLIP score of the evaluation's samples (the grid's 6, the two
+    validation prompts in turn) in metrics.jsonl, wandb (summarised by its maximum), best/'s
+    fid.json and the model card; sample.py --clip-model scores the same images alike, and
+    their score by hand is the number."""
+    evaluated = [row for row in read_metrics(text_run / "metrics.jsonl") if "fid" in row]
+    assert [row["step"] for row in evaluated] == [4]
+    score = evaluated[0]["clip_score"]
+    assert 0 <= score <= 100
+    best = json.loads((text_run / "best" / "fid.json").read_text())
+    assert best["clip_score"] == score and best["step"] == 4
+    card = (text_run / "pipeline" / "README.md").read_text()
+    assert f"| CLIP score | {score:.2f} (FID's samples against their prompts, by " in card
+    rows, _ = wandb_history(text_run.parent)
+    assert [row["clip_score"] for row in rows if "clip_score" in row] == [pytest.approx(score)]
+    # The evaluation's samples are the grid's: sample.py draws them from the export, and scores
+    # them in the evaluation's chunks (its --batch-size: the run's 4).
+    images, labels = sample_py(text_run, tmp_path / "scored", "--num-samples=6",
+                               "--scheduler=ddim", "--num-steps=3", "--batch-size=4",
+                               "--clip-model", str(clip_model))  # fmt: skip
+    written = json.loads((tmp_path / "scored" / "clip_score.json").read_text())
+    assert written["clip_score"] == score and written["prompts"] == PROMPTS
+    # By hand: each image against its prompt (its label), in the evaluation's two chunks.
+    scorer = load_clip_scorer(str(clip_model))
+    nchw = torch.from_numpy(images).permute(0, 3, 1, 2)
+    by_hand = torch.cat([scorer.scores(nchw[chunk], [PROMPTS[k] for k in labels[chunk]])
+                         for chunk in (slice(0, 4), slice(4, 6))])  # fmt: skip
+    assert labels.tolist() == [0, 1, 0, 1, 0, 1]
+    assert score == float(by_hand.double().mean())
+    # Scored whole (one chunk), the same within float rounding.
+    whole = clip_score(nchw, lambda items: [PROMPTS[k % 2] for k in items], scorer, None, 64)
+    assert whole == pytest.approx(score, rel=1e-5)
+
+
 def test_sample_py_draws_the_training_grid_for_the_same_prompts_and_seed(text_run, tmp_path):
     """The prompts encoded by the run's recorded encoder, the export's guidance: sample.py's
     grid is the training grid, pixel for pixel, from the export and from the checkpoint."""
@@ -260,6 +347,9 @@ def test_sample_py_refuses_what_a_model_does_not_take(text_run) -> None:
     classes = SimpleNamespace(text_encoder=None, source=text_run, num_classes=0)
     with pytest.raises(InputError, match="is not a text-to-image model: it takes no prompts"):
         choose_condition(SampleConfig(model_path=str(text_run), prompt=["a seven"]), classes)
+    with pytest.raises(InputError, match="is not a text-to-image model: --clip-model scores "
+                                         "images against their prompts"):  # fmt: skip
+        choose_condition(SampleConfig(model_path=str(text_run), clip_model="clip"), classes)
     moved = SimpleNamespace(**{**vars(text), "text_encoder": {
         **text.text_encoder, "fingerprint": "0" * 32}})  # fmt: skip
     with pytest.raises(InputError, match="the text encoder changed since training"):
@@ -533,11 +623,12 @@ def test_a_killed_text_run_continues_bit_for_bit(text_run, tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_two_processes_train_on_text_as_one_does(text_run, tmp_path) -> None:
+def test_two_processes_train_on_text_as_one_does(text_run, clip_model, tmp_path) -> None:
     """Global batch 8 either way (1 process x accumulation 2 x 4, or 2 processes x 4): the
     same text encoder, learning rates and grids' prompts; the grid two processes draw is the
-    one one process draws."""
-    args = text_args(tmp_path / "two")
+    one one process draws, and so is the CLIP score the two processes' evaluation gives
+    (chunk 0 scored on one process, chunk 1 on the other)."""
+    args = text_args(tmp_path / "two", *eval_args(clip_model))
     args[args.index("--gradient-accumulation-steps") + 1] = "1"
     log = launch_two_processes(["train_ddpm.py", *args], tmp_path)
     assert "per device 4 x 2 processes x 1 accumulation = global 8" in log
@@ -555,6 +646,10 @@ def test_two_processes_train_on_text_as_one_does(text_run, tmp_path) -> None:
     with Image.open(tmp_path / "two" / "samples" / "samples-0000004.png") as grid:
         expected = np.asarray(grid)
     sample_py(tmp_path / "two", tmp_path / "one", "--num-samples=6", "--scheduler=ddim",
-              "--num-steps=3", "--prompt", *PROMPTS)  # fmt: skip
+              "--num-steps=3", "--prompt", *PROMPTS, "--batch-size=4", "--clip-model",
+              str(clip_model))  # fmt: skip
     with Image.open(tmp_path / "one" / "grid.png") as grid:
         assert np.array_equal(np.asarray(grid), expected)
+    (evaluated,) = [row for row in read_metrics(tmp_path / "two" / "metrics.jsonl") if "fid" in row]
+    one = json.loads((tmp_path / "one" / "clip_score.json").read_text())
+    assert evaluated["clip_score"] == one["clip_score"]

@@ -73,6 +73,10 @@ class ConditionSource(Protocol):
 
     def grid_caption(self) -> str:
         """What the model card says its grid shows."""
+
+    def grid_rows(self, num_images: int) -> list[str]:
+        """What each row of the grid of `num_images` samples shows, top to bottom (its prompt,
+        its class): the grid's caption; [] where a row shows nothing in particular."""
         ...
 
 
@@ -108,6 +112,9 @@ class Unconditional:
 
     def grid_caption(self) -> str:
         return GRID_CAPTION
+
+    def grid_rows(self, num_images: int) -> list[str]:
+        return []
 
 
 UNCONDITIONAL = Unconditional()

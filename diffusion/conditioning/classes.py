@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ddp_utils.images import rows_by_label
+from ddp_utils.images import labels_by_row, rows_by_label
 from ddp_utils.model_card import GRID_CAPTION
 from diffusion.pipeline_code.core import Condition, class_condition
 
@@ -77,3 +77,8 @@ class ClassLabels:
 
     def grid_caption(self) -> str:
         return GRID_CAPTION
+
+    def grid_rows(self, num_images: int) -> list[str]:
+        """The class of each row of the grid of `num_images` samples."""
+        labels = self.labels(range(num_images)).tolist()
+        return [self.class_names[k] for k in labels_by_row(labels, self.num_classes)]

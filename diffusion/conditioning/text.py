@@ -34,7 +34,7 @@ from ddp_utils.data.captions import Captions
 from ddp_utils.data.load import CAPTION_ROWS
 from ddp_utils.data.text_cache import TextEmbeddings, TextEncoder
 from ddp_utils.errors import InputError
-from ddp_utils.images import rows_by_label
+from ddp_utils.images import labels_by_row, rows_by_label
 from ddp_utils.model_card import GRID_CAPTION
 from diffusion.pipeline_code.core import HIDDEN, Condition, text_condition
 
@@ -85,6 +85,14 @@ class TextOptions:
         None, "a text file of the grids' prompts, one per line (blank lines skipped)",
         section=SECTION,
     )  # fmt: skip
+    clip_model: str | None = option(
+        None,
+        "at each --eval-every, the CLIP score of the evaluation's samples against their "
+        "prompts (the validation prompts in turn; torchmetrics' 100 * max(cos, 0), mean) beside "
+        "FID: a folder holding a transformers CLIPModel (safetensors) with its tokenizer and "
+        "image processor, or a hub id (as --text-encoder), e.g. openai/clip-vit-large-patch14",
+        section=SECTION,
+    )
 
     def check_text_options(self) -> None:
         require(
@@ -112,12 +120,18 @@ class TextOptions:
             for name, default in (("text_encoder_max_length", None), ("caption_column", None),
                                   ("caption_dropout", DEFAULT_CAPTION_DROPOUT),
                                   ("validation_prompts", None),
-                                  ("validation_prompts_file", None)):  # fmt: skip
+                                  ("validation_prompts_file", None),
+                                  ("clip_model", None)):  # fmt: skip
                 require(
                     getattr(self, name) == default,
                     f"--{name.replace('_', '-')} applies to text-to-image runs only: add "
                     "--text-encoder, or drop it",
                 )
+        require(
+            self.clip_model is None or getattr(self, "eval_every", 0) > 0,
+            "--clip-model scores the samples of each evaluation: give --eval-every N too (and "
+            "--eval-num-samples), or drop --clip-model",
+        )
         require(
             self.text_encoder is None or not getattr(self, "class_conditional", False),
             "--text-encoder and --class-conditional: a model is conditioned on captions or on "
@@ -219,6 +233,10 @@ class PromptCondition:
         """Sample k's prompt's index (what samples.npz records as its label)."""
         return torch.tensor(self.rows(indices), dtype=torch.long)
 
+    def prompts_of(self, indices: Sequence[int]) -> list[str]:
+        """Sample k's prompt, for each k of `indices` (what the CLIP score compares it with)."""
+        return [self.prompts.texts[k] for k in self.rows(indices)]
+
     def for_samples(self, indices: Sequence[int], device: torch.device | str) -> Condition:
         rows = torch.tensor(self.rows(indices), dtype=torch.long)
         condition = text_condition(self.prompts.hidden[rows], self.prompts.mask[rows],
@@ -248,6 +266,11 @@ class PromptCondition:
 
     def grid_caption(self) -> str:
         return prompts_caption(self.prompts.texts)
+
+    def grid_rows(self, num_images: int) -> list[str]:
+        """The prompt of each row of the grid of `num_images` samples."""
+        rows = labels_by_row(self.rows(range(num_images)), len(self.prompts.texts))
+        return [self.prompts.texts[k] for k in rows]
 
 
 class TextCondition:
@@ -320,6 +343,12 @@ class TextCondition:
         """Sample k's caption (k mod N), without prompts."""
         return [k % len(self.captions.texts) for k in indices]
 
+    def prompts_of(self, indices: Sequence[int]) -> list[str]:
+        """Sample k's prompt (or, without prompts, caption), for each k of `indices`."""
+        if self.prompted is not None:
+            return self.prompted.prompts_of(indices)
+        return [self.captions.texts[k] for k in self.sample_rows(indices)]
+
     def for_samples(self, indices: Sequence[int], device: torch.device | str) -> Condition:
         if self.prompted is not None:
             return self.prompted.for_samples(indices, device)
@@ -373,3 +402,7 @@ class TextCondition:
         if self.prompted is not None:
             return list(self.prompted.prompts.texts)
         return list(self.captions.texts[:NUM_DEFAULT_PROMPTS])
+
+    def grid_rows(self, num_images: int) -> list[str]:
+        """The prompt of each row; without prompts, none (8 captions per row)."""
+        return [] if self.prompted is None else self.prompted.grid_rows(num_images)

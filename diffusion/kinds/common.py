@@ -189,6 +189,10 @@ class NetworkMethod:
         """Unconditional: 8 per row. Class-conditional: one class per row."""
         return self.source.grid_layout(images)
 
+    def grid_rows(self, num_images: int) -> list[str]:
+        """The prompt or class of each row of the grid, its caption ([] unconditional)."""
+        return self.source.grid_rows(num_images)
+
     def draw(self, net: nn.Module) -> Draw:
         return self.kind.sampler(
             net,
@@ -224,6 +228,12 @@ class NetworkMethod:
 
     def sample(self, net: nn.Module, indices: range) -> torch.Tensor:
         return self._sample(net, indices)[0]
+
+    def sample_prompts(self, indices: range) -> list[str]:
+        """The prompts samples `indices` are drawn with (a text-to-image model's: the
+        validation prompts in turn), what --clip-model scores them against."""
+        assert isinstance(self.source, TextCondition), "prompts are a text-to-image model's"
+        return self.source.prompts_of(indices)
 
     def export_pipeline(
         self, folder: Path, net: nn.Module, raw: nn.Module, pipeline_class: type
