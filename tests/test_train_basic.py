@@ -194,7 +194,7 @@ def test_one_process_end_to_end_then_rerun_resumes(tmp_path, wandb_dir, capsys):
     pattern = re.compile(rf"offline-run-\d{{8}}_\d{{6}}-{run_id.strip()}(-\d+)?")
     folders = [p.name for p in wandb_dir.glob("wandb/offline-run-*")]
     assert len(folders) == 2 and all(pattern.fullmatch(name) for name in folders), folders
-    # Noise and data order depend only on (seed, step, rank): the resumed run ends identical.
+    # Noise and data order depend only on (seed, micro-batch): the resumed run ends identical.
     resumed = load_file(run / "checkpoints" / "checkpoint-6" / "model.safetensors")
     for name, value in final_weights.items():
         assert torch.equal(resumed[name], value), name
