@@ -65,7 +65,7 @@ from ddp_utils.data.source import (
     digit_captions,
 )
 from ddp_utils.errors import InputError
-from diffusion.pipeline_code.core import encode_text
+from diffusion.pipeline_code.core import encode_text, join_encodings, text_family
 from diffusion.sources import resolve_model_source
 
 ENCODER_CLASSES: dict[str, type[PreTrainedModel]] = {
@@ -173,10 +173,6 @@ class TextEncoder:
 JOINT_RULES = {("clip", "clip"): "sdxl", ("clip", "clip", "t5"): "sd3", ("clip", "t5"): "flux"}
 
 
-def family(model: PreTrainedModel) -> str:
-    return "t5" if isinstance(model, T5EncoderModel) else "clip"
-
-
 @dataclass
 class JointTextEncoder:
     """Several frozen text encoders read as one, by the rule of the pipeline whose layout they
@@ -199,30 +195,25 @@ class JointTextEncoder:
 
     @property
     def width(self) -> int:
-        clip = sum(p.width for p in self.parts if family(p.model) == "clip")
-        t5 = [p.width for p in self.parts if family(p.model) == "t5"]
+        clip = sum(p.width for p in self.parts if text_family(p.model) == "clip")
+        t5 = [p.width for p in self.parts if text_family(p.model) == "t5"]
         if self.rule == "sdxl":
             return clip
         return max(clip, t5[0]) if self.rule == "sd3" else t5[0]
 
     def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(sequence embeddings (n, L, D), pooled (n, P), attention mask (n, L)), combined by
-        the rule."""
+        the rule: the sequence and mask by `join_encodings` (what the exported pipeline calls
+        too); pooled: the last CLIP's (SDXL), both CLIPs' concatenated (SD3), CLIP's (Flux)."""
         encoded = [part.encode(texts) for part in self.parts]
-        clips = [e for e, p in zip(encoded, self.parts, strict=True) if family(p.model) == "clip"]
-        if self.rule == "flux":
-            t5 = encoded[1]
-            return t5[0], clips[0][1], t5[2]
-        hidden = torch.cat([h for h, _, _ in clips], -1)
-        mask = clips[0][2]
-        if self.rule == "sdxl":
-            return hidden, clips[-1][1], mask
-        t5_hidden, _, t5_mask = encoded[2]
-        width = self.width
-        pad = torch.nn.functional.pad
-        hidden = torch.cat([pad(hidden, (0, width - hidden.shape[-1])),
-                            pad(t5_hidden, (0, width - t5_hidden.shape[-1]))], 1)  # fmt: skip
-        return hidden, torch.cat([p for _, p, _ in clips], -1), torch.cat([mask, t5_mask], 1)
+        families = [text_family(p.model) for p in self.parts]
+        hidden, mask = join_encodings(
+            self.rule, [(f, h, m) for f, (h, _, m) in zip(families, encoded, strict=True)]
+        )
+        pooled = [p for f, (_, p, _) in zip(families, encoded, strict=True) if f == "clip"]
+        if self.rule == "sd3":
+            return hidden, torch.cat(pooled, -1), mask
+        return hidden, pooled[-1], mask
 
     def facts(self) -> dict[str, Any]:
         """As TextEncoder.facts; the class names every part ("CLIPTextModel+...")."""
@@ -246,7 +237,7 @@ def load_joint(
     CLIPs' (default: their positions)."""
     pairs = [(m, t) for m, t in JOINT_FOLDERS if (folder / m / "config.json").is_file()]
     models = [read_model(folder, folder / m, (folder / t, folder / m)) for m, t in pairs]
-    families = tuple(family(model) for model, _ in models)
+    families = tuple(text_family(model) for model, _ in models)
     rule = JOINT_RULES.get(families)
     if rule is None:
         raise InputError(
@@ -264,7 +255,7 @@ def load_joint(
             length = (None if has_t5 else max_length) or default_max_length(model)
         parts.append(encoder_of(model, tokenizer, length, spec, dtype, model_mask=False,
                                 penultimate=name == "clip" and rule != "flux"))  # fmt: skip
-    lengths = {p.max_length for p in parts if family(p.model) == "clip"}
+    lengths = {p.max_length for p in parts if text_family(p.model) == "clip"}
     if rule != "flux" and len(lengths) > 1:
         raise InputError(
             f"{folder}'s CLIP encoders encode {sorted(lengths)} tokens: their sequences are "
@@ -279,13 +270,17 @@ def load_joint(
     return JointTextEncoder(parts, rule, length, spec, digest.hexdigest()[:32])
 
 
-def shipped(encoder: TextEncoder) -> TextEncoder:
-    """`encoder` as an export ships it (`text_encoder/`, `tokenizer/`), still encoding the
+def shipped(encoder: AnyTextEncoder) -> AnyTextEncoder:
+    """`encoder` (each of its parts) as an export ships it (`text_encoder/`, `tokenizer/`), still encoding the
     same (its fingerprint unchanged): the tokenizer's `model_max_length` is the encoder's
     length (what Stable Diffusion's pipelines pad to), with no padding or truncation left on
     it from encoding (its saved definition would carry them), and a CLIP model's config says
     no `use_attention_mask` (Stable Diffusion's pipelines then call it without the mask, as
     `encode` does: with it the padded positions' embeddings differ from the ones trained on)."""
+    if isinstance(encoder, JointTextEncoder):
+        for part in encoder.parts:
+            shipped(part)
+        return encoder
     encoder.tokenizer.model_max_length = encoder.max_length
     backend = getattr(encoder.tokenizer, "backend_tokenizer", None)
     if backend is not None:

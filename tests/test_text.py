@@ -18,6 +18,8 @@ import torch
 import transformers
 from accelerate import Accelerator
 from diffusers import (
+    DiffusionPipeline,
+    FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     StableDiffusion3Pipeline,
     StableDiffusionXLPipeline,
@@ -40,6 +42,9 @@ from ddp_utils.distributed import step_generator
 from diffusion.conditioning import condition_source
 from diffusion.conditioning import text as text_module
 from diffusion.conditioning.text import TextCondition, TextOptions, encode_prompts
+from diffusion.kinds.common import ship_pipeline, text_pipeline_arguments
+from diffusion.kinds.flow import pipeline as flow_pipeline
+from diffusion.kinds.flow.pipeline import FlowPipeline
 from diffusion.pipeline_code.core import guided_output, network_output
 from diffusion.pretrained import run_text
 from diffusion.text_encoders import (
@@ -47,6 +52,7 @@ from diffusion.text_encoders import (
     check_resumed_text_encoder,
     fingerprint_of,
     load_text_encoder,
+    shipped,
     text_encoder_changes,
     tiny_clip,
 )
@@ -562,6 +568,42 @@ def test_sdxl_sd3_and_flux_folders_encode_as_their_pipelines_do(tmp_path):
     folder = save_joint(tmp_path / "t5-clip", ("t5", "clip"))
     with pytest.raises(ValueError, match=r"--text-encoder: .*t5 \+ clip.* read are clip \+ clip"):
         load_text_encoder(str(folder))
+
+
+def test_an_export_of_several_encoders_takes_prompts_as_training_encoded_them(tmp_path):
+    """An export of a run on SDXL's, SD3's or Flux's encoders ships them all (text_encoder/,
+    text_encoder_2/, ...) and its pipeline.py, loaded by diffusers with trust_remote_code,
+    encodes a prompt as the run's cache did: `JointTextEncoder.encode`'s embeddings rounded
+    to the cache's precision, with no mask, by the same joining code (`join_encodings`)."""
+    texts = ["a handwritten seven", "the digit two, written by hand"]
+    layouts = {"sdxl": ("clip", "clip"), "sd3": ("clip", "clip", "t5"), "flux": ("clip", "t5")}
+    for rule, families in layouts.items():
+        joint = shipped(load_text_encoder(str(save_joint(tmp_path / rule, families)),
+                                          max_length=10 if "t5" in families else None))  # fmt: skip
+        torch.manual_seed(0)
+        net = UNet2DConditionModel(
+            sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8,),
+            down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",),
+            layers_per_block=1, cross_attention_dim=joint.width, attention_head_dim=4,
+            norm_num_groups=8,
+        )  # fmt: skip
+        pipe = FlowPipeline(FlowMatchEulerDiscreteScheduler(), unet=net, guidance_scale=1.5,
+                            **text_pipeline_arguments(joint, with_mask=False))  # fmt: skip
+        ship_pipeline(pipe, tmp_path / f"{rule}-export", flow_pipeline)
+        index = json.loads((tmp_path / f"{rule}-export" / "model_index.json").read_text())
+        for n in range(3):
+            suffix = "" if n == 0 else f"_{n + 1}"
+            assert (index[f"text_encoder{suffix}"][0] is not None) == (n < len(families))
+        loaded = DiffusionPipeline.from_pretrained(tmp_path / f"{rule}-export",
+                                                   trust_remote_code=True)  # fmt: skip
+        assert loaded.config.text_join == rule
+        condition = loaded.encode_prompt(texts)
+        assert set(condition) == {"encoder_hidden_states"}
+        expected = joint.encode(texts)[0].to(text_module.EMBEDDING_DTYPE).float()
+        got = condition["encoder_hidden_states"]
+        assert torch.equal(got, expected), (rule, (got - expected).abs().max())
+        image = loaded(prompt=texts[0], num_inference_steps=2, output_type="np").images
+        assert image.shape == (1, 8, 8, 1)
 
 
 def test_clip_is_called_without_its_mask_and_t5_alone_with_it(encoder, tmp_path):

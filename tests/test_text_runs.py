@@ -462,7 +462,7 @@ def test_every_kind_trains_on_text_with_each_backbone(
     latents (a tiny VAE: 16x16 digits -> 4x4x4 latents), with EMA, a T5 encoder whose mask
     goes with its embeddings, and SDXL's two CLIPs read together; sample.py draws them, and so
     does the export's own pipeline given the prompt (none of these is a stock text pipeline's
-    model; SDXL's pair is not shipped: that export takes no prompts)."""
+    model; SDXL's pair ships as text_encoder/ and text_encoder_2/)."""
     out = tmp_path / "run"
     extra = ["--objective", objective, "--backbone", backbone, "--max-steps", "2",
              "--checkpoint-every", "2", "--sample-every", "2", "--sample-steps", "2"]  # fmt: skip
@@ -490,9 +490,13 @@ def test_every_kind_trains_on_text_with_each_backbone(
     index = json.loads((out / "pipeline" / "model_index.json").read_text())
     name = {"ddpm": "GuidedDDPMPipeline", "edm": "EDMPipeline", "flow": "FlowPipeline"}[objective]
     assert index["_class_name"] == ["pipeline", name]
-    if encoder == "sdxl":  # several encoders: sample.py samples it, the export ships none
-        assert index.get("text_encoder", [None])[0] is None
-        return
+    if encoder == "sdxl":  # several encoders: the export ships both, each with its tokenizer
+        assert index["text_encoder_2"][1] == "CLIPTextModelWithProjection"
+        assert (out / "pipeline" / "tokenizer_2").is_dir()
+        shutil.rmtree(tmp_path / "sdxl")  # sample.py reads the export's own copies
+        again, _ = sample_py(out / "pipeline", tmp_path / "from-export", "--num-samples=2",
+                             "--num-steps=2", "--prompt", "a handwritten seven")  # fmt: skip
+        assert np.array_equal(again, images)
     call = {"eta": 1.0} if objective == "ddpm" else {}  # sample.py's DDIM; Heun; Euler
     theirs = shipped_pipeline(out / "pipeline")(
         prompt="a handwritten seven", num_images_per_prompt=2, num_inference_steps=2,

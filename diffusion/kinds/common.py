@@ -31,7 +31,13 @@ from diffusion.networks import Backbone, sample_shape, unwrap
 from diffusion.pipeline_code import shipped_source
 from diffusion.pipeline_code.core import VALUE_RANGE
 from diffusion.sampling import Draw
-from diffusion.text_encoders import TextEncoder, load_as_recorded, shipped, text_encoder_changes
+from diffusion.text_encoders import (
+    AnyTextEncoder,
+    TextEncoder,
+    load_as_recorded,
+    shipped,
+    text_encoder_changes,
+)
 
 NUM_LOSS_BINS = 4  # the loss is also logged per quarter of the noise levels: loss_t_q0..3
 
@@ -103,6 +109,30 @@ def condition_arguments(source: ConditionSource, guidance: Guidance) -> str:
     if source.conditional:
         return "class_labels=[0, 1, 2], guidance_scale=1.5"
     return "batch_size=16"
+
+
+def text_pipeline_arguments(encoder: AnyTextEncoder, with_mask: bool) -> dict[str, Any]:
+    """A text-to-image pipeline's arguments (`NetworkPipeline`) for its `encoder` (as
+    `shipped` ships it): its text model(s) and tokenizer(s), how prompts are encoded and
+    whether the network takes the mask (`with_mask`), the precision the captions' embeddings
+    were stored in. Several encoders (SDXL's, SD3's, Flux's layout) go in as text_encoder,
+    text_encoder_2, ... in folder order, with the rule that joins them."""
+    arguments = {
+        "max_sequence_length": encoder.max_length,
+        "prompt_attention_mask": with_mask,
+        "prompt_embeds_dtype": str(EMBEDDING_DTYPE).removeprefix("torch."),
+    }
+    if isinstance(encoder, TextEncoder):
+        return {**arguments, "text_encoder": encoder.model, "tokenizer": encoder.tokenizer,
+                "text_model_mask": encoder.model_mask}  # fmt: skip
+    for part, name in zip(encoder.parts, ("", "_2", "_3"), strict=False):
+        arguments[f"text_encoder{name}"], arguments[f"tokenizer{name}"] = part.model, part.tokenizer
+    return {
+        **arguments,
+        "text_join": encoder.rule,
+        "text_max_lengths": [part.max_length for part in encoder.parts],
+        "text_penultimate": [part.penultimate for part in encoder.parts],
+    }
 
 
 def ship_pipeline(pipeline: DiffusionPipeline, folder: Path, code: ModuleType) -> None:
@@ -263,28 +293,17 @@ class NetworkMethod:
         }
         encoder = self.shipped_text_encoder()
         if encoder is not None:
-            conditions.update(
-                text_encoder=encoder.model,
-                tokenizer=encoder.tokenizer,
-                max_sequence_length=encoder.max_length,
-                prompt_attention_mask=self.source.with_mask,
-                prompt_embeds_dtype=str(EMBEDDING_DTYPE).removeprefix("torch."),
-                text_model_mask=encoder.model_mask,
-            )
+            conditions.update(text_pipeline_arguments(encoder, self.source.with_mask))
         return conditions
 
-    def shipped_text_encoder(self) -> TextEncoder | None:
-        """A text model's encoder and tokenizer as its export ships them (`shipped`), loaded
-        again from where the run recorded it (training let it go once the captions were
-        encoded) and checked against the fingerprint it trained with; None for other models."""
+    def shipped_text_encoder(self) -> AnyTextEncoder | None:
+        """A text model's encoder(s) and tokenizer(s) as its export ships them (`shipped`),
+        loaded again from where the run recorded them (training let them go once the captions
+        were encoded) and checked against the fingerprint it trained with; None for other
+        models."""
         if not isinstance(self.source, TextCondition):
             return None
         facts = self.source.encoder_facts
-        if "+" in facts["class"]:
-            # Several encoders read together (SDXL's, SD3's, Flux's): the export's own pipeline
-            # carries one text model, so it ships none and takes no prompts; sample.py samples
-            # the run, loading the encoders from where it recorded them.
-            return None
         encoder = load_as_recorded(facts)
         changed = text_encoder_changes(facts, encoder)
         if changed:

@@ -145,6 +145,38 @@ def encode_text(
     return output, hidden, mask.to(torch.int64)
 
 
+def text_family(text_encoder: torch.nn.Module) -> str:
+    """The family of a text model: "t5" for T5's encoder, "clip" for CLIP's text model (with or without projection)."""
+    return "t5" if type(text_encoder).__name__ == "T5EncoderModel" else "clip"
+
+
+def join_encodings(
+    rule: str, parts: Sequence[tuple[str, torch.Tensor, torch.Tensor]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sequence embeddings, attention mask) of several encoders' (family, embeddings (n, L, D)
+    float32, mask (n, L)), in folder order, joined by the rule of the pipeline whose layout they
+    come in (`diffusion.text_encoders.JOINT_RULES`):
+    - "sdxl" (CLIP, CLIP): the embeddings concatenated along the features; the first's mask;
+    - "sd3" (CLIP, CLIP, T5): the CLIPs' as SDXL's, zero-padded to the wider of them and T5,
+      then T5's sequence after them; both masks, in that order;
+    - "flux" (CLIP, T5): T5's sequence and mask (CLIP gives Flux only its pooled embedding)."""
+    if rule == "flux":
+        _, hidden, mask = next(part for part in parts if part[0] == "t5")
+        return hidden, mask
+    clips = [(hidden, mask) for family, hidden, mask in parts if family == "clip"]
+    hidden, mask = torch.cat([h for h, _ in clips], -1), clips[0][1]
+    if rule == "sdxl":
+        return hidden, mask
+    if rule != "sd3":
+        raise ValueError(f"unknown rule {rule!r} for joining text encodings")
+    _, t5_hidden, t5_mask = parts[2]
+    width = max(hidden.shape[-1], t5_hidden.shape[-1])
+    pad = torch.nn.functional.pad
+    hidden = torch.cat([pad(hidden, (0, width - hidden.shape[-1])),
+                        pad(t5_hidden, (0, width - t5_hidden.shape[-1]))], 1)  # fmt: skip
+    return hidden, torch.cat([mask, t5_mask], 1)
+
+
 def text_condition(
     hidden: torch.Tensor, mask: torch.Tensor, with_mask: bool
 ) -> dict[str, torch.Tensor]:
@@ -293,12 +325,16 @@ class NetworkPipeline(DiffusionPipeline):
     """One network, as `unet` (a UNet) or `transformer` (a DiT, as diffusers names them); the
     other component is None. A latent model also has a `vae` (an AutoencoderKL): the network
     denoises its latents and the images are decoded (`decode_latents`). A text-to-image model
-    also has its frozen `text_encoder` and `tokenizer`: it takes `prompt` and
-    `negative_prompt`, encoded as it was trained (`encode_prompt`). Saves the classes and the
-    chosen guidance with the model. Each kind's pipeline adds its `__call__`."""
+    also has its frozen `text_encoder` and `tokenizer` (and `text_encoder_2`, `tokenizer_2`,
+    `_3`: several encoders read together, as SDXL's, SD3's and Flux's pipelines read theirs):
+    it takes `prompt` and `negative_prompt`, encoded as it was trained (`encode_prompt`). Saves
+    the classes and the chosen guidance with the model. Each kind's pipeline adds its
+    `__call__`."""
 
-    _optional_components = ["unet", "transformer", "vae", "text_encoder", "tokenizer"]
-    model_cpu_offload_seq = "text_encoder->unet->transformer->vae"  # those that are set
+    _optional_components = ["unet", "transformer", "vae", "text_encoder", "tokenizer",
+                            "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3"]  # fmt: skip
+    # those that are set
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->unet->transformer->vae"
 
     def __init__(
         self,
@@ -315,19 +351,33 @@ class NetworkPipeline(DiffusionPipeline):
         prompt_attention_mask: bool = False,
         prompt_embeds_dtype: str | None = None,
         text_model_mask: bool = False,
+        text_encoder_2: torch.nn.Module | None = None,
+        tokenizer_2: Any = None,
+        text_encoder_3: torch.nn.Module | None = None,
+        tokenizer_3: Any = None,
+        text_join: str | None = None,
+        text_max_lengths: list[int] | None = None,
+        text_penultimate: list[bool] | None = None,
     ) -> None:
         """A text-to-image model: `text_encoder` and `tokenizer` (transformers'), prompts
         padded or truncated to `max_sequence_length` tokens, the attention mask given to the
         network with the embeddings when `prompt_attention_mask`, the embeddings rounded to
         `prompt_embeds_dtype` (a torch dtype's name: the precision its training stored the
-        captions' encodings in) before the network reads them."""
+        captions' encodings in) before the network reads them. Several encoders: each with its
+        tokenizer, joined by the rule `text_join` (`join_encodings`), each encoding its
+        `text_max_lengths` tokens, from its penultimate layer where `text_penultimate` says."""
         super().__init__()
         if (unet is None) == (transformer is None):
             raise ValueError("give the network as either unet (a UNet) or transformer (a DiT)")
         if (text_encoder is None) != (tokenizer is None):
             raise ValueError("a text-to-image model needs both its text_encoder and tokenizer")
+        more = {"text_encoder_2": text_encoder_2, "tokenizer_2": tokenizer_2,
+                "text_encoder_3": text_encoder_3, "tokenizer_3": tokenizer_3}  # fmt: skip
+        joint = text_encoder_2 is not None
+        if joint != (text_join is not None):
+            raise ValueError("several text encoders need the rule that joins them (text_join)")
         self.register_modules(unet=unet, transformer=transformer, scheduler=scheduler, vae=vae,
-                              text_encoder=text_encoder, tokenizer=tokenizer)  # fmt: skip
+                              text_encoder=text_encoder, tokenizer=tokenizer, **more)  # fmt: skip
         self.register_to_config(
             class_names=class_names,
             guidance_scale=guidance_scale,
@@ -342,6 +392,10 @@ class NetworkPipeline(DiffusionPipeline):
                 prompt_embeds_dtype=prompt_embeds_dtype,
                 text_model_mask=bool(text_model_mask),
             )
+        if joint:  # the one-encoder folders hold none of these
+            self.register_to_config(text_join=text_join,
+                                    text_max_lengths=[int(n) for n in text_max_lengths or []],
+                                    text_penultimate=[bool(p) for p in text_penultimate or []])  # fmt: skip
 
     @property
     def network(self) -> torch.nn.Module:
@@ -368,14 +422,27 @@ class NetworkPipeline(DiffusionPipeline):
         """What guidance projects the clean estimate onto: pixels' range; none for latents."""
         return None if getattr(self, "vae", None) is not None else VALUE_RANGE
 
+    @torch.no_grad()  # as __call__ runs it: the frozen encoders' grad mode changed T5's last bits
     def encode_prompt(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         """The condition of `prompts` (one row each), on the execution device: the text
         model's sequence embeddings, rounded as training stored them, and the mask where the
         network takes it."""
         config = self.config
-        model_mask = getattr(config, "text_model_mask", False)
-        _, hidden, mask = encode_text(self.text_encoder, self.tokenizer, prompts,
-                                      config.max_sequence_length, model_mask)  # fmt: skip
+        rule = getattr(config, "text_join", None)
+        if rule is None:
+            model_mask = getattr(config, "text_model_mask", False)
+            _, hidden, mask = encode_text(self.text_encoder, self.tokenizer, prompts,
+                                          config.max_sequence_length, model_mask)  # fmt: skip
+        else:
+            names = ["", "_2", "_3"][: len(config.text_max_lengths)]
+            parts = []
+            for name, length, penultimate in zip(names, config.text_max_lengths,
+                                                 config.text_penultimate, strict=True):  # fmt: skip
+                model = getattr(self, f"text_encoder{name}")
+                _, part, part_mask = encode_text(model, getattr(self, f"tokenizer{name}"),
+                                                 prompts, length, False, penultimate)  # fmt: skip
+                parts.append((text_family(model), part.float(), part_mask))
+            hidden, mask = join_encodings(rule, parts)
         hidden = hidden.float()
         if config.prompt_embeds_dtype is not None:
             hidden = hidden.to(getattr(torch, config.prompt_embeds_dtype)).float()
