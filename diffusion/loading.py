@@ -26,7 +26,7 @@ from typing import Any, Literal
 import torch
 from diffusers import DDPMScheduler
 
-from ddp_utils.checkpoint import find_resume_checkpoint, read_checkpoint
+from ddp_utils.checkpoint import find_resume_checkpoint, read_checkpoint, whole_tensors
 from ddp_utils.errors import InputError
 from ddp_utils.export import TASK_FILE, check_value_range, read_task_file, verify_checksums
 from diffusion.codecs import LatentCodec, codec_changes, codec_from_export, load_codec
@@ -282,10 +282,11 @@ def _from_checkpoint(folder: Path, weights: Weights, vae: str | None = None) -> 
     kind_named(state.get("task"), ckpt.path)  # an autoencoder's checkpoint: refused, saying why
     cls = network_class(state["model_class"])
     model = prepare_loaded(cls.from_config(state["model_config"]))
-    key = "ema" if weights == "ema" and "ema" in ckpt.tensors else "model"
+    tensors = whole_tensors(ckpt)  # a sharded checkpoint's shards, put together
+    key = "ema" if weights == "ema" and "ema" in tensors else "model"
     # The EMA also holds non-persistent buffers (a DiT's pos_embed), which state_dict leaves out.
     names = set(model.state_dict())
-    model.load_state_dict({k: v for k, v in ckpt.tensors[key].items() if k in names})
+    model.load_state_dict({k: v for k, v in tensors[key].items() if k in names})
     cfg = state["config"]
     loaded = LoadedModel(
         state["task"],
