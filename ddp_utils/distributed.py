@@ -76,6 +76,22 @@ def check_world_size(num_processes: int) -> None:
         )
 
 
+def check_shard_groups(num_processes: int, shard_size: int, per_node: bool) -> None:
+    """HSDP's groups: at least 2 processes each (else nothing is sharded), whole groups."""
+    where = "the processes of one node" if per_node else "--hsdp-shard-size"
+    if num_processes > 1 and shard_size < 2:
+        raise InputError(
+            f"hsdp shards within groups of {where}, {shard_size} here: nothing to shard; use "
+            "--sharding fsdp, or --hsdp-shard-size N (N >= 2)",
+            "sharding",
+        )
+    if num_processes % shard_size:
+        raise InputError(
+            f"{num_processes} processes do not split into groups of {shard_size} ({where})",
+            "sharding" if per_node else "hsdp_shard_size",
+        )
+
+
 def local_world_size(default: int = 1) -> int:
     """The number of processes on this node: LOCAL_WORLD_SIZE, which torchrun and accelerate
     launch export; `default` without a launcher."""
@@ -102,6 +118,7 @@ def make_accelerator(
     allow_tf32: bool = True,
     sharding: Sharding = "none",
     fsdp_cpu_offload: bool = False,
+    hsdp_shard_size: int | None = None,
 ) -> Accelerator:
     """One Accelerator for 1..N processes, on CPU or GPU, with reproducible seeding.
 
@@ -109,7 +126,8 @@ def make_accelerator(
     all-reduce (FSDP: the reduce-scatter) on the micro-steps that do not update, and
     `accelerator.backward` divides the loss by the number of micro-steps. `sharding` other
     than none: FSDP2 over the processes (`ddp_utils.sharding`), parameters, gradients and
-    optimizer state in CPU memory with `fsdp_cpu_offload`.
+    optimizer state in CPU memory with `fsdp_cpu_offload`; `hsdp`: sharded within groups of
+    `hsdp_shard_size` processes (default: one node's), replicated across the groups.
     """
     with environment_kept():
         plugin = None if sharding == "none" else fsdp_plugin(fsdp_cpu_offload)
@@ -125,7 +143,11 @@ def make_accelerator(
             step_scheduler_with_optimizer=False,
         )
     if plugin is not None:
-        shard_with(accelerator, plugin)
+        shard_size = None
+        if sharding == "hsdp":
+            shard_size = hsdp_shard_size or local_world_size()
+            check_shard_groups(accelerator.num_processes, shard_size, hsdp_shard_size is None)
+        shard_with(accelerator, plugin, shard_size)
     # None defers to the launcher (`accelerate launch --mixed_precision` or its config file).
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         # Accelerate silently ignores fp16 on CPU (no autocast, no GradScaler): say so.

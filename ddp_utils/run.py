@@ -237,9 +237,15 @@ class Run:
         self.describe(sum(p.numel() for p in model.parameters()))
         if acc.is_fsdp2:
             num_units = sum(isinstance(m, FSDPModule) for m in model.modules())
+            mesh = getattr(acc, "torch_device_mesh", None)  # HSDP's 2-D mesh
+            groups = (
+                f"{acc.num_processes} processes"
+                if mesh is None
+                else f"{mesh['dp_shard'].size()} processes, {mesh['dp_replicate'].size()} copies"
+            )
             logger.info(
-                "sharded over %d processes, FSDP2 units: %s (%d units with the root)",
-                acc.num_processes,
+                "sharded over %s, FSDP2 units: %s (%d units with the root)",
+                groups,
                 ", ".join(shard_units),
                 num_units,
             )
@@ -623,6 +629,7 @@ def start_run(cfg: TrainConfig, with_labels: bool = False, with_captions: bool =
         cfg.seed,
         sharding=cfg.sharding,
         fsdp_cpu_offload=cfg.fsdp_cpu_offload,
+        hsdp_shard_size=cfg.hsdp_shard_size,
     )
     setup_logging(accelerator.is_main_process)
     watch_launcher()  # under torchrun: stop when the launcher dies (kill -9), not train on

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import torch
 from accelerate import Accelerator
+from accelerate.parallelism_config import ParallelismConfig
 from accelerate.state import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, str_to_bool
 from torch import nn
@@ -37,7 +38,7 @@ from ddp_utils.checkpoint import PARTS
 from ddp_utils.errors import InputError
 from ddp_utils.guard import unwrap_optimizer
 
-Sharding = Literal["none", "fsdp"]
+Sharding = Literal["none", "fsdp", "hsdp"]
 
 # The prefixes of the three parts of a sharded checkpoint's tensors.
 MODEL, EMA_PREFIX, OPTIMIZER = (f"{part}." for part in PARTS)
@@ -87,8 +88,13 @@ def environment_kept(names: Sequence[str] = PLUGIN_ENVIRONMENT) -> Iterator[None
                 os.environ[name] = value
 
 
-def shard_with(accelerator: Accelerator, plugin: FullyShardedDataParallelPlugin) -> None:
-    """Make `accelerator` (built with `fsdp_plugin=plugin`) shard with FSDP2 on N processes.
+def shard_with(
+    accelerator: Accelerator,
+    plugin: FullyShardedDataParallelPlugin,
+    shard_size: int | None = None,
+) -> None:
+    """Make `accelerator` (built with `fsdp_plugin=plugin`) shard with FSDP2 on N processes;
+    `shard_size` (HSDP): in groups of that many processes, each group holding a whole copy.
 
     On GPUs Accelerate has done it already. On CPU processes over gloo it chose MULTI_CPU
     (its `AcceleratorState.__init__` turns a plugin into FSDP for accelerator process groups
@@ -107,6 +113,17 @@ def shard_with(accelerator: Accelerator, plugin: FullyShardedDataParallelPlugin)
         PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     if accelerator.distributed_type != DistributedType.NO:
         assert accelerator.is_fsdp2 and state.fsdp_plugin is plugin, accelerator.distributed_type
+    if shard_size is not None and accelerator.num_processes > 1:
+        # HSDP: a 2-D mesh (replicas x shards) that Accelerate's FSDP2 preparation shards over
+        # (`fsdp2_prepare_model`: `mesh[parallelism_config.fsdp_dim_names]`). These are the
+        # lines `Accelerator.__init__` runs for a `parallelism_config`; they run here, once the
+        # state is FSDP, because its check refuses MULTI_CPU (the CPU processes of the tests).
+        config = ParallelismConfig(
+            dp_replicate_size=accelerator.num_processes // shard_size, dp_shard_size=shard_size
+        )
+        state.parallelism_config = config
+        state.device_mesh = config.get_device_mesh(accelerator.device.type)
+        config._validate_accelerator(accelerator)
     dtype = _COMPUTE_DTYPES.get(accelerator.mixed_precision)
     plugin.mixed_precision_policy = (
         None

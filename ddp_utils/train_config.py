@@ -218,7 +218,13 @@ class TrainConfig:
     sharding: Sharding = option(
         "none",
         "none: every process holds the whole model, its gradients, EMA and optimizer state "
-        "(DDP); fsdp: each holds 1/N of each (FSDP2), for a model that does not fit one device",
+        "(DDP); fsdp: each holds 1/N of each (FSDP2), for a model that does not fit one device; "
+        "hsdp: sharded within each node, a whole copy per node (several nodes)",
+    )
+    hsdp_shard_size: int | None = option(
+        None,
+        "with --sharding hsdp: the processes that share one copy of the model (default: one "
+        "node's); the number of processes must be a multiple of it",
     )
     fsdp_cpu_offload: bool = option(
         False,
@@ -378,8 +384,17 @@ class TrainConfig:
             )
         require(
             self.sharding != "none" or not self.fsdp_cpu_offload,
-            "--fsdp-cpu-offload applies with --sharding fsdp only; add it, or drop "
+            "--fsdp-cpu-offload applies with --sharding fsdp or hsdp only; add it, or drop "
             "--fsdp-cpu-offload",
+        )
+        require(
+            self.hsdp_shard_size is None or self.sharding == "hsdp",
+            "--hsdp-shard-size applies with --sharding hsdp only; add it, or drop "
+            "--hsdp-shard-size",
+        )
+        require(
+            self.hsdp_shard_size is None or self.hsdp_shard_size >= 2,
+            f"--hsdp-shard-size must be >= 2 or none, got {self.hsdp_shard_size}",
         )
         if self.sharding != "none":
             for name in ("save_on_each_node", "compile"):

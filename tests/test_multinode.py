@@ -64,9 +64,18 @@ EXPECTED = {
         "same_network": True,
         "mixed_precision": "bf16",
     },
+    "2node_8gpu_hsdp.yaml": {
+        "distributed_type": DistributedType.FSDP,
+        "fsdp_config": {"fsdp_version": 2},
+        "num_processes": 16,
+        "num_machines": 2,
+        "machine_rank": 0,
+        "mixed_precision": "bf16",
+    },
 }
 MUST_EDIT = {
     "2node_8gpu_bf16.yaml": ("machine_rank", "main_process_ip", "main_process_port"),
+    "2node_8gpu_hsdp.yaml": ("machine_rank", "main_process_ip", "main_process_port"),
 }
 
 

@@ -7,7 +7,8 @@ reference, the same command killed while checkpoint-6 is half written, a 2-step 
 (bf16, gradient checkpointing) and a 2-step text-to-image flow run on latents (meanwhile, in
 this process, a one-process sharded run of 3 steps); then the rerun that finishes the killed
 one, the DDP run of the same command, and the one-process checkpoint resumed on two
-processes. Every 8-step run has a NaN batch on rank 1 in step 5 (skipped).
+processes; last, that checkpoint goes on under HSDP and under DDP on four processes. Every
+8-step run has a NaN batch on rank 1 in step 5 (skipped).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from ddp_utils.checkpoint import (
     read_shards,
     whole_tensors,
 )
+from ddp_utils.distributed import check_shard_groups
 from ddp_utils.errors import InputError
 from ddp_utils.sharding import check_launch
 from ddp_utils.train_config import TrainConfig
@@ -129,6 +131,14 @@ def runs(tmp_path_factory, preset: Path) -> dict:
     rerun = Launch(tmp, "train_ddpm.py", args(out, preset, *sharded), 2, NAN_IN_STEP_5)
     ddp_run = Launch(tmp, "train_ddpm.py", args(ddp, preset), 2, NAN_IN_STEP_5)
     on_two = Launch(tmp, "train_ddpm.py", args(two, preset, *sharded, "--max-steps", "3"), 2)
+    rerun_result, ddp_result, on_two_result = finish(rerun), finish(ddp_run), finish(on_two)
+    # Four processes: HSDP (2 copies x 2 shards) and DDP, both going on from the one-process
+    # sharded checkpoint-3 as new runs (a DDP run reads a sharded checkpoint whole).
+    start = ["--resume", str(one / "checkpoints" / "checkpoint-3"), "--batch-size", "2",
+             "--max-steps", "5"]  # fmt: skip
+    hsdp = Launch(tmp, "train_ddpm.py", args(tmp / "hsdp", preset, *start, "--sharding", "hsdp",
+                                             "--hsdp-shard-size", "2"), 4)  # fmt: skip
+    ddp4 = Launch(tmp, "train_ddpm.py", args(tmp / "ddp4", preset, *start), 4)
     return {
         "reference": ref,
         "interrupted": out,
@@ -138,13 +148,17 @@ def runs(tmp_path_factory, preset: Path) -> dict:
         "killed": killed,
         "left_behind": left_behind,
         "latest_after_kill": None if latest is None else latest.step,
-        "rerun": finish(rerun),
-        "ddp_result": finish(ddp_run),
-        "on_two": finish(on_two),
+        "rerun": rerun_result,
+        "ddp_result": ddp_result,
+        "on_two": on_two_result,
+        "hsdp": tmp / "hsdp",
+        "hsdp_result": finish(hsdp),
+        "ddp4": tmp / "ddp4",
         "unet": tmp / "unet",
         "unet_result": unet_result,
         "text": tmp / "text",
         "text_result": text_result,
+        "ddp4_result": finish(ddp4),
     }
 
 
@@ -168,6 +182,7 @@ def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], toleran
     assert max(worst.values()) <= tolerance, sorted(worst.items(), key=lambda kv: -kv[1])[:4]
 
 
+@pytest.mark.slow
 def test_a_sharded_run_trains_as_the_ddp_run_does_and_skips_the_nan_step_alike(runs) -> None:
     """Same losses and weights (raw, EMA, optimizer moments) after 8 steps within float
     tolerance; the NaN batch one rank saw was skipped by every shard (else NaN, or half the
@@ -192,12 +207,14 @@ def test_a_sharded_run_trains_as_the_ddp_run_does_and_skips_the_nan_step_alike(r
     assert "update skipped" in runs["rerun"].output or "update skipped" in runs["killed"].output
 
 
+@pytest.mark.slow
 def test_the_sharded_export_equals_the_ddp_export(runs) -> None:
     assert_close(export_tensors(runs["reference"]), export_tensors(runs["ddp"]), TOLERANCE)
     index = json.loads((runs["reference"] / "pipeline" / "model_index.json").read_text())
     assert index["transformer"] == ["diffusers", "DiTTransformer2DModel"]
 
 
+@pytest.mark.slow
 def test_each_process_writes_its_own_shard_of_weights_ema_and_optimizer(runs) -> None:
     folder = runs["reference"] / "checkpoints" / f"checkpoint-{MAX_STEPS}"
     state = json.loads((folder / "state.json").read_text())
@@ -215,6 +232,7 @@ def test_each_process_writes_its_own_shard_of_weights_ema_and_optimizer(runs) ->
     assert "(2 shards)" in runs["rerun"].output
 
 
+@pytest.mark.slow
 def test_a_sharded_run_killed_mid_save_reruns_to_bit_identical_weights(runs) -> None:
     # The kill left a temporary folder, never a checkpoint-6; the rerun removed it, resumed
     # from checkpoint-3 and ended where the uninterrupted run did, bit for bit.
@@ -238,6 +256,7 @@ def test_a_sharded_run_killed_mid_save_reruns_to_bit_identical_weights(runs) -> 
     assert states[0]["optimizer"] == states[1]["optimizer"]
 
 
+@pytest.mark.slow
 def test_a_two_process_sharded_checkpoint_resumes_on_one_process(runs, preset, tmp_path):
     """One process reads both shards into the whole network: the same weights (its export of
     the checkpoint equals the two-process run's), and it trains on from there."""
@@ -256,6 +275,7 @@ def test_a_two_process_sharded_checkpoint_resumes_on_one_process(runs, preset, t
     assert "ACCELERATE_USE_FSDP" not in os.environ
 
 
+@pytest.mark.slow
 def test_a_one_process_sharded_checkpoint_resumes_on_two_processes(runs) -> None:
     """Each of two processes reads its half of every tensor from the one-process checkpoint:
     the export of the checkpoint's weights is the one-process run's, bit for bit."""
@@ -266,6 +286,7 @@ def test_a_one_process_sharded_checkpoint_resumes_on_two_processes(runs) -> None
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_a_unet_shards_by_block_in_bf16_with_checkpointing(runs) -> None:
     """EDM on a UNet: each process holds half of every weight (fp32 masters); bf16 was the
     compute dtype; the export is a UNet pipeline whose weights are the checkpoint's EMA."""
@@ -292,6 +313,7 @@ def test_a_unet_shards_by_block_in_bf16_with_checkpointing(runs) -> None:
     assert all(torch.equal(exported[f"unet/{k}"], ema[k]) for k in state)
 
 
+@pytest.mark.slow
 def test_text_to_image_on_latents_trains_sharded(runs) -> None:
     """The cross-attention blocks are units; the frozen text encoder and VAE stay whole on
     every process (Accelerate's FSDP flag is out of the environment before transformers loads
@@ -306,6 +328,30 @@ def test_text_to_image_on_latents_trains_sharded(runs) -> None:
     assert list((runs["text"] / "samples").glob("*.png"))
 
 
+@pytest.mark.slow
+def test_hsdp_shards_within_groups_and_trains_as_ddp_does(runs) -> None:
+    """Four processes as two copies of two shards each (HSDP's 2-D mesh), started from the
+    one-process sharded checkpoint like a DDP run of four: the same weights after 2 steps; each
+    weight written once, in halves (the copies hold the same)."""
+    log = runs["hsdp_result"].output
+    assert "sharded over 2 processes, 2 copies" in log and "a new run from" in log
+    folder = runs["hsdp"] / "checkpoints" / "checkpoint-5"
+    state = json.loads((folder / "state.json").read_text())
+    assert state["format"] == "sharded" and state["num_processes"] == 4
+    key = "model.transformer_blocks.0.attn1.to_q.weight"
+    rows = []
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(shard, framework="pt") as f:
+            if key in f.keys():  # noqa: SIM118 - safe_open has no __contains__
+                rows.append(f.get_slice(key).get_shape()[0])
+    assert rows == [8, 8]
+    hsdp, ddp = checkpoint_tensors(runs["hsdp"], 5), checkpoint_tensors(runs["ddp4"], 5)
+    assert_close(hsdp["model"], ddp["model"], TOLERANCE)
+    assert_close(hsdp["ema"], ddp["ema"], TOLERANCE)
+    assert_close(export_tensors(runs["hsdp"]), export_tensors(runs["ddp4"]), TOLERANCE)
+
+
+@pytest.mark.slow
 def test_a_damaged_shard_falls_back_to_the_older_checkpoint(runs, tmp_path, caplog) -> None:
     checkpoints = tmp_path / "checkpoints"
     for step in (6, MAX_STEPS):
@@ -321,6 +367,7 @@ def test_a_damaged_shard_falls_back_to_the_older_checkpoint(runs, tmp_path, capl
         read_checkpoint(shard.parent)
 
 
+@pytest.mark.slow
 def test_dcp_metadata_pickles_and_unlisted_files_in_a_sharded_checkpoint_never_load(
     runs, tmp_path
 ) -> None:
@@ -348,13 +395,23 @@ def test_dcp_metadata_pickles_and_unlisted_files_in_a_sharded_checkpoint_never_l
 
 
 def test_sharding_flags_are_checked_before_anything_runs() -> None:
-    with pytest.raises(InputError, match="--fsdp-cpu-offload applies with --sharding fsdp"):
+    with pytest.raises(InputError, match="--fsdp-cpu-offload applies with --sharding fsdp or"):
         TrainConfig(fsdp_cpu_offload=True)
     with pytest.raises(InputError, match="--save-on-each-node does not work with --sharding"):
         TrainConfig(sharding="fsdp", save_on_each_node=True)
     with pytest.raises(InputError, match="--compile does not work with --sharding"):
         TrainConfig(sharding="fsdp", compile=True)
     TrainConfig(sharding="fsdp", fsdp_cpu_offload=True)
+    with pytest.raises(InputError, match="--hsdp-shard-size applies with --sharding hsdp"):
+        TrainConfig(sharding="fsdp", hsdp_shard_size=2)
+    with pytest.raises(InputError, match="--hsdp-shard-size must be >= 2"):
+        TrainConfig(sharding="hsdp", hsdp_shard_size=1)
+    # One process per node cannot shard; the processes must make whole groups.
+    with pytest.raises(InputError, match="--sharding: .* 1 here: nothing to shard"):
+        check_shard_groups(num_processes=16, shard_size=1, per_node=True)
+    with pytest.raises(InputError, match="--hsdp-shard-size: 6 processes do not split into"):
+        check_shard_groups(num_processes=6, shard_size=4, per_node=False)
+    check_shard_groups(num_processes=16, shard_size=8, per_node=True)
 
 
 def test_an_fsdp_accelerate_config_must_agree_with_the_flags(monkeypatch) -> None:
