@@ -28,8 +28,12 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# Two pytest workers, each taking whole test files (module fixtures train once): a test of
+# one process leaves the second core idle, and half the suite is such tests.
+PYTEST_WORKERS ?= 2
+
 test: lint
-	$(TEST_ENV) $(BIN)/python -m pytest
+	$(TEST_ENV) $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile
 
 clean:
 	rm -rf runs outputs wandb .pytest_cache

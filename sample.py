@@ -15,11 +15,14 @@ r"""Images from any model this toolkit trains: an export, a checkpoint, or a run
     # a text-to-image model: prompts (one row of grid.png each), guided away from a negative one
     python sample.py runs/text --prompt "a handwritten seven" "the digit two" \
         --negative-prompt "a handwritten one" --guidance-scale 3
+    # ... and how well the images match their prompts: the CLIP score (clip_score.json)
+    python sample.py runs/text --num-samples 400 --clip-model openai/clip-vit-large-patch14
 
 Writes `<output-dir>/samples.npz` (uint8 (N, H, W, C) as `arr_0`, the format evaluation tools
 read) and `<output-dir>/grid.png`; `--save-images` adds one PNG per sample and
 `--save-progression` a strip of the denoising trajectory, `--fid --dataset D` FID/KID against
-dataset D in `fid.json` (sharded like the sampling). Sample k always comes from the
+dataset D in `fid.json` (sharded like the sampling), `--clip-model` a text model's CLIP score
+against its prompts in `clip_score.json`. Sample k always comes from the
 seed (`--seed`, k), so the images do not depend on the batch size or number of processes.
 """
 
@@ -61,7 +64,8 @@ from diffusion.kinds.registry import all_knobs
 from diffusion.loading import load_for_sampling
 from diffusion.sources import resolve_model_source
 from evaluation import load_fid_inception
-from evaluation.during_sampling import fid_metrics, fid_reference
+from evaluation.clip_score import load_clip_scorer
+from evaluation.during_sampling import clip_metrics, fid_metrics, fid_reference
 
 
 def sample(cfg: SampleConfig) -> np.ndarray:
@@ -100,6 +104,14 @@ def sample(cfg: SampleConfig) -> np.ndarray:
         lambda: choose_condition(cfg, loaded, accelerator.device),
         InputError("the prompts could not be encoded (the main process says why)", "prompt"),
     )
+    clip = None  # --clip-model: a text model's samples against their prompts
+    if cfg.clip_model is not None:
+        clip = main_process_first(
+            accelerator,
+            lambda: load_clip_scorer(cfg.clip_model, accelerator.device),
+            InputError(f"{cfg.clip_model} could not be loaded (the main process says why)",
+                       "clip_model"),
+        )  # fmt: skip
     if accelerator.is_main_process:
         describe_source(cfg, loaded)
         if cfg.fid:
@@ -150,6 +162,15 @@ def sample(cfg: SampleConfig) -> np.ndarray:
                 f"± {metrics['kid_std']:.6f} | {metrics['num_samples']} samples vs "
                 f"{metrics['num_reference']} images of {metrics['reference']} -> "
                 f"{out / 'fid.json'}"
+            )
+    if clip is not None:
+        metrics = clip_metrics(cfg, images, condition, clip, accelerator)
+        if accelerator.is_main_process:
+            write_json(out / "clip_score.json", metrics)
+            print(
+                f"CLIP score {metrics['clip_score']:.4f} | {metrics['num_samples']} samples, "
+                f"{len(metrics['prompts'])} prompt(s), {cfg.clip_model} -> "
+                f"{out / 'clip_score.json'}"
             )
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -44,6 +44,7 @@ from ddp_utils.cli import cli_main
 from ddp_utils.config import option, parse_config, require
 from ddp_utils.run import Run, start_run
 from ddp_utils.train_config import TrainConfig
+from diffusion.adapters import AdapterOptions
 from diffusion.conditioning.guidance import ConditioningOptions
 from diffusion.conditioning.text import TextOptions
 from diffusion.kinds import choose_sampler, kind_named, kinds_trained_by
@@ -57,8 +58,9 @@ from diffusion.networks import (
     takes_text,
     text_backbones,
 )
+from diffusion.pipelines import supported, text_pipeline_family
 from diffusion.pretrained import initial_network, resolve_kind_options, run_codec, run_text
-from evaluation.during_training import training_evaluator
+from evaluation.during_training import run_clip_scorer, training_evaluator
 
 KINDS = kinds_trained_by("train_ddpm.py")
 Objective = Literal[tuple(kind.name for kind in KINDS)]  # type: ignore[valid-type]
@@ -70,6 +72,7 @@ SampleKnobs = knob_options("sample_", "of the grids and --eval-every")
 
 @dataclass
 class DDPMConfig(
+    AdapterOptions,
     TextOptions,
     ConditioningOptions,
     SampleKnobs,
@@ -78,8 +81,8 @@ class DDPMConfig(
 ):
     """DDPM, EDM or another kind of train_ddpm.py; defaults make readable digits in ~11 minutes
     on a 2-core CPU. Each kind's options are its section (diffusion/kinds/<name>/options.py),
-    as are class conditioning's (diffusion/conditioning/guidance.py) and text's
-    (diffusion/conditioning/text.py)."""
+    as are class conditioning's (diffusion/conditioning/guidance.py), text's
+    (diffusion/conditioning/text.py) and LoRA's (diffusion/adapters.py)."""
 
     objective: Objective = option(
         DEFAULT_OBJECTIVE,
@@ -109,7 +112,9 @@ class DDPMConfig(
         "start from a trained model's weights (fine-tuning): an export of this toolkit, a "
         "diffusers DDPMPipeline or UNet2DModel folder, a checkpoint, or a hub id such as "
         "google/ddpm-cifar10-32; its size, channels and classes must match the data, and its "
-        "noise schedule is used unless given here. A run with checkpoints resumes instead",
+        "noise schedule is used unless given here. Or a text-to-image pipeline (a folder or a "
+        f"hub id) of {supported()}: its denoiser, VAE, text encoder and schedule, on captions. "
+        "A run with checkpoints resumes instead",
     )
     vae: str | None = option(
         None,
@@ -147,7 +152,8 @@ class DDPMConfig(
     # (diffusion.pretrained.run_codec, run_text).
     may_change_on_resume = TrainConfig.may_change_on_resume | {
         "sample_scheduler", "sample_guidance_scale", "sample_guidance_interval", "init_from",
-        "vae", "text_encoder", "validation_prompts", "validation_prompts_file",
+        "vae", "text_encoder", "validation_prompts", "validation_prompts_file", "export_fused",
+        "clip_model",
         *(f"sample_{name}" for name in all_knobs()),
     }  # fmt: skip
 
@@ -164,6 +170,7 @@ class DDPMConfig(
         for name, value in choice.knobs.items():
             setattr(self, f"sample_{name}", value)
         super().__post_init__()
+        self.take_pipeline_components()
         for other in KINDS:
             if other is not kind:
                 other.leave_unused(self)
@@ -191,9 +198,10 @@ class DDPMConfig(
             )  # fmt: skip
         else:
             require(
-                not text,
-                "--init-from with --text-encoder: fine-tuning a text-to-image model is not "
-                "supported yet; train one from --preset",
+                not text or self.pipeline is not None,
+                "--init-from with --text-encoder: fine-tuning a text-to-image model of this "
+                f"toolkit is not supported yet; --init-from a pipeline of {supported()} brings "
+                "its own text encoder",
             )
             require(
                 self.preset is None,
@@ -206,6 +214,33 @@ class DDPMConfig(
             self.vae is not None or self.latent_scale == "config",
             "--latent-scale applies to latent models only: add --vae",
         )
+        require(
+            self.pipeline is None or self.latent_scale == "config",
+            "--latent-scale measure and --init-from a pipeline: its denoiser was trained on "
+            "latents at its VAE config's scale, which the fine-tune keeps; drop --latent-scale",
+        )
+        self.check_adapter_options(self.pipeline)
+
+    @property
+    def pipeline(self) -> str | None:
+        """The family of --init-from's text-to-image pipeline (None: not one)."""
+        return self._pipeline
+
+    def take_pipeline_components(self) -> None:
+        """--init-from a text-to-image pipeline: its VAE and text encoder(s) are the run's
+        (--vae and --text-encoder name the pipeline; other ones are refused)."""
+        family = None if self.init_from is None else text_pipeline_family(self.init_from)
+        self._pipeline = None if family is None else family.name
+        if family is None:
+            return
+        for name in ("vae", "text_encoder"):
+            flag = f"--{name.replace('_', '-')}"
+            require(
+                getattr(self, name) in (None, self.init_from),
+                f"{flag} {getattr(self, name)} and --init-from {self.init_from}: a "
+                f"{family.title} pipeline brings its own {name.replace('_', ' ')}; drop {flag}",
+            )
+            setattr(self, name, self.init_from)
 
 
 def train(cfg: DDPMConfig) -> Run:
@@ -213,6 +248,7 @@ def train(cfg: DDPMConfig) -> Run:
         cfg, with_labels=cfg.class_conditional, with_captions=cfg.text_encoder is not None
     )
     kind = kind_named(cfg.objective, "--objective")
+    clip = run_clip_scorer(run)  # --clip-model: loaded and checked before any encoding
     codec = run_codec(run)  # --vae: checked, the data encoded (or read from its cache)
     # --text-encoder: checked, the captions and the grids' prompts encoded once (or read)
     run_text(run, cfg.validation_prompt_texts())
@@ -225,7 +261,8 @@ def train(cfg: DDPMConfig) -> Run:
         # made from the export's config (DDIMScheduler.from_config) inherits it too.
         scheduler = type(scheduler).from_config(scheduler.config, clip_sample=False)
     method = kind.method(run, scheduler, backbone_of(model), codec)
-    loop.train(run, method, model, evaluator=training_evaluator(run))
+    evaluator = training_evaluator(run, clip, method.sample_prompts)
+    loop.train(run, method, model, evaluator=evaluator)
     return run
 
 

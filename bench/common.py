@@ -44,6 +44,17 @@ def git_revision() -> str:
         return "unknown"
 
 
+def tree_state() -> str:
+    """'clean tree', or 'uncommitted changes' (to tracked files): what the figures belong to."""
+    try:
+        dirty = subprocess.check_output(
+            ["git", "status", "--porcelain", "--untracked-files=no"], text=True
+        ).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return "uncommitted changes" if dirty else "clean tree"
+
+
 def train_flops_per_image(
     model: torch.nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], shape: tuple[int, ...]
 ) -> float:

@@ -37,3 +37,6 @@ if [[ -d runs/ae-digits/model ]]; then
 else
     run latent_throughput $PY bench/latent_throughput.py --untrained ae-digits
 fi
+# The text path: encoders of tiny-clip's, CLIP ViT-L/14's and T5-base's sizes (random weights),
+# the text cache, training on it vs encoding every step (about 5 minutes of one core).
+OMP_NUM_THREADS=1 run text_throughput $PY bench/text_throughput.py

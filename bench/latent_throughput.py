@@ -30,7 +30,6 @@ import argparse
 import contextlib
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,7 +41,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import git_revision, machine, print_table, synchronize  # noqa: E402
+from bench.common import (  # noqa: E402
+    git_revision,
+    machine,
+    print_table,
+    synchronize,
+    tree_state,
+)
 from ddp_utils.data import load_image_data, load_latents  # noqa: E402
 from diffusion.autoencoder.presets import build_autoencoder  # noqa: E402
 from diffusion.codecs import DTYPES, load_codec, measured_scale  # noqa: E402
@@ -51,17 +56,6 @@ from diffusion.networks import count_parameters  # noqa: E402
 from diffusion.networks.unet import build_ddpm_unet  # noqa: E402
 
 DEFAULT_VAE = "runs/ae-digits/model"
-
-
-def tree_state() -> str:
-    """'clean tree', or 'uncommitted changes' (to tracked files): what the figures belong to."""
-    try:
-        dirty = subprocess.check_output(
-            ["git", "status", "--porcelain", "--untracked-files=no"], text=True
-        ).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return "uncommitted changes" if dirty else "clean tree"
 
 
 def disk_bytes(folder: Path, pattern: str) -> int:

@@ -98,6 +98,38 @@ def optimizer_from_safetensors(tensors: dict[str, torch.Tensor], meta: dict) -> 
     return {"state": state, "param_groups": groups}
 
 
+# --------------------------------------------------------------------------- the network
+
+
+def trained_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint holds of a network: its state dict, or, when part of it is frozen (an
+    adapter on a pretrained base), the parameters that train (the base is read again from
+    where it came, and checked)."""
+    params = dict(model.named_parameters())
+    if all(p.requires_grad for p in params.values()):
+        return model.state_dict()
+    return {name: p.detach() for name, p in params.items() if p.requires_grad}
+
+
+def load_trained_weights(
+    model: torch.nn.Module, tensors: dict[str, torch.Tensor], where: Path
+) -> None:
+    """Load what `trained_weights` saved: the whole state dict, or exactly the trainable
+    parameters of a partly frozen network (a CheckpointError names what does not match)."""
+    params = dict(model.named_parameters())
+    if all(p.requires_grad for p in params.values()):
+        model.load_state_dict(tensors)
+        return
+    trained = {name for name, p in params.items() if p.requires_grad}
+    missing, extra = sorted(trained - set(tensors)), sorted(set(tensors) - trained)
+    if missing or extra:
+        raise CheckpointError(
+            f"{where} does not hold this network's trained parameters (an adapter of another "
+            f"shape?): missing {missing[:3]}, unexpected {extra[:3]}"
+        )
+    model.load_state_dict(tensors, strict=False)
+
+
 # --------------------------------------------------------------------------- saving
 
 

@@ -29,9 +29,14 @@ from ddp_utils.sharding import local
 def _named_tensors(
     model: nn.Module,
 ) -> tuple[list[str], list[torch.Tensor], list[str], list[torch.Tensor]]:
-    """Parameter and buffer names and tensors (a DTensor's local shard) in a fixed order."""
+    """Parameter and buffer names and tensors (a DTensor's local shard) in a fixed order
+    (state_dict order). A model whose parameters are partly frozen (an adapter on a pretrained
+    base) averages what trains: its trainable parameters, no buffers (the frozen base's never
+    change)."""
     params = list(model.named_parameters())
     buffers = list(model.named_buffers())
+    if not all(p.requires_grad for _, p in params):
+        params, buffers = [(name, p) for name, p in params if p.requires_grad], []
     return (
         [name for name, _ in params],
         [local(p.detach()) for _, p in params],

@@ -93,9 +93,17 @@ def rows_by_label(
     """(NHWC images ordered one label per row, images per row), for `make_grid(..., nrow=)`:
     label 0's images in the first row, label 1's in the second, ...; rows as long as the
     largest group, shorter ones padded with black."""
-    groups = [[i for i, c in enumerate(labels) if c == k] for k in range(num_labels)]
-    groups = [group for group in groups if group]
+    groups = [
+        [i for i, c in enumerate(labels) if c == k] for k in labels_by_row(labels, num_labels)
+    ]
     width = max(len(group) for group in groups)
     blank = np.zeros_like(images[0])
     ordered = [images[g[j]] if j < len(g) else blank for g in groups for j in range(width)]
     return np.stack(ordered), width
+
+
+def labels_by_row(labels: Sequence[int], num_labels: int) -> list[int]:
+    """The label of each row `rows_by_label` makes, top to bottom: the labels 0..num_labels-1
+    that have an image (a label without one gets no row)."""
+    present = set(labels)
+    return [k for k in range(num_labels) if k in present]

@@ -33,6 +33,7 @@ from ddp_utils.data import Batch, BatchSource
 from ddp_utils.data.source import is_built_in
 from ddp_utils.distributed import (
     all_finite_everywhere,
+    derive_seed,
     map_sharded,
     raise_together,
     step_generator,
@@ -102,6 +103,12 @@ class Method(Protocol):
 
     def grid_layout(self, images: np.ndarray) -> tuple[np.ndarray, int]:
         """The sample grid's images (NHWC uint8, items 0..n-1) in order, and images per row."""
+        ...
+
+    def grid_rows(self, num_images: int) -> list[str]:
+        """What each row of the grid of `num_images` shows, top to bottom (a text model's
+        prompts, a class-conditional one's classes): the grid's caption in the trackers; []
+        where rows show nothing in particular."""
         ...
 
     def export(self, folder: Path, net: nn.Module, raw: nn.Module) -> None:
@@ -281,6 +288,8 @@ def optimizer_step(
         if cfg.compile:  # a new forward/backward: CUDA-graph outputs of the last one are free
             torch.compiler.cudagraph_mark_step_begin()
         generator = step_generator(cfg.seed, micro_step, acc.process_index, acc.device)
+        # Dropout (a LoRA adapter's) draws from the global RNG: seeded per micro-step too.
+        torch.manual_seed(derive_seed("dropout", cfg.seed, micro_step, acc.process_index))
         batch = batches.get(micro_step, generator)
         with acc.accumulate(model), acc.autocast():
             loss = method.loss(model, batch, generator, stats)
@@ -348,7 +357,7 @@ def sample_grid(run: Run, method: Method, net: nn.Module) -> np.ndarray:
 def log_pictures(run: Run, method: Method, net: nn.Module, step: int) -> np.ndarray:
     """The sample grid and the method's pictures (collective); returns the grid."""
     grid = sample_grid(run, method, net)
-    run.tracker.log_image("samples", grid, step)
+    run.tracker.log_image("samples", grid, step, method.grid_rows(run.cfg.num_sample_images))
     if run.is_writer:
         for name, picture in method.pictures(net, step).items():
             run.tracker.log_image(name, picture, step)
@@ -399,6 +408,11 @@ def model_card(
             ("FID", f"{card.fid:.2f} at step {fid_record.get('step', '?')} "
                     f"({card.fid_samples} samples vs the training data)")
         )  # fmt: skip
+        if fid_record.get("clip_score") is not None:
+            card.facts.append(
+                ("CLIP score", f"{fid_record['clip_score']:.2f} (FID's samples against their "
+                               f"prompts, by {getattr(cfg, 'clip_model', None) or 'CLIP'})")
+            )  # fmt: skip
     if is_hub_dataset(cfg.dataset):
         card.dataset = cfg.dataset
     return card

@@ -17,6 +17,7 @@ from PIL import Image
 
 CARD_FILE = "README.md"
 GRID_FILE = "samples.png"
+GRID_CAPTION = "Samples from fixed seeds at the end of training."
 
 TEMPLATE = """---
 {{ card_data }}
@@ -61,15 +62,19 @@ class CardFacts:
     fid_samples: int | None = None
     tags: list[str] = field(default_factory=list)
     class_conditional: bool = False  # the hub's task: class-conditional or unconditional
+    text_to_image: bool = False  # ... or text-to-image
     generates: bool = True  # a generative model (sample.py samples it), not an autoencoder
-    grid_caption: str = "Samples from fixed seeds at the end of training."
+    grid_caption: str = GRID_CAPTION  # what the grid shows (a text model's: its prompts)
 
 
 def hub_task(card: CardFacts) -> str:
     """The task the card names. The hub's pipeline tags have unconditional image generation
-    but no class-conditional one (class-conditional cards such as DiT's carry none)."""
+    and text-to-image but no class-conditional one (class-conditional cards such as DiT's
+    carry none)."""
     if card.class_conditional:
         return "class-conditional-image-generation"
+    if card.text_to_image:
+        return "text-to-image"
     return "unconditional-image-generation"
 
 

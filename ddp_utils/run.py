@@ -11,7 +11,8 @@ The loop itself is `ddp_utils.loop.train`.
 Resume is exact (bit-identical weights, EMA and optimizer state after a kill at any point,
 with 1 or N processes) without saving any sampler or RNG state: data order is a pure function
 of (seed, micro-step, rank) (`ddp_utils.data.batches`), noise and timesteps come from a
-generator seeded from (seed, micro-step, rank), and the LR from the step alone. Accelerate's
+generator seeded from (seed, micro-step, rank) (the global RNG, which dropout draws from, is
+seeded from them too), and the LR from the step alone. Accelerate's
 seedable sampler + `skip_first_batches` would also be exact, but replays the skipped batches
 through the loader and needs `save_state`, whose custom objects are pickles.
 """
@@ -41,11 +42,13 @@ from ddp_utils.checkpoint import (
     config_differences,
     find_resume_checkpoint,
     list_checkpoints,
+    load_trained_weights,
     optimizer_from_safetensors,
     optimizer_to_safetensors,
     prune,
     read_shards,
     shard_metadata,
+    trained_weights,
     write_checkpoint,
     write_shards,
     write_state,
@@ -121,6 +124,12 @@ class Run:
     # --sharding: the network before sharding, its parameters on the meta device; the whole
     # copies that sampling and the export use are made from it (`full_network`).
     template: torch.nn.Module | None = field(init=False, default=None)
+    # A fine-tune of a text-to-image pipeline (--init-from): the pipeline it started from
+    # (`diffusion.pipelines.BasePipeline`), which its export extends.
+    base: Any = field(init=False, default=None)
+    # ... trained with LoRA: the adapter's shape (`diffusion.adapters.LoraSpec`); the network's
+    # trainable parameters are then the adapter's.
+    adapter: Any = field(init=False, default=None)
 
     def batches(self, start_micro_step: int, value_range: tuple[float, float]) -> BatchSource:
         """This rank's batches from `start_micro_step` on (in memory, streamed, or latents)."""
@@ -230,11 +239,11 @@ class Run:
             self.template = weightless_copy(model)
             if acc.is_fsdp2:
                 set_units(acc, shard_units)
-        optimizer = make_optimizer(
-            cfg.optimizer, model.parameters(), cfg.learning_rate, cfg.weight_decay
-        )
+        trained = [p for p in model.parameters() if p.requires_grad]  # all, or an adapter's
+        optimizer = make_optimizer(cfg.optimizer, trained, cfg.learning_rate, cfg.weight_decay)
+        num_trained = sum(p.numel() for p in trained)
         model, optimizer = acc.prepare(model, optimizer)
-        self.describe(sum(p.numel() for p in model.parameters()))
+        self.describe(sum(p.numel() for p in model.parameters()), num_trained)
         if acc.is_fsdp2:
             num_units = sum(isinstance(m, FSDPModule) for m in model.modules())
             mesh = getattr(acc, "torch_device_mesh", None)  # HSDP's 2-D mesh
@@ -316,7 +325,7 @@ class Run:
                 "--sharding run resumes sharded checkpoints only: resume it with --sharding none"
             )
         else:
-            unwrapped.load_state_dict(ckpt.tensors["model"])
+            load_trained_weights(unwrapped, ckpt.tensors["model"], ckpt.path)
             optimizer.load_state_dict(
                 optimizer_from_safetensors(ckpt.tensors["optimizer"], ckpt.state["optimizer"])
             )
@@ -397,7 +406,7 @@ class Run:
             return self._save_shards(step, model, optimizer, ema, task_info)
         unwrapped = accelerator.unwrap_model(model)
         opt_tensors, opt_meta = optimizer_to_safetensors(optimizer.state_dict())
-        tensors = {"model": unwrapped.state_dict(), "optimizer": opt_tensors}
+        tensors = {"model": trained_weights(unwrapped), "optimizer": opt_tensors}
         if ema is not None:
             tensors["ema"] = ema.state_dict()
         not_finite = [name for name, named in tensors.items() if not all_finite(named.values())]
@@ -571,7 +580,7 @@ class Run:
 
     # ------------------------------------------------------------------ reporting
 
-    def describe(self, num_parameters: int) -> None:
+    def describe(self, num_parameters: int, num_trained: int) -> None:
         cfg, acc = self.cfg, self.accelerator
         logger.info(
             "data: %s, %d images at %dx%d, %d channel(s)%s",
@@ -594,8 +603,9 @@ class Run:
             self.global_batch_size,
         )
         logger.info(
-            "model: %s parameters; device %s, mixed precision %s, %s",
+            "model: %s parameters%s; device %s, mixed precision %s, %s",
             f"{num_parameters:,}",
+            "" if num_trained == num_parameters else f", {num_trained:,} of them trained",
             acc.device,
             acc.mixed_precision,
             acc.distributed_type,

@@ -70,10 +70,11 @@ def write_outputs(
 ) -> None:
     """samples.npz (images at their native size, and their classes or prompts' indices),
     grid.png (one class or prompt per row for a conditional model), images/, progression.png, sample_info.json, and last
-    sample_config.yaml, so that it always describes the samples beside it. A fid.json of
-    earlier samples is removed (--fid writes a new one)."""
+    sample_config.yaml, so that it always describes the samples beside it. A fid.json or
+    clip_score.json of earlier samples is removed (--fid, --clip-model write new ones)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "fid.json").unlink(missing_ok=True)
+    (out / "clip_score.json").unlink(missing_ok=True)
     with atomic_file(out / "samples.npz") as f:
         arrays = {"arr_0": images} if labels is None else {"arr_0": images, "labels": labels}
         np.savez(f, **arrays)

@@ -17,6 +17,7 @@ import math
 import netrc
 import os
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
@@ -61,6 +62,7 @@ def _reset_wandb() -> None:
 ReportTo = Literal["wandb", "tensorboard", "all", "none"]
 MIN_PICTURE_SIDE = 512  # pictures are upscaled (nearest) until their longer side reaches this
 SUMMARY_MIN = ("fid", "kid_mean")  # wandb summarises these by their best (lowest) value
+SUMMARY_MAX = ("clip_score",)  # ... and these by their best (highest)
 
 
 class Tracker:
@@ -201,6 +203,8 @@ class Tracker:
                 run = self.accelerator.get_tracker("wandb", unwrap=True)
                 for name in SUMMARY_MIN:  # the run's summary shows the best FID, not the last
                     run.define_metric(name, summary="min")
+                for name in SUMMARY_MAX:
+                    run.define_metric(name, summary="max")
         else:
             # Other ranks get Accelerate's no-op tracker stubs.
             self.accelerator.init_trackers(project, config=None)
@@ -233,9 +237,13 @@ class Tracker:
         if self.is_main and (self.use_wandb or self.tensorboard is not None):
             self._safe_log(values, step)
 
-    def log_image(self, name: str, image: np.ndarray, step: int) -> Path | None:
+    def log_image(
+        self, name: str, image: np.ndarray, step: int, rows: Sequence[str] = ()
+    ) -> Path | None:
         """Save an HWC uint8 picture as `samples/<name>-<step>.png`, upscaled (nearest) to a
-        viewable size, and send it to wandb and TensorBoard."""
+        viewable size, and send it to wandb and TensorBoard. `rows`: what each row of the
+        picture shows (a text model's prompts), its caption: wandb's image caption, and in
+        TensorBoard (whose images take none) a text `<name>/rows` at the same step."""
         if not self.is_writer:
             return None
         image = upscale(image, MIN_PICTURE_SIDE)
@@ -247,12 +255,15 @@ class Tracker:
         if self.use_wandb and self.is_main:
             import wandb
 
-            self._safe_log({name: wandb.Image(image)}, step, only="wandb")
+            caption = grid_caption(rows) if rows else None
+            self._safe_log({name: wandb.Image(image, caption=caption)}, step, only="wandb")
         if self.tensorboard is not None:
             try:
                 self.tensorboard.log_images({name: image[None]}, step, dataformats="NHWC")
             except Exception as err:  # noqa: BLE001 - tracking must never stop training
                 logger.warning("TensorBoard image failed (%s)", err)
+            if rows:
+                self._safe_log({f"{name}/rows": rows_markdown(rows)}, step, only="tensorboard")
         return path
 
     def log_folder(self, folder: Path, alias: str) -> None:
@@ -287,6 +298,16 @@ class Tracker:
         if self.is_writer:
             plot_loss_curve(self.metrics_file, self.output_dir / "loss.png")
         self.accelerator.end_training()
+
+
+def grid_caption(rows: Sequence[str]) -> str:
+    """A grid's caption, its rows top to bottom: "row 1: a handwritten seven | row 2: ..."."""
+    return " | ".join(f"row {k}: {row}" for k, row in enumerate(rows, 1))
+
+
+def rows_markdown(rows: Sequence[str]) -> str:
+    """A grid's rows as a numbered Markdown list (TensorBoard renders its texts as Markdown)."""
+    return "\n".join(f"{k}. {row}" for k, row in enumerate(rows, 1))
 
 
 def _finite_or_none(value: float) -> float | None:

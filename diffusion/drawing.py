@@ -39,7 +39,7 @@ from diffusion.kinds.registry import all_knobs, all_samplers, default_steps, kno
 from diffusion.loading import LoadedModel, Weights
 from diffusion.networks import sample_shape
 from diffusion.sources import is_hub_id
-from diffusion.text_encoders import load_text_encoder, text_encoder_changes
+from diffusion.text_encoders import load_as_recorded, text_encoder_changes
 
 logger = logging.getLogger("ddp_diffusion.sample")
 
@@ -62,8 +62,9 @@ class SampleConfig(Knobs):
 
     model_path: str = option(
         "",
-        "export / pipeline / checkpoint-N / run directory, a diffusers DDPMPipeline or "
-        "UNet2DModel folder, or a hub id (google/ddpm-cifar10-32)",
+        "export / pipeline / checkpoint-N / run directory (a LoRA fine-tune's: its adapter on "
+        "its base), a diffusers DDPMPipeline, UNet2DModel or StableDiffusionPipeline folder, or "
+        "a hub id (google/ddpm-cifar10-32)",
         positional=True,
     )
     output_dir: str = option("samples", "where samples.npz and grid.png are written")
@@ -145,6 +146,13 @@ class SampleConfig(Knobs):
     split: str = option("train", "reference split (with --fid)")
     max_reference: int | None = option(
         None, "use at most N dataset images as the --fid reference (none: all)"
+    )
+    clip_model: str | None = option(
+        None,
+        "text-to-image models: the CLIP score of the samples against their prompts "
+        "(clip_score.json; torchmetrics' 100 * max(cos, 0), mean): a folder holding a "
+        "transformers CLIPModel (safetensors) with its tokenizer and image processor, or a hub "
+        "id such as openai/clip-vit-large-patch14",
     )
 
     def __post_init__(self) -> None:
@@ -232,6 +240,12 @@ def choose_condition(
         raise InputError(
             f"{loaded.source} is not a text-to-image model: it takes no prompts", "prompt"
         )
+    if cfg.clip_model is not None and not text:
+        raise InputError(
+            f"{loaded.source} is not a text-to-image model: --clip-model scores images against "
+            "their prompts; drop it (--fid scores any model)",
+            "clip_model",
+        )
     if text and (cfg.class_labels is not None or cfg.per_class_fid):
         raise InputError(
             f"{loaded.source} is a text-to-image model: it takes prompts (--prompt), not classes",
@@ -250,8 +264,9 @@ def prompt_condition(
     cfg: SampleConfig, loaded: LoadedModel, device: torch.device | str
 ) -> PromptCondition:
     """--prompt (or --prompts-file, else the model's training grids' prompts) and the negative
-    prompt (default: the empty prompt) encoded once by the model's text encoder, loaded from
-    where its run recorded it and checked against its fingerprint, then let go."""
+    prompt (default: the empty prompt) encoded once by the model's text encoder, then let go:
+    --text-encoder's, else the export's own copy (`text_encoder/`, `tokenizer/`), else the one
+    its run recorded; checked against the fingerprint it was trained with."""
     facts = loaded.text_encoder or {}
     if cfg.prompts_file is not None:
         prompts = read_prompts_file(cfg.prompts_file, "prompts_file")
@@ -259,10 +274,9 @@ def prompt_condition(
         prompts = cfg.prompt or loaded.prompts
     if not prompts:
         raise InputError(f"{loaded.source} is a text-to-image model: give --prompt", "prompt")
-    spec = cfg.text_encoder or facts["source"]
+    spec = cfg.text_encoder or loaded.text_encoder_folder or facts["source"]
     try:
-        dtype = getattr(torch, facts.get("dtype", "float32"))  # the run's precision
-        encoder = load_text_encoder(spec, facts.get("max_length"), dtype)
+        encoder = load_as_recorded(facts, spec)
     except InputError as err:
         raise InputError(
             f"{loaded.source} was trained on text encoded by {facts['source']}, and {spec} "
@@ -276,13 +290,13 @@ def prompt_condition(
             f"{loaded.source}: {changed[0]} (the text encoder changed since training)",
             "text_encoder",
         )
-    encoder.model.to(device)
+    encoder.to(device)
     condition = PromptCondition(
         encode_prompts(encoder, prompts),
         encode_prompts(encoder, [cfg.negative_prompt or ""]),
         takes_attention_mask(facts),
     )
-    encoder.model.to("cpu")
+    encoder.to("cpu")
     return condition
 
 

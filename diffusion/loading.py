@@ -8,7 +8,10 @@ Accepted paths, told apart by the files they hold:
 - a `UNet2DModel` folder written by diffusers (`config.json` + safetensors, no `task.json`):
   a DDPM model, with `scheduler_config.json` beside it if there is one;
 - a model folder (`config.json` + safetensors, and `task.json`): what train_basic.py exports;
-- a checkpoint folder (`state.json`): rebuilt from the config stored in the checkpoint;
+- a LoRA fine-tune's export (`pytorch_lora_weights.safetensors` and `task.json`): the adapter
+  on the base pipeline its task.json names (read again, checked by its fingerprint);
+- a checkpoint folder (`state.json`): rebuilt from the config stored in the checkpoint (a
+  LoRA checkpoint: its adapter on the base pipeline);
 - a run directory: its export if present, else its latest intact checkpoint;
 - a `checkpoints/` folder: its latest intact checkpoint.
 An export or checkpoint of train_autoencoder.py is refused, saying to use it as `--vae`.
@@ -26,13 +29,21 @@ from typing import Any, Literal
 import torch
 from diffusers import DDPMScheduler
 
-from ddp_utils.checkpoint import find_resume_checkpoint, read_checkpoint, whole_tensors
+from ddp_utils.checkpoint import (
+    find_resume_checkpoint,
+    load_trained_weights,
+    read_checkpoint,
+    whole_tensors,
+)
 from ddp_utils.errors import InputError
 from ddp_utils.export import TASK_FILE, check_value_range, read_task_file, verify_checksums
+from diffusion.adapters import ADAPTER_FILE, RAW_FOLDER, LoraSpec, add_lora, load_adapter
 from diffusion.codecs import LatentCodec, codec_changes, codec_from_export, load_codec
 from diffusion.kinds.registry import DIFFUSERS_FOLDER_KIND, kind_named
 from diffusion.networks import backbone_of, network_class, prepare_loaded, sample_shape
+from diffusion.pipelines import FAMILIES_BY_NAME, read_family, weights_fingerprint
 from diffusion.sources import VAE_HUB_FILES, VAE_SOURCES, resolve_model_source
+from diffusion.text_encoders import load_text_encoder
 
 logger = logging.getLogger(__name__)
 Weights = Literal["ema", "raw"]
@@ -58,6 +69,9 @@ class LoadedModel:
     # the prompts of its training grids.
     text_encoder: dict[str, Any] | None = None
     prompts: list[str] | None = None
+    # An export's own copy of its text encoder (text_encoder/ and tokenizer/), what sample.py
+    # encodes prompts with; None: the one its run recorded.
+    text_encoder_folder: str | None = None
 
     @property
     def num_classes(self) -> int:
@@ -123,7 +137,9 @@ def _verify_export(folder: Path) -> None:
         ) from None
 
 
-def _from_pipeline(folder: Path, weights: Weights) -> LoadedModel:
+def _from_pipeline(folder: Path, weights: Weights, stock_text: bool = True) -> LoadedModel:
+    """A pipeline folder. One that diffusers wrote of a family --init-from fine-tunes (Stable
+    Diffusion's) is a text-to-image model whose text encoder is its own (`stock_text`)."""
     _verify_export(folder)
     component = _network_component(folder)
     if not (folder / component).is_dir() and (folder / "config.json").is_file():
@@ -145,10 +161,22 @@ def _from_pipeline(folder: Path, weights: Weights) -> LoadedModel:
     scheduler_config = json.loads(scheduler_file.read_text())
     channels, resolution = _describe(unet)
     info = read_task_file(folder) or {}
+    if not info and stock_text and _stock_text_pipeline(folder):
+        info = {"text_encoder": load_text_encoder(str(folder)).facts()}
     task = info.get("task", DIFFUSERS_FOLDER_KIND)  # diffusers' own folders
     loaded = LoadedModel(task, unet, scheduler_config, (-1.0, 1.0), channels, resolution, folder)
     _with_codec(loaded, _export_codec(folder, info.get("latent")))
+    if info.get("text_encoder") and (folder / "text_encoder").is_dir():
+        loaded.text_encoder_folder = str(folder)
     return _with_classes(loaded, info)
+
+
+def _stock_text_pipeline(folder: Path) -> bool:
+    """Whether diffusers wrote `folder` for a text-to-image pipeline --init-from fine-tunes."""
+    try:
+        return read_family(folder, str(folder)) is not None
+    except InputError:  # another family: sampled as far as it goes without its text
+        return False
 
 
 def _export_codec(folder: Path, facts: dict[str, Any] | None) -> LatentCodec | None:
@@ -276,17 +304,63 @@ def _from_export(folder: Path) -> LoadedModel:
     return _with_classes(loaded, task)
 
 
+def _base_folder(facts: dict[str, Any], where: Path) -> Path:
+    """The base pipeline a LoRA adapter was trained on (its task.json's or state's `base`):
+    found again (a folder, or a hub id through the cache) and checked by its denoiser's
+    weights."""
+    family = FAMILIES_BY_NAME[facts["family"]]
+    try:
+        folder = resolve_model_source(facts["source"], None, family.hub_files())
+    except InputError as err:
+        raise ValueError(
+            f"{where} is a LoRA adapter of {facts['source']}, which cannot be read now: {err} "
+            "(an export made with --export-fused holds the whole pipeline in fused/)"
+        ) from None
+    if weights_fingerprint(folder / family.denoiser) != facts["fingerprint"]:
+        raise ValueError(
+            f"{where} is a LoRA adapter of {facts['source']}, whose {family.denoiser} weights "
+            "changed since training (another fingerprint): the adapter fits the weights it was "
+            "trained on only"
+        )
+    return folder
+
+
+def _from_adapter(folder: Path, weights: Weights) -> LoadedModel:
+    """A LoRA fine-tune's export: the base pipeline with the adapter loaded as diffusers'
+    load_lora_weights loads it (`raw/`: the raw adapter)."""
+    _verify_export(folder)
+    info = read_task_file(folder)
+    if info is None or "base" not in info:
+        raise ValueError(
+            f"{folder} holds a LoRA adapter ({ADAPTER_FILE}) but no {TASK_FILE} naming its base "
+            "pipeline: load it onto its base with diffusers' load_lora_weights"
+        )
+    loaded = _from_pipeline(_base_folder(info["base"], folder), "ema", stock_text=False)
+    load_adapter(loaded.model, folder if weights == "ema" else folder / RAW_FOLDER)
+    loaded.task = kind_named(info["task"], folder).name
+    loaded.scheduler_config = info.get("scheduler_config")
+    loaded.source = folder
+    return _with_classes(loaded, info)
+
+
 def _from_checkpoint(folder: Path, weights: Weights, vae: str | None = None) -> LoadedModel:
     ckpt = read_checkpoint(folder)
     state = ckpt.state
     kind_named(state.get("task"), ckpt.path)  # an autoencoder's checkpoint: refused, saying why
-    cls = network_class(state["model_class"])
-    model = prepare_loaded(cls.from_config(state["model_config"]))
     tensors = whole_tensors(ckpt)  # a sharded checkpoint's shards, put together
     key = "ema" if weights == "ema" and "ema" in tensors else "model"
-    # The EMA also holds non-persistent buffers (a DiT's pos_embed), which state_dict leaves out.
-    names = set(model.state_dict())
-    model.load_state_dict({k: v for k, v in tensors[key].items() if k in names})
+    if "adapter" in state:  # a LoRA's: the adapter on its base
+        base = _base_folder(state["base"], ckpt.path)
+        model = load_model(base / FAMILIES_BY_NAME[state["base"]["family"]].denoiser)
+        add_lora(model, LoraSpec.from_facts(state["adapter"]))
+        load_trained_weights(model, tensors[key], ckpt.path)
+    else:
+        cls = network_class(state["model_class"])
+        model = prepare_loaded(cls.from_config(state["model_config"]))
+        # The EMA also holds non-persistent buffers (a DiT's pos_embed), which state_dict
+        # leaves out.
+        names = set(model.state_dict())
+        model.load_state_dict({k: v for k, v in tensors[key].items() if k in names})
     cfg = state["config"]
     loaded = LoadedModel(
         state["task"],
@@ -317,12 +391,16 @@ def load_for_sampling(path: Path, weights: Weights = "ema", vae: str | None = No
 def _load(path: Path, weights: Weights, vae: str | None) -> LoadedModel:
     if (path / "model_index.json").is_file():
         return _from_pipeline(path, weights)
+    if (path / ADAPTER_FILE).is_file():
+        return _from_adapter(path, weights)
     if (path / "state.json").is_file():
         return _from_checkpoint(path, weights, vae)
     if (path / "config.json").is_file():
         return _from_export(path)
     if (path / "pipeline" / "model_index.json").is_file():
         return _from_pipeline(path / "pipeline", weights)
+    if (path / "pipeline" / ADAPTER_FILE).is_file():
+        return _from_adapter(path / "pipeline", weights)
     if (path / "model" / TASK_FILE).is_file():
         return _from_export(path / "model")
     # A run directory without an export, or its checkpoints/ folder: the latest intact one.

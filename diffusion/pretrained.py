@@ -19,9 +19,10 @@ from torch import nn
 from ddp_utils.data import load_latents
 from ddp_utils.data.batches import default_num_workers
 from ddp_utils.data.text_cache import load_text_embeddings
-from ddp_utils.distributed import all_finite, local_world_size, main_process_first
+from ddp_utils.distributed import all_finite, derive_seed, local_world_size, main_process_first
 from ddp_utils.errors import InputError
 from ddp_utils.run import Run
+from diffusion.adapters import add_lora
 from diffusion.codecs import (
     DTYPES,
     LatentCodec,
@@ -41,8 +42,9 @@ from diffusion.networks import (
     network_class,
     prepare_loaded,
 )
+from diffusion.pipelines import FAMILIES_BY_NAME, BasePipeline
 from diffusion.sources import VAE_HUB_FILES, VAE_SOURCES, resolve_model_source
-from diffusion.text_encoders import TextEncoder, check_resumed_text_encoder, load_text_encoder
+from diffusion.text_encoders import AnyTextEncoder, check_resumed_text_encoder, load_text_encoder
 
 logger = logging.getLogger("ddp_diffusion")
 # The standard deviation of pixels in [-1, 1] as EDM assumes it (Karras et al. 2022), which a
@@ -58,8 +60,10 @@ def check_init_model(
     resolution: int,
     channels: int,
     num_classes: int,
+    text_width: int | None = None,
 ) -> None:
-    """Refuse a model that cannot start this run, naming every mismatch and its fix."""
+    """Refuse a model that cannot start this run, naming every mismatch and its fix
+    (`text_width`: the width of the run's text embeddings; None: no text)."""
     problems = []
     trained_here = [kind.name for kind in kinds_trained_by("train_ddpm.py")]
     if loaded.task not in trained_here:
@@ -81,6 +85,18 @@ def check_init_model(
         problems.append(
             f"it predicts {config.out_channels} channels from {config.in_channels} (a learned "
             "variance?); only networks whose output has the input's channels are supported"
+        )
+    width_key = backbone_of(loaded.model).text_width_key
+    if width_key is not None and text_width is None:
+        problems.append(
+            "it attends to text (a text-to-image network) and this run has no text encoder"
+        )
+    elif width_key is None and text_width is not None:
+        problems.append(f"its {type(loaded.model).__name__} takes no text")
+    elif width_key is not None and int(config[width_key]) != text_width:
+        problems.append(
+            f"it attends to {config[width_key]}-wide text embeddings ({width_key}) and the text "
+            f"encoder gives {text_width}-wide ones"
         )
     if not all_finite(loaded.model.parameters()):
         problems.append(
@@ -225,7 +241,7 @@ def run_codec(run: Run) -> LatentCodec | None:
     return codec
 
 
-def run_text(run: Run, prompts: Sequence[str] | None = None) -> TextEncoder | None:
+def run_text(run: Run, prompts: Sequence[str] | None = None) -> AnyTextEncoder | None:
     """--text-encoder's encoder for this run (None without it), the run's text cache and its
     grids' prompts.
 
@@ -259,11 +275,11 @@ def run_text(run: Run, prompts: Sequence[str] | None = None) -> TextEncoder | No
         check_text_width(cfg.backbone, cfg.preset, encoder.width)
     if run.checkpoint is not None:
         check_resumed_text_encoder(saved, encoder, str(run.checkpoint.path))
-    encoder.model.to(run.accelerator.device)
+    encoder.to(run.accelerator.device)
     run.text = load_text_embeddings(captions, encoder, run.accelerator)
     texts = list(prompts or default_validation_prompts(captions, cfg.num_sample_images))
     run.validation_prompts = encode_prompts(encoder, texts)
-    encoder.model.to("cpu")  # training reads the cache
+    encoder.to("cpu")  # training reads the cache
     return encoder
 
 
@@ -277,21 +293,25 @@ def initial_network(run: Run, kind: Kind, codec: LatentCodec | None = None) -> n
     channels, resolution = cfg.channels, cfg.resolution
     if codec is not None:
         channels, resolution = codec.latent_shape(cfg.resolution)
+    text_width = None if run.text is None else int(run.text.hidden.shape[-1])
     if cfg.init_from is None:
-        text_width = None if run.text is None else int(run.text.hidden.shape[-1])
         return build_backbone(cfg.backbone, cfg.preset, resolution, channels,
                               run.data.num_classes, text_width)  # fmt: skip
+    source, adapter = None, cfg.adapter()
+    if cfg.pipeline is not None:  # its VAE and text encoder are read again on resume: it is here
+        source = init_source(run)
+        run.base = BasePipeline.read(source, cfg.init_from)
     if run.checkpoint is not None:
         state = run.checkpoint.state
         kind.take_from_model(cfg, state.get("scheduler_config") or {}, str(run.checkpoint.path))
-        logger.info("resuming %s: --init-from %s is not read", run.checkpoint.path, cfg.init_from)
-        cls = network_class(state.get("model_class", "UNet2DModel"))
-        return prepare_loaded(cls.from_config(state["model_config"]))
-    source = main_process_first(
-        run.accelerator,
-        lambda: resolve_model_source(cfg.init_from, "init_from"),
-        InputError(f"{cfg.init_from} could not be found (the main process says why)", "init_from"),
-    )
+        if adapter is None:  # a full fine-tune: the checkpoint holds the whole network
+            logger.info(
+                "resuming %s: --init-from %s is not read", run.checkpoint.path, cfg.init_from
+            )
+            cls = network_class(state.get("model_class", "UNet2DModel"))
+            return prepare_loaded(cls.from_config(state["model_config"]))
+        check_resumed_base(state.get("base"), run.base, str(run.checkpoint.path))
+    source = source or init_source(run)
     try:
         loaded = load_for_sampling(source, "ema")
     except (FileNotFoundError, ValueError) as err:
@@ -310,20 +330,54 @@ def initial_network(run: Run, kind: Kind, codec: LatentCodec | None = None) -> n
         resolution=cfg.resolution,  # a latent model's loaded sizes are its images'
         channels=cfg.channels,
         num_classes=run.data.num_classes,
+        text_width=text_width,
     )
     backbone = backbone_of(loaded.model).name
     if cfg.backbone not in (None, backbone):
         raise InputError(
             f"{cfg.init_from} is a {backbone} network: drop --backbone {cfg.backbone}", "backbone"
         )
-    kind.take_from_model(cfg, loaded.scheduler_config or {}, cfg.init_from)
+    if run.checkpoint is None:
+        kind.take_from_model(cfg, loaded.scheduler_config or {}, cfg.init_from)
     logger.info("starting from the weights of %s (%s)", cfg.init_from, source)
     # The same network as a fresh one would be (no loading metadata in its config), so the
     # checkpoints of this run describe it as resume rebuilds it.
     config = {k: v for k, v in loaded.model.config.items() if not k.startswith("_")}
     model = prepare_loaded(type(loaded.model).from_config(config))
     model.load_state_dict(loaded.model.state_dict())
+    if adapter is not None:  # the base frozen, the adapter's A drawn from the run's seed
+        try:
+            add_lora(model, adapter, derive_seed("lora", cfg.seed))
+        except ValueError as err:
+            raise InputError(str(err), "lora_target_modules") from None
+        run.adapter = adapter
+        logger.info("training a %s; the base stays frozen", adapter.describe())
     return model
+
+
+def check_resumed_base(saved: dict | None, base: BasePipeline, checkpoint: str) -> None:
+    """A LoRA checkpoint goes on only on the base it was trained on (its denoiser's weights)."""
+    if saved is not None and saved["fingerprint"] != base.fingerprint:
+        raise InputError(
+            f"{checkpoint} holds an adapter trained on {saved['source']} (its {base.family.denoiser}"
+            f" weights' fingerprint {saved['fingerprint'][:12]}...), and {base.source} holds "
+            f"other weights ({base.fingerprint[:12]}...): give --init-from the pipeline it was "
+            "trained on, or --resume none / another --output-dir to start over",
+            "init_from",
+        )
+
+
+def init_source(run: Run) -> Path:
+    """--init-from's folder (a hub id fetched by the main process first: a text-to-image
+    pipeline's components only)."""
+    cfg = run.cfg
+    family = FAMILIES_BY_NAME.get(cfg.pipeline)
+    patterns = None if family is None else family.hub_files()
+    return main_process_first(
+        run.accelerator,
+        lambda: resolve_model_source(cfg.init_from, "init_from", patterns),
+        InputError(f"{cfg.init_from} could not be found (the main process says why)", "init_from"),
+    )
 
 
 def resolve_kind_options(run: Run, kind: Kind, codec: LatentCodec | None) -> None:

@@ -1,5 +1,6 @@
 """`sample.py --fid`: the reference its flags name and the scores of the samples against it
-(fid.json), through the one `score` every path uses."""
+(fid.json), through the one `score` every path uses; `sample.py --clip-model`: the samples'
+CLIP score against their prompts (clip_score.json), sharded as training's."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
+from evaluation.clip_score import ClipScorer, clip_score
 from evaluation.reference import Reference, dataset_reference
 from evaluation.score import score
 
@@ -65,3 +67,22 @@ def fid_metrics(
     if per_class is not None:
         metrics["per_class"] = per_class
     return metrics
+
+
+def clip_metrics(
+    cfg: Any,
+    images: np.ndarray,
+    condition: Any,
+    scorer: ClipScorer,
+    accelerator: Accelerator,
+) -> dict[str, Any]:
+    """clip_score.json: the mean CLIP score of the samples (NHWC uint8), sample k against its
+    prompt (`condition.prompts_of`), sharded like the sampling (collective)."""
+    samples = torch.from_numpy(images).permute(0, 3, 1, 2)  # NHWC -> NCHW uint8
+    value = clip_score(samples, condition.prompts_of, scorer, accelerator, cfg.batch_size)
+    return {
+        "clip_score": value,
+        "num_samples": len(images),
+        "clip_model": cfg.clip_model,
+        "prompts": list(condition.prompts.texts),
+    }

@@ -20,6 +20,7 @@ from sklearn.linear_model import LogisticRegression
 import sample
 import train_ddpm
 from ddp_utils.config import parse_config
+from diffusion.conditioning.classes import ClassLabels
 from diffusion.sampling import sample_seed
 from tests.tiny_runs import fresh_accelerate_state, launch_two_processes, tiny_preset
 
@@ -87,6 +88,9 @@ def test_grids_put_one_class_per_row(conditional_run, tmp_path) -> None:
     with Image.open(tmp_path / "g" / "grid.png") as grid:
         width, height = grid.size
     assert height / width == pytest.approx((10 * 10 + 2) / (3 * 10 + 2), rel=1e-6)
+    # The trackers' caption names each row's class, top to bottom: the classes with a sample.
+    assert ClassLabels(tuple("0123456789")).grid_rows(20) == list("0123456789")
+    assert ClassLabels(tuple("0123456789"), cycle=(7, 2)).grid_rows(3) == ["2", "7"]
 
 
 def test_the_export_runs_in_diffusers_and_reproduces_sample_py(conditional_run, tmp_path):

@@ -8,10 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import train_basic
+import train_ddpm
 from ddp_utils.config import parse_config, save_config, to_dict
+from diffusion.kinds.registry import kind_named
 from train_basic import BasicConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,7 +127,7 @@ def test_underscore_flags_are_accepted_like_diffusers_examples():
 @pytest.mark.parametrize(
     ("script", "argv", "expected"),
     [
-        ("train_ddpm", ["--beta-schedule", "cosine"], "'squaredcos_cap_v2', 'linear'"),
+        ("train_ddpm", ["--beta-schedule", "cosine"], "'squaredcos_cap_v2', 'linear', 'scaled"),
         ("train_ddpm", ["--prediction-type", "x0"], "'epsilon', 'v_prediction', 'sample'"),
         ("train_ddpm", ["--data-loading", "disk"], "'auto', 'memory', 'stream'"),
         ("sample", ["runs", "--scheduler", "euler-karras-x"], "'ddpm', 'ddim', 'dpm-solver'"),
@@ -138,6 +141,30 @@ def test_choices_of_every_script_are_checked_at_the_command_line(script, argv, e
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert f"argument {argv[-2]}: invalid choice" in err and expected in err
+
+
+def test_the_linear_schedules_take_their_end_points(capsys):
+    """--beta-start and --beta-end set the linear schedules' betas (Stable Diffusion's
+    scaled_linear 0.00085..0.012); the cosine schedule has none; a resolved config file,
+    holding the defaults, parses again."""
+    argv = ["--beta-schedule", "scaled_linear", "--beta-start", "0.00085", "--beta-end", "0.012"]
+    cfg = parse_config(train_ddpm.DDPMConfig, argv)
+    betas = kind_named(cfg.objective, "test").train_scheduler(cfg).betas
+    assert torch.allclose(betas, torch.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2)
+    default = parse_config(train_ddpm.DDPMConfig, [])
+    assert (default.beta_start, default.beta_end) == (0.0001, 0.02)
+    assert parse_config(train_ddpm.DDPMConfig, ["--beta-start", "0.0001"]).beta_start == 0.0001
+    for argv, message in (
+        (["--beta-start", "0.001"], "--beta-start applies to the linear and scaled_linear "
+         "schedules; the cosine one (squaredcos_cap_v2) has no end points"),
+        (["--beta-schedule", "linear", "--beta-start", "0.1", "--beta-end", "0.01"],
+         "--beta-start (0.1) must be below --beta-end (0.01)"),
+        (["--beta-schedule", "linear", "--beta-end", "1.5"], "--beta-end must be in (0, 1)"),
+    ):  # fmt: skip
+        with pytest.raises(SystemExit) as exit_info:
+            parse_config(train_ddpm.DDPMConfig, argv)
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err, argv
 
 
 def test_missing_config_file(tmp_path, capsys):

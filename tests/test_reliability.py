@@ -188,7 +188,7 @@ def test_workers_stop_when_their_launcher_is_killed(tmp_path: Path) -> None:
     args = [*BASIC, "--max-steps", "100000", "--checkpoint-every", "4", "--output-dir", str(out)]
     launch = Launch(tmp_path, "train_basic.py", args, 2, faults="kill-launcher@9:1")
     # The workers hold the output pipe: it closes when both are gone (orphans: a timeout).
-    stopped = launch.wait(timeout=90)
+    stopped = launch.wait(timeout=240)
     assert stopped.returncode == -signal.SIGKILL
     exits = {p.name: p.read_text() for p in launch.pid_dir.glob("worker-*.exit")}
     assert exits == {"worker-0.exit": "75", "worker-1.exit": "75"}, stopped.output[-3000:]
@@ -213,7 +213,7 @@ def test_ctrl_c_while_the_libraries_load_exits_130_quietly(tmp_path: Path, scrip
         assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
         time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=180)
     assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
 
 
@@ -246,7 +246,7 @@ def test_a_worker_that_cannot_save_after_its_launcher_died_exits_anyway() -> Non
     timer.cancel()
     proc.kill()  # the launcher alone; the worker, in its own session, lives on
     # The worker holds the pipes: they close when it is gone.
-    _, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=180)
     assert f"the launcher (pid {proc.pid}) has died: stopping this worker as on SIGTERM" in err
     assert "1 s after the launcher died this worker has not stopped" in err
     assert "exiting without saving; rerun to resume from the newest checkpoint" in err
@@ -257,7 +257,7 @@ def test_a_worker_that_loses_its_peer_says_so_in_one_line(tmp_path: Path) -> Non
     out = tmp_path / "run"
     args = [*BASIC, "--max-steps", "100000", "--output-dir", str(out)]
     launch = Launch(tmp_path, "train_basic.py", args, 2, faults="die@9:1")  # rank 1: SIGKILL
-    result = launch.wait(timeout=120)
+    result = launch.wait(timeout=240)
     assert (launch.pid_dir / "worker-0.exit").read_text() == "1", result.output[-3000:]
     assert "error: another process of this run died or stopped (" in result.output
     # The launcher prints its own report (ChildFailedError); the surviving worker, none.

@@ -460,7 +460,7 @@ def test_max_train_time_accepts_seconds_units_and_clock_time() -> None:
 def test_nothing_unpickles_checkpoints_or_loads_unsafe_weights() -> None:
     """Source check: torch.load only with weights_only=True, no Accelerate custom-object
     checkpoints (unpickled with weights_only=False), diffusers and transformers load only
-    safetensors, and a tokenizer never runs its folder's code."""
+    safetensors, and a tokenizer or image processor never runs its folder's code."""
     problems = []
     skip = {".venv", "tests", "runs", "build"}
     for path in sorted(p for p in REPO.rglob("*.py") if not skip & set(p.relative_to(REPO).parts)):
@@ -477,8 +477,10 @@ def test_nothing_unpickles_checkpoints_or_loads_unsafe_weights() -> None:
                     if depth == 0:
                         break
                     end += 1
-                # A tokenizer has no weights to load safely: it must not run the folder's code.
-                is_tokenizer = text[max(0, start - 20) : start].rstrip(".").endswith("Tokenizer")
+                # A tokenizer or an image processor has no weights to load safely (its files
+                # are JSON and vocabularies): it must not run the folder's code.
+                before = text[max(0, start - 24) : start].rstrip(".")
+                is_tokenizer = before.endswith(("Tokenizer", "ImageProcessor"))
                 wanted = "trust_remote_code=False" if is_tokenizer else needed
                 if wanted not in text[start:end]:
                     problems.append(f"{path.name}: {text[start : end + 1]}")

@@ -4,6 +4,7 @@ source (one caption drawn per step, caption dropout to the empty prompt, reprodu
 
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
 import threading
@@ -14,10 +15,22 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import transformers
 from accelerate import Accelerator
-from diffusers import UNet2DConditionModel
+from diffusers import (
+    FluxPipeline,
+    StableDiffusion3Pipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from huggingface_hub import constants
-from transformers import T5Config, T5EncoderModel
+from transformers import (
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+)
 
 from ddp_utils.data import MemoryBatches, load_image_data
 from ddp_utils.data import text_cache as text_cache_module
@@ -34,6 +47,7 @@ from diffusion.text_encoders import (
     check_resumed_text_encoder,
     fingerprint_of,
     load_text_encoder,
+    text_encoder_changes,
     tiny_clip,
 )
 
@@ -363,6 +377,10 @@ def test_samples_take_the_prompts_in_turn_and_grids_put_one_prompt_per_row(sourc
     images = np.arange(7, dtype=np.uint8)[:, None, None, None].repeat(2, axis=1)  # sample k: k
     grid, per_row = prompted.grid_layout(images)
     assert per_row == 3 and grid[:, 0, 0, 0].tolist() == [0, 3, 6, 1, 4, 0, 2, 5, 0]
+    # The trackers' caption: each row's prompt, top to bottom (the prompts with a sample).
+    assert prompted.grid_rows(7) == prompts and prompted.grid_rows(2) == prompts[:2]
+    assert prompted.prompts_of(range(2, 6)) == [prompts[k % 3] for k in range(2, 6)]
+    assert source.grid_rows(7) == []  # without prompts: 8 captions per row, no row's own text
 
 
 def test_one_caption_per_image_and_dropout_drawn_from_the_steps_generator(source, digits):
@@ -426,7 +444,8 @@ def test_a_run_encodes_its_captions_once_and_a_resume_needs_the_same_encoder(
     source = condition_source(cfg, None, run.text, digits.captions, "cpu")
     assert isinstance(source, TextCondition) and source.caption_dropout == 0.1
     assert source.task_info()["text_encoder"] == encoder.facts()
-    assert ("text encoder", "tiny-clip (frozen, 16 tokens per caption)") in source.card_facts()
+    shipped = "CLIPTextModel tiny-clip (frozen, 16 tokens per caption; in text_encoder/ and "
+    assert ("text encoder", shipped + "tokenizer/)") in source.card_facts()
 
     saved = {**encoder.facts(), "fingerprint": "f" * 32}  # trained with other weights
     run.checkpoint = SimpleNamespace(path=tmp_path / "checkpoint-8",
@@ -456,3 +475,111 @@ def test_the_text_flags_are_checked_and_refused_where_they_would_do_nothing():
     both.class_conditional = True  # as a config holding both sections
     with pytest.raises(ValueError, match="--text-encoder and --class-conditional"):
         both.check_text_options()
+
+
+# --------------------------------------------------------------------------- several encoders
+
+
+def save_joint(folder: Path, families: tuple[str, ...]) -> Path:
+    """A pipeline folder in SDXL's / SD3's / Flux's layout: text_encoder/, tokenizer/,
+    text_encoder_2/, ... with tiny random CLIPs (the later ones with a projection, as SDXL's
+    and SD3's second) and T5s, all on tiny-clip's tokenizer (16 positions)."""
+    base, tokenizer = tiny_clip()
+    tokenizer.model_max_length = 16  # what the pipelines pad CLIP to
+    for n, name in enumerate(families):
+        suffix = "" if n == 0 else f"_{n + 1}"
+        torch.manual_seed(n)
+        if name == "t5":
+            config = T5Config(vocab_size=base.config.vocab_size, d_model=48, d_kv=4, d_ff=32,
+                              num_layers=1, num_heads=2, decoder_start_token_id=0)  # fmt: skip
+            model = T5EncoderModel(config)
+        elif n == 0 and families != ("clip", "clip", "t5"):
+            model = CLIPTextModel(replace_config(base.config, hidden_size=16 + 8 * n))
+        else:
+            config = replace_config(base.config, hidden_size=16 + 8 * n, projection_dim=12)
+            model = CLIPTextModelWithProjection(config)
+        model.save_pretrained(folder / f"text_encoder{suffix}")
+        tokenizer.save_pretrained(folder / f"tokenizer{suffix}")
+    return folder
+
+
+def replace_config(config, **changes):
+    return type(config)(**{**config.to_dict(), **changes})
+
+
+def test_sdxl_sd3_and_flux_folders_encode_as_their_pipelines_do(tmp_path):
+    """A folder with text_encoder_2/ (and _3) is read as its stock pipeline reads it:
+    `encode` equals diffusers' own `encode_prompt` of StableDiffusionXLPipeline,
+    StableDiffusion3Pipeline and FluxPipeline on the same tiny encoders, and the condition
+    carries no mask (those pipelines give the network none)."""
+    texts = ["a handwritten seven", "the digit two, written by hand"]
+    layouts = {"sdxl": (StableDiffusionXLPipeline, ("clip", "clip")),
+               "sd3": (StableDiffusion3Pipeline, ("clip", "clip", "t5")),
+               "flux": (FluxPipeline, ("clip", "t5"))}  # fmt: skip
+    for rule, (pipeline_class, families) in layouts.items():
+        folder = save_joint(tmp_path / rule, families)
+        joint = load_text_encoder(str(folder), max_length=10 if "t5" in families else None)
+        assert joint.rule == rule
+        parts = {}
+        for n in range(len(families)):
+            suffix = "" if n == 0 else f"_{n + 1}"
+            model_folder = folder / f"text_encoder{suffix}"
+            cls = json.loads((model_folder / "config.json").read_text())["architectures"][0]
+            model = getattr(transformers, cls).from_pretrained(model_folder)
+            tok = CLIPTokenizer.from_pretrained(folder / f"tokenizer{suffix}")
+            parts[f"text_encoder{suffix}"], parts[f"tokenizer{suffix}"] = model, tok
+        pipe = pipeline_class(**{name: None for name in pipeline_class._optional_components
+                                 if name not in parts},
+                              **{k: None for k in ("vae", "scheduler", "transformer", "unet")
+                                 if k in inspect.signature(pipeline_class).parameters},
+                              **parts)  # fmt: skip
+        kwargs = {"prompt": texts, "device": "cpu", "num_images_per_prompt": 1}
+        if rule == "sdxl":
+            kwargs["do_classifier_free_guidance"] = False
+        elif rule == "sd3":
+            kwargs.update(prompt_2=None, prompt_3=None, do_classifier_free_guidance=False,
+                          max_sequence_length=10)  # fmt: skip
+        else:
+            kwargs.update(prompt_2=None, max_sequence_length=10)
+        expected = pipe.encode_prompt(**kwargs)
+        hidden, pooled, mask = joint.encode(texts)
+        want_hidden = expected[0]
+        want_pooled = expected[2] if rule in ("sdxl", "sd3") else expected[1]
+        assert hidden.shape == want_hidden.shape and hidden.shape[-1] == joint.width
+        torch.testing.assert_close(hidden, want_hidden.float(), rtol=0, atol=1e-6)
+        torch.testing.assert_close(pooled, want_pooled.float(), rtol=0, atol=1e-6)
+        assert mask.shape == hidden.shape[:2]
+        facts = joint.facts()
+        assert facts["class"].count("+") == len(families) - 1
+        assert not text_module.takes_attention_mask(facts)
+        # Reloaded from its facts (as sample.py does): the same encoder; another rule or length
+        # another fingerprint.
+        again = load_text_encoder(facts["source"], facts["max_length"])
+        assert again.fingerprint == joint.fingerprint
+        assert not text_encoder_changes(facts, again)
+    assert len({load_text_encoder(str(tmp_path / r)).fingerprint for r in layouts}) == 3
+    # A combination no pipeline reads is refused, naming those that are.
+    folder = save_joint(tmp_path / "t5-clip", ("t5", "clip"))
+    with pytest.raises(ValueError, match=r"--text-encoder: .*t5 \+ clip.* read are clip \+ clip"):
+        load_text_encoder(str(folder))
+
+
+def test_clip_is_called_without_its_mask_and_t5_alone_with_it(encoder, tmp_path):
+    """As StableDiffusionPipeline calls CLIP (no mask: the padding's states are what SD's UNet
+    trained on) and PixArtAlphaPipeline calls T5 (with it)."""
+    texts = ["a handwritten seven", "two"]
+    ids = encoder.tokenizer(texts, padding="max_length", max_length=16, return_tensors="pt")
+    hidden, _, mask = encoder.encode(texts)
+    torch.testing.assert_close(hidden, encoder.model(ids["input_ids"]).last_hidden_state,
+                               rtol=0, atol=0)  # fmt: skip
+    masked = encoder.model(ids["input_ids"], attention_mask=ids["attention_mask"])
+    assert not torch.equal(hidden, masked.last_hidden_state)  # the padding's states differ
+    assert torch.equal(mask, ids["attention_mask"])
+    config = T5Config(vocab_size=encoder.model.config.vocab_size, d_model=16, d_kv=4, d_ff=32,
+                      num_layers=1, num_heads=2, decoder_start_token_id=0)  # fmt: skip
+    T5EncoderModel(config).save_pretrained(tmp_path / "t5")
+    encoder.tokenizer.save_pretrained(tmp_path / "t5")
+    t5 = load_text_encoder(str(tmp_path / "t5"), max_length=12)
+    ids = t5.tokenizer(texts, padding="max_length", max_length=12, return_tensors="pt")
+    expected = t5.model(ids["input_ids"], attention_mask=ids["attention_mask"])
+    torch.testing.assert_close(t5.encode(texts)[0], expected.last_hidden_state, rtol=0, atol=0)

@@ -121,7 +121,7 @@ def trained_basic(tmp_path_factory) -> Path:
     return _CACHE["basic"]
 
 
-def launch_two_processes(args: list[str], tmp_path: Path, timeout: int = 240) -> str:
+def launch_two_processes(args: list[str], tmp_path: Path, timeout: int = 480) -> str:
     """`accelerate launch` with two CPU processes (gloo); returns the combined log."""
     local = Path(sys.executable).with_name("accelerate")
     accelerate = str(local) if local.exists() else shutil.which("accelerate") or "accelerate"

@@ -128,6 +128,9 @@ class AutoencoderMethod:
                 rows.append(np.concatenate([row, blank]))
         return np.concatenate(rows), per_row
 
+    def grid_rows(self, num_images: int) -> list[str]:
+        return []
+
     def export(self, folder: Path, net: nn.Module, raw: nn.Module) -> None:
         """A diffusers `AutoencoderKL` folder with the latents' scaling factor in its config,
         and `reconstruction.json`: PSNR/SSIM of the held-out images (also logged, and added to

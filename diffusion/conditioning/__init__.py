@@ -26,6 +26,7 @@ import torch
 
 from ddp_utils.data.captions import Captions
 from ddp_utils.data.text_cache import TextEmbeddings
+from ddp_utils.model_card import GRID_CAPTION
 from diffusion.conditioning.classes import ClassLabels
 from diffusion.conditioning.text import EncodedPrompts, TextCondition
 from diffusion.pipeline_code.core import Condition
@@ -70,6 +71,14 @@ class ConditionSource(Protocol):
         """The grid's images (sample k: item k) in order, and images per row."""
         ...
 
+    def grid_caption(self) -> str:
+        """What the model card says its grid shows."""
+
+    def grid_rows(self, num_images: int) -> list[str]:
+        """What each row of the grid of `num_images` samples shows, top to bottom (its prompt,
+        its class): the grid's caption; [] where a row shows nothing in particular."""
+        ...
+
 
 class Unconditional:
     """No condition: every call of the network is unconditional."""
@@ -100,6 +109,12 @@ class Unconditional:
 
     def grid_layout(self, images: np.ndarray) -> tuple[np.ndarray, int]:
         return images, 8
+
+    def grid_caption(self) -> str:
+        return GRID_CAPTION
+
+    def grid_rows(self, num_images: int) -> list[str]:
+        return []
 
 
 UNCONDITIONAL = Unconditional()

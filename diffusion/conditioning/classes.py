@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ddp_utils.images import rows_by_label
+from ddp_utils.images import labels_by_row, rows_by_label
+from ddp_utils.model_card import GRID_CAPTION
 from diffusion.pipeline_code.core import Condition, class_condition
 
 
@@ -73,3 +74,11 @@ class ClassLabels:
         """One class per row (sample k: class k mod C)."""
         labels = self.labels(range(len(images)))
         return rows_by_label(images, labels.tolist(), self.num_classes)
+
+    def grid_caption(self) -> str:
+        return GRID_CAPTION
+
+    def grid_rows(self, num_images: int) -> list[str]:
+        """The class of each row of the grid of `num_images` samples."""
+        labels = self.labels(range(num_images)).tolist()
+        return [self.class_names[k] for k in labels_by_row(labels, self.num_classes)]

@@ -15,6 +15,9 @@ from ddp_utils.errors import InputError
 # Guidance (w > 1) only at noise levels sigma in (low, high]: EDM2's interval (Kynkaanniemi
 # et al. 2024). On the digits at w = 4 it took the DiT's FID from 1.67x w = 1's to 1.40x.
 DEFAULT_GUIDANCE_INTERVAL = "0.28,5.42"
+# A text run's default: every step, as diffusers' text-to-image pipelines (Stable Diffusion's,
+# PixArt's) guide, so that its export in one of them draws the run's grids.
+TEXT_GUIDANCE_INTERVAL = "all"
 SECTION = "Class-conditional generation, and guidance (classifier-free, Ho & Salimans 2022)"
 
 
@@ -58,10 +61,12 @@ class ConditioningOptions:
         "asked class 99.6% of the time)",
         section=SECTION,
     )
-    sample_guidance_interval: str = option(
-        DEFAULT_GUIDANCE_INTERVAL,
+    sample_guidance_interval: str | None = option(
+        None,
         "noise levels 'LOW,HIGH' (sigma in (LOW, HIGH]) where w > 1 applies, the conditional "
-        "output elsewhere (Kynkaanniemi et al. 2024), stored in the export; 'all': every step",
+        "output elsewhere (Kynkaanniemi et al. 2024), stored in the export; 'all': every step; "
+        f"default: {DEFAULT_GUIDANCE_INTERVAL} for --class-conditional, {TEXT_GUIDANCE_INTERVAL} "
+        "for --text-encoder (as diffusers' text-to-image pipelines guide)",
         section=SECTION,
     )
 
@@ -70,7 +75,8 @@ class ConditioningOptions:
         return self.class_conditional or getattr(self, "text_encoder", None) is not None
 
     def check_conditioning_options(self) -> None:
-        parse_guidance_interval(self.sample_guidance_interval, "sample_guidance_interval")
+        if self.sample_guidance_interval is not None:
+            parse_guidance_interval(self.sample_guidance_interval, "sample_guidance_interval")
         require(
             0 <= self.label_dropout < 1,
             f"--label-dropout must be in [0, 1), got {self.label_dropout}",
@@ -86,20 +92,27 @@ class ConditioningOptions:
             "captions: --caption-dropout): add --class-conditional, or drop it",
         )
         if not self.is_conditional():
-            for name, default in (
-                ("sample_guidance_scale", 1.5),
-                ("sample_guidance_interval", DEFAULT_GUIDANCE_INTERVAL),
+            for name, defaults in (
+                ("sample_guidance_scale", (1.5,)),
+                # the value older runs' config files hold
+                ("sample_guidance_interval", (None, DEFAULT_GUIDANCE_INTERVAL)),
             ):  # fmt: skip
                 require(
-                    getattr(self, name) == default,
+                    getattr(self, name) in defaults,
                     f"--{name.replace('_', '-')} applies to --class-conditional and "
                     "--text-encoder runs only: add one, or drop it",
                 )
+        elif self.sample_guidance_interval is None:  # the default, now the kind is known
+            text = getattr(self, "text_encoder", None) is not None
+            self.sample_guidance_interval = (
+                TEXT_GUIDANCE_INTERVAL if text else DEFAULT_GUIDANCE_INTERVAL
+            )
 
     def guidance(self) -> Guidance:
         """The guidance of the run's grids and export (none for an unconditional run)."""
         if not self.is_conditional():
             return NO_GUIDANCE
+        assert self.sample_guidance_interval is not None, "check_conditioning_options sets it"
         interval = parse_guidance_interval(
             self.sample_guidance_interval, "sample_guidance_interval"
         )

@@ -20,6 +20,7 @@ drawn rows back to the host: one device sync per step).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,20 +34,14 @@ from ddp_utils.data.captions import Captions
 from ddp_utils.data.load import CAPTION_ROWS
 from ddp_utils.data.text_cache import TextEmbeddings, TextEncoder
 from ddp_utils.errors import InputError
-from ddp_utils.images import rows_by_label
-from diffusion.pipeline_code.core import Condition
+from ddp_utils.images import labels_by_row, rows_by_label
+from ddp_utils.model_card import GRID_CAPTION
+from diffusion.pipeline_code.core import HIDDEN, Condition, text_condition
 
 DEVICE_BYTES = 256 * 2**20  # a text cache up to this size is copied to the device
-HIDDEN, MASK = "encoder_hidden_states", "encoder_attention_mask"
 SECTION = "Text-to-image (captions encoded once by a frozen text encoder)"
 DEFAULT_CAPTION_DROPOUT = 0.1  # Stable Diffusion's
 TEXT_TO_IMAGE = "text-to-image"  # a text-conditional model's title (and hub tag)
-# How a text model's card says to sample it, until its export's pipeline takes prompts.
-SAMPLING_LINES = (
-    "# This folder's pipeline.py does not take prompts yet; sample.py does (its text encoder\n"
-    "# is loaded from where training recorded it):\n"
-    "#   python sample.py path/to/this/folder --prompt 'a handwritten seven' --guidance-scale 2"
-)
 NUM_DEFAULT_PROMPTS = 4  # the grids' prompts without --validation-prompts: captions of the data
 
 
@@ -58,7 +53,8 @@ class TextOptions:
         None,
         "train on captions: the frozen text encoder that encodes them once (cached): a folder "
         "holding a CLIP text model or T5 encoder and its tokenizer (or a pipeline folder with "
-        "text_encoder/ and tokenizer/), a hub id (as --vae), or tiny-clip (built in, random "
+        "text_encoder/ and tokenizer/; SDXL's, SD3's or Flux's gives its encoders together), "
+        "a hub id (as --vae), or tiny-clip (built in, random "
         "weights, for --dataset digits-captioned)",
         section=SECTION,
     )
@@ -89,6 +85,14 @@ class TextOptions:
         None, "a text file of the grids' prompts, one per line (blank lines skipped)",
         section=SECTION,
     )  # fmt: skip
+    clip_model: str | None = option(
+        None,
+        "at each --eval-every, the CLIP score of the evaluation's samples against their "
+        "prompts (the validation prompts in turn; torchmetrics' 100 * max(cos, 0), mean) beside "
+        "FID: a folder holding a transformers CLIPModel (safetensors) with its tokenizer and "
+        "image processor, or a hub id (as --text-encoder), e.g. openai/clip-vit-large-patch14",
+        section=SECTION,
+    )
 
     def check_text_options(self) -> None:
         require(
@@ -116,12 +120,18 @@ class TextOptions:
             for name, default in (("text_encoder_max_length", None), ("caption_column", None),
                                   ("caption_dropout", DEFAULT_CAPTION_DROPOUT),
                                   ("validation_prompts", None),
-                                  ("validation_prompts_file", None)):  # fmt: skip
+                                  ("validation_prompts_file", None),
+                                  ("clip_model", None)):  # fmt: skip
                 require(
                     getattr(self, name) == default,
                     f"--{name.replace('_', '-')} applies to text-to-image runs only: add "
                     "--text-encoder, or drop it",
                 )
+        require(
+            self.clip_model is None or getattr(self, "eval_every", 0) > 0,
+            "--clip-model scores the samples of each evaluation: give --eval-every N too (and "
+            "--eval-num-samples), or drop --clip-model",
+        )
         require(
             self.text_encoder is None or not getattr(self, "class_conditional", False),
             "--text-encoder and --class-conditional: a model is conditioned on captions or on "
@@ -153,7 +163,8 @@ def read_prompts_file(path: str, flag: str) -> list[str]:
 # passes none: a CLIP encoder's condition is the padded sequence alone, so that a network
 # trained here reads prompts as the stock pipelines give them. PixArt-alpha trained on T5's
 # sequence with its mask (PixArtAlphaPipeline passes prompt_attention_mask): a T5 encoder's
-# condition carries its mask, and the padded tokens are ignored.
+# condition carries its mask, and the padded tokens are ignored. Joint encoders (SDXL's,
+# SD3's, Flux's: "CLIPTextModel+...") carry none: their pipelines pass none to the network.
 ENCODERS_WITH_MASK = frozenset({"T5EncoderModel"})
 # The dtype the text cache stores encodings in (`load_text_embeddings`' default): what the
 # network trains on, so prompts encoded for sampling are rounded to it too.
@@ -163,15 +174,6 @@ EMBEDDING_DTYPE = torch.float16
 def takes_attention_mask(encoder: dict[str, Any]) -> bool:
     """Whether the condition of text encoded by `encoder` (its facts) carries the mask."""
     return encoder.get("class") in ENCODERS_WITH_MASK
-
-
-def text_condition(hidden: torch.Tensor, mask: torch.Tensor, with_mask: bool) -> Condition:
-    """What a cross-attention network takes: the sequence embeddings (B, L, D) float32, and
-    the attention mask (B, L) int64 where the encoder's family calls for it."""
-    condition = {HIDDEN: hidden.float()}
-    if with_mask:
-        condition[MASK] = mask.long()
-    return condition
 
 
 @dataclass(frozen=True)
@@ -188,6 +190,17 @@ def encode_prompts(encoder: TextEncoder, texts: Sequence[str]) -> EncodedPrompts
     """`texts` encoded once by `encoder` (on its device), kept on the CPU."""
     hidden, _, mask = encoder.encode(list(texts))
     return EncodedPrompts(tuple(texts), hidden.to(EMBEDDING_DTYPE).float(), mask)
+
+
+def quoted(prompts: Sequence[str]) -> str:
+    """Prompts for a model card's table: quoted, '|' escaped (it would end the cell)."""
+    return "; ".join(json.dumps(p, ensure_ascii=False).replace("|", "\\|") for p in prompts)
+
+
+def prompts_caption(prompts: Sequence[str]) -> str:
+    """What a model card says of a grid of one row per prompt."""
+    rows = ", ".join(f"{k + 1}. {json.dumps(p, ensure_ascii=False)}" for k, p in enumerate(prompts))
+    return f"{GRID_CAPTION[:-1]}, one row per validation prompt, top to bottom: {rows}."
 
 
 def default_validation_prompts(captions: Captions, num_images: int) -> list[str]:
@@ -220,6 +233,10 @@ class PromptCondition:
         """Sample k's prompt's index (what samples.npz records as its label)."""
         return torch.tensor(self.rows(indices), dtype=torch.long)
 
+    def prompts_of(self, indices: Sequence[int]) -> list[str]:
+        """Sample k's prompt, for each k of `indices` (what the CLIP score compares it with)."""
+        return [self.prompts.texts[k] for k in self.rows(indices)]
+
     def for_samples(self, indices: Sequence[int], device: torch.device | str) -> Condition:
         rows = torch.tensor(self.rows(indices), dtype=torch.long)
         condition = text_condition(self.prompts.hidden[rows], self.prompts.mask[rows],
@@ -235,7 +252,7 @@ class PromptCondition:
         return {"prompts": list(self.prompts.texts), "negative_prompt": self.negative.texts[0]}
 
     def card_facts(self) -> list[tuple[str, str]]:
-        return [("prompts", "; ".join(self.prompts.texts))]
+        return [("prompts", quoted(self.prompts.texts))]
 
     def dropout_fact(self) -> str:
         return ""
@@ -246,6 +263,14 @@ class PromptCondition:
     def grid_layout(self, images: np.ndarray) -> tuple[np.ndarray, int]:
         """One prompt per row (sample k: prompt k mod P)."""
         return rows_by_label(images, self.rows(range(len(images))), len(self.prompts.texts))
+
+    def grid_caption(self) -> str:
+        return prompts_caption(self.prompts.texts)
+
+    def grid_rows(self, num_images: int) -> list[str]:
+        """The prompt of each row of the grid of `num_images` samples."""
+        rows = labels_by_row(self.rows(range(num_images)), len(self.prompts.texts))
+        return [self.prompts.texts[k] for k in rows]
 
 
 class TextCondition:
@@ -318,6 +343,12 @@ class TextCondition:
         """Sample k's caption (k mod N), without prompts."""
         return [k % len(self.captions.texts) for k in indices]
 
+    def prompts_of(self, indices: Sequence[int]) -> list[str]:
+        """Sample k's prompt (or, without prompts, caption), for each k of `indices`."""
+        if self.prompted is not None:
+            return self.prompted.prompts_of(indices)
+        return [self.captions.texts[k] for k in self.sample_rows(indices)]
+
     def for_samples(self, indices: Sequence[int], device: torch.device | str) -> Condition:
         if self.prompted is not None:
             return self.prompted.for_samples(indices, device)
@@ -337,12 +368,17 @@ class TextCondition:
         }
 
     def card_facts(self) -> list[tuple[str, str]]:
-        source = self.encoder_facts.get("source", "a text encoder")
-        length = self.encoder_facts.get("max_length")
+        facts = self.encoder_facts
+        length = facts.get("max_length")
         tokens = f", {length} tokens per caption" if length else ""
-        return [("text encoder", f"{source} (frozen{tokens})"),
+        encoder = (f"{facts.get('class', 'a text model')} {facts.get('source', '')} (frozen"
+                   f"{tokens}; in text_encoder/ and tokenizer/)")  # fmt: skip
+        rows = [("text encoder", encoder),
                 ("captions", f"{len(self.captions.texts)} distinct, from column "
                              f"{self.captions.column!r}")]  # fmt: skip
+        if self.prompted is not None:
+            rows.append(("validation prompts", quoted(self.prompted.prompts.texts)))
+        return rows
 
     def dropout_fact(self) -> str:
         return f"caption dropout {self.caption_dropout} (to the empty prompt)"
@@ -355,3 +391,18 @@ class TextCondition:
         if self.prompted is None:
             return images, 8
         return self.prompted.grid_layout(images)
+
+    def grid_caption(self) -> str:
+        if self.prompted is None:
+            return GRID_CAPTION
+        return self.prompted.grid_caption()
+
+    def prompt_texts(self) -> list[str]:
+        """The grids' prompts (the captions' first ones when none were given)."""
+        if self.prompted is not None:
+            return list(self.prompted.prompts.texts)
+        return list(self.captions.texts[:NUM_DEFAULT_PROMPTS])
+
+    def grid_rows(self, num_images: int) -> list[str]:
+        """The prompt of each row; without prompts, none (8 captions per row)."""
+        return [] if self.prompted is None else self.prompted.grid_rows(num_images)

@@ -15,19 +15,23 @@ from diffusers import DiffusionPipeline
 from torch import nn
 
 from ddp_utils.data import to_float
+from ddp_utils.errors import InputError
+from ddp_utils.export import write_task_file
 from ddp_utils.files import write_json, write_text
 from ddp_utils.images import make_grid, to_uint8
 from ddp_utils.metrics import MetricWindow
 from ddp_utils.run import Run
+from diffusion.adapters import FUSED_FOLDER, RAW_FOLDER, fused, save_adapter
 from diffusion.codecs import LatentCodec
 from diffusion.conditioning import ConditionSource, condition_source
 from diffusion.conditioning.guidance import Guidance
-from diffusion.conditioning.text import SAMPLING_LINES, TEXT_TO_IMAGE
+from diffusion.conditioning.text import EMBEDDING_DTYPE, TextCondition
 from diffusion.kinds.registry import Kind, SamplerChoice, all_knobs, choose_sampler
 from diffusion.networks import Backbone, sample_shape, unwrap
 from diffusion.pipeline_code import shipped_source
 from diffusion.pipeline_code.core import VALUE_RANGE
 from diffusion.sampling import Draw
+from diffusion.text_encoders import TextEncoder, load_as_recorded, shipped, text_encoder_changes
 
 NUM_LOSS_BINS = 4  # the loss is also logged per quarter of the noise levels: loss_t_q0..3
 
@@ -91,12 +95,14 @@ def remote_code_lines(folder_hint: str, call: str) -> str:
     )
 
 
-def load_lines(source: ConditionSource, call: str) -> str:
-    """How a card says to load and sample its export: the pipeline with `call`, or for a
-    text-to-image model sample.py (its export's pipeline takes no prompts yet)."""
-    if source.title == TEXT_TO_IMAGE:
-        return SAMPLING_LINES
-    return remote_code_lines("path/to/this/folder", call)
+def condition_arguments(source: ConditionSource, guidance: Guidance) -> str:
+    """A card's pipeline call's arguments for the condition: a text model's grid prompts and
+    guidance, classes, or a batch of an unconditional model."""
+    if isinstance(source, TextCondition):
+        return f"prompt={source.prompt_texts()!r}, guidance_scale={guidance.scale:g}"
+    if source.conditional:
+        return "class_labels=[0, 1, 2], guidance_scale=1.5"
+    return "batch_size=16"
 
 
 def ship_pipeline(pipeline: DiffusionPipeline, folder: Path, code: ModuleType) -> None:
@@ -173,6 +179,10 @@ class NetworkMethod:
             info["guidance_interval"] = None if interval is None else list(interval)
         if self.codec is not None:
             info["latent"] = self.codec.facts()
+        if self.run.base is not None:
+            info["base"] = self.run.base.facts()
+        if self.run.adapter is not None:
+            info["adapter"] = self.run.adapter.facts()
         return info
 
     def shard_units(self, net: nn.Module) -> tuple[str, ...]:
@@ -182,6 +192,10 @@ class NetworkMethod:
     def grid_layout(self, images: np.ndarray) -> tuple[np.ndarray, int]:
         """Unconditional: 8 per row. Class-conditional: one class per row."""
         return self.source.grid_layout(images)
+
+    def grid_rows(self, num_images: int) -> list[str]:
+        """The prompt or class of each row of the grid, its caption ([] unconditional)."""
+        return self.source.grid_rows(num_images)
 
     def draw(self, net: nn.Module) -> Draw:
         return self.kind.sampler(
@@ -219,6 +233,12 @@ class NetworkMethod:
     def sample(self, net: nn.Module, indices: range) -> torch.Tensor:
         return self._sample(net, indices)[0]
 
+    def sample_prompts(self, indices: range) -> list[str]:
+        """The prompts samples `indices` are drawn with (a text-to-image model's: the
+        validation prompts in turn), what --clip-model scores them against."""
+        assert isinstance(self.source, TextCondition), "prompts are a text-to-image model's"
+        return self.source.prompts_of(indices)
+
     def export_pipeline(
         self, folder: Path, net: nn.Module, raw: nn.Module, pipeline_class: type
     ) -> None:
@@ -236,13 +256,85 @@ class NetworkMethod:
         self.finish_export(folder, raw)
 
     def pipeline_conditions(self) -> dict[str, Any]:
-        """The pipeline's arguments about the condition: the classes and the default guidance."""
+        """The pipeline's arguments about the condition: the classes, or a text model's
+        encoder, tokenizer and how prompts are encoded for its network; the default
+        guidance."""
         conditional = self.source.conditional
-        return {
+        conditions = {
             "class_names": list(self.source.task_info().get("class_names") or []) or None,
             "guidance_scale": self.guidance.scale if conditional else 1.0,
             "guidance_interval": self.guidance.interval,
         }
+        encoder = self.shipped_text_encoder()
+        if encoder is not None:
+            conditions.update(
+                text_encoder=encoder.model,
+                tokenizer=encoder.tokenizer,
+                max_sequence_length=encoder.max_length,
+                prompt_attention_mask=self.source.with_mask,
+                prompt_embeds_dtype=str(EMBEDDING_DTYPE).removeprefix("torch."),
+                text_model_mask=encoder.model_mask,
+            )
+        return conditions
+
+    def shipped_text_encoder(self) -> TextEncoder | None:
+        """A text model's encoder and tokenizer as its export ships them (`shipped`), loaded
+        again from where the run recorded it (training let it go once the captions were
+        encoded) and checked against the fingerprint it trained with; None for other models."""
+        if not isinstance(self.source, TextCondition):
+            return None
+        facts = self.source.encoder_facts
+        if "+" in facts["class"]:
+            # Several encoders read together (SDXL's, SD3's, Flux's): the export's own pipeline
+            # carries one text model, so it ships none and takes no prompts; sample.py samples
+            # the run, loading the encoders from where it recorded them.
+            return None
+        encoder = load_as_recorded(facts)
+        changed = text_encoder_changes(facts, encoder)
+        if changed:
+            raise InputError(
+                f"the export ships the text encoder this run trained with, and {changed[0]}: "
+                f"{facts['source']} changed while the run trained; put it back as it was",
+                "text_encoder",
+            )
+        return shipped(encoder)
+
+    def export_base(self, folder: Path, net: nn.Module, raw: nn.Module) -> None:
+        """A fine-tune of a text-to-image pipeline (`diffusion.pipelines`): that pipeline with
+        the trained denoiser, which diffusers' stock class loads, and the raw weights beside;
+        a LoRA's: the adapter in diffusers' LoRA format (the raw one in raw/), and with
+        --export-fused the pipeline with the adapter merged in fused/ (with its task.json)."""
+        base, schedule = self.run.base, dict(self.scheduler.config)
+        if self.run.adapter is None:
+            base.export(folder, net, schedule, self.codec)
+            save_raw(folder, raw, self.backbone)
+            return
+        save_adapter(folder, net, base.family.pipeline_class)
+        save_adapter(folder / RAW_FOLDER, raw, base.family.pipeline_class)
+        if self.cfg.export_fused:
+            base.export(folder / FUSED_FOLDER, fused(net), schedule, self.codec)
+            info = {k: v for k, v in self.task_info().items() if k != "adapter"}
+            write_task_file(folder / FUSED_FOLDER, self.cfg.resolution, info)
+
+    def base_load_lines(self) -> str:
+        """How a card says to sample a fine-tuned pipeline: its stock class (and the adapter
+        loaded onto the base), the first grid prompt, the grids' guidance."""
+        prompts = self.run.validation_prompts
+        return self.run.base.load_lines(
+            prompts.texts[0], self.guidance.scale, adapter=self.run.adapter is not None
+        )
+
+    def base_facts(self) -> list[tuple[str, str]]:
+        """A fine-tuned pipeline's base and adapter, for the model card."""
+        base, adapter = self.run.base, self.run.adapter
+        if base is None:
+            return []
+        facts = [("base pipeline", f"{base.family.title} ({base.family.class_name}) "
+                                   f"{base.source}")]  # fmt: skip
+        if adapter is not None:
+            facts.append(("adapter", f"{adapter.describe()} of the {base.family.denoiser}; the "
+                                     "base weights frozen"))  # fmt: skip
+        return facts
 
     def finish_export(self, folder: Path, raw: nn.Module) -> None:
         """The raw weights and a latent model's VAE beside any export's pipeline."""

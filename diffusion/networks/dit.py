@@ -27,7 +27,7 @@ from diffusers import DiTTransformer2DModel
 from torch import nn
 
 from ddp_utils.errors import InputError
-from diffusion.networks.preset_files import check_builds, read_preset_file
+from diffusion.networks.preset_files import check_builds, read_preset
 
 
 def _size(depth: int, hidden: int, heads: int, patch_size: int = 2) -> dict[str, Any]:
@@ -71,16 +71,7 @@ _DIT_SIGNATURE = inspect.signature(DiTTransformer2DModel.__init__).parameters
 
 def _read_preset(preset: str) -> dict[str, Any]:
     """A preset name, or a JSON file of DiTTransformer2DModel kwargs (an exported config.json)."""
-    if preset in DIT_PRESETS:
-        return dict(DIT_PRESETS[preset])
-    path = Path(preset)
-    if not path.is_file():
-        raise InputError(
-            f"must be one of {', '.join(DIT_PRESETS)} or a path to a JSON file with "
-            f"DiTTransformer2DModel arguments; got {preset!r} (no such file)",
-            "preset",
-        )
-    return read_preset_file(path, DiTTransformer2DModel)
+    return read_preset(preset, DIT_PRESETS, DiTTransformer2DModel)
 
 
 def check_dit_preset(preset: str, resolution: int | None) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from typing import Any
 from diffusers import PixArtTransformer2DModel
 
 from ddp_utils.errors import InputError
-from diffusion.networks.preset_files import check_builds, read_preset_file
+from diffusion.networks.preset_files import check_builds, read_preset
 
 # PixArtTransformer2DModel kwargs without sample_size / in_channels / out_channels /
 # caption_channels / cross_attention_dim (the data's, the encoder's, the width).
@@ -44,16 +44,7 @@ _SIGNATURE = inspect.signature(PixArtTransformer2DModel.__init__).parameters
 
 
 def _read_preset(preset: str) -> dict[str, Any]:
-    if preset in PIXART_PRESETS:
-        return dict(PIXART_PRESETS[preset])
-    path = Path(preset)
-    if not path.is_file():
-        raise InputError(
-            f"must be one of {', '.join(PIXART_PRESETS)} or a path to a JSON file with "
-            f"PixArtTransformer2DModel arguments; got {preset!r} (no such file)",
-            "preset",
-        )
-    return read_preset_file(path, PixArtTransformer2DModel)
+    return read_preset(preset, PIXART_PRESETS, PixArtTransformer2DModel)
 
 
 def _patch_size(kwargs: dict[str, Any]) -> int:

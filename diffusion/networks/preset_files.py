@@ -17,6 +17,7 @@ import math
 import types
 import typing
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,23 @@ POSITIVE = frozenset(
         "sample_size", "num_embeds_ada_norm",
     }
 )  # fmt: skip
+
+
+def read_preset(
+    preset: str, presets: Mapping[str, dict[str, Any]], network: type[nn.Module]
+) -> dict[str, Any]:
+    """A copy of the preset `presets` names `preset`, or the arguments of `network` a JSON file
+    at `preset` gives (`read_preset_file`); an InputError naming both ways otherwise."""
+    if preset in presets:
+        return dict(presets[preset])
+    path = Path(preset)
+    if not path.is_file():
+        raise InputError(
+            f"must be one of {', '.join(presets)} or a path to a JSON file with "
+            f"{network.__name__} arguments; got {preset!r} (no such file)",
+            "preset",
+        )
+    return read_preset_file(path, network)
 
 
 def read_preset_file(path: Path, network: type[nn.Module]) -> dict[str, Any]:

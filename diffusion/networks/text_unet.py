@@ -14,8 +14,7 @@ from typing import Any
 
 from diffusers import UNet2DConditionModel
 
-from ddp_utils.errors import InputError
-from diffusion.networks.preset_files import check_builds, read_preset_file
+from diffusion.networks.preset_files import check_builds, read_preset
 from diffusion.networks.unet import check_channels, check_resolution
 
 # UNet2DConditionModel kwargs without sample_size / in_channels / out_channels (the data's).
@@ -49,16 +48,7 @@ _SIGNATURE = inspect.signature(UNet2DConditionModel.__init__).parameters
 
 
 def _read_preset(preset: str) -> dict[str, Any]:
-    if preset in TEXT_UNET_PRESETS:
-        return dict(TEXT_UNET_PRESETS[preset])
-    path = Path(preset)
-    if not path.is_file():
-        raise InputError(
-            f"must be one of {', '.join(TEXT_UNET_PRESETS)} or a path to a JSON file with "
-            f"UNet2DConditionModel arguments; got {preset!r} (no such file)",
-            "preset",
-        )
-    config = read_preset_file(path, UNet2DConditionModel)
+    config = read_preset(preset, TEXT_UNET_PRESETS, UNet2DConditionModel)
     return {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
 
 

@@ -10,7 +10,7 @@ from typing import Any
 from diffusers import UNet2DModel
 
 from ddp_utils.errors import InputError
-from diffusion.networks.preset_files import check_builds, read_preset_file
+from diffusion.networks.preset_files import check_builds, read_preset
 
 # UNet2DModel kwargs without sample_size / in_channels / out_channels (those come from the data).
 DDPM_PRESETS: dict[str, dict[str, Any]] = {
@@ -80,18 +80,12 @@ def check_channels(channels: int) -> None:
 
 def _read_preset(preset: str) -> dict[str, Any]:
     """A preset name, or a JSON file holding UNet2DModel kwargs (e.g. an exported config.json)."""
-    if preset in DDPM_PRESETS:
-        return dict(DDPM_PRESETS[preset])
     if preset in RENAMED_PRESETS:
         raise InputError(f"{preset!r} is now called {RENAMED_PRESETS[preset]!r}", "preset")
+    config = read_preset(preset, DDPM_PRESETS, UNet2DModel)
+    if preset in DDPM_PRESETS:
+        return config
     path = Path(preset)
-    if not path.is_file():
-        raise InputError(
-            f"must be one of {', '.join(DDPM_PRESETS)} or a path to a JSON file "
-            f"with UNet2DModel arguments; got {preset!r} (no such file)",
-            "preset",
-        )
-    config = read_preset_file(path, UNet2DModel)
     lengths = {
         key: len(config.get(key, _UNET_SIGNATURE[key].default))
         for key in ("block_out_channels", "down_block_types", "up_block_types")

@@ -7,9 +7,11 @@ torch and diffusers. The toolkit imports the same code for its grids and `sample
 three agree image for image.
 
 A condition is a value, not a type: a dict of batch-first tensors, passed to the network as
-keyword arguments (`{"class_labels": ids}` for a class-conditional network). The toolkit carries
-it from the batch to the loss and from the sampler to the network without looking inside;
-guidance asks the condition's source for its "no condition" value of the same form.
+keyword arguments (`{"class_labels": ids}` for a class-conditional network, `{"encoder_hidden_
+states": ...}` for one that attends to text). The toolkit carries it from the batch to the loss
+and from the sampler to the network without looking inside; guidance asks the condition's
+source for its "no condition" value of the same form. Prompts become a condition through
+`encode_text` and `text_condition`, the same calls in training, `sample.py` and the pipelines.
 
 Classifier-free guidance (Ho & Salimans 2022): the network learned both p(x | c) and, with
 conditions replaced by "no condition" during training, p(x). Sampling combines the two outputs,
@@ -22,7 +24,8 @@ the data range at high noise; `guide` returns the output whose D is projected ba
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput, SchedulerMixin
@@ -32,6 +35,7 @@ Condition = Mapping[str, torch.Tensor]  # network keyword inputs, batch-first
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # D(x, level of shape ())
 Generators = torch.Generator | list[torch.Generator] | None
 ClassLabels = int | str | list[int | str] | torch.Tensor
+Prompts = str | list[str]
 VALUE_RANGE = (-1.0, 1.0)  # the images of every network model here (and the samplers' clamp)
 
 # ---------------------------------------------------------------------------------------------
@@ -105,6 +109,52 @@ def cat_conditions(first: Condition, second: Condition) -> dict[str, torch.Tenso
 def class_condition(class_labels: torch.Tensor) -> dict[str, torch.Tensor]:
     """The condition of class ids (B,): what a class-conditional network takes."""
     return {"class_labels": class_labels}
+
+
+# ---------------------------------------------------------------------------------------------
+# Text: prompts encoded by a frozen text model
+# ---------------------------------------------------------------------------------------------
+
+# What a cross-attention network takes, as diffusers' UNet2DConditionModel and
+# PixArtTransformer2DModel name it.
+HIDDEN, MASK = "encoder_hidden_states", "encoder_attention_mask"
+
+
+def encode_text(
+    text_encoder: torch.nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    max_length: int,
+    model_mask: bool,
+    penultimate: bool = False,
+) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """(the text model's output, its sequence embeddings (n, L, D), the attention mask (n, L)
+    int64) of `texts`, each padded or truncated to `max_length` tokens, on the text model's
+    device. The model is given the mask only when `model_mask` (T5 alone, as PixArt-alpha's
+    pipeline; CLIP is called without it, as Stable Diffusion's pipelines call it); the
+    embeddings are the last layer's states, or the penultimate layer's (SDXL's and SD3's
+    CLIPs)."""
+    tokens = tokenizer(list(texts), padding="max_length", max_length=max_length,
+                       truncation=True, return_tensors="pt")  # fmt: skip
+    device = next(text_encoder.parameters()).device
+    mask = tokens["attention_mask"].to(device)
+    output = text_encoder(input_ids=tokens["input_ids"].to(device),
+                          attention_mask=mask if model_mask else None,
+                          output_hidden_states=penultimate)  # fmt: skip
+    hidden = output.hidden_states[-2] if penultimate else output.last_hidden_state
+    return output, hidden, mask.to(torch.int64)
+
+
+def text_condition(
+    hidden: torch.Tensor, mask: torch.Tensor, with_mask: bool
+) -> dict[str, torch.Tensor]:
+    """What a cross-attention network takes: the sequence embeddings (B, L, D) float32, and
+    the attention mask (B, L) int64 where the encoder's family calls for it (T5's: PixArt
+    trained with it; not CLIP's: Stable Diffusion's UNet reads the whole padded sequence)."""
+    condition = {HIDDEN: hidden.float()}
+    if with_mask:
+        condition[MASK] = mask.long()
+    return condition
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,11 +292,13 @@ def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
 class NetworkPipeline(DiffusionPipeline):
     """One network, as `unet` (a UNet) or `transformer` (a DiT, as diffusers names them); the
     other component is None. A latent model also has a `vae` (an AutoencoderKL): the network
-    denoises its latents and the images are decoded (`decode_latents`). Saves the classes and
-    the chosen guidance with the model. Each kind's pipeline adds its `__call__`."""
+    denoises its latents and the images are decoded (`decode_latents`). A text-to-image model
+    also has its frozen `text_encoder` and `tokenizer`: it takes `prompt` and
+    `negative_prompt`, encoded as it was trained (`encode_prompt`). Saves the classes and the
+    chosen guidance with the model. Each kind's pipeline adds its `__call__`."""
 
-    _optional_components = ["unet", "transformer", "vae"]
-    model_cpu_offload_seq = "unet->transformer->vae"  # those that are set
+    _optional_components = ["unet", "transformer", "vae", "text_encoder", "tokenizer"]
+    model_cpu_offload_seq = "text_encoder->unet->transformer->vae"  # those that are set
 
     def __init__(
         self,
@@ -257,20 +309,47 @@ class NetworkPipeline(DiffusionPipeline):
         guidance_scale: float = 1.0,
         guidance_interval: tuple[float, float] | list[float] | None = None,
         vae: AutoencoderKL | None = None,
+        text_encoder: torch.nn.Module | None = None,
+        tokenizer: Any = None,
+        max_sequence_length: int | None = None,
+        prompt_attention_mask: bool = False,
+        prompt_embeds_dtype: str | None = None,
+        text_model_mask: bool = False,
     ) -> None:
+        """A text-to-image model: `text_encoder` and `tokenizer` (transformers'), prompts
+        padded or truncated to `max_sequence_length` tokens, the attention mask given to the
+        network with the embeddings when `prompt_attention_mask`, the embeddings rounded to
+        `prompt_embeds_dtype` (a torch dtype's name: the precision its training stored the
+        captions' encodings in) before the network reads them."""
         super().__init__()
         if (unet is None) == (transformer is None):
             raise ValueError("give the network as either unet (a UNet) or transformer (a DiT)")
-        self.register_modules(unet=unet, transformer=transformer, scheduler=scheduler, vae=vae)
+        if (text_encoder is None) != (tokenizer is None):
+            raise ValueError("a text-to-image model needs both its text_encoder and tokenizer")
+        self.register_modules(unet=unet, transformer=transformer, scheduler=scheduler, vae=vae,
+                              text_encoder=text_encoder, tokenizer=tokenizer)  # fmt: skip
         self.register_to_config(
             class_names=class_names,
             guidance_scale=guidance_scale,
             guidance_interval=None if guidance_interval is None else list(guidance_interval),
         )
+        if text_encoder is not None:  # the other models' folders hold none of these
+            if max_sequence_length is None:
+                raise ValueError("a text-to-image model needs its max_sequence_length")
+            self.register_to_config(
+                max_sequence_length=int(max_sequence_length),
+                prompt_attention_mask=bool(prompt_attention_mask),
+                prompt_embeds_dtype=prompt_embeds_dtype,
+                text_model_mask=bool(text_model_mask),
+            )
 
     @property
     def network(self) -> torch.nn.Module:
         return self.unet if self.unet is not None else self.transformer
+
+    @property
+    def takes_prompts(self) -> bool:
+        return getattr(self, "text_encoder", None) is not None
 
     def _guidance(
         self, guidance_scale: float | None, guidance_interval: tuple[float, float] | str | None
@@ -289,13 +368,68 @@ class NetworkPipeline(DiffusionPipeline):
         """What guidance projects the clean estimate onto: pixels' range; none for latents."""
         return None if getattr(self, "vae", None) is not None else VALUE_RANGE
 
+    def encode_prompt(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The condition of `prompts` (one row each), on the execution device: the text
+        model's sequence embeddings, rounded as training stored them, and the mask where the
+        network takes it."""
+        config = self.config
+        model_mask = getattr(config, "text_model_mask", False)
+        _, hidden, mask = encode_text(self.text_encoder, self.tokenizer, prompts,
+                                      config.max_sequence_length, model_mask)  # fmt: skip
+        hidden = hidden.float()
+        if config.prompt_embeds_dtype is not None:
+            hidden = hidden.to(getattr(torch, config.prompt_embeds_dtype)).float()
+        condition = text_condition(hidden, mask, config.prompt_attention_mask)
+        return {key: value.to(self._execution_device) for key, value in condition.items()}
+
+    def _prompt_conditions(
+        self, prompt: Prompts, negative_prompt: Prompts | None, num_images_per_prompt: int
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(the condition, its "no condition") of `num_images_per_prompt` images per prompt,
+        prompt by prompt: the negative prompt's (one for all, or one per prompt), the empty
+        prompt's by default (what caption dropout trained)."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or num_images_per_prompt < 1:
+            raise ValueError("give at least one prompt, and num_images_per_prompt >= 1")
+        rows = [p for p in prompts for _ in range(num_images_per_prompt)]
+        condition = self.encode_prompt(rows)
+        if negative_prompt is None or isinstance(negative_prompt, str):
+            null = self.encode_prompt([negative_prompt or ""])
+            null = {key: value.expand(len(rows), *value.shape[1:]) for key, value in null.items()}
+        else:
+            if len(negative_prompt) != len(prompts):
+                raise ValueError(
+                    f"{len(negative_prompt)} negative prompts for {len(prompts)} prompts: give "
+                    "one, or one per prompt"
+                )
+            null = self.encode_prompt([n for n in negative_prompt
+                                       for _ in range(num_images_per_prompt)])  # fmt: skip
+        return condition, null
+
     def _conditions(
-        self, class_labels: ClassLabels | None, batch_size: int, generator: Generators
+        self,
+        class_labels: ClassLabels | None,
+        batch_size: int,
+        generator: Generators,
+        prompt: Prompts | None = None,
+        negative_prompt: Prompts | None = None,
+        num_images_per_prompt: int = 1,
     ) -> tuple[dict[str, torch.Tensor] | None, dict[str, torch.Tensor] | None, int]:
         """(the condition, its "no condition", the batch size) of a call: one image per class
-        asked for; an unconditional call has neither."""
+        asked for, or `num_images_per_prompt` per prompt; an unconditional call has neither."""
         condition = null = None
-        if class_labels is not None:
+        if self.takes_prompts:
+            if prompt is None or class_labels is not None:
+                raise ValueError(
+                    "this is a text-to-image model: give prompt= (a string or a list: one image "
+                    "each), not class_labels"
+                )
+            condition, null = self._prompt_conditions(prompt, negative_prompt,
+                                                      num_images_per_prompt)  # fmt: skip
+            batch_size = len(condition[HIDDEN])
+        elif prompt is not None or negative_prompt is not None:
+            raise ValueError("this model takes no prompts (it has no text encoder)")
+        elif class_labels is not None:
             labels = as_class_labels(class_labels, self.config.class_names)
             batch_size = len(labels)
             labels = labels.to(self._execution_device)

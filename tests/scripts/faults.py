@@ -59,11 +59,19 @@ def kill_everything() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-original_get = BatchSource.get
 original_save_file = checkpoint.save_file
 
 
-def get(self, micro_step: int, generator):
+def with_faults(original_get):
+    """A batch source's `get` that first does the faults of its micro-step."""
+
+    def get(self, micro_step: int, generator):
+        return faulty_get(original_get, self, micro_step, generator)
+
+    return get
+
+
+def faulty_get(original_get, self, micro_step: int, generator):
     nan = False
     for kind, at in FAULTS:
         if kind == "nan-from" and micro_step >= at or kind == "nan" and micro_step == at:
@@ -126,7 +134,14 @@ def guarded_step(optimizer, ok, scaler):
                     param.fill_(float("nan"))
 
 
-BatchSource.get = get
+def with_subclasses(cls: type) -> list[type]:
+    return [cls, *(c for sub in cls.__subclasses__() for c in with_subclasses(sub))]
+
+
+# Every source's own `get` (latent batches have theirs, the others the base class's).
+for source in with_subclasses(BatchSource):
+    if "get" in vars(source):
+        source.get = with_faults(vars(source)["get"])
 checkpoint.save_file = save_file
 checkpoint.file_record = file_record
 loop.guarded_step = guarded_step

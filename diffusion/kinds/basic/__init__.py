@@ -126,6 +126,9 @@ class BasicMethod:
     def grid_layout(self, images: np.ndarray) -> tuple[np.ndarray, int]:
         return images, 8
 
+    def grid_rows(self, num_images: int) -> list[str]:
+        return []
+
     def export(self, folder: Path, net: nn.Module, raw: nn.Module) -> None:
         net.save_pretrained(folder, safe_serialization=True)
 

@@ -99,7 +99,10 @@ class DDPMKind:
 
     def train_scheduler(self, cfg: Any) -> DDPMScheduler:
         """The noise schedule of a run's config (the flags resolved, --init-from's filled)."""
-        return make_train_scheduler(cfg.beta_schedule, cfg.num_train_timesteps, cfg.prediction_type)
+        return make_train_scheduler(
+            cfg.beta_schedule, cfg.num_train_timesteps, cfg.prediction_type, cfg.beta_start,
+            cfg.beta_end,
+        )  # fmt: skip
 
     def method(
         self, run: Any, scheduler: DDPMScheduler, backbone: Backbone, codec: LatentCodec | None

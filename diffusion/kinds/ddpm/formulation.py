@@ -18,16 +18,21 @@ from diffusion.networks import predict
 from diffusion.pipeline_code.core import Condition
 
 VALUE_RANGE = (-1.0, 1.0)  # images are normalised to [-1, 1], the range of the Gaussian noise
-BetaSchedule = Literal["squaredcos_cap_v2", "linear"]
+# squaredcos_cap_v2: Nichol & Dhariwal 2021's cosine; linear: DDPM's betas from beta_start to
+# beta_end; scaled_linear: Stable Diffusion's, linear in sqrt(beta) (0.00085 to 0.012).
+BetaSchedule = Literal["squaredcos_cap_v2", "linear", "scaled_linear"]
 PredictionType = Literal["epsilon", "v_prediction", "sample"]
 PREDICTION_TYPES = typing.get_args(PredictionType)
 
 
-# The noise schedule a new model is trained with (the defaults of make_train_scheduler).
+# The noise schedule a new model is trained with (the defaults of make_train_scheduler); the
+# end points are diffusers' (DDPM's), which the cosine schedule does not read.
 SCHEDULE_DEFAULTS: dict[str, Any] = {
     "prediction_type": "v_prediction",
     "beta_schedule": "squaredcos_cap_v2",
     "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
 }
 
 
@@ -35,6 +40,8 @@ def make_train_scheduler(
     beta_schedule: BetaSchedule = "squaredcos_cap_v2",
     num_train_timesteps: int = 1000,
     prediction_type: PredictionType = "v_prediction",
+    beta_start: float = 0.0001,
+    beta_end: float = 0.02,
 ) -> DDPMScheduler:
     """The noise schedule used in training; samplers are later built from its config.
 
@@ -43,7 +50,9 @@ def make_train_scheduler(
     Ho 2022): on the default digits run it matches epsilon-prediction with DDPM-1000 and
     stochastic DDIM, and halves the FID of the deterministic samplers (BENCHMARKS.md, "Quality
     per sampling step"): near t = T the cosine schedule's alpha_bar is ~1e-9, where an epsilon
-    network's x0 estimate amplifies its error ~1e4 times and v's does not.
+    network's x0 estimate amplifies its error ~1e4 times and v's does not. `beta_start` and
+    `beta_end` are the linear schedules' end points (a fine-tuned Stable Diffusion keeps its
+    scaled_linear 0.00085..0.012).
     """
     if num_train_timesteps < 2:
         raise ValueError(f"the number of timesteps must be >= 2; got {num_train_timesteps}")
@@ -51,6 +60,8 @@ def make_train_scheduler(
         num_train_timesteps=num_train_timesteps,
         beta_schedule=beta_schedule,
         prediction_type=prediction_type,
+        beta_start=beta_start,
+        beta_end=beta_end,
     )
 
 

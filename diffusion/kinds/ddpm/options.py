@@ -3,7 +3,6 @@ resume takes from a trained model's noise schedule."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, get_args
@@ -36,6 +35,18 @@ class DDPMOptions:
         f"diffusion timesteps T (default: {SCHEDULE_DEFAULTS['num_train_timesteps']})",
         section=SECTION,
     )
+    beta_start: float | None = option(
+        None,
+        f"first beta of the linear and scaled_linear schedules (default: "
+        f"{SCHEDULE_DEFAULTS['beta_start']:g}; Stable Diffusion's 0.00085)",
+        section=SECTION,
+    )
+    beta_end: float | None = option(
+        None,
+        f"last beta of the linear and scaled_linear schedules (default: "
+        f"{SCHEDULE_DEFAULTS['beta_end']:g}; Stable Diffusion's 0.012)",
+        section=SECTION,
+    )
     min_snr_gamma: float | None = option(
         None, "min-SNR-gamma loss weighting (e.g. 5); none: off", section=SECTION
     )
@@ -44,11 +55,31 @@ class DDPMOptions:
 def check_options(cfg: Any) -> None:
     """A DDPM run's section: given values checked; unset ones take the defaults, except under
     --init-from, whose model's schedule fills them (`take_from_model`)."""
+    # End points other than the defaults (which a resolved config file holds) do nothing for
+    # the cosine schedule: refused.
+    given_ends = [name for name in ("beta_start", "beta_end")
+                  if getattr(cfg, name) not in (None, SCHEDULE_DEFAULTS[name])]  # fmt: skip
     if cfg.init_from is None:
         fill_defaults(cfg)
     require(
+        cfg.beta_schedule != "squaredcos_cap_v2" or not given_ends,
+        f"--{given_ends[0].replace('_', '-') if given_ends else ''} applies to the linear and "
+        "scaled_linear schedules; the cosine one (squaredcos_cap_v2) has no end points: give "
+        "--beta-schedule linear or scaled_linear, or drop it",
+    )
+    require(
         cfg.num_train_timesteps is None or cfg.num_train_timesteps >= 2,
         f"--num-train-timesteps must be >= 2, got {cfg.num_train_timesteps}",
+    )
+    for name in ("beta_start", "beta_end"):
+        value = getattr(cfg, name)
+        require(
+            value is None or 0 < value < 1,
+            f"--{name.replace('_', '-')} must be in (0, 1), got {value}",
+        )
+    require(
+        cfg.beta_start is None or cfg.beta_end is None or cfg.beta_start < cfg.beta_end,
+        f"--beta-start ({cfg.beta_start}) must be below --beta-end ({cfg.beta_end})",
     )
     require(
         cfg.min_snr_gamma is None or cfg.min_snr_gamma > 0,
@@ -101,15 +132,10 @@ def training_schedule(
     ):
         if values[name] not in allowed:
             problems.append(f"its {name} is {values[name]!r} (supported: {', '.join(allowed)})")
-    defaults = DDPMScheduler().config
-    for name in ("beta_start", "beta_end"):
-        value = scheduler_config.get(name, defaults[name])
-        if values["beta_schedule"] == "linear" and not math.isclose(value, defaults[name]):
-            problems.append(
-                f"its {name} is {value}, this toolkit's linear schedule uses {defaults[name]}"
-            )
     if scheduler_config.get("trained_betas") is not None:
         problems.append("it was trained with an explicit list of betas (trained_betas)")
+    if scheduler_config.get("rescale_betas_zero_snr"):
+        problems.append("its betas are rescaled to zero terminal SNR (rescale_betas_zero_snr)")
     if problems:
         raise InputError(
             f"the noise schedule of {source} cannot be rebuilt: "

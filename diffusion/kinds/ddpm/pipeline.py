@@ -3,6 +3,7 @@ diffusers only), and the noise level of a DDPM timestep that guidance reads.
 
     pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True, use_safetensors=True)
     images = pipe(class_labels=[3, 7], guidance_scale=1.5).images   # or class names: ["3", "7"]
+    images = pipe(prompt=["a handwritten seven"], guidance_scale=2).images  # a text model
 
 Any diffusers scheduler built from the export's config samples it (a `DDIMScheduler` for 50
 steps); the toolkit's samplers (`samplers.py`) call the same guided output.
@@ -20,6 +21,7 @@ from diffusion.pipeline_code.core import (
     ClassLabels,
     Generators,
     NetworkPipeline,
+    Prompts,
     guidance_at,
     guided_output,
     network_output,
@@ -65,7 +67,7 @@ def ddpm_coefficients(
 class GuidedDDPMPipeline(NetworkPipeline):
     """A DDPM network and its noise schedule (any diffusers scheduler: swap in a
     `DDIMScheduler.from_config(pipe.scheduler.config)` for 50-step sampling); class-conditional
-    with guidance when it was trained so."""
+    or text-to-image with guidance when it was trained so."""
 
     @torch.no_grad()
     def __call__(
@@ -79,9 +81,13 @@ class GuidedDDPMPipeline(NetworkPipeline):
         batch_size: int = 1,
         output_type: str = "pil",
         return_dict: bool = True,
+        prompt: Prompts | None = None,
+        negative_prompt: Prompts | None = None,
+        num_images_per_prompt: int = 1,
     ) -> ImagePipelineOutput | tuple:
-        """One image per entry of `class_labels` (class ids or names; unconditional models:
-        `batch_size` images).
+        """One image per entry of `class_labels` (class ids or names), `num_images_per_prompt`
+        per `prompt` of a text-to-image model (guided away from `negative_prompt`, default the
+        empty prompt), or `batch_size` images of an unconditional model.
 
         `guidance_scale` and `guidance_interval` (noise levels (low, high] where w > 1 applies,
         "all": every step; `guidance_at`) default to the ones saved with the model.
@@ -90,7 +96,9 @@ class GuidedDDPMPipeline(NetworkPipeline):
         or "pt" (NCHW in [0, 1]).
         """
         w, interval = self._guidance(guidance_scale, guidance_interval)
-        condition, null, batch_size = self._conditions(class_labels, batch_size, generator)
+        condition, null, batch_size = self._conditions(
+            class_labels, batch_size, generator, prompt, negative_prompt, num_images_per_prompt
+        )
         net = self.network
         x = self._noise(batch_size, generator) * self.scheduler.init_noise_sigma
         accepted = inspect.signature(self.scheduler.step).parameters

@@ -77,7 +77,9 @@ KARRAS_SIGMA_MAX = 80.0
 # What a sampler inherits from the training scheduler: the noise schedule and what the network
 # predicts. Its own knobs (timestep spacing, clipping, ...) stay the sampler's: a config read
 # from disk lists every key, one in memory only those set by hand, and inheriting the knobs made
-# the same sampler differ between the training grids and sample.py on the export.
+# the same sampler differ between the training grids and sample.py on the export. The steps'
+# offset is the model's: a run whose export is a StableDiffusionPipeline samples with
+# steps_offset 1, which that pipeline imposes on its scheduler (others keep diffusers' 0).
 SCHEDULE_KEYS = (
     "num_train_timesteps",
     "beta_start",
@@ -86,6 +88,7 @@ SCHEDULE_KEYS = (
     "trained_betas",
     "prediction_type",
     "rescale_betas_zero_snr",
+    "steps_offset",
 )
 
 

@@ -16,14 +16,16 @@ from ddp_utils.images import make_grid, to_uint8
 from ddp_utils.metrics import MetricWindow
 from ddp_utils.model_card import CardFacts
 from diffusion.conditioning.classes import ClassLabels
+from diffusion.conditioning.text import TextCondition
 from diffusion.kinds.common import (
     NetworkMethod,
     card_tags,
     codec_facts,
+    condition_arguments,
     condition_facts,
     denoising_strip,
-    load_lines,
     network_fact,
+    remote_code_lines,
     report_by_bin,
 )
 from diffusion.kinds.edm import pipeline
@@ -79,9 +81,7 @@ class EDMMethod(NetworkMethod):
     def card(self) -> CardFacts:
         cfg, source = self.cfg, self.source
         kind = f"{source.title} EDM" if source.conditional else "EDM"
-        call = "batch_size=16, num_inference_steps=18"
-        if source.conditional:
-            call = "class_labels=[0, 1, 2], guidance_scale=1.5, num_inference_steps=18"
+        call = f"{condition_arguments(source, self.guidance)}, num_inference_steps=18"
         second = " (Heun: 2 network evaluations per step but the last)"
         return CardFacts(
             title=f"{kind} on {cfg.dataset}",
@@ -99,7 +99,7 @@ class EDMMethod(NetworkMethod):
                 + (second if cfg.sample_scheduler == "edm-heun" else "")
                 + " made the grid above; `churn=` > 0 makes it stochastic."
             ),
-            how_to_load=load_lines(source, call),
+            how_to_load=remote_code_lines("path/to/this/folder", call),
             facts=[
                 (
                     "objective",
@@ -110,7 +110,9 @@ class EDMMethod(NetworkMethod):
                 *condition_facts(source, self.guidance),
             ],  # fmt: skip
             tags=card_tags("edm", source, self.backbone),
+            grid_caption=source.grid_caption(),
             class_conditional=isinstance(source, ClassLabels),
+            text_to_image=isinstance(source, TextCondition),
         )
 
     def export(self, folder: Path, net: nn.Module, raw: nn.Module) -> None:

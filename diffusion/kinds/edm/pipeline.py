@@ -25,6 +25,7 @@ from diffusion.pipeline_code.core import (
     Denoiser,
     Generators,
     NetworkPipeline,
+    Prompts,
     guidance_at,
     guided_output,
     network_output,
@@ -139,17 +140,24 @@ class EDMPipeline(NetworkPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         guidance_interval: tuple[float, float] | str | None = None,
+        prompt: Prompts | None = None,
+        negative_prompt: Prompts | None = None,
+        num_images_per_prompt: int = 1,
     ) -> ImagePipelineOutput | tuple:
         """`num_inference_steps` noise levels: Heun makes 2N - 1 network evaluations (18 -> 35).
 
         `generator`: a list of one generator per image makes each image independent of the
         batch it is drawn in. `churn` > 0 samples stochastically (the paper's S_churn).
         A class-conditional model takes `class_labels` (ids or names; one image each, the batch
-        size follows), `guidance_scale` and `guidance_interval` (noise levels (low, high] where
-        w > 1 applies, "all": every step; default: the ones saved with the model).
+        size follows), a text-to-image model `prompt` (`num_images_per_prompt` images each)
+        and `negative_prompt` (default: the empty prompt); both take `guidance_scale` and
+        `guidance_interval` (noise levels (low, high] where w > 1 applies, "all": every step;
+        default: the ones saved with the model).
         output_type: "pil", "np" (NHWC floats in [0, 1]) or "pt" (NCHW floats in [0, 1]).
         """
-        condition, null, batch_size = self._conditions(class_labels, batch_size, generator)
+        condition, null, batch_size = self._conditions(
+            class_labels, batch_size, generator, prompt, negative_prompt, num_images_per_prompt
+        )
         w, interval = self._guidance(guidance_scale, guidance_interval)
         x, _ = sample_heun(
             self.denoiser(condition, null, w, interval),

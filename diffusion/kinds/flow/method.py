@@ -16,15 +16,17 @@ from ddp_utils.images import make_grid, to_uint8
 from ddp_utils.metrics import MetricWindow
 from ddp_utils.model_card import CardFacts
 from diffusion.conditioning.classes import ClassLabels
+from diffusion.conditioning.text import TextCondition
 from diffusion.kinds.common import (
     NUM_LOSS_BINS,
     NetworkMethod,
     card_tags,
     codec_facts,
+    condition_arguments,
     condition_facts,
     denoising_strip,
-    load_lines,
     network_fact,
+    remote_code_lines,
     report_by_bin,
 )
 from diffusion.kinds.flow import pipeline
@@ -88,12 +90,10 @@ class FlowMethod(NetworkMethod):
     def card(self) -> CardFacts:
         cfg, source, choice = self.cfg, self.source, self.choice
         kind = f"{source.title} rectified flow" if source.conditional else "Rectified flow"
-        call = f"batch_size=16, num_inference_steps={choice.steps}, sampler={choice.name!r}"
-        if source.conditional:
-            call = (
-                f"class_labels=[0, 1, 2], guidance_scale=1.5, "
-                f"num_inference_steps={choice.steps}, sampler={choice.name!r}"
-            )
+        call = (
+            f"{condition_arguments(source, self.guidance)}, num_inference_steps={choice.steps}, "
+            f"sampler={choice.name!r}"
+        )
         times = cfg.time_sampling + (
             f" (mean {cfg.logit_mean:g}, std {cfg.logit_std:g})"
             if cfg.time_sampling == "logit-normal"
@@ -114,7 +114,7 @@ class FlowMethod(NetworkMethod):
                 f"{self.shift:g}) made the grid above; `sampler=` names the others (heun, "
                 "dpm++2m, euler-ancestral)."
             ),
-            how_to_load=load_lines(source, call),
+            how_to_load=remote_code_lines("path/to/this/folder", call),
             facts=[
                 (
                     "objective",
@@ -125,7 +125,9 @@ class FlowMethod(NetworkMethod):
                 *condition_facts(source, self.guidance),
             ],  # fmt: skip
             tags=card_tags("rectified-flow", source, self.backbone),
+            grid_caption=source.grid_caption(),
             class_conditional=isinstance(source, ClassLabels),
+            text_to_image=isinstance(source, TextCondition),
         )
 
     def export(self, folder: Path, net: nn.Module, raw: nn.Module) -> None:

@@ -25,6 +25,7 @@ from diffusion.pipeline_code.core import (
     Denoiser,
     Generators,
     NetworkPipeline,
+    Prompts,
     guidance_at,
     guided_output,
     network_output,
@@ -87,7 +88,7 @@ def flow_levels(
 
 class FlowPipeline(NetworkPipeline):
     """A velocity network and its `FlowMatchEulerDiscreteScheduler` (num_train_timesteps, the
-    time shift): class-conditional with guidance when it was trained so."""
+    time shift): class-conditional or text-to-image with guidance when it was trained so."""
 
     def denoiser(
         self,
@@ -117,6 +118,9 @@ class FlowPipeline(NetworkPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         guidance_interval: tuple[float, float] | str | None = None,
+        prompt: Prompts | None = None,
+        negative_prompt: Prompts | None = None,
+        num_images_per_prompt: int = 1,
     ) -> ImagePipelineOutput | tuple:
         """`num_inference_steps` levels of the scheduler (set its shift with
         `pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config,
@@ -124,12 +128,16 @@ class FlowPipeline(NetworkPipeline):
         "euler-ancestral" (stochastic, noise scale `eta`); `churn` > 0 makes Euler and Heun
         stochastic. `generator`: a list of one generator per image makes each image
         independent of the batch it is drawn in. A class-conditional model takes
-        `class_labels` (ids or names; one image each), `guidance_scale` and
-        `guidance_interval` (noise levels (low, high] of t / (1 - t) where w > 1 applies,
-        "all": every step; default: the ones saved with the model).
+        `class_labels` (ids or names; one image each), a text-to-image model `prompt`
+        (`num_images_per_prompt` images each) and `negative_prompt` (default: the empty
+        prompt); both take `guidance_scale` and `guidance_interval` (noise levels (low, high]
+        of t / (1 - t) where w > 1 applies, "all": every step; default: the ones saved with
+        the model).
         output_type: "pil", "np" (NHWC floats in [0, 1]) or "pt" (NCHW floats in [0, 1]).
         """
-        condition, null, batch_size = self._conditions(class_labels, batch_size, generator)
+        condition, null, batch_size = self._conditions(
+            class_labels, batch_size, generator, prompt, negative_prompt, num_images_per_prompt
+        )
         w, interval = self._guidance(guidance_scale, guidance_interval)
         x, _ = sample_with(
             sampler,
