@@ -26,17 +26,24 @@ from torch import nn
 from ddp_utils.sharding import local
 
 
-def _named_tensors(
+def _averaged(
     model: nn.Module,
-) -> tuple[list[str], list[torch.Tensor], list[str], list[torch.Tensor]]:
-    """Parameter and buffer names and tensors (a DTensor's local shard) in a fixed order
-    (state_dict order). A model whose parameters are partly frozen (an adapter on a pretrained
-    base) averages what trains: its trainable parameters, no buffers (the frozen base's never
-    change)."""
+) -> tuple[list[tuple[str, torch.Tensor]], list[tuple[str, torch.Tensor]]]:
+    """The named parameters and buffers the EMA holds, in a fixed order (state_dict order). A
+    model whose parameters are partly frozen (an adapter on a pretrained base) averages what
+    trains: its trainable parameters, no buffers (the frozen base's never change)."""
     params = list(model.named_parameters())
     buffers = list(model.named_buffers())
     if not all(p.requires_grad for _, p in params):
         params, buffers = [(name, p) for name, p in params if p.requires_grad], []
+    return params, buffers
+
+
+def _named_tensors(
+    model: nn.Module,
+) -> tuple[list[str], list[torch.Tensor], list[str], list[torch.Tensor]]:
+    """`_averaged`'s names and tensors (a DTensor's local shard)."""
+    params, buffers = _averaged(model)
     return (
         [name for name, _ in params],
         [local(p.detach()) for _, p in params],
@@ -57,7 +64,7 @@ class EMA:
         if not 0.0 <= max_decay < 1.0:
             raise ValueError(f"the EMA decay must be in [0, 1); got {max_decay}")
         self.max_decay = max_decay
-        params, buffers = list(model.named_parameters()), list(model.named_buffers())
+        params, buffers = _averaged(model)
         self.param_names, self.buffer_names = [n for n, _ in params], [n for n, _ in buffers]
         # DTensors where the model's are (sharded alike); the arithmetic is on `_local`.
         self.shadow_params = [p.detach().float().clone() for _, p in params]
