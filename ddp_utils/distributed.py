@@ -152,8 +152,8 @@ def make_accelerator(
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         # Accelerate silently ignores fp16 on CPU (no autocast, no GradScaler): say so.
         accelerator.print("warning: fp16 mixed precision has no effect on CPU; use bf16")
-    # Different seeds per rank for anything drawn from the global RNG (e.g. dropout);
-    # noise and timesteps come from `step_generator` instead.
+    # Different seeds per rank for anything drawn from the global RNG before training (the
+    # loop seeds it per micro-batch); noise and timesteps come from `step_generator`.
     set_seed(seed + accelerator.process_index)
     if accelerator.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = allow_tf32
@@ -168,15 +168,27 @@ def derive_seed(*parts: int | str) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
-    """The generator for all noise drawn at one (micro-)step on one rank.
+def micro_batch_position(micro_step: int, num_processes: int, rank: int) -> int:
+    """Where a rank's micro-batch sits in the run's stream of per-device batches: micro-step u
+    of rank r is the (u * W + r)-th of W processes' (`ddp_utils.data.batches` takes its images
+    from there). Noise and dropout are keyed by it too, so a micro-batch gets the same images,
+    noise and dropout for any number of processes with the same per-device and global batch:
+    one process accumulating two micro-batches trains as two processes do, up to the order of
+    the gradients' sums."""
+    return micro_step * num_processes + rank
 
-    Re-seeding from (seed, step, rank) instead of drawing from one long-lived stream is
-    what makes resume exact: the noise at step k does not depend on how many draws
-    happened before, nor on whether the process was restarted in between.
+
+def step_generator(seed: int, position: int, device: torch.device) -> torch.Generator:
+    """The generator for all noise drawn for one micro-batch (`micro_batch_position`).
+
+    Re-seeding from (seed, position) instead of drawing from one long-lived stream is what
+    makes resume exact: the noise at step k does not depend on how many draws happened
+    before, nor on whether the process was restarted in between.
     """
     generator = torch.Generator(device=device)
-    generator.manual_seed(derive_seed("step", seed, step, rank))
+    # The trailing 0 was the rank when the key was (micro-step, rank): a one-process run's
+    # noise is the same under both keys, so its earlier runs resume and reproduce unchanged.
+    generator.manual_seed(derive_seed("step", seed, position, 0))
     return generator
 
 

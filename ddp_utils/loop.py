@@ -35,6 +35,7 @@ from ddp_utils.distributed import (
     all_finite_everywhere,
     derive_seed,
     map_sharded,
+    micro_batch_position,
     raise_together,
     step_generator,
 )
@@ -281,15 +282,16 @@ def optimizer_step(
     value on the host, so a GPU never waits for the CPU between log windows.
     """
     cfg, acc = run.cfg, run.accelerator
-    # Accumulate gradients over micro-batches; noise is seeded from (seed, micro-step, rank).
+    # Accumulate gradients over micro-batches; noise is seeded from the micro-batch's position.
     losses = []
     for micro in range(cfg.gradient_accumulation_steps):
         micro_step = step * cfg.gradient_accumulation_steps + micro
         if cfg.compile:  # a new forward/backward: CUDA-graph outputs of the last one are free
             torch.compiler.cudagraph_mark_step_begin()
-        generator = step_generator(cfg.seed, micro_step, acc.process_index, acc.device)
-        # Dropout (a LoRA adapter's) draws from the global RNG: seeded per micro-step too.
-        torch.manual_seed(derive_seed("dropout", cfg.seed, micro_step, acc.process_index))
+        position = micro_batch_position(micro_step, acc.num_processes, acc.process_index)
+        generator = step_generator(cfg.seed, position, acc.device)
+        # Dropout (a LoRA adapter's) draws from the global RNG: seeded per micro-batch too.
+        torch.manual_seed(derive_seed("dropout", cfg.seed, position, 0))
         batch = batches.get(micro_step, generator)
         with acc.accumulate(model), acc.autocast():
             loss = method.loss(model, batch, generator, stats)

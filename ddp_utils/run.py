@@ -11,8 +11,11 @@ The loop itself is `ddp_utils.loop.train`.
 Resume is exact (bit-identical weights, EMA and optimizer state after a kill at any point,
 with 1 or N processes) without saving any sampler or RNG state: data order is a pure function
 of (seed, micro-step, rank) (`ddp_utils.data.batches`), noise and timesteps come from a
-generator seeded from (seed, micro-step, rank) (the global RNG, which dropout draws from, is
-seeded from them too), and the LR from the step alone. Accelerate's
+generator seeded from the seed and the micro-batch's position in the stream (the global RNG,
+which dropout draws from, is seeded from them too), and the LR from the step alone. The
+position (`micro_batch_position`) does not depend on how the global batch is split into
+processes and accumulation steps, so 1 process accumulating N micro-batches trains as N
+processes do. Accelerate's
 seedable sampler + `skip_first_batches` would also be exact, but replays the skipped batches
 through the loader and needs `save_state`, whose custom objects are pickles.
 """
@@ -358,23 +361,31 @@ class Run:
             ema.load_state_dict(ema_state)
 
     def _warn_if_world_changed(self, ckpt: Checkpoint) -> None:
+        """Another number of processes continues the run as it was (the micro-batches, their
+        noise and dropout are keyed by their position in the stream: `micro_batch_position`)
+        when the per-device and the global batch are the ones it was trained with; warn when
+        either changed."""
         saved_cfg = ckpt.state.get("config", {})
+        saved_processes = ckpt.state.get("num_processes", 1)
+        saved_batch = saved_cfg.get("batch_size", 0)
         saved_global = (
-            saved_cfg.get("batch_size", 0)
-            * ckpt.state.get("num_processes", 1)
-            * saved_cfg.get("gradient_accumulation_steps", 1)
+            saved_batch * saved_processes * saved_cfg.get("gradient_accumulation_steps", 1)
         )
-        if self.accelerator.is_main_process and (
-            ckpt.state.get("num_processes"),
-            saved_global,
-        ) != (self.accelerator.num_processes, self.global_batch_size):
+        if self.accelerator.is_main_process and (saved_batch, saved_global) != (
+            self.cfg.batch_size,
+            self.global_batch_size,
+        ):
             logger.warning(
-                "%s was made by %s process(es) with global batch %d; this run has %d with "
-                "global batch %d: training continues, but not as the original run would have",
+                "%s was made by %s process(es) with per-device batch %d and global batch %d; "
+                "this run has %d with %d and %d: training continues, but not as the original "
+                "run would have (keep both batches, changing --gradient-accumulation-steps with "
+                "the number of processes, to continue it exactly)",
                 ckpt.path.name,
-                ckpt.state.get("num_processes"),
+                saved_processes,
+                saved_batch,
                 saved_global,
                 self.accelerator.num_processes,
+                self.cfg.batch_size,
                 self.global_batch_size,
             )
 

@@ -416,9 +416,9 @@ def test_a_killed_lora_run_continues_bit_for_bit(base, lora_run, tmp_path) -> No
 @pytest.mark.slow
 def test_two_processes_train_one_adapter(base, lora_run, tmp_path) -> None:
     """Global batch 8 either way (1 process x accumulation 2 x 4, or 2 processes x 4): DDP
-    over the adapter alone (the base frozen), the one process's learning rate at every step,
-    an adapter-only checkpoint; every rank holds the same adapter: the grid the two draw
-    together is what one process draws from their export."""
+    over the adapter alone (the base frozen) trains the one process's adapter, with its
+    learning rate at every step, in an adapter-only checkpoint; every rank holds the same
+    adapter: the grid the two draw together is what one process draws from their export."""
     args = sd_args(base, tmp_path / "two", *LORA)
     args[args.index("--gradient-accumulation-steps") + 1] = "1"
     log = launch_two_processes(["train_ddpm.py", *args], tmp_path)
@@ -429,9 +429,14 @@ def test_two_processes_train_one_adapter(base, lora_run, tmp_path) -> None:
         rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
         lrs[name] = [r["lr"] for r in rows if "lr" in r]
     assert len(lrs["one"]) == 4 and lrs["one"] == lrs["two"]
-    two = load_file(tmp_path / "two" / "checkpoints" / "checkpoint-4" / "model.safetensors")
-    assert two.keys() == load_file(
-        lora_run / "checkpoints" / "checkpoint-4" / "model.safetensors").keys()  # fmt: skip
+    # The same micro-batches, noise and dropout masks (keyed by the micro-batch's place in the
+    # stream, not by rank): the one process's adapter and its EMA, up to the sums' order.
+    for name in ("model", "ema"):
+        ones = load_file(lora_run / "checkpoints" / "checkpoint-4" / f"{name}.safetensors")
+        twos = load_file(tmp_path / "two" / "checkpoints" / "checkpoint-4" / f"{name}.safetensors")
+        assert ones.keys() == twos.keys() and all("lora" in k for k in ones)
+        gap = max((ones[k] - twos[k]).abs().max().item() for k in ones)
+        assert gap < 1e-5, (name, gap)
     with Image.open(tmp_path / "two" / "samples" / "samples-0000004.png") as grid:
         expected = np.asarray(grid)
     sample_py(tmp_path / "two" / "pipeline", tmp_path / "one", "--num-samples=4",

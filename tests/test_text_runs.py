@@ -641,6 +641,14 @@ def test_two_processes_train_on_text_as_one_does(text_run, clip_model, tmp_path)
         lrs[name] = [r["lr"] for r in rows if "lr" in r]
     assert len(lrs["one"]) == 4 and lrs["one"] == lrs["two"]
     assert two["prompts"] == one["prompts"] == PROMPTS
+    # The same micro-batches, captions, noise and timesteps (keyed by the micro-batch's place
+    # in the stream, not by rank): the one process's weights, up to the order of the sums.
+    for name in ("model", "ema"):
+        ones = load_file(text_run / "checkpoints" / "checkpoint-4" / f"{name}.safetensors")
+        twos = load_file(tmp_path / "two" / "checkpoints" / "checkpoint-4" / f"{name}.safetensors")
+        assert ones.keys() == twos.keys()
+        gap = max((ones[k] - twos[k]).abs().max().item() for k in ones)
+        assert gap < 1e-5, (name, gap)  # 0 here: gloo's sum of two is the accumulated one
     # Its grid, drawn by the two processes (each sampling its share of the prompts' seeds),
     # is what one process draws from its export.
     with Image.open(tmp_path / "two" / "samples" / "samples-0000004.png") as grid:

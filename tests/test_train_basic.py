@@ -74,17 +74,23 @@ def wandb_records(path: Path):
             yield record
 
 
-def wandb_history(wandb_dir: Path, run_id: str = "*") -> tuple[list[dict], str]:
-    """(history rows as {key: value}, run id) of the one offline run under `wandb_dir`."""
-    (run_file,) = wandb_dir.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb")
-    # wandb-core (a separate process) may still be flushing after `finish()` returned, on a
-    # loaded machine: wait for the run's final "exit" record.
-    deadline = time.monotonic() + 20
+def finished_wandb_records(run_file: Path) -> list:
+    """The records of a finished run's `.wandb` file. wandb-core (a separate process) may still
+    be flushing after `finish()` returned, on a loaded machine: wait for the run's final "exit"
+    record (within a minute)."""
+    deadline = time.monotonic() + 60
     records = list(wandb_records(run_file))
     while not any(r.WhichOneof("record_type") == "exit" for r in records):
         assert time.monotonic() < deadline, f"{run_file} has no exit record"
         time.sleep(0.2)
         records = list(wandb_records(run_file))
+    return records
+
+
+def wandb_history(wandb_dir: Path, run_id: str = "*") -> tuple[list[dict], str]:
+    """(history rows as {key: value}, run id) of the one offline run under `wandb_dir`."""
+    (run_file,) = wandb_dir.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb")
+    records = finished_wandb_records(run_file)
     rows = []
     for record in records:
         if record.WhichOneof("record_type") == "history":
@@ -194,7 +200,7 @@ def test_one_process_end_to_end_then_rerun_resumes(tmp_path, wandb_dir, capsys):
     pattern = re.compile(rf"offline-run-\d{{8}}_\d{{6}}-{run_id.strip()}(-\d+)?")
     folders = [p.name for p in wandb_dir.glob("wandb/offline-run-*")]
     assert len(folders) == 2 and all(pattern.fullmatch(name) for name in folders), folders
-    # Noise and data order depend only on (seed, step, rank): the resumed run ends identical.
+    # Noise and data order depend only on (seed, micro-batch): the resumed run ends identical.
     resumed = load_file(run / "checkpoints" / "checkpoint-6" / "model.safetensors")
     for name, value in final_weights.items():
         assert torch.equal(resumed[name], value), name
@@ -352,7 +358,8 @@ def test_tensorboard_and_wandb_together_with_model_artifacts(tmp_path, wandb_dir
     png = np.asarray(Image.open(run / "samples" / "samples-0000002.png"))
     assert picture.step == 2 and (picture.height, picture.width) == png.shape[:2]
 
-    records = list(wandb_records(next(wandb_dir.glob("wandb/offline-run-*/run-*.wandb"))))
+    (run_file,) = wandb_dir.glob("wandb/offline-run-*/run-*.wandb")
+    records = finished_wandb_records(run_file)
     kinds = {r.WhichOneof("record_type") for r in records}
     assert "artifact" in kinds or "use_artifact" in kinds, kinds
     artifact = next(r.artifact for r in records if r.WhichOneof("record_type") == "artifact")
