@@ -307,8 +307,8 @@ def source(encoder, digits, tmp_path_factory):
 def test_the_training_condition_is_what_a_cross_attention_network_takes(source, digits):
     accelerator = SimpleNamespace(num_processes=1, process_index=0, device=torch.device("cpu"))
     batches = MemoryBatches(digits, 8, accelerator, 0, (-1.0, 1.0), False)
-    batch = batches.get(3, step_generator(0, 3, 0, torch.device("cpu")))
-    condition = source.training(batch.condition, step_generator(0, 3, 0, torch.device("cpu")))
+    batch = batches.get(3, step_generator(0, 3, torch.device("cpu")))
+    condition = source.training(batch.condition, step_generator(0, 3, torch.device("cpu")))
     # A CLIP encoder's: the whole padded sequence and no mask, as Stable Diffusion trained.
     assert set(condition) == {"encoder_hidden_states"}
     hidden = condition["encoder_hidden_states"]
@@ -323,7 +323,7 @@ def test_the_training_condition_is_what_a_cross_attention_network_takes(source, 
     # A T5 encoder's carries its mask (PixArt's), the empty prompt's one token valid.
     t5 = TextCondition(replace(source.embeddings, encoder={"class": "T5EncoderModel"}),
                        digits.captions, 0.25, "cpu")  # fmt: skip
-    condition = t5.training(batch.condition, step_generator(0, 3, 0, torch.device("cpu")))
+    condition = t5.training(batch.condition, step_generator(0, 3, torch.device("cpu")))
     assert set(condition) == {"encoder_hidden_states", "encoder_attention_mask"}
     assert condition["encoder_attention_mask"].shape == (8, 16)
     assert condition["encoder_attention_mask"].dtype == torch.int64
@@ -386,9 +386,9 @@ def test_samples_take_the_prompts_in_turn_and_grids_put_one_prompt_per_row(sourc
 def test_one_caption_per_image_and_dropout_drawn_from_the_steps_generator(source, digits):
     rows = torch.arange(40).repeat(50)  # every image 50 times
     draw = source.draw_captions
-    first = draw(rows, step_generator(0, 7, 0, torch.device("cpu")))
-    assert torch.equal(first, draw(rows, step_generator(0, 7, 0, torch.device("cpu"))))
-    assert not torch.equal(first, draw(rows, step_generator(0, 8, 0, torch.device("cpu"))))
+    first = draw(rows, step_generator(0, 7, torch.device("cpu")))
+    assert torch.equal(first, draw(rows, step_generator(0, 7, torch.device("cpu"))))
+    assert not torch.equal(first, draw(rows, step_generator(0, 8, torch.device("cpu"))))
     dropped = first == source.empty_row
     assert 0.2 < dropped.float().mean() < 0.3  # caption dropout 0.25
     # Every other draw is one of that image's captions, and each of its 6 is drawn.
@@ -408,8 +408,8 @@ def test_a_cache_too_large_for_the_device_is_read_from_the_host_alike(source, di
     on_host = TextCondition(source.embeddings, digits.captions, 0.25, "cpu")
     assert on_host.hidden is None and source.hidden is not None
     condition = {"caption_rows": torch.arange(12)}
-    a = source.training(condition, step_generator(1, 2, 0, torch.device("cpu")))
-    b = on_host.training(condition, step_generator(1, 2, 0, torch.device("cpu")))
+    a = source.training(condition, step_generator(1, 2, torch.device("cpu")))
+    b = on_host.training(condition, step_generator(1, 2, torch.device("cpu")))
     for name in a:
         assert torch.equal(a[name], b[name])
 
