@@ -11,7 +11,6 @@ of it is trained once and shared."""
 from __future__ import annotations
 
 import json
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -37,9 +36,8 @@ from diffusion.kinds.registry import kind_named
 from diffusion.pipelines import FAMILIES_BY_NAME
 from diffusion.sampling import make_sample_generators
 from diffusion.text_encoders import load_text_encoder, tiny_clip
-from tests.faulty_runs import run
 from tests.test_init_from import as_hub_cache
-from tests.test_resume import checkpoint_files
+from tests.test_resume import assert_a_kill_continues_bit_for_bit
 from tests.test_text_runs import sample_py, train
 from tests.tiny_runs import launch_two_processes
 
@@ -143,22 +141,7 @@ def test_sample_py_and_the_stock_pipeline_draw_the_training_grid(full_run, tmp_p
         assert np.array_equal(np.asarray(grid), expected)
     assert labels.tolist() == [0, 1, 0, 1]
     pipeline = StableDiffusionPipeline.from_pretrained(full_run / "pipeline", use_safetensors=True)
-    # The base's schedule and its steps_offset (1, which StableDiffusionPipeline imposes): the
-    # run samples with them.
-    schedule = {k: v for k, v in pipeline.scheduler.config.items()
-                if k.startswith("beta") or k == "steps_offset"}  # fmt: skip
-    pipeline.scheduler = DDIMScheduler.from_config(
-        {**schedule, "prediction_type": "epsilon"}, clip_sample=False
-    )
-    encoder = load_text_encoder(str(full_run / "pipeline"))
-    prompts = encode_prompts(encoder, [PROMPTS[k % 2] for k in range(4)] + [""])
-    noise = torch.cat([torch.randn((1, 4, 4, 4), generator=g)
-                       for g in make_sample_generators(0, range(4))])  # fmt: skip
-    theirs = pipeline(
-        prompt_embeds=prompts.hidden[:4], negative_prompt_embeds=prompts.hidden[4:].expand(4, -1, -1),
-        latents=noise, num_inference_steps=3, guidance_scale=2.0, eta=0.0, output_type="np",
-    ).images  # fmt: skip
-    theirs = np.round(theirs * 255).astype(np.int16)
+    theirs = stock_images(pipeline, full_run / "pipeline")
     assert np.abs(theirs - images.astype(np.int16)).max() <= 1
 
 
@@ -400,17 +383,7 @@ def test_a_killed_lora_run_continues_bit_for_bit(base, lora_run, tmp_path) -> No
     """SIGKILL mid-run (after checkpoint-2, mid accumulation), then the same command: its
     checkpoint-4 (adapter, EMA, optimizer) is the uninterrupted run's, byte for byte."""
     args = sd_args(base, tmp_path / "run", *LORA, "--sample-every", "0")
-    killed = run(tmp_path, "train_ddpm.py", args, 1, "kill@5")
-    assert killed.returncode == -signal.SIGKILL
-    final = run(tmp_path, "train_ddpm.py", args, 1)
-    assert final.returncode == 0, final.output[-3000:]
-    assert "resumed from" in final.output and "checkpoint-2 (step 2)" in final.output
-    reference, saved = checkpoint_files(lora_run / "checkpoints" / "checkpoint-4")
-    resumed, state = checkpoint_files(tmp_path / "run" / "checkpoints" / "checkpoint-4")
-    assert sorted(reference) == sorted(resumed) and "ema.safetensors" in reference
-    for name, tensors in reference.items():
-        assert all(torch.equal(v, resumed[name][k]) for k, v in tensors.items()), name
-    assert state["optimizer"] == saved["optimizer"] and state["step"] == 4
+    assert_a_kill_continues_bit_for_bit(lora_run, args, tmp_path)
 
 
 @pytest.mark.slow

@@ -56,6 +56,23 @@ def checkpoint_files(folder: Path) -> tuple[dict[str, dict[str, torch.Tensor]], 
     return tensors, json.loads((folder / "state.json").read_text())
 
 
+def assert_a_kill_continues_bit_for_bit(reference: Path, args: list[str], tmp: Path) -> None:
+    """train_ddpm.py `args` (4 steps, accumulation 2, checkpoints every 2, into tmp/run)
+    SIGKILLed mid-run (after checkpoint-2, mid accumulation), then the same command: its
+    checkpoint-4 is the uninterrupted run `reference`'s, byte for byte (EMA included)."""
+    killed = run(tmp, "train_ddpm.py", args, 1, "kill@5")
+    assert killed.returncode == -signal.SIGKILL
+    final = run(tmp, "train_ddpm.py", args, 1)
+    assert final.returncode == 0, final.output[-3000:]
+    assert "resumed from" in final.output and "checkpoint-2 (step 2)" in final.output
+    expected, saved = checkpoint_files(reference / "checkpoints" / "checkpoint-4")
+    resumed, state = checkpoint_files(tmp / "run" / "checkpoints" / "checkpoint-4")
+    assert sorted(expected) == sorted(resumed) and "ema.safetensors" in expected
+    for name, tensors in expected.items():
+        assert all(torch.equal(v, resumed[name][k]) for k, v in tensors.items()), name
+    assert state["optimizer"] == saved["optimizer"] and state["step"] == 4
+
+
 def assert_bit_identical(a: Path, b: Path) -> None:
     tensors_a, state_a = checkpoint_files(a)
     tensors_b, state_b = checkpoint_files(b)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -49,10 +48,9 @@ from diffusion.networks.text_unet import SD15_PARAMETERS
 from diffusion.sampling import sample_seed
 from diffusion.text_encoders import TINY_CLIP, load_text_encoder
 from evaluation.clip_score import clip_score, load_clip_scorer
-from tests.faulty_runs import run
 from tests.test_clip_score import save_tiny_clip_model
 from tests.test_latent import make_vae
-from tests.test_resume import checkpoint_files
+from tests.test_resume import assert_a_kill_continues_bit_for_bit
 from tests.test_text import save_joint
 from tests.test_train_basic import wandb_history
 from tests.tiny_runs import fresh_accelerate_state, launch_two_processes
@@ -609,17 +607,7 @@ def test_a_killed_text_run_continues_bit_for_bit(text_run, tmp_path) -> None:
     """SIGKILL mid-run (after checkpoint-2, mid accumulation), then the same command: its
     checkpoint-4 is the uninterrupted run's (`text_run`), byte for byte."""
     args = text_args(tmp_path / "run", "--sample-every", "0")
-    killed = run(tmp_path, "train_ddpm.py", args, 1, "kill@5")
-    assert killed.returncode == -signal.SIGKILL
-    final = run(tmp_path, "train_ddpm.py", args, 1)
-    assert final.returncode == 0, final.output[-3000:]
-    assert "resumed from" in final.output and "checkpoint-2 (step 2)" in final.output
-    reference, saved = checkpoint_files(text_run / "checkpoints" / "checkpoint-4")
-    resumed, state = checkpoint_files(tmp_path / "run" / "checkpoints" / "checkpoint-4")
-    assert sorted(reference) == sorted(resumed) and "ema.safetensors" in reference
-    for name, tensors in reference.items():
-        assert all(torch.equal(v, resumed[name][k]) for k, v in tensors.items()), name
-    assert state["optimizer"] == saved["optimizer"] and state["step"] == 4
+    assert_a_kill_continues_bit_for_bit(text_run, args, tmp_path)
 
 
 @pytest.mark.slow
