@@ -2,6 +2,11 @@
 
 Layout of `<output-dir>/checkpoints/checkpoint-<step>/`:
 - `model.safetensors`, `ema.safetensors` (if any), `optimizer.safetensors`: tensors only;
+  or, for a sharded run (`--sharding fsdp`, `"format": "sharded"` in state.json), one
+  `shard-<r>-model-00001-of-00001.safetensors` per process, written by torch's distributed
+  checkpoint (DCP) with its safetensors writer: each process's shard of the tensors
+  `model.<name>`, `ema.<name>` and `optimizer.<parameter>.<state>`, the shard's offsets in the
+  file's header; any number of processes reads them back (`read_shards`);
 - `state.json`: step, config, model config, optimizer hyper-parameters, grad-scaler state,
   the list of files with their sizes and xxh3-128 checksums, and `state_checksum`, the
   checksum of state.json's own content (all verified on load; weights must also be finite).
@@ -11,33 +16,43 @@ a crash mid-save leaves the previous one loadable and `latest` never names a par
 pruning (`--checkpoints-total-limit`) happens after the rename and counts intact checkpoints
 only (a damaged one never takes a good one's place). Nothing is unpickled:
 Accelerate's `save_state` would write pickles (`optimizer.bin`, `custom_checkpoint_*.pkl`,
-the latter loaded with `weights_only=False`), which is why it is not used here.
+the latter loaded with `weights_only=False`), which is why it is not used here; nor is DCP's
+default file format, whose `.metadata` file is a pickle its reader unpickles (the safetensors
+reader rebuilds the same metadata from the files' headers).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
 import shutil
+import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+import torch.distributed.checkpoint as dcp
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
+from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.futures import Future
 
 from ddp_utils.errors import CheckpointError
 from ddp_utils.export import check_value_range
-from ddp_utils.files import CHECKSUM, atomic_dir, checksum
+from ddp_utils.files import CHECKSUM, atomic_dir, checksum, file_checksum
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "state.json"
 STATE_CHECKSUM = "state_checksum"  # state.json's field holding the checksum of the rest
+FORMAT, SHARDED = "format", "sharded"  # state.json of a sharded checkpoint: "format": "sharded"
+PARTS = ("model", "ema", "optimizer")  # a sharded checkpoint's tensors: "<part>.<name>"
 
 
 @dataclass
@@ -45,7 +60,12 @@ class Checkpoint:
     path: Path
     step: int
     state: dict[str, Any]
-    tensors: dict[str, dict[str, torch.Tensor]]  # file stem -> tensors
+    tensors: dict[str, dict[str, torch.Tensor]]  # file stem -> tensors; {} when sharded
+
+    @property
+    def sharded(self) -> bool:
+        """Written in shards (`--sharding fsdp`): its tensors are read with `read_shards`."""
+        return self.state.get(FORMAT) == SHARDED
 
 
 # --------------------------------------------------------------------------- optimizer state
@@ -135,12 +155,95 @@ def write_checkpoint(
             save_file({k: v.detach().cpu().contiguous() for k, v in named.items()}, path)
             data = path.read_bytes()  # from the page cache: ~10 GB/s of hashing
             files[path.name] = {"bytes": len(data), CHECKSUM: checksum(data)}
-        full = json.loads(json.dumps({**state, "step": step, "files": files}))  # as read back
-        full[STATE_CHECKSUM] = state_checksum(full)
-        (tmp / STATE_FILE).write_text(json.dumps(full, indent=2))
+        write_state(tmp, step, files, state)
     if total_limit is not None:
         prune(checkpoints_dir, total_limit, keep=(final,))
     return final
+
+
+def write_state(folder: Path, step: int, files: dict[str, Any], state: dict[str, Any]) -> None:
+    """A checkpoint's state.json, the last file written into its temporary folder: `state`
+    with the step, the files' records and its own checksum."""
+    full = json.loads(json.dumps({**state, "step": step, "files": files}))  # as read back
+    full[STATE_CHECKSUM] = state_checksum(full)
+    (folder / STATE_FILE).write_text(json.dumps(full, indent=2))
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    """What state.json records of a file: its size and checksum."""
+    return {"bytes": path.stat().st_size, CHECKSUM: file_checksum(path)}
+
+
+@contextlib.contextmanager
+def _single_process_quietly() -> Iterator[None]:
+    """DCP warns each time it reads or writes without a process group, which is meant here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to")
+        yield
+
+
+class _ShardWriter(HuggingFaceStorageWriter):
+    """DCP's safetensors writer, every process writing its own file; remembers its files."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(str(folder), save_distributed=True)
+        self.written: list[str] = []
+
+    def write_data(self, plan: Any, planner: Any) -> Future:
+        future = super().write_data(plan, planner)
+        self.written = sorted({result.storage_data.relative_path for result in future.wait()})
+        return future
+
+
+def write_shards(
+    folder: Path, tensors: Mapping[str, torch.Tensor], distributed: bool
+) -> dict[str, dict[str, Any]]:
+    """Write this process's shard of `tensors` (a DTensor's local part; a whole tensor on one
+    process only) into `folder` with DCP; return the records of the files this process wrote.
+    Collective when `distributed`: every process calls it with the same names."""
+    writer = _ShardWriter(folder)
+    with _single_process_quietly():
+        dcp.save(dict(tensors), storage_writer=writer, no_dist=not distributed)
+    return {name: file_record(folder / name) for name in writer.written}
+
+
+def read_shards(path: Path, tensors: Mapping[str, torch.Tensor], distributed: bool) -> None:
+    """Fill `tensors` in place from a sharded checkpoint: a DTensor gets its shard, a whole
+    tensor all of it, whatever the number of processes that wrote it (DCP reads the slices
+    that overlap). Collective when `distributed`. The checkpoint was verified by
+    `read_checkpoint`; the safetensors reader unpickles nothing."""
+    missing = sorted(set(tensors) - set(shard_metadata(path)))
+    if missing:
+        raise CheckpointError(f"{path} has no {missing[0]} ({len(missing)} tensors missing)")
+    with _single_process_quietly():
+        dcp.load(
+            dict(tensors),
+            storage_reader=HuggingFaceStorageReader(str(path)),
+            no_dist=not distributed,
+        )
+
+
+def shard_metadata(path: Path) -> dict[str, Any]:
+    """{name: DCP's TensorStorageMetadata (size, dtype)} of a sharded checkpoint's tensors."""
+    return HuggingFaceStorageReader(str(path)).read_metadata().state_dict_metadata
+
+
+def whole_tensors(checkpoint: Checkpoint) -> dict[str, dict[str, torch.Tensor]]:
+    """A checkpoint's tensors by part (`model`, `ema`, `optimizer`), whole, on the CPU: its
+    files' for an unsharded one, the shards put together for a sharded one (one process;
+    the optimizer's keyed by parameter name there)."""
+    if not checkpoint.sharded:
+        return checkpoint.tensors
+    tensors = {
+        name: torch.empty(meta.size, dtype=meta.properties.dtype)
+        for name, meta in shard_metadata(checkpoint.path).items()
+    }
+    read_shards(checkpoint.path, tensors, distributed=False)
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        part, _, key = name.partition(".")
+        parts.setdefault(part, {})[key] = tensor
+    return parts
 
 
 def state_checksum(state: dict[str, Any]) -> str:
@@ -220,6 +323,9 @@ def read_checkpoint(path: Path) -> Checkpoint:
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist or is not a folder")
     state = _read_state(path)
+    if state.get(FORMAT) == SHARDED:
+        _verify_shards(path, state)
+        return Checkpoint(path=path, step=state["step"], state=state, tensors={})
     tensors = {}
     for name, (size, digest) in _check_file_sizes(path, state).items():
         file = path / name
@@ -245,6 +351,34 @@ def read_checkpoint(path: Path) -> Checkpoint:
             )
         tensors[name.removesuffix(".safetensors")] = named
     return Checkpoint(path=path, step=state["step"], state=state, tensors=tensors)
+
+
+def _verify_shards(path: Path, state: dict[str, Any]) -> None:
+    """Every shard file of a sharded checkpoint is the one written (size, checksum, read in
+    chunks) and holds finite tensors (read one at a time); no other safetensors file is there
+    (DCP's reader would take it in)."""
+    records = _check_file_sizes(path, state)
+    unlisted = sorted(p.name for p in path.glob("*.safetensors") if p.name not in records)
+    if unlisted:
+        raise CheckpointError(f"{path / unlisted[0]} is not one of the files state.json lists")
+    for name, (_, digest) in records.items():
+        file = path / name
+        if digest is not None and file_checksum(file) != digest:
+            raise CheckpointError(
+                f"{file} does not match the checksum recorded when it was written: its content "
+                "changed on disk (a bad copy, failing storage)"
+            )
+        try:
+            with safe_open(file, framework="pt") as shard:
+                for key in shard.keys():  # noqa: SIM118 - safe_open has no __iter__
+                    tensor = shard.get_tensor(key)
+                    if tensor.is_floating_point() and not tensor.isfinite().all():
+                        raise CheckpointError(
+                            f"{file} holds non-finite values (NaN/inf) in {key}: these weights "
+                            "diverged and cannot be resumed or sampled"
+                        )
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{file} is not a valid safetensors file: {err}") from None
 
 
 def _read_state(path: Path) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from accelerate.utils import set_seed, str_to_bool
 from tqdm.auto import tqdm
 
 from ddp_utils.errors import InputError
+from ddp_utils.sharding import Sharding, environment_kept, fsdp_plugin, local, shard_with
 
 T = TypeVar("T")
 
@@ -75,6 +76,22 @@ def check_world_size(num_processes: int) -> None:
         )
 
 
+def check_shard_groups(num_processes: int, shard_size: int, per_node: bool) -> None:
+    """HSDP's groups: at least 2 processes each (else nothing is sharded), whole groups."""
+    where = "the processes of one node" if per_node else "--hsdp-shard-size"
+    if num_processes > 1 and shard_size < 2:
+        raise InputError(
+            f"hsdp shards within groups of {where}, {shard_size} here: nothing to shard; use "
+            "--sharding fsdp, or --hsdp-shard-size N (N >= 2)",
+            "sharding",
+        )
+    if num_processes % shard_size:
+        raise InputError(
+            f"{num_processes} processes do not split into groups of {shard_size} ({where})",
+            "sharding" if per_node else "hsdp_shard_size",
+        )
+
+
 def local_world_size(default: int = 1) -> int:
     """The number of processes on this node: LOCAL_WORLD_SIZE, which torchrun and accelerate
     launch export; `default` without a launcher."""
@@ -99,23 +116,38 @@ def make_accelerator(
     output_dir: str,
     seed: int,
     allow_tf32: bool = True,
+    sharding: Sharding = "none",
+    fsdp_cpu_offload: bool = False,
+    hsdp_shard_size: int | None = None,
 ) -> Accelerator:
     """One Accelerator for 1..N processes, on CPU or GPU, with reproducible seeding.
 
     Gradient accumulation is Accelerate's: `accelerator.accumulate(model)` skips the DDP
-    all-reduce on the micro-steps that do not update, and `accelerator.backward` divides
-    the loss by the number of micro-steps.
+    all-reduce (FSDP: the reduce-scatter) on the micro-steps that do not update, and
+    `accelerator.backward` divides the loss by the number of micro-steps. `sharding` other
+    than none: FSDP2 over the processes (`ddp_utils.sharding`), parameters, gradients and
+    optimizer state in CPU memory with `fsdp_cpu_offload`; `hsdp`: sharded within groups of
+    `hsdp_shard_size` processes (default: one node's), replicated across the groups.
     """
-    accelerator = new_accelerator(
-        mixed_precision=mixed_precision,
-        gradient_accumulation_steps=gradient_accumulation_steps,
-        # TensorBoard is started by ddp_utils.tracking itself (beside a wandb that may fail).
-        log_with="wandb" if report_to in ("wandb", "all") else None,
-        project_dir=output_dir,
-        # The LR is set by hand from the optimizer step (ddp_utils.optim.lr_at): no
-        # scheduler whose step count could depend on the number of processes.
-        step_scheduler_with_optimizer=False,
-    )
+    with environment_kept():
+        plugin = None if sharding == "none" else fsdp_plugin(fsdp_cpu_offload)
+        accelerator = new_accelerator(
+            fsdp_plugin=plugin,
+            mixed_precision=mixed_precision,
+            gradient_accumulation_steps=gradient_accumulation_steps,
+            # TensorBoard is started by ddp_utils.tracking itself (beside a wandb that may fail).
+            log_with="wandb" if report_to in ("wandb", "all") else None,
+            project_dir=output_dir,
+            # The LR is set by hand from the optimizer step (ddp_utils.optim.lr_at): no
+            # scheduler whose step count could depend on the number of processes.
+            step_scheduler_with_optimizer=False,
+        )
+    if plugin is not None:
+        shard_size = None
+        if sharding == "hsdp":
+            shard_size = hsdp_shard_size or local_world_size()
+            check_shard_groups(accelerator.num_processes, shard_size, hsdp_shard_size is None)
+        shard_with(accelerator, plugin, shard_size)
     # None defers to the launcher (`accelerate launch --mixed_precision` or its config file).
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         # Accelerate silently ignores fp16 on CPU (no autocast, no GradScaler): say so.
@@ -168,12 +200,22 @@ def mean_across_ranks(accelerator: Accelerator, values: torch.Tensor) -> torch.T
 
 
 def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
-    """Whether every value of every tensor is finite (one host read for all of them)."""
+    """Whether every value of every tensor is finite (one host read for all of them); of a
+    DTensor, this process's shard only (`all_finite_everywhere` for all of it)."""
     by_device: dict[torch.device, list[torch.Tensor]] = {}
-    for t in tensors:
+    for t in map(local, tensors):
         if t.is_floating_point():
             by_device.setdefault(t.device, []).append(torch.isfinite(t).all())
     return all(bool(torch.stack(flags).all()) for flags in by_device.values())
+
+
+def all_finite_everywhere(accelerator: Accelerator, tensors: Iterable[torch.Tensor]) -> bool:
+    """`all_finite` of tensors that may be sharded: every process's shards (collective)."""
+    finite = all_finite(tensors)
+    if accelerator.num_processes == 1:
+        return finite
+    flag = torch.tensor([0 if finite else 1], device=accelerator.device)
+    return accelerator.reduce(flag, reduction="sum").item() == 0
 
 
 def raise_together(

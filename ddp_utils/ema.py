@@ -7,6 +7,12 @@ Under DDP, pass the *unwrapped* module (e.g. `accelerator.unwrap_model(model)`) 
 parameter names then carry no `module.` prefix, and the EMA state dict loads into a bare model.
 Every rank holds identical raw weights after the optimizer step, so every rank can update its
 own EMA without communicating, and any rank's copy is the EMA.
+
+Under --sharding (FSDP2) the parameters are DTensors, each process holding a shard: the
+shadows are DTensors sharded alike (1/N of the EMA per process), and each process updates its
+shards from its shards of the weights, again without communicating. Its `state_dict` is then
+sharded too (what a sharded checkpoint writes); the whole EMA is gathered only to sample or
+export (`ddp_utils.sharding.full_copy`).
 """
 
 from __future__ import annotations
@@ -17,22 +23,32 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from ddp_utils.sharding import local
 
-def _named_tensors(
+
+def _averaged(
     model: nn.Module,
-) -> tuple[list[str], list[torch.Tensor], list[str], list[torch.Tensor]]:
-    """Parameter and buffer names/tensors in a fixed order (state_dict order). A model whose
-    parameters are partly frozen (an adapter on a pretrained base) averages what trains: its
-    trainable parameters, no buffers (the frozen base's never change)."""
+) -> tuple[list[tuple[str, torch.Tensor]], list[tuple[str, torch.Tensor]]]:
+    """The named parameters and buffers the EMA holds, in a fixed order (state_dict order). A
+    model whose parameters are partly frozen (an adapter on a pretrained base) averages what
+    trains: its trainable parameters, no buffers (the frozen base's never change)."""
     params = list(model.named_parameters())
     buffers = list(model.named_buffers())
     if not all(p.requires_grad for _, p in params):
         params, buffers = [(name, p) for name, p in params if p.requires_grad], []
+    return params, buffers
+
+
+def _named_tensors(
+    model: nn.Module,
+) -> tuple[list[str], list[torch.Tensor], list[str], list[torch.Tensor]]:
+    """`_averaged`'s names and tensors (a DTensor's local shard)."""
+    params, buffers = _averaged(model)
     return (
         [name for name, _ in params],
-        [p.detach() for _, p in params],
+        [local(p.detach()) for _, p in params],
         [name for name, _ in buffers],
-        [b.detach() for _, b in buffers],
+        [local(b.detach()) for _, b in buffers],
     )
 
 
@@ -48,9 +64,13 @@ class EMA:
         if not 0.0 <= max_decay < 1.0:
             raise ValueError(f"the EMA decay must be in [0, 1); got {max_decay}")
         self.max_decay = max_decay
-        self.param_names, params, self.buffer_names, buffers = _named_tensors(model)
-        self.shadow_params = [p.float().clone() for p in params]
-        self.shadow_buffers = [b.clone() for b in buffers]
+        params, buffers = _averaged(model)
+        self.param_names, self.buffer_names = [n for n, _ in params], [n for n, _ in buffers]
+        # DTensors where the model's are (sharded alike); the arithmetic is on `_local`.
+        self.shadow_params = [p.detach().float().clone() for _, p in params]
+        self.shadow_buffers = [b.detach().clone() for _, b in buffers]
+        self._local_params = [local(s) for s in self.shadow_params]
+        self._local_buffers = [local(s) for s in self.shadow_buffers]
 
     def decay(self, step: int) -> float:
         """EMA decay used at optimizer step `step` (0-based), after warmup capped at max_decay."""
@@ -71,22 +91,22 @@ class EMA:
         weight: float | torch.Tensor = 1.0 - self.decay(step)
         if keep is not None:
             weight = keep.to(torch.float32) * weight
-        deltas = torch._foreach_sub(params, self.shadow_params)
+        deltas = torch._foreach_sub(params, self._local_params)
         torch._foreach_mul_(deltas, weight)
-        torch._foreach_add_(self.shadow_params, deltas)
+        torch._foreach_add_(self._local_params, deltas)
         if buffers:
             if keep is not None:
-                buffers = [torch.where(keep, b, s) for b, s in zip(buffers, self.shadow_buffers)]
-            torch._foreach_copy_(self.shadow_buffers, buffers)
+                buffers = [torch.where(keep, b, s) for b, s in zip(buffers, self._local_buffers)]
+            torch._foreach_copy_(self._local_buffers, buffers)
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
         """Overwrite the model's weights with the EMA weights (cast to the model's dtypes)."""
         _, params, _, buffers = _named_tensors(model)
         self._check_same_structure(len(params), len(buffers))
-        torch._foreach_copy_(params, self.shadow_params)
+        torch._foreach_copy_(params, self._local_params)
         if buffers:
-            torch._foreach_copy_(buffers, self.shadow_buffers)
+            torch._foreach_copy_(buffers, self._local_buffers)
 
     @contextlib.contextmanager
     def swapped_into(self, model: nn.Module) -> Iterator[nn.Module]:
@@ -108,7 +128,7 @@ class EMA:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Shadow weights keyed like the model's state_dict: loadable into the bare model, and
-        savable with safetensors (contiguous, no shared storage)."""
+        savable with safetensors (contiguous, no shared storage); DTensors when sharded."""
         names = self.param_names + self.buffer_names
         tensors = self.shadow_params + self.shadow_buffers
         return {name: t.detach().contiguous() for name, t in zip(names, tensors)}

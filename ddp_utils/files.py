@@ -44,6 +44,16 @@ def checksum(data: bytes) -> str:
     return xxhash.xxh3_128_hexdigest(data)
 
 
+def file_checksum(path: Path, chunk_bytes: int = 64 << 20) -> str:
+    """`checksum` of a file's content, read in chunks (a shard of a large model need not fit
+    in memory twice)."""
+    digest = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def unique_suffix() -> str:
     """`<host>-<pid>-<random>`: part of every temporary name this process makes."""
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"

@@ -32,7 +32,7 @@ from ddp_utils import hub
 from ddp_utils.data import Batch, BatchSource
 from ddp_utils.data.source import is_built_in
 from ddp_utils.distributed import (
-    all_finite,
+    all_finite_everywhere,
     derive_seed,
     map_sharded,
     micro_batch_position,
@@ -72,6 +72,11 @@ class Method(Protocol):
 
     value_range: tuple[float, float]  # pixel range the network sees: (0, 1) or (-1, 1)
     export_name: str  # the export folder in the run directory: "model", "pipeline"
+
+    def shard_units(self, net: nn.Module) -> tuple[str, ...]:
+        """The classes of the network's blocks, one FSDP unit each under --sharding (empty:
+        the network cannot be sharded)."""
+        ...
 
     def task_info(self) -> dict[str, Any]:
         """JSON-able facts saved with checkpoints and exports (`task`, `value_range`, ...)."""
@@ -136,8 +141,12 @@ def due(step: int, every: int, last_step: int) -> bool:
 
 
 @contextlib.contextmanager
-def sampling_weights(net: nn.Module, ema: EMA | None) -> Iterator[nn.Module]:
-    """The network in eval mode with the EMA weights (if any) for the duration of the block."""
+def sampling_weights(run: Run, net: nn.Module, ema: EMA | None) -> Iterator[nn.Module]:
+    """The network in eval mode with the EMA weights (if any) for the duration of the block.
+    Sharded: a whole copy of them on every process (collective), what sampling needs."""
+    if run.sharded:
+        yield run.full_network(net, None if ema is None else ema.state_dict())
+        return
     net.eval()
     try:
         with ema.swapped_into(net) if ema is not None else contextlib.nullcontext():
@@ -153,7 +162,7 @@ def train(run: Run, method: Method, model: nn.Module, evaluator: Evaluator | Non
     fails before any step), the samples are scored every `--eval-every` steps and the
     lowest-FID export is kept in `best/`."""
     cfg, acc = run.cfg, run.accelerator
-    model, optimizer = run.prepare(model)
+    model, optimizer = run.prepare(model, method.shard_units(model))
     net = acc.unwrap_model(model)
     ema = EMA(net, cfg.ema_max_decay) if cfg.use_ema else None
 
@@ -204,13 +213,13 @@ def train(run: Run, method: Method, model: nn.Module, evaluator: Evaluator | Non
 
         # Pictures: a grid from fixed seeds (sharded over all ranks) and the method's own.
         if due(step, cfg.sample_every, cfg.max_steps):
-            with sampling_weights(net, ema):
-                last_grid = log_pictures(run, method, net, step)
+            with sampling_weights(run, net, ema) as sampled:
+                last_grid = log_pictures(run, method, sampled, step)
 
         # Evaluate (not when stopping: the save comes first). Lowest FID -> best/.
         if evaluator is not None and due(step, cfg.eval_every, cfg.max_steps) and not verdict.stop:
-            with sampling_weights(net, ema):
-                metrics = evaluator.evaluate(lambda items: sample_uint8(method, net, items))
+            with sampling_weights(run, net, ema) as sampled:
+                metrics = evaluator.evaluate(lambda items: sample_uint8(method, sampled, items))
             run.tracker.log(metrics, step)
             if evaluator.is_best(metrics["fid"]):
                 record = {"step": step, **metrics, "num_samples": cfg.eval_num_samples}
@@ -241,8 +250,8 @@ def train(run: Run, method: Method, model: nn.Module, evaluator: Evaluator | Non
         logger.info("%s is complete and intact (%s): left as it is", folder, CHECKSUMS_FILE)
     else:
         if last_grid is None:  # no step ran here: the grid of the checkpoint's weights
-            with sampling_weights(net, ema):
-                last_grid = sample_grid(run, method, net)
+            with sampling_weights(run, net, ema) as sampled:
+                last_grid = sample_grid(run, method, sampled)
         best_record = read_best_record(run.output_dir) if evaluator is not None else None
         card = model_card(run, method, net, step, best_record)
         export(run, method, net, ema, folder, card, last_grid)
@@ -295,7 +304,9 @@ def optimizer_step(
     lr = lr_at(step, cfg.learning_rate, cfg.lr_warmup_steps, cfg.max_steps, cfg.lr_schedule)
     set_lr(optimizer, lr)
     grad_norm = None
-    if cfg.max_grad_norm is not None:
+    if cfg.max_grad_norm is not None and acc.is_fsdp2:  # the norm of every process's shards
+        grad_norm = acc.clip_grad_norm_(params, cfg.max_grad_norm)
+    elif cfg.max_grad_norm is not None:
         grad_norm = clip_gradients(optimizer, params, cfg.max_grad_norm, acc.scaler)
     step_losses = torch.stack(losses)
     ok = run.guard.step_ok(step, step_losses, grad_norm)
@@ -426,19 +437,25 @@ def export(
 ) -> Path:
     """Write the method's export into `folder`, atomically, with task.json, the model card
     (README.md, and the grid as samples.png) and checksums.json (collective). Weights that are
-    not finite are never exported (every rank holds the same: every rank raises)."""
+    not finite are never exported (every rank holds the same: every rank raises). Sharded:
+    whole copies of the EMA and raw weights are gathered on every process first."""
+    if run.sharded:
+        raw = run.full_network(net)
+        shipped = raw if ema is None else run.full_network(net, ema.state_dict())
+        net = raw
     weights = [*net.parameters(), *(ema.state_dict().values() if ema is not None else ())]
-    if not all_finite(weights):
+    if not all_finite_everywhere(run.accelerator, weights):
         run.fail_nonfinite(
             f"the weights to export into {folder.name}/ hold non-finite values; nothing was "
             "exported"
         )
     error = None
     if run.is_writer:
-        shipped = net
-        if ema is not None:
-            shipped = copy.deepcopy(net)
-            ema.copy_to(shipped)
+        if not run.sharded:
+            shipped = net
+            if ema is not None:
+                shipped = copy.deepcopy(net)
+                ema.copy_to(shipped)
         try:
             with atomic_dir(folder) as tmp:
                 method.export(tmp, shipped, net)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -33,10 +32,15 @@ from typing import Any, NoReturn
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, str_to_bool
+from accelerate.utils import broadcast_object_list, gather_object
 from safetensors import SafetensorError
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.fsdp import FSDPModule
 
 from ddp_utils.checkpoint import (
+    FORMAT,
+    PARTS,
+    SHARDED,
     Checkpoint,
     config_differences,
     find_resume_checkpoint,
@@ -45,8 +49,12 @@ from ddp_utils.checkpoint import (
     optimizer_from_safetensors,
     optimizer_to_safetensors,
     prune,
+    read_shards,
+    shard_metadata,
     trained_weights,
     write_checkpoint,
+    write_shards,
+    write_state,
 )
 from ddp_utils.cli import setup_logging
 from ddp_utils.compile import compile_network
@@ -60,7 +68,12 @@ from ddp_utils.data import (
     make_batches,
 )
 from ddp_utils.data.text_cache import TextEmbeddings
-from ddp_utils.distributed import all_finite, make_accelerator, raise_together
+from ddp_utils.distributed import (
+    all_finite,
+    all_finite_everywhere,
+    make_accelerator,
+    raise_together,
+)
 from ddp_utils.ema import EMA
 from ddp_utils.errors import (
     STOP_EXIT_CODE,
@@ -71,10 +84,20 @@ from ddp_utils.errors import (
     TrainingStopped,
     flag_name,
 )
+from ddp_utils.files import publish_dir, temp_path
 from ddp_utils.guard import StepGuard, Verdict, watch_launcher
 from ddp_utils.hub import check_can_push, hub_repo_id
 from ddp_utils.lock import RunLock, check_not_in_use
 from ddp_utils.optim import make_optimizer
+from ddp_utils.sharding import (
+    check_launch,
+    full_copy,
+    load_training_state,
+    network_class,
+    set_units,
+    training_state,
+    weightless_copy,
+)
 from ddp_utils.tracking import Tracker
 from ddp_utils.train_config import TrainConfig, parse_duration
 
@@ -101,6 +124,9 @@ class Run:
     # ... and its grids' prompts, encoded once at the start (the encoder does not stay loaded):
     # `diffusion.conditioning.text.EncodedPrompts`.
     validation_prompts: Any = field(init=False, default=None)
+    # --sharding: the network before sharding, its parameters on the meta device; the whole
+    # copies that sampling and the export use are made from it (`full_network`).
+    template: torch.nn.Module | None = field(init=False, default=None)
     # A fine-tune of a text-to-image pipeline (--init-from): the pipeline it started from
     # (`diffusion.pipelines.BasePipeline`), which its export extends.
     base: Any = field(init=False, default=None)
@@ -129,6 +155,11 @@ class Run:
     def is_writer(self) -> bool:
         """Writes checkpoints, exports and files: the global main process, or each node's."""
         return is_writer(self.accelerator, self.cfg)
+
+    @property
+    def sharded(self) -> bool:
+        """--sharding: checkpoints in shards, the network sharded on 2+ processes."""
+        return self.cfg.sharding != "none"
 
     @property
     def checkpoints_dir(self) -> Path:
@@ -183,8 +214,12 @@ class Run:
             log_model=cfg.log_model,
         )
 
-    def prepare(self, model: torch.nn.Module) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-        """Speed options, the optimizer, and Accelerate's wrapping (DDP, autocast) of both."""
+    def prepare(
+        self, model: torch.nn.Module, shard_units: tuple[str, ...] = ()
+    ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        """Speed options, the optimizer, and Accelerate's wrapping (DDP or FSDP2, autocast) of
+        both. `shard_units`: the classes of the network's blocks, one FSDP unit each under
+        --sharding (none: the network cannot be sharded)."""
         cfg, acc = self.cfg, self.accelerator
         if cfg.gradient_checkpointing:
             if not getattr(model, "_supports_gradient_checkpointing", False):
@@ -198,11 +233,43 @@ class Run:
             model.to(memory_format=torch.channels_last)
         if cfg.compile:
             compile_network(model, cfg.compile_backend, cfg.compile_mode)
+        if self.sharded:
+            if not shard_units:
+                raise InputError(
+                    f"{type(model).__name__} has no blocks to shard; train it with --sharding none",
+                    "sharding",
+                )
+            self.template = weightless_copy(model)
+            if acc.is_fsdp2:
+                set_units(acc, shard_units)
         trained = [p for p in model.parameters() if p.requires_grad]  # all, or an adapter's
         optimizer = make_optimizer(cfg.optimizer, trained, cfg.learning_rate, cfg.weight_decay)
+        num_trained = sum(p.numel() for p in trained)
         model, optimizer = acc.prepare(model, optimizer)
-        self.describe(sum(p.numel() for p in model.parameters()), sum(p.numel() for p in trained))
+        self.describe(sum(p.numel() for p in model.parameters()), num_trained)
+        if acc.is_fsdp2:
+            num_units = sum(isinstance(m, FSDPModule) for m in model.modules())
+            mesh = getattr(acc, "torch_device_mesh", None)  # HSDP's 2-D mesh
+            groups = (
+                f"{acc.num_processes} processes"
+                if mesh is None
+                else f"{mesh['dp_shard'].size()} processes, {mesh['dp_replicate'].size()} copies"
+            )
+            logger.info(
+                "sharded over %s, FSDP2 units: %s (%d units with the root)",
+                groups,
+                ", ".join(shard_units),
+                num_units,
+            )
         return model, optimizer
+
+    def full_network(
+        self, net: torch.nn.Module, weights: dict[str, torch.Tensor] | None = None
+    ) -> torch.nn.Module:
+        """A whole, unsharded copy of the sharded `net` on this process's device (collective),
+        with `weights` (the EMA's) or its own: what sampling and the export use."""
+        assert self.template is not None, "full_network is for --sharding runs"
+        return full_copy(self.template, net, self.accelerator.device, weights)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -229,7 +296,7 @@ class Run:
             **ckpt.state.get("model_config", {}),
         }
         current = {
-            "model class": type(unwrapped).__name__,
+            "model class": network_class(unwrapped).__name__,
             "task": task_info.get("task"),
             **dict(unwrapped.config),
         }
@@ -253,19 +320,45 @@ class Run:
             )
         check_resumed_flags(self.cfg, ckpt, self.checkpoints_dir)
         self._warn_if_world_changed(ckpt)
-        load_trained_weights(unwrapped, ckpt.tensors["model"], ckpt.path)
-        optimizer.load_state_dict(
-            optimizer_from_safetensors(ckpt.tensors["optimizer"], ckpt.state["optimizer"])
-        )
-        if ema is not None:
-            if "ema" not in ckpt.tensors:
-                raise CheckpointError(f"{ckpt.path} has no ema.safetensors but EMA is enabled")
-            ema.load_state_dict(ckpt.tensors["ema"])
+        if ckpt.sharded:
+            self._restore_shards(ckpt, unwrapped, optimizer, ema)
+        elif self.sharded:
+            raise CheckpointError(
+                f"{ckpt.path} was written by a run without --sharding (whole tensors); a "
+                "--sharding run resumes sharded checkpoints only: resume it with --sharding none"
+            )
+        else:
+            load_trained_weights(unwrapped, ckpt.tensors["model"], ckpt.path)
+            optimizer.load_state_dict(
+                optimizer_from_safetensors(ckpt.tensors["optimizer"], ckpt.state["optimizer"])
+            )
+            if ema is not None:
+                if "ema" not in ckpt.tensors:
+                    raise CheckpointError(f"{ckpt.path} has no ema.safetensors but EMA is enabled")
+                ema.load_state_dict(ckpt.tensors["ema"])
         scaler = self.accelerator.scaler
         if scaler is not None and ckpt.state.get("grad_scaler"):
             scaler.load_state_dict(ckpt.state["grad_scaler"])
         self.guard.num_nonfinite_steps = int(ckpt.state.get("num_nonfinite_steps", 0))
         return ckpt.step  # logged by `begin`, once the directory is this run's
+
+    def _restore_shards(
+        self,
+        ckpt: Checkpoint,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        ema: EMA | None,
+    ) -> None:
+        """Read a sharded checkpoint into this run's tensors, whatever the number of processes
+        that wrote it: each process reads its shards (collective) or, unsharded, the whole."""
+        if ema is not None and not any(k.startswith("ema.") for k in shard_metadata(ckpt.path)):
+            raise CheckpointError(f"{ckpt.path} holds no EMA weights but EMA is enabled")
+        tensors, _ = training_state(model, optimizer, None if ema is None else ema.state_dict())
+        distributed = self.accelerator.is_fsdp2
+        read_shards(ckpt.path, tensors, distributed)
+        ema_state = load_training_state(model, optimizer, tensors, ckpt.state["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(ema_state)
 
     def _warn_if_world_changed(self, ckpt: Checkpoint) -> None:
         """Another number of processes continues the run as it was (the micro-batches, their
@@ -320,6 +413,8 @@ class Run:
                     self.guard.num_skipped_in_a_row,
                 )
             return None
+        if self.sharded:
+            return self._save_shards(step, model, optimizer, ema, task_info)
         unwrapped = accelerator.unwrap_model(model)
         opt_tensors, opt_meta = optimizer_to_safetensors(optimizer.state_dict())
         tensors = {"model": trained_weights(unwrapped), "optimizer": opt_tensors}
@@ -334,17 +429,7 @@ class Run:
             )
         path, error = None, None
         if self.is_writer:
-            scaler = accelerator.scaler
-            state = {
-                "config": to_dict(self.cfg),
-                "model_class": type(unwrapped).__name__,
-                "model_config": dict(unwrapped.config),
-                "optimizer": opt_meta,
-                "grad_scaler": scaler.state_dict() if scaler is not None else None,
-                "num_processes": accelerator.num_processes,
-                "num_nonfinite_steps": self.guard.num_nonfinite_steps,
-                **task_info,
-            }
+            state = self._checkpoint_state(unwrapped, opt_meta, task_info)
             try:
                 path = write_checkpoint(
                     self.checkpoints_dir, step, tensors, state, self.cfg.checkpoints_total_limit
@@ -354,6 +439,90 @@ class Run:
                 error = self.output_error(f"checkpoint-{step}", self.checkpoints_dir, err)
         raise_together(accelerator, error, OutputError("the main process could not save"))
         accelerator.wait_for_everyone()
+        return path
+
+    def _checkpoint_state(
+        self, unwrapped: torch.nn.Module, opt_meta: dict[str, Any], task_info: dict[str, Any]
+    ) -> dict[str, Any]:
+        """What state.json says besides the files: config, model, optimizer hyper-parameters,
+        grad scaler, processes, the task."""
+        scaler = self.accelerator.scaler
+        return {
+            "config": to_dict(self.cfg),
+            "model_class": network_class(unwrapped).__name__,
+            "model_config": dict(unwrapped.config),
+            "optimizer": opt_meta,
+            "grad_scaler": scaler.state_dict() if scaler is not None else None,
+            "num_processes": self.accelerator.num_processes,
+            "num_nonfinite_steps": self.guard.num_nonfinite_steps,
+            **task_info,
+        }
+
+    def _save_shards(
+        self,
+        step: int,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        ema: EMA | None,
+        task_info: dict[str, Any],
+    ) -> Path | None:
+        """`save` of a sharded run (collective): every process writes its shard into one
+        temporary folder (named by the main process), hashes it; the main process writes
+        state.json with every file's record, renames the folder into place, prunes."""
+        acc = self.accelerator
+        tensors, opt_meta = training_state(
+            model, optimizer, None if ema is None else ema.state_dict()
+        )
+        parts = {
+            part: [v for k, v in tensors.items() if k.startswith(part + ".")] for part in PARTS
+        }
+        not_finite = [part for part, values in parts.items() if values and not
+                      all_finite_everywhere(acc, values)]  # fmt: skip
+        if not_finite:  # every rank knows: every rank raises here
+            self.fail_nonfinite(
+                f"after step {step} the {' and '.join(not_finite)} tensors hold non-finite "
+                "values (an update diverged although its loss was finite); "
+                f"checkpoint-{step} was not written"
+            )
+        final = self.checkpoints_dir / f"checkpoint-{step}"
+        tmp, error = [temp_path(final)], None
+        if acc.is_main_process:
+            try:
+                tmp[0].mkdir(parents=True)
+            except OSError as err:
+                error = self.output_error(f"checkpoint-{step}", self.checkpoints_dir, err)
+        raise_together(acc, error, OutputError("the main process could not save"))
+        if acc.num_processes > 1:
+            broadcast_object_list(tmp)  # the main process's name, on every rank
+        folder, records = tmp[0], {}
+        try:
+            records = write_shards(folder, tensors, distributed=acc.is_fsdp2)
+        except (OSError, SafetensorError, CheckpointException) as err:
+            error = self.output_error(f"checkpoint-{step}", self.checkpoints_dir, err)
+        if error is not None and acc.is_main_process:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise_together(acc, error, OutputError("another process could not save its shard"))
+        files = records
+        if acc.num_processes > 1:
+            files = {k: v for part in gather_object([records]) for k, v in part.items()}
+        path = None
+        if acc.is_main_process:
+            state = self._checkpoint_state(
+                acc.unwrap_model(model), opt_meta, {FORMAT: SHARDED, **task_info}
+            )
+            try:
+                write_state(folder, step, dict(sorted(files.items())), state)
+                publish_dir(folder, final)
+                path = final
+                if self.cfg.checkpoints_total_limit is not None:
+                    prune(self.checkpoints_dir, self.cfg.checkpoints_total_limit, keep=(final,))
+                logger.info("saved %s (%d shards)", path, len(files))
+            except OSError as err:
+                error = self.output_error(f"checkpoint-{step}", self.checkpoints_dir, err)
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+        raise_together(acc, error, OutputError("the main process could not save"))
+        acc.wait_for_everyone()
         return path
 
     def output_error(self, what: str, where: Path, err: BaseException) -> OutputError:
@@ -471,12 +640,17 @@ def start_run(cfg: TrainConfig, with_labels: bool = False, with_captions: bool =
     carry class labels (class-conditional training); `with_captions`: captions (text, from
     the config's `caption_column`, else the one detected).
     """
+    # An accelerate config that says FSDP must agree with --sharding (the flag decides how).
+    check_launch(cfg.sharding, cfg.fsdp_cpu_offload)
     accelerator = make_accelerator(
         cfg.mixed_precision,
         cfg.gradient_accumulation_steps,
         cfg.report_to,
         cfg.output_dir,
         cfg.seed,
+        sharding=cfg.sharding,
+        fsdp_cpu_offload=cfg.fsdp_cpu_offload,
+        hsdp_shard_size=cfg.hsdp_shard_size,
     )
     setup_logging(accelerator.is_main_process)
     watch_launcher()  # under torchrun: stop when the launcher dies (kill -9), not train on
@@ -486,15 +660,6 @@ def start_run(cfg: TrainConfig, with_labels: bool = False, with_captions: bool =
         parse_duration(cfg.max_train_time) if cfg.max_train_time else None,
         cfg.max_nonfinite_steps,
     )
-    # On CPU, Accelerate quietly turns an FSDP launch into DDP/single process: check the request.
-    if accelerator.distributed_type == DistributedType.FSDP or str_to_bool(
-        os.environ.get("ACCELERATE_USE_FSDP", "false")
-    ):
-        raise InputError(
-            "FSDP is not supported: checkpoints gather full state dicts on the main process, "
-            "which deadlocks with sharded parameters. Launch with DDP (accelerate_configs/"
-            "1node_8gpu_bf16.yaml); every preset here fits one GPU with room to spare."
-        )
     output_dir = Path(cfg.output_dir)  # not a file: TrainConfig checked it
     # A directory another run holds is refused at once: before the data loads, and before
     # its checkpoints are read (or one is named in the log as the one this run resumes from).

@@ -18,6 +18,7 @@ from ddp_utils.config import ForeignFlag, check_fields, option, require
 from ddp_utils.data.load import DataLoading, peek_image_size
 from ddp_utils.data.source import check_dataset_name
 from ddp_utils.errors import InputError, flag_name
+from ddp_utils.sharding import Sharding
 from ddp_utils.tracking import ReportTo
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?)([hms])")
@@ -158,6 +159,7 @@ class TrainConfig:
             "data_loading", "num_workers",  # speed: the same batches either way
             "channels_last", "compile", "compile_backend", "compile_mode",
             "gradient_checkpointing", "batch_size", "gradient_accumulation_steps",
+            "fsdp_cpu_offload",
         }
     )  # fmt: skip
 
@@ -211,6 +213,23 @@ class TrainConfig:
     )
     gradient_checkpointing: bool = option(
         False, "recompute the UNet's activations in the backward pass: less memory, more compute"
+    )
+    # Memory: sharding (docs/sharding.md).
+    sharding: Sharding = option(
+        "none",
+        "none: every process holds the whole model, its gradients, EMA and optimizer state "
+        "(DDP); fsdp: each holds 1/N of each (FSDP2), for a model that does not fit one device; "
+        "hsdp: sharded within each node, a whole copy per node (several nodes)",
+    )
+    hsdp_shard_size: int | None = option(
+        None,
+        "with --sharding hsdp: the processes that share one copy of the model (default: one "
+        "node's); the number of processes must be a multiple of it",
+    )
+    fsdp_cpu_offload: bool = option(
+        False,
+        "with --sharding fsdp: keep the shards of weights, gradients and optimizer state in CPU "
+        "memory (the optimizer steps on the CPU): slower, for what does not fit even sharded",
     )
     # Optimization.
     output_dir: str = option("runs/train", "run directory: checkpoints, export, samples, logs")
@@ -363,6 +382,33 @@ class TrainConfig:
                 else "names class labels, and this script trains on images alone: drop it",
                 "label_column",
             )
+        require(
+            self.sharding != "none" or not self.fsdp_cpu_offload,
+            "--fsdp-cpu-offload applies with --sharding fsdp or hsdp only; add it, or drop "
+            "--fsdp-cpu-offload",
+        )
+        require(
+            self.hsdp_shard_size is None or self.sharding == "hsdp",
+            "--hsdp-shard-size applies with --sharding hsdp only; add it, or drop "
+            "--hsdp-shard-size",
+        )
+        require(
+            self.hsdp_shard_size is None or self.hsdp_shard_size >= 2,
+            f"--hsdp-shard-size must be >= 2 or none, got {self.hsdp_shard_size}",
+        )
+        if self.sharding != "none":
+            for name in ("save_on_each_node", "compile"):
+                require(
+                    not getattr(self, name),
+                    f"{flag_name(name)} does not work with --sharding {self.sharding} yet "
+                    + (
+                        "(each process writes its own shard of a checkpoint: the run directory "
+                        "must be one folder every node sees)"
+                        if name == "save_on_each_node"
+                        else "(torch.compile of a sharded network is not wired up)"
+                    )
+                    + f": drop {flag_name(name)}, or use --sharding none",
+                )
         require(
             self.max_nonfinite_steps >= 1,
             f"--max-nonfinite-steps must be >= 1, got {self.max_nonfinite_steps}",

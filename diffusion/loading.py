@@ -29,7 +29,12 @@ from typing import Any, Literal
 import torch
 from diffusers import DDPMScheduler
 
-from ddp_utils.checkpoint import find_resume_checkpoint, load_trained_weights, read_checkpoint
+from ddp_utils.checkpoint import (
+    find_resume_checkpoint,
+    load_trained_weights,
+    read_checkpoint,
+    whole_tensors,
+)
 from ddp_utils.errors import InputError
 from ddp_utils.export import TASK_FILE, check_value_range, read_task_file, verify_checksums
 from diffusion.adapters import ADAPTER_FILE, RAW_FOLDER, LoraSpec, add_lora, load_adapter
@@ -342,19 +347,20 @@ def _from_checkpoint(folder: Path, weights: Weights, vae: str | None = None) -> 
     ckpt = read_checkpoint(folder)
     state = ckpt.state
     kind_named(state.get("task"), ckpt.path)  # an autoencoder's checkpoint: refused, saying why
-    key = "ema" if weights == "ema" and "ema" in ckpt.tensors else "model"
+    tensors = whole_tensors(ckpt)  # a sharded checkpoint's shards, put together
+    key = "ema" if weights == "ema" and "ema" in tensors else "model"
     if "adapter" in state:  # a LoRA's: the adapter on its base
         base = _base_folder(state["base"], ckpt.path)
         model = load_model(base / FAMILIES_BY_NAME[state["base"]["family"]].denoiser)
         add_lora(model, LoraSpec.from_facts(state["adapter"]))
-        load_trained_weights(model, ckpt.tensors[key], ckpt.path)
+        load_trained_weights(model, tensors[key], ckpt.path)
     else:
         cls = network_class(state["model_class"])
         model = prepare_loaded(cls.from_config(state["model_config"]))
         # The EMA also holds non-persistent buffers (a DiT's pos_embed), which state_dict
         # leaves out.
         names = set(model.state_dict())
-        model.load_state_dict({k: v for k, v in ckpt.tensors[key].items() if k in names})
+        model.load_state_dict({k: v for k, v in tensors[key].items() if k in names})
     cfg = state["config"]
     loaded = LoadedModel(
         state["task"],

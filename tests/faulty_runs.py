@@ -41,9 +41,10 @@ class Launch:
         }
         env.pop("WANDB_DIR", None)  # wandb files in <output-dir>/wandb
         command = [str(FAULTS), script, *args]
-        if processes == 2:
+        if processes >= 2:  # the 2-process CPU config, with as many processes as asked
             accelerate = Path(sys.executable).with_name("accelerate")
-            command = [str(accelerate), "launch", "--config_file", str(TWO_PROCS), *command]
+            launch = ["launch", "--config_file", str(TWO_PROCS), "--num_processes", str(processes)]
+            command = [str(accelerate), *launch, *command]
         else:
             command = [sys.executable, *command]
         self.proc = subprocess.Popen(

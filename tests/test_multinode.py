@@ -47,6 +47,14 @@ EXPECTED = {
         "mixed_precision": "bf16",
         "use_cpu": False,
     },
+    "1node_8gpu_fsdp.yaml": {
+        "distributed_type": DistributedType.FSDP,
+        "fsdp_config": {"fsdp_version": 2},  # the rest is the toolkit's (--sharding fsdp)
+        "num_processes": 8,
+        "num_machines": 1,
+        "mixed_precision": "bf16",
+        "use_cpu": False,
+    },
     "2node_8gpu_bf16.yaml": {
         "distributed_type": DistributedType.MULTI_GPU,
         "num_processes": 16,  # total over the machines
@@ -56,9 +64,18 @@ EXPECTED = {
         "same_network": True,
         "mixed_precision": "bf16",
     },
+    "2node_8gpu_hsdp.yaml": {
+        "distributed_type": DistributedType.FSDP,
+        "fsdp_config": {"fsdp_version": 2},
+        "num_processes": 16,
+        "num_machines": 2,
+        "machine_rank": 0,
+        "mixed_precision": "bf16",
+    },
 }
 MUST_EDIT = {
     "2node_8gpu_bf16.yaml": ("machine_rank", "main_process_ip", "main_process_port"),
+    "2node_8gpu_hsdp.yaml": ("machine_rank", "main_process_ip", "main_process_port"),
 }
 
 
@@ -81,7 +98,7 @@ def test_config_parses_with_accelerate_and_has_promised_fields(name: str) -> Non
 
 
 def test_fsdp_launch_is_refused_before_training(tmp_path: Path) -> None:
-    """Checkpointing gathers full state dicts on the main process: not FSDP-safe, so refused."""
+    """An FSDP accelerate config without --sharding fsdp: refused, naming the flag."""
     env = {**os.environ, "ACCELERATE_USE_FSDP": "true"}
     result = subprocess.run(
         [
@@ -100,7 +117,7 @@ def test_fsdp_launch_is_refused_before_training(tmp_path: Path) -> None:
         timeout=300,
     )
     assert result.returncode == 2, result.stderr[-2000:]
-    assert "FSDP" in result.stderr and "DDP" in result.stderr
+    assert "FSDP" in result.stderr and "--sharding fsdp" in result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 

@@ -79,6 +79,9 @@ class AutoencoderMethod:
         self.kl_weight = kl_weight
         self._card: CardFacts | None = None
 
+    def shard_units(self, net: nn.Module) -> tuple[str, ...]:
+        return ()  # not sharded: --sharding none
+
     def task_info(self) -> dict[str, Any]:
         return {
             "task": AUTOENCODER_TASK,

@@ -215,6 +215,10 @@ class NetworkMethod:
             info["adapter"] = self.run.adapter.facts()
         return info
 
+    def shard_units(self, net: nn.Module) -> tuple[str, ...]:
+        """The backbone's blocks, one FSDP unit each under --sharding."""
+        return self.backbone.shard_units(net)
+
     def grid_layout(self, images: np.ndarray) -> tuple[np.ndarray, int]:
         """Unconditional: 8 per row. Class-conditional: one class per row."""
         return self.source.grid_layout(images)

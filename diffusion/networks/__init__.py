@@ -65,6 +65,24 @@ def _dit_classes(net: nn.Module) -> int:
     return num if num > 1 else 0
 
 
+def _unet_blocks(net: nn.Module) -> tuple[str, ...]:
+    """A UNet's down, mid and up blocks: one FSDP unit each under --sharding."""
+    net = unwrap(net)
+    blocks = [*net.down_blocks, net.mid_block, *net.up_blocks]
+    return tuple(sorted({type(block).__name__ for block in blocks if block is not None}))
+
+
+def _transformer_blocks(net: nn.Module) -> tuple[str, ...]:
+    """A DiT's or PixArt's transformer blocks: one FSDP unit each under --sharding; a DiT's
+    blocks' label-and-time embeddings too, which diffusers' DiT also calls from outside the
+    block (`transformer_blocks[0].norm1.emb`, for the final layer): a unit of their own is
+    gathered wherever they are called."""
+    net = unwrap(net)
+    names = {type(block).__name__ for block in net.transformer_blocks}
+    embeddings = [getattr(block.norm1, "emb", None) for block in net.transformer_blocks]
+    return tuple(sorted(names | {type(emb).__name__ for emb in embeddings if emb is not None}))
+
+
 def _basic_call(
     net: nn.Module, x: torch.Tensor, t: Any, condition: Condition | None
 ) -> torch.Tensor:
@@ -93,21 +111,25 @@ class Backbone:
     # A text-conditional backbone: the argument holding the width of the text embeddings it
     # attends to (its preset's, else the encoder's); None: it takes no text
     text_width_key: str | None = None
+    # The classes of a network's blocks, one FSDP unit each under --sharding; () cannot shard
+    shard_units: Callable[[nn.Module], tuple[str, ...]] = lambda net: ()
 
 
 BACKBONES: dict[str, Backbone] = {
     backbone.name: backbone
     for backbone in (
         Backbone("unet", UNet2DModel, "unet", DDPM_PRESETS, "digits-small", check_ddpm_preset,
-                 build_ddpm_unet, num_classes=_unet_classes),
+                 build_ddpm_unet, num_classes=_unet_classes, shard_units=_unet_blocks),
         Backbone("dit", DiTTransformer2DModel, "transformer", DIT_PRESETS, "dit-digits",
                  check_dit_preset, build_dit, prepare_dit, num_classes=_dit_classes,
-                 tags=("dit", "transformer")),
+                 tags=("dit", "transformer"), shard_units=_transformer_blocks),
         Backbone("text-unet", UNet2DConditionModel, "unet", TEXT_UNET_PRESETS, "digits-text",
-                 check_text_unet_preset, build_text_unet, text_width_key="cross_attention_dim"),
+                 check_text_unet_preset, build_text_unet, text_width_key="cross_attention_dim",
+                 shard_units=_unet_blocks),
         Backbone("pixart", PixArtTransformer2DModel, "transformer", PIXART_PRESETS,
                  "pixart-digits", check_pixart_preset, build_pixart,
-                 tags=("pixart", "transformer"), text_width_key="caption_channels"),
+                 tags=("pixart", "transformer"), text_width_key="caption_channels",
+                 shard_units=_transformer_blocks),
         Backbone("basic", BasicUNet, "unet", {}, None, call=_basic_call),
     )
 }  # fmt: skip
@@ -120,9 +142,12 @@ BACKBONE_CLASSES: dict[str, type[ModelMixin]] = {
 
 
 def backbone_of(net: nn.Module) -> Backbone:
-    """The backbone of `net` (maybe wrapped); any other module is called as the basic model
-    is, net(x, t)."""
-    return BY_CLASS.get(type(unwrap(net)).__name__, BACKBONES["basic"])
+    """The backbone of `net` (maybe wrapped, or sharded: FSDP2's class derives from the
+    network's); any other module is called as the basic model is, net(x, t)."""
+    for cls in type(unwrap(net)).__mro__:
+        if cls.__name__ in BY_CLASS:
+            return BY_CLASS[cls.__name__]
+    return BACKBONES["basic"]
 
 
 def backbone_named(name: str) -> Backbone:

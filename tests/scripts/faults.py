@@ -17,7 +17,8 @@
 - die: SIGKILL this worker alone (its peers find it gone at their next collective).
 - nan: this micro-batch's images become NaN on this rank (so its loss is non-finite).
 - nan-from: every micro-batch from N on is NaN on this rank.
-- kill-in-save: SIGKILL everything while checkpoint-N is half written (after its first file).
+- kill-in-save: SIGKILL everything while checkpoint-N is half written (after its first file;
+  sharded: after this rank wrote its shard, before state.json).
 - poison-weights: after optimizer step N (1-based) the weights become NaN, although that
   step's loss was finite (an update that diverged).
 """
@@ -107,6 +108,17 @@ def save_file(tensors, path, *args, **kwargs):
     return original_save_file(tensors, path, *args, **kwargs)
 
 
+original_file_record = checkpoint.file_record
+
+
+def file_record(path):
+    """A shard of a sharded checkpoint is written and about to be hashed."""
+    for kind, at in FAULTS:
+        if kind == "kill-in-save" and Path(path).parent.name.startswith(f".checkpoint-{at}."):
+            kill_everything()
+    return original_file_record(path)
+
+
 original_guarded_step = loop.guarded_step
 optimizer_steps = 0
 
@@ -131,6 +143,7 @@ for source in with_subclasses(BatchSource):
     if "get" in vars(source):
         source.get = with_faults(vars(source)["get"])
 checkpoint.save_file = save_file
+checkpoint.file_record = file_record
 loop.guarded_step = guarded_step
 
 if __name__ == "__main__":

@@ -85,6 +85,9 @@ class BasicMethod:
     def task_info(self) -> dict[str, Any]:
         return {"task": self.kind.name, "value_range": list(VALUE_RANGE)}
 
+    def shard_units(self, net: nn.Module) -> tuple[str, ...]:
+        return ()  # a small network of one process's memory: --sharding none
+
     def loss(
         self, model: nn.Module, batch: Batch, generator: torch.Generator, stats: MetricWindow
     ) -> torch.Tensor:
