@@ -229,6 +229,10 @@ class Run:
                     "gradient_checkpointing",
                 )
             model.enable_gradient_checkpointing()
+            logger.info(
+                "gradient checkpointing: %s's blocks recompute their activations in the backward",
+                type(model).__name__,
+            )
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
         if cfg.compile:
