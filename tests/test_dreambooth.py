@@ -88,8 +88,9 @@ def plain_run(base, subject, tmp_path_factory) -> Path:
 
 def test_the_class_images_are_the_bases_drawn_once_for_the_run(base, prior_run, tmp_path):
     """The class images in the run directory are what sample.py draws from the base pipeline
-    with the recorded prompt, seed, sampler and guidance (there with one batch of 4, here in
-    batches of 4 per process: an image does not depend on its batch)."""
+    with the recorded prompt, seed, sampler and guidance (the run drew them in one batch of
+    4, sample.py here in batches of 2: an image depends on its seed alone, which is what lets
+    processes share the drawing)."""
     record = json.loads((prior_run / CLASS_IMAGES_DIR / RECORD_FILE).read_text())
     assert record["prompt"] == CLASS and record["num_images"] == NUM_CLASS
     assert record["seed"] == class_images_seed(0) != 0  # not the grids' seeds
