@@ -400,10 +400,8 @@ class LatentBatches(BatchSource):
     def draw(self, latents: LatentData, rows: torch.Tensor, generator: torch.Generator) -> Batch:
         """The batch of `rows` of `latents`: the flip, then the posterior sample."""
         index = rows.numpy()
-        mean, std = (
-            self.gather(latents, latents.mean, index),
-            self.gather(latents, latents.std, index),
-        )
+        mean = self.gather(latents, latents.mean, index)
+        std = self.gather(latents, latents.std, index)
         if self.random_flip:  # drawn first, as the pixel path's flip
             flip = torch.rand(len(index), generator=generator, device=self.device) < 0.5
             flip = flip[:, None, None, None]
