@@ -116,7 +116,8 @@ def run_class_images(run: Run) -> None:
     folder = run.output_dir / CLASS_IMAGES_DIR
     stored = read_class_images(folder)
     # Every rank decides alike: reuse only when every rank read the same fitting set.
-    fits = stored is not None and comparable(stored[0]) == comparable(record)
+    drawn_otherwise = stored is not None and comparable(stored[0]) != comparable(record)
+    fits = stored is not None and not drawn_otherwise
     if accelerator.num_processes > 1:
         flags = accelerator.gather(torch.tensor([int(fits)], device=accelerator.device))
         fits = bool(flags.min().item())
@@ -125,13 +126,14 @@ def run_class_images(run: Run) -> None:
         logger.info("class images: the %d in %s, as drawn before", len(images), folder)
     else:
         error = None
-        if stored is not None and run.checkpoint is not None:
+        if drawn_otherwise and run.checkpoint is not None:
             error = refusal(folder, stored[0], record, run.checkpoint.path)
         raise_together(accelerator, error, InputError("cannot be resumed (see the main process)"))
         if run.checkpoint is not None:
             logger.warning(
-                "class images: %s is missing or damaged; drawing them again (the same seeds: "
-                "the same images on the same kind of device)",
+                "class images: none in %s (removed, damaged, or the checkpoint is another "
+                "run's); drawing them again from the same seeds (the same images on the same "
+                "kind of device)",
                 folder,
             )
         images = draw(run, source, record)
@@ -146,7 +148,9 @@ def comparable(record: dict[str, Any]) -> dict[str, Any]:
     return {**{k: v for k, v in record.items() if k not in ("command",)}, "base": base}
 
 
-def refusal(folder: Path, stored: dict[str, Any], record: dict[str, Any], checkpoint: Path):
+def refusal(
+    folder: Path, stored: dict[str, Any], record: dict[str, Any], checkpoint: Path
+) -> InputError:
     """The error of a resume whose class images were drawn otherwise."""
     old, new = comparable(stored), comparable(record)
     flags = {"prompt": "--class-prompt", "num_images": "--num-class-images", "seed": "--seed",
