@@ -45,8 +45,10 @@ from ddp_utils.config import option, parse_config, require
 from ddp_utils.run import Run, start_run
 from ddp_utils.train_config import TrainConfig
 from diffusion.adapters import AdapterOptions
+from diffusion.class_images import run_class_images
 from diffusion.conditioning.guidance import ConditioningOptions
 from diffusion.conditioning.text import TextOptions
+from diffusion.dreambooth import DreamBoothOptions
 from diffusion.kinds import choose_sampler, kind_named, kinds_trained_by
 from diffusion.kinds.registry import DEFAULT_OBJECTIVE, all_knobs, all_samplers, knob_options
 from diffusion.networks import (
@@ -72,6 +74,7 @@ SampleKnobs = knob_options("sample_", "of the grids and --eval-every")
 
 @dataclass
 class DDPMConfig(
+    DreamBoothOptions,
     AdapterOptions,
     TextOptions,
     ConditioningOptions,
@@ -82,7 +85,8 @@ class DDPMConfig(
     """DDPM, EDM or another kind of train_ddpm.py; defaults make readable digits in ~11 minutes
     on a 2-core CPU. Each kind's options are its section (diffusion/kinds/<name>/options.py),
     as are class conditioning's (diffusion/conditioning/guidance.py), text's
-    (diffusion/conditioning/text.py) and LoRA's (diffusion/adapters.py)."""
+    (diffusion/conditioning/text.py), LoRA's (diffusion/adapters.py) and DreamBooth's
+    (diffusion/dreambooth.py)."""
 
     objective: Objective = option(
         DEFAULT_OBJECTIVE,
@@ -226,6 +230,13 @@ class DDPMConfig(
             "and resumes whole networks, not an adapter on a frozen base): drop --sharding (the "
             "adapter trains under DDP, each process holding the frozen base once)",
         )
+        self.check_dreambooth_options(self.pipeline)
+        require(
+            self.class_prompt is None or self.sharding == "none",
+            f"prior preservation (--class-prompt) under --sharding {self.sharding} is not "
+            "supported yet (the base draws the class images whole on each process, before "
+            "sharding): drop --sharding, or --class-prompt",
+        )
 
     @property
     def pipeline(self) -> str | None:
@@ -255,6 +266,7 @@ def train(cfg: DDPMConfig) -> Run:
     )
     kind = kind_named(cfg.objective, "--objective")
     clip = run_clip_scorer(run)  # --clip-model: loaded and checked before any encoding
+    run_class_images(run)  # --class-prompt: drawn once by the base (or read), beside the data
     codec = run_codec(run)  # --vae: checked, the data encoded (or read from its cache)
     # --text-encoder: checked, the captions and the grids' prompts encoded once (or read)
     run_text(run, cfg.validation_prompt_texts())

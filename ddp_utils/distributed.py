@@ -192,6 +192,14 @@ def step_generator(seed: int, position: int, device: torch.device) -> torch.Gene
     return generator
 
 
+def companion_generator(generator: torch.Generator, name: str) -> torch.Generator:
+    """A second generator for the same micro-batch, seeded from `generator`'s seed and `name`
+    (DreamBooth's class examples draw from it): its draws leave `generator`'s untouched."""
+    companion = torch.Generator(device=generator.device)
+    companion.manual_seed(derive_seed(name, generator.initial_seed()))
+    return companion
+
+
 def mean_across_ranks(accelerator: Accelerator, values: torch.Tensor) -> torch.Tensor:
     """Average a tensor of statistics over all ranks (collective: call on every rank)."""
     if accelerator.num_processes == 1:

@@ -133,13 +133,19 @@ class Run:
     # ... trained with LoRA: the adapter's shape (`diffusion.adapters.LoraSpec`); the network's
     # trainable parameters are then the adapter's.
     adapter: Any = field(init=False, default=None)
+    # DreamBooth's prior preservation (`diffusion.dreambooth`): the class images the base drew
+    # (their condition: their rows among `data.captions`, which holds theirs after the data's),
+    # and their latents; every batch then carries as many class examples as images.
+    prior: ImageData | None = field(init=False, default=None)
+    prior_latents: LatentData | None = field(init=False, default=None)
 
     def batches(self, start_micro_step: int, value_range: tuple[float, float]) -> BatchSource:
         """This rank's batches from `start_micro_step` on (in memory, streamed, or latents)."""
         cfg = self.cfg
         if self.latents is not None:
             common = (cfg.batch_size, self.accelerator, cfg.seed, value_range, cfg.random_flip)
-            return LatentBatches(self.latents, *common)
+            return LatentBatches(self.latents, *common, prior=self.prior_latents)
+        assert self.prior is None, "class images come with a pipeline, which has a VAE"
         return make_batches(
             self.data,
             cfg.batch_size,
@@ -611,11 +617,14 @@ class Run:
             shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
             logger.info("classes: %d (%s)", len(names), shown)
         logger.info(
-            "batch: per device %d x %d processes x %d accumulation = global %d",
+            "batch: per device %d x %d processes x %d accumulation = global %d%s",
             cfg.batch_size,
             acc.num_processes,
             cfg.gradient_accumulation_steps,
             self.global_batch_size,
+            ""
+            if self.prior is None
+            else f", each image beside a class image ({self.prior.source})",
         )
         logger.info(
             "model: %s parameters%s; device %s, mixed precision %s, %s",
@@ -699,6 +708,7 @@ def start_run(cfg: TrainConfig, with_labels: bool = False, with_captions: bool =
         label_column=cfg.label_column,
         with_captions=with_captions,
         caption_column=getattr(cfg, "caption_column", None),
+        instance_prompt=getattr(cfg, "instance_prompt", None),
     )
     # Not given: the images' own size and channels (logged by the loading).
     cfg.channels, cfg.resolution = data.images.shape[1], data.images.shape[-1]

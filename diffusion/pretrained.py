@@ -140,7 +140,8 @@ def run_codec(run: Run) -> LatentCodec | None:
     compared with a resumed checkpoint's. Then the data is encoded once per node, shared by
     its processes (or read from the latent cache), and the latent scale is the VAE config's, a
     resumed run's, or measured on the latents when the config has none (never over per-channel
-    latents_mean/latents_std, which the config's scale follows).
+    latents_mean/latents_std, which the config's scale follows). DreamBooth's class images
+    (`run.prior`) are encoded too, into their own cache, and scaled alike.
     """
     cfg = run.cfg
     saved = None if run.checkpoint is None else run.checkpoint.state.get("latent")
@@ -233,6 +234,12 @@ def run_codec(run: Run) -> LatentCodec | None:
             )
     latents.shift, latents.scale = codec.affine(run.accelerator.device)
     run.latents = latents
+    if run.prior is not None:  # DreamBooth's class images: encoded alike, under the same map
+        prior = load_latents(
+            run.prior, codec, cfg.random_flip, run.accelerator, num_workers=workers
+        )
+        prior.shift, prior.scale = latents.shift, latents.scale
+        run.prior_latents = prior
     logger.info(
         "latents: %d x %dx%d per image (VAE %s, downsampling %d, scale %.5g)",
         latent_channels, latent_size, latent_size, cfg.vae, codec.downsampling,

@@ -110,18 +110,26 @@ def root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def latent_run(root: Path) -> Path:
-    """A class-conditional DiT on the VAE's latents: 4 steps, flips, FID at the end."""
+def latent_run_and_caches(root: Path, _private_cache: Path) -> tuple[Path, set[Path]]:
+    """A class-conditional DiT on the VAE's latents: 4 steps, flips, FID at the end; and the
+    latent caches it wrote (the session's cache also holds those of other test files)."""
+    before = set(_private_cache.glob("latents-*/manifest.json"))
     out = root / "run"
     train(latent_args(out, root / "tiny_dit.json", root / "vae", "--eval-every", "4",
                       "--eval-num-samples", "8"))  # fmt: skip
-    return out
+    return out, set(_private_cache.glob("latents-*/manifest.json")) - before
+
+
+@pytest.fixture(scope="module")
+def latent_run(latent_run_and_caches: tuple[Path, set[Path]]) -> Path:
+    return latent_run_and_caches[0]
 
 
 def test_a_latent_run_trains_on_cached_latents_and_shows_decoded_images(
-    latent_run: Path, _private_cache: Path
+    latent_run_and_caches: tuple[Path, set[Path]],
 ) -> None:
-    assert len(list(_private_cache.glob("latents-*/manifest.json"))) == 1  # encoded once
+    latent_run, caches = latent_run_and_caches
+    assert len(caches) == 1  # encoded once
     # The grid shows 16x16 images (one class per row), not the 4x4 latents.
     grid = np.asarray(Image.open(latent_run / "samples" / "samples-0000004.png"))
     expected = upscale(make_grid(np.zeros((10, RESOLUTION, RESOLUTION, 1), np.uint8), nrow=1),

@@ -27,7 +27,7 @@ from accelerate import Accelerator
 from ddp_utils.data.decode import decode_row, raw_images
 from ddp_utils.data.latent_cache import LatentData
 from ddp_utils.data.load import ImageData, StreamSource
-from ddp_utils.distributed import derive_seed, local_world_size
+from ddp_utils.distributed import companion_generator, derive_seed, local_world_size
 from ddp_utils.errors import InputError
 
 logger = logging.getLogger("ddp_diffusion")
@@ -91,6 +91,11 @@ class Batch:
     # id of a labelled dataset: class_labels); None when the data has none. The loop and the
     # batch sources carry it without looking inside (diffusion.conditioning reads it).
     condition: dict[str, torch.Tensor] | None = None
+    # DreamBooth's prior preservation: as many class examples, drawn (with the method's draws
+    # for them: noise, timesteps, captions) from their own generator, so that the examples
+    # above are drawn as they would be without them.
+    prior: Batch | None = None
+    prior_generator: torch.Generator | None = None
 
 
 def row_condition(
@@ -351,14 +356,19 @@ class LatentBatches(BatchSource):
     """Batches of latents: each batch's rows gathered on the host from the mapped cache (only
     those pages are read), converted to float32 and copied to the device (through pinned
     memory on a GPU, without waiting for it), then z = (mean + std * eps - shift) * scale with
-    the micro-step's generator; the condition is the latents' rows' (`LatentData.labels`). The pixels stay on the host (`ImageData.images`, of a streamed dataset its first rows
-    only: grids of real data, the FID reference)."""
+    the micro-step's generator; the condition is the latents' rows' (`LatentData.labels`). The
+    pixels stay on the host (`ImageData.images`, of a streamed dataset its first rows only:
+    grids of real data, the FID reference).
 
-    def __init__(self, latents: LatentData, *args, **kwargs) -> None:
+    With `prior` (DreamBooth's class images' latents), each batch also carries as many class
+    examples (`Batch.prior`): their rows in their own order (a pure function of the seed and
+    micro-step, as the images'), drawn with `companion_generator(generator, "prior")`."""
+
+    def __init__(self, latents: LatentData, *args, prior: LatentData | None = None,
+                 **kwargs) -> None:  # fmt: skip
         super().__init__(*args, **kwargs)
-        self.latents = latents
+        self.latents, self.prior = latents, prior
         self.num_images = len(latents.mean)
-        self.labels = latents.labels
         if self.random_flip:
             assert latents.flipped_mean is not None, "flips need the mirror images' latents"
         self.warn_if_smaller_than_a_batch(self.num_images)
@@ -368,7 +378,7 @@ class LatentBatches(BatchSource):
             rows = rows.pin_memory()
         return rows.to(self.device, non_blocking=True)
 
-    def gather(self, array: np.ndarray, index: np.ndarray) -> torch.Tensor:
+    def gather(self, latents: LatentData, array: np.ndarray, index: np.ndarray) -> torch.Tensor:
         """Rows `index` of a mapped array, float32, on the device. Rows holding NaN/inf (a
         cache damaged on disk after it was written, too large to be checked when read) are
         refused here, naming the cache, before they could pass for a diverged run."""
@@ -377,27 +387,39 @@ class LatentBatches(BatchSource):
         if not finite.all():
             name = next(
                 (f"{n}.npy" for n in ("mean", "std", "flipped_mean", "flipped_std")
-                 if getattr(self.latents, n) is array), "an array"
+                 if getattr(latents, n) is array), "an array"
             )  # fmt: skip
-            folder = self.latents.folder
             raise InputError(
-                f"the latent cache {folder} holds non-finite values (NaN/inf) in {name}, row "
-                f"{int(index[np.argmin(finite)])}: it was damaged on disk after it was written. "
-                f"Delete {folder} and run the same command again (it is encoded anew)"
+                f"the latent cache {latents.folder} holds non-finite values (NaN/inf) in {name}, "
+                f"row {int(index[np.argmin(finite)])}: it was damaged on disk after it was "
+                f"written. Delete {latents.folder} and run the same command again (it is "
+                "encoded anew)"
             )
         return self.to_device(torch.from_numpy(rows))
 
-    def get(self, micro_step: int, generator: torch.Generator) -> Batch:
-        rows = self.indices(micro_step, self.num_images)  # the pixel path's order, on the CPU
+    def draw(self, latents: LatentData, rows: torch.Tensor, generator: torch.Generator) -> Batch:
+        """The batch of `rows` of `latents`: the flip, then the posterior sample."""
         index = rows.numpy()
-        latents = self.latents
-        mean, std = self.gather(latents.mean, index), self.gather(latents.std, index)
+        mean = self.gather(latents, latents.mean, index)
+        std = self.gather(latents, latents.std, index)
         if self.random_flip:  # drawn first, as the pixel path's flip
             flip = torch.rand(len(index), generator=generator, device=self.device) < 0.5
             flip = flip[:, None, None, None]
-            mean = torch.where(flip, self.gather(latents.flipped_mean, index), mean)
-            std = torch.where(flip, self.gather(latents.flipped_std, index), std)
+            mean = torch.where(flip, self.gather(latents, latents.flipped_mean, index), mean)
+            std = torch.where(flip, self.gather(latents, latents.flipped_std, index), std)
         eps = torch.randn(mean.shape, generator=generator, device=self.device)
         z = (mean + std * eps - latents.shift) * latents.scale
-        labels = None if self.labels is None else self.to_device(self.labels[rows])
-        return Batch(z, row_condition(labels, self.latents.condition_name))
+        labels = None if latents.labels is None else self.to_device(latents.labels[rows])
+        return Batch(z, row_condition(labels, latents.condition_name))
+
+    def get(self, micro_step: int, generator: torch.Generator) -> Batch:
+        rows = self.indices(micro_step, self.num_images)  # the pixel path's order, on the CPU
+        batch = self.draw(self.latents, rows, generator)
+        if self.prior is not None:
+            prior_rows = batch_indices(
+                micro_step, len(self.prior.mean), self.per_device_batch_size, self.world_size,
+                self.rank, derive_seed("prior", self.seed),
+            )  # fmt: skip
+            batch.prior_generator = companion_generator(generator, "prior")
+            batch.prior = self.draw(self.prior, prior_rows, batch.prior_generator)
+        return batch

@@ -37,7 +37,7 @@ class Captions:
     texts: tuple[str, ...]  # each distinct caption once, in order of first appearance
     offsets: torch.Tensor  # int64 (num_rows + 1,)
     ids: torch.Tensor  # int64 (offsets[-1],): indices into texts
-    column: str
+    column: str  # "" where no column holds them (DreamBooth's instance prompt)
 
     @property
     def num_rows(self) -> int:
@@ -55,6 +55,20 @@ class Captions:
     def fingerprint(self) -> str:
         """The identity of the distinct captions (what an encoding of them depends on)."""
         return hashlib.sha256(json.dumps(self.texts).encode()).hexdigest()[:24]
+
+    def with_rows(self, text: str, num_rows: int) -> Captions:
+        """These rows, then `num_rows` more captioned `text` (DreamBooth's class images)."""
+        texts = self.texts if text in self.texts else (*self.texts, text)
+        added = torch.full((num_rows,), texts.index(text), dtype=torch.int64)
+        offsets = self.offsets[-1] + torch.arange(1, num_rows + 1, dtype=torch.int64)
+        return Captions(texts, torch.cat([self.offsets, offsets]), torch.cat([self.ids, added]),
+                        self.column)  # fmt: skip
+
+
+def one_caption(num_rows: int, text: str) -> Captions:
+    """Every one of `num_rows` rows captioned `text` (DreamBooth's instance prompt; no column)."""
+    return Captions((text,), torch.arange(num_rows + 1, dtype=torch.int64),
+                    torch.zeros(num_rows, dtype=torch.int64), "")  # fmt: skip
 
 
 def is_text_feature(feature: Any) -> bool:

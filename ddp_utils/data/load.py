@@ -21,7 +21,7 @@ import datasets
 import torch
 from accelerate import Accelerator
 
-from ddp_utils.data.captions import Captions, read_captions
+from ddp_utils.data.captions import Captions, one_caption, read_captions
 from ddp_utils.data.decode import (
     CACHE_VERSION,
     cache_fix,
@@ -167,14 +167,16 @@ def load_image_data(
     label_column: str | None = None,
     with_captions: bool = False,
     caption_column: str | None = None,
+    instance_prompt: str | None = None,
 ) -> ImageData:
     """Load, validate and decode a dataset once per node (collective-safe: see the module doc).
 
     `batch_size` (per device) only serves the check that a batch fits in memory. With
     `with_labels`, the class of every image comes along (`label_column`, else the dataset's
     one ClassLabel column), and a dataset without labels is an error. With `with_captions`,
-    every row's captions (`caption_column`, else detected: `ddp_utils.data.captions`); each
-    image's condition is then its row among them.
+    every row's captions (`caption_column`, else detected: `ddp_utils.data.captions`), or
+    `instance_prompt` for every row whatever the data holds (DreamBooth's); each image's
+    condition is then its row among them.
 
     `resolution` / `channels` None: the images' most common size and mode (logged); the
     decoded images' shape says what was chosen.
@@ -196,7 +198,14 @@ def load_image_data(
         resolution, channels = shape or (resolution or source.resolution or 32, channels or 3)
     assert not (with_labels and with_captions), "a model is conditioned on classes or on text"
     row_labels, class_names = _read_labels(ds, label_column) if with_labels else (None, None)
-    captions = read_captions(ds, caption_column) if with_captions else None
+    captions = None
+    if with_captions:
+        assert instance_prompt is None or caption_column is None, "the config refuses both"
+        captions = (
+            read_captions(ds, caption_column)
+            if instance_prompt is None
+            else one_caption(len(ds), instance_prompt)
+        )
     if captions is not None:  # an image's condition: its row's captions
         row_labels = torch.arange(len(ds), dtype=torch.int64)
     key = {

@@ -211,6 +211,12 @@ def default_validation_prompts(captions: Captions, num_images: int) -> list[str]
     return [captions.texts[i] for i in distinct]
 
 
+def captions_origin(column: str) -> str:
+    """Where captions came from, for a card: a column of the data, or (no column) the run's
+    prompts (DreamBooth's)."""
+    return f"from column {column!r}" if column else "the DreamBooth prompts"
+
+
 class PromptCondition:
     """Prompts as the samples' condition (sample k: prompt k mod P) and a negative prompt (the
     empty prompt: what caption dropout trained on) as "no condition": what sample.py draws,
@@ -374,8 +380,8 @@ class TextCondition:
         encoder = (f"{facts.get('class', 'a text model')} {facts.get('source', '')} (frozen"
                    f"{tokens}; in text_encoder/ and tokenizer/)")  # fmt: skip
         rows = [("text encoder", encoder),
-                ("captions", f"{len(self.captions.texts)} distinct, from column "
-                             f"{self.captions.column!r}")]  # fmt: skip
+                ("captions", f"{len(self.captions.texts)} distinct, "
+                             f"{captions_origin(self.captions.column)}")]  # fmt: skip
         if self.prompted is not None:
             rows.append(("validation prompts", quoted(self.prompted.prompts.texts)))
         return rows

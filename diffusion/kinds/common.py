@@ -26,6 +26,7 @@ from diffusion.codecs import LatentCodec
 from diffusion.conditioning import ConditionSource, condition_source
 from diffusion.conditioning.guidance import Guidance
 from diffusion.conditioning.text import EMBEDDING_DTYPE, TextCondition
+from diffusion.dreambooth import dreambooth_fact, dreambooth_facts
 from diffusion.kinds.registry import Kind, SamplerChoice, all_knobs, choose_sampler
 from diffusion.networks import Backbone, sample_shape, unwrap
 from diffusion.pipeline_code import shipped_source
@@ -213,6 +214,9 @@ class NetworkMethod:
             info["base"] = self.run.base.facts()
         if self.run.adapter is not None:
             info["adapter"] = self.run.adapter.facts()
+        recipe = dreambooth_facts(self.cfg)
+        if recipe:
+            info["dreambooth"] = recipe
         return info
 
     def shard_units(self, net: nn.Module) -> tuple[str, ...]:
@@ -353,6 +357,9 @@ class NetworkMethod:
         if adapter is not None:
             facts.append(("adapter", f"{adapter.describe()} of the {base.family.denoiser}; the "
                                      "base weights frozen"))  # fmt: skip
+        recipe = dreambooth_fact(self.cfg)
+        if recipe:
+            facts.append(("DreamBooth", recipe))
         return facts
 
     def finish_export(self, folder: Path, raw: nn.Module) -> None:

@@ -158,12 +158,14 @@ def diffusion_loss(
     noise: torch.Tensor,
     min_snr_gamma: float | None,
     condition: Condition | None = None,
+    sample_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """DDPM Algorithm 1's loss: MSE between the network output at x_t and the target.
 
     Returns (loss, per_sample): the (optionally min-SNR-weighted) mean to backpropagate, and the
     detached unweighted per-sample MSE, shape (B,), for logging loss by timestep. The MSE is
-    taken in float32 even if the model ran in bf16/fp16. No host syncs and no host-to-device
+    taken in float32 even if the model ran in bf16/fp16. `sample_weights` (B,) weight each
+    sample's term of the mean (DreamBooth's prior term). No host syncs and no host-to-device
     copies: `tables` and every input are on x0's device.
     """
     noisy = tables.add_noise(x0, noise, timesteps)
@@ -171,8 +173,9 @@ def diffusion_loss(
     target = tables.target(x0, noise, timesteps)
     per_sample = F.mse_loss(output.float(), target.float(), reduction="none")
     per_sample = per_sample.mean(dim=tuple(range(1, per_sample.ndim)))
-    if min_snr_gamma is None:
-        loss = per_sample.mean()
-    else:
-        loss = (tables.min_snr_weights(timesteps, min_snr_gamma) * per_sample).mean()
-    return loss, per_sample.detach()
+    weighted = per_sample
+    if min_snr_gamma is not None:
+        weighted = tables.min_snr_weights(timesteps, min_snr_gamma) * weighted
+    if sample_weights is not None:
+        weighted = sample_weights * weighted
+    return weighted.mean(), per_sample.detach()

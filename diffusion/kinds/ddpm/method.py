@@ -28,6 +28,7 @@ from ddp_utils.run import Run
 from diffusion.codecs import LatentCodec
 from diffusion.conditioning.classes import ClassLabels
 from diffusion.conditioning.text import TextCondition
+from diffusion.dreambooth import prior_preservation_weights
 from diffusion.kinds.common import (
     NUM_LOSS_BINS,
     NetworkMethod,
@@ -46,6 +47,7 @@ from diffusion.kinds.ddpm.pipeline import GuidedDDPMPipeline
 from diffusion.kinds.ddpm.samplers import make_inference_scheduler
 from diffusion.kinds.registry import Kind
 from diffusion.networks import Backbone
+from diffusion.pipeline_code.core import Condition, cat_conditions
 
 # diffusers' own DiTPipeline, from the components of a class-conditional latent DiT's export.
 # It fits at guidance_scale 1 only: for w > 1 it feeds class id 1000 as "no class" (this
@@ -119,16 +121,35 @@ class DDPMMethod(NetworkMethod):
     def loss(
         self, model: nn.Module, batch: Batch, generator: torch.Generator, stats: MetricWindow
     ) -> torch.Tensor:
-        # Algorithm 1: t ~ U{0..T-1}, eps ~ N(0, I), regress the target at x_t.
-        x0, num_timesteps = batch.images, self.cfg.num_train_timesteps
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device)
-        t = torch.randint(0, num_timesteps, (x0.shape[0],), generator=generator, device=x0.device)
-        condition = self.source.training(batch.condition, generator)
+        x0, noise, t, condition = self.draws(batch, generator)
+        weights, num_instance = None, len(x0)
+        if batch.prior is not None:  # DreamBooth: the class examples beside, in one forward
+            prior = self.draws(batch.prior, batch.prior_generator)
+            weights = prior_preservation_weights(
+                num_instance, len(prior[0]), self.cfg.prior_loss_weight, x0.device
+            )
+            x0, noise, t = (torch.cat(pair) for pair in zip((x0, noise, t), prior[:3]))
+            condition = cat_conditions(condition, prior[3])
         loss, per_sample = diffusion_loss(
-            model, self.tables, x0, t, noise, self.cfg.min_snr_gamma, condition
+            model, self.tables, x0, t, noise, self.cfg.min_snr_gamma, condition, weights
         )
-        report_by_bin(stats, "loss_t_q", t * NUM_LOSS_BINS // num_timesteps, per_sample)
+        bins = t * NUM_LOSS_BINS // self.cfg.num_train_timesteps
+        report_by_bin(stats, "loss_t_q", bins, per_sample)
+        if batch.prior is not None:
+            stats.report("instance_loss", per_sample[:num_instance])
+            stats.report("prior_loss", per_sample[num_instance:])
         return loss
+
+    def draws(
+        self, batch: Batch, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Condition]:
+        """Algorithm 1's draws for a batch: (x0, eps ~ N(0, I), t ~ U{0..T-1}, its training
+        condition), from `generator`."""
+        x0 = batch.images
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+        t = torch.randint(0, self.cfg.num_train_timesteps, (x0.shape[0],), generator=generator,
+                          device=x0.device)  # fmt: skip
+        return x0, noise, t, self.source.training(batch.condition, generator)
 
     def pictures(self, net: nn.Module, step: int) -> dict[str, np.ndarray]:
         """The denoising strip: x_t of the grid's first 8 samples, every 1/10 of the steps."""
