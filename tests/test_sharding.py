@@ -40,7 +40,6 @@ from ddp_utils.train_config import TrainConfig
 from diffusion.loading import load_for_sampling
 from diffusion.text_encoders import TINY_CLIP
 from tests.faulty_runs import Launch, Result
-from tests.test_finetune_pipelines import tiny_sd
 from tests.test_latent import make_vae
 from tests.tiny_runs import fresh_accelerate_state, read_jsonl
 
@@ -377,7 +376,7 @@ def test_dcp_metadata_pickles_and_unlisted_files_in_a_sharded_checkpoint_never_l
         read_checkpoint(folder)
 
 
-def test_sharding_flags_are_checked_before_anything_runs(tmp_path, capsys) -> None:
+def test_sharding_flags_are_checked_before_anything_runs() -> None:
     with pytest.raises(InputError, match="--fsdp-cpu-offload applies with --sharding fsdp or"):
         TrainConfig(fsdp_cpu_offload=True)
     with pytest.raises(InputError, match="--save-on-each-node does not work with --sharding"):
@@ -395,16 +394,6 @@ def test_sharding_flags_are_checked_before_anything_runs(tmp_path, capsys) -> No
     with pytest.raises(InputError, match="--hsdp-shard-size: 6 processes do not split into"):
         check_shard_groups(num_processes=6, shard_size=4, per_node=False)
     check_shard_groups(num_processes=16, shard_size=8, per_node=True)
-    # An adapter on a frozen base trains under DDP only, refused with the fix before a run.
-    base = tiny_sd(tmp_path / "sd")
-    lora = ["--init-from", str(base), "--lora-rank", "4", "--dry-run"]
-    with pytest.raises(SystemExit) as stopped:
-        train_ddpm.main([*lora, "--sharding", "fsdp"])
-    assert stopped.value.code == 2
-    assert "LoRA under --sharding fsdp is not supported yet" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as stopped:
-        train_ddpm.main(lora)  # the same flags without --sharding pass
-    assert stopped.value.code == 0
 
 
 def test_an_fsdp_accelerate_config_must_agree_with_the_flags(monkeypatch) -> None:
