@@ -32,7 +32,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy
 from torch.distributed.tensor import DTensor
 
 from ddp_utils.checkpoint import PARTS
@@ -62,7 +62,11 @@ def fsdp_plugin(cpu_offload: bool) -> FullyShardedDataParallelPlugin:
         reshard_after_forward=True,
         auto_wrap_policy="transformer_based_wrap",
         transformer_cls_names_to_wrap=[],
-        cpu_offload=cpu_offload,
+        # Pinned host memory (faster copies to the GPU) needs CUDA; CPU processes offload to
+        # the memory they compute in, unpinned (torch's default pins, and fails without CUDA).
+        cpu_offload=CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
+        if cpu_offload
+        else False,
         state_dict_type="SHARDED_STATE_DICT",
         activation_checkpointing=False,
         cpu_ram_efficient_loading=True,
