@@ -224,12 +224,6 @@ class DDPMConfig(
             "latents at its VAE config's scale, which the fine-tune keeps; drop --latent-scale",
         )
         self.check_adapter_options(self.pipeline)
-        require(
-            self.lora_rank is None or self.sharding == "none",
-            f"LoRA under --sharding {self.sharding} is not supported yet (a sharded run saves "
-            "and resumes whole networks, not an adapter on a frozen base): drop --sharding (the "
-            "adapter trains under DDP, each process holding the frozen base once)",
-        )
         self.check_dreambooth_options(self.pipeline)
         require(
             self.class_prompt is None or self.sharding == "none",

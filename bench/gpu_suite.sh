@@ -15,7 +15,8 @@
 # eager and compiled; 5. sampling DDIM-50 at batch 1024 bf16, eager and compiled; 6. a profile
 # of the eager step; 7. correctness in fp32/bf16/fp16 and an fp16 resume; 8. diffusers'
 # train_unconditional.py on the same UNet and data (when gpu_wheels.sh was given the script);
-# 9. latent diffusion: encode, train on latents vs pixels, decode (bench/latent_throughput.py).
+# 9. latent diffusion: encode, train on latents vs pixels, decode (bench/latent_throughput.py);
+# 10. sharding, DDP against FSDP2, on machines of two or more GPUs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_suite}
@@ -85,4 +86,12 @@ VAE=runs/ae-digits/model
 [ -d "$VAE" ] || VAE="--untrained ae-digits"
 section 9-latent-throughput 40 $PY bench/latent_throughput.py $VAE \
     --device cuda --mixed-precision bf16 --steps 50 --threads default --num-decode 1024
+# 10. Sharding: DDP against FSDP2 on every GPU of the machine (two or more: one GPU is never
+# sharded), DiT-B/2 at 256x256 in bf16, peak GPU memory per process and step time.
+GPUS=$(nvidia-smi -L 2>/dev/null | wc -l)
+if [ "$GPUS" -ge 2 ]; then
+    SHARD="--num_processes $GPUS --multi_gpu bench/sharding_memory.py measure --preset dit-b-2 --resolution 256 --batch-size 32 --steps 10 --mixed-precision bf16"
+    section 10a-sharding-ddp 60 $PY -m accelerate.commands.launch $SHARD --sharding none
+    section 10b-sharding-fsdp 60 $PY -m accelerate.commands.launch $SHARD --sharding fsdp
+fi
 echo; echo "== done in $((SECONDS - start)) s; figures in $OUT (summary.txt)"

@@ -24,7 +24,8 @@ block's saved bytes. Not counted: the CUDA context and allocator slack (~1-3 GB)
 buffers, the data.
 
 `measure`: this process trains `train_ddpm.py` (built-in digits upscaled to --resolution)
-for --steps steps, then prints its peak resident memory (ru_maxrss: Python, torch, the data
+for --steps steps, then prints its peak GPU memory when on a GPU (torch's
+max_memory_allocated, as of the last optimizer step), its peak resident memory (ru_maxrss: Python, torch, the data
 and everything else too) as of the last optimizer step (`training`: set-up and training) and
 at the end (`end`: the checkpoint save and the export too), and the steps' mean time from
 metrics.jsonl (first step left out).
@@ -217,9 +218,13 @@ def measure(args: argparse.Namespace) -> None:
     step = loop.optimizer_step
     training_peak = [0]
 
+    gpu_peak = [0]
+
     def optimizer_step(*step_args: object, **kwargs: object) -> torch.Tensor:
         ok = step(*step_args, **kwargs)
         training_peak[0] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        if torch.cuda.is_available():  # what the GPU held at most, set-up and training
+            gpu_peak[0] = torch.cuda.max_memory_allocated()
         return ok
 
     loop.optimizer_step = optimizer_step
@@ -233,6 +238,7 @@ def measure(args: argparse.Namespace) -> None:
         "rank": rank, "sharding": args.sharding, "preset": args.preset,
         "peak_rss_gib_training": round(training_peak[0] / GiB, 3),
         "peak_rss_gib_end": round(peak / GiB, 3), "step_s": round(sum(per_step) / len(per_step), 3),
+        **({"peak_gpu_gib_training": round(gpu_peak[0] / GiB, 3)} if gpu_peak[0] else {}),
         "machine": machine(), "revision": git_revision(),
     }), flush=True)  # fmt: skip
 

@@ -266,10 +266,11 @@ class Run:
                 else f"{mesh['dp_shard'].size()} processes, {mesh['dp_replicate'].size()} copies"
             )
             logger.info(
-                "sharded over %s, FSDP2 units: %s (%d units with the root)",
+                "sharded over %s, FSDP2 units: %s (%d units with the root)%s",
                 groups,
                 ", ".join(shard_units),
                 num_units,
+                ", the shards offloaded to CPU memory" if cfg.fsdp_cpu_offload else "",
             )
         return model, optimizer
 

@@ -26,12 +26,13 @@ from accelerate.state import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, str_to_bool
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy
 from torch.distributed.tensor import DTensor
 
 from ddp_utils.checkpoint import PARTS
@@ -61,7 +62,11 @@ def fsdp_plugin(cpu_offload: bool) -> FullyShardedDataParallelPlugin:
         reshard_after_forward=True,
         auto_wrap_policy="transformer_based_wrap",
         transformer_cls_names_to_wrap=[],
-        cpu_offload=cpu_offload,
+        # Pinned host memory (faster copies to the GPU) needs CUDA; CPU processes offload to
+        # the memory they compute in, unpinned (torch's default pins, and fails without CUDA).
+        cpu_offload=CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
+        if cpu_offload
+        else False,
         state_dict_type="SHARDED_STATE_DICT",
         activation_checkpointing=False,
         cpu_ram_efficient_loading=True,
@@ -202,9 +207,9 @@ def full_copy(
 ) -> nn.Module:
     """A whole, unsharded copy of `net` on `device`, in eval mode (collective: every process
     gathers every sharded tensor). `weights`: other weights keyed like the network's
-    parameters and buffers (the EMA's); default: the network's own."""
-    if weights is None:
-        weights = {**dict(net.named_parameters()), **dict(net.named_buffers())}
+    parameters and buffers (the EMA's), in place of the network's own (all of them, or the
+    trainable ones of a partly frozen network: an adapter's, on its frozen base)."""
+    weights = {**dict(net.named_parameters()), **dict(net.named_buffers()), **(weights or {})}
     whole = copy.deepcopy(template)
     for name, value in weights.items():
         value = value.full_tensor() if isinstance(value, DTensor) else value
@@ -219,6 +224,11 @@ def full_copy(
     return whole.eval()
 
 
+def partly_frozen(model: nn.Module) -> bool:
+    """Whether some of the network's parameters do not train (an adapter's base)."""
+    return not all(p.requires_grad for p in model.parameters())
+
+
 def training_state(
     model: nn.Module, optimizer: torch.optim.Optimizer, ema_state: Mapping[str, torch.Tensor] | None
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -229,7 +239,10 @@ def training_state(
     (`exp_avg`, `exp_avg_sq`, `step`), parameters by their names in the network, whatever the
     number of processes: any number of processes can read it back (torch's state-dict API).
     """
-    tensors = {MODEL + k: v for k, v in get_model_state_dict(model).items()}
+    # A partly frozen network (an adapter on a pretrained base): its trainable parameters
+    # only, as `trained_weights` keeps them (the base is read again from where it came).
+    options = StateDictOptions(ignore_frozen_params=partly_frozen(model))
+    tensors = {MODEL + k: v for k, v in get_model_state_dict(model, options=options).items()}
     if ema_state is not None:
         tensors.update({EMA_PREFIX + k: v for k, v in ema_state.items()})
     optimizer_state = get_optimizer_state_dict(model, unwrap_optimizer(optimizer))
@@ -252,7 +265,9 @@ def load_training_state(
     """Put `training_state`'s tensors (read back) and rest into the model and optimizer;
     return the EMA's tensors (keyed like the network's)."""
     model_state = {k.removeprefix(MODEL): v for k, v in tensors.items() if k.startswith(MODEL)}
-    set_model_state_dict(model, model_state)
+    set_model_state_dict(
+        model, model_state, options=StateDictOptions(strict=not partly_frozen(model))
+    )
     state: dict[str, dict[str, Any]] = {}
     for name, value in tensors.items():
         if name.startswith(OPTIMIZER):

@@ -29,8 +29,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import train_ddpm
+from ddp_utils.checkpoint import read_checkpoint, shard_metadata, whole_tensors
 from ddp_utils.config import parse_config
 from ddp_utils.errors import InputError
+from diffusion.adapters import ADAPTER_FILE
 from diffusion.conditioning.text import encode_prompts
 from diffusion.kinds.registry import kind_named
 from diffusion.pipelines import FAMILIES_BY_NAME
@@ -432,3 +434,35 @@ def test_two_processes_train_one_adapter(base, lora_run, tmp_path) -> None:
               "--scheduler=ddim", "--num-steps=3", "--eta=0", "--prompt", *PROMPTS)  # fmt: skip
     with Image.open(tmp_path / "one" / "grid.png") as grid:
         assert np.array_equal(np.asarray(grid), expected)
+
+
+@pytest.mark.slow
+def test_an_adapter_trains_sharded_as_it_trains_under_ddp(base, lora_run, tmp_path) -> None:
+    """--sharding fsdp with a LoRA: the frozen base and the adapter sharded by block over 2
+    processes; the checkpoint's shards hold the adapter, its EMA and its optimizer state only;
+    the adapter and EMA are the one process's within float tolerance, and so is the export's
+    adapter (gathered whole); one process resumes the 2-process shards onto its own base."""
+    args = sd_args(base, tmp_path / "sharded", *LORA, "--sharding", "fsdp")
+    args[args.index("--gradient-accumulation-steps") + 1] = "1"
+    log = launch_two_processes(["train_ddpm.py", *args], tmp_path)
+    assert "sharded over 2 processes" in log and "5,504 of them trained" in log
+    checkpoint = tmp_path / "sharded" / "checkpoints" / "checkpoint-4"
+    names = shard_metadata(checkpoint)
+    assert names and all("lora" in name for name in names), sorted(names)[:5]
+    assert {name.split(".")[0] for name in names} == {"model", "ema", "optimizer"}
+    whole = whole_tensors(read_checkpoint(checkpoint))
+    for name in ("model", "ema"):
+        ones = load_file(lora_run / "checkpoints" / "checkpoint-4" / f"{name}.safetensors")
+        assert ones.keys() == whole[name].keys()
+        gap = max((ones[k] - whole[name][k]).abs().max().item() for k in ones)
+        assert gap < 1e-5, (name, gap)
+    exported = load_file(tmp_path / "sharded" / "pipeline" / ADAPTER_FILE)
+    ones = load_file(lora_run / "pipeline" / ADAPTER_FILE)
+    assert exported.keys() == ones.keys()
+    assert max((ones[k] - exported[k]).abs().max().item() for k in ones) < 1e-5
+    # The 2-process shards resume on one process (its base read from --init-from again), the
+    # global batch kept by accumulating 2.
+    args[args.index("--max-steps") + 1] = "5"
+    args[args.index("--gradient-accumulation-steps") + 1] = "2"
+    train(args)
+    assert (tmp_path / "sharded" / "checkpoints" / "checkpoint-5").is_dir()

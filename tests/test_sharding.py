@@ -7,8 +7,8 @@ process) writes checkpoint-3, from which every DiT run below goes on: on two pro
 sharded reference, the same command killed while checkpoint-6 is half written (then rerun), and
 the DDP run of the same command, each to step 8 with a NaN batch on rank 1 in step 5 (skipped);
 on four processes HSDP and DDP, one step each. Beside them, a 2-step text-to-image run on
-latents (a cross-attention UNet in bf16 with gradient checkpointing). The launches overlap, so
-that both cores stay busy while one of them waits.
+latents (PixArt with EDM, in bf16 with gradient checkpointing and CPU offload). The launches
+overlap, so that both cores stay busy while one of them waits.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ from ddp_utils.train_config import TrainConfig
 from diffusion.loading import load_for_sampling
 from diffusion.text_encoders import TINY_CLIP
 from tests.faulty_runs import Launch, Result
-from tests.test_finetune_pipelines import tiny_sd
 from tests.test_latent import make_vae
 from tests.tiny_runs import fresh_accelerate_state, read_jsonl
 
@@ -50,16 +49,24 @@ NAN_IN_STEP_5 = "nan@4:1"  # micro-step 4 (0-based) on rank 1
 TOLERANCE = 1e-5  # reduce-scatter and all-reduce may add in different orders
 
 
-# Text to image on latents: a UNet with cross-attention (its down, mid and up blocks one unit
-# each), bf16 compute on fp32 weights, diffusers' gradient checkpointing inside the blocks, the
-# tiny CLIP encoder (loaded whole on every process), a tiny VAE (16x16 -> 4x4x4), rectified flow.
+# Text to image on latents: PixArt's transformer (its blocks one unit each), EDM, bf16 compute
+# on fp32 weights, diffusers' gradient checkpointing inside the blocks, the shards offloaded to
+# CPU memory, the tiny CLIP encoder (loaded whole on every process), a tiny VAE (16x16 ->
+# 4x4x4). (A UNet with cross-attention shards under LoRA: tests/test_finetune_pipelines.py.)
 TEXT_ARGS = [
     "--sharding", "fsdp", "--dataset", "digits-captioned", "--text-encoder", TINY_CLIP,
-    "--backbone", "text-unet", "--objective", "flow", "--resolution", "16", "--max-images", "32",
-    "--max-steps", "2", "--batch-size", "4", "--mixed-precision", "bf16",
+    "--backbone", "pixart", "--objective", "edm", "--resolution", "16", "--max-images", "32",
+    "--max-steps", "2", "--batch-size", "4", "--mixed-precision", "bf16", "--fsdp-cpu-offload",
     "--gradient-checkpointing", "--checkpoint-every", "2", "--log-every", "1",
     "--sample-every", "2", "--num-sample-images", "2", "--sample-steps", "2",
     "--validation-prompts", "a handwritten seven", "--report-to", "none",
+]  # fmt: skip
+
+
+BASIC_ARGS = [
+    "--resolution", "8", "--max-images", "64", "--batch-size", "8", "--max-steps", "4",
+    "--checkpoint-every", "4", "--log-every", "1", "--sample-every", "4",
+    "--num-sample-images", "8", "--sample-steps", "2", "--report-to", "none",
 ]  # fmt: skip
 
 
@@ -122,6 +129,9 @@ def runs(tmp_path_factory, preset: Path) -> dict:
     latest = find_resume_checkpoint(out / "checkpoints", "latest")
     rerun = Launch(tmp, "train_ddpm.py", args(out, preset, *sharded), 2, NAN_IN_STEP_5)
     text_result, reference_result, ddp_result = finish(text), finish(reference), finish(ddp_run)
+    # The basic kind (the corruption denoiser, its conv levels one unit each), beside HSDP.
+    basic = Launch(tmp, "train_basic.py", [*sharded, *BASIC_ARGS, "--output-dir",
+                                           str(tmp / "basic")], 2)  # fmt: skip
     # Four processes: HSDP (2 copies x 2 shards) and DDP, both going on from the one-process
     # sharded checkpoint-3 as new runs (a DDP run reads a sharded checkpoint whole).
     new_run = ["--resume", str(start), "--batch-size", "2", "--max-steps", "4"]
@@ -145,6 +155,8 @@ def runs(tmp_path_factory, preset: Path) -> dict:
         "ddp4_result": finish(ddp4),
         "text": tmp / "text",
         "text_result": text_result,
+        "basic": tmp / "basic",
+        "basic_result": finish(basic),
     }
 
 
@@ -278,35 +290,55 @@ def test_a_one_process_sharded_checkpoint_resumes_on_two_processes(runs) -> None
 
 
 @pytest.mark.slow
-def test_a_cross_attention_unet_shards_by_block_in_bf16_with_checkpointing(runs) -> None:
-    """Each process holds half of every weight (fp32 masters); bf16 was the compute dtype; the
-    cross-attention blocks are units; the frozen text encoder and VAE stay whole on every process
-    (Accelerate's FSDP flag is out of the environment before transformers loads the encoder); the
-    validation prompt's grid is drawn; sample.py reads the sharded checkpoint whole, and the
-    export is a text-to-image pipeline whose UNet weights are the checkpoint's EMA."""
+def test_a_text_transformer_shards_by_block_in_bf16_with_checkpointing_and_offload(runs):
+    """Each process holds half of every weight (fp32 masters) in CPU memory; bf16 was the
+    compute dtype; the transformer blocks are units; the frozen text encoder and VAE stay whole
+    on every process (Accelerate's FSDP flag is out of the environment before transformers
+    loads the encoder); the validation prompt's grid is drawn; sample.py reads the sharded
+    checkpoint whole, and the export is a text-to-image pipeline whose transformer weights are
+    the checkpoint's EMA."""
     log = runs["text_result"].output
     assert "mixed precision bf16" in log and "DistributedType.FSDP" in log
-    assert "CrossAttnDownBlock2D" in log and "CrossAttnUpBlock2D" in log
+    assert "FSDP2 units: BasicTransformerBlock" in log and "offloaded to CPU memory" in log
     folder = runs["text"] / "checkpoints" / "checkpoint-2"
     state = json.loads((folder / "state.json").read_text())
-    assert state["format"] == "sharded" and state["task"] == "flow" and "latent" in state
-    assert state["model_class"] == "UNet2DConditionModel"
+    assert state["format"] == "sharded" and state["task"] == "edm" and "latent" in state
+    assert state["model_class"] == "PixArtTransformer2DModel"
     shards = sorted(folder.glob("*.safetensors"))
     assert len(shards) == 2
     tensors = whole_tensors(read_checkpoint(folder))
     with safe_open(shards[0], framework="pt") as f:
-        key = "model.down_blocks.0.resnets.0.conv1.weight"
+        key = "model.transformer_blocks.0.attn1.to_q.weight"
         assert f.get_slice(key).get_dtype() == "F32"
-        whole = tensors["model"]["down_blocks.0.resnets.0.conv1.weight"]
+        whole = tensors["model"]["transformer_blocks.0.attn1.to_q.weight"]
         assert f.get_slice(key).get_shape()[0] * 2 == whole.shape[0]
     loaded = load_for_sampling(folder)
     state_dict = loaded.model.state_dict()
     assert all(torch.equal(state_dict[k], tensors["ema"][k]) for k in state_dict)
     exported = export_tensors(runs["text"])
-    assert all(torch.equal(exported[f"unet/{k}"], tensors["ema"][k]) for k in state_dict)
+    assert all(torch.equal(exported[f"transformer/{k}"], tensors["ema"][k]) for k in state_dict)
     loaded = load_for_sampling(runs["text"] / "pipeline")
-    assert type(loaded.model).__name__ == "UNet2DConditionModel"
+    assert type(loaded.model).__name__ == "PixArtTransformer2DModel"
     assert list((runs["text"] / "samples").glob("*.png"))
+
+
+@pytest.mark.slow
+def test_the_basic_kind_shards_its_conv_levels(runs) -> None:
+    """The corruption denoiser's six conv levels are units: each process writes half the rows
+    of each; the exported model is the checkpoint's weights, whole."""
+    assert "FSDP2 units: Conv2d (7 units with the root)" in runs["basic_result"].output
+    folder = runs["basic"] / "checkpoints" / "checkpoint-4"
+    state = json.loads((folder / "state.json").read_text())
+    assert state["format"] == "sharded" and state["model_class"] == "BasicUNet"
+    tensors = whole_tensors(read_checkpoint(folder))
+    with safe_open(sorted(folder.glob("*.safetensors"))[0], framework="pt") as f:
+        rows = f.get_slice("model.down_layers.1.weight").get_shape()[0]
+    assert rows * 2 == tensors["model"]["down_layers.1.weight"].shape[0]
+    loaded = load_for_sampling(runs["basic"] / "model")
+    state_dict = loaded.model.state_dict()
+    assert all(torch.equal(state_dict[k], tensors["model"][k]) for k in state_dict)
+    rows = read_jsonl(runs["basic"] / "metrics.jsonl")
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows if "loss" in r)
 
 
 @pytest.mark.slow
@@ -377,7 +409,7 @@ def test_dcp_metadata_pickles_and_unlisted_files_in_a_sharded_checkpoint_never_l
         read_checkpoint(folder)
 
 
-def test_sharding_flags_are_checked_before_anything_runs(tmp_path, capsys) -> None:
+def test_sharding_flags_are_checked_before_anything_runs() -> None:
     with pytest.raises(InputError, match="--fsdp-cpu-offload applies with --sharding fsdp or"):
         TrainConfig(fsdp_cpu_offload=True)
     with pytest.raises(InputError, match="--save-on-each-node does not work with --sharding"):
@@ -395,16 +427,6 @@ def test_sharding_flags_are_checked_before_anything_runs(tmp_path, capsys) -> No
     with pytest.raises(InputError, match="--hsdp-shard-size: 6 processes do not split into"):
         check_shard_groups(num_processes=6, shard_size=4, per_node=False)
     check_shard_groups(num_processes=16, shard_size=8, per_node=True)
-    # An adapter on a frozen base trains under DDP only, refused with the fix before a run.
-    base = tiny_sd(tmp_path / "sd")
-    lora = ["--init-from", str(base), "--lora-rank", "4", "--dry-run"]
-    with pytest.raises(SystemExit) as stopped:
-        train_ddpm.main([*lora, "--sharding", "fsdp"])
-    assert stopped.value.code == 2
-    assert "LoRA under --sharding fsdp is not supported yet" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as stopped:
-        train_ddpm.main(lora)  # the same flags without --sharding pass
-    assert stopped.value.code == 0
 
 
 def test_an_fsdp_accelerate_config_must_agree_with_the_flags(monkeypatch) -> None:

@@ -130,7 +130,8 @@ BACKBONES: dict[str, Backbone] = {
                  "pixart-digits", check_pixart_preset, build_pixart,
                  tags=("pixart", "transformer"), text_width_key="caption_channels",
                  shard_units=_transformer_blocks),
-        Backbone("basic", BasicUNet, "unet", {}, None, call=_basic_call),
+        Backbone("basic", BasicUNet, "unet", {}, None, call=_basic_call,
+                 shard_units=lambda net: ("Conv2d",)),  # its three levels down and up
     )
 }  # fmt: skip
 BY_CLASS = {backbone.network_class.__name__: backbone for backbone in BACKBONES.values()}

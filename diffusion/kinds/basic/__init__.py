@@ -22,7 +22,7 @@ from ddp_utils.run import Run
 from diffusion.codecs import LatentCodec
 from diffusion.kinds.basic.formulation import VALUE_RANGE, corrupt, sample_basic
 from diffusion.kinds.registry import NullCondition, SamplerChoice, register
-from diffusion.networks import predict
+from diffusion.networks import backbone_of, predict
 from diffusion.sampling import Draw
 
 DEFAULT_STEPS = 40  # steps toward the prediction when none are given (5 to 50 work)
@@ -86,7 +86,8 @@ class BasicMethod:
         return {"task": self.kind.name, "value_range": list(VALUE_RANGE)}
 
     def shard_units(self, net: nn.Module) -> tuple[str, ...]:
-        return ()  # a small network of one process's memory: --sharding none
+        """The network's blocks, one FSDP unit each under --sharding (its backbone's)."""
+        return backbone_of(net).shard_units(net)
 
     def loss(
         self, model: nn.Module, batch: Batch, generator: torch.Generator, stats: MetricWindow
