@@ -3,12 +3,14 @@ DDP does, its checkpoints hold one shard per process, a kill mid-save resumes bi
 checkpoint moves between 1 and 2 processes, and its export equals DDP's.
 
 The runs are shared by one module fixture. A one-process sharded run of 3 steps (in this
-process) writes checkpoint-3, from which every DiT run below goes on: on two processes the
+process) of a class-conditional flow DiT writes checkpoint-3, from which every DiT run below
+goes on: on two processes the
 sharded reference, the same command killed while checkpoint-6 is half written (then rerun), and
 the DDP run of the same command, each to step 8 with a NaN batch on rank 1 in step 5 (skipped);
 on four processes HSDP and DDP, one step each. Beside them, a 2-step text-to-image run on
-latents (PixArt with EDM, in bf16 with gradient checkpointing and CPU offload). The launches
-overlap, so that both cores stay busy while one of them waits.
+latents (PixArt with EDM, in bf16 with gradient checkpointing and CPU offload) and the basic
+model. (DDPM with a cross-attention UNet shards under LoRA: tests/test_finetune_pipelines.py.)
+The launches overlap, so that both cores stay busy while one of them waits.
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ BASIC_ARGS = [
 
 def args(out: Path, preset: Path, *extra: str) -> list[str]:
     return [
-        "--backbone", "dit", "--preset", str(preset), "--class-conditional",
+        "--backbone", "dit", "--preset", str(preset), "--class-conditional", "--objective", "flow",
         "--resolution", "8", "--max-images", "32", "--max-steps", str(MAX_STEPS),
         "--batch-size", "4", "--lr-warmup-steps", "2", "--lr-schedule", "cosine",
         "--checkpoint-every", "2", "--checkpoints-total-limit", "none", "--log-every", "1",
