@@ -260,12 +260,13 @@ def train_tracking_memory(argv: list[str]) -> dict[str, int]:
     (ru_maxrss) as of the last optimizer step (`training`: set-up and training) and at the
     end (`end`: the checkpoint save and the export too), its resident memory when the network
     is handed to Accelerate (`prepared`: set-up done, before any gradient, optimizer or EMA
-    state), and on a GPU its peak allocated GPU memory as of the last step (`gpu`)."""
+    state) and its highest at the end of a training forward (`forward`: the activations
+    held, the gradients not yet), and on a GPU its peak allocated GPU memory as of the last step (`gpu`)."""
     import train_ddpm
     from ddp_utils import loop
     from ddp_utils.run import Run
 
-    peaks = {"training": 0, "end": 0, "prepared": 0, "gpu": 0}
+    peaks = {"training": 0, "end": 0, "prepared": 0, "forward": 0, "gpu": 0}
     step, prepare = loop.optimizer_step, Run.prepare
 
     def optimizer_step(*step_args: object, **kwargs: object) -> torch.Tensor:
@@ -275,9 +276,14 @@ def train_tracking_memory(argv: list[str]) -> dict[str, int]:
             peaks["gpu"] = torch.cuda.max_memory_allocated()
         return ok
 
-    def prepared(self: Run, *prepare_args: object, **kwargs: object) -> object:
+    def forward_done(module: nn.Module, args: object, output: object) -> None:
+        if torch.is_grad_enabled():  # training's, not the grids'
+            peaks["forward"] = max(peaks["forward"], resident_bytes())
+
+    def prepared(self: Run, model: nn.Module, *prepare_args: object, **kwargs: object) -> object:
         peaks["prepared"] = resident_bytes()
-        return prepare(self, *prepare_args, **kwargs)
+        model.register_forward_hook(forward_done)
+        return prepare(self, model, *prepare_args, **kwargs)
 
     loop.optimizer_step, Run.prepare = optimizer_step, prepared
     try:
