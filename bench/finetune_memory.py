@@ -428,6 +428,10 @@ def table(args: argparse.Namespace) -> None:
         parts,
     )  # fmt: skip
     print(
+        f"\nA full fine-tune's state under FSDP2/{args.gpus} (GiB) with a UNet's resnets and "
+        f"transformer blocks as units, not its down, mid and up blocks: {'; '.join(notes)}"
+    )
+    print(
         f"\nTotals, GiB per GPU (state + activations + copies), batch {args.batch_size} per "
         f"GPU, bf16 compute; ckpt: gradient checkpointing\n"
     )
