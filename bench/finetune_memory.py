@@ -68,7 +68,9 @@ from diffusers import (  # noqa: E402
     FluxTransformer2DModel,
     ModelMixin,
     PixArtTransformer2DModel,
+    PNDMScheduler,
     SD3Transformer2DModel,
+    StableDiffusionPipeline,
     UNet2DConditionModel,
 )
 from diffusers.utils import logging as diffusers_logging  # noqa: E402
@@ -100,6 +102,7 @@ from bench.sharding_memory import (  # noqa: E402
 )
 from diffusion.adapters import ADAPTER_NAME, ATTENTION_PROJECTIONS, LoraSpec  # noqa: E402
 from diffusion.networks import BACKBONES  # noqa: E402
+from diffusion.text_encoders import TINY_CLIP_MAX_LENGTH, tiny_clip  # noqa: E402
 
 LORA_RANK = 16
 BF16_BYTES = 2
@@ -460,10 +463,6 @@ MEASURED_RESOLUTION = 64
 def measured_pipeline(folder: Path) -> Path:
     """A StableDiffusionPipeline folder of random parts: MEASURED_UNET, MEASURED_VAE, the
     tiny CLIP and its tokenizer, Stable Diffusion's scheduler."""
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
-
-    from diffusion.text_encoders import tiny_clip
-
     torch.manual_seed(0)
     text_encoder, tokenizer = tiny_clip()
     StableDiffusionPipeline(
@@ -501,8 +500,6 @@ def predicted(lora: bool, batch: int) -> dict[str, int]:
     loaded network (gradients 4, AdamW 8, EMA 4 bytes per trained parameter, and the
     activations of one forward at the batch, counted as the table counts them), and the
     checkpoint's tensors (weights, EMA, AdamW: 16 bytes per trained parameter)."""
-    from diffusion.text_encoders import TINY_CLIP_MAX_LENGTH
-
     with torch.device("meta"):
         net = UNet2DConditionModel(**MEASURED_UNET)
     if lora:
@@ -514,8 +511,8 @@ def predicted(lora: bool, batch: int) -> dict[str, int]:
                        device="meta")  # fmt: skip
     act = count_saved(net, [], lambda: net(x, torch.zeros(batch, device="meta"), text))["all"]
     state = (GRAD_BYTES + ADAMW_BYTES + EMA_BYTES) * trained
-    return {"parameters": num_params(net) - (trained if lora else 0), "trained": trained, "state": state,
-            "activations": act, "adds": state + act,
+    return {"parameters": num_params(net) - (trained if lora else 0), "trained": trained,
+            "state": state, "activations": act, "adds": state + act,
             "checkpoint": (WEIGHT_BYTES + EMA_BYTES + ADAMW_BYTES) * trained}  # fmt: skip
 
 
