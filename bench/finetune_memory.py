@@ -7,6 +7,8 @@ and a measured CPU run that shows the arithmetic holds.
     # measured: peak memory of a few full fine-tune steps against a few LoRA steps of a Stable
     # Diffusion pipeline built from a config, each in a fresh process on this CPU, fp32
     python bench/finetune_memory.py measure
+    # autocast's bf16 weight copies as counted, against what a real bf16 forward saves
+    python bench/finetune_memory.py copies
 
 The table: each family's denoiser built from its published config (FAMILIES below: the
 `config.json` of the hub repository named) on the meta device, in the model-state arithmetic
@@ -57,6 +59,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -550,6 +553,39 @@ def measure(args: argparse.Namespace) -> None:
     )  # fmt: skip
 
 
+def copies(args: argparse.Namespace) -> None:
+    """The copies column checked: what autograd saves in one forward of the measured UNet,
+    counted on the meta device with bf16 weights (activations, and the parameters saved:
+    the copies), against a real forward on this CPU under bf16 autocast with fp32 weights
+    (everything it saves: activations and autocast's copies)."""
+    rows = []
+    size = MEASURED_UNET["sample_size"]
+    text_shape = (args.batch_size, TINY_CLIP_MAX_LENGTH, MEASURED_UNET["cross_attention_dim"])
+    for name, lora in (("full", False), (f"LoRA r{LORA_RANK}", True)):
+        with torch.device("meta"):
+            net = UNet2DConditionModel(**MEASURED_UNET)
+        net = (with_lora(net) if lora else net).to(torch.bfloat16)
+        x = torch.empty(args.batch_size, 4, size, size, device="meta", dtype=torch.bfloat16)
+        text = torch.empty(*text_shape, device="meta", dtype=torch.bfloat16)
+        t = torch.zeros(args.batch_size, device="meta")
+        counted = count_saved(net, [], partial(net, x, t, text))
+        torch.manual_seed(0)
+        real = UNet2DConditionModel(**MEASURED_UNET)
+        real = with_lora(real) if lora else real
+        x, text = torch.randn(args.batch_size, 4, size, size), torch.randn(*text_shape)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            saved = count_saved(real, [], partial(real, x, torch.zeros(args.batch_size), text))
+        rows.append([name, counted["all"] / 2**20, counted["params_outside"] / 2**20,
+                     (counted["all"] + counted["params_outside"]) / 2**20,
+                     (saved["all"] + saved["params_outside"]) / 2**20])  # fmt: skip
+    print(f"At {git_revision()} ({tree_state()}); the measured UNet, batch {args.batch_size}\n")
+    print_table(
+        ["run", "counted: activations (MiB)", "counted: copies (MiB)", "counted: both (MiB)",
+         "saved under autocast, fp32 weights (MiB)"],
+        rows,
+    )  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -560,6 +596,8 @@ def main() -> None:
     m.add_argument("--batch-size", type=int, default=4)
     m.add_argument("--steps", type=int, default=3)
     m.add_argument("--output-dir", default=None, help="default: a new temporary folder")
+    c = sub.add_parser("copies", help="autocast's weight copies: counted against a real forward")
+    c.add_argument("--batch-size", type=int, default=2)
     one = sub.add_parser("measure-one", help="one of measure's runs, in this process")
     one.add_argument("--base", required=True)
     one.add_argument("--output-dir", required=True)
@@ -569,7 +607,9 @@ def main() -> None:
     args = parser.parse_args()
     diffusers_logging.set_verbosity_error()  # its note on casting meta networks to bf16
     torch.set_grad_enabled(True)
-    {"table": table, "measure": measure, "measure-one": measure_one}[args.command](args)
+    {"table": table, "measure": measure, "copies": copies, "measure-one": measure_one}[
+        args.command
+    ](args)
 
 
 if __name__ == "__main__":
