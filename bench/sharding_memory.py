@@ -39,6 +39,7 @@ import os
 import resource
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -83,8 +84,10 @@ class _FusedAttention(torch.autograd.Function):
         raise NotImplementedError
 
 
-def fused_attention(q, k, v, *args, **kwargs):  # noqa: ANN001, ANN201
-    return _FusedAttention.apply(q, k, v)
+def fused_attention(query, key, value, *args, **kwargs):  # noqa: ANN001, ANN201
+    """torch's scaled_dot_product_attention by its own argument names (diffusers passes them
+    by keyword)."""
+    return _FusedAttention.apply(query, key, value)
 
 
 def build(preset: str, backbone: str, resolution: int, channels: int, condition: str) -> nn.Module:
@@ -98,23 +101,55 @@ def build(preset: str, backbone: str, resolution: int, channels: int, condition:
         return build_backbone(backbone, preset, resolution, channels, num_classes=classes)
 
 
-def saved_bytes(
-    net: nn.Module, units: list[nn.Module], batch: int, condition: str, text_width: int
-) -> dict:
-    """Bytes autograd saves in one forward at `batch` (meta device, bf16): in all, inside
-    each unit (its own, outside any unit nested in it is not a case here), and each unit's
-    input."""
-    from diffusion.networks import backbone_of, sample_shape
+# Bytes of model state per parameter: fp32 weights, gradients, AdamW's two moments, the EMA;
+# DDP adds its gradient buckets (a second copy of the gradients, all-reduced in place).
+WEIGHT_BYTES, GRAD_BYTES, ADAMW_BYTES, EMA_BYTES, BUCKET_BYTES = 4, 4, 8, 4, 4
+TRAINED_BYTES = WEIGHT_BYTES + GRAD_BYTES + ADAMW_BYTES + EMA_BYTES  # 20: what FSDP2 shards
 
+
+def ddp_state_bytes(num_params: int) -> int:
+    """Model state of a network every parameter of which trains, under DDP: 24 bytes each."""
+    return (TRAINED_BYTES + BUCKET_BYTES) * num_params
+
+
+def fsdp_state_bytes(num_params: int, root: int, largest: int, gpus: int) -> float:
+    """Under FSDP2 over `gpus`: each GPU's shard of the 20 bytes per parameter, the root
+    unit's bf16 weights (`root` parameters outside any unit, held through the step) and two
+    units in flight (`largest` parameters each): bf16 weights, bf16 gradients and the fp32
+    copy reduce-scattered."""
+    return TRAINED_BYTES * num_params / gpus + 2 * root + 2 * (2 + 2 + 4) * largest
+
+
+def outermost(units: list[nn.Module]) -> list[nn.Module]:
+    """The units not inside another (a DiT's embeddings sit inside its blocks: both units)."""
+    inner = {id(m) for u in units for m in u.modules() if m is not u}
+    return [u for u in units if id(u) not in inner]
+
+
+def checkpointed_bytes(act: dict) -> int:
+    """Activations with checkpointing per unit (`count_saved`'s count): what is saved outside
+    units, every unit's input, and one unit's saved bytes at a time (the largest), recomputed."""
+    return act["outside"] + sum(act["inputs"]) + max(act["per_unit"], default=0)
+
+
+def count_saved(net: nn.Module, units: list[nn.Module], forward: Callable[[], object]) -> dict:
+    """Bytes autograd saves for the backward while `forward()` runs `net` (on the meta device:
+    no memory, no compute): in all, outside every unit and inside each unit (its own, outside
+    any unit nested in it is not a case here), and each unit's input; each storage once.
+    Parameters are left out of those; `params_outside` and `params_per_unit` count the
+    parameters autograd saves (what autocast's lower-precision copy of each would weigh, at
+    the network's dtype, where the weights are kept in float32)."""
     params = {p.untyped_storage()._cdata for p in net.parameters()}
     saved: dict[int, tuple[int, int | None]] = {}  # storage -> (bytes, unit index)
+    saved_params: dict[int, tuple[int, int | None]] = {}
     current: list[int] = []
     inputs: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         key = t.untyped_storage()._cdata
-        if key not in params and key not in saved:
-            saved[key] = (t.untyped_storage().nbytes(), current[-1] if current else None)
+        into = saved_params if key in params else saved
+        if key not in into:
+            into[key] = (t.untyped_storage().nbytes(), current[-1] if current else None)
         return t
 
     def enter(index: int):
@@ -133,6 +168,39 @@ def saved_bytes(
     for i, unit in enumerate(units):
         handles.append(unit.register_forward_pre_hook(enter(i)))
         handles.append(unit.register_forward_hook(leave))
+    original = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = fused_attention
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            forward()
+    finally:
+        F.scaled_dot_product_attention = original
+        for handle in handles:
+            handle.remove()
+
+    def split(found: dict[int, tuple[int, int | None]]) -> tuple[int, list[int]]:
+        per_unit = [0] * len(units)
+        outside = 0
+        for size, unit in found.values():
+            if unit is None:
+                outside += size
+            else:
+                per_unit[unit] += size
+        return outside, per_unit
+
+    outside, per_unit = split(saved)
+    params_outside, params_per_unit = split(saved_params)
+    return {"all": outside + sum(per_unit), "outside": outside, "per_unit": per_unit,
+            "inputs": [inputs.get(i, 0) for i in range(len(units))],
+            "params_outside": params_outside, "params_per_unit": params_per_unit}  # fmt: skip
+
+
+def saved_bytes(
+    net: nn.Module, units: list[nn.Module], batch: int, condition: str, text_width: int
+) -> dict:
+    """`count_saved` for one forward of a preset at `batch` (meta device, bf16 inputs)."""
+    from diffusion.networks import backbone_of, sample_shape
+
     channels, height, width = sample_shape(net)
     x = torch.empty(batch, channels, height, width, device="meta", dtype=torch.bfloat16)
     x.requires_grad_(True)
@@ -146,24 +214,7 @@ def saved_bytes(
         condition_args = {"class_labels": torch.zeros(batch, dtype=torch.long, device="meta")}
     else:
         condition_args = {}
-    original = F.scaled_dot_product_attention
-    F.scaled_dot_product_attention = fused_attention
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            net(x, timestep=t, **condition_args)
-    finally:
-        F.scaled_dot_product_attention = original
-        for handle in handles:
-            handle.remove()
-    per_unit = [0] * len(units)
-    outside = 0
-    for size, unit in saved.values():
-        if unit is None:
-            outside += size
-        else:
-            per_unit[unit] += size
-    return {"all": outside + sum(per_unit), "outside": outside, "per_unit": per_unit,
-            "inputs": [inputs.get(i, 0) for i in range(len(units))]}  # fmt: skip
+    return count_saved(net, units, lambda: net(x, timestep=t, **condition_args))
 
 
 def table(args: argparse.Namespace) -> None:
@@ -174,18 +225,14 @@ def table(args: argparse.Namespace) -> None:
         net = build(preset, backbone, resolution, channels, condition).to(torch.bfloat16)
         names = set(BACKBONES[backbone].shard_units(net))
         units = [m for m in net.modules() if type(m).__name__ in names]
-        # Outermost units only (a DiT's embeddings sit inside its blocks: both are units).
-        inner = {id(m) for u in units for m in u.modules() if m is not u}
-        unit_params = [sum(p.numel() for p in u.parameters()) for u in units]
+        outer = outermost(units)
         num_params = sum(p.numel() for p in net.parameters())
-        in_units = sum(n for u, n in zip(units, unit_params) if id(u) not in inner)
-        root = num_params - in_units
-        largest = max(unit_params)
-        outer = [u for u in units if id(u) not in inner]
+        root = num_params - sum(p.numel() for u in outer for p in u.parameters())
+        largest = max(sum(p.numel() for p in u.parameters()) for u in units)
         act = saved_bytes(net, outer, args.batch_size, condition, TEXT_WIDTH.get(preset, 0))
-        ac = act["outside"] + sum(act["inputs"]) + max(act["per_unit"])
-        ddp_state = 24 * num_params
-        fsdp_state = 20 * num_params / args.gpus + 2 * root + 16 * largest
+        ac = checkpointed_bytes(act)
+        ddp_state = ddp_state_bytes(num_params)
+        fsdp_state = fsdp_state_bytes(num_params, root, largest, args.gpus)
         rows.append([
             preset, f"{resolution}x{resolution}x{channels}", f"{num_params / 1e6:,.1f}M",
             ddp_state / GiB, fsdp_state / GiB, act["all"] / GiB, ac / GiB,
@@ -201,9 +248,53 @@ def table(args: argparse.Namespace) -> None:
     )  # fmt: skip
 
 
-def measure(args: argparse.Namespace) -> None:
-    import train_ddpm
+def resident_bytes() -> int:
+    """This process's resident memory now (VmRSS)."""
+    status = Path("/proc/self/status").read_text()
+    line = next(line for line in status.splitlines() if line.startswith("VmRSS:"))
+    return int(line.split()[1]) * 1024
 
+
+def train_tracking_memory(argv: list[str]) -> dict[str, int]:
+    """Run `train_ddpm.main(argv)` in this process; bytes of: its peak resident memory
+    (ru_maxrss) as of the last optimizer step (`training`: set-up and training) and at the
+    end (`end`: the checkpoint save and the export too), its resident memory when the network
+    is handed to Accelerate (`prepared`: set-up done, before any gradient, optimizer or EMA
+    state) and its highest at the end of a training forward (`forward`: the activations
+    held, the gradients not yet), and on a GPU its peak allocated GPU memory as of the last step (`gpu`)."""
+    import train_ddpm
+    from ddp_utils import loop
+    from ddp_utils.run import Run
+
+    peaks = {"training": 0, "end": 0, "prepared": 0, "forward": 0, "gpu": 0}
+    step, prepare = loop.optimizer_step, Run.prepare
+
+    def optimizer_step(*step_args: object, **kwargs: object) -> torch.Tensor:
+        ok = step(*step_args, **kwargs)
+        peaks["training"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        if torch.cuda.is_available():  # what the GPU held at most, set-up and training
+            peaks["gpu"] = torch.cuda.max_memory_allocated()
+        return ok
+
+    def forward_done(module: nn.Module, args: object, output: object) -> None:
+        if torch.is_grad_enabled():  # training's, not the grids'
+            peaks["forward"] = max(peaks["forward"], resident_bytes())
+
+    def prepared(self: Run, model: nn.Module, *prepare_args: object, **kwargs: object) -> object:
+        peaks["prepared"] = resident_bytes()
+        model.register_forward_hook(forward_done)
+        return prepare(self, model, *prepare_args, **kwargs)
+
+    loop.optimizer_step, Run.prepare = optimizer_step, prepared
+    try:
+        train_ddpm.main(argv)
+    finally:
+        loop.optimizer_step, Run.prepare = step, prepare
+    peaks["end"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return peaks
+
+
+def measure(args: argparse.Namespace) -> None:
     out = Path(args.output_dir or tempfile.mkdtemp(prefix="sharding_memory_"))
     argv = [
         "--backbone", "dit", "--preset", args.preset, "--class-conditional",
@@ -213,32 +304,17 @@ def measure(args: argparse.Namespace) -> None:
         "--report-to", "none", "--resume", "none", "--output-dir", str(out),
         "--sharding", args.sharding, "--mixed-precision", args.mixed_precision,
     ]  # fmt: skip
-    from ddp_utils import loop
-
-    step = loop.optimizer_step
-    training_peak = [0]
-
-    gpu_peak = [0]
-
-    def optimizer_step(*step_args: object, **kwargs: object) -> torch.Tensor:
-        ok = step(*step_args, **kwargs)
-        training_peak[0] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        if torch.cuda.is_available():  # what the GPU held at most, set-up and training
-            gpu_peak[0] = torch.cuda.max_memory_allocated()
-        return ok
-
-    loop.optimizer_step = optimizer_step
-    train_ddpm.main(argv)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peaks = train_tracking_memory(argv)
     rank = int(os.environ.get("RANK", "0"))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     per_step = [args.batch_size * int(os.environ.get("WORLD_SIZE", "1")) / r["images_per_s"]
                 for r in rows[1:]]  # fmt: skip
     print(json.dumps({
         "rank": rank, "sharding": args.sharding, "preset": args.preset,
-        "peak_rss_gib_training": round(training_peak[0] / GiB, 3),
-        "peak_rss_gib_end": round(peak / GiB, 3), "step_s": round(sum(per_step) / len(per_step), 3),
-        **({"peak_gpu_gib_training": round(gpu_peak[0] / GiB, 3)} if gpu_peak[0] else {}),
+        "peak_rss_gib_training": round(peaks["training"] / GiB, 3),
+        "peak_rss_gib_end": round(peaks["end"] / GiB, 3),
+        "step_s": round(sum(per_step) / len(per_step), 3),
+        **({"peak_gpu_gib_training": round(peaks["gpu"] / GiB, 3)} if peaks["gpu"] else {}),
         "machine": machine(), "revision": git_revision(),
     }), flush=True)  # fmt: skip
 
